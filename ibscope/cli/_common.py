@@ -1,0 +1,107 @@
+"""Shared CLI plumbing: error handling, stderr console, option parsing helpers.
+
+Nothing here imports torch: ``ibscope --help`` must stay fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from typing import Any, Callable
+
+import typer
+
+from ibscope.errors import EXIT_ERROR, IbscopeError, UsageError
+
+_console = None
+
+
+def console():
+    """A rich console on stderr (progress, tables, warnings never go to stdout)."""
+    global _console
+    if _console is None:
+        from rich.console import Console
+
+        _console = Console(stderr=True, highlight=False)
+    return _console
+
+
+def error_exit(exc: IbscopeError) -> "typer.Exit":
+    c = console()
+    c.print(f"[bold red]Error:[/] {exc.message}", markup=True, soft_wrap=True)
+    if exc.hint:
+        c.print(f"[yellow]Hint:[/] {exc.hint}", soft_wrap=True)
+    return typer.Exit(code=exc.exit_code)
+
+
+def guard(fn: Callable) -> Callable:
+    """Turn library errors into a message + documented exit code (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except IbscopeError as exc:
+            raise error_exit(exc) from None
+        except KeyboardInterrupt:
+            console().print("[red]Interrupted.[/] Completed checkpoints are kept; re-run with --resume.")
+            raise typer.Exit(code=130) from None
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except MemoryError as exc:
+            raise error_exit(IbscopeError(f"Out of memory: {exc}", hint="Lower --batch-size or --chunk.")) from None
+        except Exception as exc:  # unexpected: keep a traceback available with IBSCOPE_DEBUG=1
+            import os
+
+            if os.environ.get("IBSCOPE_DEBUG"):
+                raise
+            raise error_exit(IbscopeError(
+                f"Unexpected {type(exc).__name__}: {exc}",
+                hint="This is probably a bug in ibscope. Re-run with IBSCOPE_DEBUG=1 for a traceback and report it.",
+            )) from None
+
+    return wrapper
+
+
+def parse_kv(items: list[str] | None, what: str = "--param") -> dict[str, str]:
+    """Parse ``key=value`` strings; UsageError naming the bad one."""
+    out: dict[str, str] = {}
+    for it in items or []:
+        if "=" not in it:
+            raise UsageError(f"{what} expects KEY=VALUE. Got {it!r}.")
+        k, v = it.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def load_mapping(text_or_path: str | None, what: str) -> dict[str, Any]:
+    """JSON or YAML mapping given inline or as a file path."""
+    if not text_or_path:
+        return {}
+    from pathlib import Path
+
+    src = text_or_path
+    p = Path(text_or_path)
+    if len(text_or_path) < 4096 and p.suffix.lower() in (".json", ".yaml", ".yml") and p.exists():
+        src = p.read_text()
+    try:
+        val = json.loads(src)
+    except json.JSONDecodeError:
+        import yaml
+
+        try:
+            val = yaml.safe_load(src)
+        except yaml.YAMLError as exc:
+            raise UsageError(f"{what} must be a JSON or YAML mapping. Could not parse {text_or_path!r}: {exc}") from None
+    if val is None:
+        return {}
+    if not isinstance(val, dict):
+        raise UsageError(f"{what} must be a JSON or YAML mapping. Got {type(val).__name__}: {text_or_path!r}.")
+    return val
+
+
+def setup_logging(quiet: bool = False, verbose: bool = False) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(message)s")

@@ -1,0 +1,5 @@
+"""`ibscope estimate` (being built)."""
+
+
+def register(app) -> None:
+    """Add this module's commands to the app."""

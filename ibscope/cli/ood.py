@@ -1,0 +1,5 @@
+"""`ibscope ood` (being built)."""
+
+
+def register(app) -> None:
+    """Add this module's commands to the app."""

@@ -1,0 +1,94 @@
+"""Exception hierarchy of ibscope.
+
+Every user-facing error says what was expected, what was got and (where it helps) what to
+do next. The CLI turns these into a short message on stderr and a documented exit code,
+without a traceback:
+
+======  =====================================================================
+ code    meaning
+======  =====================================================================
+ 0       success
+ 1       error (I/O, runtime failure, unexpected problem)
+ 2       usage error (bad option, unknown estimator/parameter/layer, bad spec)
+ 3       regression found by ``ibscope check``
+ 4       bad data or schema (NaN/inf, foreign or corrupt HDF5, wrong shapes)
+ 5       plug-in failure (a third-party estimator broke)
+======  =====================================================================
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_REGRESSION = 3
+EXIT_DATA = 4
+EXIT_PLUGIN = 5
+
+
+class IbscopeError(Exception):
+    """Base class: a message for the user, an optional hint, and an exit code."""
+
+    exit_code: int = EXIT_ERROR
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:  # the hint travels with the message in Python too
+        return self.message if not self.hint else f"{self.message}\nHint: {self.hint}"
+
+
+class UsageError(IbscopeError, ValueError):
+    """A parameter, option or name the user gave is invalid (exit code 2)."""
+
+    exit_code = EXIT_USAGE
+
+
+class DataError(IbscopeError, ValueError):
+    """Input data or a file has the wrong content, shape or schema (exit code 4)."""
+
+    exit_code = EXIT_DATA
+
+
+class RegressionFound(IbscopeError):
+    """``ibscope check`` found a curve outside its tolerance (exit code 3)."""
+
+    exit_code = EXIT_REGRESSION
+
+
+class PluginError(IbscopeError):
+    """A third-party estimator failed to load or misbehaved (exit code 5)."""
+
+    exit_code = EXIT_PLUGIN
+
+
+class CheckpointError(IbscopeError):
+    """A checkpoint could not be loaded safely or strictly (exit code 4)."""
+
+    exit_code = EXIT_DATA
+
+
+def did_you_mean(name: str, choices: Iterable[str], n: int = 3) -> str:
+    """Return ``" Did you mean 'x'?"`` (or an empty string) for an unknown ``name``."""
+    choices = list(choices)
+    close = difflib.get_close_matches(name, choices, n=n, cutoff=0.5)
+    if not close:
+        return ""
+    if len(close) == 1:
+        return f" Did you mean '{close[0]}'?"
+    return " Did you mean one of: " + ", ".join(f"'{c}'" for c in close) + "?"
+
+
+def unknown_name(kind: str, name: str, choices: Iterable[str]) -> UsageError:
+    """Build the standard "unknown X" error with a did-you-mean and the valid names."""
+    choices = sorted(set(choices))
+    shown = ", ".join(choices[:20]) + (" ..." if len(choices) > 20 else "")
+    return UsageError(
+        f"Unknown {kind} '{name}'.{did_you_mean(name, choices)}",
+        hint=f"Valid {kind}s: {shown}" if choices else None,
+    )

@@ -1,0 +1,95 @@
+"""Chunked k-nearest-neighbour kernels in torch, shared by KSG, intrinsic dimension and OOD.
+
+Memory is O(chunk x n): the n x n distance matrix is never materialised. Distances are
+computed in the dtype of the inputs (pass float64 where sums of logs or ties matter).
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: rows of the query block; chunk * n_ref distances are held at once
+DEFAULT_CHUNK = 1024
+
+
+def _auto_chunk(n_ref: int, d: int, itemsize: int, budget_bytes: int = 256 * 2**20) -> int:
+    # a block holds chunk x n_ref distances (plus a chunk x n_ref x d temporary for max-norm)
+    per_row = max(1, n_ref * itemsize * (d if d > 1 else 1))
+    return int(max(16, min(8192, budget_bytes // per_row)))
+
+
+def pairwise(q: torch.Tensor, r: torch.Tensor, metric: str = "l2") -> torch.Tensor:
+    """Distances between rows of ``q`` (m, d) and ``r`` (n, d): 'l2', 'sqeuclidean' or 'max'."""
+    if metric == "max":
+        return torch.cdist(q, r, p=float("inf"))
+    if metric in ("l2", "sqeuclidean"):
+        # ||q||^2 + ||r||^2 - 2 q.r is fast (a matmul) but loses precision; cdist with the
+        # 'donot_use_mm' mode is exact and still vectorised.
+        d = torch.cdist(q, r, p=2.0, compute_mode="donot_use_mm_for_euclid_dist")
+        return d * d if metric == "sqeuclidean" else d
+    raise ValueError(f"Unknown metric '{metric}'. Expected 'l2', 'sqeuclidean' or 'max'.")
+
+
+def kth_neighbor_distances(
+    x: torch.Tensor,
+    k: int,
+    *,
+    ref: torch.Tensor | None = None,
+    metric: str = "l2",
+    exclude_self: bool = True,
+    chunk: int | None = None,
+    return_all: bool = False,
+) -> torch.Tensor:
+    """Distance from each row of ``x`` to its k-th nearest row of ``ref`` (default: ``x``).
+
+    With ``exclude_self`` (only meaningful when ``ref`` is ``x``) the point itself is not a
+    neighbour. Returns shape (m,), or (m, k) with all k smallest distances sorted ascending
+    when ``return_all``.
+    """
+    same = ref is None
+    r = x if same else ref
+    m, n = x.shape[0], r.shape[0]
+    kk = k + (1 if (same and exclude_self) else 0)
+    if kk > n:
+        raise ValueError(f"k={k} needs at least {kk} reference points; got {n}.")
+    chunk = chunk or _auto_chunk(n, x.shape[1] if metric == "max" else 1, x.element_size())
+    out = torch.empty((m, k) if return_all else (m,), dtype=x.dtype, device=x.device)
+    for s in range(0, m, chunk):
+        e = min(m, s + chunk)
+        d = pairwise(x[s:e], r, metric)
+        if same and exclude_self:
+            idx = torch.arange(s, e, device=x.device)
+            d[idx - s, idx] = float("inf")
+            vals = torch.topk(d, k, dim=1, largest=False).values
+        else:
+            vals = torch.topk(d, k, dim=1, largest=False).values
+        out[s:e] = vals if return_all else vals[:, k - 1]
+    return out
+
+
+def count_within(
+    x: torch.Tensor,
+    radius: torch.Tensor,
+    *,
+    metric: str = "max",
+    strict: bool = True,
+    exclude_self: bool = True,
+    chunk: int | None = None,
+) -> torch.Tensor:
+    """For each row i of ``x``, the number of rows j != i with dist(x_i, x_j) < radius_i.
+
+    ``strict=False`` counts ``<=``. Returns an int64 tensor of shape (n,).
+    """
+    n = x.shape[0]
+    chunk = chunk or _auto_chunk(n, x.shape[1] if metric == "max" else 1, x.element_size())
+    out = torch.empty(n, dtype=torch.int64, device=x.device)
+    for s in range(0, n, chunk):
+        e = min(n, s + chunk)
+        d = pairwise(x[s:e], x, metric)
+        rad = radius[s:e].unsqueeze(1)
+        c = (d < rad) if strict else (d <= rad)
+        cnt = c.sum(dim=1)
+        if exclude_self:  # the point itself is at distance 0: counted when 0 < r (or 0 <= r)
+            cnt = cnt - ((radius[s:e] > 0).to(torch.int64) if strict else 1)
+        out[s:e] = cnt
+    return out
