@@ -31,7 +31,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +102,7 @@ class CheckpointInfo:
     path: str
     sha256: str
     shard: Path
+    metrics: dict = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -192,7 +193,8 @@ class Store:
                         continue
                     ep = int(f.attrs["epoch"]) if int(f.attrs.get("epoch", -1)) >= 0 else None
                     st = int(f.attrs["step"]) if int(f.attrs.get("step", -1)) >= 0 else None
-                    infos.append((ep, st, str(f.attrs.get("checkpoint_path", "")), str(f.attrs.get("checkpoint_sha256", "")), p))
+                    infos.append((ep, st, str(f.attrs.get("checkpoint_path", "")), str(f.attrs.get("checkpoint_sha256", "")), p,
+                                  json.loads(f.attrs.get("metrics", "{}"))))
             except OSError:
                 continue  # unreadable shard: treat as absent (resume recaptures it)
         infos.sort(key=lambda t: (t[0] if t[0] is not None else -1, t[1] if t[1] is not None else -1, t[2]))
@@ -337,18 +339,22 @@ class StoreWriter:
                 pass
         return False
 
-    def checkpoint(self, *, epoch: int | None, step: int | None, path: str, sha256: str) -> "ShardWriter":
-        return ShardWriter(self, epoch=epoch, step=step, path=path, sha256=sha256)
+    def checkpoint(self, *, epoch: int | None, step: int | None, path: str, sha256: str,
+                   metrics: dict | None = None) -> "ShardWriter":
+        """A shard writer for one checkpoint. ``metrics``: scalar training metrics found in
+        the checkpoint (e.g. {"accuracy": 0.93, "loss": 0.2}), kept for plots."""
+        return ShardWriter(self, epoch=epoch, step=step, path=path, sha256=sha256, metrics=metrics)
 
 
 class ShardWriter:
     """Context manager writing one checkpoint's shard; renamed into place only on success."""
 
-    def __init__(self, store: StoreWriter, *, epoch, step, path, sha256):
+    def __init__(self, store: StoreWriter, *, epoch, step, path, sha256, metrics=None):
         self.store = store
         self.final = store.dir / SHARD_DIR / StoreWriter.shard_name(epoch, step, sha256)
         self.attrs = dict(epoch=-1 if epoch is None else int(epoch), step=-1 if step is None else int(step),
-                          checkpoint_path=str(path), checkpoint_sha256=sha256)
+                          checkpoint_path=str(path), checkpoint_sha256=sha256,
+                          metrics=canonical_json({k: float(v) for k, v in (metrics or {}).items()}))
         self._rows: dict[str, int] = {}
         self._absmax: dict[str, float] = {}
         self._nonfinite: dict[str, int] = {}
