@@ -14,6 +14,7 @@ A store is a directory::
       checkpoints/
         e000012_s0000000000_<sha12>.h5  # one shard per checkpoint, written as *.tmp then renamed
           attrs: format, format_version, epoch, step, checkpoint_path, checkpoint_sha256,
+                 metrics (JSON: scalar training metrics found in the checkpoint),
                  config_hash, n_samples, created, wall_time_s, complete=True
           /acts/<name>       (N, d) float16|float32, chunked, compressed (lzf or gzip), shuffled;
                              attrs: nonfinite_count, absmax
