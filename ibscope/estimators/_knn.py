@@ -19,15 +19,21 @@ def _auto_chunk(n_ref: int, d: int, itemsize: int, budget_bytes: int = 256 * 2**
 
 
 def pairwise(q: torch.Tensor, r: torch.Tensor, metric: str = "l2") -> torch.Tensor:
-    """Distances between rows of ``q`` (m, d) and ``r`` (n, d): 'l2', 'sqeuclidean' or 'max'."""
+    """Distances between rows of ``q`` (m, d) and ``r`` (n, d): 'l2', 'sqeuclidean' or 'max'
+    (exact, vectorised), or 'l2_mm' / 'sqeuclidean_mm' (matrix-multiply form, fast)."""
     if metric == "max":
         return torch.cdist(q, r, p=float("inf"))
+    if metric in ("l2_mm", "sqeuclidean_mm"):
+        # GEMM form ||q||^2 + ||r||^2 - 2 q.r (what sklearn brute and faiss use): ~20x faster
+        # than the exact mode at d >= 64, absolute error ~eps * ||q||^2 on squared distances.
+        d = ((q * q).sum(1, keepdim=True) + (r * r).sum(1) - 2.0 * (q @ r.T)).clamp_min_(0.0)
+        return d.sqrt_() if metric == "l2_mm" else d
     if metric in ("l2", "sqeuclidean"):
         # ||q||^2 + ||r||^2 - 2 q.r is fast (a matmul) but loses precision; cdist with the
         # 'donot_use_mm' mode is exact and still vectorised.
         d = torch.cdist(q, r, p=2.0, compute_mode="donot_use_mm_for_euclid_dist")
         return d * d if metric == "sqeuclidean" else d
-    raise ValueError(f"Unknown metric '{metric}'. Expected 'l2', 'sqeuclidean' or 'max'.")
+    raise ValueError(f"Unknown metric '{metric}'. Expected 'l2', 'sqeuclidean', 'l2_mm', 'sqeuclidean_mm' or 'max'.")
 
 
 def kth_neighbor_distances(
