@@ -45,12 +45,14 @@ def kth_neighbor_distances(
     exclude_self: bool = True,
     chunk: int | None = None,
     return_all: bool = False,
-) -> torch.Tensor:
+    return_indices: bool = False,
+):
     """Distance from each row of ``x`` to its k-th nearest row of ``ref`` (default: ``x``).
 
     With ``exclude_self`` (only meaningful when ``ref`` is ``x``) the point itself is not a
     neighbour. Returns shape (m,), or (m, k) with all k smallest distances sorted ascending
-    when ``return_all``.
+    when ``return_all``. With ``return_indices`` returns ``(distances, indices)``, the
+    indices (int64, same shape) of those neighbours in ``ref``.
     """
     same = ref is None
     r = x if same else ref
@@ -60,17 +62,18 @@ def kth_neighbor_distances(
         raise ValueError(f"k={k} needs at least {kk} reference points; got {n}.")
     chunk = chunk or _auto_chunk(n, x.shape[1] if metric == "max" else 1, x.element_size())
     out = torch.empty((m, k) if return_all else (m,), dtype=x.dtype, device=x.device)
+    out_idx = torch.empty(out.shape, dtype=torch.int64, device=x.device) if return_indices else None
     for s in range(0, m, chunk):
         e = min(m, s + chunk)
         d = pairwise(x[s:e], r, metric)
         if same and exclude_self:
             idx = torch.arange(s, e, device=x.device)
             d[idx - s, idx] = float("inf")
-            vals = torch.topk(d, k, dim=1, largest=False).values
-        else:
-            vals = torch.topk(d, k, dim=1, largest=False).values
+        vals, ind = torch.topk(d, k, dim=1, largest=False)
         out[s:e] = vals if return_all else vals[:, k - 1]
-    return out
+        if out_idx is not None:
+            out_idx[s:e] = ind if return_all else ind[:, k - 1]
+    return (out, out_idx) if return_indices else out
 
 
 def count_within(
