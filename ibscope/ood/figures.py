@@ -1,0 +1,207 @@
+"""Figures of an OOD run: score histograms, ROC / PR curves, metric vs k / n components /
+checkpoint, and a 2-D embedding of fit vs test vs OOD features. Each is written atomically
+(tmp file + rename) under ``out_dir/figures`` and listed relative to ``out_dir``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+MAX_CONFIG_FIGURES = 24
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _plt():
+    import matplotlib
+
+    if matplotlib.get_backend().lower() not in ("agg", "pdf", "svg", "ps", "cairo"):
+        try:
+            matplotlib.use("Agg")
+        except Exception:  # a GUI backend already in use: keep it
+            pass
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def histogram_figure(scores: dict[str, np.ndarray], threshold: float, title: str):
+    """Overlaid, density-normalised score histograms per set with the threshold line."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    allv = np.concatenate([np.asarray(v) for v in scores.values()])
+    lo, hi = float(np.min(allv)), float(np.max(allv))
+    bins = np.linspace(lo, hi if hi > lo else lo + 1.0, 40)
+    for name, v in scores.items():
+        ax.hist(v, bins=bins, density=True, histtype="stepfilled" if name in ("val", "test") else "step",
+                alpha=0.35 if name in ("val", "test") else 1.0, linewidth=1.5, label=f"{name} (n={len(v)})")
+    ax.axvline(threshold, color="k", linestyle="--", linewidth=1.2, label=f"threshold {threshold:.3g}")
+    ax.set_xlabel("OOD score (higher = more OOD)")
+    ax.set_ylabel("density")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def roc_pr_figure(id_scores: np.ndarray, ood: dict[str, np.ndarray], title: str):
+    """ROC (OOD positive) and PR-Out curves of each OOD set against the ID test set."""
+    from ibscope.ood.metrics import auroc, aupr_out, pr_curve_points, roc_curve_points
+
+    plt = _plt()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4.2))
+    for name, s in ood.items():
+        fpr, tpr = roc_curve_points(id_scores, s)
+        a1.plot(fpr, tpr, label=f"{name} (AUROC {auroc(id_scores, s):.3f})")
+        rec, prec = pr_curve_points(id_scores, s)
+        a2.step(rec, prec, where="post", label=f"{name} (AP-Out {aupr_out(id_scores, s):.3f})")
+    a1.plot([0, 1], [0, 1], color="0.6", linestyle=":", linewidth=1)
+    a1.set_xlabel("false positive rate (ID flagged)")
+    a1.set_ylabel("true positive rate (OOD flagged)")
+    a1.set_title("ROC, OOD positive", fontsize=10)
+    a2.set_xlabel("recall (OOD)")
+    a2.set_ylabel("precision (OOD)")
+    a2.set_title("Precision-recall, OOD positive", fontsize=10)
+    for a in (a1, a2):
+        a.legend(fontsize=8)
+        a.set_xlim(-0.01, 1.01)
+        a.set_ylim(-0.01, 1.01)
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def metric_curve_figure(series: dict[str, tuple[list, list]], xlabel: str, title: str, logx: bool = False,
+                        metric: str = "auroc"):
+    """Lines of ``metric`` against a parameter: {label: (xs, ys)}."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for label, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker="o", label=label)
+    if logx:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(metric.upper() if metric == "auroc" else metric)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
+    return fig
+
+
+def embedding_2d(feats: dict[str, np.ndarray], seed: int = 0, max_points: int = 1500):
+    """2-D PCA of standardised features, fitted on the fit split only. Returns {set: (m, 2)}."""
+    from sklearn.decomposition import PCA
+
+    fit = np.asarray(feats["fit"], dtype=np.float64)
+    mean, sd = fit.mean(0), fit.std(0)
+    sd = np.where(sd <= 1e-12, 1.0, sd)
+    nc = min(2, fit.shape[0], fit.shape[1])
+    pca = PCA(n_components=nc, svd_solver="full").fit((fit - mean) / sd)
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, f in feats.items():
+        f = np.asarray(f, dtype=np.float64)
+        if f.shape[0] > max_points:
+            f = f[np.sort(rng.choice(f.shape[0], max_points, replace=False))]
+        e = pca.transform((f - mean) / sd)
+        out[name] = e if e.shape[1] == 2 else np.c_[e, np.zeros(len(e))]
+    return out
+
+
+def embedding_figure(emb: dict[str, np.ndarray], title: str):
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.6, 5.0))
+    for name, e in emb.items():
+        ax.scatter(e[:, 0], e[:, 1], s=6, alpha=0.5 if name == "fit" else 0.7, label=name)
+    ax.set_xlabel("PC 1 (fit split)")
+    ax.set_ylabel("PC 2 (fit split)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, markerscale=2)
+    return fig
+
+
+def make_figures(out: Path, results: list[dict], score_store: dict, plot_data: dict, *, ood_names: list[str],
+                 tpr: float, seed: int, warnings_out: list[str]) -> list[str]:
+    """Write all figures; return their paths relative to ``out``."""
+    figdir = out / "figures"
+    figdir.mkdir(parents=True, exist_ok=True)
+    paths: list[str] = []
+
+    def save(fig, name: str) -> None:
+        _save(fig, figdir / name)
+        paths.append(f"figures/{name}")
+
+    last_ck = max(r["checkpoint"] for r in results)
+    entry = score_store[f"checkpoint_{last_ck}"]
+    configs = list(entry["configs"])
+    if len(configs) > MAX_CONFIG_FIGURES:
+        warnings_out.append(f"{len(configs)} configurations: histograms and ROC/PR figures drawn for the first "
+                            f"{MAX_CONFIG_FIGURES} only (all metrics are in the JSON).")
+    thresholds = {(r["config"], r["checkpoint"]): r["threshold"] for r in results}
+    for cid in configs[:MAX_CONFIG_FIGURES]:
+        sc = entry["configs"][cid]
+        sets = {"val": sc["val"], "test": sc["test"], **{n: sc[n] for n in ood_names}}
+        save(histogram_figure(sets, thresholds[(cid, last_ck)], f"{cid} (checkpoint {last_ck})"), f"hist_{slug(cid)}.png")
+        save(roc_pr_figure(sc["test"], {n: sc[n] for n in ood_names}, f"{cid} (checkpoint {last_ck})"),
+             f"roc_pr_{slug(cid)}.png")
+
+    last = [r for r in results if r["checkpoint"] == last_ck]
+    # AUROC vs k (knn, one line per reduction x OOD set)
+    ks = sorted({r["k"] for r in last if r["detector"] == "knn"})
+    if len(ks) > 1:
+        series: dict[str, tuple[list, list]] = {}
+        for red in dict.fromkeys(r["reduction"] for r in last):
+            for name in ood_names:
+                rows = sorted((r for r in last if r["detector"] == "knn" and r["reduction"] == red and r["ood_set"] == name),
+                              key=lambda r: r["k"])
+                series[f"{red} / {name}"] = ([r["k"] for r in rows], [r["auroc"] for r in rows])
+        save(metric_curve_figure(series, "k (neighbour index)", f"k-NN AUROC vs k (checkpoint {last_ck})", logx=True),
+             "auroc_vs_k.png")
+    # AUROC vs number of components (pca:N / umap:N with the same prefix)
+    groups: dict[tuple, list] = defaultdict(list)
+    for r in last:
+        m = re.match(r"^(.*?)(pca|umap):(\d+)$", r["reduction"])
+        if m:
+            groups[(m.group(1), m.group(2), r["detector"], r["k"], r["ood_set"])].append((int(m.group(3)), r["auroc"]))
+    series = {}
+    for (prefix, op, det, k, name), pts in groups.items():
+        if len({n for n, _ in pts}) > 1:
+            pts.sort()
+            label = f"{det}{'' if k is None else f' k={k}'} {prefix}{op} / {name}"
+            series[label] = ([p[0] for p in pts], [p[1] for p in pts])
+    if series:
+        save(metric_curve_figure(series, "number of components", f"AUROC vs components (checkpoint {last_ck})", logx=True),
+             "auroc_vs_components.png")
+    # AUROC vs checkpoint
+    cks = sorted({r["checkpoint"] for r in results})
+    if len(cks) > 1:
+        series = {}
+        for cid in dict.fromkeys(r["config"] for r in results):
+            for name in ood_names:
+                rows = sorted((r for r in results if r["config"] == cid and r["ood_set"] == name), key=lambda r: r["checkpoint"])
+                xs = [r["epoch"] if r["epoch"] is not None else r["checkpoint"] for r in rows]
+                series[f"{cid} / {name}"] = (xs, [r["auroc"] for r in rows])
+        uses_epoch = all(r["epoch"] is not None for r in results)
+        save(metric_curve_figure(series, "epoch" if uses_epoch else "checkpoint", "AUROC across training"),
+             "auroc_vs_checkpoint.png")
+    if plot_data:
+        emb = embedding_2d(plot_data["feats"], seed=seed)
+        save(embedding_figure(emb, f"2-D PCA of the layer features, fitted on the fit split (checkpoint {plot_data['checkpoint']})"),
+             "embedding_2d.png")
+    return paths
