@@ -969,11 +969,11 @@ def run_check(
         else:
             overrides.append(parse_tolerance_entry(t, f"tolerances[{i}]"))
     rule_objs = [parse_rule(r, i) for i, r in enumerate(cfg.get("rules") or [])]
+    if update_baseline and baseline is None:
+        raise UsageError("--update-baseline needs --baseline PATH (where to write it).")
     if baseline is None and not rule_objs:
         raise UsageError("Nothing to check: give a baseline and/or rules.",
                          hint="Pass --baseline BASELINE.csv and/or --rules RULES.yaml (see docs/check.md).")
-    if update_baseline and baseline is None:
-        raise UsageError("--update-baseline needs --baseline PATH (where to write it).")
 
     cur = _as_results(results, "current")
     cur_rows = _in_unit(cur, unit_v)
