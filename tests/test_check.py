@@ -472,3 +472,23 @@ def test_report_table_lists_failures_only():
     text = con.export_text()
     assert "fc2 binning I(T;Y)" in text and "fc1 binning I(T;Y)" not in text
     assert isinstance(rep, CheckReport) and "1 of 10 checks failed" in rep.summary()
+
+
+def test_docs_yaml_examples_are_valid():
+    """Every YAML block of docs/check.md is a valid rules file (rules and tolerances parse)."""
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    from ibscope.check import parse_rule, parse_tolerance_entry
+
+    text = (Path(__file__).parents[1] / "docs" / "check.md").read_text()
+    blocks = re.findall(r"```yaml\n(.*?)```", text, flags=re.S)
+    assert len(blocks) >= 2
+    n_rules = 0
+    for b in blocks:
+        cfg = load_rules(yaml.safe_load(b))
+        n_rules += len([parse_rule(r, i) for i, r in enumerate(cfg.get("rules") or [])])
+        [parse_tolerance_entry(t, "docs") for t in cfg.get("tolerances") or []]
+    assert n_rules == 4
