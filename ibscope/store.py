@@ -374,11 +374,7 @@ class ShardWriter:
         n = self.store.n_samples
         ds = self.f["acts"].get(layer)
         if ds is None:
-            d = batch.shape[1]
-            itemsize = np.dtype(dtype).itemsize
-            rows = int(max(1, min(n, (512 * 1024) // max(1, d * itemsize))))
-            ds = self.f["acts"].create_dataset(layer, shape=(n, d), dtype=dtype, chunks=(rows, d),
-                                               compression=self.store.compression, shuffle=True)
+            ds = self._create(layer, batch.shape[1], dtype)
             self._rows[layer] = 0
             self._absmax[layer] = 0.0
             self._nonfinite[layer] = 0
@@ -393,6 +389,28 @@ class ShardWriter:
             self._absmax[layer] = max(self._absmax[layer], float(np.abs(np.where(fin, batch, 0)).max()))
         ds[r0:r0 + batch.shape[0]] = batch.astype(dtype, copy=False)
         self._rows[layer] = r0 + batch.shape[0]
+
+    def _create(self, layer: str, d: int, dtype: str):
+        n = self.store.n_samples
+        return self.f["acts"].create_dataset(layer, shape=(n, d), dtype=dtype, chunks=(self.chunk_rows(d, dtype), d),
+                                             compression=self.store.compression, shuffle=True)
+
+    def chunk_rows(self, d: int, dtype: str = "float32") -> int:
+        """Rows per HDF5 chunk for a layer of width ``d`` (~512 KiB chunks); write in multiples."""
+        return int(max(1, min(self.store.n_samples, (512 * 1024) // max(1, d * np.dtype(dtype).itemsize))))
+
+    def promote(self, layer: str, dtype: str = "float32") -> None:
+        """Re-create ``layer``'s dataset with a wider ``dtype``, keeping the rows written so far
+        (used when float16 storage would overflow). Marks the dataset with ``dtype_fallback``."""
+        ds = self.f["acts"].get(layer)
+        if ds is None or ds.dtype == np.dtype(dtype):
+            return
+        kept = ds[: self._rows[layer]].astype(dtype)
+        d = ds.shape[1]
+        del self.f["acts"][layer]
+        ds = self._create(layer, d, dtype)
+        ds[: kept.shape[0]] = kept
+        ds.attrs["dtype_fallback"] = str(np.dtype(dtype))
 
     def set_jacobian(self, layer: str, singular_values: np.ndarray, rows: np.ndarray) -> None:
         g = self.f.require_group("jacobian")

@@ -1,0 +1,350 @@
+"""``ibscope capture``: from a run's checkpoints to a crash-safe HDF5 activation store.
+
+``capture(model, checkpoints, probe, layers, out, ...)`` builds the model from its factory,
+orders the checkpoints (epoch/step stored in each file, else a number in its name), loads each
+one safely (``weights_only``) and strictly, runs the fixed probe set through it with forward
+hooks on the selected layers, and streams the (reduced) activations batch by batch into one
+HDF5 shard per checkpoint (see :mod:`ibscope.store`). Optionally it stores, for the first N
+probe samples, the singular values of each layer's Jacobian with respect to the input.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ibscope.errors import DataError, UsageError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["capture", "resolve_device", "plan_layers", "DEFAULT_MAX_INPUT_BYTES"]
+
+DEFAULT_MAX_INPUT_BYTES = 256 * 1024 * 1024  # probe inputs above this are not copied into the store
+FLOAT16_MAX = 65504.0
+
+
+def resolve_device(device: str | Any = "auto"):
+    """``auto`` (CUDA if available, else CPU), ``cpu`` or ``cuda:N`` -> torch.device."""
+    import torch
+
+    if isinstance(device, torch.device):
+        return device
+    d = str(device or "auto").strip().lower()
+    if d == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if d == "cpu":
+        return torch.device("cpu")
+    if d == "cuda" or d.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: no CUDA device is available on this machine.",
+                             hint="Use --device cpu (or auto).")
+        dev = torch.device(d)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s).")
+        return dev
+    raise UsageError(f"--device expects auto, cpu or cuda:N. Got {device!r}.")
+
+
+def _reduce_for(name: str, module: str, reduce: Any) -> str:
+    """The reduction asked for a layer: exact name/path, then glob patterns, then the default."""
+    from ibscope.capture.selectors import glob_match
+
+    if reduce is None:
+        return "auto"
+    if isinstance(reduce, str):
+        return reduce
+    if not isinstance(reduce, dict):
+        raise UsageError(f"reduce must be a string or a mapping {{layer: op}}. Got {type(reduce).__name__}.")
+    for key in (name, module):
+        if key in reduce:
+            return str(reduce[key])
+    for pat, op in reduce.items():
+        if pat not in ("*", "default") and (glob_match(pat, name) or glob_match(pat, module)):
+            return str(op)
+    return str(reduce.get("*", reduce.get("default", "auto")))
+
+
+def _check_reduce_keys(reduce: Any, targets) -> None:
+    from ibscope.capture.selectors import glob_match
+
+    if not isinstance(reduce, dict):
+        return
+    names = [t.name for t in targets] + [t.module for t in targets]
+    for pat in reduce:
+        if pat in ("*", "default"):
+            continue
+        if not any(pat == n or glob_match(pat, n) for n in names):
+            from ibscope.errors import unknown_name
+
+            raise unknown_name("layer in --reduce", pat, [t.name for t in targets])
+
+
+def plan_layers(model, x, layers, reduce=None):
+    """Dry-run ``model`` on batch ``x``: (targets, reducers, per-layer metadata, traces)."""
+    from ibscope.capture.hooks import CaptureEngine, Reducer, resolve_auto
+    from ibscope.capture.selectors import resolve_layers, trace_modules
+
+    traces = trace_modules(model, x)
+    targets = resolve_layers(layers, traces)
+    _check_reduce_keys(reduce, targets)
+    raw = {t.name: Reducer("none", t.name) for t in targets}
+    with CaptureEngine(model, targets, raw) as eng:
+        raw_out = eng.run(x)
+    reducers, meta = {}, {}
+    for t in targets:
+        shape = tuple(int(s) for s in raw_out[t.name].shape[1:])
+        op = resolve_auto(_reduce_for(t.name, t.module, reduce), shape, traces[t.module].type, t.name)
+        reducers[t.name] = Reducer(op, t.name)
+    with CaptureEngine(model, targets, reducers) as eng:
+        red = eng.run(x)
+    for i, t in enumerate(targets):
+        meta[t.name] = {
+            "module": t.module, "type": traces[t.module].type, "call": t.call, "select": list(t.select),
+            "io": t.io, "spec": t.spec, "reduction": reducers[t.name].spec,
+            "raw_shape": [int(s) for s in raw_out[t.name].shape[1:]], "dims": int(red[t.name].shape[1]),
+            "raw_dtype": str(raw_out[t.name].dtype).replace("torch.", ""), "order": i,
+        }
+    return targets, reducers, meta, traces
+
+
+class _Buffer:
+    """Collects one layer's rows and writes them to the shard in whole HDF5 chunks."""
+
+    def __init__(self, shard, name: str, dtype: str, d: int):
+        self.shard, self.name, self.dtype = shard, name, dtype
+        self.rows = shard.chunk_rows(d, dtype)
+        self.parts: list[np.ndarray] = []
+        self.count = 0
+        self.promoted = False
+
+    def add(self, arr: np.ndarray) -> None:
+        self.parts.append(arr)
+        self.count += arr.shape[0]
+        if self.count >= self.rows:
+            self.flush(whole_chunks=True)
+
+    def flush(self, whole_chunks: bool = False) -> None:
+        if not self.parts:
+            return
+        block = np.concatenate(self.parts) if len(self.parts) > 1 else self.parts[0]
+        k = (block.shape[0] // self.rows) * self.rows if whole_chunks else block.shape[0]
+        head, tail = block[:k], block[k:]
+        if head.shape[0]:
+            if self.dtype == "float16" and not self.promoted and head.size and \
+                    float(np.nanmax(np.abs(np.where(np.isfinite(head), head, 0)))) >= FLOAT16_MAX:
+                log.warning("Layer '%s': values reach %.3g, beyond float16's range; storing this layer as float32 "
+                            "in this checkpoint.", self.name, float(np.abs(head[np.isfinite(head)]).max()))
+                self.shard.promote(self.name, "float32")
+                self.dtype, self.promoted = "float32", True
+            self.shard.append(self.name, head, dtype=self.dtype)
+        self.parts = [tail] if tail.shape[0] else []
+        self.count = tail.shape[0]
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+def show_plan(ckpts, console=None) -> None:
+    """Print the resolved checkpoint order (rich table on stderr)."""
+    from rich.table import Table
+
+    tab = Table(title="Checkpoints, in capture order", title_justify="left")
+    for col in ("#", "file", "epoch", "step", "order from", "metrics"):
+        tab.add_column(col)
+    for i, c in enumerate(ckpts):
+        tab.add_row(str(i), str(c.path), "" if c.epoch is None else str(c.epoch), "" if c.step is None else str(c.step),
+                    {"file": "keys in file", "name": "file name", "position": "given order"}.get(c.source, c.source),
+                    ", ".join(f"{k}={v:.4g}" for k, v in c.metrics.items()))
+    (console or _console()).print(tab)
+
+
+def _check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    from ibscope.store import MANIFEST
+
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out '{out}' is a file; it must be a directory (new, or an existing activation store).")
+    if out.is_dir() and not (out / MANIFEST).exists() and any(out.iterdir()):
+        raise UsageError(f"--out '{out}' is a non-empty directory that is not an activation store; refusing to write into it.",
+                         hint="Choose a new or empty directory.")
+
+
+def capture(
+    model: str | Callable,
+    checkpoints,
+    probe,
+    layers: list[str] | str,
+    out: str | os.PathLike,
+    *,
+    model_args: dict | None = None,
+    reduce: str | dict | None = None,
+    max_samples: int | None = None,
+    batch_size: int = 256,
+    device: str = "auto",
+    dtype: str = "float32",
+    jacobian_samples: int = 0,
+    store_inputs: bool = True,
+    split: str = "probe",
+    run: str = "run",
+    resume: bool = False,
+    overwrite: bool = False,
+    trust_checkpoint: bool = False,
+    progress: bool = True,
+    sample_seed: int | None = None,
+    allow_nonfinite: bool = False,
+    compression: str = "lzf",
+    max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES,
+    jacobian_chunk: int = 16,
+) -> Path:
+    """Capture activations of ``layers`` for every checkpoint into the store at ``out``.
+
+    ``model``: ``"pkg.module:factory"``, ``"path/file.py:factory"`` or a zero-argument callable
+    returning the ``nn.Module`` (keyword arguments from ``model_args``). ``checkpoints``: a glob, a
+    directory or a list of files. ``probe``: ``.npz``/``.h5``/``.pt`` file, a factory string, or
+    ``(x, y)``. ``layers``: selector strings (see :mod:`ibscope.capture.selectors`). ``reduce``: one
+    reduction for all layers or ``{layer_or_glob: op, "*": default}`` (see
+    :mod:`ibscope.capture.hooks`). ``max_samples``: the first N probe samples, or a subset drawn
+    with ``sample_seed``. ``dtype``: storage dtype, ``float32`` or ``float16`` (a layer whose values
+    exceed float16's range is kept as float32 for that checkpoint, with a warning). Non-finite
+    activations raise :class:`~ibscope.errors.DataError` unless ``allow_nonfinite``. Returns the
+    store directory.
+    """
+    import torch
+
+    from ibscope.capture.hooks import CaptureEngine
+    from ibscope.capture.loading import (discover_checkpoints, load_checkpoint_into, model_spec_id,
+                                         resolve_factory)
+    from ibscope.capture.probe import load_probe
+    from ibscope.store import StoreWriter
+
+    if dtype not in ("float32", "float16"):
+        raise UsageError(f"--dtype must be float32 or float16. Got {dtype!r}.")
+    if int(batch_size) < 1:
+        raise UsageError(f"--batch-size must be >= 1. Got {batch_size}.")
+    if int(jacobian_samples) < 0:
+        raise UsageError(f"--jacobian-samples must be >= 0. Got {jacobian_samples}.")
+    if compression not in ("lzf", "gzip"):
+        raise UsageError(f"compression must be 'lzf' or 'gzip'. Got {compression!r}.")
+    if resume and overwrite:
+        raise UsageError("--resume and --overwrite exclude each other.",
+                         hint="--resume keeps what was captured; --overwrite starts again from nothing.")
+    out = Path(out)
+    _check_out_dir(out, resume, overwrite)
+    dev = resolve_device(device)
+    console = _console() if progress else None
+
+    import torch.nn as nn
+
+    if isinstance(model, nn.Module):
+        template = model
+        build = (lambda: copy.deepcopy(template))  # noqa: E731
+        model_id = f"<module {type(model).__name__}>"
+    else:
+        build = resolve_factory(model, model_args)
+        model_id = model_spec_id(model)
+    net = build()
+    pr = load_probe(probe, max_samples=max_samples, sample_seed=sample_seed)
+    ckpts = discover_checkpoints(checkpoints, trust_checkpoint=trust_checkpoint)
+    if console is not None:
+        show_plan(ckpts, console)
+    net.to(dev).eval()
+    first = pr.x[: min(pr.n, int(batch_size), 8)].to(dev)
+    targets, reducers, meta, _ = plan_layers(net, first, layers, reduce)
+    if jacobian_samples and not pr.x.is_floating_point():
+        raise UsageError(f"--jacobian-samples needs floating-point probe inputs; these are {pr.x.dtype}.",
+                         hint="Jacobians with respect to integer inputs (e.g. token ids) are not defined.")
+
+    inputs = None
+    if store_inputs:
+        nbytes = pr.x.numel() * 4
+        if nbytes > max_input_bytes:
+            log.warning("Not storing probe inputs in the store: %.1f MiB > limit %.1f MiB (sample ids are stored).",
+                        nbytes / 2**20, max_input_bytes / 2**20)
+        else:
+            inputs = pr.x.reshape(pr.n, -1).float().numpy()
+    config = {
+        "model": model_id, "model_args": dict(model_args or {}), "layers": [layers] if isinstance(layers, str) else list(layers),
+        "reduce": reduce if reduce is not None else "auto", "dtype": dtype, "max_samples": max_samples,
+        "sample_seed": sample_seed, "jacobian_samples": int(jacobian_samples), "split": str(split), "run": str(run),
+        "probe": pr.source, "n_samples": pr.n, "input_shape": [int(s) for s in pr.x.shape[1:]],
+        "input_dtype": str(pr.x.dtype).replace("torch.", ""),
+    }
+    writer = StoreWriter(out, config=config, sample_ids=pr.ids, labels=pr.y, layers=meta, inputs=inputs,
+                         input_shape=tuple(pr.x.shape[1:]), resume=resume, overwrite=overwrite, compression=compression)
+    todo = [c for c in ckpts if not (resume and writer.has_checkpoint(c.sha256))]
+    if resume and len(todo) < len(ckpts):
+        log.info("Resuming: %d of %d checkpoints already captured.", len(ckpts) - len(todo), len(ckpts))
+
+    prog = None
+    if console is not None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        prog = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=console, transient=False)
+    n_batches = (pr.n + int(batch_size) - 1) // int(batch_size)
+    try:
+        if prog is not None:
+            prog.start()
+            t_ck = prog.add_task("checkpoints", total=len(todo))
+            t_b = prog.add_task("batches", total=n_batches)
+        for ck in todo:
+            info = load_checkpoint_into(net, ck, trust_checkpoint=trust_checkpoint)
+            net.eval()
+            with writer.checkpoint(epoch=ck.epoch, step=ck.step, path=str(ck.path), sha256=ck.sha256,
+                                   metrics=ck.metrics) as shard:
+                shard.attrs.update(epoch_source=ck.source, state_key=info["state_key"],
+                                   prefixes_stripped=",".join(info["stripped"] + ([info["prefix"]] if info["prefix"] else [])),
+                                   device=str(dev), batch_size=int(batch_size), torch_version=str(torch.__version__))
+                bufs = {t.name: _Buffer(shard, t.name, dtype, meta[t.name]["dims"]) for t in targets}
+                if prog is not None:
+                    prog.reset(t_b, total=n_batches, description=f"batches ({ck.label})")
+                with torch.no_grad(), CaptureEngine(net, targets, reducers) as eng:
+                    for b0 in range(0, pr.n, int(batch_size)):
+                        xb = pr.x[b0:b0 + int(batch_size)].to(dev, non_blocking=True)
+                        outs = eng.run(xb)
+                        for name, r in outs.items():
+                            if not allow_nonfinite:
+                                finite = torch.isfinite(r)
+                                if not bool(finite.all()):
+                                    bad = int((~finite).sum())
+                                    raise DataError(
+                                        f"Layer '{name}' has {bad} non-finite value(s) (NaN/inf) at checkpoint "
+                                        f"'{ck.path}' ({ck.label}), probe rows {b0}..{b0 + r.shape[0] - 1}.",
+                                        hint="The run may have diverged at this checkpoint. Pass --allow-nonfinite to "
+                                             "store them anyway (estimators will refuse them).")
+                            bufs[name].add(r.float().cpu().numpy() if r.dtype != torch.float32 or r.device.type != "cpu"
+                                           else r.numpy())
+                        if prog is not None:
+                            prog.advance(t_b)
+                for b in bufs.values():
+                    b.flush()
+                if jacobian_samples:
+                    _store_jacobians(net, targets, reducers, pr.x, int(jacobian_samples), dev, shard, jacobian_chunk)
+            if prog is not None:
+                prog.advance(t_ck)
+            log.info("Captured %s (%s).", ck.label, ck.path)
+    finally:
+        if prog is not None:
+            prog.stop()
+    return writer.dir
+
+
+def _store_jacobians(net, targets, reducers, x, m, dev, shard, chunk) -> None:
+    import torch
+
+    from ibscope.capture.hooks import CaptureEngine
+    from ibscope.capture.jacobian import jacobian_singular_values
+
+    rows = np.arange(min(m, x.shape[0]))
+    xs = x[: len(rows)].to(dev).float()
+    with torch.enable_grad(), CaptureEngine(net, targets, reducers, grad=True) as eng:
+        svs = jacobian_singular_values(eng.run, xs, chunk=chunk)
+    for t in targets:
+        shard.set_jacobian(t.name, svs[t.name].cpu().numpy(), rows)

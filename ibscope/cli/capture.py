@@ -1,5 +1,237 @@
-"""`ibscope capture` (being built)."""
+"""``ibscope capture``, ``ibscope layers`` and ``ibscope info``.
+
+No torch / h5py import at module level: ``ibscope --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from ibscope.cli._common import console, guard, load_mapping, setup_logging
+from ibscope.errors import UsageError
 
 
-def register(app) -> None:
-    """Add this module's commands to the app."""
+def _parse_reduce(items: list[str] | None):
+    """``OP`` sets the default; ``LAYER=OP`` overrides one layer (or a glob of layers)."""
+    if not items:
+        return None
+    out: dict[str, str] = {}
+    for it in items:
+        if "=" in it:
+            k, v = it.rsplit("=", 1)
+            if not k.strip() or not v.strip():
+                raise UsageError(f"--reduce expects OP or LAYER=OP. Got {it!r}.")
+            out[k.strip()] = v.strip()
+        else:
+            out["*"] = it.strip()
+    if list(out) == ["*"]:
+        return out["*"]
+    return out
+
+
+def _model_args(text: str | None) -> dict:
+    return load_mapping(text, "--model-args")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``capture``, ``layers`` and ``info`` to the app."""
+
+    @app.command("capture", no_args_is_help=True)
+    @guard
+    def capture_cmd(
+        model: str = typer.Option(..., "--model", "-m", help="Model factory: 'pkg.module:factory' or 'path/to/file.py:factory' "
+                                  "(a function or class returning the nn.Module)."),
+        checkpoints: List[str] = typer.Option(..., "--checkpoints", "-c", help="Checkpoint files: a glob (quote it), a "
+                                              "directory or files; repeatable. Ordered by the epoch/step stored in each "
+                                              "file, else a number in its name."),
+        probe: str = typer.Option(..., "--probe", "-p", help="Probe data: .npz (x, y), .h5 (datasets x, y), .pt "
+                                  "({'x','y'}) or 'pkg.module:factory' returning a Dataset or (x, y)."),
+        layers: List[str] = typer.Option(..., "--layers", "-l", help="Layer selector, repeatable: module path "
+                                         "(layer1.0.conv2), glob (encoder.*, **.fc), re:REGEX, type:Linear, 'output'; "
+                                         "suffixes @CALL (reused modules), [0] / ['key'] (tuple/dict element), :in "
+                                         "(module input), =ALIAS."),
+        out: Path = typer.Option(..., "--out", "-o", help="Store directory to create (or resume)."),
+        model_args: Optional[str] = typer.Option(None, "--model-args", help="Keyword arguments for the factory: JSON or "
+                                                 "YAML, inline or a .json/.yaml file."),
+        reduce: Optional[List[str]] = typer.Option(None, "--reduce", "-r", help="Reduction to (samples, features): auto "
+                                                   "(default: conv maps -> gap), none, flatten, gap, gmp, rp:K[:SEED], "
+                                                   "last, first, mean. OP for all layers or LAYER=OP; repeatable."),
+        max_samples: Optional[int] = typer.Option(None, "--max-samples", help="Use the first N probe samples (in file "
+                                                  "order), or a seeded random N with --sample-seed."),
+        sample_seed: Optional[int] = typer.Option(None, "--sample-seed", help="Draw the --max-samples subset at random "
+                                                  "with this seed (kept in file order)."),
+        batch_size: int = typer.Option(256, "--batch-size", "-b", help="Probe samples per forward pass."),
+        device: str = typer.Option("auto", "--device", help="auto (CUDA if available), cpu or cuda:N."),
+        dtype: str = typer.Option("float32", "--dtype", help="Storage dtype: float32 or float16 (layers beyond "
+                                  "float16's range fall back to float32, with a warning)."),
+        jacobian_samples: int = typer.Option(0, "--jacobian-samples", help="Also store, for the first N probe samples, "
+                                             "the singular values of each layer's Jacobian w.r.t. the input (for "
+                                             "local-rank estimators)."),
+        store_inputs: bool = typer.Option(True, "--store-inputs/--no-store-inputs", help="Copy the probe inputs "
+                                          "(flattened float32) into the store; skipped with a warning above 256 MiB."),
+        split: str = typer.Option("probe", "--split", help="Name of this probe set (train, test, ...), kept in results."),
+        run: str = typer.Option("run", "--run", help="Name of the training run (or seed), kept in results."),
+        resume: bool = typer.Option(False, "--resume", help="Capture only checkpoints missing from an existing store "
+                                    "(refused if it was made from other data, layers or settings)."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store."),
+        trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="Allow checkpoints that need full "
+                                              "unpickling (can run arbitrary code: only for files you trust)."),
+        allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Store NaN/inf activations instead of "
+                                             "stopping with exit code 4."),
+        compression: str = typer.Option("lzf", "--compression", help="HDF5 compression: lzf (fast, h5py) or gzip "
+                                        "(readable by every HDF5 tool)."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or tables; warnings only."),
+    ) -> None:
+        """Run a fixed probe set through every checkpoint and store the chosen layers' activations.
+
+        Writes one HDF5 shard per checkpoint under OUT/checkpoints/ (complete or absent, even after
+        a crash) and OUT/manifest.h5 with sample ids, labels and the layer list. Exit codes:
+        0 ok, 1 error, 2 usage (bad option, unknown layer), 4 bad data (checkpoint/key mismatch,
+        unsafe pickle, NaN activations, foreign store).
+
+        Example: ibscope capture -m mynet.py:Net -c 'runs/exp1/*.pt' -p probe.npz -l 'type:Linear' -o acts
+        """
+        setup_logging(quiet)
+        from ibscope.capture import capture
+
+        path = capture(
+            model, checkpoints, probe, list(layers), out, model_args=_model_args(model_args), reduce=_parse_reduce(reduce),
+            max_samples=max_samples, sample_seed=sample_seed, batch_size=batch_size, device=device, dtype=dtype,
+            jacobian_samples=jacobian_samples, store_inputs=store_inputs, split=split, run=run, resume=resume,
+            overwrite=overwrite, trust_checkpoint=trust_checkpoint, allow_nonfinite=allow_nonfinite,
+            compression=compression, progress=not quiet,
+        )
+        if not quiet:
+            from ibscope.store import open_store
+
+            st = open_store(path)
+            console().print(f"[green]Store[/] {path}: {len(st.checkpoints)} checkpoint(s) x {len(st.layers)} layer(s) x "
+                            f"{st.n_samples} samples. Next: ibscope estimate {path} -o results.csv")
+
+    @app.command("layers", no_args_is_help=True)
+    @guard
+    def layers_cmd(
+        model: str = typer.Option(..., "--model", "-m", help="Model factory: 'pkg.module:factory' or 'file.py:factory'."),
+        probe: str = typer.Option(..., "--probe", "-p", help="Probe data (one batch is run through the model)."),
+        checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Load this checkpoint first (strictly)."),
+        model_args: Optional[str] = typer.Option(None, "--model-args", help="Factory keyword arguments (JSON/YAML)."),
+        layers: Optional[List[str]] = typer.Option(None, "--layers", "-l", help="Also show what these selectors would "
+                                                   "capture (names, reductions, stored dims)."),
+        reduce: Optional[List[str]] = typer.Option(None, "--reduce", "-r", help="Reductions, as for capture."),
+        batch_size: int = typer.Option(4, "--batch-size", "-b", help="Samples in the dry-run batch."),
+        device: str = typer.Option("cpu", "--device", help="auto, cpu or cuda:N."),
+        trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="Allow full unpickling of --checkpoint."),
+        as_json: bool = typer.Option(False, "--json", help="Print the listing as JSON on stdout."),
+    ) -> None:
+        """List the model's modules in execution order with output shapes and calls per forward.
+
+        Runs one probe batch through the model. Modules called more than once per forward need
+        '@CALL' in a selector; tuple/dict outputs need an element ('[0]').
+        """
+        setup_logging(True)
+        import torch
+
+        from ibscope.capture import plan_layers, resolve_device
+        from ibscope.capture.loading import load_checkpoint_into, resolve_factory
+        from ibscope.capture.probe import load_probe
+        from ibscope.capture.selectors import trace_modules
+
+        if batch_size < 1:
+            raise UsageError(f"--batch-size must be >= 1. Got {batch_size}.")
+        net = resolve_factory(model, _model_args(model_args))()
+        if checkpoint is not None:
+            load_checkpoint_into(net, checkpoint, trust_checkpoint=trust_checkpoint)
+        dev = resolve_device(device)
+        net.to(dev).eval()
+        pr = load_probe(probe, max_samples=batch_size)
+        x = pr.x.to(dev)
+        traces = trace_modules(net, x)
+        plan = None
+        if layers:
+            with torch.no_grad():
+                _, _, plan, _ = plan_layers(net, x, list(layers), _parse_reduce(reduce))
+        rows = [{"name": t.name or "(model)", "type": t.type, "calls": t.calls, "output": t.outputs[0] if t.outputs else "",
+                 "params": t.n_params} for t in traces.values()]
+        if as_json:
+            typer.echo(json.dumps({"modules": rows, "selected": plan}, indent=2))
+            return
+        from rich.table import Table
+
+        tab = Table(title=f"Modules of {model} (batch of {x.shape[0]}), in execution order", title_justify="left")
+        for col in ("module", "type", "calls", "output (first call)", "params"):
+            tab.add_column(col)
+        for r in rows:
+            calls = str(r["calls"]) if r["calls"] != 1 else "1"
+            style = "yellow" if r["calls"] > 1 else ("dim" if r["calls"] == 0 else None)
+            tab.add_row(r["name"], r["type"], calls, r["output"], str(r["params"]), style=style)
+        console().print(tab)
+        if plan:
+            sel = Table(title="Selected layers", title_justify="left")
+            for col in ("layer", "module", "reduction", "raw shape", "stored dims"):
+                sel.add_column(col)
+            for name, m in plan.items():
+                sel.add_row(name, m["module"] or "(model)", m["reduction"], "x".join(map(str, m["raw_shape"])), str(m["dims"]))
+            console().print(sel)
+
+    @app.command("info", no_args_is_help=True)
+    @guard
+    def info_cmd(
+        store: Path = typer.Argument(..., help="Store directory (or its manifest.h5)."),
+        as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout instead of tables."),
+    ) -> None:
+        """Show what an activation store holds: probe set, layers, checkpoints, settings."""
+        from ibscope.store import open_store
+
+        st = open_store(store)
+        import h5py
+
+        ckpts = []
+        for c in st.checkpoints:
+            with h5py.File(c.shard, "r") as f:
+                dts = {k: str(v.dtype) for k, v in f["acts"].items()}
+                jac = sorted(f["jacobian"].keys()) if "jacobian" in f else []
+                src = f.attrs.get("epoch_source", "")
+            ckpts.append({"index": c.index, "epoch": c.epoch, "step": c.step, "path": c.path, "sha256": c.sha256[:12],
+                          "order_from": src.decode() if isinstance(src, bytes) else str(src), "metrics": c.metrics,
+                          "dtypes": sorted(set(dts.values())), "jacobian_layers": len(jac)})
+        summary = {
+            "store": str(st.dir), "format_version": st.format_version, "ibscope_version": st.attrs.get("ibscope_version"),
+            "created": st.attrs.get("created"), "n_samples": st.n_samples,
+            "labels": None if st.labels is None else {"dtype": str(st.labels.dtype),
+                                                      "classes": int(len(set(st.labels.reshape(len(st.labels), -1)[:, 0].tolist())))},
+            "inputs": list(st.input_shape) if st.has_inputs else None, "config": st.config,
+            "layers": {n: st.layer_meta(n) for n in st.layers}, "checkpoints": ckpts,
+        }
+        if as_json:
+            typer.echo(json.dumps(summary, indent=2, default=str))
+            return
+        from rich.table import Table
+
+        c = console()
+        cfg = st.config
+        c.print(f"[bold]{st.dir}[/]  format v{st.format_version}, ibscope {summary['ibscope_version']}, created {summary['created']}")
+        c.print(f"run={cfg.get('run')} split={cfg.get('split')} model={cfg.get('model')} dtype={cfg.get('dtype')}")
+        lab = summary["labels"]
+        c.print(f"probe: {st.n_samples} samples from {cfg.get('probe')}; labels: "
+                f"{'none' if lab is None else str(lab['classes']) + ' distinct (' + lab['dtype'] + ')'}; inputs: "
+                f"{'not stored' if not st.has_inputs else 'x'.join(map(str, st.input_shape))}")
+        lt = Table(title="Layers", title_justify="left")
+        for col in ("#", "layer", "type", "reduction", "raw shape", "dims"):
+            lt.add_column(col)
+        for i, n in enumerate(st.layers):
+            m = st.layer_meta(n)
+            lt.add_row(str(i), n, m.get("type", ""), m.get("reduction", ""), "x".join(map(str, m.get("raw_shape", []))),
+                       str(m.get("dims", "")))
+        c.print(lt)
+        ct = Table(title=f"Checkpoints ({len(ckpts)} complete)", title_justify="left")
+        for col in ("#", "epoch", "step", "file", "sha256", "dtype", "jacobian", "metrics"):
+            ct.add_column(col)
+        for r in ckpts:
+            ct.add_row(str(r["index"]), "" if r["epoch"] is None else str(r["epoch"]), "" if r["step"] is None else str(r["step"]),
+                       Path(r["path"]).name, r["sha256"], ",".join(r["dtypes"]), str(r["jacobian_layers"] or ""),
+                       ", ".join(f"{k}={v:.4g}" for k, v in r["metrics"].items()))
+        c.print(ct)

@@ -1,0 +1,469 @@
+"""Model factories, checkpoint discovery and ordering, safe and strict checkpoint loading.
+
+* ``resolve_factory("pkg.module:factory" | "path/file.py:factory" | callable)`` returns a
+  zero-argument builder of the user's ``nn.Module``.
+* ``discover_checkpoints(glob | dir | [paths])`` lists checkpoint files, reads the epoch/step
+  stored in each (``epoch``, ``step``, ``global_step`` keys) or parses it from the file name, and
+  orders them.
+* ``load_state_dict(path)`` reads a checkpoint with ``weights_only=True`` (never falls back to
+  full unpickling unless ``trust_checkpoint=True``) and unwraps the usual containers;
+  ``load_into(model, state)`` strips ``module.`` / ``_orig_mod.`` / Lightning attribute prefixes
+  and loads strictly: missing or unexpected keys are an error that lists them.
+"""
+
+from __future__ import annotations
+
+import glob as _glob
+import importlib
+import importlib.util
+import logging
+import math
+import os
+import pickle
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ibscope.errors import CheckpointError, UsageError, did_you_mean
+from ibscope.store import file_sha256
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors", ".tar")
+STATE_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "module", "state_dict_ema")
+_EPOCH_KEYS = ("epoch", "current_epoch")
+_STEP_KEYS = ("global_step", "step", "iteration", "iter")
+_METRIC_RE = re.compile(r"(^|_)(acc|accuracy|loss|error|err|nll|ce)(_|$)", re.IGNORECASE)
+_NAME_EPOCH_RE = re.compile(r"(?:epoch|ep|e)[=_\-]?(\d+)", re.IGNORECASE)
+_NAME_STEP_RE = re.compile(r"(?:global_step|step|iteration|iter)[=_\-]?(\d+)", re.IGNORECASE)
+_NAME_NUM_RE = re.compile(r"(\d+)")
+
+
+# --------------------------------------------------------------------------------------
+# model factories
+# --------------------------------------------------------------------------------------
+def _import_file(path: Path):
+    name = "ibscope_user_" + re.sub(r"\W", "_", str(path.resolve()))
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise UsageError(f"Cannot import '{path}' as a Python file.")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    parent = str(path.resolve().parent)
+    added = parent not in sys.path
+    if added:  # let the user's file import its neighbours
+        sys.path.insert(0, parent)
+    try:
+        spec.loader.exec_module(mod)
+    except Exception as exc:
+        del sys.modules[name]
+        raise UsageError(f"Importing '{path}' failed: {type(exc).__name__}: {exc}",
+                         hint="Fix the error in that file; it must import without side effects that fail.") from None
+    finally:
+        if added and parent in sys.path:
+            sys.path.remove(parent)
+    return mod
+
+
+def resolve_object(spec: str, what: str = "--model") -> Any:
+    """Resolve ``"pkg.module:attr"`` or ``"path/to/file.py:attr"`` to the Python object."""
+    if not isinstance(spec, str) or ":" not in spec or spec.endswith(":") or spec.startswith(":"):
+        raise UsageError(
+            f"{what} expects 'pkg.module:factory' or 'path/to/file.py:factory'. Got {spec!r}.",
+            hint="Name the module (or .py file) and the function or class after a colon, e.g. 'mynet.py:build'.",
+        )
+    mod_part, attr = spec.rsplit(":", 1)
+    if mod_part.endswith(".py") or os.sep in mod_part or "/" in mod_part:
+        path = Path(mod_part)
+        if not path.exists():
+            raise UsageError(f"{what}: file '{mod_part}' not found.", hint="Check the path (relative to the current directory).")
+        mod = _import_file(path)
+    else:
+        try:
+            mod = importlib.import_module(mod_part)
+        except ImportError as exc:
+            raise UsageError(f"{what}: cannot import module '{mod_part}': {exc}.",
+                             hint="Install the package, or pass a file path 'path/to/file.py:factory'.") from None
+    obj = mod
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            names = [n for n in dir(obj) if not n.startswith("_")]
+            raise UsageError(f"{what}: '{mod_part}' has no attribute '{attr}'.{did_you_mean(part, names)}")
+        obj = getattr(obj, part)
+    return obj
+
+
+def model_spec_id(model: str | Callable) -> str:
+    """A stable description of a model spec for the store config (file paths made absolute)."""
+    if callable(model) and not isinstance(model, str):
+        return f"{getattr(model, '__module__', '?')}:{getattr(model, '__qualname__', repr(model))}"
+    mod_part, _, attr = str(model).rpartition(":")
+    if mod_part.endswith(".py") or "/" in mod_part:
+        return f"{Path(mod_part).resolve()}:{attr}"
+    return str(model)
+
+
+def resolve_factory(model: str | Callable, model_args: dict | None = None) -> Callable[[], Any]:
+    """A zero-argument builder of a fresh ``nn.Module`` from a factory spec or callable."""
+    import torch.nn as nn
+
+    fn = resolve_object(model, "--model") if isinstance(model, str) else model
+    if not callable(fn):
+        raise UsageError(f"--model must name a callable (function or class). Got {type(fn).__name__} for {model!r}.")
+    kwargs = dict(model_args or {})
+
+    def build():
+        try:
+            m = fn(**kwargs)
+        except TypeError as exc:
+            raise UsageError(f"Calling the model factory {model!r} with {kwargs} failed: {exc}",
+                             hint="Check --model-args against the factory's signature.") from None
+        if isinstance(m, nn.Module):
+            return m
+        raise UsageError(f"The model factory {model!r} returned {type(m).__name__}, expected a torch.nn.Module.")
+
+    return build
+
+
+# --------------------------------------------------------------------------------------
+# reading checkpoint files
+# --------------------------------------------------------------------------------------
+def _describe_unpickle_failure(path: Path, exc: Exception) -> CheckpointError:
+    from torch.serialization import get_unsafe_globals_in_checkpoint
+
+    try:
+        names = get_unsafe_globals_in_checkpoint(str(path))
+    except Exception:  # noqa: BLE001 - legacy formats cannot be inspected
+        names = []
+    listed = ", ".join(names) if names else "(could not be listed: " + str(exc).splitlines()[0][:200] + ")"
+    return CheckpointError(
+        f"Checkpoint '{path}' needs full unpickling, which can run arbitrary code. "
+        f"It references these non-tensor Python objects: {listed}.",
+        hint="If you trust this file, re-run with --trust-checkpoint (trust_checkpoint=True in Python). "
+             "Safer: re-save only the weights, e.g. torch.save({'epoch': e, 'state_dict': model.state_dict()}, path).",
+    )
+
+
+def read_checkpoint(path: str | os.PathLike, *, trust_checkpoint: bool = False) -> Any:
+    """The raw object in a checkpoint file (a dict for torch files, a state dict for safetensors)."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"Checkpoint file '{path}' not found.")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"'{path}' is not a readable safetensors file: {exc}") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if not trust_checkpoint:
+            raise _describe_unpickle_failure(path, exc) from None
+        log.warning("Loading '%s' with full unpickling (--trust-checkpoint).", path)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc2:  # noqa: BLE001
+            raise CheckpointError(f"Unpickling '{path}' failed even with --trust-checkpoint: "
+                                  f"{type(exc2).__name__}: {exc2}",
+                                  hint="Classes stored in the file must be importable under the same module path.") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise CheckpointError(f"'{path}' is not a readable PyTorch checkpoint: {str(exc).splitlines()[0][:300]}",
+                              hint="Was the file fully written? Pass only checkpoint files (.pt, .pth, .ckpt, .safetensors).") from None
+
+
+def _safetensors_metadata(path: Path) -> dict:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(f"'{path}' is not a readable safetensors file: {exc}") from None
+
+
+def _is_tensor_mapping(obj: Any) -> bool:
+    import torch
+
+    return isinstance(obj, dict) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def extract_state_dict(obj: Any, path: str | os.PathLike = "?") -> tuple[dict, str]:
+    """(state dict, where it was found) from whatever a checkpoint file holds."""
+    import torch.nn as nn
+
+    if isinstance(obj, nn.Module):
+        return obj.state_dict(), "<pickled module>"
+    if _is_tensor_mapping(obj):
+        return dict(obj), "<top level>"
+    if isinstance(obj, dict):
+        for key in STATE_KEYS:
+            if key in obj:
+                inner = obj[key]
+                if isinstance(inner, nn.Module):
+                    return inner.state_dict(), key
+                if _is_tensor_mapping(inner):
+                    return dict(inner), key
+        # a dict mixing tensors with bookkeeping (e.g. {'fc.weight': ..., 'epoch': 3})
+        tensors = {k: v for k, v in obj.items() if _is_tensor_mapping({k: v})}
+        if tensors and all(isinstance(k, str) and "." in k for k in tensors):
+            return tensors, "<top level tensors>"
+        keys = ", ".join(map(str, list(obj)[:15]))
+        raise CheckpointError(
+            f"Could not find model weights in '{path}'. Top-level keys: {keys}.",
+            hint=f"Weights are looked for at the top level or under one of: {', '.join(STATE_KEYS)}.",
+        )
+    raise CheckpointError(f"'{path}' holds a {type(obj).__name__}, not model weights (a state dict or a dict holding one).")
+
+
+def _strip_known_prefixes(state: dict) -> tuple[dict, list[str]]:
+    """Remove leading ``module.`` (DataParallel/DDP) and any ``_orig_mod.`` (torch.compile)."""
+    stripped: list[str] = []
+    out = {}
+    for k, v in state.items():
+        nk = k
+        while nk.startswith("module."):
+            nk = nk[len("module."):]
+        if "_orig_mod." in nk:
+            nk = nk.replace("_orig_mod.", "")
+        out[nk] = v
+    if any(k.startswith("module.") for k in state):
+        stripped.append("module.")
+    if any("_orig_mod." in k for k in state):
+        stripped.append("_orig_mod.")
+    if len(out) != len(state):
+        raise CheckpointError("Stripping 'module.' / '_orig_mod.' prefixes made checkpoint keys collide; "
+                              "the file mixes wrapped and unwrapped copies of the weights.")
+    return out, stripped
+
+
+def _prefix_candidates(keys) -> list[str]:
+    cands = set()
+    for k in keys:
+        parts = k.split(".")
+        for i in range(1, min(len(parts), 4)):
+            cands.add(".".join(parts[:i]) + ".")
+    return sorted(cands, key=lambda p: (p.count("."), p))
+
+
+def align_state_dict(state: dict, model_keys: set[str]) -> tuple[dict, dict]:
+    """Normalise checkpoint keys to the model's. Returns (state, info about what was done)."""
+    state, stripped = _strip_known_prefixes(state)
+    info: dict[str, Any] = {"stripped": stripped, "prefix": "", "dropped": 0}
+    have = set(state)
+    if model_keys <= have:
+        return state, info
+    best, best_cov = "", len(model_keys & have)
+    for p in _prefix_candidates(have):
+        cov = len(model_keys & {k[len(p):] for k in have if k.startswith(p)})
+        if cov > best_cov:
+            best, best_cov = p, cov
+    if best:  # Lightning-style attribute prefix: keep only that attribute's keys
+        sub = {k[len(best):]: v for k, v in state.items() if k.startswith(best)}
+        info["prefix"] = best
+        info["dropped"] = len(state) - len(sub)
+        state = sub
+    return state, info
+
+
+def load_into(model, state: dict, path: str | os.PathLike = "?") -> dict:
+    """Load ``state`` into ``model`` strictly after normalising prefixes. Returns what was done."""
+    import torch
+
+    own = model.state_dict()
+    state, info = align_state_dict(state, set(own))
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in sorted(set(own) & set(state))
+              if isinstance(state[k], torch.Tensor) and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        def first(xs):
+            return ", ".join(xs[:10]) + (f" ... (+{len(xs) - 10} more)" if len(xs) > 10 else "")
+
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s): {first(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s): {first(unexpected)}")
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatch(es): {first(shapes)}")
+        tried = ", ".join(info["stripped"] + ([info["prefix"]] if info["prefix"] else [])) or "none needed"
+        raise CheckpointError(
+            f"Checkpoint '{path}' does not match the model: " + "; ".join(parts) + f". Prefixes stripped: {tried}.",
+            hint="Check --model and --model-args (architecture and sizes) against the run that wrote the checkpoint. "
+                 "ibscope never captures a partly loaded model.",
+        )
+    model.load_state_dict(state, strict=True)
+    return info
+
+
+# --------------------------------------------------------------------------------------
+# discovery and ordering
+# --------------------------------------------------------------------------------------
+@dataclass
+class CheckpointFile:
+    """One checkpoint file with the position it takes in the run."""
+
+    path: Path
+    epoch: int | None = None
+    step: int | None = None
+    source: str = ""  # where epoch/step came from: "file", "name", "position"
+    sha256: str = ""
+    metrics: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        if self.epoch is not None:
+            return f"epoch {self.epoch}"
+        if self.step is not None:
+            return f"step {self.step}"
+        return self.path.name
+
+
+def _as_int(v: Any) -> int | None:
+    import torch
+
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, torch.Tensor) and v.numel() == 1:
+        v = v.item()
+    if isinstance(v, int):
+        return int(v)
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    if isinstance(v, str) and v.strip().lstrip("-").isdigit():
+        return int(v)
+    return None
+
+
+def _as_float(v: Any) -> float | None:
+    import torch
+
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.dtype.is_complex:
+        v = v.item()
+    if isinstance(v, (int, float)) and math.isfinite(float(v)):
+        return float(v)
+    if isinstance(v, str):
+        try:
+            f = float(v)
+        except ValueError:
+            return None
+        return f if math.isfinite(f) else None
+    return None
+
+
+def checkpoint_metadata(obj: Any) -> tuple[int | None, int | None, dict]:
+    """(epoch, step, scalar training metrics) stored in a checkpoint object/metadata dict."""
+    if not isinstance(obj, dict):
+        return None, None, {}
+    epoch = next((e for e in (_as_int(obj.get(k)) for k in _EPOCH_KEYS) if e is not None), None)
+    step = next((s for s in (_as_int(obj.get(k)) for k in _STEP_KEYS) if s is not None), None)
+    metrics: dict[str, float] = {}
+    for k, v in obj.items():
+        if isinstance(k, str) and _METRIC_RE.search(k):
+            f = _as_float(v)
+            if f is not None:
+                metrics[k] = f
+    inner = obj.get("metrics")
+    if isinstance(inner, dict):
+        for k, v in inner.items():
+            f = _as_float(v)
+            if f is not None and isinstance(k, str):
+                metrics[k] = f
+    return epoch, step, metrics
+
+
+def _from_name(path: Path) -> tuple[int | None, int | None]:
+    stem = path.stem
+    e = _NAME_EPOCH_RE.findall(stem)
+    s = _NAME_STEP_RE.findall(stem)
+    epoch = int(e[-1]) if e else None
+    step = int(s[-1]) if s else None
+    if epoch is None and step is None:
+        nums = _NAME_NUM_RE.findall(stem)
+        if nums:
+            epoch = int(nums[-1])
+    return epoch, step
+
+
+def list_checkpoint_paths(checkpoints: str | os.PathLike | list) -> list[Path]:
+    """Expand a glob, a directory or a list (of paths/globs) into existing files, deduplicated."""
+    items = [checkpoints] if isinstance(checkpoints, (str, os.PathLike)) else list(checkpoints)
+    if not items:
+        raise UsageError("No checkpoints given.", hint="Pass a glob ('runs/exp1/*.pt'), a directory or a list of files.")
+    out: list[Path] = []
+    for it in items:
+        s = str(it)
+        p = Path(s)
+        if p.is_dir():
+            found = sorted(q for q in p.iterdir() if q.is_file() and q.suffix in CHECKPOINT_SUFFIXES)
+            if not found:
+                raise UsageError(f"Directory '{p}' holds no checkpoint files ({', '.join(CHECKPOINT_SUFFIXES)}).")
+            out += found
+        elif any(c in s for c in "*?["):
+            found = sorted(Path(q) for q in _glob.glob(s, recursive=True) if Path(q).is_file())
+            if not found:
+                raise UsageError(f"The checkpoint pattern '{s}' matched no files.",
+                                 hint="Quote the pattern so your shell does not expand it, and check the directory.")
+            out += found
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise UsageError(f"Checkpoint '{s}' not found.", hint="Pass existing files, a directory or a glob.")
+    seen, uniq = set(), []
+    for p in out:
+        r = p.resolve()
+        if r not in seen:
+            seen.add(r)
+            uniq.append(p)
+    return uniq
+
+
+def discover_checkpoints(checkpoints, *, trust_checkpoint: bool = False) -> list[CheckpointFile]:
+    """Checkpoint files in run order, each with epoch/step, their source, hash and metrics.
+
+    Order key: the ``epoch`` / ``step`` / ``global_step`` stored in the file; else a number in
+    the file name (``epoch=3``, ``ep_3``, ``step-200`` or the last number); else the given
+    order (with a warning).
+    """
+    files: list[CheckpointFile] = []
+    for p in list_checkpoint_paths(checkpoints):
+        if p.suffix == ".safetensors":
+            meta = _safetensors_metadata(p)
+        else:
+            meta = read_checkpoint(p, trust_checkpoint=trust_checkpoint)
+        epoch, step, metrics = checkpoint_metadata(meta)
+        src = "file" if (epoch is not None or step is not None) else ""
+        if not src:
+            epoch, step = _from_name(p)
+            src = "name" if (epoch is not None or step is not None) else ""
+        files.append(CheckpointFile(p, epoch, step, src, file_sha256(p), metrics))
+        del meta
+    if len(files) > 1 and any(not f.source for f in files):
+        names = ", ".join(f.path.name for f in files if not f.source)
+        log.warning("No epoch/step found in or in the name of: %s. Using the given order as the epoch.", names)
+        for i, f in enumerate(files):
+            f.epoch, f.step, f.source = i, None, "position"
+    files.sort(key=lambda f: (f.epoch if f.epoch is not None else -1, f.step if f.step is not None else -1, str(f.path)))
+    return files
+
+
+def load_checkpoint_into(model, ckpt: CheckpointFile | str | os.PathLike, *, trust_checkpoint: bool = False) -> dict:
+    """Read a checkpoint file and load it strictly into ``model``. Returns what was done."""
+    path = ckpt.path if isinstance(ckpt, CheckpointFile) else Path(ckpt)
+    obj = read_checkpoint(path, trust_checkpoint=trust_checkpoint)
+    state, where = extract_state_dict(obj, path)
+    info = load_into(model, state, path)
+    info["state_key"] = where
+    return info
