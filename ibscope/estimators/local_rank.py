@@ -1,0 +1,126 @@
+"""Local rank: the expected rank of a layer's input-output Jacobian (kind "jacobian").
+
+The estimator reads per-sample Jacobian singular values ``s`` of shape (n_samples, r), as
+stored by ``ibscope capture --jacobian-samples N`` (``Store.jacobian(ckpt, layer)``); the
+model is not needed at estimate time. :func:`jacobian_from_store` is the reader that
+``ibscope estimate`` uses; it fails with a message saying how to capture the spectra.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ibscope.errors import DataError
+from ibscope.estimators.base import Estimate, Estimator, as_tensor
+from ibscope.estimators.registry import register
+
+#: quantiles of the per-sample rank distribution reported in ``Estimate.extra``
+QUANTILES = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
+
+
+def jacobian_from_store(store, ckpt, layer: str):
+    """Per-sample Jacobian singular values of ``layer`` at ``ckpt`` as a float tensor (m, r).
+
+    ``store`` is an open :class:`ibscope.store.Store` (or a path to one). Raises
+    :class:`DataError` (exit code 4) when the store holds no Jacobian spectra for that
+    layer and checkpoint, saying how to capture them.
+    """
+    import torch
+
+    from ibscope.store import Store, open_store
+
+    st = store if isinstance(store, Store) else open_store(store)
+    st.layer_meta(layer)  # unknown layer: UsageError with did-you-mean
+    got = st.jacobian(ckpt, layer)
+    if got is None:
+        c = st._ckpt(ckpt)
+        raise DataError(
+            f"The store '{st.dir}' holds no Jacobian spectra for layer '{layer}' at checkpoint {c.index} ({c.label}); "
+            "local rank needs them.",
+            hint="Re-capture with Jacobians, e.g. `ibscope capture ... --jacobian-samples 256` "
+                 "(the number of probe samples whose Jacobians are computed).",
+        )
+    sv, _rows = got
+    return torch.from_numpy(sv)
+
+
+def jacobian_spectra(jacobians):
+    """Singular values (n, min(m, d)) of a batch of Jacobians (n, m, d), float64, descending.
+
+    Computed on the input's device. A helper for users who compute their own Jacobians
+    (e.g. with ``torch.func.vmap(torch.func.jacrev(f))``).
+    """
+    import torch
+
+    j = jacobians if isinstance(jacobians, torch.Tensor) else torch.as_tensor(jacobians)
+    if j.ndim != 3:
+        raise DataError(f"Expected a batch of Jacobians of shape (n, m, d). Got shape {tuple(j.shape)}.")
+    return torch.linalg.svdvals(j.detach().to(torch.float64))
+
+
+@register
+@dataclass(frozen=True)
+class LocalRank(Estimator):
+    """Local rank: mean over samples of the numerical rank of the layer's Jacobian.
+
+    Definition: LR = E_x[ rank J(x) ], J(x) = d z / d x the Jacobian of the layer output z
+    (pre-activation in Patel & Shwartz-Ziv) with respect to the input, and
+    rank J = #{k : s_k > max(atol, rtol * s_1(x))} for the singular values s of J(x).
+    Convention: the threshold is *relative* to each sample's largest singular value by
+    default (rtol = 1e-3), so LR does not change when the layer is rescaled (weight decay,
+    norm growth). The reference code (Patel's localcomplexity) uses an absolute atol = 0.01:
+    reproduce it with rtol=0, atol=0.01 (then W -> 1e-3 W drops LR to 0).
+    Value: the mean rank; ``extra`` has the distribution (quantiles, histogram of ranks,
+    std, mean rank / r). Unit: dimensions, 0 <= LR <= r = min(d_layer, d_input).
+    Input: s of shape (n_samples, r) per-sample singular values (any order, >= 0).
+    """
+
+    rtol: float = 1e-3
+    atol: float = 0.0
+
+    name: ClassVar[str] = "local-rank"
+    kind: ClassVar[str] = "jacobian"
+    quantity: ClassVar[str] = "local_rank"
+    unit: ClassVar[str] = "dimensions"
+    reference: ClassVar[str] = ("Patel & Shwartz-Ziv 2024, Learning to Compress: Local Rank and Information "
+                                "Compression in Deep Neural Networks (arXiv:2410.07687)")
+
+    def validate(self) -> None:
+        self._require(0.0 <= self.rtol < 1.0, "rtol", "in [0, 1)", self.rtol)
+        self._require(self.atol >= 0.0, "atol", ">= 0", self.atol)
+        self._require(self.rtol > 0.0 or self.atol > 0.0, "rtol", "> 0 when atol is 0 (no threshold at all)",
+                      self.rtol)
+
+    def ranks(self, s):
+        """Per-sample ranks (int64 tensor (n,)) of singular values ``s`` (n, r)."""
+        import torch
+
+        s = as_tensor(s, name="s", estimator=self.name, allow_discrete=False).to(torch.float64)
+        if bool((s < 0).any()):
+            raise DataError(f"{self.name}: singular values must be >= 0; got {int((s < 0).sum())} negative value(s).",
+                            hint="Pass singular values of the Jacobians (jacobian_spectra), not the Jacobians.")
+        smax = s.max(dim=1, keepdim=True).values
+        thr = torch.clamp(self.rtol * smax, min=self.atol)
+        return (s > thr).sum(dim=1)
+
+    def estimate(self, s) -> Estimate:
+        import torch
+
+        r_all = self.ranks(s)
+        n = int(r_all.shape[0])
+        r = int(as_tensor(s, name="s").shape[1])
+        rf = r_all.to(torch.float64)
+        mean = float(rf.mean())
+        std = float(rf.std(unbiased=True)) if n > 1 else 0.0
+        q = torch.quantile(rf, torch.tensor(QUANTILES, dtype=torch.float64, device=rf.device)).tolist()
+        hist = torch.bincount(r_all, minlength=r + 1).tolist()
+        extra = {
+            "quantiles": dict(zip([str(v) for v in QUANTILES], q)),
+            "histogram": hist,  # histogram[k] = number of samples with rank k
+            "std": std,
+            "fraction": mean / r if r else 0.0,
+            "threshold": "relative" if self.atol == 0 else ("absolute" if self.rtol == 0 else "max(abs, rel)"),
+        }
+        return self._make(mean, n=n, dims=(r,), cap=float(r), stderr=(std / n ** 0.5 if n > 1 else None),
+                          extra=extra)

@@ -1,0 +1,317 @@
+"""Spectral measures of one representation: effective rank, participation ratio, ...
+
+All of them are computed from one shared float64 spectrum (``_linalg.spectrum``: the
+eigenvalues of the smaller of Z^T Z and Z Z^T, on the input's device). Most are
+``exp(H_alpha(p))`` for the normalised spectrum ``p_k = lambda_k / sum(lambda)`` (a Renyi
+entropy of order alpha): alpha = 0 numerical rank, 1 effective rank, 2 participation ratio,
+inf stable rank. So, for the same spectrum: exact rank >= effective rank >= participation
+ratio >= stable rank.
+
+Conventions that silently change values in other tools are explicit parameters here:
+singular values vs covariance eigenvalues (``convention``), centring (``center``), and the
+RankMe epsilon (``eps``, default 0: zeros are dropped instead of biased upwards).
+Units: "dimensions" (ranks and dimensions), "exponent" (alpha-ReQ).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ibscope.errors import DataError
+from ibscope.estimators._linalg import Spectrum, renyi_entropy, spectrum
+from ibscope.estimators.base import Estimate, Estimator, as_tensor
+from ibscope.estimators.registry import register
+
+DIMENSIONS = "dimensions"
+EXPONENT = "exponent"
+
+
+class _SpectralMixin:
+    """Shared input handling: validate, compute the spectrum, handle the all-zero case."""
+
+    def _spectrum(self, x, *, center: bool, method: str = "eigh") -> Spectrum:
+        t = as_tensor(x, name="x", estimator=self.name, allow_discrete=False)
+        if center and t.shape[0] < 2:
+            raise DataError(f"{self.name}: a centred spectrum needs at least 2 samples. Got {t.shape[0]}.")
+        return spectrum(t, center=center, method=method)
+
+    def _degenerate(self, sp: Spectrum) -> bool:
+        if float(sp.eigenvalues.sum()) > 0.0:
+            return False
+        warnings.warn(
+            f"{self.name}: the representation is constant (zero variance over {sp.n} samples); "
+            "its rank-type measures are 0.", RuntimeWarning, stacklevel=3)
+        return True
+
+
+def _erank(lam, eps: float) -> float:
+    """exp(Shannon entropy) of p = lam / sum(lam) (+ eps, the RankMe guard, if eps > 0)."""
+    p = lam / lam.sum()
+    if eps > 0:
+        p = p + eps
+        return float((-(p * p.log()).sum()).exp())
+    return math.exp(renyi_entropy(p, 1.0))
+
+
+@register
+@dataclass(frozen=True)
+class EffectiveRank(_SpectralMixin, Estimator):
+    """Effective rank: exp of the Shannon entropy of the normalised spectrum (RankMe).
+
+    Definition: erank(Z) = exp(-sum_k p_k log p_k), p_k = s_k / sum_j s_j.
+    Convention (``convention``):
+      * "cov" (default): s_k = eigenvalues of the covariance of the *centred* Z (PCA
+        explained variances); the convention of reptrix and of "Tracing the Representation
+        Geometry of Language Models" (Li et al. 2025).
+      * "sv": s_k = singular values of the *raw, uncentred* Z, as published in RankMe
+        (Garrido et al. 2023).
+    The two differ on the same data (randn(1000, 1024): 613.4 vs 813.9).
+    ``eps``: RankMe adds 1e-7 to every p_k; the default 0 drops zeros instead (eps biases
+    the value upwards: a flat spectrum on 64 of 100 dims gives 64.005 with 1e-7).
+    Unit: dimensions; 1 <= erank <= min(n - 1, d) ("cov") or min(n, d) ("sv").
+    """
+
+    convention: str = "cov"
+    eps: float = 0.0
+
+    name: ClassVar[str] = "effective-rank"
+    kind: ClassVar[str] = "single"
+    quantity: ClassVar[str] = "effective_rank"
+    unit: ClassVar[str] = DIMENSIONS
+    reference: ClassVar[str] = ("Roy & Vetterli 2007, EUSIPCO; Garrido et al. 2023, RankMe, ICML (arXiv:2210.02885); "
+                                "Agrawal et al. 2022 (reptrix)")
+
+    def validate(self) -> None:
+        self._require(self.convention in ("cov", "sv"), "convention", "'cov' or 'sv'", self.convention)
+        self._require(0.0 <= self.eps < 1.0, "eps", "in [0, 1)", self.eps)
+
+    def estimate(self, x) -> Estimate:
+        center = self.convention == "cov"
+        sp = self._spectrum(x, center=center)
+        s = sp.eigenvalues if center else sp.singular_values
+        value = 0.0 if self._degenerate(sp) else _erank(s, self.eps)
+        return self._make(value, n=sp.n, dims=(sp.d,), cap=float(sp.max_rank),
+                          extra={"convention": self.convention, "centered": center})
+
+
+@register
+@dataclass(frozen=True)
+class ParticipationRatio(_SpectralMixin, Estimator):
+    """Participation ratio: (sum lambda)^2 / sum lambda^2 of the covariance spectrum.
+
+    Definition: PR = (tr C)^2 / ||C||_F^2 = exp(H_2(p)), the order-2 Renyi effective rank,
+    lambda = covariance eigenvalues of Z (centred by default, ``center``).
+    For an isotropic Gaussian PR ~ d / (1 + d/n); a flat spectrum on k dims gives k.
+    Unit: dimensions, 1 <= PR <= min(n - 1, d).
+    Reference: Gao et al. 2017 (bioRxiv 214262); skdim lPCA(ver='participation_ratio').
+    """
+
+    center: bool = True
+
+    name: ClassVar[str] = "participation-ratio"
+    kind: ClassVar[str] = "single"
+    quantity: ClassVar[str] = "participation_ratio"
+    unit: ClassVar[str] = DIMENSIONS
+    reference: ClassVar[str] = "Gao, Trautmann, Yu et al. 2017, A theory of multineuronal dimensionality (bioRxiv 214262)"
+
+    def estimate(self, x) -> Estimate:
+        sp = self._spectrum(x, center=self.center)
+        lam = sp.eigenvalues
+        value = 0.0 if self._degenerate(sp) else float(lam.sum() ** 2 / (lam * lam).sum())
+        return self._make(value, n=sp.n, dims=(sp.d,), cap=float(sp.max_rank), extra={"centered": self.center})
+
+
+@register
+@dataclass(frozen=True)
+class StableRank(_SpectralMixin, Estimator):
+    """Stable rank: ||Z||_F^2 / ||Z||_2^2 = sum lambda / lambda_max.
+
+    Definition: srank = sum_k sigma_k^2 / sigma_1^2 = exp(H_inf(p)), the order-infinity
+    Renyi effective rank of the covariance spectrum (Z centred by default, ``center``).
+    It is the most conservative of the family: srank <= participation ratio <= erank.
+    Unit: dimensions, 1 <= srank <= min(n - 1, d).
+    Reference: Rudelson & Vershynin 2007, J. ACM 54(4).
+    """
+
+    center: bool = True
+
+    name: ClassVar[str] = "stable-rank"
+    kind: ClassVar[str] = "single"
+    quantity: ClassVar[str] = "stable_rank"
+    unit: ClassVar[str] = DIMENSIONS
+    reference: ClassVar[str] = "Rudelson & Vershynin 2007, Sampling from large matrices, J. ACM 54(4)"
+
+    def estimate(self, x) -> Estimate:
+        sp = self._spectrum(x, center=self.center)
+        lam = sp.eigenvalues
+        value = 0.0 if self._degenerate(sp) else float(lam.sum() / lam.max())
+        return self._make(value, n=sp.n, dims=(sp.d,), cap=float(sp.max_rank), extra={"centered": self.center})
+
+
+@register
+@dataclass(frozen=True)
+class NumericalRank(_SpectralMixin, Estimator):
+    """Numerical rank: the number of singular values above max(atol, rtol * sigma_max).
+
+    Definition: rank = #{k : sigma_k > max(atol, rtol * sigma_1)}, sigma = singular values
+    of Z (centred by default, ``center``), computed by float64 SVD (not via eigenvalues,
+    so that rtol down to ~1e-14 is meaningful).
+    Convention: the tolerance is *relative* by default (rtol = 1e-4, above float32
+    round-off, so a rank-r float32 representation reads r); an absolute atol alone (rtol = 0)
+    is scale-dependent. torch.linalg.matrix_rank's default (rtol = max(n, d) * eps) counts
+    noise directions: rank-5 signal + 1e-3 noise in R^50 reads 50 there, 5 at rtol = 1e-2.
+    Unit: dimensions, 0 <= rank <= min(n - 1, d).
+    """
+
+    rtol: float = 1e-4
+    atol: float = 0.0
+    center: bool = True
+
+    name: ClassVar[str] = "numerical-rank"
+    kind: ClassVar[str] = "single"
+    quantity: ClassVar[str] = "numerical_rank"
+    unit: ClassVar[str] = DIMENSIONS
+    reference: ClassVar[str] = "Golub & Van Loan, Matrix Computations, 4th ed., sec. 5.4.1 (numerical rank)"
+
+    def validate(self) -> None:
+        self._require(0.0 <= self.rtol < 1.0, "rtol", "in [0, 1)", self.rtol)
+        self._require(self.atol >= 0.0, "atol", ">= 0", self.atol)
+        self._require(self.rtol > 0.0 or self.atol > 0.0, "rtol", "> 0 when atol is 0 (no tolerance at all)", self.rtol)
+
+    def estimate(self, x) -> Estimate:
+        sp = self._spectrum(x, center=self.center, method="svd")
+        s = sp.singular_values
+        tol = max(self.atol, self.rtol * float(s.max()))
+        value = int((s > tol).sum())
+        return self._make(value, n=sp.n, dims=(sp.d,), cap=float(sp.max_rank),
+                          extra={"threshold": tol, "sigma_max": float(s.max()), "centered": self.center})
+
+
+@register
+@dataclass(frozen=True)
+class PCADimension(_SpectralMixin, Estimator):
+    """PCA dimension: the fewest principal components explaining a fraction of the variance.
+
+    Definition: k_f = min{k : sum_{i<=k} lambda_i / sum lambda >= f}, lambda = covariance
+    eigenvalues (Z centred by default, ``center``), f = ``fraction`` (default 0.9).
+    Note: skdim's lPCA(ver='ratio') defaults to f = 0.05, not 0.95; always state f.
+    Unit: dimensions, 1 <= k_f <= min(n - 1, d) (0 for a constant representation).
+    Reference: Jolliffe, Principal Component Analysis, 2nd ed. 2002, sec. 6.1.1.
+    """
+
+    fraction: float = 0.9
+    center: bool = True
+
+    name: ClassVar[str] = "pca-dim"
+    kind: ClassVar[str] = "single"
+    quantity: ClassVar[str] = "pca_dimension"
+    unit: ClassVar[str] = DIMENSIONS
+    reference: ClassVar[str] = "Jolliffe 2002, Principal Component Analysis (2nd ed.), sec. 6.1.1"
+
+    def validate(self) -> None:
+        self._require(0.0 < self.fraction <= 1.0, "fraction", "in (0, 1]", self.fraction)
+
+    def estimate(self, x) -> Estimate:
+        import torch
+
+        sp = self._spectrum(x, center=self.center)
+        lam = sp.eigenvalues
+        if self._degenerate(sp):
+            value = 0
+        else:
+            c = torch.cumsum(lam, 0) / lam.sum()
+            # relative slack of 1e-12 so that an exactly reached fraction counts (k/10 sums)
+            value = int((c < self.fraction * (1.0 - 1e-12)).sum()) + 1
+            value = min(value, int((lam > 0).sum()))
+        return self._make(value, n=sp.n, dims=(sp.d,), cap=float(sp.max_rank),
+                          extra={"fraction": self.fraction, "centered": self.center})
+
+
+@register
+@dataclass(frozen=True)
+class AlphaReQ(_SpectralMixin, Estimator):
+    """alpha-ReQ: the power-law decay exponent of the covariance eigenspectrum.
+
+    Definition: fit lambda_k ~ c * k^(-alpha) to the normalised covariance eigenvalues
+    over ranks fit_start..fit_end (1-based, inclusive) by weighted least squares of
+    log lambda_k on [-log k, 1] with weights 1/k (the Stringer & Pachitariu fit used by
+    Agrawal et al. and Li et al.). Default window: ranks 12..100 (Li et al. 2025, i.e.
+    np.arange(11, 100)); reptrix uses ranks 11..100 (fit_start=11).
+    Larger alpha = faster decay = more anisotropic ("compression-seeking") representation.
+    ``extra`` holds the intercept and the R^2 of the fit on the window.
+    Unit: exponent (dimensionless). Needs min(n - 1, d) >= fit_end non-zero eigenvalues.
+    """
+
+    fit_start: int = 12
+    fit_end: int = 100
+    center: bool = True
+
+    name: ClassVar[str] = "alpha-req"
+    kind: ClassVar[str] = "single"
+    quantity: ClassVar[str] = "alpha_req"
+    unit: ClassVar[str] = EXPONENT
+    reference: ClassVar[str] = ("Agrawal et al. 2022, alpha-ReQ, NeurIPS; Stringer et al. 2019, Nature 571; "
+                                "Li et al. 2025, Tracing the Representation Geometry of Language Models")
+
+    def validate(self) -> None:
+        self._require(self.fit_start >= 1, "fit_start", ">= 1", self.fit_start)
+        self._require(self.fit_end >= self.fit_start + 2, "fit_end", f">= fit_start + 2 = {self.fit_start + 2}",
+                      self.fit_end)
+
+    def estimate(self, x) -> Estimate:
+        import torch
+
+        sp = self._spectrum(x, center=self.center)
+        lam = sp.eigenvalues
+        nz = int((lam > 0).sum())
+        if nz < self.fit_end:
+            raise DataError(
+                f"{self.name}: the fit window ends at rank {self.fit_end}, but the spectrum has only {nz} non-zero "
+                f"eigenvalues (n={sp.n} samples, d={sp.d} features).",
+                hint=f"Use more samples/features, or lower the window: --param {self.name}.fit_end=N "
+                     f"(and fit_start) with N <= {nz}.")
+        p = lam / lam.sum()
+        k = torch.arange(self.fit_start, self.fit_end + 1, dtype=torch.float64, device=lam.device)
+        y = p[self.fit_start - 1:self.fit_end].log()
+        xmat = torch.stack([-k.log(), torch.ones_like(k)], 1)
+        w = 1.0 / k
+        a = xmat.T @ (xmat * w[:, None])
+        b = xmat.T @ (w * y)
+        coef = torch.linalg.solve(a, b)
+        alpha, intercept = float(coef[0]), float(coef[1])
+        resid = y - xmat @ coef
+        ss_tot = float(((y - y.mean()) ** 2).sum())
+        r2 = 1.0 - float((resid ** 2).sum()) / ss_tot if ss_tot > 0 else 1.0
+        return self._make(alpha, n=sp.n, dims=(sp.d,),
+                          extra={"intercept": intercept, "r2": r2, "fit_start": self.fit_start, "fit_end": self.fit_end})
+
+
+@register
+@dataclass(frozen=True)
+class EffectiveEncodingDimension(_SpectralMixin, Estimator):
+    """Effective encoding dimension (EED): exp entropy of the spectrum of H^T H / N.
+
+    Definition: EED = exp(-sum p_k log p_k), p_k = lambda_k / sum lambda, lambda =
+    eigenvalues of Sigma = H^T H / N, with H the (n x d) representation *uncentred* by
+    default, as the definition is written (``center=True`` gives the covariance version,
+    which equals effective-rank with convention 'cov'). ``extra['normalized']`` = EED / d.
+    Unit: dimensions, 1 <= EED <= min(n, d).
+    Reference: Awadhiya 2025, The Inductive Bottleneck (arXiv:2512.07331).
+    """
+
+    center: bool = False
+
+    name: ClassVar[str] = "effective-encoding-dim"
+    kind: ClassVar[str] = "single"
+    quantity: ClassVar[str] = "effective_encoding_dimension"
+    unit: ClassVar[str] = DIMENSIONS
+    reference: ClassVar[str] = "Awadhiya 2025, The Inductive Bottleneck (arXiv:2512.07331)"
+
+    def estimate(self, x) -> Estimate:
+        sp = self._spectrum(x, center=self.center)
+        value = 0.0 if self._degenerate(sp) else _erank(sp.eigenvalues, 0.0)
+        return self._make(value, n=sp.n, dims=(sp.d,), cap=float(sp.max_rank),
+                          extra={"normalized": value / sp.d, "centered": self.center})
