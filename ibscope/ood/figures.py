@@ -26,7 +26,7 @@ def _save(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    fig.savefig(tmp, dpi=100)
     plt.close(fig)
     os.replace(tmp, path)
 
@@ -44,47 +44,65 @@ def _plt():
     return plt
 
 
-def histogram_figure(scores: dict[str, np.ndarray], threshold: float, title: str):
-    """Overlaid, density-normalised score histograms per set with the threshold line."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+def draw_histograms(ax, scores: dict[str, np.ndarray], threshold: float, bins: int = 40) -> dict[str, np.ndarray]:
+    """Overlaid, density-normalised score histograms per set with the threshold line.
+    Returns the plotted densities {set: heights} (for tests)."""
     allv = np.concatenate([np.asarray(v) for v in scores.values()])
     lo, hi = float(np.min(allv)), float(np.max(allv))
-    bins = np.linspace(lo, hi if hi > lo else lo + 1.0, 40)
+    edges = np.linspace(lo, hi if hi > lo else lo + 1.0, bins + 1)
+    heights = {}
     for name, v in scores.items():
-        ax.hist(v, bins=bins, density=True, histtype="stepfilled" if name in ("val", "test") else "step",
-                alpha=0.35 if name in ("val", "test") else 1.0, linewidth=1.5, label=f"{name} (n={len(v)})")
+        h, _, _ = ax.hist(v, bins=edges, density=True, histtype="stepfilled" if name in ("val", "test") else "step",
+                          alpha=0.35 if name in ("val", "test") else 1.0, linewidth=1.5, label=f"{name} (n={len(v)})")
+        heights[name] = np.asarray(h)
     ax.axvline(threshold, color="k", linestyle="--", linewidth=1.2, label=f"threshold {threshold:.3g}")
     ax.set_xlabel("OOD score (higher = more OOD)")
     ax.set_ylabel("density")
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
-    return fig
+    ax.set_title("Score distributions", fontsize=10)
+    ax.legend(fontsize=7)
+    return heights
 
 
-def roc_pr_figure(id_scores: np.ndarray, ood: dict[str, np.ndarray], title: str):
-    """ROC (OOD positive) and PR-Out curves of each OOD set against the ID test set."""
-    from ibscope.ood.metrics import auroc, aupr_out, pr_curve_points, roc_curve_points
+def draw_roc(ax, id_scores: np.ndarray, ood: dict[str, np.ndarray]) -> None:
+    """ROC curves (OOD positive) of each OOD set against the ID test set."""
+    from ibscope.ood.metrics import auroc, roc_curve_points
 
-    plt = _plt()
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4.2))
     for name, s in ood.items():
         fpr, tpr = roc_curve_points(id_scores, s)
-        a1.plot(fpr, tpr, label=f"{name} (AUROC {auroc(id_scores, s):.3f})")
+        ax.plot(fpr, tpr, label=f"{name} (AUROC {auroc(id_scores, s):.3f})")
+    ax.plot([0, 1], [0, 1], color="0.6", linestyle=":", linewidth=1)
+    ax.set_xlabel("false positive rate (ID flagged)")
+    ax.set_ylabel("true positive rate (OOD flagged)")
+    ax.set_title("ROC, OOD positive", fontsize=10)
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, 1.01)
+    ax.legend(fontsize=7)
+
+
+def draw_pr(ax, id_scores: np.ndarray, ood: dict[str, np.ndarray]) -> None:
+    """Precision-recall curves with OOD positive (AUPR-Out)."""
+    from ibscope.ood.metrics import aupr_out, pr_curve_points
+
+    for name, s in ood.items():
         rec, prec = pr_curve_points(id_scores, s)
-        a2.step(rec, prec, where="post", label=f"{name} (AP-Out {aupr_out(id_scores, s):.3f})")
-    a1.plot([0, 1], [0, 1], color="0.6", linestyle=":", linewidth=1)
-    a1.set_xlabel("false positive rate (ID flagged)")
-    a1.set_ylabel("true positive rate (OOD flagged)")
-    a1.set_title("ROC, OOD positive", fontsize=10)
-    a2.set_xlabel("recall (OOD)")
-    a2.set_ylabel("precision (OOD)")
-    a2.set_title("Precision-recall, OOD positive", fontsize=10)
-    for a in (a1, a2):
-        a.legend(fontsize=8)
-        a.set_xlim(-0.01, 1.01)
-        a.set_ylim(-0.01, 1.01)
-    fig.suptitle(title, fontsize=10)
+        ax.step(rec, prec, where="post", label=f"{name} (AUPR-Out {aupr_out(id_scores, s):.3f})")
+    ax.set_xlabel("recall (OOD)")
+    ax.set_ylabel("precision (OOD)")
+    ax.set_title("Precision-recall, OOD positive", fontsize=10)
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, 1.01)
+    ax.legend(fontsize=7)
+
+
+def config_figure(scores: dict[str, np.ndarray], threshold: float, ood_names: list[str], title: str):
+    """One configuration: score histograms (val, test, OOD sets), ROC and PR-Out curves."""
+    plt = _plt()
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(15, 4.4), layout="constrained")
+    draw_histograms(a1, scores, threshold)
+    ood = {n: scores[n] for n in ood_names}
+    draw_roc(a2, scores["test"], ood)
+    draw_pr(a3, scores["test"], ood)
+    fig.suptitle(title, fontsize=11)
     return fig
 
 
@@ -92,7 +110,7 @@ def metric_curve_figure(series: dict[str, tuple[list, list]], xlabel: str, title
                         metric: str = "auroc"):
     """Lines of ``metric`` against a parameter: {label: (xs, ys)}."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), layout="constrained")
     for label, (xs, ys) in series.items():
         ax.plot(xs, ys, marker="o", label=label)
     if logx:
@@ -126,7 +144,7 @@ def embedding_2d(feats: dict[str, np.ndarray], seed: int = 0, max_points: int = 
 
 def embedding_figure(emb: dict[str, np.ndarray], title: str):
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.6, 5.0))
+    fig, ax = plt.subplots(figsize=(5.6, 5.0), layout="constrained")
     for name, e in emb.items():
         ax.scatter(e[:, 0], e[:, 1], s=6, alpha=0.5 if name == "fit" else 0.7, label=name)
     ax.set_xlabel("PC 1 (fit split)")
@@ -157,9 +175,8 @@ def make_figures(out: Path, results: list[dict], score_store: dict, plot_data: d
     for cid in configs[:MAX_CONFIG_FIGURES]:
         sc = entry["configs"][cid]
         sets = {"val": sc["val"], "test": sc["test"], **{n: sc[n] for n in ood_names}}
-        save(histogram_figure(sets, thresholds[(cid, last_ck)], f"{cid} (checkpoint {last_ck})"), f"hist_{slug(cid)}.png")
-        save(roc_pr_figure(sc["test"], {n: sc[n] for n in ood_names}, f"{cid} (checkpoint {last_ck})"),
-             f"roc_pr_{slug(cid)}.png")
+        save(config_figure(sets, thresholds[(cid, last_ck)], ood_names, f"{cid} (checkpoint {last_ck})"),
+             f"scores_{slug(cid)}.png")
 
     last = [r for r in results if r["checkpoint"] == last_ck]
     # AUROC vs k (knn, one line per reduction x OOD set)

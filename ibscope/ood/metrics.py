@@ -145,29 +145,74 @@ def compute_metrics(id_scores, ood_scores, tpr: float = 0.95) -> dict[str, float
     }
 
 
+def _need(tpr: float, n) -> np.ndarray:
+    """Smallest count c with c / n >= tpr (guarded against float round-off)."""
+    return np.ceil(tpr * np.asarray(n, dtype=np.float64) - 1e-9)
+
+
+def metrics_from_counts(c_id: np.ndarray, c_ood: np.ndarray, tpr: float = 0.95) -> dict[str, np.ndarray]:
+    """All metrics from per-threshold counts, vectorised over replicates.
+
+    ``c_id``, ``c_ood``: (B, U) counts of ID / OOD samples at each of the U distinct score
+    values in ascending order (one row per bootstrap replicate; unit counts give the plain
+    metrics). Same definitions as the single-sample functions of this module.
+    """
+    c_id = np.atleast_2d(np.asarray(c_id, dtype=np.float64))
+    c_ood = np.atleast_2d(np.asarray(c_ood, dtype=np.float64))
+    n_id = c_id.sum(1, keepdims=True)
+    n_ood = c_ood.sum(1, keepdims=True)
+    cum_id, cum_ood = np.cumsum(c_id, 1), np.cumsum(c_ood, 1)          # score <= u_j
+    below_id = cum_id - c_id                                             # score <  u_j
+    rev_id = n_id - below_id                                             # score >= u_j
+    rev_ood = n_ood - (cum_ood - c_ood)
+    auroc_v = (c_ood * (below_id + 0.5 * c_id)).sum(1) / (n_id[:, 0] * n_ood[:, 0])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ap_out = np.where(c_ood > 0, c_ood * rev_ood / (rev_ood + rev_id), 0.0).sum(1) / n_ood[:, 0]
+        ap_in = np.where(c_id > 0, c_id * cum_id / (cum_id + cum_ood), 0.0).sum(1) / n_id[:, 0]
+    rows = np.arange(c_id.shape[0])
+    j_id = np.argmax(cum_id >= _need(tpr, n_id), axis=1)                 # smallest u with P(ID <= u) >= tpr
+    fpr_idpos = cum_ood[rows, j_id] / n_ood[:, 0]
+    ok = rev_ood >= _need(tpr, n_ood)                                    # largest u with P(OOD >= u) >= tpr
+    j_ood = ok.shape[1] - 1 - np.argmax(ok[:, ::-1], axis=1)
+    fpr_openood = rev_id[rows, j_ood] / n_id[:, 0]
+    dtacc = np.maximum(0.5 * (cum_id / n_id + 1.0 - cum_ood / n_ood).max(1), 0.5)
+    return {"auroc": auroc_v, "aupr_in": ap_in, "aupr_out": ap_out, "fpr95_id_positive": fpr_idpos,
+            "fpr95_openood": fpr_openood, "detection_accuracy": dtacc}
+
+
 def bootstrap_ci(id_scores, ood_scores, *, n_boot: int = 200, level: float = 0.95, tpr: float = 0.95,
                  seed: int = 0) -> dict[str, tuple[float, float]]:
     """Percentile bootstrap confidence intervals for every metric.
 
-    ID and OOD samples are resampled independently (stratified), ``n_boot`` times.
+    ID and OOD samples are resampled independently (stratified), ``n_boot`` times; all
+    replicates are evaluated at once by :func:`metrics_from_counts`.
     Returns ``{metric: (low, high)}``; empty when ``n_boot`` is 0.
     """
-    if n_boot < 0:
-        raise UsageError(f"The number of bootstrap replicates must be >= 0. Got {n_boot}.")
+    if not isinstance(n_boot, (int, np.integer)) or n_boot < 0:
+        raise UsageError(f"The number of bootstrap replicates must be an integer >= 0. Got {n_boot!r}.")
     if not 0.0 < level < 1.0:
         raise UsageError(f"The confidence level must be in (0, 1). Got {level!r}.")
+    tpr = _check_tpr(tpr)
     if n_boot == 0:
         return {}
     s_id, s_ood = _scores(id_scores, "ID"), _scores(ood_scores, "OOD")
+    u, pos = np.unique(np.concatenate([s_id, s_ood]), return_inverse=True)
+    p_id, p_ood = pos[: s_id.size], pos[s_id.size:]
     rng = np.random.default_rng(seed)
-    vals = {m: np.empty(n_boot) for m in METRICS}
-    for b in range(n_boot):
-        a = s_id[rng.integers(0, s_id.size, s_id.size)]
-        o = s_ood[rng.integers(0, s_ood.size, s_ood.size)]
-        for m, v in compute_metrics(a, o, tpr).items():
-            vals[m][b] = v
     lo, hi = (1.0 - level) / 2.0, 1.0 - (1.0 - level) / 2.0
-    return {m: (float(np.quantile(v, lo)), float(np.quantile(v, hi))) for m, v in vals.items()}
+    vals: dict[str, list[np.ndarray]] = {m: [] for m in METRICS}
+    step = max(1, int(2_000_000 // max(1, u.size)))                        # bound the (B, U) blocks
+    for b0 in range(0, n_boot, step):
+        nb = min(step, n_boot - b0)
+        off = (np.arange(nb) * u.size)[:, None]
+        c_id = np.bincount((off + p_id[rng.integers(0, s_id.size, (nb, s_id.size))]).ravel(),
+                           minlength=nb * u.size).reshape(nb, u.size)
+        c_ood = np.bincount((off + p_ood[rng.integers(0, s_ood.size, (nb, s_ood.size))]).ravel(),
+                            minlength=nb * u.size).reshape(nb, u.size)
+        for m, v in metrics_from_counts(c_id, c_ood, tpr).items():
+            vals[m].append(v)
+    return {m: (float(np.quantile(np.concatenate(v), lo)), float(np.quantile(np.concatenate(v), hi)))
+            for m, v in vals.items()}
 
 
 def threshold_from_validation(val_scores, tpr: float = 0.95) -> float:
