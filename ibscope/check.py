@@ -33,6 +33,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
+import operator
 import os
 import subprocess
 import time
@@ -373,7 +374,7 @@ def _in_unit(res: Results, unit: str) -> list[dict]:
 
 def _resolve_axis(align: str, tables: Sequence[list[dict]], pooled: bool) -> str:
     """The x column: ``align`` if given, else the first of epoch/step/checkpoint that every
-    row has and that is unique within each curve of each table."""
+    row has and that is unique within each curve (and run) of each table."""
     if align != "auto":
         for rows in tables:
             missing = sum(r[align] is None for r in rows)
@@ -384,17 +385,13 @@ def _resolve_axis(align: str, tables: Sequence[list[dict]], pooled: bool) -> str
     for col in AXES:
         ok = True
         for rows in tables:
-            seen = set()
-            for r in rows:
-                if r[col] is None:
-                    ok = False
-                    break
-                k = (_curve_key(r, pooled), r[col], r["run"] if pooled else None)
-                if k in seen:
-                    ok = False
-                    break
-                seen.add(k)
-            if not ok:
+            xs = [r[col] for r in rows]
+            if any(x is None for x in xs):
+                ok = False
+                break
+            keys = [k + (x,) for k, x in zip(map(_RUN_KEY, rows), xs)]  # run included: unique per run
+            if len(set(keys)) != len(keys):
+                ok = False
                 break
         if ok:
             return col
@@ -403,8 +400,8 @@ def _resolve_axis(align: str, tables: Sequence[list[dict]], pooled: bool) -> str
                     hint="Check that the tables come from `ibscope estimate`, or pass --align.")
 
 
-def _curve_key(r: Mapping, pooled: bool) -> tuple:
-    return tuple(None if (pooled and f == "run") else r[f] for f in CURVE_FIELDS)
+_RUN_KEY = operator.itemgetter(*CURVE_FIELDS)
+_POOLED_KEY = operator.itemgetter(*CURVE_FIELDS[1:])
 
 
 def _key_dict(key: tuple) -> dict[str, Any]:
@@ -429,27 +426,33 @@ class _Point:
 
 def _curves(rows: list[dict], axis: str, pooled: bool, what: str) -> dict[tuple, dict[Any, _Point]]:
     grouped: dict[tuple, dict[Any, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    keyf = (lambda r: (None,) + _POOLED_KEY(r)) if pooled else _RUN_KEY
     for r in rows:
-        grouped[_curve_key(r, pooled)][r[axis]].append(r)
+        grouped[keyf(r)][r[axis]].append(r)
     out: dict[tuple, dict[Any, _Point]] = {}
     for key, pts in grouped.items():
         curve: dict[Any, _Point] = {}
         for x, rs in pts.items():
+            r0 = rs[0]
+            if len(rs) == 1:
+                curve[x] = _Point(float(r0["value"]), r0["stderr"], r0["unit"], 1, None, r0.get("params"))
+                continue
             units = {r["unit"] for r in rs}
             if len(units) > 1:
                 raise DataError(f"{what} curve {_key_name(key)} at {axis} {x} mixes units {sorted(units)}.")
-            if not pooled and len(rs) > 1:
+            runs = [r["run"] for r in rs]
+            if not pooled or len(set(runs)) != len(runs):
                 raise DataError(
-                    f"{what} results hold {len(rs)} rows for curve {_key_name(key)} at {axis} {x}; expected one.",
-                    hint="Pass --align step or checkpoint if several checkpoints share an epoch, "
-                         "or --seeds to pool runs.")
+                    f"{what} results hold {len(rs)} rows for curve {_key_name(key)} at {axis} {x}"
+                    f"{' in one run' if pooled else ''}; expected one.",
+                    hint="Pass --align step or checkpoint if several checkpoints share an epoch"
+                         f"{'' if pooled else ', or --seeds to pool runs'}.")
             vals = [float(r["value"]) for r in rs]
             mean = math.fsum(vals) / len(vals)
             spread = None
-            if len(vals) >= 2 and all(math.isfinite(v) for v in vals):
+            if all(math.isfinite(v) for v in vals):
                 spread = math.sqrt(math.fsum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
-            se = rs[0]["stderr"] if len(rs) == 1 else None
-            curve[x] = _Point(mean, se, rs[0]["unit"], len(rs), spread, rs[0].get("params"))
+            curve[x] = _Point(mean, None, r0["unit"], len(rs), spread, r0.get("params"))
         out[key] = dict(sorted(curve.items(), key=lambda kv: kv[0]))
     return out
 
