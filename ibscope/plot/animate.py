@@ -1,0 +1,143 @@
+"""An animation of the information plane over training (GIF, or MP4 when ffmpeg is on PATH).
+
+Each frame shows the current checkpoint's snapshot (polyline through the layers, bold), the earlier
+snapshots faint, an epoch counter, and, when the results carry training metrics, an accuracy/loss
+panel below with a marker at the current epoch (the deep-bottleneck movie layout, 2:1).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import textwrap
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+from ibscope.errors import UsageError
+from ibscope.plot import style
+from ibscope.plot._data import METRICS, cubes, summarize
+from ibscope.plot.curves import _metric_axis, _metric_color, _metric_order, set_time_axis
+from ibscope.plot.info_plane import _limits, draw_caps, make_panels
+
+ANIMATION_FORMATS = ("auto", "gif", "mp4")
+
+
+def resolve_format(fmt: str) -> str:
+    """'auto' -> 'mp4' when ffmpeg is on PATH, else 'gif'; 'mp4' without ffmpeg is a usage error."""
+    if fmt not in ANIMATION_FORMATS:
+        raise UsageError(f"--animation-format must be one of {', '.join(ANIMATION_FORMATS)}. Got {fmt!r}.")
+    has_ffmpeg = shutil.which("ffmpeg") is not None
+    if fmt == "auto":
+        return "mp4" if has_ffmpeg else "gif"
+    if fmt == "mp4" and not has_ffmpeg:
+        raise UsageError("MP4 needs ffmpeg, which is not on PATH.",
+                         hint="Install ffmpeg, or use --animation-format gif.")
+    return fmt
+
+
+def animate_plane(rows: Sequence[dict], out: str | os.PathLike, *, title: str, time_col: str,
+                  metric_rows: Sequence[dict] = (), mode: str = "median", band=(25.0, 75.0),
+                  fmt: str = "gif", fps: float = 2.0, dpi: int = 100) -> Path:
+    """Write the animation of one (setting, split) plane to ``out`` (atomically)."""
+    from matplotlib.animation import FFMpegWriter, PillowWriter
+
+    out = Path(out)
+    fmt = resolve_format(fmt)
+    if fps <= 0:
+        raise UsageError(f"--fps must be > 0. Got {fps}.")
+    (panel,) = make_panels([("", list(rows))], time_col)
+    xm, _, _ = summarize(panel.x.value, mode, band)
+    ym, _, _ = summarize(panel.y.value, mode, band)
+    times = panel.x.times
+    scale = style.time_norm(times, time_col)
+    (x0, x1), (y0, y1) = _limits([panel])
+    unit = panel.x.unit
+    has_metrics = bool(metric_rows)
+    with style.context():
+        fig = style.new_figure(6.6, 7.2 if has_metrics else 5.2)
+        if has_metrics:
+            ax, axm = fig.subplots(2, 1, gridspec_kw={"height_ratios": [2.2, 1.0]})
+        else:
+            ax, axm = fig.subplots(1, 1), None
+        draw_caps(ax, panel)
+        ax.set_xlim(x0, x1)
+        ax.set_ylim(y0, y1)
+        ax.set_xlabel(f"I(X;T)  [{unit}]")
+        ax.set_ylabel(f"I(T;Y)  [{unit}]")
+        style.add_time_colorbar(fig, scale, ax)
+        fig.suptitle("\n".join(textwrap.wrap(title, 70)))
+        history = [ax.plot([], [], "-", color=scale.color(t), alpha=0.25, linewidth=0.8)[0] for t in times]
+        (current,) = ax.plot([], [], "-", color="0.2", linewidth=1.8, zorder=3)
+        points = [ax.plot([], [], linestyle="none", marker=style.layer_marker(li), markersize=8,
+                          markeredgecolor="0.1", zorder=4, label=layer)[0]
+                  for li, layer in enumerate(panel.x.layers)]
+        ax.legend(handles=points, loc="upper left", bbox_to_anchor=(0.0, -0.16), title="layers (input → output)",
+                  fontsize=8, ncols=style.legend_cols(len(points), 5.0, 0.9), borderaxespad=0.0)
+        counter = ax.set_title(f"{time_col} {style._fmt_tick(times[-1])}", loc="left", fontsize=12, fontweight="bold")
+        cursor = None
+        if axm is not None:
+            units = list(dict.fromkeys(r["unit"] for r in metric_rows))
+            unit_m = "ratio" if "ratio" in units else units[0]
+            sub = [r for r in metric_rows if r["unit"] == unit_m and r["estimator"] == METRICS]
+            names = sorted(dict.fromkeys(r["quantity"] for r in sub), key=_metric_order)
+            seen, uniq = set(), []
+            for r in sub:
+                key = (r["run"], r[time_col], r["quantity"])
+                if key not in seen:
+                    seen.add(key)
+                    uniq.append(r)
+            c = cubes(uniq, names, time_col, layer_col="quantity")
+            for qi, q in enumerate(names):
+                cube = c[q]
+                med, _, _ = summarize(cube.value[:, :, cube.layers.index(q)], mode, band)
+                axm.plot(cube.times, med, "--" if ("test" in q or "val" in q) else "-", marker="o", markersize=3,
+                         color=_metric_color(q, qi), label=q)
+            set_time_axis(axm, times, time_col, None)
+            axm.set_ylabel(_metric_axis(unit_m))
+            axm.legend(loc="best", fontsize=8)
+            cursor = axm.axvline(times[0], color="0.2", linewidth=1.2)
+
+        def update(i: int):
+            t = times[i]
+            for j, h in enumerate(history):
+                h.set_data(xm[j], ym[j]) if j < i else h.set_data([], [])
+            current.set_data(xm[i], ym[i])
+            current.set_color(scale.color(t))
+            for li, pt in enumerate(points):
+                pt.set_data([xm[i, li]], [ym[i, li]])
+                pt.set_markerfacecolor(scale.color(t))
+            counter.set_text(f"{time_col} {style._fmt_tick(t)}")
+            if cursor is not None:
+                cursor.set_xdata([t, t])
+
+        fig.canvas.draw()  # settle the constrained layout once, then freeze it: frames only move data
+        fig.set_layout_engine("none")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")
+        writer = PillowWriter(fps=fps) if fmt == "gif" else FFMpegWriter(fps=fps)
+        try:
+            # drive the writer directly: one draw per frame (FuncAnimation.save draws each twice)
+            # frames keep one size: no tight bbox (it would also cost a second draw per frame)
+            with matplotlib.rc_context({"savefig.bbox": None}), writer.saving(fig, str(tmp), dpi):
+                for i in range(len(times)):
+                    update(i)
+                    writer.grab_frame()
+            os.replace(tmp, out)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+    fig.ibscope_meta = {"frames": len(times), "xm": xm, "ym": ym}
+    return out
+
+
+def frame_count(path: str | os.PathLike) -> int:
+    """Frames in a GIF written by :func:`animate_plane` (for checks)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return int(getattr(im, "n_frames", 1))
+
+
+__all__ = ["ANIMATION_FORMATS", "animate_plane", "resolve_format", "frame_count"]

@@ -1,0 +1,184 @@
+"""The information plane: I(X;T) on x, I(T;Y) on y.
+
+Two views of the same numbers:
+
+* **snapshot** (IDNNs / Saxe et al.): one polyline per checkpoint through the layers, coloured by
+  epoch on a log colour scale; markers distinguish the layers.
+* **trajectory** (Butakov et al.): one line per layer through the checkpoints, in the layer's
+  colour, its markers coloured by epoch.
+
+Both draw the caps found in the rows (dashed: log n for I(X;T), H(Y) for I(T;Y)), name the
+estimator and its settings in the title, and aggregate several runs (median + inter-quantile bars,
+or every run faint behind the median). Panels (one per split, or one per estimator setting) share
+their axes and the colour scale.
+"""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from ibscope.errors import DataError
+from ibscope.plot import style
+from ibscope.plot._data import IXT, ITY, PAIR, Cube, cap_label, cubes, layer_order, summarize
+
+VIEWS = ("snapshot", "trajectory")
+CAP_STYLE = dict(color="0.35", linestyle=(0, (4, 3)), linewidth=1.0, zorder=1)
+
+
+@dataclass
+class Panel:
+    title: str
+    x: Cube
+    y: Cube
+
+
+def make_panels(panels: Sequence[tuple[str, list[dict]]], time_col: str) -> list[Panel]:
+    """Lay each panel's rows out as aligned I(X;T) / I(T;Y) cubes (shared layer order)."""
+    layers = layer_order([r for _, rows in panels for r in rows])
+    out = []
+    for title, rows in panels:
+        c = cubes(rows, PAIR, time_col, layers=layers)
+        if not np.isfinite(c[IXT].value).any() or not np.isfinite(c[ITY].value).any():
+            raise DataError(f"Panel '{title}' has no I(X;T)/I(T;Y) pairs to draw.",
+                            hint="The information plane needs a pair estimator (rows with both quantities).")
+        out.append(Panel(title, c[IXT], c[ITY]))
+    return out
+
+
+def _limits(panels: list[Panel]) -> tuple[tuple[float, float], tuple[float, float]]:
+    def lim(cubes_: list[Cube]):
+        vals = np.concatenate([c.value[np.isfinite(c.value)].ravel() for c in cubes_] +
+                              [np.asarray(c.caps, float) for c in cubes_])
+        hi = float(vals.max()) if vals.size else 1.0
+        lo = min(0.0, float(vals.min()) if vals.size else 0.0)
+        span = (hi - lo) or 1.0
+        return lo - (0.04 * span if lo < 0 else 0.0), hi + 0.06 * span
+
+    return lim([p.x for p in panels]), lim([p.y for p in panels])
+
+
+def draw_caps(ax, panel: Panel) -> None:
+    """Dashed cap lines with their value written on them (placed away from typical data)."""
+    for cap in panel.x.caps:
+        ax.axvline(cap, gid=f"cap:x:{cap!r}", **CAP_STYLE)
+        ax.annotate(cap_label(IXT, cap, panel.x.unit, panel.x.n_samples), xy=(cap, 0.03),
+                    xycoords=("data", "axes fraction"), xytext=(-3, 0), textcoords="offset points",
+                    rotation=90, ha="right", va="bottom", fontsize=8, color="0.3")
+    for cap in panel.y.caps:
+        ax.axhline(cap, gid=f"cap:y:{cap!r}", **CAP_STYLE)
+        ax.annotate(cap_label(ITY, cap, panel.y.unit, panel.y.n_samples), xy=(0.02, cap),
+                    xycoords=("axes fraction", "data"), xytext=(0, -3), textcoords="offset points",
+                    ha="left", va="top", fontsize=8, color="0.3")
+
+
+def _runs_note(n_runs: int, mode: str, band: tuple[float, float], view: str) -> str:
+    if n_runs < 2:
+        return ""
+    if mode == "all":
+        return f"{n_runs} runs faint, median bold"
+    return f"median of {n_runs} runs, bars {band[0]:g}–{band[1]:g}th pct"
+
+
+def draw_snapshot(ax, panel: Panel, scale: style.TimeScale, mode: str, band) -> None:
+    """One polyline per checkpoint across the layers; markers per layer, coloured by epoch."""
+    xm, xlo, xhi = summarize(panel.x.value, mode, band)
+    ym, ylo, yhi = summarize(panel.y.value, mode, band)
+    times = panel.x.times
+    if mode == "all" and len(panel.x.runs) > 1:
+        for r, run in enumerate(panel.x.runs):
+            for ti, t in enumerate(times):
+                ax.plot(panel.x.value[r, ti], panel.y.value[r, ti], "-", color=scale.color(t), alpha=0.25,
+                        linewidth=0.7, zorder=1, gid=f"run:{run}:{t!r}")
+    for ti, t in enumerate(times):
+        c = scale.color(t)
+        ax.plot(xm[ti], ym[ti], "-", color=c, linewidth=1.0, alpha=0.85, zorder=2, gid=f"snapshot:{t!r}")
+        if xlo is not None and mode == "median":
+            ax.errorbar(xm[ti], ym[ti], xerr=[xm[ti] - xlo[ti], xhi[ti] - xm[ti]],
+                        yerr=[ym[ti] - ylo[ti], yhi[ti] - ym[ti]], fmt="none", ecolor=c, alpha=0.45,
+                        elinewidth=0.8, zorder=1)
+    for li, layer in enumerate(panel.x.layers):
+        ax.scatter(xm[:, li], ym[:, li], c=scale.color(times), marker=style.layer_marker(li), s=30,
+                   edgecolors="0.15", linewidths=0.4, zorder=3, gid=f"layer:{layer}")
+
+
+def draw_trajectory(ax, panel: Panel, scale: style.TimeScale, mode: str, band, colors: list) -> None:
+    """One line per layer across checkpoints in the layer's colour; markers coloured by epoch."""
+    xm, xlo, xhi = summarize(panel.x.value, mode, band)
+    ym, ylo, yhi = summarize(panel.y.value, mode, band)
+    times = panel.x.times
+    for li, layer in enumerate(panel.x.layers):
+        col = colors[li]
+        if mode == "all" and len(panel.x.runs) > 1:
+            for r, run in enumerate(panel.x.runs):
+                ax.plot(panel.x.value[r, :, li], panel.y.value[r, :, li], "-", color=col, alpha=0.25,
+                        linewidth=0.8, zorder=1, gid=f"run:{run}:{layer}")
+        ax.plot(xm[:, li], ym[:, li], "-", color=col, linewidth=1.5, zorder=2, gid=f"trajectory:{layer}")
+        if xlo is not None and mode == "median":
+            ax.errorbar(xm[:, li], ym[:, li], xerr=[xm[:, li] - xlo[:, li], xhi[:, li] - xm[:, li]],
+                        yerr=[ym[:, li] - ylo[:, li], yhi[:, li] - ym[:, li]], fmt="none", ecolor=col,
+                        alpha=0.35, elinewidth=0.8, zorder=1)
+        ax.scatter(xm[:, li], ym[:, li], c=scale.color(times), marker=style.layer_marker(li), s=30,
+                   edgecolors=[col], linewidths=1.0, zorder=3, gid=f"layer:{layer}")
+
+
+def plane_figure(panels: Sequence[tuple[str, list[dict]]], *, suptitle: str, view: str = "snapshot",
+                 time_col: str = "epoch", mode: str = "median", band=(25.0, 75.0)) -> Figure:
+    """A figure with one information-plane panel per ``(title, rows)``; identical axes."""
+    if view not in VIEWS:
+        raise ValueError(f"view must be one of {VIEWS}")
+    ps = make_panels(panels, time_col)
+    unit = ps[0].x.unit
+    all_times = np.concatenate([p.x.times for p in ps])
+    scale = style.time_norm(all_times, time_col)
+    (x0, x1), (y0, y1) = _limits(ps)
+    layers = ps[0].x.layers
+    colors = style.layer_colors(len(layers))
+    n = len(ps)
+    ncols = min(n, 3)
+    nrows = math.ceil(n / ncols)
+    with style.context():
+        fig = style.new_figure(4.4 * ncols + 1.4, 3.9 * nrows + 1.3)
+        axes = fig.subplots(nrows, ncols, squeeze=False, sharex=True, sharey=True)
+        for i, p in enumerate(ps):
+            ax = axes.flat[i]
+            draw_caps(ax, p)
+            if view == "snapshot":
+                draw_snapshot(ax, p, scale, mode, band)
+            else:
+                draw_trajectory(ax, p, scale, mode, band, colors)
+            note = _runs_note(len(p.x.runs), mode, band, view)
+            ax.set_title(p.title + (f"\n{note}" if note else ""), fontsize=10)
+            ax.set_xlim(x0, x1)
+            ax.set_ylim(y0, y1)
+            if i % ncols == 0:
+                ax.set_ylabel(f"I(T;Y)  [{unit}]")
+            if i // ncols == nrows - 1 or i + ncols >= n:
+                ax.set_xlabel(f"I(X;T)  [{unit}]")
+                ax.xaxis.set_tick_params(labelbottom=True)
+        for j in range(n, nrows * ncols):
+            axes.flat[j].set_visible(False)
+        style.add_time_colorbar(fig, scale, axes[:, :].ravel().tolist()[:n])
+        handles = []
+        for li, layer in enumerate(layers):
+            if view == "snapshot":
+                handles.append(Line2D([], [], linestyle="none", marker=style.layer_marker(li), color="0.5",
+                                      markeredgecolor="0.15", markersize=6, label=layer))
+            else:
+                handles.append(Line2D([], [], color=colors[li], marker=style.layer_marker(li),
+                                      markerfacecolor="0.85", markeredgecolor=colors[li], label=layer))
+        if any(p.x.caps or p.y.caps for p in ps):
+            handles.append(Line2D([], [], label="cap (log n, H(Y))", **{k: v for k, v in CAP_STYLE.items()
+                                                                          if k != "zorder"}))
+        title = "layers (input → output)" + ("; line = one checkpoint" if view == "snapshot" else "")
+        fig.legend(handles=handles, loc="outside lower center", title=title,
+                   ncols=style.legend_cols(len(handles), fig.get_figwidth()))
+        fig.suptitle("\n".join(textwrap.wrap(suptitle, 95)))
+    fig.ibscope_meta = {"view": view, "scale": scale, "unit": unit, "panels": ps}  # for tests and captions
+    return fig
