@@ -33,21 +33,11 @@ KNN_BACKENDS = ("auto", "torch", "faiss")
 DEFAULT_MEMORY_LIMIT = 4 * 2**30
 
 
-def resolve_device(device: str | None = "auto"):
-    """'auto' -> cuda if available else cpu; 'cpu' / 'cuda' / 'cuda:N' checked."""
-    import torch
+def resolve_device(device=None):
+    """'auto' -> cuda if available else cpu; 'cpu' / 'cuda:N' checked (the capture module's rules)."""
+    from ibscope.capture import resolve_device as _resolve
 
-    if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise UsageError(f"Unknown device {device!r}. Expected 'auto', 'cpu' or 'cuda:N'.") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"Device {device!r} requested but CUDA is not available here.", hint="Use --device cpu or auto.")
-    if dev.type not in ("cpu", "cuda"):
-        raise UsageError(f"Device {device!r} is not supported. Expected 'auto', 'cpu' or 'cuda:N'.")
-    return dev
+    return _resolve(device)
 
 
 def parse_bytes(text: str | int | float) -> int:
