@@ -142,6 +142,8 @@ class _Buffer:
                 self.shard.promote(self.name, "float32")
                 self.dtype, self.promoted = "float32", True
             self.shard.append(self.name, head, dtype=self.dtype)
+            if self.promoted:
+                self.shard.f["acts"][self.name].attrs["dtype_fallback"] = "float32"
         self.parts = [tail] if tail.shape[0] else []
         self.count = tail.shape[0]
 

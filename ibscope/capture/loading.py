@@ -148,6 +148,16 @@ def _describe_unpickle_failure(path: Path, exc: Exception) -> CheckpointError:
     )
 
 
+def _looks_like_torch_file(path: Path) -> bool:
+    """A torch zip archive, or a legacy pickle (protocol opcode 0x80 first)."""
+    import zipfile
+
+    if zipfile.is_zipfile(path):
+        return True
+    with open(path, "rb") as f:
+        return f.read(1) == b"\x80"
+
+
 def read_checkpoint(path: str | os.PathLike, *, trust_checkpoint: bool = False) -> Any:
     """The raw object in a checkpoint file (a dict for torch files, a state dict for safetensors)."""
     import torch
@@ -166,6 +176,9 @@ def read_checkpoint(path: str | os.PathLike, *, trust_checkpoint: bool = False) 
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        if not _looks_like_torch_file(path):
+            raise CheckpointError(f"'{path}' is not a readable PyTorch checkpoint (neither a torch zip archive nor a pickle).",
+                                  hint="Pass only checkpoint files (.pt, .pth, .ckpt, .safetensors).") from None
         if not trust_checkpoint:
             raise _describe_unpickle_failure(path, exc) from None
         log.warning("Loading '%s' with full unpickling (--trust-checkpoint).", path)

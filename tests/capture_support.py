@@ -1,0 +1,167 @@
+"""Shared helpers of the capture tests: tiny models written to a user-style .py file, really
+trained for a few steps, with real checkpoint files on disk."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import torch
+
+MODELS_SRC = textwrap.dedent('''
+    import time
+    import torch
+    import torch.nn as nn
+
+
+    class MLP(nn.Module):
+        def __init__(self, d_in=12, hidden=10, n_out=2):
+            super().__init__()
+            self.fc1 = nn.Linear(d_in, hidden)
+            self.act = nn.Tanh()
+            self.fc2 = nn.Linear(hidden, n_out)
+
+        def forward(self, x):
+            return self.fc2(self.act(self.fc1(x)))
+
+
+    class SlowMLP(MLP):
+        """Sleeps in forward so that a subprocess can be killed mid-capture."""
+
+        def forward(self, x):
+            time.sleep(0.04)
+            return super().forward(x)
+
+
+    class Block(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.conv1 = nn.Conv2d(c, c, 3, padding=1)
+            self.bn1 = nn.BatchNorm2d(c)
+            self.relu = nn.ReLU(inplace=True)      # used twice per forward
+            self.conv2 = nn.Conv2d(c, c, 3, padding=1)
+            self.bn2 = nn.BatchNorm2d(c)
+
+        def forward(self, x):
+            identity = x
+            out = self.relu(self.bn1(self.conv1(x)))
+            out = self.bn2(self.conv2(out))
+            out += identity                        # rewrites bn2's output in place
+            return self.relu(out)
+
+
+    class CNN(nn.Module):
+        def __init__(self, c=4, n_out=3):
+            super().__init__()
+            self.stem = nn.Conv2d(1, c, 3, padding=1)
+            self.relu = nn.ReLU(inplace=True)      # rewrites stem's output in place
+            self.block = Block(c)
+            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.fc = nn.Linear(c, n_out)
+
+        def forward(self, x):
+            x = self.relu(self.stem(x))
+            x = self.block(x)
+            return self.fc(self.pool(x).flatten(1))
+
+
+    class TupleOut(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = nn.LSTM(3, 5, batch_first=True)
+            self.head = nn.Linear(5, 2)
+
+        def forward(self, x):
+            out, (h, c) = self.lstm(x)
+            return self.head(out[:, -1])
+
+
+    class DictEnc(nn.Module):
+        def forward(self, x):
+            return {"hidden": x * 2.0, "pooled": x.sum(1, keepdim=True)}
+
+
+    class DictModel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = DictEnc()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(self.enc(x)["hidden"])
+
+
+    class Scaled(nn.Module):
+        """fc output times `scale`: float16 overflow (1e6) or inf (float('inf'))."""
+
+        def __init__(self, scale=1.0):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+            self.big = nn.Identity()
+            self.scale = scale
+
+        def forward(self, x):
+            return self.big(self.fc(x) * self.scale)
+
+
+    def make_mlp(hidden=10):
+        return MLP(hidden=hidden)
+''')
+
+
+def write_models(tmp_path: Path) -> Path:
+    p = Path(tmp_path) / "models.py"
+    if not p.exists():
+        p.write_text(MODELS_SRC)
+    return p
+
+
+def load_models(tmp_path: Path):
+    """The models module, imported the way ibscope imports a user's file (same module object)."""
+    from ibscope.capture.loading import _import_file
+
+    return _import_file(write_models(tmp_path))
+
+
+def mlp_data(n=64, d=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).long()
+    return x, y
+
+
+def train_checkpoints(model, x, y, out_dir: Path, epochs=(0, 1, 2), steps=5, lr=0.1, name="epoch_{:03d}.pt",
+                      fmt=None):
+    """Train ``model`` with SGD for ``steps`` steps between checkpoints; save the canonical dict
+    ``{"epoch", "state_dict", "accuracy", "loss"}`` (or ``fmt(model, epoch, acc, loss)``)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    paths = []
+    for e in epochs:
+        if e > 0:
+            model.train()
+            for _ in range(steps):
+                opt.zero_grad()
+                loss_fn(model(x), y).backward()
+                opt.step()
+        model.eval()
+        with torch.no_grad():
+            logits = model(x)
+            loss = float(loss_fn(logits, y))
+            acc = float((logits.argmax(1) == y).float().mean())
+        p = out_dir / name.format(e)
+        obj = fmt(model, e, acc, loss) if fmt else {"epoch": e, "state_dict": model.state_dict(), "accuracy": acc, "loss": loss}
+        torch.save(obj, p)
+        paths.append(p)
+    return paths
+
+
+def save_probe(path: Path, x, y=None) -> Path:
+    arrs = {"x": np.asarray(x)}
+    if y is not None:
+        arrs["y"] = np.asarray(y)
+    np.savez(path, **arrs)
+    return Path(path)
