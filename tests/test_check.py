@@ -492,3 +492,12 @@ def test_docs_yaml_examples_are_valid():
         n_rules += len([parse_rule(r, i) for i, r in enumerate(cfg.get("rules") or [])])
         [parse_tolerance_entry(t, "docs") for t in cfg.get("tolerances") or []]
     assert n_rules == 4
+
+
+def test_pooled_seeds_reject_duplicates_within_one_run():
+    base = table(run="s0", with_rank=False) + table(run="s1", shift=0.1, with_rank=False)
+    dup = base + [dict(table(run="s1", with_rank=False)[0])]  # a second row for s1 at epoch 0
+    with pytest.raises(DataError, match="in one run; expected one"):
+        run_check(res(table(with_rank=False)), baseline=res(dup), sigma=3, align="epoch")
+    rep = run_check(res(table(with_rank=False)), baseline=res(base), sigma=3)
+    assert rep.settings["seeds_pooled"] and rep.ok
