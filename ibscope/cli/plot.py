@@ -1,5 +1,169 @@
-"""`ibscope plot` (being built)."""
+"""`ibscope plot` and `ibscope report`: figures and a self-contained HTML report from a results table.
+
+matplotlib is imported inside the commands only, so `ibscope --help` stays fast; nothing here
+imports torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from ibscope.cli._common import console, guard, setup_logging
+
+_KINDS_HELP = ("info-plane (snapshot view: a line per checkpoint across layers), trajectory (a line per layer "
+               "across checkpoints), estimators (one panel per estimator setting, identical axes), curves "
+               "(each quantity against epoch), metrics (accuracy/loss), animation (GIF/MP4). Repeatable. "
+               "Default: every kind the results support except the animation.")
 
 
-def register(app) -> None:
+def _progress(quiet: bool, what: str):
+    """A rich progress bar on stderr fed by the library's callback(done, total, name)."""
+    if quiet:
+        return None, None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    bar = Progress(TextColumn(f"[bold]{what}[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+                   console=console(), transient=True)
+    state: dict = {}
+
+    def cb(done: int, total: int, name) -> None:
+        if "task" not in state:
+            state["task"] = bar.add_task("", total=total)
+        bar.update(state["task"], completed=done, total=total, description=str(getattr(name, "name", name)))
+
+    return bar, cb
+
+
+def _bool_or_auto(value: str, what: str) -> Optional[bool]:
+    from ibscope.errors import UsageError
+
+    v = value.strip().lower()
+    if v == "auto":
+        return None
+    if v in ("on", "yes", "true", "1"):
+        return True
+    if v in ("off", "no", "false", "0"):
+        return False
+    raise UsageError(f"{what} must be auto, on or off. Got {value!r}.")
+
+
+def register(app: typer.Typer) -> None:
     """Add this module's commands to the app."""
+
+    @app.command(
+        "plot",
+        epilog=(
+            "Examples:\n\n"
+            "  ibscope plot results.csv                      # all default plots into results_plots/\n\n"
+            "  ibscope plot results.csv -k info-plane --unit nats --format pdf -o figs/\n\n"
+            "  ibscope plot seed*.csv --runs all --animate   # several seeds; every run faint; GIF\n\n"
+            "  ibscope plot results.csv -k curves --quantity effective_rank --logx on\n\n"
+            "Exit codes: 0 ok, 1 error, 2 bad option or unknown name, 4 empty or unusable results table."
+        ),
+    )
+    @guard
+    def plot(
+        results: List[Path] = typer.Argument(
+            ..., metavar="RESULTS...", help="Results table(s) written by `ibscope estimate`. Several files are "
+                                            "read together (runs renamed <file stem>/<run> if their names clash)."),
+        out: Optional[Path] = typer.Option(
+            None, "--out", "-o", help="Folder for the figures. [default: <results stem>_plots/ next to the results]"),
+        kind: Optional[List[str]] = typer.Option(None, "--kind", "-k", help=_KINDS_HELP),
+        unit: str = typer.Option("bits", "--unit", "-u", help="Unit of information on the axes: bits or nats."),
+        fmt: str = typer.Option("png", "--format", "-f", help="Figure file format: png, svg or pdf."),
+        quantity: Optional[List[str]] = typer.Option(
+            None, "--quantity", help="Only these quantities, e.g. 'I(X;T)', effective_rank. Repeatable."),
+        estimator: Optional[List[str]] = typer.Option(None, "--estimator", "-e", help="Only these estimators. Repeatable."),
+        split: Optional[List[str]] = typer.Option(None, "--split", "-s", help="Only these probe splits (e.g. train, test)."),
+        run: Optional[List[str]] = typer.Option(None, "--run", "-r", help="Only these runs / seeds. Repeatable."),
+        layer: Optional[List[str]] = typer.Option(None, "--layer", "-l", help="Only these layers. Repeatable."),
+        runs: str = typer.Option(
+            "median", "--runs", help="Several runs: 'median' (median line, inter-quantile band/bars) or 'all' "
+                                     "(every run faint, median bold)."),
+        band: str = typer.Option("25:75", "--band", help="Percentiles LO:HI of the band across runs."),
+        logx: str = typer.Option(
+            "auto", "--logx", help="Log epoch axis on curves: auto (when epochs span > 30x), on or off. "
+                                   "Epochs starting at 0 use a symlog axis (linear below 1)."),
+        animate: bool = typer.Option(False, "--animate", help="Also write an animation of the plane over epochs "
+                                                              "(epoch counter; accuracy/loss panel when present)."),
+        animation_format: str = typer.Option(
+            "auto", "--animation-format", help="gif, mp4 (needs ffmpeg on PATH) or auto (mp4 when ffmpeg is found)."),
+        fps: float = typer.Option(2.0, "--fps", help="Frames (checkpoints) per second of the animation."),
+        dpi: int = typer.Option(150, "--dpi", help="Resolution of raster figures."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no list of written files."),
+    ) -> None:
+        """Draw information planes, curves and comparisons from a results table.
+
+        Information is shown in bits (--unit nats to keep nats). Every figure names the estimator and
+        its settings, draws the caps found in the table (log n for I(X;T), H(Y) for I(T;Y)) and colours
+        epochs on a log scale. Several runs or seeds give a median with an inter-quantile band; several
+        probe splits (train/test) sit side by side with identical axes. The written paths are listed
+        on stderr.
+        """
+        from ibscope.plot import plot_results
+
+        setup_logging(quiet=quiet)
+        bar, cb = _progress(quiet, "plot")
+        kw = dict(kinds=kind or None, unit=unit, fmt=fmt, quantities=quantity, estimators=estimator, splits=split,
+                  runs=run, layers=layer, runs_mode=runs, band=band, logx=_bool_or_auto(logx, "--logx"),
+                  dpi=dpi, animate=animate, animation_format=animation_format, fps=fps, callback=cb)
+        if bar is not None:
+            with bar:
+                paths = plot_results([str(p) for p in results], out, **kw)
+        else:
+            paths = plot_results([str(p) for p in results], out, **kw)
+        if not quiet:
+            c = console()
+            folder = paths[0].parent if paths else out
+            c.print(f"Wrote {len(paths)} file(s) to [bold]{folder}[/]:")
+            for p in paths:
+                c.print(f"  {p}", soft_wrap=True, highlight=False, markup=False)
+
+    @app.command(
+        "report",
+        epilog=(
+            "Examples:\n\n"
+            "  ibscope report results.csv                          # -> results_report.html\n\n"
+            "  ibscope report results.csv --ood ood_out/ood_metrics.json -o report.html\n\n"
+            "Exit codes: 0 ok, 1 error, 2 bad option or unknown name, 4 empty or unusable results / OOD file."
+        ),
+    )
+    @guard
+    def report(
+        results: List[Path] = typer.Argument(..., metavar="RESULTS...", help="Results table(s) written by `ibscope estimate`."),
+        out: Optional[Path] = typer.Option(
+            None, "--out", "-o", help="HTML file to write. [default: <results stem>_report.html next to the results]"),
+        ood: Optional[Path] = typer.Option(
+            None, "--ood", help="ood_metrics.json (or its folder) written by `ibscope ood`: adds the OOD section."),
+        unit: str = typer.Option("bits", "--unit", "-u", help="Unit of information in figures and tables: bits or nats."),
+        kind: Optional[List[str]] = typer.Option(
+            None, "--kind", "-k", help="Figure kinds to include (as in `ibscope plot`, without animation)."),
+        runs: str = typer.Option("median", "--runs", help="Several runs: 'median' (with band) or 'all' (each faint)."),
+        figures_dir: Optional[Path] = typer.Option(
+            None, "--figures-dir", help="Also save every figure as a PNG file in this folder."),
+        title: Optional[str] = typer.Option(None, "--title", help="Title of the report page."),
+        max_columns: int = typer.Option(10, "--max-columns", help="Most epochs shown per table (evenly spaced; the "
+                                                                  "full table is embedded as CSV)."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no final message."),
+    ) -> None:
+        """Write one self-contained HTML report: planes, curves, tables of numbers, provenance, OOD.
+
+        Images are embedded (base64) and the full results table is attached as a CSV download, so the
+        single file opens offline in any browser and can be shared as is.
+        """
+        from ibscope.report import write_report
+
+        setup_logging(quiet=quiet)
+        bar, cb = _progress(quiet, "report")
+        kw = dict(ood=ood, figures_dir=figures_dir, unit=unit, title=title, kinds=kind or None, runs_mode=runs,
+                  max_columns=max_columns, callback=cb)
+        if bar is not None:
+            with bar:
+                path = write_report([str(p) for p in results], out, **kw)
+        else:
+            path = write_report([str(p) for p in results], out, **kw)
+        if not quiet:
+            console().print(f"Wrote the report to [bold]{path}[/] ({path.stat().st_size / 1e6:.1f} MB).")

@@ -1,0 +1,406 @@
+"""``ibscope report``: one self-contained HTML file for a results table (and an OOD run).
+
+The page holds the information plane(s), the curves, the training metrics, tables of the numbers
+(median over runs, per estimator setting, quantity and split), the provenance (ibscope version,
+estimator settings, store hashes, the resolved configuration) and, when given the
+``ood_metrics.json`` written by ``ibscope ood``, an OOD section with its metrics table and figures.
+Images are embedded as base64 data URIs and the full table is embedded as a CSV download, so the
+file opens offline, can be mailed, and needs no network. Nothing here imports torch.
+
+Public API::
+
+    write_report(results, out_html=None, *, ood=None, figures_dir=None, unit="bits", ...) -> Path
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import datetime as _dt
+import html
+import io
+import json
+import logging
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from ibscope._version import __version__
+from ibscope.errors import DataError, UsageError
+from ibscope.results import COLUMNS, Results
+
+log = logging.getLogger(__name__)
+
+OOD_COLUMNS = [
+    ("config", "configuration"), ("detector", "detector"), ("reduction", "reduction"), ("k", "k"),
+    ("layer", "layer"), ("checkpoint", "ckpt"), ("epoch", "epoch"), ("ood_set", "OOD set"),
+    ("auroc", "AUROC ↑"), ("aupr_in", "AUPR-In ↑"), ("aupr_out", "AUPR-Out ↑"),
+    ("fpr95_id_positive", "FPR95 ↓ (ID pos., Lee/Sun)"), ("fpr95_openood", "FPR95 ↓ (OOD pos., OpenOOD)"),
+    ("detection_accuracy", "det. acc. ↑"),
+]
+OOD_REQUIRED = ("ood_set", "auroc")
+
+CSS = """
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;color:#222;max-width:1180px;margin:0 auto;
+padding:1.5em 2em 4em;line-height:1.45}
+h1{font-size:1.7em;margin-bottom:.2em}h2{margin-top:2.2em;border-bottom:1px solid #ddd;padding-bottom:.2em}
+h3{margin-top:1.6em}.sub{color:#666;margin-top:0}nav{background:#f6f8fa;padding:.6em 1em;border-radius:6px}
+nav a{margin-right:1.2em;color:#0550ae;text-decoration:none}
+figure{margin:1.2em 0 2em}figure img{max-width:100%;height:auto;border:1px solid #eee}
+figcaption{color:#555;font-size:.92em;margin-top:.3em}
+table{border-collapse:collapse;font-size:.86em;margin:.6em 0 1.4em;font-variant-numeric:tabular-nums}
+th,td{border:1px solid #d8dee4;padding:3px 8px;text-align:right}th{background:#f6f8fa}
+td.l,th.l{text-align:left}tr:nth-child(even) td{background:#fbfcfd}td.best{font-weight:bold;background:#e6f4ea}
+.note{color:#666;font-size:.9em}.warn{color:#9a6700;background:#fff8c5;padding:.4em .8em;border-radius:4px}
+pre{background:#f6f8fa;padding:1em;overflow-x:auto;font-size:.82em}details{margin:.6em 0}
+dl{display:grid;grid-template-columns:max-content auto;gap:.2em 1.2em}dt{font-weight:600}dd{margin:0;word-break:break-all}
+"""
+
+
+def _e(x: Any) -> str:
+    return html.escape("" if x is None else str(x))
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return "–" if math.isnan(v) else str(v)
+        return f"{v:.3f}" if abs(v) < 1e4 else f"{v:.4g}"
+    return str(v)
+
+
+def _png(fig, dpi: int) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()
+
+
+def _img(data: bytes, mime: str, alt: str) -> str:
+    return f'<img alt="{_e(alt)}" src="data:{mime};base64,{base64.b64encode(data).decode("ascii")}">'
+
+
+def _default_out(res: Results) -> Path:
+    if res.path is None:
+        raise UsageError("No output file given and the results have no file to place it next to.",
+                         hint="Pass out_html (CLI: -o report.html).")
+    return res.path.with_name(res.path.stem + "_report.html")
+
+
+# ---------------------------------------------------------------------------------------------
+# tables of numbers
+
+def _columns(times: list[float], most: int) -> tuple[list[float], bool]:
+    if len(times) <= most:
+        return times, False
+    idx = sorted({round(i * (len(times) - 1) / (most - 1)) for i in range(most)})
+    return [times[i] for i in idx], True
+
+
+def _number_tables(rows: list[dict], time_col: str, max_columns: int) -> str:
+    from ibscope.plot._data import METRICS, Setting, cubes, layer_order, summarize
+
+    parts: list[str] = []
+    info = [r for r in rows if r["estimator"] != METRICS]
+    groups: dict[tuple, list[dict]] = {}
+    for r in info:
+        groups.setdefault((Setting.of(r), r["quantity"], r["split"]), []).append(r)
+    pair = {"I(X;T)": 0, "I(T;Y)": 1}
+    split_rank = {sp: i for i, sp in enumerate(dict.fromkeys(r["split"] for r in info))}
+    order = sorted(groups, key=lambda k: (pair.get(k[1], 2), k[1], k[0].label(), split_rank[k[2]]))
+    for s, q, split in order:
+        g = groups[(s, q, split)]
+        layers = layer_order(g)
+        c = cubes(g, [q], time_col, layers=layers)[q]
+        med, lo, hi = summarize(c.value)
+        times = [float(t) for t in c.times]
+        shown, cut = _columns(times, max_columns)
+        runs = len(c.runs)
+        head = "".join(f"<th>{_e(_tick(t))}</th>" for t in shown)
+        body = []
+        for li, layer in enumerate(layers):
+            cells = "".join(f"<td>{_fmt(float(med[times.index(t), li]))}</td>" for t in shown)
+            body.append(f"<tr><td class='l'>{_e(layer)}</td>{cells}</tr>")
+        note = (f"median of {runs} runs; " if runs > 1 else "") + f"{c.unit}; columns: {time_col}"
+        if cut:
+            note += f" ({len(shown)} of {len(times)} shown, evenly spaced; all in the CSV below)"
+        caps = ", ".join(_fmt(x) for x in c.caps)
+        if caps:
+            note += f"; cap {caps} {c.unit}"
+        parts.append(f"<h3>{_e(q)} — {_e(s.label())} — split: {_e(split)}</h3>"
+                     f"<p class='note'>{_e(note)}</p><table><tr><th class='l'>layer</th>{head}</tr>"
+                     f"{''.join(body)}</table>")
+    metrics = [r for r in rows if r["estimator"] == METRICS]
+    if metrics:
+        seen, uniq = set(), []
+        for r in metrics:
+            key = (r["run"], r[time_col], r["quantity"])
+            if key not in seen:
+                seen.add(key)
+                uniq.append(r)
+        names = list(dict.fromkeys(r["quantity"] for r in uniq))
+        cs = cubes(uniq, names, time_col, layer_col="quantity")
+        times = [float(t) for t in cs[names[0]].times]
+        shown, cut = _columns(times, max_columns)
+        head = "".join(f"<th>{_e(_tick(t))}</th>" for t in shown)
+        body = []
+        for q in names:
+            med, _, _ = summarize(cs[q].value)
+            li = cs[q].layers.index(q)
+            cells = "".join(f"<td>{_fmt(float(med[times.index(t), li]))}</td>" for t in shown)
+            body.append(f"<tr><td class='l'>{_e(q)} [{_e(cs[q].unit)}]</td>{cells}</tr>")
+        parts.append(f"<h3>Training metrics</h3><p class='note'>columns: {_e(time_col)}"
+                     + (f" ({len(shown)} of {len(times)} shown)" if cut else "") + "</p>"
+                     f"<table><tr><th class='l'>metric</th>{head}</tr>{''.join(body)}</table>")
+    return "".join(parts)
+
+
+def _tick(t: float) -> str:
+    return str(int(t)) if float(t).is_integer() else f"{t:.4g}"
+
+
+def _csv_link(rows: list[dict], name: str) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(COLUMNS)
+    for r in rows:
+        w.writerow(["" if r.get(c) is None else (json.dumps(r[c], sort_keys=True) if c == "params" else r[c])
+                    for c in COLUMNS])
+    data = base64.b64encode(buf.getvalue().encode()).decode("ascii")
+    return (f'<p><a download="{_e(name)}" href="data:text/csv;base64,{data}">Download the full table '
+            f"({len(rows)} rows, values as stored) as CSV</a></p>")
+
+
+# ---------------------------------------------------------------------------------------------
+# provenance
+
+def _find(d: Any, pred: Callable[[str], bool], prefix: str = "") -> list[tuple[str, Any]]:
+    out = []
+    if isinstance(d, dict):
+        for k, v in d.items():
+            path = f"{prefix}.{k}" if prefix else str(k)
+            if pred(path) and not isinstance(v, (dict, list)):
+                out.append((path, v))
+            out += _find(v, pred, path)
+    elif isinstance(d, list):
+        for i, v in enumerate(d):
+            out += _find(v, pred, f"{prefix}[{i}]")
+    return out
+
+
+def _provenance(res: Results, rows: list[dict]) -> str:
+    from ibscope.plot._data import METRICS, Setting
+
+    prov = res.provenance or {}
+    facts: list[tuple[str, Any]] = []
+    ver = prov.get("ibscope_version") or prov.get("version")
+    facts.append(("results written by", f"ibscope {ver}" if ver else "unknown (no provenance sidecar found)"))
+    for key in ("created", "command", "device"):
+        if key in prov:
+            facts.append((key, prov[key]))
+    if prov.get("sources"):
+        facts.append(("results file(s)", ", ".join(map(str, prov["sources"]))))
+    elif res.path:
+        facts.append(("results file", str(res.path)))
+    facts += [(k, v) for k, v in _find(prov, lambda k: any(w in k.lower() for w in ("hash", "sha", "store", "version")))
+              if k not in ("ibscope_version", "version", "format_version")][:40]
+    facts.append(("report made by", f"ibscope {__version__}, "
+                  f"{_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}"))
+    dl = "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in facts)
+    est: dict = {}
+    for r in rows:
+        if r["estimator"] == METRICS:
+            continue
+        s = Setting.of(r)
+        e = est.setdefault(s, {"quantities": {}, "n": set(), "dims": set(), "splits": set()})
+        e["quantities"].setdefault(r["quantity"], None)
+        if r["n_samples"] is not None:
+            e["n"].add(r["n_samples"])
+        if r["dims"]:
+            e["dims"].add(str(r["dims"]))
+        e["splits"].add(r["split"])
+    trs = "".join(
+        f"<tr><td class='l'>{_e(s.estimator)}</td><td class='l'><code>{_e(s.params_json)}</code></td>"
+        f"<td class='l'>{_e(', '.join(v['quantities']))}</td><td class='l'>{_e(', '.join(sorted(v['splits'])))}</td>"
+        f"<td>{_e(', '.join(map(str, sorted(v['n']))))}</td><td class='l'>{_e(', '.join(sorted(v['dims'])[:6]))}</td></tr>"
+        for s, v in est.items())
+    table = ("<table><tr><th class='l'>estimator</th><th class='l'>parameters</th><th class='l'>quantities</th>"
+             f"<th class='l'>splits</th><th>n samples</th><th class='l'>dims</th></tr>{trs}</table>") if trs else ""
+    full = (f"<details><summary>Full provenance record (JSON)</summary><pre>"
+            f"{_e(json.dumps(prov, indent=2, sort_keys=True, default=str))}</pre></details>") if prov else ""
+    return f"<dl>{dl}</dl><h3>Estimator settings</h3>{table}{full}"
+
+
+# ---------------------------------------------------------------------------------------------
+# OOD section
+
+def load_ood(path: str | os.PathLike) -> dict:
+    """Read and check the ``ood_metrics.json`` written by ``ibscope ood`` (DataError if malformed)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "ood_metrics.json"
+    if not p.exists():
+        raise DataError(f"OOD results file not found: '{p}'.",
+                        hint="Pass the ood_metrics.json (or its folder) written by `ibscope ood ... -o DIR`.")
+    try:
+        doc = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"OOD results file '{p}' is not valid JSON: {exc}.") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("results"), list):
+        got = type(doc).__name__ if not isinstance(doc, dict) else f"keys {sorted(doc)[:8]}"
+        raise DataError(f"OOD results file '{p}' must be a JSON object with a 'results' list. Got {got}.",
+                        hint="Use the ood_metrics.json written by `ibscope ood`.")
+    for i, r in enumerate(doc["results"]):
+        missing = [k for k in OOD_REQUIRED if not isinstance(r, dict) or k not in r]
+        if missing:
+            raise DataError(f"OOD results file '{p}': entry {i} of 'results' lacks {missing}.",
+                            hint="Each entry needs at least ood_set and auroc (see docs/plot.md).")
+    if not isinstance(doc.get("figures", []), (list, dict)):
+        raise DataError(f"OOD results file '{p}': 'figures' must be a list of paths. Got {type(doc['figures']).__name__}.")
+    doc["_path"] = str(p)
+    return doc
+
+
+def _ood_section(doc: dict) -> str:
+    base = Path(doc["_path"]).parent
+    rows = doc["results"]
+    keys = [(k, t) for k, t in OOD_COLUMNS if any(k in r and r[k] is not None for r in rows)]
+    if any("config" in r for r in rows):  # the configuration already names detector/reduction/k
+        keys = [(k, t) for k, t in keys if k not in ("detector", "reduction", "k")]
+    best: dict = {}
+    for r in rows:
+        g = (r.get("ood_set"), r.get("checkpoint"), r.get("layer"))
+        if isinstance(r.get("auroc"), (int, float)) and r["auroc"] > best.get(g, -1):
+            best[g] = r["auroc"]
+    rows = sorted(rows, key=lambda r: (str(r.get("ood_set")), str(r.get("checkpoint")), -(r.get("auroc") or 0)))
+    text_cols = ("config", "detector", "reduction", "layer", "ood_set")
+
+    def cell(r, k):
+        v = r.get(k)
+        s = _fmt(float(v)) if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in (
+            "k", "checkpoint", "epoch") else _fmt(v)
+        lo, hi = r.get(f"{k}_ci_low"), r.get(f"{k}_ci_high")
+        if lo is not None and hi is not None:
+            s += f" [{_fmt(float(lo))}, {_fmt(float(hi))}]"
+        cls = "best" if k == "auroc" and r.get("auroc") == best.get((r.get("ood_set"), r.get("checkpoint"),
+                                                                      r.get("layer"))) else ""
+        align = "l" if k in text_cols else ""
+        return f"<td class='{cls} {align}'>{_e(s)}</td>"
+
+    head = "".join(f"<th class='{'l' if k in text_cols else ''}'>{_e(t)}</th>" for k, t in keys)
+    body = "".join("<tr>" + "".join(cell(r, k) for k, _ in keys) + "</tr>" for r in rows)
+    prov = doc.get("provenance") or {}
+    settings = prov.get("settings") or {}
+    intro = []
+    if doc.get("layer"):
+        intro.append(f"layer <b>{_e(doc['layer'])}</b>")
+    if "tpr" in settings:
+        intro.append(f"threshold at TPR {_e(settings['tpr'])} from {_e(settings.get('validation', 'the ID validation split'))}")
+    intro.append("scores: higher = more OOD; bold = best AUROC per OOD set and checkpoint; brackets: bootstrap interval")
+    warn = "".join(f"<p class='warn'>{_e(w)}</p>" for w in doc.get("warnings") or [])
+    figs = doc.get("figures") or []
+    if isinstance(figs, dict):
+        figs = list(figs.values())
+    fig_html = []
+    for f in figs:
+        fp = Path(f) if Path(f).is_absolute() else base / f
+        mime = {".png": "image/png", ".svg": "image/svg+xml", ".jpg": "image/jpeg", ".gif": "image/gif"}.get(
+            fp.suffix.lower())
+        if not fp.exists() or mime is None:
+            why = "not found" if not fp.exists() else "not an image format a browser shows"
+            msg = f"OOD figure '{f}' {why} (looked in {fp.parent}); it is missing from this report."
+            warnings.warn(msg, stacklevel=3)
+            log.warning(msg)
+            fig_html.append(f"<p class='warn'>{_e(msg)}</p>")
+            continue
+        fig_html.append(f"<figure>{_img(fp.read_bytes(), mime, fp.name)}<figcaption>{_e(fp.name)}</figcaption></figure>")
+    full = (f"<details><summary>OOD provenance (JSON)</summary><pre>"
+            f"{_e(json.dumps(prov, indent=2, sort_keys=True, default=str))}</pre></details>") if prov else ""
+    return (f"<p>{'; '.join(intro)}. Source: <code>{_e(doc['_path'])}</code></p>{warn}"
+            f"<table><tr>{head}</tr>{body}</table>{''.join(fig_html)}{full}")
+
+
+# ---------------------------------------------------------------------------------------------
+
+def write_report(results: Any, out_html: str | os.PathLike | None = None, *, ood: str | os.PathLike | None = None,
+                 figures_dir: str | os.PathLike | None = None, unit: str = "bits", title: str | None = None,
+                 kinds: Sequence[str] | None = None, runs_mode: str = "median", max_columns: int = 10,
+                 dpi: int = 110, callback: Callable[[int, int, str], None] | None = None) -> Path:
+    """Write the self-contained HTML report and return its path.
+
+    ``results``: results CSV path(s) or a Results. ``out_html`` defaults to
+    ``<results stem>_report.html`` next to the results. ``ood``: the ``ood_metrics.json`` (or
+    its folder) written by ``ibscope ood``. ``figures_dir``: also save each figure there as PNG.
+    ``kinds``: plot kinds to include (default: all the data supports except the animation).
+    """
+    from ibscope.plot import figures as plan_figures
+    from ibscope.plot import load_results, save_figure
+    from ibscope.plot._data import prepare, time_axis
+
+    if max_columns < 2:
+        raise UsageError(f"max_columns must be >= 2. Got {max_columns}.")
+    if kinds is not None and "animation" in kinds:
+        raise UsageError("The HTML report embeds still images only; leave 'animation' out of the kinds.",
+                         hint="Make the animation with `ibscope plot RESULTS --animate`.")
+    res = load_results(results)
+    out = Path(out_html) if out_html is not None else _default_out(res)
+    if out.suffix.lower() not in (".html", ".htm"):
+        raise UsageError(f"The report is an HTML file; the output name should end in .html. Got '{out.name}'.")
+    ood_doc = load_ood(ood) if ood is not None else None
+    jobs = plan_figures(res, kinds=kinds, unit=unit, runs_mode=runs_mode)
+    conv = prepare(res, unit)
+    tcol = time_axis(conv.rows)
+    total = len(jobs) + 1
+    fig_html: dict[str, list[str]] = {}
+    for i, job in enumerate(jobs):
+        fig = job.make()
+        data = _png(fig, dpi)
+        if figures_dir is not None:
+            save_figure(fig, Path(figures_dir) / f"{job.name}.png", "png", max(dpi, 150), job.name, job.caption)
+        fig_html.setdefault(job.kind, []).append(
+            f"<figure id='fig-{_e(job.name)}'>{_img(data, 'image/png', job.caption)}"
+            f"<figcaption>{_e(job.caption)}</figcaption></figure>")
+        if callback is not None:
+            callback(i + 1, total, job.name)
+    runs = conv.unique("run")
+    splits = conv.unique("split")
+    n_ck = len({r[tcol] for r in conv.rows})
+    name = title or f"ibscope report — {res.path.name if res.path else 'results'}"
+    summary = (f"{len(conv.rows)} rows · {len(runs)} run(s): {', '.join(runs[:8])}{' …' if len(runs) > 8 else ''}"
+               f" · split(s): {', '.join(splits)} · {n_ck} {tcol} value(s) · information in {unit}")
+    sections = [("plane", "Information plane", ("info-plane", "trajectory", "estimators")),
+                ("curves", "Curves over training", ("curves",)), ("metrics", "Training metrics", ("metrics",))]
+    body = []
+    nav = []
+    for sid, head, ks in sections:
+        figs = [f for k in ks for f in fig_html.get(k, [])]
+        if figs:
+            nav.append(f"<a href='#{sid}'>{_e(head)}</a>")
+            body.append(f"<h2 id='{sid}'>{_e(head)}</h2>{''.join(figs)}")
+    nav.append("<a href='#numbers'>Numbers</a>")
+    body.append(f"<h2 id='numbers'>Numbers</h2>{_number_tables(conv.rows, tcol, max_columns)}"
+                f"{_csv_link(res.rows, (res.path.stem if res.path else 'results') + '.csv')}")
+    if ood_doc is not None:
+        nav.append("<a href='#ood'>Out-of-distribution</a>")
+        body.append(f"<h2 id='ood'>Out-of-distribution detection</h2>{_ood_section(ood_doc)}")
+    nav.append("<a href='#provenance'>Provenance</a>")
+    body.append(f"<h2 id='provenance'>Provenance</h2>{_provenance(res, conv.rows)}")
+    page = (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+            f"<meta name='viewport' content='width=device-width, initial-scale=1'>"
+            f"<meta name='generator' content='ibscope {_e(__version__)}'><title>{_e(name)}</title>"
+            f"<style>{CSS}</style></head><body><h1>{_e(name)}</h1><p class='sub'>{_e(summary)}</p>"
+            f"<nav>{''.join(nav)}</nav>{''.join(body)}</body></html>\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        tmp.write_text(page, encoding="utf-8")
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    if callback is not None:
+        callback(total, total, out.name)
+    return out
