@@ -84,11 +84,15 @@ def did_you_mean(name: str, choices: Iterable[str], n: int = 3) -> str:
     return " Did you mean one of: " + ", ".join(f"'{c}'" for c in close) + "?"
 
 
+def _plural(kind: str) -> str:
+    return kind[:-1] + "ies" if kind.endswith("y") and kind[-2:-1] not in tuple("aeiou") else kind + "s"
+
+
 def unknown_name(kind: str, name: str, choices: Iterable[str]) -> UsageError:
     """Build the standard "unknown X" error with a did-you-mean and the valid names."""
     choices = sorted(set(choices))
     shown = ", ".join(choices[:20]) + (" ..." if len(choices) > 20 else "")
     return UsageError(
         f"Unknown {kind} '{name}'.{did_you_mean(name, choices)}",
-        hint=f"Valid {kind}s: {shown}" if choices else None,
+        hint=f"Valid {_plural(kind)}: {shown}" if choices else None,
     )
