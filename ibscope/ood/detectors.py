@@ -174,8 +174,10 @@ class MahalanobisDetector:
             xc = t - means
             dof = n - 1
         method = self.covariance
+        reason = "requested"
         if method == "auto":
             method = "ledoit-wolf" if n < 10 * d else "empirical"
+            reason = f"auto: n_fit={n} {'<' if method == 'ledoit-wolf' else '>='} 10 x dims={d}"
         if method == "empirical" and dof < d:
             raise DataError(
                 f"Too few in-distribution samples for an empirical covariance: {n} fit samples"
@@ -187,18 +189,19 @@ class MahalanobisDetector:
         if n < 2 or dof < 1:
             raise DataError(f"Too few in-distribution samples for a covariance: got {n} fit samples; need at least "
                             f"{2 if classes is None else len(classes) + 1}.")
-        if method == "ledoit-wolf":
-            cov, shrink = ledoit_wolf(xc)
-        else:
-            cov, shrink = xc.T @ xc / n, 0.0
-        if self.ridge > 0:
-            cov.diagonal().add_(self.ridge * float(cov.diagonal().mean()))
-        chol, info = torch.linalg.cholesky_ex(cov)
-        if int(info) != 0:
+        chol, shrink, ok = self._factor(xc, method)
+        if not ok and self.covariance == "auto" and method == "empirical":
+            # 'auto' is a documented policy: a singular empirical covariance (dead ReLU units,
+            # duplicated features) switches to Ledoit-Wolf; the switch is recorded and logged.
+            log.warning("Mahalanobis: the empirical covariance of %d features is singular; using Ledoit-Wolf "
+                        "shrinkage (covariance='auto').", d)
+            method, reason = "ledoit-wolf", "auto: empirical covariance singular"
+            chol, shrink, ok = self._factor(xc, method)
+        if not ok:
             raise DataError(
-                f"The {method} covariance of the {d} fit features is singular (not positive definite at column {int(info)}): "
+                f"The {method} covariance of the {d} fit features is singular or numerically singular: "
                 "some features are constant or linear combinations of others.",
-                hint="Use --covariance ledoit-wolf, reduce with --reduce pca:N, or pass an explicit ridge.",
+                hint="Use --covariance ledoit-wolf (or auto), reduce with --reduce pca:N, or pass an explicit --ridge.",
             )
         self._chol = chol
         self._means = means
@@ -207,12 +210,33 @@ class MahalanobisDetector:
         self._wmeans = torch.linalg.solve_triangular(chol, means.T, upper=False).T
         self.fitted_ = {
             "detector": "mahalanobis", "covariance": method, "covariance_requested": self.covariance,
+            "covariance_reason": reason,
             "shrinkage": float(shrink), "ridge": float(self.ridge), "class_conditional": bool(self.class_conditional),
             "n_classes": None if classes is None else int(len(classes)), "n_fit": int(n), "dims": int(d),
             "covariance_normalisation": "1/N (maximum likelihood)", "device": str(t.device),
             "log_det_covariance": float(2.0 * torch.log(chol.diagonal()).sum()),
         }
         return self
+
+    def _factor(self, xc, method: str):
+        """(Cholesky factor, shrinkage, ok) of the covariance of centred ``xc``."""
+        import torch
+
+        n = xc.shape[0]
+        if method == "ledoit-wolf":
+            cov, shrink = ledoit_wolf(xc)
+        else:
+            cov, shrink = xc.T @ xc / n, 0.0
+        if self.ridge > 0:
+            cov.diagonal().add_(self.ridge * float(cov.diagonal().mean()))
+        chol, info = torch.linalg.cholesky_ex(cov)
+        if int(info) != 0:
+            return None, shrink, False
+        piv = chol.diagonal()
+        # squared pivot ratio ~ condition number proxy: beyond 1e12 distances are round-off noise
+        if not bool(torch.isfinite(piv).all()) or float((piv.min() / piv.max()) ** 2) < 1e-12:
+            return None, shrink, False
+        return chol, shrink, True
 
     def score(self, x):
         """Mahalanobis distance to the (nearest class) mean, numpy float64 (n,)."""
