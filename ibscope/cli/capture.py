@@ -203,7 +203,7 @@ def register(app: typer.Typer) -> None:
             "created": st.attrs.get("created"), "n_samples": st.n_samples,
             "labels": None if st.labels is None else {"dtype": str(st.labels.dtype),
                                                       "classes": int(len(set(st.labels.reshape(len(st.labels), -1)[:, 0].tolist())))},
-            "inputs": list(st.input_shape) if st.has_inputs else None, "config": st.config,
+            "inputs": [int(s) for s in st.input_shape] if st.has_inputs else None, "config": st.config,
             "layers": {n: st.layer_meta(n) for n in st.layers}, "checkpoints": ckpts,
         }
         if as_json:
