@@ -83,6 +83,13 @@ def _img(data: bytes, mime: str, alt: str) -> str:
     return f'<img alt="{_e(alt)}" src="data:{mime};base64,{base64.b64encode(data).decode("ascii")}">'
 
 
+def _sources(results: Any, res: Results) -> list[Path]:
+    if isinstance(results, Results):
+        return [res.path] if res.path is not None and res.path.exists() else []
+    paths = [results] if isinstance(results, (str, os.PathLike)) else list(results)
+    return [Path(p) for p in paths]
+
+
 def _default_out(res: Results) -> Path:
     if res.path is None:
         raise UsageError("No output file given and the results have no file to place it next to.",
@@ -333,7 +340,9 @@ def write_report(results: Any, out_html: str | os.PathLike | None = None, *, ood
 
     ``results``: results CSV path(s) or a Results. ``out_html`` defaults to
     ``<results stem>_report.html`` next to the results. ``ood``: the ``ood_metrics.json`` (or
-    its folder) written by ``ibscope ood``. ``figures_dir``: also save each figure there as PNG.
+    its folder) written by ``ibscope ood``. ``figures_dir``: a folder of PNGs drawn by
+    ``ibscope plot`` from the same results (``<kind>_<name>.png``): those newer than the results
+    are embedded as they are; the others are drawn and also saved there.
     ``kinds``: plot kinds to include (default: all the data supports except the animation).
     """
     from ibscope.plot import figures as plan_figures
@@ -355,11 +364,16 @@ def write_report(results: Any, out_html: str | os.PathLike | None = None, *, ood
     tcol = time_axis(conv.rows)
     total = len(jobs) + 1
     fig_html: dict[str, list[str]] = {}
+    src_mtime = max((Path(p).stat().st_mtime for p in _sources(results, res)), default=None)
     for i, job in enumerate(jobs):
-        fig = job.make()
-        data = _png(fig, dpi)
-        if figures_dir is not None:
-            save_figure(fig, Path(figures_dir) / f"{job.name}.png", "png", max(dpi, 150), job.name, job.caption)
+        have = Path(figures_dir) / f"{job.name}.png" if figures_dir is not None else None
+        if have is not None and src_mtime is not None and have.exists() and have.stat().st_mtime >= src_mtime:
+            data = have.read_bytes()  # drawn by `ibscope plot` from these results: reuse, do not redraw
+        else:
+            fig = job.make()
+            data = _png(fig, dpi)
+            if have is not None:
+                save_figure(fig, have, "png", max(dpi, 150), job.name, job.caption)
         fig_html.setdefault(job.kind, []).append(
             f"<figure id='fig-{_e(job.name)}'>{_img(data, 'image/png', job.caption)}"
             f"<figcaption>{_e(job.caption)}</figcaption></figure>")

@@ -143,7 +143,8 @@ def register(app: typer.Typer) -> None:
             None, "--kind", "-k", help="Figure kinds to include (as in `ibscope plot`, without animation)."),
         runs: str = typer.Option("median", "--runs", help="Several runs: 'median' (with band) or 'all' (each faint)."),
         figures_dir: Optional[Path] = typer.Option(
-            None, "--figures-dir", help="Also save every figure as a PNG file in this folder."),
+            None, "--figures-dir", help="Folder of PNGs from `ibscope plot` on the same results: those newer than "
+                                        "the results are embedded as they are, the others drawn and saved there."),
         title: Optional[str] = typer.Option(None, "--title", help="Title of the report page."),
         max_columns: int = typer.Option(10, "--max-columns", help="Most epochs shown per table (evenly spaced; the "
                                                                   "full table is embedded as CSV)."),
