@@ -95,7 +95,7 @@ class TwoNN(_IDMixin, Estimator):
 
     Definition: mu_i = r2(i) / r1(i) follows a Pareto law F(mu) = 1 - mu^(-d) on a
     d-dimensional manifold (locally uniform density).
-    Convention (``method``):
+    Convention (``fit``):
       * "lsq" (default): least-squares slope through the origin of -log(1 - F_emp) on log mu
         after discarding the largest ``discard_fraction`` of the mu (default 0.1), with
         F_emp(i) = i / N for i = 1..N(1 - f): scikit-dimension's TwoNN after its PR #28 (the
@@ -106,7 +106,7 @@ class TwoNN(_IDMixin, Estimator):
     """
 
     discard_fraction: float = 0.1
-    method: str = "lsq"
+    fit: str = "lsq"
     dedupe: bool = True
 
     name: ClassVar[str] = "twonn"
@@ -117,7 +117,7 @@ class TwoNN(_IDMixin, Estimator):
                                 "by a minimal neighborhood information, Sci. Rep. 7:12140")
 
     def validate(self) -> None:
-        self._require(self.method in ("lsq", "ml"), "method", "'lsq' or 'ml'", self.method)
+        self._require(self.fit in ("lsq", "ml"), "fit", "'lsq' or 'ml'", self.fit)
         self._require(0.0 < self.discard_fraction < 1.0, "discard_fraction", "in (0, 1)", self.discard_fraction)
 
     def estimate(self, x) -> Estimate:
@@ -127,7 +127,7 @@ class TwoNN(_IDMixin, Estimator):
         n = int(xu.shape[0])
         t = knn_distances_exact(xu, 2)
         logmu = torch.log(t[:, 1] / t[:, 0])
-        if self.method == "ml":
+        if self.fit == "ml":
             s = float(logmu.sum())
             if s <= 0:
                 raise DataError(f"{self.name}: every point has r2 == r1 (all log-ratios are 0); the ML estimate is "
@@ -199,7 +199,11 @@ class MLEIntrinsicDimension(_IDMixin, Estimator):
             value = 1.0 / m
         else:
             di = torch.where(inv > 0, 1.0 / inv.clamp_min(1e-300), torch.full_like(inv, math.inf))
-            value = float(di.mean() if self.aggregate == "mean" else di.median())
+            if self.aggregate == "mean":
+                value = float(di.mean())
+            else:  # numpy's median: the mean of the two middle values for an even count
+                v, h = torch.sort(di).values, n // 2
+                value = float(v[h] if n % 2 else 0.5 * (v[h - 1] + v[h]))
             if not math.isfinite(value):
                 raise DataError(f"{self.name}: some points have all k-NN distances tied, so their d_i is infinite "
                                 f"and the {self.aggregate} is undefined.", hint="Use aggregate=harmonic.")
