@@ -97,3 +97,27 @@ def label_entropy(y: np.ndarray) -> float:
     _, c = np.unique(np.asarray(y), return_counts=True)
     p = c / c.sum()
     return float(-(p * np.log(p)).sum())
+
+
+def write_probe_files(out_dir, train_fraction: float = 0.85, split_seed: int = 0) -> list:
+    """Write ``all.npz`` (the 4096 patterns), ``train.npz`` and ``test.npz`` to ``out_dir``.
+
+    Each file holds ``x`` (float32, (n, 12)), ``y`` (int64) and ``ids`` (the pattern index
+    ``0..4095``, so rows of different files can be matched). Written atomically.
+    """
+    import os
+    from pathlib import Path
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    x, y = twelve_bit_task()
+    tr, te = train_test_split(len(x), float(train_fraction), int(split_seed))
+    ids = np.arange(len(x), dtype=np.int64)
+    paths = []
+    for name, rows in (("all", ids), ("train", tr), ("test", te)):
+        p = out / f"{name}.npz"
+        tmp = out / f"{name}.tmp.npz"
+        np.savez(tmp, x=x[rows], y=y[rows], ids=ids[rows])
+        os.replace(tmp, p)
+        paths.append(p)
+    return paths

@@ -117,7 +117,7 @@ def train_classifier(
     """Train ``model_factory()`` (a network returning class probabilities) and save checkpoints.
 
     ``progress(epoch, epochs)`` is called after each epoch. Returns the checkpoint paths in
-    epoch order. Existing files in ``out_dir`` named ``epoch_*.pt`` are replaced.
+    epoch order. Existing files in ``out_dir`` named ``epoch_*.pt`` are deleted first.
     """
     import torch
 
@@ -129,6 +129,8 @@ def train_classifier(
         raise UsageError(f"x_train and y_train must have the same, non-zero number of rows. Got {x_train.shape[0]} and {y_train.shape[0]}.")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("epoch_*.pt"):  # a previous run's checkpoints would mix into this one
+        old.unlink()
     dev = torch.device(device)
     torch.manual_seed(int(cfg.seed))
     model = model_factory().to(dev)

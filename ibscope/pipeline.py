@@ -1,0 +1,987 @@
+"""``ibscope run CONFIG.yaml``: the whole pipeline from one YAML file.
+
+Stages, in order (each reads only what the stage before it wrote)::
+
+    data -> train -> capture -> estimate -> plot -> ood -> report -> check
+
+* **data**: a built-in task (``twelve-bit``, ``digits``) writes its ``.npz`` probe files, or the
+  config names the user's own files.
+* **train**: a training recipe (``train:`` section) writes checkpoints at log-spaced epochs; a run
+  that already has checkpoints names them with ``checkpoints:`` instead and this stage is skipped.
+* **capture** (one activation store per probe set), **estimate** (results CSV), **plot**
+  (figures), **ood** (optional), **report** (HTML), **check** (optional, exit code 3 on a
+  regression).
+
+Up-to-date stages are skipped: each stage writes a stamp (``OUT/.ibscope/stages/<stage>.json``)
+holding the hash of its config section and of the upstream stamps; a stage runs again only when
+its config section changed, an upstream stage ran again, one of its outputs is missing, or an
+input file is newer than its outputs. Re-running after changing only ``plot:`` re-draws the
+figures and the report and nothing else.
+
+Relative paths inside a config are resolved against the config file's folder; ``--out`` on the
+command line is relative to the current folder; without either, output goes to
+``./ibscope-runs/<name>``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from ibscope._version import __version__
+from ibscope.errors import DataError, IbscopeError, RegressionFound, UsageError, did_you_mean, unknown_name
+
+log = logging.getLogger(__name__)
+
+STAGES = ("data", "train", "capture", "estimate", "plot", "ood", "report", "check")
+TASKS = ("twelve-bit", "digits")
+STAMP_DIR = Path(".ibscope") / "stages"
+PACKAGED_CONFIGS = Path(__file__).parent / "configs"
+
+
+# ======================================================================================
+# config schema
+# ======================================================================================
+@dataclass(frozen=True)
+class F:
+    """One config field: its type, default and a line of documentation."""
+
+    type: str  # str | int | float | bool | dict | list | strlist | paths | any
+    default: Any = None
+    doc: str = ""
+    required: bool = False
+    nullable: bool = True
+    choices: tuple = ()
+
+
+#: The schema: nested dicts are sections; leaves are :class:`F`. ``describe_schema()`` prints it.
+SCHEMA: dict[str, Any] = {
+    "name": F("str", None, "run name (the results' 'run' column); default: the config file's stem"),
+    "description": F("str", "", "free text shown in the report"),
+    "out": F("str", None, "output folder (relative to the config file); --out overrides"),
+    "seed": F("int", 0, "seed of the training run (initialisation and minibatch order)", nullable=False),
+    "device": F("str", "auto", "auto | cpu | cuda:N for capture, estimate and ood", nullable=False),
+    "model": {
+        "factory": F("str", None, "'pkg.module:factory' or 'path/file.py:factory'", required=True),
+        "args": F("dict", {}, "keyword arguments of the factory"),
+    },
+    "data": {
+        "task": F("str", None, "built-in task: twelve-bit | digits (writes the probe files)", choices=TASKS),
+        "options": F("dict", {}, "options of the built-in task (see docs/demo.md)"),
+        "train": F("str", None, ".npz with x, y: the training split (needed by the train stage)"),
+        "test": F("str", None, ".npz with x, y: the test split (test metrics in checkpoints)"),
+        "probes": F("dict", {}, "{name: probe file} extra probe sets (.npz/.h5/.pt)"),
+        "probe": F("str", None, "the probe set the information plane is measured on"),
+    },
+    "train": {
+        "epochs": F("int", 3000, "training epochs", nullable=False),
+        "checkpoints": F("int", 30, "about this many log-spaced checkpoints (plus epoch 0)", nullable=False),
+        "checkpoint_epochs": F("list", None, "explicit checkpoint epochs (overrides 'checkpoints')"),
+        "lr": F("float", 1e-3, "learning rate", nullable=False),
+        "batch_size": F("int", None, "minibatch size; null = full batch"),
+        "optimizer": F("str", "adam", "adam | sgd (momentum 0.9)", nullable=False, choices=("adam", "sgd")),
+        "weight_decay": F("float", 0.0, "L2 weight decay", nullable=False),
+        "device": F("str", "cpu", "device for training (tiny nets are fastest on cpu)", nullable=False),
+    },
+    "checkpoints": F("paths", None, "existing checkpoints (glob, folder or list) instead of a train: recipe"),
+    "capture": {
+        "layers": F("strlist", ["type:Linear"], "layer selectors (see `ibscope capture --help`)", nullable=False),
+        "probes": F("strlist", None, "probe sets to capture (default: those that estimate and ood use)"),
+        "reduce": F("any", None, "reduction for wide/conv layers (one op or {layer: op})"),
+        "batch_size": F("int", 1024, "probe batch size", nullable=False),
+        "dtype": F("str", "float32", "float32 | float16", nullable=False, choices=("float32", "float16")),
+        "max_samples": F("int", None, "use at most this many probe samples"),
+        "jacobian_samples": F("int", 0, "store Jacobian spectra for this many samples (local-rank)", nullable=False),
+    },
+    "estimate": {
+        "estimators": F("strlist", ["binning", "kde"], "registered estimator names (`ibscope estimators`)",
+                        nullable=False),
+        "params": F("dict", {}, "{estimator: {param: value}}"),
+        "probes": F("strlist", None, "probe sets to estimate on (default: data.probe)"),
+        "jobs": F("int", 1, "parallel jobs", nullable=False),
+    },
+    "plot": {
+        "enabled": F("bool", True, "draw figures", nullable=False),
+        "kinds": F("strlist", None, "figure kinds (default: all that the results support)"),
+        "unit": F("str", "bits", "bits | nats", nullable=False, choices=("bits", "nats")),
+        "fmt": F("str", "png", "png | svg | pdf", nullable=False),
+        "options": F("dict", {}, "further keyword options of ibscope.plot.plot_results"),
+    },
+    "report": {
+        "enabled": F("bool", True, "write report.html", nullable=False),
+    },
+    "ood": {
+        "fit": F("str", None, "probe set the detectors are fitted on", required=True),
+        "test": F("str", None, "in-distribution probe set", required=True),
+        "ood": F("strlist", None, "OOD probe sets", required=True),
+        "layer": F("str", None, "layer whose features are scored", required=True),
+        "detectors": F("strlist", ["mahalanobis", "knn"], "mahalanobis | knn", nullable=False),
+        "reductions": F("strlist", ["none"], "feature reductions (e.g. none, std+pca:16)", nullable=False),
+        "checkpoint": F("any", -1, "checkpoint index (-1 = last), list, or 'all'"),
+        "options": F("dict", {}, "further keyword options of ibscope.ood.run_ood"),
+    },
+    "check": {
+        "baseline": F("str", None, "baseline results CSV"),
+        "rules": F("str", None, "rules YAML"),
+        "rtol": F("float", None, "relative tolerance"),
+        "atol": F("float", None, "absolute tolerance"),
+        "sigma": F("float", None, "tolerance in standard errors"),
+        "junit": F("bool", True, "also write check.xml (JUnit)", nullable=False),
+    },
+    "quick": F("dict", {}, "overrides merged in with --quick (same keys as the config)"),
+}
+
+#: sections that may be absent (then the stage does not run)
+OPTIONAL_SECTIONS = ("train", "ood", "check")
+
+
+def _type_ok(f: F, v: Any) -> bool:
+    if v is None:
+        return f.nullable and not f.required
+    t = f.type
+    if t == "any":
+        return True
+    if t == "str":
+        return isinstance(v, str)
+    if t == "int":
+        return isinstance(v, int) and not isinstance(v, bool)
+    if t == "float":
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    if t == "bool":
+        return isinstance(v, bool)
+    if t == "dict":
+        return isinstance(v, dict)
+    if t == "list":
+        return isinstance(v, list)
+    if t in ("strlist", "paths"):
+        return isinstance(v, str) or (isinstance(v, list) and all(isinstance(s, str) for s in v))
+    raise AssertionError(t)
+
+
+_TYPE_WORDS = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false",
+               "dict": "a mapping", "list": "a list", "strlist": "a string or a list of strings",
+               "paths": "a path, glob or list of paths", "any": "any value"}
+
+
+def _validate_section(raw: Any, schema: dict, where: str, source: str) -> dict:
+    if not isinstance(raw, dict):
+        raise UsageError(f"{source}: '{where or 'the config'}' must be a mapping. Got {type(raw).__name__}: {raw!r}.")
+    out: dict[str, Any] = {}
+    for key in raw:
+        if not isinstance(key, str) or key not in schema:
+            path = f"{where}.{key}" if where else str(key)
+            raise UsageError(
+                f"{source}: unknown config key '{path}'.{did_you_mean(str(key), schema)}",
+                hint=f"Valid keys{' in ' + where if where else ''}: {', '.join(schema)}. See `ibscope run --help` or docs/demo.md.",
+            )
+    for key, spec in schema.items():
+        path = f"{where}.{key}" if where else key
+        if isinstance(spec, dict):
+            if key in raw and raw[key] is not None:
+                out[key] = _validate_section(raw[key], spec, path, source)
+            elif key in OPTIONAL_SECTIONS:
+                out[key] = None
+            else:
+                out[key] = _validate_section({}, spec, path, source)
+            continue
+        if key not in raw:
+            if spec.required:
+                raise UsageError(f"{source}: missing required key '{path}' ({spec.doc}).")
+            out[key] = copy.deepcopy(spec.default)
+            continue
+        v = raw[key]
+        if spec.type == "float" and isinstance(v, str):  # YAML reads 1e-3 as a string
+            try:
+                v = float(v)
+            except ValueError:
+                pass
+        if not _type_ok(spec, v):
+            raise UsageError(f"{source}: '{path}' must be {_TYPE_WORDS[spec.type]}"
+                             f"{'' if spec.nullable and not spec.required else ' (not null)'}. Got {v!r}.",
+                             hint=f"{path}: {spec.doc}")
+        if spec.choices and v is not None and v not in spec.choices:
+            raise UsageError(f"{source}: '{path}' must be one of {', '.join(spec.choices)}. Got {v!r}."
+                             f"{did_you_mean(str(v), spec.choices)}")
+        if spec.type == "strlist" and isinstance(v, str):
+            v = [v]
+        if spec.type == "float" and v is not None:
+            v = float(v)
+        out[key] = v
+    return out
+
+
+def deep_merge(base: dict, over: Mapping) -> dict:
+    """``base`` updated recursively with ``over`` (mappings merge, everything else replaces)."""
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def parse_overrides(items: Sequence[str] | None) -> dict:
+    """``["train.epochs=500", "plot.unit=nats"]`` -> nested dict (values parsed as YAML)."""
+    import yaml
+
+    out: dict = {}
+    for it in items or []:
+        if "=" not in it:
+            raise UsageError(f"--set expects KEY.PATH=VALUE. Got {it!r}.", hint="Example: --set train.epochs=500")
+        k, v = it.split("=", 1)
+        try:
+            val = yaml.safe_load(v)
+        except yaml.YAMLError:
+            val = v
+        node = out
+        parts = [p for p in k.strip().split(".") if p]
+        if not parts:
+            raise UsageError(f"--set expects KEY.PATH=VALUE. Got {it!r}.")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise UsageError(f"--set {it!r} conflicts with an earlier --set of '{p}'.")
+        node[parts[-1]] = val
+    return out
+
+
+def load_config(config: str | os.PathLike | Mapping, *, quick: bool = False, overrides: Mapping | None = None,
+                base_dir: str | os.PathLike | None = None) -> tuple[dict, Path, str]:
+    """Read and validate a run config. Returns (config with defaults, base folder, source label).
+
+    ``config``: a YAML file, the name of a packaged config (``demo-tanh``), or a mapping.
+    ``quick`` merges the config's ``quick:`` section; ``overrides`` (``--set``) are merged last.
+    """
+    import yaml
+
+    if isinstance(config, Mapping):
+        raw = copy.deepcopy(dict(config))
+        base = Path(base_dir or ".").resolve()
+        source = "config"
+        stem = "run"
+    else:
+        p = Path(config)
+        if not p.exists() and not p.suffix and (PACKAGED_CONFIGS / f"{p.name}.yaml").exists():
+            p = PACKAGED_CONFIGS / f"{p.name}.yaml"
+        if not p.exists():
+            avail = sorted(q.stem for q in PACKAGED_CONFIGS.glob("*.yaml"))
+            raise UsageError(f"Config file not found: '{config}'.{did_you_mean(p.stem, avail) if not p.suffix else ''}",
+                             hint="Packaged configs: " + ", ".join(avail) if avail else None)
+        if p.is_dir():
+            raise UsageError(f"'{config}' is a folder; `ibscope run` expects a YAML file.")
+        try:
+            raw = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise UsageError(f"'{p}' is not valid YAML: {exc}") from None
+        except UnicodeDecodeError:
+            raise UsageError(f"'{p}' is not a text file; `ibscope run` expects a YAML file.") from None
+        if raw is None:
+            raise UsageError(f"'{p}' is empty; a run config needs at least a 'model:' section.")
+        if not isinstance(raw, dict):
+            raise UsageError(f"'{p}' must hold a YAML mapping (key: value). Got {type(raw).__name__}.")
+        base = Path(base_dir).resolve() if base_dir else p.resolve().parent
+        source = str(p)
+        stem = p.stem
+    quick_section = raw.get("quick") or {}
+    if not isinstance(quick_section, dict):
+        raise UsageError(f"{source}: 'quick' must be a mapping of overrides. Got {quick_section!r}.")
+    if quick:
+        raw = deep_merge(raw, quick_section)
+    if overrides:
+        raw = deep_merge(raw, overrides)
+    cfg = _validate_section(raw, SCHEMA, "", source)
+    # quick overrides must themselves be valid keys, even when not applied
+    _validate_keys_only(quick_section, SCHEMA, "quick", source)
+    cfg["name"] = cfg["name"] or stem
+    _check_consistency(cfg, source)
+    return cfg, base, source
+
+
+def _validate_keys_only(raw: Mapping, schema: dict, where: str, source: str) -> None:
+    for k, v in raw.items():
+        if k not in schema or k == "quick":
+            raise UsageError(f"{source}: unknown config key '{where}.{k}'.{did_you_mean(str(k), schema)}")
+        if isinstance(schema[k], dict) and isinstance(v, Mapping):
+            _validate_keys_only(v, schema[k], f"{where}.{k}", source)
+
+
+def _check_consistency(cfg: dict, source: str) -> None:
+    if cfg["train"] is None and not cfg["checkpoints"]:
+        raise UsageError(f"{source}: give either a 'train:' recipe or 'checkpoints:' (existing checkpoint files).")
+    if cfg["train"] is not None and cfg["checkpoints"]:
+        raise UsageError(f"{source}: 'train:' and 'checkpoints:' exclude each other.",
+                         hint="Remove 'checkpoints:' to train here, or 'train:' to analyse existing checkpoints.")
+    d = cfg["data"]
+    if d["task"] is None:
+        if cfg["train"] is not None and not d["train"]:
+            raise UsageError(f"{source}: the train stage needs 'data.train' (an .npz with x, y) or a built-in 'data.task'.")
+        if not (d["probes"] or d["train"] or d["test"]):
+            raise UsageError(f"{source}: no probe data: set 'data.task', or 'data.probes' / 'data.train' / 'data.test'.")
+    elif d["task"] == "twelve-bit":
+        _check_options(d["options"], ("train_fraction", "split_seed"), "data.options", source)
+    elif d["task"] == "digits":
+        _check_options(d["options"], ("holdout", "test_fraction", "split_seed", "transform"), "data.options", source)
+    if cfg["train"] is not None:
+        from ibscope.demo.train import TrainConfig
+
+        tc = _train_config(cfg)
+        try:
+            tc.validate()
+        except UsageError as exc:
+            raise UsageError(f"{source}: {exc.message}", hint=exc.hint) from None
+    for k in ("batch_size", "jacobian_samples"):
+        v = cfg["capture"][k]
+        if v is not None and v < (1 if k == "batch_size" else 0):
+            raise UsageError(f"{source}: 'capture.{k}' must be >= {1 if k == 'batch_size' else 0}. Got {v}.")
+    if not cfg["estimate"]["estimators"]:
+        raise UsageError(f"{source}: 'estimate.estimators' is empty; name at least one estimator.")
+    if cfg["estimate"]["jobs"] < 1:
+        raise UsageError(f"{source}: 'estimate.jobs' must be >= 1. Got {cfg['estimate']['jobs']}.")
+    params = cfg["estimate"]["params"]
+    for k, v in params.items():
+        if not isinstance(v, dict):
+            raise UsageError(f"{source}: 'estimate.params.{k}' must be a mapping {{param: value}}. Got {v!r}.")
+        if k not in cfg["estimate"]["estimators"]:
+            raise UsageError(f"{source}: 'estimate.params' sets parameters of '{k}', which is not in estimate.estimators."
+                             f"{did_you_mean(k, cfg['estimate']['estimators'])}")
+
+
+def _check_options(opts: Mapping, allowed: Sequence[str], where: str, source: str) -> None:
+    for k in opts:
+        if k not in allowed:
+            raise UsageError(f"{source}: unknown key '{where}.{k}'.{did_you_mean(str(k), allowed)}",
+                             hint=f"Valid keys in {where}: {', '.join(allowed)}")
+
+
+def _train_config(cfg: dict):
+    from ibscope.demo.train import TrainConfig
+
+    t = cfg["train"]
+    return TrainConfig(epochs=t["epochs"], checkpoints=t["checkpoints"], lr=t["lr"], batch_size=t["batch_size"],
+                       optimizer=t["optimizer"], weight_decay=t["weight_decay"], seed=cfg["seed"],
+                       checkpoint_epochs=t["checkpoint_epochs"])
+
+
+def describe_schema(schema: dict | None = None, indent: int = 0) -> str:
+    """The config keys with types, defaults and documentation, as indented text."""
+    lines = []
+    for k, v in (schema or SCHEMA).items():
+        pad = "  " * indent
+        if isinstance(v, dict):
+            lines.append(f"{pad}{k}:")
+            lines.append(describe_schema(v, indent + 1))
+        else:
+            d = "" if v.default in (None, {}, "") else f" (default {v.default!r})"
+            req = " [required]" if v.required else ""
+            lines.append(f"{pad}{k}: {v.type}{req}{d} - {v.doc}")
+    return "\n".join(lines)
+
+
+# ======================================================================================
+# stamps: is a stage up to date?
+# ======================================================================================
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str, separators=(",", ":")).encode()).hexdigest()
+
+
+def _files(paths: Sequence[Path]) -> list[Path]:
+    out: list[Path] = []
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            out += [q for q in p.rglob("*") if q.is_file() and not q.name.endswith(".tmp")]
+        elif p.exists():
+            out.append(p)
+    return out
+
+
+def _write_json_atomic(path: Path, obj: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+    return path
+
+
+@dataclass
+class Stage:
+    """One unit of work: what it depends on and how to make its outputs."""
+
+    name: str
+    config: Any
+    inputs: list[Path]
+    upstream: list[str]
+    run: Callable[[], list[Path]]
+    label: str = ""
+
+
+@dataclass
+class StageStatus:
+    name: str
+    status: str  # "ran" | "skipped" | "disabled"
+    seconds: float = 0.0
+    outputs: list[Path] = field(default_factory=list)
+    reason: str = ""
+
+
+class StageRunner:
+    """Runs stages in order, skipping those whose stamp says they are up to date."""
+
+    def __init__(self, out: Path, *, force: bool = False, only: Sequence[str] | None = None, say=None):
+        self.out = out
+        self.force = force
+        self.only = set(only) if only else None
+        self.digests: dict[str, str] = {}
+        self.status: list[StageStatus] = []
+        self.say = say or (lambda msg: None)
+
+    def stamp_path(self, name: str) -> Path:
+        return self.out / STAMP_DIR / f"{name}.json"
+
+    def read_stamp(self, name: str) -> dict | None:
+        p = self.stamp_path(name)
+        if not p.exists():
+            return None
+        try:
+            return json.loads(p.read_text())
+        except (json.JSONDecodeError, OSError):
+            return None
+
+    def up_to_date(self, st: Stage, cfg_hash: str, up: dict) -> tuple[bool, str, list[Path]]:
+        stamp = self.read_stamp(st.name)
+        if stamp is None:
+            return False, "never ran here", []
+        if stamp.get("config_hash") != cfg_hash:
+            return False, "its config changed", []
+        if stamp.get("upstream") != up:
+            return False, "an earlier stage ran again", []
+        outputs = [self.out / p for p in stamp.get("outputs", [])]
+        missing = [p for p in outputs if not p.exists()]
+        if missing:
+            return False, f"output {missing[0].name} is missing", []
+        out_files = _files(outputs)
+        in_files = _files(st.inputs)
+        if out_files and in_files:
+            newest_in = max(p.stat().st_mtime for p in in_files)
+            oldest_out = min(p.stat().st_mtime for p in out_files)
+            if newest_in > oldest_out:
+                return False, "an input is newer than its outputs", []
+        return True, "up to date", outputs
+
+    def __call__(self, st: Stage) -> list[Path]:
+        cfg_hash = _hash(st.config)
+        up = {u: self.digests[u] for u in st.upstream if u in self.digests}
+        selected = self.only is None or st.name in self.only
+        ok, reason, outputs = self.up_to_date(st, cfg_hash, up)
+        if ok and not self.force or not selected:
+            if not ok and not selected:
+                stamp = self.read_stamp(st.name)
+                if stamp is None:
+                    raise UsageError(f"Stage '{st.name}' has not run yet in '{self.out}', so it cannot be left out.",
+                                     hint="Run without --only first.")
+                outputs = [self.out / p for p in stamp.get("outputs", [])]
+                reason = "not selected (--only)"
+            self.digests[st.name] = self.read_stamp(st.name)["digest"]
+            self.status.append(StageStatus(st.name, "skipped", 0.0, outputs, reason))
+            self.say(f"[dim]- {st.label or st.name}: skipped ({reason})[/]")
+            return outputs
+        why = "forced" if (ok and self.force) else reason
+        self.say(f"[bold cyan]> {st.label or st.name}[/] [dim]({why})[/]")
+        self.stamp_path(st.name).unlink(missing_ok=True)  # a failed run leaves no stale stamp
+        t0 = time.perf_counter()
+        outputs = [Path(p) for p in st.run()]
+        dt = time.perf_counter() - t0
+        digest = _hash({"config": cfg_hash, "upstream": up, "time": time.time()})
+        rel = [os.path.relpath(p, self.out) for p in outputs]
+        _write_json_atomic(self.stamp_path(st.name), {
+            "stage": st.name, "config_hash": cfg_hash, "upstream": up, "digest": digest, "outputs": rel,
+            "config": st.config, "seconds": dt, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "ibscope_version": __version__,
+        })
+        self.digests[st.name] = digest
+        self.status.append(StageStatus(st.name, "ran", dt, outputs, why))
+        self.say(f"  [green]done[/] in {dt:.1f} s")
+        return outputs
+
+
+# ======================================================================================
+# the pipeline
+# ======================================================================================
+@dataclass
+class PipelineResult:
+    """What ``run_pipeline`` produced (paths are absolute)."""
+
+    name: str
+    out: Path
+    config: dict
+    stages: list[StageStatus]
+    checkpoints: list[Path] = field(default_factory=list)
+    stores: dict[str, Path] = field(default_factory=dict)
+    results: Path | None = None
+    figures: list[Path] = field(default_factory=list)
+    ood: Path | None = None
+    report: Path | None = None
+    check: Any = None
+
+    def ran(self) -> list[str]:
+        return [s.name for s in self.stages if s.status == "ran"]
+
+    def skipped(self) -> list[str]:
+        return [s.name for s in self.stages if s.status == "skipped"]
+
+
+def _resolve(base: Path, p: str | None) -> Path | None:
+    if p is None:
+        return None
+    q = Path(os.path.expanduser(p))
+    return q if q.is_absolute() else base / q
+
+
+def _resolve_factory_spec(base: Path, spec: str) -> str:
+    mod, _, attr = spec.rpartition(":")
+    if mod.endswith(".py") or "/" in mod or os.sep in mod:
+        return f"{_resolve(base, mod)}:{attr}"
+    return spec
+
+
+def _npz_xy(path: Path, what: str) -> tuple[np.ndarray, np.ndarray]:
+    if not path.exists():
+        raise DataError(f"{what} file not found: '{path}'.")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "x" not in z or "y" not in z:
+                raise DataError(f"{what} '{path}' must be an .npz with arrays 'x' and 'y'. Found: {sorted(z.files)}.")
+            x, y = z["x"], z["y"]
+    except (OSError, ValueError) as exc:
+        raise DataError(f"Cannot read {what} '{path}' as .npz: {exc}") from None
+    if x.shape[0] != y.shape[0] or x.shape[0] == 0:
+        raise DataError(f"{what} '{path}': x has {x.shape[0]} rows and y has {y.shape[0]}; they must match and be > 0.")
+    if y.dtype.kind not in "iub":
+        raise DataError(f"{what} '{path}': y must hold integer class labels for training. Got dtype {y.dtype}.")
+    return x, y.astype(np.int64)
+
+
+def _resolve_device(device: str) -> str:
+    import torch
+
+    d = str(device or "auto").lower()
+    if d == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return d
+
+
+class Pipeline:
+    """One run config -> stages. Use :func:`run_pipeline`."""
+
+    def __init__(self, cfg: dict, base: Path, out: Path, *, device: str | None = None, progress: bool = True,
+                 force: bool = False, only: Sequence[str] | None = None, quiet: bool = False):
+        self.cfg = cfg
+        self.base = base
+        self.out = out
+        self.device = device or cfg["device"]
+        self.progress = progress and not quiet
+        self.quiet = quiet
+        if only:
+            for s in only:
+                if s not in STAGES:
+                    raise unknown_name("stage", s, STAGES)
+        self.runner = StageRunner(out, force=force, only=only, say=self.say)
+        self.result = PipelineResult(cfg["name"], out, cfg, self.runner.status)
+
+    def say(self, msg: str) -> None:
+        if not self.quiet:
+            from ibscope.cli._common import console
+
+            console().print(msg)
+
+    # ---------------------------------------------------------------- data
+    def probes(self) -> dict[str, Path]:
+        d = self.cfg["data"]
+        out: dict[str, Path] = {}
+        if d["task"] == "twelve-bit":
+            out = {k: self.out / "data" / f"{k}.npz" for k in ("all", "train", "test")}
+        elif d["task"] == "digits":
+            from ibscope.demo.digits import PROBE_NAMES
+
+            out = {k: self.out / "data" / f"{k}.npz" for k in PROBE_NAMES}
+        else:
+            if d["train"]:
+                out["train"] = _resolve(self.base, d["train"])
+            if d["test"]:
+                out["test"] = _resolve(self.base, d["test"])
+        for k, v in (d["probes"] or {}).items():
+            if not isinstance(v, str):
+                raise UsageError(f"data.probes.{k} must be a file path. Got {v!r}.")
+            out[str(k)] = _resolve(self.base, v)
+        return out
+
+    def main_probe(self) -> str:
+        d = self.cfg["data"]
+        probes = self.probes()
+        if d["probe"]:
+            if d["probe"] not in probes:
+                raise unknown_name("probe set (data.probe)", d["probe"], probes)
+            return d["probe"]
+        default = {"twelve-bit": "all", "digits": "train"}.get(d["task"] or "", None)
+        if default:
+            return default
+        return "train" if "train" in probes else next(iter(probes))
+
+    def _stage_data(self) -> None:
+        d = self.cfg["data"]
+        if d["task"] is None:
+            return
+
+        def run() -> list[Path]:
+            (self.out / "data").mkdir(parents=True, exist_ok=True)
+            if d["task"] == "twelve-bit":
+                from ibscope.demo.tasks import write_probe_files
+
+                return write_probe_files(self.out / "data", **d["options"])
+            from ibscope.demo.digits import write_probe_files
+
+            return write_probe_files(self.out / "data", **d["options"])
+
+        self.runner(Stage("data", {"task": d["task"], "options": d["options"]}, [], [], run,
+                          label=f"data ({d['task']})"))
+
+    # ---------------------------------------------------------------- train
+    def checkpoint_source(self) -> Any:
+        if self.cfg["train"] is not None:
+            return self.out / "checkpoints"
+        cks = self.cfg["checkpoints"]
+        if isinstance(cks, str):
+            return str(_resolve(self.base, cks))
+        return [str(_resolve(self.base, c)) for c in cks]
+
+    def _stage_train(self) -> list[Path]:
+        cfg = self.cfg
+        if cfg["train"] is None:
+            return []
+        probes = self.probes()
+        d = cfg["data"]
+        train_p = probes.get("train") if d["task"] else _resolve(self.base, d["train"])
+        test_p = probes.get("test") if d["task"] else _resolve(self.base, d["test"])
+        factory = _resolve_factory_spec(self.base, cfg["model"]["factory"])
+        tconf = _train_config(cfg)
+        inputs = [p for p in (train_p, test_p) if p is not None]
+        stage_cfg = {"model": {"factory": cfg["model"]["factory"], "args": cfg["model"]["args"]}, "train": cfg["train"],
+                     "seed": cfg["seed"], "data": d}
+
+        def run() -> list[Path]:
+            from ibscope.capture.loading import resolve_factory
+            from ibscope.demo.train import train_classifier
+
+            x, y = _npz_xy(train_p, "Training data")
+            xt, yt = _npz_xy(test_p, "Test data") if test_p is not None else (None, None)
+            build = resolve_factory(factory, cfg["model"]["args"])
+            ck_dir = self.out / "checkpoints"
+            if ck_dir.exists():
+                for old in ck_dir.glob("epoch_*.pt"):
+                    old.unlink()
+            dev = _resolve_device(cfg["train"]["device"])
+            if self.progress:
+                from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+                from ibscope.cli._common import console
+
+                with Progress(TextColumn(f"train {cfg['name']}"), BarColumn(), MofNCompleteColumn(),
+                              TextColumn("epochs"), TimeElapsedColumn(), console=console(), transient=True) as bar:
+                    task = bar.add_task("train", total=tconf.epochs)
+                    every = max(1, tconf.epochs // 200)
+
+                    def tick(e: int, n: int) -> None:
+                        if e % every == 0 or e == n:
+                            bar.update(task, completed=e)
+
+                    paths = train_classifier(build, x, y, xt, yt, ck_dir, tconf, device=dev, progress=tick)
+            else:
+                paths = train_classifier(build, x, y, xt, yt, ck_dir, tconf, device=dev)
+            return [ck_dir]
+
+        outs = self.runner(Stage("train", stage_cfg, inputs, ["data"], run, label=f"train ({cfg['name']})"))
+        ck = self.out / "checkpoints"
+        self.result.checkpoints = sorted(ck.glob("epoch_*.pt"))
+        return outs
+
+    # ---------------------------------------------------------------- capture
+    def capture_probes(self) -> list[str]:
+        c = self.cfg
+        if c["capture"]["probes"]:
+            names = list(c["capture"]["probes"])
+        else:
+            names = list(c["estimate"]["probes"] or [self.main_probe()])
+            if c["ood"] is not None:
+                names += [c["ood"]["fit"], c["ood"]["test"], *c["ood"]["ood"]]
+        names = list(dict.fromkeys(names))
+        probes = self.probes()
+        for n in names:
+            if n not in probes:
+                raise unknown_name("probe set", n, probes)
+        return names
+
+    def _stage_capture(self) -> dict[str, Path]:
+        cfg = self.cfg
+        probes = self.probes()
+        names = self.capture_probes()
+        src = self.checkpoint_source()
+        factory = _resolve_factory_spec(self.base, cfg["model"]["factory"])
+        cap = cfg["capture"]
+        stores = {n: self.out / "stores" / n for n in names}
+        ck_inputs = [src] if isinstance(src, Path) else []
+        if not isinstance(src, Path):
+            from ibscope.capture.loading import list_checkpoint_paths
+
+            ck_inputs = list_checkpoint_paths(src)
+        stage_cfg = {"model": cfg["model"], "capture": cap, "probes": {n: str(probes[n]) for n in names},
+                     "checkpoints": str(src), "name": cfg["name"]}
+
+        def run() -> list[Path]:
+            from ibscope.capture import capture
+
+            out = []
+            for n in names:
+                self.say(f"  capture probe set '{n}' ({probes[n].name})")
+                out.append(capture(factory, src, str(probes[n]), cap["layers"], stores[n], model_args=cfg["model"]["args"],
+                                   reduce=cap["reduce"], max_samples=cap["max_samples"], batch_size=cap["batch_size"],
+                                   device=self.device, dtype=cap["dtype"], jacobian_samples=cap["jacobian_samples"],
+                                   split=n, run=cfg["name"], overwrite=True, progress=self.progress))
+            return [Path(p) for p in out]
+
+        self.runner(Stage("capture", stage_cfg, [*ck_inputs, *(probes[n] for n in names)], ["data", "train"], run,
+                          label=f"capture ({cfg['name']})"))
+        self.result.stores = stores
+        return stores
+
+    # ---------------------------------------------------------------- estimate
+    def _stage_estimate(self, stores: dict[str, Path]) -> Path:
+        cfg = self.cfg
+        est = cfg["estimate"]
+        names = list(est["probes"] or [self.main_probe()])
+        for n in names:
+            if n not in stores:
+                raise unknown_name("captured probe set (estimate.probes)", n, stores)
+        results = self.out / "results.csv"
+
+        def run() -> list[Path]:
+            from ibscope.estimate import run_estimate
+
+            run_estimate([stores[n] for n in names], results, est["estimators"], est["params"], device=self.device,
+                         force=True, jobs=est["jobs"], progress=self.progress)
+            from ibscope.results import provenance_path
+
+            return [results, provenance_path(results)]
+
+        self.runner(Stage("estimate", {"estimate": est, "probes": names}, [stores[n] for n in names], ["capture"], run,
+                          label=f"estimate ({cfg['name']})"))
+        self.result.results = results
+        return results
+
+    # ---------------------------------------------------------------- plot / ood / report / check
+    def _stage_plot(self, results: list[Path] | Path, figures_dir: Path | None = None, name: str = "plot") -> list[Path]:
+        pc = self.cfg["plot"]
+        if not pc["enabled"]:
+            self.runner.status.append(StageStatus(name, "disabled"))
+            return []
+        figures_dir = figures_dir or (self.out / "figures")
+        results_l = [results] if isinstance(results, Path) else list(results)
+
+        def run() -> list[Path]:
+            from ibscope.plot import plot_results
+
+            if figures_dir.exists():
+                shutil.rmtree(figures_dir)
+            figures_dir.mkdir(parents=True)
+            src = results_l[0] if len(results_l) == 1 else [str(p) for p in results_l]
+            figs = plot_results(src, figures_dir, kinds=pc["kinds"], unit=pc["unit"], fmt=pc["fmt"], **pc["options"])
+            return [Path(f) for f in figs] or [figures_dir]
+
+        figs = self.runner(Stage(name, {"plot": pc}, results_l, ["estimate"], run, label=name))
+        self.result.figures = [f for f in figs if f.is_file()]
+        return self.result.figures
+
+    def _stage_ood(self, stores: dict[str, Path]) -> Path | None:
+        oc = self.cfg["ood"]
+        if oc is None:
+            return None
+        out_dir = self.out / "ood"
+
+        def run() -> list[Path]:
+            from ibscope.ood import run_ood
+
+            if out_dir.exists():
+                shutil.rmtree(out_dir)
+            run_ood(stores[oc["fit"]], stores[oc["test"]], {n: stores[n] for n in oc["ood"]}, oc["layer"],
+                    detectors=oc["detectors"], reductions=oc["reductions"], checkpoint=oc["checkpoint"],
+                    out_dir=out_dir, device=self.device, progress=self.progress, seed=self.cfg["seed"], **oc["options"])
+            return [out_dir / "ood_metrics.json", out_dir]
+
+        used = [stores[oc["fit"]], stores[oc["test"]], *(stores[n] for n in oc["ood"])]
+        self.runner(Stage("ood", {"ood": oc}, used, ["capture"], run, label=f"ood ({self.cfg['name']})"))
+        self.result.ood = out_dir / "ood_metrics.json"
+        return self.result.ood
+
+    def _stage_report(self, results: list[Path] | Path, figures_dir: Path | None = None, html: Path | None = None,
+                      ood: Path | None = None) -> Path | None:
+        if not self.cfg["report"]["enabled"]:
+            self.runner.status.append(StageStatus("report", "disabled"))
+            return None
+        html = html or (self.out / "report.html")
+        figures_dir = figures_dir or (self.out / "figures")
+        results_l = [results] if isinstance(results, Path) else list(results)
+
+        def run() -> list[Path]:
+            from ibscope.report import write_report
+
+            src = results_l[0] if len(results_l) == 1 else [str(p) for p in results_l]
+            write_report(src, html, ood=ood, figures_dir=figures_dir if figures_dir.exists() else None)
+            return [html]
+
+        inputs = [*results_l, *([ood] if ood else [])]
+        self.runner(Stage("report", {"report": self.cfg["report"], "description": self.cfg["description"],
+                                     "ood": str(ood) if ood else None}, inputs, ["estimate", "plot", "ood"], run,
+                          label="report"))
+        self.result.report = html
+        return html
+
+    def _stage_check(self, results: Path) -> Any:
+        cc = self.cfg["check"]
+        if cc is None:
+            return None
+        if not cc["baseline"] and not cc["rules"]:
+            raise UsageError("The 'check:' section needs 'baseline' and/or 'rules'.")
+        from ibscope.check import run_check
+
+        self.say("[bold cyan]> check[/]")
+        t0 = time.perf_counter()
+        rep = run_check(results, baseline=_resolve(self.base, cc["baseline"]), rules=_resolve(self.base, cc["rules"]),
+                        rtol=cc["rtol"], atol=cc["atol"], sigma=cc["sigma"])
+        rep.write_json(self.out / "check.json")
+        if cc["junit"]:
+            rep.write_junit(self.out / "check.xml")
+        self.runner.status.append(StageStatus("check", "ran", time.perf_counter() - t0,
+                                              [self.out / "check.json"], "always runs"))
+        self.result.check = rep
+        self.say(f"  {rep.summary()}")
+        return rep
+
+    # ---------------------------------------------------------------- all
+    def run(self, until: str | None = None) -> PipelineResult:
+        self.out.mkdir(parents=True, exist_ok=True)
+        stop = STAGES.index(until) if until else len(STAGES) - 1
+        self._stage_data()
+        if stop >= STAGES.index("train"):
+            self._stage_train()
+        if stop < STAGES.index("capture"):
+            return self.result
+        stores = self._stage_capture()
+        if stop < STAGES.index("estimate"):
+            return self.result
+        results = self._stage_estimate(stores)
+        if stop >= STAGES.index("plot"):
+            self._stage_plot(results)
+        if stop >= STAGES.index("ood"):
+            self._stage_ood(stores)
+        if stop >= STAGES.index("report"):
+            self._stage_report(results, ood=self.result.ood)
+        if stop >= STAGES.index("check"):
+            rep = self._stage_check(results)
+            if rep is not None and not rep.ok:
+                raise RegressionFound(f"ibscope check found {len(rep.failures)} regression(s): see {self.out / 'check.json'}.",
+                                      hint=rep.summary())
+        return self.result
+
+
+def output_dir(cfg: dict, base: Path, out: str | os.PathLike | None) -> Path:
+    if out is not None:
+        return Path(out).resolve()
+    if cfg["out"]:
+        return _resolve(base, cfg["out"]).resolve()
+    return (Path("ibscope-runs") / cfg["name"]).resolve()
+
+
+def run_pipeline(config: str | os.PathLike | Mapping, *, out: str | os.PathLike | None = None, quick: bool = False,
+                 overrides: Mapping | None = None, force: bool = False, only: Sequence[str] | None = None,
+                 until: str | None = None, device: str | None = None, progress: bool = True, quiet: bool = False,
+                 base_dir: str | os.PathLike | None = None) -> PipelineResult:
+    """Run (or bring up to date) the pipeline of one run config; see the module docstring.
+
+    ``only``: run just these stages (others must be up to date already); ``until``: stop after
+    this stage; ``force``: re-run every stage. Raises :class:`~ibscope.errors.RegressionFound`
+    when the check stage finds a regression (after everything else is written).
+    """
+    cfg, base, _ = load_config(config, quick=quick, overrides=overrides, base_dir=base_dir)
+    if until is not None and until not in STAGES:
+        raise unknown_name("stage", until, STAGES)
+    od = output_dir(cfg, base, out)
+    if od.exists() and not od.is_dir():
+        raise UsageError(f"Output folder '{od}' is a file.")
+    pipe = Pipeline(cfg, base, od, device=device, progress=progress, force=force, only=only, quiet=quiet)
+    return pipe.run(until=until)
+
+
+# ======================================================================================
+# ibscope demo
+# ======================================================================================
+DEMO_RUNS = ("demo-tanh", "demo-relu")
+
+
+@dataclass
+class DemoResult:
+    out: Path
+    runs: dict[str, PipelineResult]
+    figures: list[Path]
+    report: Path | None
+    seconds: float
+
+
+def run_demo(out: str | os.PathLike = "ibscope-demo", *, quick: bool = False, force: bool = False,
+             device: str | None = None, progress: bool = True, quiet: bool = False,
+             configs: Sequence[str | os.PathLike] = DEMO_RUNS, overrides: Mapping | None = None) -> DemoResult:
+    """Train the tanh and ReLU 12-10-7-5-4-3-2 networks and run the whole pipeline on both.
+
+    Each run lives in ``OUT/<run>/`` (data, checkpoints, stores, results.csv); the combined
+    figures go to ``OUT/figures/`` and the HTML report to ``OUT/report.html``.
+    """
+    t0 = time.perf_counter()
+    od = Path(out).resolve()
+    if od.exists() and not od.is_dir():
+        raise UsageError(f"--out '{od}' is a file; it must be a folder.")
+    runs: dict[str, PipelineResult] = {}
+    cfgs = []
+    for c in configs:
+        cfg, base, _ = load_config(c, quick=quick, overrides=overrides)
+        cfgs.append(cfg)
+        res = Pipeline(cfg, base, od / cfg["name"], device=device, progress=progress, force=force,
+                       quiet=quiet).run(until="estimate")
+        runs[cfg["name"]] = res
+    # combined figures and report: one config section shared by the runs (taken from the first)
+    combo = dict(cfgs[0])
+    combo["name"] = "demo"
+    combo["description"] = "ibscope demo: " + ", ".join(runs)
+    pipe = Pipeline(combo, od, od, device=device, progress=progress, force=force, quiet=quiet)
+    results = [r.results for r in runs.values()]
+    # the combined stages depend on each run's estimate stage
+    pipe.runner.digests["estimate"] = _hash({n: _read_digest(od / n, "estimate") for n in runs})
+    figs = pipe._stage_plot(results)
+    report = pipe._stage_report(results)
+    return DemoResult(od, runs, figs, report, time.perf_counter() - t0)
+
+
+def _read_digest(out: Path, stage: str) -> str | None:
+    p = out / STAMP_DIR / f"{stage}.json"
+    try:
+        return json.loads(p.read_text()).get("digest")
+    except (OSError, json.JSONDecodeError):
+        return None
