@@ -26,8 +26,8 @@ def kernel_width(x64, rule: str, gamma: float, sqdist=None) -> float:
     * "silverman": sigma = gamma * n^(-1/(4+d)) * sqrt(tr Cov(x)); for standardised features
       (tr Cov = d) this is the rule gamma * sqrt(d) * n^(-1/(4+d)) of IPDL / Tapia & Estevez,
       and it scales with the data instead of assuming unit variance.
-    * "median": sigma = median of the pairwise distances between distinct rows (``gamma`` is
-      a multiplier, 1 means the plain median heuristic).
+    * "median": sigma = median of the pairwise distances between distinct rows (the median
+      heuristic; ``gamma`` is not used).
     """
     import torch
 
@@ -36,8 +36,14 @@ def kernel_width(x64, rule: str, gamma: float, sqdist=None) -> float:
         tr = float(x64.var(dim=0, unbiased=True).sum()) if n > 1 else 0.0
         return gamma * n ** (-1.0 / (4 + d)) * math.sqrt(tr)
     if rule == "median":
+        if n < 2:
+            return 0.0
         iu = torch.triu_indices(n, n, offset=1, device=x64.device)
-        return gamma * float(sqdist[iu[0], iu[1]].sqrt().median()) if n > 1 else 0.0
+        v = sqdist[iu[0], iu[1]]
+        m = v.numel()
+        lo = torch.kthvalue(v, (m + 1) // 2).values
+        hi = torch.kthvalue(v, m // 2 + 1).values
+        return 0.5 * (float(lo.sqrt()) + float(hi.sqrt()))  # numpy's median convention
     raise ValueError(rule)
 
 
@@ -52,7 +58,7 @@ class MatrixEntropy(Estimator):
     Kernel (``kernel``):
       * "gaussian" (default): K_ij = exp(-||x_i - x_j||^2 / (2 sigma^2)); sigma = ``sigma``
         if given, else ``sigma_rule`` ("silverman": gamma * n^(-1/(4+d)) * sqrt(tr Cov x),
-        gamma = 0.8; "median": gamma * median pairwise distance). 0 <= S <= log n; it
+        gamma = 0.8; "median": the median pairwise distance). 0 <= S <= log n; it
         saturates at log n when sigma is small next to the spread of the points (warned).
         Cost O(n^2 d + n^3), memory n^2 float64; n is limited by ``max_samples``.
       * "linear": K = Z Z^T of the centred, row-L2-normalised Z (Skean et al.'s MBE, computed
