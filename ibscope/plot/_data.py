@@ -124,17 +124,18 @@ def prepare(res: Results, unit: str) -> Results:
     """Convert nats/bits rows to ``unit`` and check every quantity has one unit."""
     if unit not in INFO_UNITS:
         raise UsageError(f"--unit must be one of {', '.join(INFO_UNITS)}. Got {unit!r}.")
-    conv = res.to_unit(unit)
     units: dict[str, set] = {}
-    for r in conv.rows:
+    for r in res.rows:
         units.setdefault(r["quantity"], set()).add(r["unit"])
     for q, us in units.items():
-        if len(us) > 1:
+        families = {"information" if u in INFO_UNITS else u for u in us}
+        if len(families) > 1:
             raise DataError(
                 f"Quantity '{q}' has rows in units {sorted(us)} that cannot be converted into one another; "
                 "one axis cannot show them together.",
                 hint="Only nats and bits convert. Filter with --estimator/--quantity or fix the table that mixed them.",
             )
+    conv = res.to_unit(unit)
     return conv
 
 

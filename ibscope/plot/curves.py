@@ -96,7 +96,7 @@ def curves_figure(rows: Sequence[dict], quantity: str, *, settings_: Sequence[Se
                     _draw_series(ax, c.times, v, c.stderr[:, :, li], color=colors[li], ls=style.split_style(si),
                                  mode=mode, band=band, gid=f"curve:{split}:{layer}", has_stderr=has_err)
             for cap, (ns,) in caps.items():
-                ax.axhline(cap, gid=f"cap:{cap!r}", **CAP_STYLE)
+                ax.axhline(cap, gid=f"cap:{float(cap)!r}", **CAP_STYLE)
                 ax.annotate(cap_label(quantity, cap, unit, ns), xy=(0.02, cap), xycoords=("axes fraction", "data"),
                             xytext=(0, 3), textcoords="offset points", ha="left", va="bottom", fontsize=8,
                             color="0.3")

@@ -67,12 +67,12 @@ def _limits(panels: list[Panel]) -> tuple[tuple[float, float], tuple[float, floa
 def draw_caps(ax, panel: Panel) -> None:
     """Dashed cap lines with their value written on them (placed away from typical data)."""
     for cap in panel.x.caps:
-        ax.axvline(cap, gid=f"cap:x:{cap!r}", **CAP_STYLE)
+        ax.axvline(cap, gid=f"cap:x:{float(cap)!r}", **CAP_STYLE)
         ax.annotate(cap_label(IXT, cap, panel.x.unit, panel.x.n_samples), xy=(cap, 0.03),
                     xycoords=("data", "axes fraction"), xytext=(-3, 0), textcoords="offset points",
                     rotation=90, ha="right", va="bottom", fontsize=8, color="0.3")
     for cap in panel.y.caps:
-        ax.axhline(cap, gid=f"cap:y:{cap!r}", **CAP_STYLE)
+        ax.axhline(cap, gid=f"cap:y:{float(cap)!r}", **CAP_STYLE)
         ax.annotate(cap_label(ITY, cap, panel.y.unit, panel.y.n_samples), xy=(0.02, cap),
                     xycoords=("axes fraction", "data"), xytext=(0, -3), textcoords="offset points",
                     ha="left", va="top", fontsize=8, color="0.3")
@@ -95,10 +95,10 @@ def draw_snapshot(ax, panel: Panel, scale: style.TimeScale, mode: str, band) -> 
         for r, run in enumerate(panel.x.runs):
             for ti, t in enumerate(times):
                 ax.plot(panel.x.value[r, ti], panel.y.value[r, ti], "-", color=scale.color(t), alpha=0.25,
-                        linewidth=0.7, zorder=1, gid=f"run:{run}:{t!r}")
+                        linewidth=0.7, zorder=1, gid=f"run:{run}:{float(t)!r}")
     for ti, t in enumerate(times):
         c = scale.color(t)
-        ax.plot(xm[ti], ym[ti], "-", color=c, linewidth=1.0, alpha=0.85, zorder=2, gid=f"snapshot:{t!r}")
+        ax.plot(xm[ti], ym[ti], "-", color=c, linewidth=1.0, alpha=0.85, zorder=2, gid=f"snapshot:{float(t)!r}")
         if xlo is not None and mode == "median":
             ax.errorbar(xm[ti], ym[ti], xerr=[xm[ti] - xlo[ti], xhi[ti] - xm[ti]],
                         yerr=[ym[ti] - ylo[ti], yhi[ti] - ym[ti]], fmt="none", ecolor=c, alpha=0.45,
