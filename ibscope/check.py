@@ -499,7 +499,7 @@ def _tolerance_for(key: tuple, base: Tolerance, overrides: Sequence[ToleranceOve
 def _compare_curve(key, bcurve, ccurve, tol: Tolerance, used, axis, missing, extra, unit_label) -> CaseResult:
     name = _key_name(key)
     failing, extra_x, missing_x, sigma_missing = [], [], [], 0
-    worst = None  # (ratio, x, b, c, diff, tol)
+    worst = None  # the point with the largest |diff| / tol
     units_b = {p.unit for p in bcurve.values()}
     units_c = {p.unit for p in ccurve.values()}
     if units_b != units_c:
