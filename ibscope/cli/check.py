@@ -34,9 +34,9 @@ def register(app: typer.Typer) -> None:
         rules: Optional[Path] = typer.Option(
             None, "--rules", "-r", help="YAML file with shape rules and/or per-curve tolerances (see docs/check.md)."),
         rtol: Optional[float] = typer.Option(
-            None, "--rtol", help="Relative tolerance: a point holds when |current - baseline| <= atol + rtol*|baseline|. [default: 0.1]"),
+            None, "--rtol", help="Relative tolerance: a point holds when |current - baseline| <= atol + rtol*|baseline| (default 0.1)."),
         atol: Optional[float] = typer.Option(
-            None, "--atol", help="Absolute tolerance, in the comparison unit (nats unless --unit bits). [default: 0.02]"),
+            None, "--atol", help="Absolute tolerance, in the comparison unit (nats unless --unit bits) (default 0.02)."),
         sigma: Optional[float] = typer.Option(
             None, "--sigma", help="Also allow sigma standard deviations of the difference, from the tables' stderr "
                                   "column or from the spread of several seeds (runs) in the baseline."),
@@ -44,13 +44,13 @@ def register(app: typer.Typer) -> None:
             None, "--tol", help="Per-curve tolerance: SELECTOR:key=value[,key=value]; SELECTOR is a quantity or "
                                 "estimator name (glob ok) or FIELD=PATTERN; keys rtol, atol, sigma, fail_on "
                                 "(both|decrease|increase). E.g. --tol 'I(T;Y):rtol=0.05,fail_on=decrease'. Repeatable."),
-        unit: Optional[str] = typer.Option(None, "--unit", help="Unit in which information is compared: nats or bits. [default: nats]"),
+        unit: Optional[str] = typer.Option(None, "--unit", help="Unit in which information is compared: nats or bits (default nats)."),
         missing: Optional[str] = typer.Option(
-            None, "--missing", help="A baseline curve or point absent from the results: fail, warn or ignore. [default: fail]"),
+            None, "--missing", help="A baseline curve or point absent from the results: fail, warn or ignore (default fail)."),
         extra: Optional[str] = typer.Option(
-            None, "--extra", help="A curve or point not in the baseline: fail, warn or ignore. [default: warn]"),
+            None, "--extra", help="A curve or point not in the baseline: fail, warn or ignore (default warn)."),
         align: Optional[str] = typer.Option(
-            None, "--align", help="Align curves on epoch, step or checkpoint; auto picks the first that every row has. [default: auto]"),
+            None, "--align", help="Align curves on epoch, step or checkpoint; auto picks the first that every row has (default auto)."),
         seeds: Optional[bool] = typer.Option(
             None, "--seeds/--no-seeds", help="Pool runs as seeds (compare means; spread gives sigma). "
                                              "Default: pool when --sigma is set and the baseline holds several runs."),
