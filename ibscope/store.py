@@ -383,10 +383,13 @@ class ShardWriter:
             raise DataError(f"Layer '{layer}': batch has {batch.shape[1]} features, earlier batches had {ds.shape[1]}.")
         if r0 + batch.shape[0] > n:
             raise DataError(f"Layer '{layer}': more rows than the probe set's {n} samples.")
-        fin = np.isfinite(batch)
-        self._nonfinite[layer] += int(batch.size - fin.sum())
         if batch.size:
-            self._absmax[layer] = max(self._absmax[layer], float(np.abs(np.where(fin, batch, 0)).max()))
+            if np.isfinite(np.add.reduce(batch, axis=None, dtype=np.float64)):  # fast path: all finite
+                self._absmax[layer] = max(self._absmax[layer], float(-batch.min()), float(batch.max()))
+            else:
+                fin = np.isfinite(batch)
+                self._nonfinite[layer] += int(batch.size - fin.sum())
+                self._absmax[layer] = max(self._absmax[layer], float(np.abs(np.where(fin, batch, 0)).max()))
         ds[r0:r0 + batch.shape[0]] = batch.astype(dtype, copy=False)
         self._rows[layer] = r0 + batch.shape[0]
 

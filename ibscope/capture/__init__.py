@@ -312,17 +312,17 @@ def capture(
                         xb = pr.x[b0:b0 + int(batch_size)].to(dev, non_blocking=True)
                         outs = eng.run(xb)
                         for name, r in outs.items():
-                            if not allow_nonfinite:
-                                finite = torch.isfinite(r)
-                                if not bool(finite.all()):
-                                    bad = int((~finite).sum())
-                                    raise DataError(
-                                        f"Layer '{name}' has {bad} non-finite value(s) (NaN/inf) at checkpoint "
-                                        f"'{ck.path}' ({ck.label}), probe rows {b0}..{b0 + r.shape[0] - 1}.",
-                                        hint="The run may have diverged at this checkpoint. Pass --allow-nonfinite to "
-                                             "store them anyway (estimators will refuse them).")
-                            bufs[name].add(r.float().cpu().numpy() if r.dtype != torch.float32 or r.device.type != "cpu"
-                                           else r.numpy())
+                            arr = r.numpy() if (r.dtype == torch.float32 and r.device.type == "cpu") else \
+                                r.float().cpu().numpy()
+                            # one float64 sum is finite iff every value is (no overflow from float32 inputs)
+                            if not allow_nonfinite and not np.isfinite(np.add.reduce(arr, axis=None, dtype=np.float64)):
+                                bad = int(arr.size - np.isfinite(arr).sum())
+                                raise DataError(
+                                    f"Layer '{name}' has {bad} non-finite value(s) (NaN/inf) at checkpoint "
+                                    f"'{ck.path}' ({ck.label}), probe rows {b0}..{b0 + arr.shape[0] - 1}.",
+                                    hint="The run may have diverged at this checkpoint. Pass --allow-nonfinite to "
+                                         "store them anyway (estimators will refuse them).")
+                            bufs[name].add(arr)
                         if prog is not None:
                             prog.advance(t_b)
                 for b in bufs.values():
