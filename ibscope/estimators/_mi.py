@@ -1,0 +1,110 @@
+"""Shared helpers of the mutual-information estimators (plug-in entropies, input checks).
+
+All entropies are in nats and accumulated in float64.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ibscope.errors import DataError, UsageError
+from ibscope.estimators.base import as_tensor, check_pair, is_discrete
+
+
+def pair(est, x, y):
+    """Validate and convert ``x``, ``y`` to 2-D tensors on ``x``'s device."""
+    tx = as_tensor(x, name="x", estimator=est.name)
+    ty = as_tensor(y, name="y", estimator=est.name)
+    return check_pair(tx, ty, est.name)
+
+
+def codes(t: torch.Tensor) -> torch.Tensor:
+    """One int64 symbol per row of a discrete (n, d) tensor (equal rows -> equal symbol)."""
+    if t.shape[1] == 1:
+        _, inv = torch.unique(t[:, 0], return_inverse=True)
+    else:
+        _, inv = torch.unique(t, dim=0, return_inverse=True)
+    return inv.reshape(-1).to(torch.int64)
+
+
+def entropy_codes(c: torch.Tensor) -> float:
+    """Plug-in (maximum-likelihood) entropy of the symbols ``c`` in nats."""
+    counts = torch.bincount(c).to(torch.float64)
+    counts = counts[counts > 0]
+    p = counts / counts.sum()
+    return float(-(p * p.log()).sum())
+
+
+def joint_codes(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    nb = int(b.max()) + 1
+    return codes((a * nb + b).reshape(-1, 1))
+
+
+def plugin_mi(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
+    """(I(A;B), H(A), H(B)) of two symbol sequences, plug-in, nats."""
+    ha, hb = entropy_codes(a), entropy_codes(b)
+    hab = entropy_codes(joint_codes(a, b))
+    return ha + hb - hab, ha, hb
+
+
+def continuous(est, t: torch.Tensor, name: str, *, standardize: bool, dtype=torch.float64,
+               drop_constant: bool = True) -> tuple[torch.Tensor, list[int]]:
+    """Float copy of a continuous variable with constant columns removed (optionally z-scored).
+
+    A constant column carries no information about anything, so removing it leaves every
+    mutual information unchanged; it would otherwise make standardisation divide by zero.
+    Returns (tensor, indices of the dropped columns). Raises DataError when no column varies.
+    """
+    t = t.to(dtype)
+    dropped: list[int] = []
+    if drop_constant and t.shape[0] > 1:
+        const = (t == t[:1]).all(dim=0)
+        if bool(const.all()):
+            raise DataError(
+                f"{est.name}: every column of '{name}' is constant ({t.shape[1]} column(s), {t.shape[0]} samples); "
+                "there is no variation to estimate information from.",
+                hint="Check the layer (e.g. all ReLU units dead) or the probe set.",
+            )
+        if bool(const.any()):
+            dropped = [int(i) for i in torch.nonzero(const).reshape(-1).tolist()]
+            t = t[:, ~const]
+    if standardize:
+        sd = t.std(dim=0, unbiased=True) if t.shape[0] > 1 else torch.ones(t.shape[1], dtype=t.dtype, device=t.device)
+        t = (t - t.mean(dim=0)) / sd
+    return t, dropped
+
+
+def one_hot(c: torch.Tensor, dtype=torch.float64) -> torch.Tensor:
+    """Symbols -> one-hot columns without the last class (C - 1 columns, full rank)."""
+    k = int(c.max()) + 1
+    oh = torch.nn.functional.one_hot(c, k).to(dtype)
+    return oh[:, : max(1, k - 1)]
+
+
+def require_samples(est, n: int, need: int, why: str) -> None:
+    if n < need:
+        raise DataError(f"{est.name} needs at least {need} samples ({why}). Got {n}.")
+
+
+def check_choice(est, param: str, value, choices) -> None:
+    if value not in choices:
+        raise UsageError(
+            f"The '{param}' parameter of {est.name} must be one of {list(choices)}. Got {value!r} instead.")
+
+
+def both_discrete_error(est) -> UsageError:
+    return UsageError(
+        f"{est.name}: both x and y are discrete (integer arrays), but this estimator needs a continuous side.",
+        hint="Use the 'binning' estimator (plug-in entropy) for two discrete variables, or pass floats.",
+    )
+
+
+def split_discrete(est, x, y):
+    """Return (t, labels, swapped): ``t`` continuous, ``labels`` discrete; error otherwise."""
+    dx, dy = is_discrete(x), is_discrete(y)
+    if dx and dy:
+        raise both_discrete_error(est)
+    if not dx and not dy:
+        return None
+    return (y, x, True) if dx else (x, y, False)
+

@@ -1,0 +1,192 @@
+"""Kolchinsky-Tracey pairwise-distance bounds on the information of a noisy representation.
+
+Model (Saxe et al. 2018): T_noisy = T + N(0, sigma^2 I), X uniform over the n samples, so
+T_noisy is an n-component Gaussian mixture and (Kolchinsky & Tracey 2017)
+
+    I_upper(X;T) = -(1/n) sum_i log[(1/n) sum_j exp(-|t_i - t_j|^2 / (2 sigma^2))]   (KL)
+    I_lower(X;T) = same with 4 sigma^2 in place of sigma^2                            (Bhattacharyya)
+
+both in [0, log n]. For class labels Y, I(T;Y) = H(T) - sum_y p(y) H(T | Y=y) with the same
+entropy bound on each side; that difference of two bounds is NOT itself a bound.
+
+The sums run over row chunks: memory O(chunk x n), float64 log-sum-exp.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ibscope.errors import UsageError
+from ibscope.estimators import _mi
+from ibscope.estimators._knn import _auto_chunk, pairwise
+from ibscope.estimators.base import Estimate, Estimator
+from ibscope.estimators.registry import register
+
+REFERENCE = "Kolchinsky & Tracey 2017, Entropy 19(7):361; Saxe et al. 2018, ICLR"
+
+
+def kde_terms(t: torch.Tensor, variance: float, chunk: int | None = None) -> torch.Tensor:
+    """Per-sample -log[(1/n) sum_j exp(-|t_i - t_j|^2 / (2 variance))] (float64, shape (n,))."""
+    t = t.to(torch.float64)
+    n = t.shape[0]
+    chunk = chunk or _auto_chunk(n, 1, 8)
+    out = torch.empty(n, dtype=torch.float64, device=t.device)
+    for s in range(0, n, chunk):
+        d2 = pairwise(t[s:s + chunk], t, "sqeuclidean")
+        out[s:s + chunk] = math.log(n) - torch.logsumexp(-d2 / (2.0 * variance), dim=1)
+    return out
+
+
+class _KDEMixin:
+    x_source: ClassVar[str] = "identity"
+    bound: str = "upper"
+
+    def _variance(self, t: torch.Tensor) -> float:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _bound(self) -> str:
+        return self.bound
+
+    def estimate(self, x, y) -> Estimate:
+        tx, ty = _mi.pair(self, x, y)
+        split = _mi.split_discrete(self, tx, ty)
+        if split is None:
+            raise UsageError(
+                f"{self.name}: one of x, y must be discrete (integer sample ids or class labels); both are continuous.",
+                hint="The KDE bounds measure I(X;T) with X = sample identity, or I(T;Y) with class labels. "
+                     "For two continuous variables use 'ksg' or 'gaussian'.",
+            )
+        t, lab, swapped = split
+        t = t.to(torch.float64)
+        var = float(self._variance(t))
+        eff = var if self._bound() == "upper" else 4.0 * var
+        c = _mi.codes(lab)
+        n = t.shape[0]
+        terms = kde_terms(t, eff)
+        h = float(terms.mean())
+        counts = torch.bincount(c)
+        cond = 0.0
+        if int(counts.max()) > 1:  # classes with one sample contribute exactly 0
+            for k in torch.nonzero(counts > 1).reshape(-1).tolist():
+                mask = c == k
+                cond += float(mask.sum()) / n * float(kde_terms(t[mask], eff).mean())
+        stderr = float(terms.std() / math.sqrt(n)) if n > 1 and int(counts.max()) == 1 else None
+        dims = (lab.shape[1], t.shape[1]) if swapped else (t.shape[1], lab.shape[1])
+        return self._make(h - cond, n=n, dims=dims, cap=_mi.entropy_codes(c), stderr=stderr,
+                          extra={"noise_variance": var, "bound": self._bound(), "H_T_minus_noise": h})
+
+
+def _check_bound(est) -> None:
+    _mi.check_choice(est, "bound", est.bound, ("upper", "lower"))
+
+
+@register
+@dataclass(frozen=True)
+class KDE(_KDEMixin, Estimator):
+    """KDE pairwise-distance bound on I with Gaussian noise of variance sigma^2 (Saxe et al.).
+
+    ``bound="upper"`` (KL) or ``"lower"`` (Bhattacharyya); ``noise_variance`` = sigma^2 in the
+    units of the activations (Saxe et al.: 1e-3 for the 12-bit network, 1e-1 for MNIST).
+    I(X;T) for n distinct inputs lies in [0, log n] (the cap).
+    """
+
+    noise_variance: float = 1e-3
+    bound: str = "upper"
+
+    name: ClassVar[str] = "kde"
+    reference: ClassVar[str] = REFERENCE
+
+    def validate(self) -> None:
+        self._require(isinstance(self.noise_variance, (int, float)) and self.noise_variance > 0,
+                      "noise_variance", "a number > 0", self.noise_variance)
+        _check_bound(self)
+
+    def _variance(self, t):
+        return float(self.noise_variance)
+
+
+@register
+@dataclass(frozen=True)
+class KDEUpper(KDE):
+    """KDE upper bound (KL pairwise distance) on I with noise variance sigma^2 (Saxe et al.)."""
+
+    name: ClassVar[str] = "kde-upper"
+
+    def _bound(self) -> str:
+        return "upper"
+
+    def validate(self) -> None:
+        super().validate()
+        self._require(self.bound == "upper", "bound", "'upper' for kde-upper (use kde-lower)", self.bound)
+
+
+@register
+@dataclass(frozen=True)
+class KDELower(KDE):
+    """KDE lower bound (Bhattacharyya pairwise distance) on I with noise variance sigma^2."""
+
+    bound: str = "lower"
+    name: ClassVar[str] = "kde-lower"
+
+    def validate(self) -> None:
+        super().validate()
+        self._require(self.bound == "lower", "bound", "'lower' for kde-lower (use kde-upper)", self.bound)
+
+
+@register
+@dataclass(frozen=True)
+class AdaptiveKDE(_KDEMixin, Estimator):
+    """Adaptive KDE bound: sigma^2 scaled to each layer's activity (Chelombiev et al. 2019).
+
+    sigma^2 = relative_variance * s^2, with s = max |T| (``scale="max"``, the layer's range)
+    or the mean per-unit standard deviation (``scale="std"``), recomputed for every layer and
+    checkpoint. The resolved sigma^2 is in extra["noise_variance"].
+    """
+
+    relative_variance: float = 1e-3
+    scale: str = "max"
+    bound: str = "upper"
+
+    name: ClassVar[str] = "adaptive-kde"
+    reference: ClassVar[str] = "Chelombiev, Houghton & O'Donnell 2019, ICLR; " + REFERENCE
+
+    def validate(self) -> None:
+        self._require(isinstance(self.relative_variance, (int, float)) and self.relative_variance > 0,
+                      "relative_variance", "a number > 0", self.relative_variance)
+        _mi.check_choice(self, "scale", self.scale, ("max", "std"))
+        _check_bound(self)
+
+    def _variance(self, t):
+        s = float(t.abs().max()) if self.scale == "max" else float(t.std(dim=0).mean()) if t.shape[0] > 1 else 0.0
+        if s == 0.0:
+            s = 1.0  # a constant layer: every distance is 0 and I = 0 for any sigma
+        return float(self.relative_variance) * s * s
+
+
+@register
+@dataclass(frozen=True)
+class AdaptiveKDEUpper(AdaptiveKDE):
+    """Adaptive KDE upper bound (sigma^2 scaled to the layer's activity)."""
+
+    name: ClassVar[str] = "adaptive-kde-upper"
+
+    def validate(self) -> None:
+        super().validate()
+        self._require(self.bound == "upper", "bound", "'upper' for adaptive-kde-upper", self.bound)
+
+
+@register
+@dataclass(frozen=True)
+class AdaptiveKDELower(AdaptiveKDE):
+    """Adaptive KDE lower bound (sigma^2 scaled to the layer's activity)."""
+
+    bound: str = "lower"
+    name: ClassVar[str] = "adaptive-kde-lower"
+
+    def validate(self) -> None:
+        super().validate()
+        self._require(self.bound == "lower", "bound", "'lower' for adaptive-kde-lower", self.bound)

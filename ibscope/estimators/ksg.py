@@ -1,0 +1,168 @@
+"""Kraskov-Stoegbauer-Grassberger k-NN mutual information, and Ross (2014) for a discrete side.
+
+KSG-1 (default): joint metric |z - z'| = max(|x - x'|, |y - y'|); eps_i = distance from z_i to
+its k-th neighbour in the joint space; n_x(i) = #{j != i : |x_i - x_j| < eps_i} (strict);
+
+    I = psi(k) + psi(N) - < psi(n_x + 1) + psi(n_y + 1) >
+
+KSG-2 (``algorithm=2``): eps_x(i), eps_y(i) = extents of the k joint neighbours in each
+marginal, n_x counts |x_i - x_j| <= eps_x(i); I = psi(k) - 1/k + psi(N) - < psi(n_x) + psi(n_y) >.
+
+Ross (2014), continuous T and discrete Y: the k-th neighbour radius r_i is found within the
+sample's class, m_i = #{j != i, any class : |t_i - t_j| < r_i};
+I = psi(N) + psi(k) - < psi(N_{y_i}) > - < psi(m_i + 1) >.
+
+The within-block norm is the max-norm (``norm="max"``, Kraskov's and NPEET's convention) or
+Euclidean (``norm="euclidean"``, bmi's convention; matmul-fast); the joint space is always
+the max of the two block norms. Each row chunk computes the two marginal distance blocks
+once and derives the joint distances, the k-th neighbour and both counts from them, so memory
+is O(chunk x n) and no n x n matrix exists. Digamma sums are float64; the standard error is
+std(per-point terms) / sqrt(N). Tied distances (duplicated rows, e.g. dead ReLU units) are
+broken by a seeded jitter of relative size ``jitter``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ibscope.errors import DataError
+from ibscope.estimators import _mi
+from ibscope.estimators._knn import _auto_chunk, count_within, kth_neighbor_distances
+from ibscope.estimators.base import Estimate, Estimator
+from ibscope.estimators.registry import register
+
+_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+def _block(q: torch.Tensor, r: torch.Tensor, norm: str) -> torch.Tensor:
+    if norm == "max":
+        return torch.cdist(q, r, p=float("inf"))
+    return torch.cdist(q, r, p=2.0)  # matmul mode for large blocks
+
+
+def ksg_terms(x: torch.Tensor, y: torch.Tensor, k: int, algorithm: int = 1, norm: str = "max",
+              chunk: int | None = None) -> torch.Tensor:
+    """Per-point KSG terms (float64, shape (N,)); their mean is the estimate in nats."""
+    n = x.shape[0]
+    dev = x.device
+    chunk = chunk or _auto_chunk(n, 3, x.element_size())
+    dig = torch.special.digamma
+    out = torch.empty(n, dtype=torch.float64, device=dev)
+    base = float(dig(torch.tensor(float(k), dtype=torch.float64))) + float(dig(torch.tensor(float(n), dtype=torch.float64)))
+    if algorithm == 2:
+        base -= 1.0 / k
+    for s in range(0, n, chunk):
+        e = min(n, s + chunk)
+        dx = _block(x[s:e], x, norm)
+        dy = _block(y[s:e], y, norm)
+        dz = torch.maximum(dx, dy)
+        rows = torch.arange(e - s, device=dev)
+        dz[rows, rows + s] = float("inf")  # the point itself is not a neighbour
+        vals, idx = torch.topk(dz, k, dim=1, largest=False)
+        del dz
+        if algorithm == 1:
+            eps = vals[:, k - 1:k]
+            self_in = (eps[:, 0] > 0).to(torch.int64)  # the self-distance 0 counts when 0 < eps
+            nx = (dx < eps).sum(dim=1) - self_in
+            ny = (dy < eps).sum(dim=1) - self_in
+            t = dig((nx + 1).to(torch.float64)) + dig((ny + 1).to(torch.float64))
+        else:
+            ex = dx.gather(1, idx).amax(dim=1, keepdim=True)
+            ey = dy.gather(1, idx).amax(dim=1, keepdim=True)
+            nx = (dx <= ex).sum(dim=1) - 1
+            ny = (dy <= ey).sum(dim=1) - 1
+            t = dig(nx.to(torch.float64)) + dig(ny.to(torch.float64))
+        out[s:e] = base - t
+    return out
+
+
+def ross_terms(t: torch.Tensor, labels: torch.Tensor, k: int, norm: str = "max", est_name: str = "ksg") -> torch.Tensor:
+    """Per-point terms of Ross's (2014) continuous-discrete estimator (float64, shape (N,))."""
+    n = t.shape[0]
+    metric = "max" if norm == "max" else "l2"
+    counts = torch.bincount(labels)
+    small = torch.nonzero((counts > 0) & (counts < k + 1)).reshape(-1).tolist()
+    if small:
+        c0 = small[0]
+        raise DataError(
+            f"{est_name} (Ross estimator, discrete y): class {c0} has {int(counts[c0])} sample(s), but k={k} needs "
+            f"at least k+1={k + 1} per class ({len(small)} class(es) are too small).",
+            hint="Lower k, merge rare classes, or use 'binning'/'kde' when y is a sample identity.",
+        )
+    radius = torch.empty(n, dtype=t.dtype, device=t.device)
+    for c in torch.nonzero(counts).reshape(-1).tolist():
+        mask = labels == c
+        radius[mask] = kth_neighbor_distances(t[mask], k, metric=metric)
+    m = count_within(t, radius, metric=metric, strict=True)
+    dig = torch.special.digamma
+    f64 = torch.float64
+    base = float(dig(torch.tensor(float(n), dtype=f64))) + float(dig(torch.tensor(float(k), dtype=f64)))
+    return base - dig(counts[labels].to(f64)) - dig((m + 1).to(f64))
+
+
+@register
+@dataclass(frozen=True)
+class KSG(Estimator):
+    """Kraskov k-NN mutual information (KSG-1, or KSG-2), Ross (2014) for discrete y.
+
+    ``k`` neighbours (Kraskov: 3-10; small k for high MI); ``algorithm`` 1 or 2; ``standardize``
+    z-scores every column first (makes the estimate invariant to per-column scale);
+    ``jitter`` relative noise added (seeded by ``seed``) to break tied distances; ``norm`` the
+    within-block norm ("max" or "euclidean"); ``precision`` of the distances. Constant columns
+    are dropped (they carry no information). stderr = std(per-point terms)/sqrt(N).
+    """
+
+    k: int = 3
+    algorithm: int = 1
+    standardize: bool = True
+    jitter: float = 1e-10
+    seed: int = 0
+    norm: str = "max"
+    precision: str = "float64"
+
+    name: ClassVar[str] = "ksg"
+    reference: ClassVar[str] = "Kraskov, Stoegbauer & Grassberger 2004, PRE 69:066138; Ross 2014, PLoS ONE 9:e87357"
+    x_source: ClassVar[str] = "inputs"
+
+    def validate(self) -> None:
+        self._require(isinstance(self.k, int) and not isinstance(self.k, bool) and self.k >= 1, "k", ">= 1", self.k)
+        self._require(self.algorithm in (1, 2), "algorithm", "1 or 2", self.algorithm)
+        self._require(isinstance(self.jitter, (int, float)) and self.jitter >= 0, "jitter", "a number >= 0", self.jitter)
+        _mi.check_choice(self, "norm", self.norm, ("max", "euclidean"))
+        _mi.check_choice(self, "precision", self.precision, tuple(_DTYPES))
+
+    def _prep(self, t: torch.Tensor, name: str, salt: int) -> tuple[torch.Tensor, list[int]]:
+        t, dropped = _mi.continuous(self, t, name, standardize=self.standardize, dtype=torch.float64)
+        if self.jitter > 0:
+            g = torch.Generator(device="cpu").manual_seed(int(self.seed) * 1000003 + salt)
+            noise = torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.device)
+            scale = 1.0 if self.standardize else max(1.0, float(t.abs().mean()))
+            t = t + float(self.jitter) * scale * noise
+        return t.to(_DTYPES[self.precision]), dropped
+
+    def estimate(self, x, y) -> Estimate:
+        tx, ty = _mi.pair(self, x, y)
+        n = tx.shape[0]
+        _mi.require_samples(self, n, self.k + 1, f"k={self.k} neighbours plus the point itself")
+        split = _mi.split_discrete(self, tx, ty)
+        extra: dict = {}
+        cap = None
+        if split is None:
+            cx, dropx = self._prep(tx, "x", 1)
+            cy, dropy = self._prep(ty, "y", 2)
+            terms = ksg_terms(cx, cy, self.k, self.algorithm, self.norm)
+            extra.update(dropped_constant_x=dropx, dropped_constant_y=dropy, method=f"KSG-{self.algorithm}")
+        else:
+            t, lab, swapped = split
+            ct, dropt = self._prep(t, "y" if swapped else "x", 1)
+            c = _mi.codes(lab)
+            terms = ross_terms(ct, c, self.k, self.norm, self.name)
+            cap = _mi.entropy_codes(c)
+            extra.update(dropped_constant=dropt, method="Ross-2014")
+        value = float(terms.mean())
+        stderr = float(terms.std() / math.sqrt(n)) if n > 1 else None
+        return self._make(value, n=n, dims=(tx.shape[1], ty.shape[1]), stderr=stderr, cap=cap, extra=extra)
