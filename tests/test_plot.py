@@ -224,22 +224,20 @@ def _nonblank(path) -> float:
 def test_every_kind_rendered_to_files(tmp_path):
     from PIL import Image
 
-    p = write_results(tmp_path / "res.csv", table(splits=("train", "test"),
-                                                  settings=(("binning", {"n_bins": 30}), ("ksg", {"k": 3}))))
+    p = write_results(tmp_path / "res.csv", table(settings=(("binning", {"n_bins": 30}), ("ksg", {"k": 3}))))
     paths = plot_results(p, kinds=list(("info-plane", "trajectory", "estimators", "curves", "metrics", "animation")),
                          animation_format="gif", dpi=60)
     names = sorted(x.name for x in paths)
     assert all(x.parent == tmp_path / "res_plots" for x in paths)
     assert names == sorted([
         "info-plane_binning.png", "info-plane_ksg.png", "trajectory_binning.png", "trajectory_ksg.png",
-        "estimators_train.png", "estimators_test.png", "curves_I_X_T.png", "curves_I_T_Y.png",
-        "curves_effective_rank.png", "metrics.png", "animation_binning_train.gif", "animation_binning_test.gif",
-        "animation_ksg_train.gif", "animation_ksg_test.gif"])
+        "estimators.png", "curves_I_X_T.png", "curves_I_T_Y.png", "curves_effective_rank.png", "metrics.png",
+        "animation_binning.gif", "animation_ksg.gif"])
     for x in paths:
         assert x.stat().st_size > 5000, x
         if x.suffix == ".png":
             assert 0.02 < _nonblank(x) < 0.9, x  # drawn, and not a solid block
-    with Image.open(tmp_path / "res_plots" / "animation_binning_train.gif") as gif:
+    with Image.open(tmp_path / "res_plots" / "animation_binning.gif") as gif:
         assert gif.n_frames == 3  # one frame per checkpoint
         frames = []
         for i in range(gif.n_frames):
