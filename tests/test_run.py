@@ -1,0 +1,147 @@
+"""`ibscope run` config validation, stage skipping, and CLI error paths."""
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from ibscope.cli.main import app
+from ibscope.errors import UsageError
+from ibscope.pipeline import (PACKAGED_CONFIGS, SCHEMA, Stage, StageRunner, deep_merge, describe_schema, load_config,
+                              parse_overrides)
+
+ROOT = Path(__file__).resolve().parents[1]
+MINIMAL = {"model": {"factory": "ibscope.demo.models:ib_net"}, "data": {"task": "twelve-bit"}, "train": {"epochs": 5}}
+
+
+def write(tmp_path, cfg, name="cfg.yaml"):
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(cfg) if not isinstance(cfg, str) else cfg)
+    return p
+
+
+# ---------------------------------------------------------------------------- configs
+@pytest.mark.parametrize("name", ["demo-tanh", "demo-relu", "digits"])
+def test_packaged_configs_validate_and_match_repo_copies(name):
+    repo, pkg = ROOT / "configs" / f"{name}.yaml", PACKAGED_CONFIGS / f"{name}.yaml"
+    assert repo.read_text() == pkg.read_text()  # ibscope/configs/ is the installed copy of configs/
+    cfg, base, _ = load_config(repo)
+    assert base == repo.parent and cfg["name"] == {"demo-tanh": "tanh", "demo-relu": "relu"}.get(name, name)
+    quick, _, _ = load_config(name, quick=True)  # by packaged name, with the quick overrides
+    assert quick["train"]["epochs"] < cfg["train"]["epochs"]
+    assert quick["estimate"] == cfg["estimate"]  # quick only shortens training
+
+
+def test_defaults_and_normalisation(tmp_path):
+    cfg, _, _ = load_config(write(tmp_path, {**MINIMAL, "capture": {"layers": "hidden1"}, "train": {"lr": "1e-2"}}))
+    assert cfg["name"] == "cfg" and cfg["seed"] == 0 and cfg["device"] == "auto"
+    assert cfg["capture"]["layers"] == ["hidden1"]  # one string becomes a list
+    assert cfg["train"]["lr"] == 0.01 and cfg["train"]["epochs"] == 3000  # YAML's "1e-2" string read as a number
+    assert cfg["ood"] is None and cfg["check"] is None
+    assert cfg["plot"]["unit"] == "bits" and cfg["report"]["enabled"] is True
+    text = describe_schema()
+    for key in SCHEMA:
+        assert f"{key}:" in text
+
+
+@pytest.mark.parametrize("cfg, message", [
+    ({**MINIMAL, "trian": {}}, "unknown config key 'trian'. Did you mean 'train'?"),
+    ({**MINIMAL, "train": {"epoch": 3}}, "unknown config key 'train.epoch'. Did you mean 'epochs'?"),
+    ({**MINIMAL, "estimate": {"estimaters": ["binning"]}}, "unknown config key 'estimate.estimaters'. Did you mean 'estimators'?"),
+    ({**MINIMAL, "train": {"epochs": "many"}}, "'train.epochs' must be an integer (not null). Got 'many'."),
+    ({**MINIMAL, "plot": {"unit": "bytes"}}, "'plot.unit' must be one of bits, nats. Got 'bytes'."),
+    ({**MINIMAL, "data": {"task": "twelvebit"}}, "'data.task' must be one of twelve-bit, digits. Got 'twelvebit'. Did you mean 'twelve-bit'?"),
+    ({"data": {"task": "twelve-bit"}, "train": {}}, "missing required key 'model.factory'"),
+    ({**MINIMAL, "checkpoints": "ck/*.pt"}, "'train:' and 'checkpoints:' exclude each other."),
+    ({"model": {"factory": "m:f"}, "data": {"task": "twelve-bit"}}, "give either a 'train:' recipe or 'checkpoints:'"),
+    ({**MINIMAL, "train": {"lr": -1.0}}, "train.lr must be > 0. Got -1.0."),
+    ({**MINIMAL, "data": {"task": "twelve-bit", "options": {"train_frac": 0.5}}},
+     "unknown key 'data.options.train_frac'. Did you mean 'train_fraction'?"),
+    ({**MINIMAL, "estimate": {"estimators": ["binning"], "params": {"kde": {"noise_variance": 0.1}}}},
+     "'estimate.params' sets parameters of 'kde', which is not in estimate.estimators."),
+    ({**MINIMAL, "quick": {"train": {"epohcs": 3}}}, "unknown config key 'quick.train.epohcs'. Did you mean 'epochs'?"),
+    ({**MINIMAL, "ood": {"fit": "train", "test": "test", "ood": ["x"]}}, "missing required key 'ood.layer'"),
+    ({"model": {"factory": "m:f"}, "train": {}}, "the train stage needs 'data.train'"),
+    ("- just\n- a list\n", "must hold a YAML mapping (key: value). Got list."),
+    ("model: [unclosed\n", "is not valid YAML"),
+    ("", "is empty"),
+])
+def test_bad_configs_are_usage_errors(tmp_path, cfg, message):
+    p = write(tmp_path, cfg)
+    with pytest.raises(UsageError) as err:
+        load_config(p)
+    assert message in str(err.value)
+    # and through the CLI: the same message, exit code 2, no traceback
+    res = CliRunner().invoke(app, ["run", str(p), "--quiet"])
+    assert res.exit_code == 2, res.output
+    assert message.split(".")[0][:40] in " ".join(res.output.split())
+    assert "Traceback" not in res.output
+
+
+def test_cli_missing_config_and_bad_stage(tmp_path):
+    res = CliRunner().invoke(app, ["run", "demo-tahn"])
+    assert res.exit_code == 2 and "Config file not found: 'demo-tahn'" in res.output and "Did you mean one of: 'demo-tanh'" in res.output
+    p = write(tmp_path, MINIMAL)
+    res = CliRunner().invoke(app, ["run", str(p), "--only", "plto", "-o", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "Unknown stage 'plto'. Did you mean 'plot'?" in res.output
+    res = CliRunner().invoke(app, ["run", str(p), "--set", "train.epochs"])
+    assert res.exit_code == 2 and "--set expects KEY.PATH=VALUE" in res.output
+    res = CliRunner().invoke(app, ["run", str(p), "--until", "estimat"])
+    assert res.exit_code == 2 and "Did you mean 'estimate'" in res.output
+    res = CliRunner().invoke(app, ["run", "--show-schema", str(p)])
+    assert res.exit_code == 0 and "jacobian_samples: int" in res.output
+
+
+def test_overrides_and_merge():
+    o = parse_overrides(["train.epochs=500", "plot.unit=nats", "capture.layers=[hidden1, output]", "name=x"])
+    assert o == {"train": {"epochs": 500}, "plot": {"unit": "nats"}, "capture": {"layers": ["hidden1", "output"]}, "name": "x"}
+    assert deep_merge({"a": {"b": 1, "c": 2}, "d": [1]}, {"a": {"b": 3}, "d": [2]}) == {"a": {"b": 3, "c": 2}, "d": [2]}
+    cfg, _, _ = load_config(MINIMAL, overrides=o)
+    assert cfg["train"]["epochs"] == 500 and cfg["capture"]["layers"] == ["hidden1", "output"]
+
+
+# ---------------------------------------------------------------------------- stage skipping
+def test_stage_runner_skips_and_reruns_for_the_right_reasons(tmp_path):
+    src = tmp_path / "input.txt"
+    src.write_text("1")
+    calls = []
+
+    def stage(name, config, upstream=(), text=None):
+        def run():
+            calls.append(name)
+            p = tmp_path / f"{name}.out"
+            p.write_text(text or src.read_text())
+            return [p]
+        return Stage(name, config, [src], list(upstream), run)
+
+    def go(cfg_a=1, cfg_b=1, force=False):
+        r = StageRunner(tmp_path, force=force)
+        r(stage("a", {"k": cfg_a}))
+        r(stage("b", {"k": cfg_b}, upstream=["a"]))
+        return [(s.name, s.status, s.reason) for s in r.status]
+
+    assert go() == [("a", "ran", "never ran here"), ("b", "ran", "never ran here")]
+    assert go() == [("a", "skipped", "up to date"), ("b", "skipped", "up to date")]
+    assert go(cfg_b=2) == [("a", "skipped", "up to date"), ("b", "ran", "its config changed")]
+    assert go(cfg_a=2, cfg_b=2) == [("a", "ran", "its config changed"), ("b", "ran", "an earlier stage ran again")]
+    (tmp_path / "b.out").unlink()
+    assert go(cfg_a=2, cfg_b=2)[1] == ("b", "ran", "output b.out is missing")
+    future = time.time() + 5
+    os.utime(src, (future, future))
+    assert [s[2] for s in go(cfg_a=2, cfg_b=2)] == ["an input is newer than its outputs", "an earlier stage ran again"]
+    os.utime(src, (future - 100, future - 100))
+    assert [s[1] for s in go(cfg_a=2, cfg_b=2)] == ["skipped"] * 2
+    assert [s[1:] for s in go(cfg_a=2, cfg_b=2, force=True)] == [("ran", "forced"), ("ran", "an earlier stage ran again")]
+    stamp = json.loads((tmp_path / ".ibscope" / "stages" / "b.json").read_text())
+    assert stamp["config"] == {"k": 2} and stamp["outputs"] == ["b.out"] and stamp["upstream"]["a"]
+    assert calls.count("a") == 4 and calls.count("b") == 6
+
+
+def test_stage_runner_only_needs_earlier_runs(tmp_path):
+    r = StageRunner(tmp_path, only=["b"])
+    with pytest.raises(UsageError, match="Stage 'a' has not run yet"):
+        r(Stage("a", {}, [], [], lambda: []))
