@@ -26,7 +26,9 @@ def pairwise(q: torch.Tensor, r: torch.Tensor, metric: str = "l2") -> torch.Tens
     if metric in ("l2_mm", "sqeuclidean_mm"):
         # GEMM form ||q||^2 + ||r||^2 - 2 q.r (what sklearn brute and faiss use): ~20x faster
         # than the exact mode at d >= 64, absolute error ~eps * ||q||^2 on squared distances.
-        d = ((q * q).sum(1, keepdim=True) + (r * r).sum(1) - 2.0 * (q @ r.T)).clamp_min_(0.0)
+        # one fused GEMM (-2 q.r + ||r||^2) plus in-place ops: ~2x fewer passes over the block
+        d = torch.addmm((r * r).sum(1).unsqueeze(0), q, r.T, alpha=-2.0)
+        d.add_((q * q).sum(1, keepdim=True)).clamp_min_(0.0)
         return d.sqrt_() if metric == "l2_mm" else d
     if metric in ("l2", "sqeuclidean"):
         # ||q||^2 + ||r||^2 - 2 q.r is fast (a matmul) but loses precision; cdist with the

@@ -59,7 +59,8 @@ class MatrixEntropy(Estimator):
       * "gaussian" (default): K_ij = exp(-||x_i - x_j||^2 / (2 sigma^2)); sigma = ``sigma``
         if given, else ``sigma_rule`` ("silverman": gamma * n^(-1/(4+d)) * sqrt(tr Cov x),
         gamma = 0.8; "median": the median pairwise distance). 0 <= S <= log n; it
-        saturates at log n when sigma is small next to the spread of the points (warned).
+        saturates at log n when sigma is small next to the spread of the points (a warning
+        says so; ``extra['saturation']`` = S / log n).
         Cost O(n^2 d + n^3), memory n^2 float64; n is limited by ``max_samples``.
       * "linear": K = Z Z^T of the centred, row-L2-normalised Z (Skean et al.'s MBE, computed
         on the smaller of the n x n and d x d sides); 0 <= S <= log min(n, d).
@@ -131,11 +132,11 @@ class MatrixEntropy(Estimator):
             cap = math.log(n)
         h = max(0.0, h)
         extra["saturation"] = h / cap if cap > 0 else 0.0
-        if cap > 0 and h >= 0.99 * cap:
+        if self.kernel == "gaussian" and cap > 0 and h >= 0.99 * cap:
             warnings.warn(
-                f"{self.name}: the entropy ({h:.4g} nats) is within 1% of its maximum log {min(n, d) if self.kernel == 'linear' else n} "
-                f"= {cap:.4g}: it is saturated and no longer tracks the geometry (kernel width "
-                f"{extra.get('sigma', 'n/a')} is small next to the distances between points).",
+                f"{self.name}: the entropy ({h:.4g} nats) is within 1% of its maximum log n = {cap:.4g} (n = {n}): "
+                f"it is saturated and no longer tracks the geometry (the kernel width {extra['sigma']:.4g} is "
+                "small next to the distances between points; pass a larger --param matrix-entropy.sigma=S).",
                 RuntimeWarning, stacklevel=2)
         return self._make(h, n=n, dims=(d,), cap=cap, extra=extra)
 
