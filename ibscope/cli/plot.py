@@ -118,7 +118,7 @@ def register(app: typer.Typer) -> None:
         if not quiet:
             c = console()
             folder = paths[0].parent if paths else out
-            c.print(f"Wrote {len(paths)} file(s) to [bold]{folder}[/]:")
+            c.print(f"Wrote {len(paths)} file(s) to [bold]{folder}[/]:", soft_wrap=True)
             for p in paths:
                 c.print(f"  {p}", soft_wrap=True, highlight=False, markup=False)
 
@@ -167,4 +167,4 @@ def register(app: typer.Typer) -> None:
         else:
             path = write_report([str(p) for p in results], out, **kw)
         if not quiet:
-            console().print(f"Wrote the report to [bold]{path}[/] ({path.stat().st_size / 1e6:.1f} MB).")
+            console().print(f"Wrote the report to [bold]{path}[/] ({path.stat().st_size / 1e6:.1f} MB).", soft_wrap=True)
