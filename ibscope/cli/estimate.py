@@ -1,5 +1,168 @@
-"""`ibscope estimate` (being built)."""
+"""`ibscope estimate` (store -> results table) and `ibscope estimators` (the registry listing)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from ibscope.cli._common import console, guard, load_mapping, parse_kv
+from ibscope.errors import UsageError, did_you_mean
+
+CONFIG_KEYS = ("estimators", "params", "x_source", "device", "jobs", "layers", "out", "description", "reference")
+#: keys of a pipeline config's `estimate:` section that only `ibscope run` uses
+PIPELINE_ONLY = ("probes",)
+
+
+def read_config(path: Path) -> dict:
+    """Read an estimate preset (YAML/JSON). A pipeline config's `estimate:` section also works."""
+    if not path.exists():
+        raise UsageError(f"Config file not found: '{path}'.", hint="Presets live in configs/ (e.g. configs/saxe-kde.yaml).")
+    cfg = load_mapping(str(path), "--config")
+    nested = isinstance(cfg.get("estimate"), dict)
+    if nested:
+        cfg = {k: v for k, v in cfg["estimate"].items() if k not in PIPELINE_ONLY}
+    for key in cfg:
+        if key not in CONFIG_KEYS:
+            raise UsageError(f"Unknown key '{key}' in config '{path}'.{did_you_mean(key, CONFIG_KEYS)}",
+                             hint="Valid keys: " + ", ".join(CONFIG_KEYS))
+    names: list[str] = []
+    params: dict = {}
+    raw = cfg.get("estimators") or []
+    if isinstance(raw, str):
+        raw = [raw]
+    if isinstance(raw, dict):
+        raw = [{k: v} for k, v in raw.items()]
+    if not isinstance(raw, list):
+        raise UsageError(f"'estimators' in '{path}' must be a list of names. Got {type(raw).__name__}.")
+    for item in raw:
+        if isinstance(item, str):
+            names.append(item)
+        elif isinstance(item, dict) and len(item) == 1:
+            (name, p), = item.items()
+            names.append(str(name))
+            if p:
+                if not isinstance(p, dict):
+                    raise UsageError(f"Parameters of '{name}' in '{path}' must be a mapping. Got {p!r}.")
+                params.setdefault(str(name), {}).update(p)
+        else:
+            raise UsageError(f"Each entry of 'estimators' in '{path}' must be a name or {{name: {{param: value}}}}. "
+                             f"Got {item!r}.")
+    extra = cfg.get("params") or {}
+    if not isinstance(extra, dict) or not all(isinstance(v, dict) or v is None for v in extra.values()):
+        raise UsageError(f"'params' in '{path}' must map estimator names to {{param: value}}. Got {extra!r}.")
+    for name, p in extra.items():
+        params.setdefault(str(name), {}).update(p or {})
+    layers = cfg.get("layers")
+    if isinstance(layers, str):
+        layers = [layers]
+    return {"estimators": names, "params": params, "x_source": cfg.get("x_source"), "device": cfg.get("device"),
+            "jobs": cfg.get("jobs"), "layers": layers, "out": cfg.get("out")}
+
+
+def parse_params(items: list[str] | None) -> dict[str, dict[str, str]]:
+    out: dict[str, dict[str, str]] = {}
+    for key, value in parse_kv(items, "--param").items():
+        if "." not in key:
+            raise UsageError(f"--param expects ESTIMATOR.KEY=VALUE (e.g. binning.n_bins=30). Got {key}={value!r}.")
+        name, k = key.split(".", 1)
+        out.setdefault(name, {})[k] = value
+    return out
 
 
 def register(app) -> None:
-    """Add this module's commands to the app."""
+    """Add `estimate` and `estimators` to the app."""
+
+    @app.command("estimate")
+    @guard
+    def estimate(
+        stores: List[Path] = typer.Argument(..., metavar="STORE...", help="Activation store(s) written by `ibscope capture`."),
+        out: Optional[Path] = typer.Option(None, "-o", "--out", help="Results CSV to write (default results.csv). "
+                                           "A provenance sidecar <stem>.provenance.json is written next to it."),
+        estimator: Optional[List[str]] = typer.Option(None, "-e", "--estimator", metavar="NAME",
+                                                      help="Estimator to run (repeatable). See `ibscope estimators`. "
+                                                           "Default: binning and ksg."),
+        param: Optional[List[str]] = typer.Option(None, "--param", metavar="NAME.KEY=VALUE",
+                                                  help="Estimator parameter (repeatable), e.g. binning.n_bins=30."),
+        config: Optional[Path] = typer.Option(None, "-c", "--config", help="YAML preset (e.g. configs/saxe-kde.yaml): "
+                                              "estimators, params, x_source, layers, device, jobs. Options given on "
+                                              "the command line win."),
+        device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (default auto)."),
+        jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="CPU worker processes over (checkpoint, layer) "
+                                           "cells (default 1)."),
+        force: bool = typer.Option(False, "--force", help="Recompute cells that are already in the results file."),
+        x_source: Optional[str] = typer.Option(None, "--x-source", help="What X is in I(X;T) for every pair estimator: "
+                                               "'identity' (sample ids) or 'inputs' (probe inputs). Default: each "
+                                               "estimator's own (binning/KDE identity, the rest inputs)."),
+        layer: Optional[List[str]] = typer.Option(None, "--layer", "-l", help="Only these layers (repeatable)."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
+    ) -> None:
+        """Estimate I(X;T), I(T;Y) and registered single-layer measures for every checkpoint x layer.
+
+        Writes one row per checkpoint x layer x estimator x quantity (values in nats) to a CSV.
+        Cells already in the output with identical parameters are skipped unless --force.
+
+        Example: ibscope estimate acts/ -o results.csv -e binning -e ksg --param binning.n_bins=30
+        """
+        cfg = read_config(config) if config else {"estimators": [], "params": {}}
+        cli_params = parse_params(param)
+        if estimator:
+            names = list(estimator)
+            params = {k: v for k, v in (cfg.get("params") or {}).items() if k in names}
+        else:
+            names = cfg.get("estimators") or ["binning", "ksg"]
+            params = dict(cfg.get("params") or {})
+        for name, p in cli_params.items():
+            params.setdefault(name, {}).update(p)
+        out_path = out or (Path(cfg["out"]) if cfg.get("out") else Path("results.csv"))
+        from ibscope.estimate import run_estimate
+
+        res = run_estimate(
+            stores, out_path, names, params,
+            device=device or cfg.get("device") or "auto", force=force, jobs=jobs or int(cfg.get("jobs") or 1),
+            x_source=x_source or cfg.get("x_source"), layers=list(layer) if layer else cfg.get("layers"),
+            progress=not quiet,
+        )
+        if not quiet:
+            prov = res.provenance
+            console().print(f"Wrote {len(res)} rows ({prov.get('cells_computed', 0)} cell(s) computed, "
+                            f"{prov.get('rows_kept_from_existing', 0)} row(s) kept) to {out_path}")
+
+    @app.command("estimators")
+    @guard
+    def estimators(
+        as_json: bool = typer.Option(False, "--json", help="Print the listing as JSON on stdout."),
+        kind: Optional[str] = typer.Option(None, "--kind", help="Only 'pair', 'single' or 'jacobian' estimators."),
+    ) -> None:
+        """List the registered estimators: name, kind, quantity, unit, parameters with defaults, reference."""
+        import json
+
+        from ibscope.estimators import registry
+
+        if kind is not None and kind not in ("pair", "single", "jacobian"):
+            raise UsageError(f"--kind must be 'pair', 'single' or 'jacobian'. Got {kind!r}.")
+        rows = []
+        for name, cls in registry.available().items():
+            if kind and cls.kind != kind:
+                continue
+            d = registry.describe(cls)
+            d["x_source"] = cls.x_source if cls.kind == "pair" else None
+            rows.append(d)
+        broken = registry.plugin_errors()
+        if as_json:
+            typer.echo(json.dumps({"estimators": rows, "plugin_errors": broken}, indent=2, default=str))
+            return
+        from rich.table import Table
+
+        table = Table(title="ibscope estimators", show_lines=False)
+        for col in ("name", "kind", "quantity", "unit", "parameters (defaults)", "reference"):
+            table.add_column(col, overflow="fold")
+        for d in rows:
+            ps = ", ".join(f"{k}={v!r}" for k, v in d["params"].items()) or "-"
+            q = d["quantity"] if d["kind"] != "pair" else f"I(X;T) [X={d['x_source']}], I(T;Y)"
+            table.add_row(d["name"], d["kind"], q, d["unit"], ps, d["reference"])
+        c = console()
+        c.print(table)
+        for name, msg in broken.items():
+            c.print(f"[yellow]Plug-in '{name}' failed to load:[/] {msg}")
