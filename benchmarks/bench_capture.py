@@ -4,18 +4,20 @@ For an MLP and a small CNN (same model, same batch size, CPU):
 
 * ``forward``  - plain ``model(x)`` over the probe set under ``torch.no_grad()`` (the floor);
 * ``hooks``    - the same with ibscope's hook engine (copy + reduce), nothing written;
-* ``capture``  - ``ibscope.capture.capture()`` end to end for one checkpoint: build the model,
-                 hash and load the checkpoint, dry run, hooks, float32 HDF5 shard (lzf), rename;
+* ``capture_none`` / ``capture_lzf`` - ``ibscope.capture.capture()`` end to end for one
+                 checkpoint: build the model, hash and load the checkpoint, dry run, hooks, float32
+                 HDF5 shard (uncompressed / lzf+shuffle, the default), fsync, rename;
 * ``naive``    - the ad-hoc peer: hooks appending ``output.detach().clone()`` to lists in RAM,
                  ``torch.cat`` and ``np.savez`` at the end (what research repos usually do).
 
 Then the same with a probe set ``--scale`` (10) times larger, to show that capture's extra memory
 stays flat (bounded by batch x layer width) while the naive peer's grows with the probe set.
-Each mode runs in its own process (warm-up on one batch first). Times are medians over
+Each (model, size) runs in its own process; every mode is warmed up on one batch first. Times
+are medians over
 ``--repeats`` runs; memory is peak RSS above the RSS before the runs (the probe tensor is
 allocated before, so it is not counted), measured with /proc/self/clear_refs and VmHWM.
 
-    python benchmarks/bench_capture.py                 # default, ~1-2 min on 2 busy cores
+    python benchmarks/bench_capture.py                 # default: n=2048 MLP, n=512 CNN, x10, 3 repeats
     python benchmarks/bench_capture.py --n-mlp 20000 --n-cnn 4000 --repeats 7
 """
 
@@ -116,8 +118,11 @@ def naive_peer(model, x, names, out: Path):
             h.remove()
 
 
-def worker(kind: str, n: int, mode: str, repeats: int, tmp: Path) -> dict:
-    """One mode in a fresh process: warm up on one batch, then time ``repeats`` full runs."""
+MODES = ("forward", "hooks", "capture_none", "capture_lzf", "naive")
+
+
+def worker(kind: str, n: int, repeats: int, tmp: Path) -> dict:
+    """All modes of one (model, n) in a fresh process; each warmed up on one batch first."""
     import json
 
     from ibscope.capture import capture
@@ -130,21 +135,25 @@ def worker(kind: str, n: int, mode: str, repeats: int, tmp: Path) -> dict:
     names = [nm for nm, m in model.named_modules() if isinstance(m, nn.ReLU)] + [layers[1]]
     counter = [0]
 
-    def cap(xx):
+    def cap(xx, compression):
         counter[0] += 1
-        capture(f"{Path(__file__).resolve()}:make_{kind}", str(ck), (xx, None), layers,
-                tmp / f"store_{kind}_{n}_{mode}_{counter[0]}", batch_size=BATCH, device="cpu", store_inputs=False,
-                progress=False)
+        out = tmp / f"store_{kind}_{n}_{compression}_{counter[0]}"
+        capture(f"{Path(__file__).resolve()}:make_{kind}", str(ck), (xx, None), layers, out, batch_size=BATCH,
+                device="cpu", store_inputs=False, progress=False, compression=compression)
+        return out
 
     fns = {"forward": lambda xx: plain_forward(model, xx), "hooks": lambda xx: hooks_only(model, xx, layers),
-           "capture": cap, "naive": lambda xx: naive_peer(model, xx, names, tmp / f"naive_{kind}_{n}.npz")}
-    fns[mode](x[:BATCH])  # warm-up: imports, allocator, first-call costs
-    t, mib = measure(lambda: fns[mode](x), repeats)
-    out = {"time_s": t, "peak_mib": mib}
-    if mode == "capture":
-        out["store_mib"] = sum(p.stat().st_size for p in (tmp / f"store_{kind}_{n}_{mode}_2").rglob("*.h5")) / 2**20
-    print(json.dumps(out))
-    return out
+           "capture_none": lambda xx: cap(xx, "none"), "capture_lzf": lambda xx: cap(xx, "lzf"),
+           "naive": lambda xx: naive_peer(model, xx, names, tmp / f"naive_{kind}_{n}.npz")}
+    row = {"model": kind, "n": n}
+    for mode in MODES:
+        fns[mode](x[:BATCH])  # warm-up: imports, allocator, first-call costs
+        row[f"{mode}_s"], row[f"{mode}_mib"] = measure(lambda: fns[mode](x), repeats)
+        if mode.startswith("capture"):
+            last = tmp / f"store_{kind}_{n}_{mode[8:]}_{counter[0]}"
+            row[f"{mode}_store_mib"] = sum(p.stat().st_size for p in last.rglob("*.h5")) / 2**20
+    print(json.dumps(row))
+    return row
 
 
 def run_one(kind: str, n: int, repeats: int, tmp: Path, threads: int) -> dict:
@@ -154,32 +163,25 @@ def run_one(kind: str, n: int, repeats: int, tmp: Path, threads: int) -> dict:
     make, _, _ = MODELS[kind]
     torch.manual_seed(0)
     torch.save({"epoch": 1, "state_dict": make().state_dict()}, tmp / f"{kind}_epoch1.pt")
-    row = {"model": kind, "n": n}
-    for mode in ("forward", "hooks", "capture", "naive"):
-        res = subprocess.run([sys.executable, __file__, "--threads", str(threads), "--worker", kind, str(n), mode,
-                              str(repeats), str(tmp)],
-                             capture_output=True, text=True, check=True)
-        r = json.loads(res.stdout.strip().splitlines()[-1])
-        row[f"{mode}_s"], row[f"{mode}_mib"] = r["time_s"], r["peak_mib"]
-        if "store_mib" in r:
-            row["store_mib"] = r["store_mib"]
-    return row
+    res = subprocess.run([sys.executable, __file__, "--threads", str(threads), "--worker", kind, str(n), str(repeats),
+                          str(tmp)], capture_output=True, text=True, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n-mlp", type=int, default=4096, help="probe samples for the MLP (784-512-256-128-10)")
-    ap.add_argument("--n-cnn", type=int, default=1024, help="probe samples for the CNN (3x32x32 input)")
+    ap.add_argument("--n-mlp", type=int, default=2048, help="probe samples for the MLP (784-512-256-128-10)")
+    ap.add_argument("--n-cnn", type=int, default=512, help="probe samples for the CNN (3x32x32 input)")
     ap.add_argument("--scale", type=int, default=10, help="factor for the large-probe run")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads in every measured process "
                     "(1 by default: on a shared machine, spinning OpenMP threads make timings erratic)")
-    ap.add_argument("--worker", nargs=5, metavar=("KIND", "N", "MODE", "REPEATS", "DIR"), help=argparse.SUPPRESS)
+    ap.add_argument("--worker", nargs=4, metavar=("KIND", "N", "REPEATS", "DIR"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
-        kind, n, mode, repeats, d = a.worker
+        kind, n, repeats, d = a.worker
         torch.set_num_threads(a.threads)
-        worker(kind, int(n), mode, int(repeats), Path(d))
+        worker(kind, int(n), int(repeats), Path(d))
         return 0
     rows = []
     with tempfile.TemporaryDirectory() as d:
@@ -188,19 +190,20 @@ def main(argv=None) -> int:
             for scale in (1, a.scale):
                 rows.append(run_one(kind, n * scale, a.repeats, tmp, a.threads))
                 r = rows[-1]
-                print(f"{r['model']:4s} n={r['n']:6d} | forward {r['forward_s'] * 1e3:8.1f} ms | "
-                      f"hooks {r['hooks_s'] * 1e3:8.1f} ms ({r['hooks_s'] / r['forward_s']:.2f}x) | "
-                      f"capture {r['capture_s'] * 1e3:8.1f} ms ({r['capture_s'] / r['forward_s']:.2f}x) | "
-                      f"naive peer {r['naive_s'] * 1e3:8.1f} ms ({r['naive_s'] / r['forward_s']:.2f}x) | "
-                      f"extra peak MiB: forward {r['forward_mib']:.1f}, capture {r['capture_mib']:.1f}, "
-                      f"naive {r['naive_mib']:.1f} | store {r['store_mib']:.1f} MiB", flush=True)
+                f = r["forward_s"]
+                print(f"{r['model']:4s} n={r['n']:6d} | forward {f * 1e3:7.1f} ms | "
+                      + " | ".join(f"{m} {r[m + '_s'] * 1e3:7.1f} ms ({r[m + '_s'] / f:.2f}x)" for m in MODES[1:])
+                      + " | extra peak MiB: " + ", ".join(f"{m} {r[m + '_mib']:.1f}" for m in MODES)
+                      + f" | store MiB: none {r['capture_none_store_mib']:.1f}, lzf {r['capture_lzf_store_mib']:.1f}",
+                      flush=True)
     print(f"\nmedians of {a.repeats} runs, torch {torch.__version__}, {a.threads} thread(s), batch {BATCH}")
     for kind in ("mlp", "cnn"):
         small, big = [r for r in rows if r["model"] == kind]
-        print(f"{kind}: capture/forward {small['capture_s'] / small['forward_s']:.2f}x (n={small['n']}), "
-              f"{big['capture_s'] / big['forward_s']:.2f}x (n={big['n']}); extra peak memory x{a.scale} probe: "
-              f"capture {small['capture_mib']:.1f} -> {big['capture_mib']:.1f} MiB, "
-              f"naive {small['naive_mib']:.1f} -> {big['naive_mib']:.1f} MiB")
+        for m in ("capture_none", "capture_lzf"):
+            print(f"{kind}: {m}/forward {small[m + '_s'] / small['forward_s']:.2f}x (n={small['n']}), "
+                  f"{big[m + '_s'] / big['forward_s']:.2f}x (n={big['n']}); extra peak memory at x{a.scale} probe: "
+                  f"{small[m + '_mib']:.1f} -> {big[m + '_mib']:.1f} MiB")
+        print(f"{kind}: naive RAM peer extra peak memory {small['naive_mib']:.1f} -> {big['naive_mib']:.1f} MiB")
     return 0
 
 

@@ -256,7 +256,8 @@ class StoreWriter:
         compression: str = "lzf",
     ):
         self.dir = resolve_store_dir(path)
-        self.compression = compression
+        # "lzf" | "gzip" | None/"none" (uncompressed, no shuffle: fastest writes)
+        self.compression = None if compression in (None, "none") else compression
         for name in layers:
             check_layer_name(name)
         config = dict(config)
@@ -308,7 +309,8 @@ class StoreWriter:
                 g.create_dataset("labels", data=np.asarray(labels))
             if inputs is not None:
                 ds = g.create_dataset("inputs", data=np.asarray(inputs, dtype=np.float32).reshape(len(sample_ids), -1),
-                                      chunks=True, compression=compression, shuffle=True)
+                                      chunks=True, compression=self.compression,
+                                      shuffle=self.compression is not None)
                 ds.attrs["input_shape"] = np.asarray(input_shape or inputs.shape[1:], dtype=np.int64)
             lg = f.create_group("layers")
             for name, meta in layers.items():
@@ -384,7 +386,9 @@ class ShardWriter:
         if r0 + batch.shape[0] > n:
             raise DataError(f"Layer '{layer}': more rows than the probe set's {n} samples.")
         if batch.size:
-            if np.isfinite(np.add.reduce(batch, axis=None, dtype=np.float64)):  # fast path: all finite
+            with np.errstate(invalid="ignore", over="ignore"):
+                total = np.add.reduce(batch, axis=None, dtype=np.float64)
+            if np.isfinite(total):  # fast path: a finite float64 sum means every value is finite
                 self._absmax[layer] = max(self._absmax[layer], float(-batch.min()), float(batch.max()))
             else:
                 fin = np.isfinite(batch)
@@ -396,7 +400,8 @@ class ShardWriter:
     def _create(self, layer: str, d: int, dtype: str):
         n = self.store.n_samples
         return self.f["acts"].create_dataset(layer, shape=(n, d), dtype=dtype, chunks=(self.chunk_rows(d, dtype), d),
-                                             compression=self.store.compression, shuffle=True)
+                                             compression=self.store.compression,
+                                             shuffle=self.store.compression is not None)
 
     def chunk_rows(self, d: int, dtype: str = "float32") -> int:
         """Rows per HDF5 chunk for a layer of width ``d`` (~512 KiB chunks); write in multiples."""

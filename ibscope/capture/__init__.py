@@ -112,6 +112,12 @@ def plan_layers(model, x, layers, reduce=None):
     return targets, reducers, meta, traces
 
 
+def _all_finite(arr: np.ndarray) -> bool:
+    """One pass: a float64 sum of float32 values is finite iff every value is (it cannot overflow)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        return bool(np.isfinite(np.add.reduce(arr, axis=None, dtype=np.float64)))
+
+
 class _Buffer:
     """Collects one layer's rows and writes them to the shard in whole HDF5 chunks."""
 
@@ -232,8 +238,8 @@ def capture(
         raise UsageError(f"--batch-size must be >= 1. Got {batch_size}.")
     if int(jacobian_samples) < 0:
         raise UsageError(f"--jacobian-samples must be >= 0. Got {jacobian_samples}.")
-    if compression not in ("lzf", "gzip"):
-        raise UsageError(f"compression must be 'lzf' or 'gzip'. Got {compression!r}.")
+    if compression not in ("lzf", "gzip", "none"):
+        raise UsageError(f"--compression must be lzf, gzip or none. Got {compression!r}.")
     if resume and overwrite:
         raise UsageError("--resume and --overwrite exclude each other.",
                          hint="--resume keeps what was captured; --overwrite starts again from nothing.")
@@ -314,8 +320,7 @@ def capture(
                         for name, r in outs.items():
                             arr = r.numpy() if (r.dtype == torch.float32 and r.device.type == "cpu") else \
                                 r.float().cpu().numpy()
-                            # one float64 sum is finite iff every value is (no overflow from float32 inputs)
-                            if not allow_nonfinite and not np.isfinite(np.add.reduce(arr, axis=None, dtype=np.float64)):
+                            if not allow_nonfinite and not _all_finite(arr):
                                 bad = int(arr.size - np.isfinite(arr).sum())
                                 raise DataError(
                                     f"Layer '{name}' has {bad} non-finite value(s) (NaN/inf) at checkpoint "
@@ -331,7 +336,7 @@ def capture(
                     _store_jacobians(net, targets, reducers, pr.x, int(jacobian_samples), dev, shard, jacobian_chunk)
             if prog is not None:
                 prog.advance(t_ck)
-            log.info("Captured %s (%s).", ck.label, ck.path)
+            log.debug("Captured %s (%s).", ck.label, ck.path)
     finally:
         if prog is not None:
             prog.stop()

@@ -82,8 +82,9 @@ def register(app: typer.Typer) -> None:
                                               "unpickling (can run arbitrary code: only for files you trust)."),
         allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Store NaN/inf activations instead of "
                                              "stopping with exit code 4."),
-        compression: str = typer.Option("lzf", "--compression", help="HDF5 compression: lzf (fast, h5py) or gzip "
-                                        "(readable by every HDF5 tool)."),
+        compression: str = typer.Option("lzf", "--compression", help="HDF5 compression: lzf (h5py's filter, "
+                                        "with shuffle), gzip (readable by every HDF5 tool, slowest) or none (fastest "
+                                        "writes; float32 activations shrink only ~20-35% with lzf)."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or tables; warnings only."),
     ) -> None:
         """Run a fixed probe set through every checkpoint and store the chosen layers' activations.
