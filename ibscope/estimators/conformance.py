@@ -85,9 +85,9 @@ def check_estimator(est: Any, *, n: int = 300, rtol: float = 1e-6, seed: int = 0
                  f"{cls!r} is not a subclass of ibscope.estimators.base.Estimator"):
         raise ConformanceError(f"Estimator {cls!r} fails the conformance check:\n  - " + "\n  - ".join(failures))
     label = getattr(cls, "name", "") or cls.__qualname__
-    params = getattr(cls, "__dataclass_params__", None)
+    params = cls.__dict__.get("__dataclass_params__")  # set by the decorator on this very class
     check("frozen dataclass", dataclasses.is_dataclass(cls) and bool(params and params.frozen),
-          "decorate the class with @dataclass(frozen=True)")
+          "decorate the class itself with @dataclass(frozen=True); its fields are the hyper-parameters")
     check("name", isinstance(cls.name, str) and bool(cls.name), "set the class attribute name = '...'")
     check("kind", cls.kind in KINDS, f"kind must be one of {KINDS}, got {cls.kind!r}")
     check("quantity", isinstance(cls.quantity, str) and bool(cls.quantity), "set quantity")
