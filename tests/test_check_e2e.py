@@ -19,9 +19,11 @@ from ibscope.errors import RegressionFound
 from ibscope.pipeline import run_pipeline
 from ibscope.results import read_results
 
+# small and fast: 30 epochs, 5 checkpoints (0, 1, 3, 10, 30), 3 layers, 1024 of the 4096 probe inputs
 SMALL = {
     "train": {"epochs": 30, "checkpoints": 4},
-    "capture": {"jacobian_samples": 0, "batch_size": 4096},
+    "capture": {"jacobian_samples": 0, "batch_size": 1024, "max_samples": 1024,
+                "layers": ["hidden1", "hidden3", "hidden5"]},
     "estimate": {"estimators": ["binning"]},
 }
 RELU = {**SMALL, "model": {"args": {"activation": "relu"}}}
@@ -45,7 +47,8 @@ def test_rerun_matches_its_own_baseline_exactly(runs):
     d, base, tanh, again, relu = runs
     rows = read_results(tanh).rows
     layers = {r["layer"] for r in rows if r["estimator"] == "binning"}
-    assert layers == {"hidden1", "hidden2", "hidden3", "hidden4", "hidden5", "output"}
+    assert layers == {"hidden1", "hidden3", "hidden5"}
+    assert {r["n_samples"] for r in rows if r["estimator"] == "binning"} == {1024}
     rep = run_check(again, baseline=base, rtol=0, atol=0)
     assert rep.ok, rep.summary()
     quantities = {c.details["curve"]["quantity"] for c in rep.cases}
@@ -75,10 +78,11 @@ def test_different_activation_is_a_regression(runs):
 
 def test_pipeline_check_stage_uses_the_baseline(runs):
     d, base, tanh, again, relu = runs
-    check = {"check": {"baseline": str(base), "junit": True}}
+    check = {"check": {"baseline": str(base), "junit": True}, "plot": {"enabled": False}, "report": {"enabled": False}}
     # the tanh re-run passes its stage (stages before check are up to date and skipped)
     res = pipeline(d / "tanh-again", {**SMALL, **check}, until="check")
     assert res.check.ok
+    assert res.ran() == ["check"]  # data, train, capture, estimate were up to date
     with pytest.raises(RegressionFound):
         pipeline(d / "relu", {**RELU, **check}, until="check")
     assert json.loads((d / "relu" / "check.json").read_text())["ok"] is False
