@@ -361,6 +361,8 @@ class ShardWriter:
         self._rows: dict[str, int] = {}
         self._absmax: dict[str, float] = {}
         self._nonfinite: dict[str, int] = {}
+        self._ds: dict = {}  # open dataset handles (h5py lookups are slow per batch)
+        self._width: dict[str, int] = {}
 
     def __enter__(self) -> "ShardWriter":
         self.t0 = time.perf_counter()
@@ -374,15 +376,16 @@ class ShardWriter:
         if batch.ndim != 2:
             raise DataError(f"Layer '{layer}': expected a (batch, features) array, got shape {batch.shape}.")
         n = self.store.n_samples
-        ds = self.f["acts"].get(layer)
+        ds = self._ds.get(layer)
         if ds is None:
-            ds = self._create(layer, batch.shape[1], dtype)
+            ds = self._ds[layer] = self._create(layer, batch.shape[1], dtype)
+            self._width[layer] = batch.shape[1]
             self._rows[layer] = 0
             self._absmax[layer] = 0.0
             self._nonfinite[layer] = 0
         r0 = self._rows[layer]
-        if batch.shape[1] != ds.shape[1]:
-            raise DataError(f"Layer '{layer}': batch has {batch.shape[1]} features, earlier batches had {ds.shape[1]}.")
+        if batch.shape[1] != self._width[layer]:
+            raise DataError(f"Layer '{layer}': batch has {batch.shape[1]} features, earlier batches had {self._width[layer]}.")
         if r0 + batch.shape[0] > n:
             raise DataError(f"Layer '{layer}': more rows than the probe set's {n} samples.")
         if batch.size:
@@ -416,7 +419,7 @@ class ShardWriter:
         kept = ds[: self._rows[layer]].astype(dtype)
         d = ds.shape[1]
         del self.f["acts"][layer]
-        ds = self._create(layer, d, dtype)
+        ds = self._ds[layer] = self._create(layer, d, dtype)
         ds[: kept.shape[0]] = kept
         ds.attrs["dtype_fallback"] = str(np.dtype(dtype))
 

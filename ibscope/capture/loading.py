@@ -22,6 +22,7 @@ import os
 import pickle
 import re
 import sys
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -150,15 +151,13 @@ def _describe_unpickle_failure(path: Path, exc: Exception) -> CheckpointError:
 
 def _looks_like_torch_file(path: Path) -> bool:
     """A torch zip archive, or a legacy pickle (protocol opcode 0x80 first)."""
-    import zipfile
-
     if zipfile.is_zipfile(path):
         return True
     with open(path, "rb") as f:
         return f.read(1) == b"\x80"
 
 
-def read_checkpoint(path: str | os.PathLike, *, trust_checkpoint: bool = False) -> Any:
+def read_checkpoint(path: str | os.PathLike, *, trust_checkpoint: bool = False, mmap: bool = False) -> Any:
     """The raw object in a checkpoint file (a dict for torch files, a state dict for safetensors)."""
     import torch
 
@@ -174,6 +173,8 @@ def read_checkpoint(path: str | os.PathLike, *, trust_checkpoint: bool = False) 
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"'{path}' is not a readable safetensors file: {exc}") from None
     try:
+        if mmap and zipfile.is_zipfile(path):  # legacy (non-zip) files cannot be memory-mapped
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if not _looks_like_torch_file(path):
@@ -454,8 +455,8 @@ def discover_checkpoints(checkpoints, *, trust_checkpoint: bool = False) -> list
     for p in list_checkpoint_paths(checkpoints):
         if p.suffix == ".safetensors":
             meta = _safetensors_metadata(p)
-        else:
-            meta = read_checkpoint(p, trust_checkpoint=trust_checkpoint)
+        else:  # memory-mapped: only the small bookkeeping entries are read here
+            meta = read_checkpoint(p, trust_checkpoint=trust_checkpoint, mmap=True)
         epoch, step, metrics = checkpoint_metadata(meta)
         src = "file" if (epoch is not None or step is not None) else ""
         if not src:
