@@ -120,7 +120,8 @@ def register(app) -> None:
 
         res = run_estimate(
             stores, out_path, names, params,
-            device=device or cfg.get("device") or "auto", force=force, jobs=jobs or int(cfg.get("jobs") or 1),
+            device=device or cfg.get("device") or "auto", force=force,
+            jobs=jobs if jobs is not None else (cfg.get("jobs") if cfg.get("jobs") is not None else 1),
             x_source=x_source or cfg.get("x_source"), layers=list(layer) if layer else cfg.get("layers"),
             progress=not quiet,
         )
