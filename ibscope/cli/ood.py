@@ -96,19 +96,22 @@ def ood(
         out_dir=out, figures=figures, progress=not quiet,
     )
     if not quiet:
+        from rich import box
         from rich.table import Table
 
-        t = Table(title=f"OOD detection, layer {layer} (scores: higher = more OOD)")
-        for col in ("detector", "k", "reduction", "ckpt", "OOD set", "AUROC", "FPR95 ID+", "FPR95 OpenOOD", "flagged"):
+        t = Table(title=f"OOD detection, layer {layer} (higher score = more OOD)", box=box.SIMPLE_HEAD)
+        for col in ("configuration", "ckpt", "OOD set", "AUROC", "FPR95 ID+", "FPR95 OOD+", "flagged"):
             t.add_column(col, overflow="fold")
         for r in doc["results"]:
-            t.add_row(r["detector"], "" if r["k"] is None else str(r["k"]), r["reduction"], str(r["checkpoint"]),
-                      r["ood_set"], f"{r['auroc']:.3f}", f"{r['fpr95_id_positive']:.3f}", f"{r['fpr95_openood']:.3f}",
-                      f"{r['flagged_fraction']:.3f}")
+            cfg = r["detector"] + ("" if r["k"] is None else f" k={r['k']}") + f", {r['reduction']}"
+            t.add_row(cfg, str(r["checkpoint"]), r["ood_set"], f"{r['auroc']:.3f}", f"{r['fpr95_id_positive']:.3f}",
+                      f"{r['fpr95_openood']:.3f}", f"{r['flagged_fraction']:.3f}")
         c = console()
         c.print(t)
         for w in doc["warnings"]:
             c.print(f"[yellow]Warning:[/] {w}")
+        c.print("FPR95 ID+: OOD accepted at 95% ID accepted (Lee/Sun); FPR95 OOD+: ID flagged at 95% OOD flagged "
+                "(OpenOOD v1.5); flagged: OOD share above the validation threshold.")
         c.print(f"Wrote {Path(out) / JSON_NAME}, {Path(out) / 'ood_scores.h5'} and {len(doc['figures'])} figure(s).")
 
 
