@@ -161,6 +161,26 @@ def test_near_duplicates_keep_exact_positive_distances(case):
     assert ml == pytest.approx(mle_ref(x64), rel=1e-9)
 
 
+@pytest.mark.parametrize("k", [2, 20])
+def test_exact_knn_kernel_certifies_or_recomputes(k):
+    # 15 points within 1e-7 of each other: the float32 GEMM cannot order them (its error bound
+    # on squared distances is ~1e-4 here), so those rows fail certification and get exact
+    # distances to every row; all other rows are certified. Both must equal dense scipy.
+    from ibscope.estimators.intrinsic import knn_distances_exact
+
+    rs = np.random.RandomState(8)
+    x = np.vstack([hyperball(400, 3, rs), 0.3 + 1e-7 * rs.randn(15, 3)])
+    got = knn_distances_exact(torch.from_numpy(x), k).numpy()
+    np.testing.assert_allclose(got, knn_ref(x, k), rtol=1e-12, atol=0)
+    # TF32-style float32 matmuls (precision 'high') widen the bound: still exact
+    old = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        np.testing.assert_allclose(knn_distances_exact(torch.from_numpy(x), k).numpy(), knn_ref(x, k), rtol=1e-12)
+    finally:
+        torch.set_float32_matmul_precision(old)
+
+
 def test_lattice_ties_give_a_clear_error():
     g = np.stack(np.meshgrid(np.arange(8.0), np.arange(8.0)), -1).reshape(-1, 2)
     with pytest.raises(DataError, match="r2 == r1|log-ratios|tied"):
@@ -170,9 +190,9 @@ def test_lattice_ties_give_a_clear_error():
 
 
 def test_errors():
-    with pytest.raises(DataError, match="needs at least 22 distinct points; got 1 \\(19 duplicates removed from 20\\)"):
+    with pytest.raises(DataError, match="needs at least 22 distinct points; got 1 \\(29 duplicates removed from 30\\)"):
         with pytest.warns(RuntimeWarning):
-            ibscope.measure(np.ones((20, 3)), "mle-id")
+            ibscope.measure(np.ones((30, 3)), "mle-id")
     with pytest.raises(DataError, match="needs at least 7 distinct points; got 6"):
         ibscope.measure(np.random.RandomState(0).randn(6, 2), "mle-id", k=5)
     with pytest.raises(UsageError, match="'k' parameter of mle-id must be >= 2. Got 1"):
