@@ -86,3 +86,80 @@ def test_pipeline_check_stage_uses_the_baseline(runs):
     with pytest.raises(RegressionFound):
         pipeline(d / "relu", {**RELU, **check}, until="check")
     assert json.loads((d / "relu" / "check.json").read_text())["ok"] is False
+
+
+# ------------------------------------------------------------------------------------------
+# the example CI workflow uses only commands and options that exist, and its files agree
+# ------------------------------------------------------------------------------------------
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+WORKFLOW = ROOT / "examples" / "github-actions-ibscope-check.yml"
+
+
+def _workflow_commands():
+    import shlex
+
+    import yaml
+
+    wf = yaml.safe_load(WORKFLOW.read_text())
+    steps = [s for job in wf["jobs"].values() for s in job["steps"]]
+    cmds = []
+    for s in steps:
+        for line in (s.get("run") or "").splitlines():
+            if line.strip():
+                cmds.append(shlex.split(line))
+    return steps, cmds
+
+
+def test_example_workflow_commands_exist():
+    import importlib.util
+
+    import typer
+
+    steps, cmds = _workflow_commands()
+    group = typer.main.get_command(app)
+    ibscope_cmds = [c for c in cmds if c[0] == "ibscope"]
+    assert [c[1] for c in ibscope_cmds] == ["capture", "estimate", "check"]
+    for argv in ibscope_cmds:
+        cmd = group.get_command(None, argv[1])
+        assert cmd is not None, argv
+        cmd.make_context(argv[1], argv[2:])  # raises click.UsageError on an unknown option or missing value
+    # the training step runs the example script with options it accepts
+    (train,) = [c for c in cmds if c[:2] == ["python", "examples/ci/train_tiny.py"]]
+    spec = importlib.util.spec_from_file_location("train_tiny", ROOT / train[1])
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    args = mod.build_parser().parse_args(train[2:])
+    assert args.out == "run" and args.epochs == 200
+    # files the workflow reads are in the repository
+    check = ibscope_cmds[-1]
+    for opt in ("--baseline", "--rules"):
+        assert (ROOT / check[check.index(opt) + 1]).is_file(), opt
+    assert any(s.get("uses", "").startswith("mikepenz/action-junit-report") for s in steps)
+    assert "--junit" in check
+
+
+def test_example_baseline_satisfies_example_rules():
+    """The committed baseline was produced by the workflow's steps; its rules hold on it."""
+    base = ROOT / "examples" / "ci" / "baseline.csv"
+    rep = run_check(base, baseline=base, rules=ROOT / "examples" / "check_rules.yaml", rtol=0, atol=0)
+    assert rep.ok, rep.summary()
+    assert sum(c.group == "rules" for c in rep.cases) == 5
+    layers = {c.details["curve"]["layer"] for c in rep.cases if c.group == "baseline"}
+    assert layers == {"hidden1", "hidden2", "hidden3", "output", "-"}
+
+
+def test_example_training_script_writes_canonical_checkpoints(tmp_path):
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("train_tiny", ROOT / "examples" / "ci" / "train_tiny.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    paths = mod.train(tmp_path, epochs=5)
+    assert [p.name for p in paths] == [f"epoch_{e:06d}.pt" for e in mod.checkpoint_epochs(5)]
+    ck = torch.load(paths[-1], weights_only=True)
+    assert ck["epoch"] == 5 and 0 <= ck["accuracy"] <= 1 and ck["loss"] > 0
+    assert set(ck["state_dict"]) == set(mod.make_model().state_dict())
+    probe = __import__("numpy").load(tmp_path / "probe.npz")
+    assert probe["x"].shape == (4096, 12) and probe["y"].shape == (4096,)

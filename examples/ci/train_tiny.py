@@ -78,14 +78,18 @@ def train(out: str | os.PathLike, *, epochs: int = 200, activation: str = "tanh"
     return paths
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="run", help="output directory (checkpoints/ and probe.npz)")
     ap.add_argument("--epochs", type=int, default=200)
     ap.add_argument("--activation", default="tanh", choices=sorted(ACTIVATIONS))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lr", type=float, default=0.01)
-    a = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    a = build_parser().parse_args()
     torch.set_num_threads(1)  # tiny model: one thread is faster and deterministic
     paths = train(a.out, epochs=a.epochs, activation=a.activation, seed=a.seed, lr=a.lr)
     print(f"wrote {len(paths)} checkpoints to {Path(a.out) / 'checkpoints'}")
