@@ -311,3 +311,22 @@ def test_digits_model_held_out_classes_and_transformed_digits(tmp_path):
     for r in doc["results"]:
         assert r["id_flagged_fraction"] <= 0.12
     assert doc["fitted"][0]["detector"]["covariance"] == "ledoit-wolf"  # dead ReLU units -> auto switched
+
+
+def test_pooling_of_unreduced_conv_maps_through_run_ood(tmp_path):
+    # stores of raw (C=4, 3x3) maps, flattened as capture stores them with --reduce none
+    rng = np.random.default_rng(11)
+    fit = rng.standard_normal((300, 4, 3, 3))
+    test = rng.standard_normal((200, 4, 3, 3))
+    ood = rng.standard_normal((200, 4, 3, 3)) + np.array([2.0, 0, 0, 0])[None, :, None, None]  # channel 0 shifted
+    stores = {n: write_store(tmp_path / n, [a.reshape(len(a), -1)], raw_shape=[4, 3, 3])
+              for n, a in (("fit", fit), ("test", test), ("ood", ood))}
+    doc = run_ood(stores["fit"], stores["test"], {"shifted": stores["ood"]}, "feat", detectors=["mahalanobis"],
+                  reductions=["avgpool", "maxpool+std"], n_bootstrap=0, out_dir=tmp_path / "o", figures=False,
+                  progress=False)
+    by = {r["reduction"]: r for r in doc["results"]}
+    assert by["avgpool"]["dims_in"] == 36 and by["avgpool"]["dims_used"] == 4
+    # channel means of 9 unit-variance pixels have sd 1/3: a shift of 2 is 6 sd -> near-perfect separation
+    assert by["avgpool"]["auroc"] > 0.99
+    assert by["maxpool+std"]["auroc"] > 0.9
+    assert doc["provenance"]["settings"]["raw_shape"] == [4, 3, 3]
