@@ -9,7 +9,6 @@ import os
 import re
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 

@@ -20,7 +20,7 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -54,9 +54,7 @@ def _layer_shape(store, layer: str) -> tuple[int, ...] | None:
     for key in ("raw_shape", "output_shape", "raw_output_shape", "shape"):
         v = meta.get(key)
         if isinstance(v, (list, tuple)) and v and all(isinstance(i, int) for i in v):
-            shape = tuple(int(i) for i in v)
-            # a leading batch dimension (None / -1 / batch size) is not part of the sample shape
-            return shape
+            return tuple(int(i) for i in v)  # per-sample shape (capture records it without the batch axis)
     return None
 
 
@@ -445,10 +443,3 @@ def read_scores(path: str | os.PathLike) -> dict[str, dict[str, dict[str, np.nda
         if f.attrs.get("format") != "ibscope-ood-scores":
             raise DataError(f"'{p}' is not an ibscope OOD scores file (format {f.attrs.get('format')!r}).")
         return {ck: {cid: {role: ds[()] for role, ds in g[cid].items()} for cid in g} for ck, g in f.items()}
-
-
-def iter_results(doc: Mapping[str, Any], **conds: Any) -> Iterable[dict[str, Any]]:
-    """Rows of ``doc['results']`` matching all ``conds`` (e.g. detector='knn')."""
-    for r in doc["results"]:
-        if all(r.get(k) == v for k, v in conds.items()):
-            yield r
