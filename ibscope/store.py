@@ -370,8 +370,10 @@ class ShardWriter:
         self.f.create_group("acts")
         return self
 
-    def append(self, layer: str, batch: np.ndarray, dtype: str = "float32") -> None:
-        """Append rows (batch, d) for ``layer``; rows arrive in probe order."""
+    def append(self, layer: str, batch: np.ndarray, dtype: str = "float32", *,
+               stats: tuple[int, float] | None = None) -> None:
+        """Append rows (batch, d) for ``layer``; rows arrive in probe order. ``stats``:
+        (non-finite count, max |finite value|) of ``batch`` when the caller already has them."""
         batch = np.asarray(batch)
         if batch.ndim != 2:
             raise DataError(f"Layer '{layer}': expected a (batch, features) array, got shape {batch.shape}.")
@@ -388,7 +390,10 @@ class ShardWriter:
             raise DataError(f"Layer '{layer}': batch has {batch.shape[1]} features, earlier batches had {self._width[layer]}.")
         if r0 + batch.shape[0] > n:
             raise DataError(f"Layer '{layer}': more rows than the probe set's {n} samples.")
-        if batch.size:
+        if stats is not None:
+            self._nonfinite[layer] += int(stats[0])
+            self._absmax[layer] = max(self._absmax[layer], float(stats[1]))
+        elif batch.size:
             with np.errstate(invalid="ignore", over="ignore"):
                 total = np.add.reduce(batch, axis=None, dtype=np.float64)
             if np.isfinite(total):  # fast path: a finite float64 sum means every value is finite

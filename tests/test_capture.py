@@ -441,3 +441,18 @@ def test_resume_skips_done_and_refuses_other_settings(tmp_path, mlp_run):
     with pytest.raises(DataError, match="different probe data"):
         capture(spec, [str(p) for p in paths], str(probe), ["fc1"], tmp_path / "acts", resume=True, max_samples=10,
                 progress=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_capture_on_cuda_matches_cpu(tmp_path, mlp_run):
+    mods, x, y, paths, probe = mlp_run
+    spec = f"{write_models(tmp_path)}:MLP"
+    gpu = open_store(capture(spec, [str(p) for p in paths], str(probe), ["fc1", "act"], tmp_path / "gpu", device="cuda:0",
+                             jacobian_samples=4, progress=False))
+    cpu = open_store(capture(spec, [str(p) for p in paths], str(probe), ["fc1", "act"], tmp_path / "cpu", device="cpu",
+                             jacobian_samples=4, progress=False))
+    for a, b in zip(gpu.checkpoints, cpu.checkpoints):
+        for layer in ("fc1", "act"):
+            # different kernels sum in a different order: float32 agreement to ~1e-5
+            np.testing.assert_allclose(gpu.activations(a, layer), cpu.activations(b, layer), rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(gpu.jacobian(a, layer)[0], cpu.jacobian(b, layer)[0], rtol=1e-4, atol=1e-5)

@@ -67,3 +67,26 @@ def test_kill_9_then_resume_matches_fresh_capture(tmp_path):
         assert a.sha256 == b.sha256
         for layer in fresh.layers:
             np.testing.assert_array_equal(resumed.activations(a, layer), fresh.activations(b, layer))
+
+
+def test_ctrl_c_exits_130_and_keeps_complete_checkpoints(tmp_path):
+    mods = load_models(tmp_path)
+    x, y = mlp_data(n=64)
+    train_checkpoints(mods.MLP(), x, y, tmp_path / "ck", epochs=range(4), steps=1)
+    save_probe(tmp_path / "probe.npz", x.numpy(), y.numpy())
+    out = tmp_path / "acts"
+    proc = subprocess.Popen([sys.executable, "-m", "ibscope.cli.main", "capture", "-m", f"{write_models(tmp_path)}:SlowMLP",
+                             "-c", str(tmp_path / "ck"), "-p", str(tmp_path / "probe.npz"), "-l", "fc1", "-b", "8", "-q",
+                             "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (out / "checkpoints").exists() and any((out / "checkpoints").glob("*.h5")):
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Interrupted" in err and "--resume" in err and "Traceback" not in err
+    st = open_store(out)
+    assert 1 <= len(st.checkpoints) < 4
+    assert not list((out / "checkpoints").glob("*.tmp"))  # the interrupted shard was removed, not left half-written

@@ -112,10 +112,16 @@ def plan_layers(model, x, layers, reduce=None):
     return targets, reducers, meta, traces
 
 
-def _all_finite(arr: np.ndarray) -> bool:
-    """One pass: a float64 sum of float32 values is finite iff every value is (it cannot overflow)."""
-    with np.errstate(invalid="ignore", over="ignore"):
-        return bool(np.isfinite(np.add.reduce(arr, axis=None, dtype=np.float64)))
+def _stats(arr: np.ndarray) -> tuple[int, float]:
+    """(non-finite count, max |finite value|): two passes (min, max) when all values are finite,
+    since NaN and inf propagate to the minimum or maximum."""
+    if not arr.size:
+        return 0, 0.0
+    lo, hi = float(arr.min()), float(arr.max())
+    if np.isfinite(lo) and np.isfinite(hi):
+        return 0, max(-lo, hi)
+    fin = np.isfinite(arr)
+    return int(arr.size - fin.sum()), float(np.abs(arr[fin]).max()) if fin.any() else 0.0
 
 
 class _Buffer:
@@ -125,11 +131,13 @@ class _Buffer:
         self.shard, self.name, self.dtype = shard, name, dtype
         self.rows = shard.chunk_rows(d, dtype)
         self.parts: list[np.ndarray] = []
+        self.stats: list[tuple[int, float]] = []
         self.count = 0
         self.promoted = False
 
-    def add(self, arr: np.ndarray) -> None:
+    def add(self, arr: np.ndarray, stats: tuple[int, float]) -> None:
         self.parts.append(arr)
+        self.stats.append(stats)
         self.count += arr.shape[0]
         if self.count >= self.rows:
             self.flush(whole_chunks=True)
@@ -140,17 +148,22 @@ class _Buffer:
         block = np.concatenate(self.parts) if len(self.parts) > 1 else self.parts[0]
         k = (block.shape[0] // self.rows) * self.rows if whole_chunks else block.shape[0]
         head, tail = block[:k], block[k:]
+        # the stats of the parts cover head and tail together: exact when the tail is empty, an
+        # upper bound otherwise (absmax is only used as a summary and for the float16 check)
+        nonfinite = sum(st[0] for st in self.stats) if not tail.shape[0] else None
+        absmax = max(st[1] for st in self.stats)
         if head.shape[0]:
-            if self.dtype == "float16" and not self.promoted and head.size and \
-                    float(np.nanmax(np.abs(np.where(np.isfinite(head), head, 0)))) >= FLOAT16_MAX:
+            if self.dtype == "float16" and not self.promoted and absmax >= FLOAT16_MAX:
                 log.warning("Layer '%s': values reach %.3g, beyond float16's range; storing this layer as float32 "
-                            "in this checkpoint.", self.name, float(np.abs(head[np.isfinite(head)]).max()))
+                            "in this checkpoint.", self.name, absmax)
                 self.shard.promote(self.name, "float32")
                 self.dtype, self.promoted = "float32", True
-            self.shard.append(self.name, head, dtype=self.dtype)
+            stats = None if nonfinite is None else (nonfinite, absmax)
+            self.shard.append(self.name, head, dtype=self.dtype, stats=stats)
             if self.promoted:
                 self.shard.f["acts"][self.name].attrs["dtype_fallback"] = "float32"
         self.parts = [tail] if tail.shape[0] else []
+        self.stats = [_stats(tail)] if tail.shape[0] else []
         self.count = tail.shape[0]
 
 
@@ -320,14 +333,14 @@ def capture(
                         for name, r in outs.items():
                             arr = r.numpy() if (r.dtype == torch.float32 and r.device.type == "cpu") else \
                                 r.float().cpu().numpy()
-                            if not allow_nonfinite and not _all_finite(arr):
-                                bad = int(arr.size - np.isfinite(arr).sum())
+                            st = _stats(arr)
+                            if st[0] and not allow_nonfinite:
                                 raise DataError(
-                                    f"Layer '{name}' has {bad} non-finite value(s) (NaN/inf) at checkpoint "
+                                    f"Layer '{name}' has {st[0]} non-finite value(s) (NaN/inf) at checkpoint "
                                     f"'{ck.path}' ({ck.label}), probe rows {b0}..{b0 + arr.shape[0] - 1}.",
                                     hint="The run may have diverged at this checkpoint. Pass --allow-nonfinite to "
                                          "store them anyway (estimators will refuse them).")
-                            bufs[name].add(arr)
+                            bufs[name].add(arr, st)
                         if prog is not None:
                             prog.advance(t_b)
                 for b in bufs.values():
