@@ -840,16 +840,18 @@ class Pipeline:
         html = html or (self.out / "report.html")
         figures_dir = figures_dir or (self.out / "figures")
         results_l = [results] if isinstance(results, Path) else list(results)
+        title = f"ibscope: {self.cfg['name']}" + (f" - {self.cfg['description'].strip()}" if self.cfg["description"] else "")
 
         def run() -> list[Path]:
             from ibscope.report import write_report
 
             src = results_l[0] if len(results_l) == 1 else [str(p) for p in results_l]
-            write_report(src, html, ood=ood, figures_dir=figures_dir if figures_dir.exists() else None)
+            write_report(src, html, ood=ood, figures_dir=figures_dir if figures_dir.exists() else None,
+                         unit=self.cfg["plot"]["unit"], title=title)
             return [html]
 
         inputs = [*results_l, *([ood] if ood else [])]
-        self.runner(Stage("report", {"report": self.cfg["report"], "description": self.cfg["description"],
+        self.runner(Stage("report", {"report": self.cfg["report"], "title": title, "unit": self.cfg["plot"]["unit"],
                                      "ood": str(ood) if ood else None}, inputs, ["estimate", "plot", "ood"], run,
                           label="report"))
         self.result.report = html
