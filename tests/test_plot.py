@@ -352,3 +352,33 @@ def test_figure_metadata_names_estimator(tmp_path):
         desc = im.info.get("Description", "")
     assert "binning (n_bins=30)" in desc and "log n" in desc
     assert json.loads(json.dumps(desc))  # plain text, no binary junk
+
+
+def test_animation_frames_follow_the_checkpoints(tmp_path):
+    from ibscope.plot.animate import build_animation
+
+    p = write_results(tmp_path / "r.csv", table(extra=False, epochs=(0, 9, 99)))
+    meta = figures(p, kinds=["animation"])[0].meta
+    anim = build_animation(meta["rows"], title=meta["title"], time_col="epoch", metric_rows=meta["metric_rows"])
+    assert anim.n_frames == 3
+    current = anim.moving[3]  # after the three history lines
+    for i, e in enumerate((0, 9, 99)):
+        anim.update(i)
+        np.testing.assert_allclose(current.get_xdata(), [ixt(0, e, li) / LN2 for li in range(3)])
+        np.testing.assert_allclose(current.get_ydata(), [ity(0, e, li) / LN2 for li in range(3)])
+        assert anim.moving[-2].get_text() == f"epoch {e}"  # the counter
+        assert list(anim.moving[-1].get_xdata()) == [e, e]  # cursor on the accuracy panel
+        assert sum(len(h.get_xdata()) > 0 for h in anim.moving[:3]) == i  # earlier checkpoints faint
+
+
+def test_caps_that_differ_by_layer_are_drawn_in_the_layer_colour(tmp_path):
+    rows = [r for r in table(metrics=False) if r["quantity"] == "effective_rank"]
+    for r in rows:
+        r["cap"] = 10.0 - r["layer_index"]  # e.g. a rank capped by each layer's width
+    p = write_results(tmp_path / "r.csv", rows)
+    fig = job(p, "curves")
+    for li, layer in enumerate(("fc1", "fc2", "fc3")):
+        (cap,) = by_gid(fig, f"cap:{layer}:{10.0 - li!r}")
+        (curve,) = by_gid(fig, f"curve:probe:{layer}")
+        assert cap.get_ydata()[0] == 10.0 - li and cap.get_color() == curve.get_color()
+    assert not [t for t in fig.axes[0].texts if t.get_text().startswith("cap")]  # no pile of labels

@@ -31,7 +31,7 @@ from typing import Any, Callable, Sequence
 from ibscope.errors import DataError, UsageError, unknown_name
 from ibscope.plot._data import (
     IXT, ITY, METRICS, PAIR, Setting, load_results, pair_settings, parse_band, prepare, rows_of, select,
-    settings, slug, time_axis,
+    settings, side_note, slug, time_axis,
 )
 
 log = logging.getLogger(__name__)
@@ -149,7 +149,8 @@ def figures(results: Any, *, kinds: Sequence[str] | None = None, unit: str = "bi
                 srows = [r for r in srows if r["quantity"] in PAIR]
                 sp = list(dict.fromkeys(r["split"] for r in srows))
                 panels = [(f"split: {p}{_n_note(rows_of(srows, split=p))}", rows_of(srows, split=p)) for p in sp]
-                title = f"Information plane ({view} view) — {s.label()}"
+                side = side_note(srows)
+                title = f"Information plane ({view} view) — {s.label()}" + (f" — {side}" if side else "")
                 what = ("one line per checkpoint across the layers, coloured by epoch" if view == "snapshot"
                         else "one line per layer across checkpoints, markers coloured by epoch")
                 cap = (f"{title}: {what}; {unit}; dashed lines are the caps (log n for I(X;T), H(Y) for I(T;Y))"

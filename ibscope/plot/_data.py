@@ -37,6 +37,9 @@ ITY = "I(T;Y)"
 PAIR = (IXT, ITY)
 METRICS = "metrics"
 RUN_MODES = ("median", "all")
+# parameters that only one side of a pair carries (``ibscope estimate`` records where X came from on
+# the I(X;T) rows): not part of an estimator setting's identity; shown by side_note()
+SIDE_KEYS = ("x_source",)
 
 
 def load_results(results: Any) -> Results:
@@ -172,14 +175,15 @@ class Setting:
 
     @classmethod
     def of(cls, row: dict) -> "Setting":
-        return cls(row["estimator"], json.dumps(row.get("params") or {}, sort_keys=True, default=str))
+        params = {k: v for k, v in (row.get("params") or {}).items() if k not in SIDE_KEYS}
+        return cls(row["estimator"], json.dumps(params, sort_keys=True, default=str))
 
     @property
     def params(self) -> dict:
         return json.loads(self.params_json)
 
     def label(self) -> str:
-        p = self.params
+        p = {k: v for k, v in self.params.items() if v is not None}  # None = "automatic": left out of titles
         if not p:
             return self.estimator
         return f"{self.estimator} (" + ", ".join(f"{k}={_short(v)}" for k, v in p.items()) + ")"
@@ -204,6 +208,17 @@ def _short(v: Any) -> str:
 def slug(text: str) -> str:
     """File-name-safe form: 'I(X;T)' -> 'I_X_T'."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(text)).strip("_") or "x"
+
+
+def side_note(rows: Iterable[dict]) -> str:
+    """'X: identity' style note for the side-only parameters found in ``rows`` ('' when none)."""
+    found: dict[str, dict] = {}
+    for r in rows:
+        for k in SIDE_KEYS:
+            v = (r.get("params") or {}).get(k)
+            if v is not None:
+                found.setdefault(k, {})[str(v)] = None
+    return "; ".join(f"{k.split('_')[0].upper()} = {', '.join(v)}" for k, v in found.items())
 
 
 def settings(rows: Iterable[dict], quantities: Sequence[str] | None = None) -> list[Setting]:

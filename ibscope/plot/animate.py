@@ -10,8 +10,9 @@ from __future__ import annotations
 import os
 import shutil
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import matplotlib
 import numpy as np
@@ -38,17 +39,21 @@ def resolve_format(fmt: str) -> str:
     return fmt
 
 
-def animate_plane(rows: Sequence[dict], out: str | os.PathLike, *, title: str, time_col: str,
-                  metric_rows: Sequence[dict] = (), mode: str = "median", band=(25.0, 75.0),
-                  fmt: str = "gif", fps: float = 2.0, dpi: int = 100) -> Path:
-    """Write the animation of one (setting, split) plane to ``out`` (atomically)."""
-    from matplotlib.animation import FFMpegWriter
+@dataclass
+class Animation:
+    """A figure, the artists that change between frames, and ``update(i)`` to set frame i."""
+
+    fig: object
+    moving: list
+    update: Callable[[int], None]
+    n_frames: int
+
+
+def build_animation(rows: Sequence[dict], *, title: str, time_col: str, metric_rows: Sequence[dict] = (),
+                    mode: str = "median", band=(25.0, 75.0)) -> Animation:
+    """Lay out the animated plane of one (setting, split); nothing is written."""
     from matplotlib.lines import Line2D
 
-    out = Path(out)
-    fmt = resolve_format(fmt)
-    if fps <= 0:
-        raise UsageError(f"--fps must be > 0. Got {fps}.")
     (panel,) = make_panels([("", list(rows))], time_col)
     xm, _, _ = summarize(panel.x.value, mode, band)
     ym, _, _ = summarize(panel.y.value, mode, band)
@@ -69,7 +74,7 @@ def animate_plane(rows: Sequence[dict], out: str | os.PathLike, *, title: str, t
         ax.set_xlabel(f"I(X;T)  [{unit}]")
         ax.set_ylabel(f"I(T;Y)  [{unit}]")
         style.add_time_colorbar(fig, scale, ax)
-        fig.suptitle("\n".join(textwrap.wrap(title, 70)))
+        fig.suptitle("\n".join(textwrap.wrap(title, 66)))
         history = [ax.plot([], [], "-", color=scale.color(t), alpha=0.25, linewidth=0.8)[0] for t in times]
         (current,) = ax.plot([], [], "-", color="0.2", linewidth=1.8, zorder=3)
         points = [ax.plot([], [], linestyle="none", marker=style.layer_marker(li), markersize=8,
@@ -117,25 +122,40 @@ def animate_plane(rows: Sequence[dict], out: str | os.PathLike, *, title: str, t
                 cursor.set_xdata([t, t])
 
         moving = [*history, current, *points, counter] + ([cursor] if cursor is not None else [])
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")
-        try:
+    return Animation(fig, moving, update, len(times))
+
+
+def animate_plane(rows: Sequence[dict], out: str | os.PathLike, *, title: str, time_col: str,
+                  metric_rows: Sequence[dict] = (), mode: str = "median", band=(25.0, 75.0),
+                  fmt: str = "gif", fps: float = 2.0, dpi: int = 100) -> Path:
+    """Write the animation of one (setting, split) plane to ``out`` (atomically)."""
+    from matplotlib.animation import FFMpegWriter
+
+    out = Path(out)
+    fmt = resolve_format(fmt)
+    if fps <= 0:
+        raise UsageError(f"--fps must be > 0. Got {fps}.")
+    anim = build_animation(rows, title=title, time_col=time_col, metric_rows=metric_rows, mode=mode, band=band)
+    fig = anim.fig
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")
+    try:
+        with style.context():
             if fmt == "gif":
-                _write_gif_blitted(fig, moving, update, len(times), tmp, fps=fps, dpi=dpi)
+                _write_gif_blitted(fig, anim.moving, anim.update, anim.n_frames, tmp, fps=fps, dpi=dpi)
             else:
                 fig.canvas.draw()  # settle the constrained layout once, then freeze it
                 fig.set_layout_engine("none")
                 writer = FFMpegWriter(fps=fps)
                 # one draw per frame; no tight bbox (frames must keep one size)
                 with matplotlib.rc_context({"savefig.bbox": None}), writer.saving(fig, str(tmp), dpi):
-                    for i in range(len(times)):
-                        update(i)
+                    for i in range(anim.n_frames):
+                        anim.update(i)
                         writer.grab_frame()
-            os.replace(tmp, out)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-    fig.ibscope_meta = {"frames": len(times), "xm": xm, "ym": ym}
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
     return out
 
 
@@ -174,4 +194,4 @@ def frame_count(path: str | os.PathLike) -> int:
         return int(getattr(im, "n_frames", 1))
 
 
-__all__ = ["ANIMATION_FORMATS", "animate_plane", "resolve_format", "frame_count"]
+__all__ = ["ANIMATION_FORMATS", "Animation", "build_animation", "animate_plane", "resolve_format", "frame_count"]

@@ -74,6 +74,7 @@ def curves_figure(rows: Sequence[dict], quantity: str, *, settings_: Sequence[Se
     unit = rows[0]["unit"]
     n_runs = len({r["run"] for r in rows})
     any_stderr = False
+    any_layer_caps = False
     with style.context():
         fig = style.new_figure(4.6 * ncols + 0.6, 3.5 * nrows + 1.3)
         axes = fig.subplots(nrows, ncols, squeeze=False, sharex=True, sharey=True)
@@ -95,11 +96,19 @@ def curves_figure(rows: Sequence[dict], quantity: str, *, settings_: Sequence[Se
                     any_stderr = any_stderr or has_err
                     _draw_series(ax, c.times, v, c.stderr[:, :, li], color=colors[li], ls=style.split_style(si),
                                  mode=mode, band=band, gid=f"curve:{split}:{layer}", has_stderr=has_err)
-            for cap, (ns,) in caps.items():
-                ax.axhline(cap, gid=f"cap:{float(cap)!r}", **CAP_STYLE)
-                ax.annotate(cap_label(quantity, cap, unit, ns), xy=(0.02, cap), xycoords=("axes fraction", "data"),
-                            xytext=(0, 3), textcoords="offset points", ha="left", va="bottom", fontsize=8,
-                            color="0.3")
+            per_layer = _layer_caps(rows_of(rows, s))
+            if len(set(per_layer.values())) > 1:  # caps differ by layer (e.g. a rank capped by the width)
+                any_layer_caps = True
+                for li, layer in enumerate(layers):
+                    for cap in per_layer.get(layer, ()):
+                        ax.axhline(cap, color=colors[li], linestyle=(0, (4, 3)), linewidth=0.9, alpha=0.6,
+                                   zorder=1, gid=f"cap:{layer}:{float(cap)!r}")
+            else:
+                for cap, (ns,) in caps.items():
+                    ax.axhline(cap, gid=f"cap:{float(cap)!r}", **CAP_STYLE)
+                    ax.annotate(cap_label(quantity, cap, unit, ns), xy=(0.02, cap),
+                                xycoords=("axes fraction", "data"), xytext=(0, 3), textcoords="offset points",
+                                ha="left", va="bottom", fontsize=8, color="0.3")
             ax.set_title("\n".join(textwrap.wrap(s.label(), 50)), fontsize=10)
             set_time_axis(ax, all_times, time_col, logx)
             if i % ncols == 0:
@@ -112,6 +121,9 @@ def curves_figure(rows: Sequence[dict], quantity: str, *, settings_: Sequence[Se
         if len(splits) > 1:
             handles += [Line2D([], [], color="0.2", linestyle=style.split_style(si), label=f"split: {sp}")
                         for si, sp in enumerate(splits)]
+        if any_layer_caps:
+            handles.append(Line2D([], [], color="0.4", linestyle=(0, (4, 3)), linewidth=0.9,
+                                  label="cap of each layer (its colour)"))
         if n_runs > 1:
             handles.append(Patch(color="0.6", alpha=0.4, label=(
                 f"{band[0]:g}–{band[1]:g}th pct of {n_runs} runs" if mode == "median" else f"each of {n_runs} runs")))
@@ -123,6 +135,15 @@ def curves_figure(rows: Sequence[dict], quantity: str, *, settings_: Sequence[Se
         fig.suptitle(f"{quantity} over training{agg}")
     fig.ibscope_meta = {"quantity": quantity, "unit": unit, "layers": layers, "splits": splits}
     return fig
+
+
+def _layer_caps(rows: Sequence[dict]) -> dict[str, tuple]:
+    """Per layer, the distinct finite caps of its rows."""
+    out: dict[str, dict] = {}
+    for r in rows:
+        if r["cap"] is not None and math.isfinite(r["cap"]):
+            out.setdefault(r["layer"], {})[round(float(r["cap"]), 9)] = None
+    return {k: tuple(sorted(v)) for k, v in out.items()}
 
 
 def metrics_figure(rows: Sequence[dict], *, time_col: str, mode: str = "median", band=(25.0, 75.0),

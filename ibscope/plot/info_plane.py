@@ -179,6 +179,6 @@ def plane_figure(panels: Sequence[tuple[str, list[dict]]], *, suptitle: str, vie
         title = "layers (input → output)" + ("; line = one checkpoint" if view == "snapshot" else "")
         fig.legend(handles=handles, loc="outside lower center", title=title,
                    ncols=style.legend_cols(len(handles), fig.get_figwidth()))
-        fig.suptitle("\n".join(textwrap.wrap(suptitle, 95)))
+        fig.suptitle("\n".join(textwrap.wrap(suptitle, max(40, int(fig.get_figwidth() * 10.5)))))
     fig.ibscope_meta = {"view": view, "scale": scale, "unit": unit, "panels": ps}  # for tests and captions
     return fig
