@@ -201,6 +201,8 @@ def _metric_color(name: str, i: int):
     for k, v in base.items():
         if k in name:
             return v
+    if name in ("accuracy", "loss", "acc"):  # the canonical checkpoint keys are training metrics
+        return base["train"]
     return style.layer_colors(10)[(i + 2) % 10]
 
 
