@@ -151,3 +151,13 @@ def test_help_and_subprocess_exit_code(tables):
     p = subprocess.run([sys.executable, "-m", "ibscope.cli.main", "check", str(worse), "--baseline", str(base), "-q"],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 3 and p.stdout == "" and "checks failed" in p.stderr
+
+
+def test_quiet_and_show_passing(tables):
+    d, base, same, worse, rules = tables
+    r = invoke(worse, "--baseline", base, "-q")
+    assert r.exit_code == 3 and "FAIL" not in r.output and "2 of 4 checks failed" in r.output
+    r = invoke(same, "--baseline", base, "--show-passing")
+    assert r.exit_code == 0 and r.output.count(" ok ") == 4 and "fc2 binning I(T;Y)" in r.output
+    r = invoke(same, "--baseline", base)
+    assert r.exit_code == 0 and " ok " not in r.output
