@@ -422,6 +422,7 @@ class _Point:
     n_runs: int = 1
     spread: float | None = None   # sample sd over runs (pooled)
     params: Any = None
+    n_samples: int | None = None
 
 
 def _curves(rows: list[dict], axis: str, pooled: bool, what: str) -> dict[tuple, dict[Any, _Point]]:
@@ -435,7 +436,8 @@ def _curves(rows: list[dict], axis: str, pooled: bool, what: str) -> dict[tuple,
         for x, rs in pts.items():
             r0 = rs[0]
             if len(rs) == 1:
-                curve[x] = _Point(float(r0["value"]), r0["stderr"], r0["unit"], 1, None, r0.get("params"))
+                curve[x] = _Point(float(r0["value"]), r0["stderr"], r0["unit"], 1, None, r0.get("params"),
+                                  r0.get("n_samples"))
                 continue
             units = {r["unit"] for r in rs}
             if len(units) > 1:
@@ -452,7 +454,7 @@ def _curves(rows: list[dict], axis: str, pooled: bool, what: str) -> dict[tuple,
             spread = None
             if all(math.isfinite(v) for v in vals):
                 spread = math.sqrt(math.fsum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
-            curve[x] = _Point(mean, None, r0["unit"], len(rs), spread, r0.get("params"))
+            curve[x] = _Point(mean, None, r0["unit"], len(rs), spread, r0.get("params"), r0.get("n_samples"))
         out[key] = dict(sorted(curve.items(), key=lambda kv: kv[0]))
     return out
 
@@ -561,6 +563,10 @@ def _compare_curve(key, bcurve, ccurve, tol: Tolerance, used, axis, missing, ext
     pc = next((p.params for p in ccurve.values()), None)
     if pb is not None and pc is not None and pb != pc:
         details["params_differ"] = {"baseline": pb, "current": pc}
+    nb = sorted({p.n_samples for p in bcurve.values() if p.n_samples is not None})
+    nc = sorted({p.n_samples for p in ccurve.values() if p.n_samples is not None})
+    if nb and nc and nb != nc:  # e.g. plug-in I(X;T) is capped at log n: a different probe size moves it
+        details["n_samples_differ"] = {"baseline": nb, "current": nc}
     status, msgs = "pass", []
     if failing:
         status = "fail"
@@ -587,6 +593,10 @@ def _compare_curve(key, bcurve, ccurve, tol: Tolerance, used, axis, missing, ext
         msgs.append(f"{sigma_missing} point(s) have no stderr or seed spread; sigma not applied there")
     if "params_differ" in details:
         msgs.append(f"estimator parameters differ: baseline {pb}, current {pc}")
+    if "n_samples_differ" in details:
+        msgs.append(f"sample counts differ: baseline {nb}, current {nc}")
+    if status == "pass" and ("params_differ" in details or "n_samples_differ" in details):
+        status = "warn"  # the numbers agree, but they may not measure the same thing
     if status == "pass" and not msgs:
         if worst is not None:
             msgs.append(f"{n_compared} points within tolerance (worst {axis} {worst[axis]}: "

@@ -270,7 +270,15 @@ def test_params_difference_is_reported():
     rep = run_check(res(cur), baseline=res(table()))
     c = case(rep, "baseline", layer="fc1", quantity="I(X;T)")
     assert c.details["params_differ"] == {"baseline": {"bins": 30}, "current": {"bins": 10}}
-    assert "parameters differ" in c.message
+    assert "parameters differ" in c.message and c.status == "warn" and rep.ok
+    for r in cur:
+        r["n_samples"] = 1024
+    base = table()
+    for r in base:
+        r["n_samples"] = 4096
+    c = case(run_check(res(cur), baseline=res(base)), "baseline", layer="fc2", quantity="local_rank")
+    assert c.details["n_samples_differ"] == {"baseline": [4096], "current": [1024]}
+    assert "sample counts differ" in c.message and c.status == "warn"
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
