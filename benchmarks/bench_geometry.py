@@ -58,10 +58,10 @@ def make_id_data(n, dim, seed=0):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true", help="the issue's sizes (slow on CPU: tens of minutes)")
-    ap.add_argument("--n-id", type=int, default=None, help="samples for TwoNN/MLE (default 5000; --full 20000)")
+    ap.add_argument("--n-id", type=int, default=None, help="samples for TwoNN/MLE (default 4000; --full 20000)")
     ap.add_argument("--dims-id", default="50,1024", help="ambient dimensions D for TwoNN/MLE (comma-separated)")
-    ap.add_argument("--n-rank", type=int, default=None, help="samples for effective rank (default 4000; --full 10000)")
-    ap.add_argument("--d-rank", type=int, default=None, help="features for effective rank (default 1024; --full 4096)")
+    ap.add_argument("--n-rank", type=int, default=None, help="samples for effective rank (default 3000; --full 10000)")
+    ap.add_argument("--d-rank", type=int, default=None, help="features for effective rank (default 512; --full 4096)")
     ap.add_argument("--repeats", type=int, default=3, help="runs per side; medians are reported")
     ap.add_argument("--device", default="cpu", help="device for ibscope: cpu, cuda, cuda:N, auto")
     ap.add_argument("--skip-id", action="store_true", help="skip the intrinsic-dimension cases")
@@ -75,9 +75,9 @@ def main(argv=None) -> int:
 
     dev = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
                        ("cpu" if a.device == "auto" else a.device))
-    n_id = a.n_id or (20000 if a.full else 5000)
-    n_rank = a.n_rank or (10000 if a.full else 4000)
-    d_rank = a.d_rank or (4096 if a.full else 1024)
+    n_id = a.n_id or (20000 if a.full else 4000)
+    n_rank = a.n_rank or (10000 if a.full else 3000)
+    d_rank = a.d_rank or (4096 if a.full else 512)
     dims = [int(v) for v in a.dims_id.split(",") if v]
     rows = []
     print(f"# bench_geometry: device={dev}, torch {torch.__version__}, threads={torch.get_num_threads()}, "
