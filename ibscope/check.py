@@ -149,10 +149,10 @@ class CheckReport:
         return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
 
     def write_json(self, path: str | os.PathLike) -> Path:
-        return _atomic_write(path, json.dumps(self.to_dict(), indent=2, sort_keys=True, default=_json_default) + "\n")
+        return atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True, default=_json_default) + "\n")
 
     def write_junit(self, path: str | os.PathLike) -> Path:
-        return _atomic_write(path, self.to_junit_xml())
+        return atomic_write_text(path, self.to_junit_xml())
 
     def __rich__(self):
         return self.table()
@@ -174,6 +174,21 @@ class CheckReport:
         return t
 
 
+def junit_for_error(message: str, exit_code: int, suite_name: str = "ibscope check") -> str:
+    """JUnit XML for a check that could not run (unusable input): one test case with an
+    <error>, so that a CI test reporter shows why instead of "no report found"."""
+    import xml.etree.ElementTree as ET
+
+    root = ET.Element("testsuites", name=suite_name, tests="1", failures="0", errors="1", time="0")
+    suite = ET.SubElement(root, "testsuite", name=f"{suite_name}: input", tests="1", failures="0", errors="1",
+                          skipped="0", time="0")
+    tc = ET.SubElement(suite, "testcase", classname="ibscope.check.input", name="read results, baseline and rules",
+                       time="0")
+    ET.SubElement(tc, "error", message=message, type=f"exit code {exit_code}").text = message
+    ET.indent(root)
+    return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
+
+
 def _json_default(o: Any):
     if isinstance(o, float) and not math.isfinite(o):
         return str(o)
@@ -187,7 +202,7 @@ def _json_default(o: Any):
     return str(o)
 
 
-def _atomic_write(path: str | os.PathLike, text: str) -> Path:
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(p.name + ".tmp")

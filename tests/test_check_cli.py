@@ -161,3 +161,13 @@ def test_quiet_and_show_passing(tables):
     assert r.exit_code == 0 and r.output.count(" ok ") == 4 and "fc2 binning I(T;Y)" in r.output
     r = invoke(same, "--baseline", base)
     assert r.exit_code == 0 and " ok " not in r.output
+
+
+def test_unusable_input_still_writes_a_junit_error(tables):
+    d, base, same, worse, rules = tables
+    r = invoke(d / "nope.csv", "--baseline", base, "--junit", d / "j.xml")
+    assert r.exit_code == 4
+    root = ET.parse(d / "j.xml").getroot()
+    assert root.get("errors") == "1" and root.get("failures") == "0"
+    (err,) = root.findall(".//testcase/error")
+    assert "does not exist" in err.get("message") and err.get("type") == "exit code 4"

@@ -77,14 +77,22 @@ def register(app: typer.Typer) -> None:
         from ibscope.check import run_check
         from ibscope.errors import RegressionFound
 
+        from ibscope.check import atomic_write_text, junit_for_error
+        from ibscope.errors import IbscopeError
+
         setup_logging(quiet=quiet)
-        report = run_check(
-            [str(p) for p in results] if len(results) > 1 else str(results[0]),
-            baseline=None if baseline is None else str(baseline),
-            rules=None if rules is None else str(rules),
-            rtol=rtol, atol=atol, sigma=sigma, tolerances=tol or None, unit=unit,
-            missing=missing, extra=extra, align=align, seeds=seeds, update_baseline=update_baseline,
-        )
+        try:
+            report = run_check(
+                [str(p) for p in results] if len(results) > 1 else str(results[0]),
+                baseline=None if baseline is None else str(baseline),
+                rules=None if rules is None else str(rules),
+                rtol=rtol, atol=atol, sigma=sigma, tolerances=tol or None, unit=unit,
+                missing=missing, extra=extra, align=align, seeds=seeds, update_baseline=update_baseline,
+            )
+        except IbscopeError as exc:
+            if junit is not None:  # CI reporters then show why the check could not run
+                atomic_write_text(junit, junit_for_error(str(exc), exc.exit_code))
+            raise
         if junit is not None:
             report.write_junit(junit)
         if json_out == "-":
