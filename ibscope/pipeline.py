@@ -101,6 +101,7 @@ SCHEMA: dict[str, Any] = {
         "batch_size": F("int", 1024, "probe batch size", nullable=False),
         "dtype": F("str", "float32", "float32 | float16", nullable=False, choices=("float32", "float16")),
         "max_samples": F("int", None, "use at most this many probe samples"),
+        "sample_seed": F("int", None, "with max_samples: a seeded random subset (null = the first N)"),
         "jacobian_samples": F("int", 0, "store Jacobian spectra for this many samples (local-rank)", nullable=False),
     },
     "estimate": {
@@ -754,7 +755,8 @@ class Pipeline:
             for n in names:
                 self.say(f"  capture probe set '{n}' ({probes[n].name})")
                 out.append(capture(factory, src, str(probes[n]), cap["layers"], stores[n], model_args=cfg["model"]["args"],
-                                   reduce=cap["reduce"], max_samples=cap["max_samples"], batch_size=cap["batch_size"],
+                                   reduce=cap["reduce"], max_samples=cap["max_samples"], sample_seed=cap["sample_seed"],
+                                   batch_size=cap["batch_size"],
                                    device=self.device, dtype=cap["dtype"], jacobian_samples=cap["jacobian_samples"],
                                    split=n, run=cfg["name"], overwrite=True, progress=self.progress))
             return [Path(p) for p in out]
