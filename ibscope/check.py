@@ -361,18 +361,23 @@ def _as_results(obj: Any, what: str) -> Results:
     if isinstance(obj, Results):
         return obj
     if isinstance(obj, (str, os.PathLike)):
-        if not Path(obj).exists():
+        paths = [obj]
+    elif isinstance(obj, Iterable):
+        paths = list(obj)
+    else:
+        raise UsageError(f"{what} must be a results path, a list of paths or a Results. Got {type(obj).__name__}.")
+    for p in paths:
+        if not Path(p).exists():
             hint = ("Write one with `ibscope check RESULTS --baseline B --update-baseline`." if what == "baseline"
                     else "Create it with `ibscope estimate STORE -o results.csv`.")
-            raise DataError(f"The {what} results file '{obj}' does not exist.", hint=hint)
-        return read_results(obj)
-    if isinstance(obj, Iterable):
-        paths = list(obj)
-        for p in paths:
-            if isinstance(p, (str, os.PathLike)) and not Path(p).exists():
-                raise DataError(f"The {what} results file '{p}' does not exist.")
-        return read_results(paths)
-    raise UsageError(f"{what} must be a results path, a list of paths or a Results. Got {type(obj).__name__}.")
+            raise DataError(f"The {what} results file '{p}' does not exist.", hint=hint)
+        if Path(p).is_dir():
+            raise DataError(f"The {what} results path '{p}' is a directory; expected a results CSV file.",
+                            hint="Pass the -o file of `ibscope estimate` (e.g. results.csv).")
+    try:
+        return read_results(paths[0] if len(paths) == 1 else paths)
+    except UnicodeDecodeError:
+        raise DataError(f"The {what} results file is not a text (CSV) file: {', '.join(map(str, paths))}.") from None
 
 
 def _sources(obj: Any, res: Results) -> list[str]:

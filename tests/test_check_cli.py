@@ -119,6 +119,8 @@ def test_missing_curve_exit_3_unless_warned(tables):
     (["{same}", "--baseline", "{d}/nope.csv"], 4, "--update-baseline"),
     (["{d}/junk.csv", "--baseline", "{base}"], 4, "not an ibscope results table"),
     (["{d}/badval.csv", "--baseline", "{base}"], 4, "must be a number"),
+    (["{d}", "--baseline", "{base}"], 4, "is a directory"),
+    (["{d}/binary.csv", "--baseline", "{base}"], 4, "not a text (CSV) file"),
     (["{same}"], 2, "Nothing to check"),
     (["{same}", "--update-baseline"], 2, "needs --baseline"),
     (["{same}", "--baseline", "{base}", "--missing", "explode"], 2, "missing must be one of fail, warn, ignore"),
@@ -132,6 +134,7 @@ def test_missing_curve_exit_3_unless_warned(tables):
 def test_error_paths(tables, args, code, text):
     d, base, same, worse, rules = tables
     (d / "junk.csv").write_text("a,b\n1,2\n")
+    (d / "binary.csv").write_bytes(b"\x89HDF\r\n\x1a\n\xff\xfe\x00\x01" * 10)
     (d / "badval.csv").write_text("layer,estimator,quantity,value,unit\nfc1,x,q,abc,nats\n")
     (d / "typo.yaml").write_text("rules:\n  - {type: peak_epoc, epoch: 3, within: 1}\n")
     dup = read_results(same).rows
