@@ -54,6 +54,20 @@ def test_relu_identity_weights_gives_half_the_dimension():
     assert est.stderr == pytest.approx(float((x > 0).sum(1).double().std()) / n ** 0.5)
 
 
+def test_capture_jacobian_kernel_feeds_local_rank():
+    # teammate A's capture kernel (what `capture --jacobian-samples` stores) on the W1 = W2 = I
+    # ReLU net: its float32 spectra give exactly the per-sample ranks #positive coordinates
+    from ibscope.capture.jacobian import jacobian_singular_values
+
+    d = 12
+    x = torch.randn(200, d)
+    eye = torch.eye(d)
+    s = jacobian_singular_values(lambda b: torch.relu(b @ eye.T) @ eye.T, x, chunk=64)
+    assert s.shape == (200, d)
+    assert torch.equal(LocalRank().ranks(s), (x > 0).sum(1))
+    assert torch.allclose(s.double(), spectra_of(relu_net(eye.double(), eye.double()), x.double()), atol=1e-6)
+
+
 def test_bottleneck_rank_is_number_of_active_units():
     # W1 (5 x 20), W2 (7 x 5) Gaussian: rank J = #active hidden units (<= 5); E = 2.5
     g = torch.Generator().manual_seed(1)
