@@ -772,11 +772,12 @@ def _select_curves(rule: Rule, rows: list[dict], axis: str) -> list[tuple[tuple,
         layers = sorted((n for n in order if n != "-"),
                         key=lambda n: (order[n] is None, order[n] if order[n] is not None else 0,
                                        list(order).index(n)))
+        everything = layers + (["-"] if "-" in order else [])  # network order, run-level rows last
         if "-" in order:
             layers = layers or ["-"]
         sel = s.get("layer")
         if sel is None:
-            chosen = list(order)
+            chosen = everything
         elif isinstance(sel, int) or (isinstance(sel, str) and sel.lstrip("-").isdigit()):
             i = int(sel)
             chosen = [layers[i]] if -len(layers) <= i < len(layers) else []
@@ -785,7 +786,7 @@ def _select_curves(rule: Rule, rows: list[dict], axis: str) -> list[tuple[tuple,
         elif sel == "first":
             chosen = layers[:1]
         else:
-            chosen = [n for n in order if fnmatch.fnmatchcase(str(n), sel)]
+            chosen = [n for n in everything if fnmatch.fnmatchcase(str(n), sel)]
         for layer in chosen:
             pts = sorted(((r[axis], float(r["value"]), r["unit"]) for r in rs if r["layer"] == layer),
                          key=lambda t: t[0])

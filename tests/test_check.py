@@ -509,3 +509,15 @@ def test_pooled_seeds_reject_duplicates_within_one_run():
         run_check(res(table(with_rank=False)), baseline=res(dup), sigma=3, align="epoch")
     rep = run_check(res(table(with_rank=False)), baseline=res(base), sigma=3)
     assert rep.settings["seeds_pooled"] and rep.ok
+
+
+@pytest.mark.parametrize("sel, layers", [(-1, ["fc3"]), (0, ["fc1"]), ("1", ["fc2"]), ("fc[12]", ["fc1", "fc2"]),
+                                         ("last", ["fc3"]), ("first", ["fc1"]), (7, [])])
+def test_rule_layer_selectors(sel, layers):
+    rows = table()
+    # layer_index decides first/last, not the order of the rows
+    rows.sort(key=lambda r: r["layer"], reverse=True)
+    rep = run_check(res(rows), rules=[{"type": "at_least", "quantity": "I(T;Y)", "layer": sel, "min": 0}])
+    got = [c.details["curve"]["layer"] for c in rep.cases if "curve" in c.details]
+    assert got == layers
+    assert rep.ok is bool(layers)
