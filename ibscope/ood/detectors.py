@@ -347,8 +347,10 @@ class KNNDetector:
             return np.sqrt(np.maximum(d2[:, -1].astype(np.float64), 0.0))
         from ibscope.estimators._knn import kth_neighbor_distances
 
-        d = kth_neighbor_distances(q, int(self.k), ref=self._ref, metric="l2_mm", exclude_self=False, chunk=self.chunk)
-        return d.double().cpu().numpy()
+        # squared distances for the search (no sqrt over the whole block), sqrt of the k-th only
+        d2 = kth_neighbor_distances(q, int(self.k), ref=self._ref, metric="sqeuclidean_mm", exclude_self=False,
+                                    chunk=self.chunk)
+        return d2.double().sqrt().cpu().numpy()
 
     def settings(self) -> dict[str, Any]:
         return dict(self.fitted_)
