@@ -163,3 +163,26 @@ def test_example_training_script_writes_canonical_checkpoints(tmp_path):
     assert set(ck["state_dict"]) == set(mod.make_model().state_dict())
     probe = __import__("numpy").load(tmp_path / "probe.npz")
     assert probe["x"].shape == (4096, 12) and probe["y"].shape == (4096,)
+
+
+def test_docs_commands_parse():
+    """Every `ibscope ...` line in docs/check.md names a real command with real options."""
+    import re
+    import shlex
+
+    import typer
+
+    group = typer.main.get_command(app)
+    text = (ROOT / "docs" / "check.md").read_text()
+    n = 0
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" #")[0].strip()
+            if not line.startswith("ibscope "):
+                continue
+            argv = shlex.split(line)
+            cmd = group.get_command(None, argv[1])
+            assert cmd is not None, line
+            cmd.make_context(argv[1], argv[2:])
+            n += 1
+    assert n == 9  # quick start (2), try it (6), per-curve tolerances (1)
