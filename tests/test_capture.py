@@ -456,3 +456,25 @@ def test_capture_on_cuda_matches_cpu(tmp_path, mlp_run):
             # different kernels sum in a different order: float32 agreement to ~1e-5
             np.testing.assert_allclose(gpu.activations(a, layer), cpu.activations(b, layer), rtol=1e-4, atol=1e-5)
             np.testing.assert_allclose(gpu.jacobian(a, layer)[0], cpu.jacobian(b, layer)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_wrapped_models_are_unwrapped(tmp_path, mlp_run):
+    """A factory returning DataParallel(...) or a compiled module captures the plain module:
+    layer names and checkpoint keys without 'module.' / '_orig_mod.'."""
+    mods, x, y, paths, probe = mlp_run
+    (tmp_path / "wrapped.py").write_text(
+        "import torch\nimport models\n"
+        "def dp():\n    return torch.nn.DataParallel(models.MLP())\n"
+        # torch.compile's OptimizedModule keeps the eager module as `_orig_mod`; building a real one
+        # costs ~10 s of imports, so this stand-in has the same structure
+        "class Compiled(torch.nn.Module):\n"
+        "    def __init__(self, m):\n        super().__init__()\n        self._orig_mod = m\n"
+        "    def forward(self, x):\n        return self._orig_mod(x)\n"
+        "def compiled():\n    return Compiled(torch.nn.DataParallel(models.MLP()))\n")
+    ref = open_store(capture(f"{write_models(tmp_path)}:MLP", str(paths[-1]), str(probe), ["fc1"], tmp_path / "ref",
+                             progress=False))
+    for fn in ("dp", "compiled"):
+        st = open_store(capture(f"{tmp_path / 'wrapped.py'}:{fn}", str(paths[-1]), str(probe), ["fc1"], tmp_path / fn,
+                                progress=False))
+        assert st.layers == ["fc1"]
+        np.testing.assert_array_equal(st.activations(0, "fc1"), ref.activations(0, "fc1"))

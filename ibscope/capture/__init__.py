@@ -264,7 +264,9 @@ def capture(
     import torch.nn as nn
 
     if isinstance(model, nn.Module):
-        template = model
+        from ibscope.capture.loading import unwrap_model
+
+        template = unwrap_model(model)
         build = (lambda: copy.deepcopy(template))  # noqa: E731
         model_id = f"<module {type(model).__name__}>"
     else:

@@ -108,6 +108,20 @@ def model_spec_id(model: str | Callable) -> str:
     return str(model)
 
 
+def unwrap_model(m):
+    """The plain module inside DataParallel / DistributedDataParallel / torch.compile wrappers,
+    so that layer names and state-dict keys are the user's own (hooks also need the eager module)."""
+    import torch.nn as nn
+
+    while True:
+        if hasattr(m, "_orig_mod") and isinstance(getattr(m, "_orig_mod"), nn.Module):
+            m = m._orig_mod
+        elif isinstance(m, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            m = m.module
+        else:
+            return m
+
+
 def resolve_factory(model: str | Callable, model_args: dict | None = None) -> Callable[[], Any]:
     """A zero-argument builder of a fresh ``nn.Module`` from a factory spec or callable."""
     import torch.nn as nn
@@ -124,7 +138,7 @@ def resolve_factory(model: str | Callable, model_args: dict | None = None) -> Ca
             raise UsageError(f"Calling the model factory {model!r} with {kwargs} failed: {exc}",
                              hint="Check --model-args against the factory's signature.") from None
         if isinstance(m, nn.Module):
-            return m
+            return unwrap_model(m)
         raise UsageError(f"The model factory {model!r} returned {type(m).__name__}, expected a torch.nn.Module.")
 
     return build
