@@ -111,7 +111,11 @@ def test_snapshot_coordinates_colours_caps_in_bits(tmp_path):
 
 
 def test_nats_unit_keeps_stored_values(tmp_path):
-    p = write_results(tmp_path / "r.csv", table(extra=False, metrics=False))
+    rows = table(extra=False, metrics=False)
+    for r in rows:  # some rows stored in bits: converted, not refused (nats and bits are one family)
+        if r["epoch"] == 9 and r["layer"] == "fc2":
+            r.update(value=r["value"] / LN2, cap=r["cap"] / LN2, unit="bits")
+    p = write_results(tmp_path / "r.csv", rows)
     fig = job(p, "info-plane", unit="nats")
     (line,) = by_gid(fig, "snapshot:9.0")
     np.testing.assert_allclose(line.get_xdata(), [ixt(0, 9, li) for li in range(3)], rtol=1e-12)
@@ -320,6 +324,10 @@ def test_cli_errors_have_messages_and_exit_codes(tmp_path, monkeypatch):
     assert r.exit_code == 2 and "--runs must be 'median' or 'all'" in r.output
     r = _cli(["plot", str(good), "--logx", "maybe"])
     assert r.exit_code == 2 and "--logx must be auto, on or off" in r.output
+    r = _cli(["plot", str(good), "--animate", "--fps", "0", "-o", str(tmp_path / "o4")])
+    assert r.exit_code == 2 and "--fps must be > 0. Got 0.0" in r.output and not (tmp_path / "o4").exists()
+    r = _cli(["plot", str(good), "--dpi", "5"])
+    assert r.exit_code == 2 and "--dpi must be between 20 and 1200. Got 5" in r.output
 
     mixed = table(epochs=(0, 9))
     for row in mixed:

@@ -236,6 +236,8 @@ def plot_results(results: Any, out_dir: str | os.PathLike | None = None, *, kind
         raise unknown_name("figure format", fmt, FORMATS)
     if dpi < 20 or dpi > 1200:
         raise UsageError(f"--dpi must be between 20 and 1200. Got {dpi}.")
+    if not fps > 0:
+        raise UsageError(f"--fps must be > 0. Got {fps}.")
     if animate and kinds is not None and "animation" not in kinds:
         kinds = [*kinds, "animation"]
     anim_fmt = resolve_format(animation_format) if (animate or (kinds and "animation" in kinds)) else None
