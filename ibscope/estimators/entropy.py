@@ -38,12 +38,16 @@ def kernel_width(x64, rule: str, gamma: float, sqdist=None) -> float:
     if rule == "median":
         if n < 2:
             return 0.0
-        iu = torch.triu_indices(n, n, offset=1, device=x64.device)
-        v = sqdist[iu[0], iu[1]]
-        m = v.numel()
-        lo = torch.kthvalue(v, (m + 1) // 2).values
-        hi = torch.kthvalue(v, m // 2 + 1).values
-        return 0.5 * (float(lo.sqrt()) + float(hi.sqrt()))  # numpy's median convention
+        # The off-diagonal entries of the symmetric matrix hold every pair twice, which leaves
+        # the median of the pairs unchanged; the diagonal is set to +inf so it sorts last.
+        # No index copy of the n(n-1)/2 pairs is made.
+        sqdist.fill_diagonal_(math.inf)
+        flat = sqdist.reshape(-1)
+        m = n * (n - 1)  # finite entries; the median of the pairs is at ranks m/2 and m/2 + 1
+        lo = float(torch.kthvalue(flat, m // 2).values)
+        hi = float(torch.kthvalue(flat, m // 2 + 1).values)
+        sqdist.fill_diagonal_(0.0)
+        return 0.5 * (math.sqrt(lo) + math.sqrt(hi))  # numpy's median convention
     raise ValueError(rule)
 
 

@@ -94,12 +94,20 @@ class LocalRank(Estimator):
 
     def ranks(self, s):
         """Per-sample ranks (int64 tensor (n,)) of singular values ``s`` (n, r)."""
+        return self._ranks(self._validated(s))
+
+    def _validated(self, s):
         import torch
 
         s = as_tensor(s, name="s", estimator=self.name, allow_discrete=False).to(torch.float64)
         if bool((s < 0).any()):
             raise DataError(f"{self.name}: singular values must be >= 0; got {int((s < 0).sum())} negative value(s).",
                             hint="Pass singular values of the Jacobians (jacobian_spectra), not the Jacobians.")
+        return s
+
+    def _ranks(self, s):
+        import torch
+
         smax = s.max(dim=1, keepdim=True).values
         thr = torch.clamp(self.rtol * smax, min=self.atol)
         return (s > thr).sum(dim=1)
@@ -107,9 +115,9 @@ class LocalRank(Estimator):
     def estimate(self, s) -> Estimate:
         import torch
 
-        r_all = self.ranks(s)
-        n = int(r_all.shape[0])
-        r = int(as_tensor(s, name="s").shape[1])
+        s = self._validated(s)
+        r_all = self._ranks(s)
+        n, r = int(s.shape[0]), int(s.shape[1])
         rf = r_all.to(torch.float64)
         mean = float(rf.mean())
         std = float(rf.std(unbiased=True)) if n > 1 else 0.0
