@@ -82,6 +82,7 @@ SCHEMA: dict[str, Any] = {
         "test": F("str", None, ".npz with x, y: the test split (test metrics in checkpoints)"),
         "probes": F("dict", {}, "{name: probe file} extra probe sets (.npz/.h5/.pt)"),
         "probe": F("str", None, "the probe set the information plane is measured on"),
+        "subsets": F("dict", {}, "{name: {probe: NAME, n: N, seed: S}}: seeded random subsets, written as probe sets"),
     },
     "train": {
         "epochs": F("int", 3000, "training epochs", nullable=False),
@@ -109,6 +110,8 @@ SCHEMA: dict[str, Any] = {
                         nullable=False),
         "params": F("dict", {}, "{estimator: {param: value}}"),
         "probes": F("strlist", None, "probe sets to estimate on (default: data.probe)"),
+        "probes_for": F("dict", {}, "{estimator: [probe sets]}: run these estimators on other probe sets "
+                                    "(e.g. a data.subsets subset for O(n^2) estimators)"),
         "jobs": F("int", 1, "parallel jobs", nullable=False),
     },
     "plot": {
@@ -345,6 +348,24 @@ def _check_consistency(cfg: dict, source: str) -> None:
         v = cfg["capture"][k]
         if v is not None and v < (1 if k == "batch_size" else 0):
             raise UsageError(f"{source}: 'capture.{k}' must be >= {1 if k == 'batch_size' else 0}. Got {v}.")
+    for name, sub in (d["subsets"] or {}).items():
+        if not isinstance(sub, dict):
+            raise UsageError(f"{source}: 'data.subsets.{name}' must be a mapping {{probe, n, seed}}. Got {sub!r}.")
+        _check_options(sub, ("probe", "n", "seed"), f"data.subsets.{name}", source)
+        n = sub.get("n")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise UsageError(f"{source}: 'data.subsets.{name}.n' must be an integer >= 1. Got {n!r}.")
+        if not isinstance(sub.get("probe"), str):
+            raise UsageError(f"{source}: 'data.subsets.{name}.probe' must name a probe set. Got {sub.get('probe')!r}.")
+    for k, v in (cfg["estimate"]["probes_for"] or {}).items():
+        if k not in cfg["estimate"]["estimators"]:  # allowed (unused) when it names a real estimator
+            from ibscope.estimators import registry
+
+            if k not in registry.available():
+                raise UsageError(f"{source}: 'estimate.probes_for' names '{k}', which is not a registered estimator."
+                                 f"{did_you_mean(k, [*cfg['estimate']['estimators'], *registry.available()])}")
+        if not (isinstance(v, str) or (isinstance(v, list) and v and all(isinstance(x, str) for x in v))):
+            raise UsageError(f"{source}: 'estimate.probes_for.{k}' must be a probe set name or a list of them. Got {v!r}.")
     if not cfg["estimate"]["estimators"]:
         raise UsageError(f"{source}: 'estimate.estimators' is empty; name at least one estimator.")
     if cfg["estimate"]["jobs"] < 1:
@@ -573,6 +594,29 @@ def _npz_xy(path: Path, what: str) -> tuple[np.ndarray, np.ndarray]:
     return x, y.astype(np.int64)
 
 
+def write_subset(src: Path, dst: Path, n: int, seed: int) -> Path:
+    """Write a seeded random subset of ``n`` rows of probe file ``src`` (.npz) to ``dst``, in source order."""
+    if src.suffix != ".npz":
+        raise UsageError(f"data.subsets needs an .npz probe set to draw from. Got '{src}'.")
+    if not src.exists():
+        raise DataError(f"Probe file not found: '{src}'.")
+    with np.load(src, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    if "x" not in arrays:
+        raise DataError(f"Probe file '{src}' has no array 'x'. Found: {sorted(arrays)}.")
+    total = arrays["x"].shape[0]
+    if n > total:
+        raise UsageError(f"data.subsets: cannot draw {n} samples from '{src.name}', which holds {total}.")
+    if "ids" not in arrays:
+        arrays["ids"] = np.arange(total, dtype=np.int64)
+    rows = np.sort(np.random.default_rng(seed).choice(total, size=n, replace=False))
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.stem + ".tmp.npz")
+    np.savez(tmp, **{k: v[rows] if v.ndim and v.shape[0] == total else v for k, v in arrays.items()})
+    os.replace(tmp, dst)
+    return dst
+
+
 def _resolve_device(device: str) -> str:
     import torch
 
@@ -625,6 +669,10 @@ class Pipeline:
             if not isinstance(v, str):
                 raise UsageError(f"data.probes.{k} must be a file path. Got {v!r}.")
             out[str(k)] = _resolve(self.base, v)
+        for k, sub in (d["subsets"] or {}).items():
+            if sub["probe"] not in out:
+                raise unknown_name(f"probe set (data.subsets.{k}.probe)", sub["probe"], out)
+            out[str(k)] = self.out / "data" / f"{k}.npz"
         return out
 
     def main_probe(self) -> str:
@@ -641,21 +689,28 @@ class Pipeline:
 
     def _stage_data(self) -> None:
         d = self.cfg["data"]
-        if d["task"] is None:
+        if d["task"] is None and not d["subsets"]:
             return
+        probes = self.probes()
 
         def run() -> list[Path]:
             (self.out / "data").mkdir(parents=True, exist_ok=True)
+            written: list[Path] = []
             if d["task"] == "twelve-bit":
                 from ibscope.demo.tasks import write_probe_files
 
-                return write_probe_files(self.out / "data", **d["options"])
-            from ibscope.demo.digits import write_probe_files
+                written += write_probe_files(self.out / "data", **d["options"])
+            elif d["task"] == "digits":
+                from ibscope.demo.digits import write_probe_files
 
-            return write_probe_files(self.out / "data", **d["options"])
+                written += write_probe_files(self.out / "data", **d["options"])
+            for name, sub in (d["subsets"] or {}).items():
+                written.append(write_subset(probes[sub["probe"]], probes[name], int(sub["n"]), int(sub.get("seed", 0))))
+            return written
 
-        self.runner(Stage("data", {"task": d["task"], "options": d["options"]}, [], [], run,
-                          label=f"data ({d['task']})"))
+        user_files = [p for k, p in probes.items() if not str(p).startswith(str(self.out / "data"))]
+        self.runner(Stage("data", {"task": d["task"], "options": d["options"], "subsets": d["subsets"]}, user_files, [],
+                          run, label=f"data ({d['task'] or 'subsets'})"))
 
     # ---------------------------------------------------------------- train
     def checkpoint_source(self) -> Any:
@@ -723,6 +778,9 @@ class Pipeline:
             names = list(c["capture"]["probes"])
         else:
             names = list(c["estimate"]["probes"] or [self.main_probe()])
+            for e, v in (c["estimate"]["probes_for"] or {}).items():
+                if e in c["estimate"]["estimators"]:
+                    names += [v] if isinstance(v, str) else list(v)
             if c["ood"] is not None:
                 names += [c["ood"]["fit"], c["ood"]["test"], *c["ood"]["ood"]]
         names = list(dict.fromkeys(names))
@@ -771,22 +829,52 @@ class Pipeline:
         cfg = self.cfg
         est = cfg["estimate"]
         names = list(est["probes"] or [self.main_probe()])
-        for n in names:
+        groups: dict[tuple, list[str]] = {}  # probe sets -> estimators run on them
+        for e in est["estimators"]:
+            v = (est["probes_for"] or {}).get(e, names)  # entries for estimators not selected are unused
+            groups.setdefault(tuple([v] if isinstance(v, str) else v), []).append(e)
+        used = list(dict.fromkeys(n for g in groups for n in g))
+        for n in used:
             if n not in stores:
-                raise unknown_name("captured probe set (estimate.probes)", n, stores)
+                raise unknown_name("captured probe set (estimate.probes / probes_for)", n, stores)
         results = self.out / "results.csv"
 
         def run() -> list[Path]:
             from ibscope.estimate import run_estimate
+            from ibscope.results import provenance_path, read_results, write_results
 
-            run_estimate([stores[n] for n in names], results, est["estimators"], est["params"], device=self.device,
-                         force=True, jobs=est["jobs"], progress=self.progress)
-            from ibscope.results import provenance_path
-
+            # start from an empty table: run_estimate keeps rows already in its output file, which
+            # here would leave rows of estimators or parameters no longer in the config
+            for old in (results, provenance_path(results)):
+                old.unlink(missing_ok=True)
+            if len(groups) == 1:
+                (g, ests), = groups.items()
+                run_estimate([stores[n] for n in g], results, ests, est["params"], device=self.device,
+                             force=True, jobs=est["jobs"], progress=self.progress)
+                return [results, provenance_path(results)]
+            tmp_dir = self.out / ".ibscope" / "estimate-parts"
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            rows, provs, seen = [], [], set()
+            for i, (g, ests) in enumerate(groups.items()):
+                part = tmp_dir / f"part{i}.csv"
+                res = run_estimate([stores[n] for n in g], part, ests,
+                                   {k: v for k, v in est["params"].items() if k in ests}, device=self.device,
+                                   force=True, jobs=est["jobs"], progress=self.progress)
+                provs.append({"probes": list(g), "estimators": ests, **res.provenance})
+                for r in read_results(part).rows:
+                    if r["estimator"] == "metrics":  # the same training metrics come with every group of a split
+                        key = (r["run"], r["split"], r["checkpoint"], r["quantity"])
+                        if key in seen:
+                            continue
+                        seen.add(key)
+                    rows.append(r)
+            write_results(results, rows, {"ibscope_version": __version__, "parts": provs,
+                                          "resolved_config": {"estimate": est}})
+            shutil.rmtree(tmp_dir, ignore_errors=True)
             return [results, provenance_path(results)]
 
-        self.runner(Stage("estimate", {"estimate": est, "probes": names}, [stores[n] for n in names], ["capture"], run,
-                          label=f"estimate ({cfg['name']})"))
+        self.runner(Stage("estimate", {"estimate": est, "probes": names, "groups": [[list(g), e] for g, e in groups.items()]},
+                          [stores[n] for n in used], ["capture"], run, label=f"estimate ({cfg['name']})"))
         self.result.results = results
         return results
 
