@@ -145,6 +145,12 @@ def test_presets_and_pipeline_config(run_dir, tmp_path):
     r = read_results(tmp_path / "saxe-kde.csv")
     assert {row["params"]["noise_variance"] for row in r.filter(estimator="kde-lower").rows} == {0.001}
     assert {row["params"]["bound"] for row in r.filter(estimator="kde-lower").rows} == {"lower"}
+    # a bare preset name reads the installed copy (ibscope/configs/), with the same result
+    res = invoke("estimate", d / "acts", "-c", "saxe-kde", "-o", tmp_path / "bare.csv", "-q")
+    assert res.exit_code == 0, res.output
+    assert [x["value"] for x in read_results(tmp_path / "bare.csv").rows] == [x["value"] for x in r.rows]
+    res = invoke("estimate", d / "acts", "-c", "saxe-kd", "-o", tmp_path / "bare2.csv")
+    assert res.exit_code == 2 and "Config file not found: 'saxe-kd'. Did you mean 'saxe-kde'?" in res.output
     # the `estimate:` section of an `ibscope run` config is read too
     cfg = tmp_path / "pipe.yaml"
     cfg.write_text("name: x\nestimate:\n  estimators: [binning]\n  probes: [all]\n  params:\n    binning: {bin_width: 0.5}\n")

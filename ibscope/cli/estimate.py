@@ -18,7 +18,13 @@ PIPELINE_ONLY = ("probes",)
 def read_config(path: Path) -> dict:
     """Read an estimate preset (YAML/JSON). A pipeline config's `estimate:` section also works."""
     if not path.exists():
-        raise UsageError(f"Config file not found: '{path}'.", hint="Presets live in configs/ (e.g. configs/saxe-kde.yaml).")
+        packaged = Path(__file__).resolve().parents[1] / "configs" / (path.name if path.suffix else path.name + ".yaml")
+        if str(path) == path.name and packaged.exists():  # a bare preset name: the installed copy
+            path = packaged
+        else:
+            names = sorted(p.stem for p in packaged.parent.glob("*.yaml"))
+            raise UsageError(f"Config file not found: '{path}'.{did_you_mean(path.stem, names)}",
+                             hint="Pass a YAML file, or a preset name: " + ", ".join(names))
     cfg = load_mapping(str(path), "--config")
     nested = isinstance(cfg.get("estimate"), dict)
     if nested:
