@@ -1034,8 +1034,9 @@ class DemoResult:
     out: Path
     runs: dict[str, PipelineResult]
     figures: list[Path]
-    report: Path | None
+    report: Path | None  # the first run's report (each run has its own: runs[name].report)
     seconds: float
+    comparison: Path | None = None  # side-by-side information planes of the runs
 
 
 def run_demo(out: str | os.PathLike = "ibscope-demo", *, quick: bool = False, force: bool = False,
@@ -1043,32 +1044,57 @@ def run_demo(out: str | os.PathLike = "ibscope-demo", *, quick: bool = False, fo
              configs: Sequence[str | os.PathLike] = DEMO_RUNS, overrides: Mapping | None = None) -> DemoResult:
     """Train the tanh and ReLU 12-10-7-5-4-3-2 networks and run the whole pipeline on both.
 
-    Each run lives in ``OUT/<run>/`` (data, checkpoints, stores, results.csv); the combined
-    figures go to ``OUT/figures/`` and the HTML report to ``OUT/report.html``.
+    Each run lives in ``OUT/<run>/`` (data, checkpoints, stores, results.csv, figures/,
+    report.html). The runs are separate experiments (not seeds of one), so each gets its own
+    figures and report; ``OUT/info-plane_<run>_vs_<run>.png`` puts their fixed-binning
+    information planes side by side.
     """
     t0 = time.perf_counter()
     od = Path(out).resolve()
     if od.exists() and not od.is_dir():
         raise UsageError(f"--out '{od}' is a file; it must be a folder.")
     runs: dict[str, PipelineResult] = {}
-    cfgs = []
     for c in configs:
         cfg, base, _ = load_config(c, quick=quick, overrides=overrides)
-        cfgs.append(cfg)
-        res = Pipeline(cfg, base, od / cfg["name"], device=device, progress=progress, force=force,
-                       quiet=quiet).run(until="estimate")
-        runs[cfg["name"]] = res
-    # combined figures and report: one config section shared by the runs (taken from the first)
-    combo = dict(cfgs[0])
-    combo["name"] = "demo"
-    combo["description"] = "ibscope demo: " + ", ".join(runs)
-    pipe = Pipeline(combo, od, od, device=device, progress=progress, force=force, quiet=quiet)
-    results = [r.results for r in runs.values()]
-    # the combined stages depend on each run's estimate stage
-    pipe.runner.digests["estimate"] = _hash({n: _read_digest(od / n, "estimate") for n in runs})
-    figs = pipe._stage_plot(results)
-    report = pipe._stage_report(results)
-    return DemoResult(od, runs, figs, report, time.perf_counter() - t0)
+        if cfg["name"] in runs:
+            raise UsageError(f"Two demo configs are both named '{cfg['name']}'.")
+        runs[cfg["name"]] = Pipeline(cfg, base, od / cfg["name"], device=device, progress=progress, force=force,
+                                     quiet=quiet).run()
+    figs = [f for r in runs.values() for f in r.figures]
+    comparison = None
+    planes = [next((f for f in r.figures if f.name.startswith("info-plane_binning")), None) for r in runs.values()]
+    if len(planes) > 1 and all(planes):
+        comparison = side_by_side(planes, od / f"info-plane_{'_vs_'.join(runs)}.png", titles=list(runs))
+    first = next(iter(runs.values()))
+    return DemoResult(od, runs, figs, first.report, time.perf_counter() - t0, comparison)
+
+
+def side_by_side(images: Sequence[Path], out: Path, titles: Sequence[str] | None = None) -> Path:
+    """Place already-drawn figures (PNG) next to each other in one PNG (written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.image as mpimg
+    import matplotlib.pyplot as plt
+
+    imgs = [mpimg.imread(str(p)) for p in images]
+    h = max(i.shape[0] for i in imgs)
+    w = sum(i.shape[1] for i in imgs)
+    dpi = 100
+    fig, axes = plt.subplots(1, len(imgs), figsize=(w / dpi, h / dpi + (0.4 if titles else 0)), dpi=dpi,
+                             gridspec_kw={"width_ratios": [i.shape[1] for i in imgs]})
+    for k, (ax, im) in enumerate(zip(np.atleast_1d(axes), imgs)):
+        ax.imshow(im)
+        ax.set_axis_off()
+        if titles:
+            ax.set_title(titles[k], fontsize=16, fontweight="bold")
+    fig.tight_layout(pad=0.2)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
 
 
 def _read_digest(out: Path, stage: str) -> str | None:

@@ -83,7 +83,8 @@ def register(app: typer.Typer) -> None:
         (4096 inputs) with tanh and with ReLU, saving checkpoints at log-spaced epochs; captures
         every layer; estimates I(X;T) and I(T;Y) (fixed binning, KDE bounds, adaptive binning)
         and the layers' local and effective rank; draws the information planes and writes an
-        HTML report. Run again and finished stages are skipped.
+        HTML report per run, plus the two fixed-binning information planes side by side.
+        Run again and finished stages are skipped.
 
         Example: ibscope demo --out ibscope-demo
         """
@@ -96,12 +97,7 @@ def register(app: typer.Typer) -> None:
             for name, r in res.runs.items():
                 _summary(r, f"run {name}")
             c.print(f"Demo finished in {res.seconds:.0f} s. Output folder: [bold]{res.out}[/]")
-            for name, r in res.runs.items():
-                c.print(f"  {name}: results {r.results}")
-        if res.figures:
-            c.print(f"Figures: {res.figures[0].parent}")
-            for f in res.figures:
-                if "plane" in f.name:
-                    c.print(f"  {f}")
-        if res.report:
-            c.print(f"Report:  [bold]{res.report}[/]")
+        for name, r in res.runs.items():
+            c.print(f"  {name}: report [bold]{r.report}[/]  figures {r.figures[0].parent if r.figures else '-'}")
+        if res.comparison:
+            c.print(f"  information planes side by side: [bold]{res.comparison}[/]")
