@@ -37,10 +37,10 @@ def mlp_run(tmp_path):
 
 def test_mlp_round_trip_against_direct_forward(tmp_path, mlp_run):
     mods, x, y, paths, probe = mlp_run
-    store = capture(f"{write_models(tmp_path)}:MLP", str(tmp_path / "ckpts" / "*.pt"), str(probe), ["type:Linear", "act"],
-                    tmp_path / "acts", batch_size=24, progress=False)
+    store = capture(f"{write_models(tmp_path)}:MLP", str(tmp_path / "ckpts" / "*.pt"), str(probe),
+                    ["type:Linear", "act", "fc2:in"], tmp_path / "acts", batch_size=24, progress=False)
     st = open_store(store)
-    assert st.layers == ["fc1", "act", "fc2"]  # execution order
+    assert st.layers == ["fc1", "act", "fc2:in", "fc2"]  # execution order (an input comes before its module)
     assert [c.epoch for c in st.checkpoints] == [0, 1, 2]
     assert np.array_equal(st.sample_ids, np.arange(64)) and np.array_equal(st.labels, y.numpy())
     np.testing.assert_array_equal(st.inputs(), x.numpy())
@@ -55,6 +55,7 @@ def test_mlp_round_trip_against_direct_forward(tmp_path, mlp_run):
             o = ref.fc2(a)
         np.testing.assert_allclose(st.activations(c, "fc1"), h.numpy(), **TOL)
         np.testing.assert_allclose(st.activations(c, "act"), a.numpy(), **TOL)
+        np.testing.assert_allclose(st.activations(c, "fc2:in"), a.numpy(), **TOL)
         np.testing.assert_allclose(st.activations(c, "fc2"), o.numpy(), **TOL)
         saved = torch.load(p, weights_only=True)
         assert c.metrics == pytest.approx({"accuracy": saved["accuracy"], "loss": saved["loss"]})
