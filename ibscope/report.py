@@ -320,7 +320,6 @@ def _ood_section(doc: dict) -> str:
             why = "not found" if not fp.exists() else "not an image format a browser shows"
             msg = f"OOD figure '{f}' {why} (looked in {fp.parent}); it is missing from this report."
             warnings.warn(msg, stacklevel=3)
-            log.warning(msg)
             fig_html.append(f"<p class='warn'>{_e(msg)}</p>")
             continue
         fig_html.append(f"<figure>{_img(fp.read_bytes(), mime, fp.name)}<figcaption>{_e(fp.name)}</figcaption></figure>")

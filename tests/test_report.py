@@ -176,3 +176,10 @@ def test_missing_ood_figure_is_reported_not_silent(tmp_path):
     with pytest.warns(UserWarning, match="gone.png' not found"):
         out = write_report(p, tmp_path / "r.html", ood=j, kinds=["metrics"], dpi=30)
     assert "OOD figure 'figures/gone.png' not found" in parse(out).all_text
+
+
+def test_cli_report_says_when_an_ood_figure_is_missing(tmp_path):
+    p = write_results(tmp_path / "r.csv", table(epochs=(0, 9), extra=False))
+    j = ood_json(tmp_path, figure="figures/gone.png", make_figure=False)
+    r = CliRunner().invoke(app, ["report", str(p), "--ood", str(j), "-k", "metrics", "-q", "-o", str(tmp_path / "r.html")])
+    assert r.exit_code == 0 and "Warning: OOD figure 'figures/gone.png' not found" in r.output

@@ -6,6 +6,7 @@ imports torch.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -161,10 +162,14 @@ def register(app: typer.Typer) -> None:
         bar, cb = _progress(quiet, "report")
         kw = dict(ood=ood, figures_dir=figures_dir, unit=unit, title=title, kinds=kind or None, runs_mode=runs,
                   max_columns=max_columns, callback=cb)
-        if bar is not None:
-            with bar:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if bar is not None:
+                with bar:
+                    path = write_report([str(p) for p in results], out, **kw)
+            else:
                 path = write_report([str(p) for p in results], out, **kw)
-        else:
-            path = write_report([str(p) for p in results], out, **kw)
+        for w in caught:  # e.g. an OOD figure listed in the JSON but missing: said, not hidden
+            console().print(f"[yellow]Warning:[/] {w.message}", soft_wrap=True)
         if not quiet:
             console().print(f"Wrote the report to [bold]{path}[/] ({path.stat().st_size / 1e6:.1f} MB).", soft_wrap=True)
