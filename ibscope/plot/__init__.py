@@ -30,7 +30,7 @@ from typing import Any, Callable, Sequence
 
 from ibscope.errors import DataError, UsageError, unknown_name
 from ibscope.plot._data import (
-    IXT, ITY, METRICS, PAIR, Setting, load_results, pair_settings, parse_band, prepare, rows_of, select,
+    METRICS, PAIR, Setting, load_results, pair_settings, parse_band, prepare, rows_of, select,
     settings, side_note, slug, time_axis,
 )
 
