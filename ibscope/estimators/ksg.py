@@ -49,7 +49,7 @@ def ksg_terms(x: torch.Tensor, y: torch.Tensor, k: int, algorithm: int = 1, norm
     """Per-point KSG terms (float64, shape (N,)); their mean is the estimate in nats."""
     n = x.shape[0]
     dev = x.device
-    chunk = chunk or _auto_chunk(n, 3, x.element_size())
+    chunk = chunk or min(512, _auto_chunk(n, 3, x.element_size()))  # small blocks stay in cache
     dig = torch.special.digamma
     out = torch.empty(n, dtype=torch.float64, device=dev)
     base = float(dig(torch.tensor(float(k), dtype=torch.float64))) + float(dig(torch.tensor(float(n), dtype=torch.float64)))
@@ -66,15 +66,15 @@ def ksg_terms(x: torch.Tensor, y: torch.Tensor, k: int, algorithm: int = 1, norm
         del dz
         if algorithm == 1:
             eps = vals[:, k - 1:k]
-            self_in = (eps[:, 0] > 0).to(torch.int64)  # the self-distance 0 counts when 0 < eps
-            nx = (dx < eps).sum(dim=1) - self_in
-            ny = (dy < eps).sum(dim=1) - self_in
+            self_in = (eps[:, 0] > 0).to(torch.int32)  # the self-distance 0 counts when 0 < eps
+            nx = (dx < eps).sum(dim=1, dtype=torch.int32) - self_in  # int32 sums are ~1.5x faster
+            ny = (dy < eps).sum(dim=1, dtype=torch.int32) - self_in
             t = dig((nx + 1).to(torch.float64)) + dig((ny + 1).to(torch.float64))
         else:
             ex = dx.gather(1, idx).amax(dim=1, keepdim=True)
             ey = dy.gather(1, idx).amax(dim=1, keepdim=True)
-            nx = (dx <= ex).sum(dim=1) - 1
-            ny = (dy <= ey).sum(dim=1) - 1
+            nx = (dx <= ex).sum(dim=1, dtype=torch.int32) - 1
+            ny = (dy <= ey).sum(dim=1, dtype=torch.int32) - 1
             t = dig(nx.to(torch.float64)) + dig(ny.to(torch.float64))
         out[s:e] = base - t
     return out
