@@ -236,3 +236,27 @@ def test_estimators_listing():
     assert res.exit_code == 0 and "kde-upper" in res.output and "Kraskov" in res.output
     res = invoke("estimators", "--kind", "pairs")
     assert res.exit_code == 2 and "--kind must be 'pair', 'single' or 'jacobian'" in res.output
+
+
+def test_single_and_jacobian_measures_and_metrics(tmp_path):
+    rng = np.random.default_rng(0)
+    w = StoreWriter(tmp_path / "s", config={"run": "seed3", "split": "train"}, sample_ids=np.arange(40),
+                    labels=np.arange(40) % 2, layers={"a": {}, "b": {}}, inputs=rng.standard_normal((40, 3)))
+    sv = np.sort(np.abs(rng.standard_normal((5, 3))), axis=1)[:, ::-1].copy()
+    with w.checkpoint(epoch=7, step=70, path="c.pt", sha256="c" * 64,
+                      metrics={"test_accuracy": 0.75, "train_loss": 0.5, "lr": 0.1}) as s:
+        s.append("a", rng.standard_normal((40, 4)))
+        s.append("b", rng.standard_normal((40, 2)))
+        s.set_jacobian("a", sv, np.arange(5))
+    res = run_estimate(tmp_path / "s", tmp_path / "r.csv", ["effective-rank", "local-rank"], progress=False)
+    er = res.filter(estimator="effective-rank")
+    assert len(er) == 2 and {r["quantity"] for r in er.rows} == {"effective_rank"}
+    st = open_store(tmp_path / "s")
+    want = ibscope.measure(st.activations(0, "b"), method="effective-rank").value
+    assert er.filter(layer="b").rows[0]["value"] == want and er.filter(layer="b").rows[0]["layer_index"] == 1
+    lr = res.filter(estimator="local-rank")
+    # only layer "a" has Jacobian spectra: "b" gets no row
+    assert [r["layer"] for r in lr.rows] == ["a"] and lr.rows[0]["value"] == ibscope.measure(sv, method="local-rank").value
+    m = {r["quantity"]: (r["value"], r["unit"]) for r in res.filter(estimator="metrics").rows}
+    assert m == {"test_accuracy": (0.75, "ratio"), "train_loss": (0.5, "nats"), "lr": (0.1, "value")}
+    assert {(r["run"], r["split"], r["epoch"], r["step"]) for r in res.rows} == {("seed3", "train", 7, 70)}
