@@ -59,7 +59,7 @@ def test_first_run_writes_every_stage(tiny):
     assert len(metric_keys) == len(set(metric_keys)) and {k[0] for k in metric_keys} == {"all", "all1024"}
     with np.load(out / "data" / "all1024.npz") as z, np.load(out / "data" / "all.npz") as a:
         assert z["x"].shape == (1024, 12) and np.array_equal(a["x"][z["ids"]], z["x"])  # rows of all.npz
-    acc = res.filter(estimator="metrics", quantity="accuracy")
+    acc = res.filter(estimator="metrics", quantity="accuracy", split="all")
     assert [r["epoch"] for r in acc.rows] == [0, 1, 6, 40] and acc.rows[-1]["value"] > acc.rows[0]["value"]
     figs = sorted(p.name for p in (out / "figures").glob("*.png"))
     assert "info-plane_binning.png" in figs and any(f.startswith("curves_") for f in figs)
@@ -156,3 +156,32 @@ def test_digits_example_with_ood(tmp_path):
     text = json.dumps(m)
     assert "heldout" in text and "transformed" in text and "mahalanobis" in text
     assert "heldout" in (tmp_path / "digits" / "report.html").read_text()
+
+
+def test_demo_runs_both_networks_and_compares_them(tmp_path):
+    from ibscope.pipeline import run_demo
+
+    small = {"train": {"epochs": 20, "checkpoints": 2},
+             "capture": {"layers": ["hidden5"], "max_samples": 256, "sample_seed": 0, "jacobian_samples": 0},
+             "estimate": {"estimators": ["binning"]}, "plot": {"kinds": ["info-plane"]}}
+    res = run_demo(tmp_path / "demo", overrides=small, progress=False, quiet=True)
+    assert list(res.runs) == ["tanh", "relu"]
+    for name, r in res.runs.items():
+        assert r.report == tmp_path / "demo" / name / "report.html" and r.report.exists()
+        assert read_results(r.results).unique("run") == [name]
+    assert res.comparison == tmp_path / "demo" / "info-plane_tanh_vs_relu.png"
+    import matplotlib.image as mpimg
+
+    img = mpimg.imread(str(res.comparison))
+    single = mpimg.imread(str(res.runs["tanh"].figures[0]))
+    assert img.shape[1] >= 2 * single.shape[1] * 0.9  # two planes next to each other
+    again = run_demo(tmp_path / "demo", overrides=small, progress=False, quiet=True)
+    assert all(r.ran() == [] for r in again.runs.values())
+
+
+def test_demo_cli_errors(tmp_path):
+    (tmp_path / "f").write_text("x")
+    r = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "f"), "-q"])
+    assert r.exit_code == 2 and "is a file; it must be a folder" in r.output
+    r = CliRunner().invoke(app, ["demo", "--help"])
+    assert r.exit_code == 0 and "--quick" in r.output and "tanh" in r.output
