@@ -157,6 +157,9 @@ def main(argv=None) -> int:
           f"peers on {q} of {n} query points (x{scale:g} to full n)" + (" [full]" if args.full else ""))
     if dev.startswith("cuda"):
         print("GPU:", torch.cuda.get_device_name(torch.device(dev)))
+    import os
+
+    print(f"CPU cores {os.cpu_count()}, load average {os.getloadavg()[0]:.1f} (timings are only comparable within one run)")
     head = (f"{'d':>4} {'ibscope s':>10} {'kdtree s':>10} {'numpy s':>10} {'kdtree/ib':>10} {'numpy/ib':>9} "
             f"{'max|dterm|':>11} {'I ibscope':>10} {'truth':>7}")
     print(head)
