@@ -438,11 +438,18 @@ class ShardWriter:
             self.f.close()
             self.tmp.unlink(missing_ok=True)
             return
+        try:
+            self._finish()
+        except BaseException:  # incl. Ctrl-C while finishing: leave no half-finished *.tmp behind
+            if self.f.id.valid:
+                self.f.close()
+            self.tmp.unlink(missing_ok=True)
+            raise
+
+    def _finish(self) -> None:
         n = self.store.n_samples
         for layer, r in self._rows.items():
             if r != n:
-                self.f.close()
-                self.tmp.unlink(missing_ok=True)
                 raise DataError(f"Layer '{layer}': wrote {r} rows, expected {n}; shard discarded.")
             ds = self.f["acts"][layer]
             ds.attrs["nonfinite_count"] = self._nonfinite[layer]

@@ -167,6 +167,37 @@ class _Buffer:
         self.count = tail.shape[0]
 
 
+class _Interrupts:
+    """Ctrl-C during a capture stops it at the next batch boundary (a KeyboardInterrupt raised
+    there, where the shard being written is discarded cleanly) rather than at an arbitrary
+    bytecode, where it may land in a finalizer and be swallowed. A second Ctrl-C stops at once."""
+
+    def __enter__(self) -> "_Interrupts":
+        import signal
+        import threading
+
+        self.hit = False
+        self.prev = None
+        if threading.current_thread() is threading.main_thread():
+            self.prev = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def _handler(self, signum, frame):
+        if self.hit:
+            raise KeyboardInterrupt
+        self.hit = True
+
+    def check(self) -> None:
+        if self.hit:
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc) -> None:
+        if self.prev is not None:
+            import signal
+
+            signal.signal(signal.SIGINT, self.prev)
+
+
 def _console():
     from rich.console import Console
 
@@ -312,12 +343,15 @@ def capture(
         prog = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=console, transient=False)
     n_batches = (pr.n + int(batch_size) - 1) // int(batch_size)
+    stop = _Interrupts()
     try:
+        stop.__enter__()
         if prog is not None:
             prog.start()
             t_ck = prog.add_task("checkpoints", total=len(todo))
             t_b = prog.add_task("batches", total=n_batches)
         for ck in todo:
+            stop.check()
             info = load_checkpoint_into(net, ck, trust_checkpoint=trust_checkpoint)
             net.eval()
             with writer.checkpoint(epoch=ck.epoch, step=ck.step, path=str(ck.path), sha256=ck.sha256,
@@ -330,6 +364,7 @@ def capture(
                     prog.reset(t_b, total=n_batches, description=f"batches ({ck.label})")
                 with torch.no_grad(), CaptureEngine(net, targets, reducers) as eng:
                     for b0 in range(0, pr.n, int(batch_size)):
+                        stop.check()
                         xb = pr.x[b0:b0 + int(batch_size)].to(dev, non_blocking=True)
                         outs = eng.run(xb)
                         for name, r in outs.items():
@@ -353,6 +388,7 @@ def capture(
                 prog.advance(t_ck)
             log.debug("Captured %s (%s).", ck.label, ck.path)
     finally:
+        stop.__exit__()
         if prog is not None:
             prog.stop()
     return writer.dir
