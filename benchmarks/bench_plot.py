@@ -8,7 +8,7 @@ alternating, and the medians and their ratio are printed. The default figure set
 (``plot_results`` with no kinds) is timed too, to show where the time of a whole `ibscope plot`
 goes.
 
-    python benchmarks/bench_plot.py                    # ~1 minute
+    python benchmarks/bench_plot.py                    # ~1.5 min of CPU (more on a busy machine)
     python benchmarks/bench_plot.py --epochs 60 --layers 8 --repeats 5
 """
 
@@ -70,7 +70,7 @@ def ours(rows, path: Path, fps: float, dpi: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--epochs", type=int, default=30, help="checkpoints (log-spaced epochs 0..1000)")
+    ap.add_argument("--epochs", type=int, default=20, help="checkpoints (log-spaced epochs 0..1000)")
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dpi", type=int, default=100)
