@@ -40,10 +40,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Run the pipeline of one YAML config: data -> train -> capture -> estimate -> plot -> ood -> report -> check.
 
-        Each stage is skipped when its outputs are newer than its inputs and its config section
-        is unchanged (a stamp in OUT/.ibscope/stages/ holds the hash), so re-running after changing
-        only plot options re-draws the figures and nothing else. Unknown config keys are an error
-        with a did-you-mean (exit 2); a regression found by the check stage exits with 3.
+        Each stage is skipped when its outputs are newer than its inputs and its config section is unchanged (a stamp in OUT/.ibscope/stages/ holds the hash), so re-running after changing only plot options re-draws the figures and nothing else. Unknown config keys are an error with a did-you-mean (exit 2); a regression found by the check stage exits with 3. See docs/demo.md for the config format.
 
         Example: ibscope run configs/demo-tanh.yaml -o runs/tanh --quick
         """
@@ -72,19 +69,14 @@ def register(app: typer.Typer) -> None:
     @guard
     def demo_cmd(
         out: Path = typer.Option(Path("ibscope-demo"), "--out", "-o", help="Output folder."),
-        quick: bool = typer.Option(False, "--quick", help="Fewer epochs and checkpoints (about 4x faster; for a first look or CI)."),
+        quick: bool = typer.Option(False, "--quick", help="400 epochs, 9 checkpoints and a random 1024 of the inputs: a first look in about a third of the time."),
         force: bool = typer.Option(False, "--force", help="Re-run every stage even when up to date."),
         device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda:N for capture and estimate."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display; print only the output paths."),
     ) -> None:
         """Reproduce the information-plane papers in a few minutes, with no arguments.
 
-        Trains the 12-10-7-5-4-3-2 network of Shwartz-Ziv & Tishby on the built-in 12-bit task
-        (4096 inputs) with tanh and with ReLU, saving checkpoints at log-spaced epochs; captures
-        every layer; estimates I(X;T) and I(T;Y) (fixed binning, KDE bounds, adaptive binning)
-        and the layers' local and effective rank; draws the information planes and writes an
-        HTML report per run, plus the two fixed-binning information planes side by side.
-        Run again and finished stages are skipped.
+        Trains the 12-10-7-5-4-3-2 network of Shwartz-Ziv & Tishby on the built-in 12-bit task (4096 inputs) with tanh and with ReLU, saving checkpoints at log-spaced epochs; captures every layer; estimates I(X;T) and I(T;Y) (fixed binning, KDE bounds, adaptive binning) and the layers' local and effective rank; draws the information planes and writes an HTML report per run, plus the two fixed-binning information planes side by side. Run again and finished stages are skipped.
 
         Example: ibscope demo --out ibscope-demo
         """
