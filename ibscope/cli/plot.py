@@ -71,7 +71,7 @@ def register(app: typer.Typer) -> None:
             ..., metavar="RESULTS...", help="Results table(s) written by `ibscope estimate`. Several files are "
                                             "read together (runs renamed <file stem>/<run> if their names clash)."),
         out: Optional[Path] = typer.Option(
-            None, "--out", "-o", help="Folder for the figures. [default: <results stem>_plots/ next to the results]"),
+            None, "--out", "-o", help="Folder for the figures. \\[default: <results stem>_plots/ next to the results]"),
         kind: Optional[List[str]] = typer.Option(None, "--kind", "-k", help=_KINDS_HELP),
         unit: str = typer.Option("bits", "--unit", "-u", help="Unit of information on the axes: bits or nats."),
         fmt: str = typer.Option("png", "--format", "-f", help="Figure file format: png, svg or pdf."),
@@ -136,7 +136,7 @@ def register(app: typer.Typer) -> None:
     def report(
         results: List[Path] = typer.Argument(..., metavar="RESULTS...", help="Results table(s) written by `ibscope estimate`."),
         out: Optional[Path] = typer.Option(
-            None, "--out", "-o", help="HTML file to write. [default: <results stem>_report.html next to the results]"),
+            None, "--out", "-o", help="HTML file to write. \\[default: <results stem>_report.html next to the results]"),
         ood: Optional[Path] = typer.Option(
             None, "--ood", help="ood_metrics.json (or its folder) written by `ibscope ood`: adds the OOD section."),
         unit: str = typer.Option("bits", "--unit", "-u", help="Unit of information in figures and tables: bits or nats."),
