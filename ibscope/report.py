@@ -282,7 +282,10 @@ def _ood_section(doc: dict) -> str:
         g = (r.get("ood_set"), r.get("checkpoint"), r.get("layer"))
         if isinstance(r.get("auroc"), (int, float)) and r["auroc"] > best.get(g, -1):
             best[g] = r["auroc"]
-    rows = sorted(rows, key=lambda r: (str(r.get("ood_set")), str(r.get("checkpoint")), -(r.get("auroc") or 0)))
+    def ck(v):
+        return (0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v))
+
+    rows = sorted(rows, key=lambda r: (str(r.get("ood_set")), ck(r.get("checkpoint")), -(r.get("auroc") or 0)))
     text_cols = ("config", "detector", "reduction", "layer", "ood_set")
 
     def cell(r, k):
