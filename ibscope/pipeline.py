@@ -894,7 +894,22 @@ class Pipeline:
                 shutil.rmtree(figures_dir)
             figures_dir.mkdir(parents=True)
             src = results_l[0] if len(results_l) == 1 else [str(p) for p in results_l]
-            figs = plot_results(src, figures_dir, kinds=pc["kinds"], unit=pc["unit"], fmt=pc["fmt"], **pc["options"])
+            kw = dict(kinds=pc["kinds"], unit=pc["unit"], fmt=pc["fmt"], **pc["options"])
+            if self.progress:
+                from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+                from ibscope.cli._common import console
+
+                with Progress(TextColumn("figures"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+                              TimeElapsedColumn(), console=console(), transient=True) as bar:
+                    task = bar.add_task("", total=None)
+
+                    def tick(done: int, total: int, path) -> None:
+                        bar.update(task, completed=done, total=total, description=Path(path).name)
+
+                    figs = plot_results(src, figures_dir, callback=tick, **kw)
+            else:
+                figs = plot_results(src, figures_dir, **kw)
             return [Path(f) for f in figs] or [figures_dir]
 
         figs = self.runner(Stage(name, {"plot": pc}, results_l, ["estimate"], run, label=name))
