@@ -82,11 +82,11 @@ def test_kernel_width_rules():
     rs = np.random.RandomState(2)
     z = rs.randn(500, 3)
     z = (z - z.mean(0)) / z.std(0, ddof=1)
-    est = ibscope.measure(z, "matrix-entropy")
+    est = ibscope.measure(z, "matrix-entropy", alpha=2.0)  # alpha 2: no eigendecomposition needed
     assert est.extra["sigma"] == pytest.approx(0.8 * math.sqrt(3) * 500 ** (-1 / 7), rel=1e-12)
     assert est.extra["sigma"] == pytest.approx(0.5703, abs=1e-4)
     # the rule scales with the data, so the entropy is scale invariant
-    assert ibscope.measure(10 * z, "matrix-entropy").value == pytest.approx(est.value, rel=1e-9)
+    assert ibscope.measure(10 * z, "matrix-entropy", alpha=2.0).value == pytest.approx(est.value, rel=1e-9)
     # median heuristic: sigma = median pairwise distance
     x = rs.randn(80, 4)
     d = cdist(x, x)[np.triu_indices(80, 1)]
