@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.func import jacrev, vmap
 
 import ibscope
@@ -178,3 +180,21 @@ def test_store_without_jacobians_says_how_to_capture(tmp_path):
     assert ei.value.exit_code == 4
     with pytest.raises(UsageError, match="Unknown layer 'fx'"):
         jacobian_from_store(tmp_path / "acts", 0, "fx")
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 30), r=st.integers(1, 8), scale=st.floats(1e-6, 1e6), seed=st.integers(0, 2**31 - 1))
+def test_invariant_to_sample_and_value_order_and_scale(n, r, scale, seed):
+    # local rank with a relative tolerance depends neither on the order of the samples, nor on
+    # the order of each sample's singular values, nor on a common scale of the Jacobians
+    g = torch.Generator().manual_seed(seed)
+    s = torch.rand(n, r, generator=g, dtype=torch.float64) * (torch.rand(n, r, generator=g) > 0.3)
+    s[:, 0] += 0.5  # every sample has a clearly non-zero largest singular value
+    est = LocalRank()
+    base = est.ranks(s)
+    perm = torch.randperm(n, generator=g)
+    cols = torch.randperm(r, generator=g)
+    assert torch.equal(est.ranks(s[perm]), base[perm])
+    assert torch.equal(est.ranks(s[:, cols]), base)
+    assert torch.equal(est.ranks(s * scale), base)
+    assert est.estimate(s[perm]).value == pytest.approx(float(base.double().mean()))
