@@ -330,3 +330,35 @@ def test_pooling_of_unreduced_conv_maps_through_run_ood(tmp_path):
     assert by["avgpool"]["auroc"] > 0.99
     assert by["maxpool+std"]["auroc"] > 0.9
     assert doc["provenance"]["settings"]["raw_shape"] == [4, 3, 3]
+
+
+def test_figure_data_is_what_was_computed():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    from ibscope.ood.figures import config_figure, draw_histograms, embedding_2d
+
+    rng = np.random.default_rng(12)
+    sets = {"val": rng.standard_normal(200), "test": rng.standard_normal(300), "far": rng.standard_normal(250) + 2}
+    fig, ax = plt.subplots()
+    heights = draw_histograms(ax, sets, threshold=1.5, bins=30)
+    width = (max(map(np.max, sets.values())) - min(map(np.min, sets.values()))) / 30
+    for name, h in heights.items():
+        assert h.sum() * width == pytest.approx(1.0)             # densities integrate to one
+    assert [line.get_xdata()[0] for line in ax.get_lines()] == [1.5]  # the threshold line
+    plt.close(fig)
+    fig = config_figure(sets, 1.5, ["far"], "t")
+    roc_ax = fig.axes[1]
+    fpr, tpr = roc_ax.get_lines()[0].get_data()
+    ref_fpr, ref_tpr, _ = roc_curve(np.r_[np.zeros(300), np.ones(250)], np.r_[sets["test"], sets["far"]],
+                                    drop_intermediate=False)
+    np.testing.assert_allclose(fpr, ref_fpr, atol=1e-12)        # the same ROC points as sklearn, OOD positive
+    np.testing.assert_allclose(tpr, ref_tpr, atol=1e-12)
+    plt.close(fig)
+    feats = {"fit": rng.standard_normal((100, 5)) * [5, 3, 1, 1, 1], "ood": rng.standard_normal((40, 5)) + 10}
+    emb = embedding_2d(feats)
+    np.testing.assert_allclose(emb["fit"].mean(0), 0.0, atol=1e-12)   # centred with the fit split's statistics
+    assert emb["ood"].shape == (40, 2) and np.abs(emb["ood"].mean(0)).max() > 1.0
