@@ -1106,7 +1106,7 @@ def side_by_side(images: Sequence[Path], out: Path, titles: Sequence[str] | None
     fig.tight_layout(pad=0.2)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=dpi)
+    fig.savefig(tmp, dpi=dpi, bbox_inches="tight", pad_inches=0.1)
     plt.close(fig)
     os.replace(tmp, out)
     return out
