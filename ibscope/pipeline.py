@@ -1069,6 +1069,8 @@ def run_demo(out: str | os.PathLike = "ibscope-demo", *, quick: bool = False, fo
     if od.exists() and not od.is_dir():
         raise UsageError(f"--out '{od}' is a file; it must be a folder.")
     runs: dict[str, PipelineResult] = {}
+    # the estimate stage is most of the demo's time: one worker process per core (up to 2)
+    overrides = deep_merge({"estimate": {"jobs": max(1, min(2, os.cpu_count() or 1))}}, overrides or {})
     for c in configs:
         cfg, base, _ = load_config(c, quick=quick, overrides=overrides)
         if cfg["name"] in runs:

@@ -166,7 +166,7 @@ def test_demo_runs_both_networks_and_compares_them(tmp_path):
 
     small = {"train": {"epochs": 20, "checkpoints": 2},
              "capture": {"layers": ["hidden5"], "max_samples": 256, "sample_seed": 0, "jacobian_samples": 0},
-             "estimate": {"estimators": ["binning"]}, "plot": {"kinds": ["info-plane"]}}
+             "estimate": {"estimators": ["binning"], "jobs": 1}, "plot": {"kinds": ["info-plane"]}}
     res = run_demo(tmp_path / "demo", overrides=small, progress=False, quiet=True)
     assert list(res.runs) == ["tanh", "relu"]
     for name, r in res.runs.items():
