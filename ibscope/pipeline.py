@@ -276,7 +276,7 @@ def load_config(config: str | os.PathLike | Mapping, *, quick: bool = False, ove
         stem = "run"
     else:
         p = Path(config)
-        if not p.exists() and not p.suffix and (PACKAGED_CONFIGS / f"{p.name}.yaml").exists():
+        if not p.is_file() and not p.suffix and (PACKAGED_CONFIGS / f"{p.name}.yaml").exists():
             p = PACKAGED_CONFIGS / f"{p.name}.yaml"
         if not p.exists():
             avail = sorted(q.stem for q in PACKAGED_CONFIGS.glob("*.yaml"))
