@@ -102,6 +102,16 @@ def test_cli_missing_config_and_bad_stage(tmp_path):
     assert res.exit_code == 0 and "jacobian_samples: int" in res.output
 
 
+def test_packaged_name_wins_over_a_folder_of_that_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "digits").mkdir()  # e.g. the output folder of an earlier run
+    cfg, base, source = load_config("digits")
+    assert cfg["name"] == "digits" and Path(source) == PACKAGED_CONFIGS / "digits.yaml"
+    (tmp_path / "runs.d").mkdir()
+    with pytest.raises(UsageError, match="is a folder; `ibscope run` expects a YAML file"):
+        load_config(tmp_path / "runs.d")
+
+
 def test_overrides_and_merge():
     o = parse_overrides(["train.epochs=500", "plot.unit=nats", "capture.layers=[hidden1, output]", "name=x"])
     assert o == {"train": {"epochs": 500}, "plot": {"unit": "nats"}, "capture": {"layers": ["hidden1", "output"]}, "name": "x"}
