@@ -641,6 +641,10 @@ class Pipeline:
             for s in only:
                 if s not in STAGES:
                     raise unknown_name("stage", s, STAGES)
+        from ibscope.capture import resolve_device
+
+        resolve_device(self.device)  # fail on a bad or unavailable --device before any work
+        resolve_device(cfg["train"]["device"] if cfg["train"] else "cpu")
         self.runner = StageRunner(out, force=force, only=only, say=self.say)
         self.result = PipelineResult(cfg["name"], out, cfg, self.runner.status)
 

@@ -98,6 +98,9 @@ def test_cli_missing_config_and_bad_stage(tmp_path):
     assert res.exit_code == 2 and "--set expects KEY.PATH=VALUE" in res.output
     res = CliRunner().invoke(app, ["run", str(p), "--until", "estimat"])
     assert res.exit_code == 2 and "Did you mean 'estimate'" in res.output
+    res = CliRunner().invoke(app, ["run", str(p), "--device", "gpu", "-o", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "--device expects auto, cpu or cuda:N. Got 'gpu'" in res.output
+    assert not (tmp_path / "o" / "checkpoints").exists()  # rejected before training
     res = CliRunner().invoke(app, ["run", "--show-schema", str(p)])
     assert res.exit_code == 0 and "jacobian_samples: int" in res.output
 
