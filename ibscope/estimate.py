@@ -210,13 +210,16 @@ def _worker_init(threads: int) -> None:
 
 def _worker(args) -> list[dict]:
     store_path, ckpt_index, layer, specs, device, x_source, want, meta = args
-    if meta.get("inputs_np") is not None and meta.get("inputs") is None:
-        import torch
+    if meta.get("needs_inputs"):  # each worker reads the probe inputs once per store
+        if store_path not in _WORKER:
+            import numpy as np
+            import torch
 
-        key = store_path
-        if key not in _WORKER:
-            _WORKER[key] = torch.from_numpy(meta["inputs_np"])
-        meta = dict(meta, inputs=_WORKER[key])
+            from ibscope.store import open_store
+
+            arr = open_store(store_path).inputs()
+            _WORKER[store_path] = None if arr is None else torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+        meta = dict(meta, inputs=_WORKER[store_path])
     return _compute_cell(store_path, ckpt_index, layer, specs, device, x_source, want, meta)
 
 
@@ -291,9 +294,9 @@ def run_estimate(
                 "inputs": None}
         needs_inputs = any(registry.get(n).kind == "pair" and (x_source or registry.get(n).x_source) == "inputs"
                            for n, _ in specs)
-        if needs_inputs and st.has_inputs:
-            meta["inputs_np"] = np.ascontiguousarray(st.inputs(), dtype=np.float32)
-            meta["inputs"] = torch.from_numpy(meta["inputs_np"])
+        meta["needs_inputs"] = needs_inputs and st.has_inputs
+        if meta["needs_inputs"] and jobs == 1:
+            meta["inputs"] = torch.from_numpy(np.ascontiguousarray(st.inputs(), dtype=np.float32))
         store_prov.append({"path": str(s), "content_hash": st.content_hash(), "config_hash": st.config_hash,
                            "probe_hash": st.probe_hash, "n_samples": st.n_samples, "run": run_name, "split": split,
                            "layers": lay, "n_checkpoints": len(st.checkpoints), "has_inputs": st.has_inputs,
@@ -382,7 +385,7 @@ def _run_cells(cells: list, sink: list, jobs: int, progress: bool) -> None:
 
             threads = max(1, (os.cpu_count() or 1) // jobs)
             ctx = mp.get_context("spawn")
-            light = [c[:7] + (dict(c[7], inputs=None),) for c in cells]
+            light = [c[:7] + (dict(c[7], inputs=None),) for c in cells]  # inputs are read by each worker
             with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init,
                                      initargs=(threads,)) as pool:
                 for rows in pool.map(_worker, light):
