@@ -101,8 +101,10 @@ def test_cli_missing_config_and_bad_stage(tmp_path):
     res = CliRunner().invoke(app, ["run", str(p), "--device", "gpu", "-o", str(tmp_path / "o")])
     assert res.exit_code == 2 and "--device expects auto, cpu or cuda:N. Got 'gpu'" in res.output
     assert not (tmp_path / "o" / "checkpoints").exists()  # rejected before training
-    res = CliRunner().invoke(app, ["run", "--show-schema", str(p)])
+    res = CliRunner().invoke(app, ["run", "--show-schema"])
     assert res.exit_code == 0 and "jacobian_samples: int" in res.output
+    res = CliRunner().invoke(app, ["run"])
+    assert res.exit_code == 2 and "Missing the run config" in res.output
 
 
 def test_packaged_name_wins_over_a_folder_of_that_name(tmp_path, monkeypatch):

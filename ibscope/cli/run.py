@@ -27,7 +27,7 @@ def register(app: typer.Typer) -> None:
     @app.command("run")
     @guard
     def run_cmd(
-        config: Path = typer.Argument(..., help="Run config (YAML), or the name of a packaged one: demo-tanh, demo-relu, digits."),
+        config: Optional[Path] = typer.Argument(None, help="Run config (YAML), or the name of a packaged one: demo-tanh, demo-relu, digits."),
         out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default: the config's 'out', else ./ibscope-runs/NAME)."),
         quick: bool = typer.Option(False, "--quick", help="Merge the config's 'quick:' section (small settings for a fast try)."),
         set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a config key, e.g. --set train.epochs=500 (repeatable; values are YAML)."),
@@ -49,6 +49,11 @@ def register(app: typer.Typer) -> None:
         if show_schema:
             typer.echo(describe_schema())
             raise typer.Exit()
+        if config is None:
+            from ibscope.errors import UsageError
+
+            raise UsageError("Missing the run config: ibscope run CONFIG.yaml",
+                             hint="Packaged configs: demo-tanh, demo-relu, digits (e.g. `ibscope run digits`).")
         setup_logging(quiet=True)
         res = run_pipeline(config, out=out, quick=quick, overrides=parse_overrides(set_), force=force, only=only,
                            until=until, device=device, progress=not quiet, quiet=quiet)
