@@ -298,3 +298,15 @@ def test_unknown_names_and_bad_parameters():
         ibscope.mutual_information(np.arange(10), np.arange(10) % 2)
     with pytest.raises(UsageError, match=r"'range_min/range_max' parameter of binning must be given together"):
         ibscope.mutual_information(x, x, method="binning", range_min=0.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("method", ["binning", "adaptive-binning", "kde-upper", "adaptive-kde-lower", "gaussian",
+                                    "renyi", "compressed"])
+def test_gpu_inputs_compute_on_the_gpu_and_agree(method):
+    rng = np.random.default_rng(0)
+    t = rng.standard_normal((400, 3))
+    lab = rng.integers(0, 3, 400)
+    cpu = ibscope.mutual_information(t, lab, method=method).value
+    gpu = ibscope.mutual_information(torch.from_numpy(t).cuda(), torch.from_numpy(lab).cuda(), method=method).value
+    assert gpu == pytest.approx(cpu, abs=1e-8)  # float64 on both devices; only summation order differs
