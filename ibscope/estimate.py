@@ -6,8 +6,9 @@ For every store x checkpoint x layer T and every chosen estimator:
   binning, KDE) or the stored probe inputs (``"inputs"``: KSG, gaussian, compressed, infonce,
   renyi), and I(T;Y) with Y = the stored labels (integer labels are discrete);
 * kind "single": one row with the estimator's own quantity (effective rank, ...);
-* kind "jacobian": one row from the layer's stored Jacobian singular values (skipped where
-  the store has none).
+* kind "jacobian": one row from the layer's stored Jacobian singular values; layers without
+  them are skipped, and a checkpoint with none at all is a DataError (exit code 4) saying how
+  to capture them.
 
 Training metrics stored with each checkpoint become rows with estimator "metrics" and layer
 "-". Rows are written atomically to a CSV (see :mod:`ibscope.results`) with a provenance
@@ -189,11 +190,15 @@ def _compute_cell(store_path: str, ckpt_index: int, layer: str, specs: list[tupl
                 e = run(lambda: est.estimate(acts()), "the measure")
                 add(e, e.quantity)
         elif cls.kind == "jacobian":
-            jac = st.jacobian(ck, layer)
-            if jac is not None and (want is None or any(k[0] == name for k in want)):
-                s = torch.from_numpy(np.ascontiguousarray(jac[0])).to(device)
-                e = run(lambda: est.estimate(s), "the Jacobian spectra")
-                add(e, e.quantity)
+            if want is None or any(k[0] == name for k in want):
+                from ibscope.estimators.local_rank import jacobian_from_store
+
+                # Layers captured without Jacobians are skipped when others have them; a
+                # checkpoint with none at all is an error that says how to capture them.
+                if st.jacobian(ck, layer) is not None or not any(st.jacobian(ck, l) is not None for l in st.layers):
+                    s = jacobian_from_store(st, ck, layer).to(device)
+                    e = run(lambda: est.estimate(s), "the Jacobian spectra")
+                    add(e, e.quantity)
         else:
             raise PluginError(f"Estimator '{name}' has kind {cls.kind!r}; expected 'pair', 'single' or 'jacobian'.")
     return rows

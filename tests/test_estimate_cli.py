@@ -260,3 +260,19 @@ def test_single_and_jacobian_measures_and_metrics(tmp_path):
     m = {r["quantity"]: (r["value"], r["unit"]) for r in res.filter(estimator="metrics").rows}
     assert m == {"test_accuracy": (0.75, "ratio"), "train_loss": (0.5, "nats"), "lr": (0.1, "value")}
     assert {(r["run"], r["split"], r["epoch"], r["step"]) for r in res.rows} == {("seed3", "train", 7, 70)}
+
+
+def test_jacobian_measure_without_any_jacobians_is_an_error(tmp_path):
+    from typer.testing import CliRunner
+
+    from ibscope.cli.main import app
+
+    rng = np.random.default_rng(1)
+    w = StoreWriter(tmp_path / "s", config={}, sample_ids=np.arange(20), labels=np.arange(20) % 2,
+                    layers={"a": {}}, inputs=rng.standard_normal((20, 3)))
+    with w.checkpoint(epoch=1, step=None, path="c.pt", sha256="d" * 64) as s:
+        s.append("a", rng.standard_normal((20, 4)))
+    res = CliRunner().invoke(app, ["estimate", str(tmp_path / "s"), "-o", str(tmp_path / "r.csv"), "-e", "local-rank"])
+    assert res.exit_code == 4, res.output
+    assert "no Jacobian spectra" in res.output and "--jacobian-samples" in res.output
+    assert not (tmp_path / "r.csv").exists()
