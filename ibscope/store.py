@@ -93,6 +93,15 @@ def _atomic_h5(final: Path):
     return tmp, _h5py().File(tmp, "w")
 
 
+def checkpoint_label(epoch: int | None, step: int | None, path: str | os.PathLike) -> str:
+    """How a checkpoint is named to users: "epoch 12", "step 300", or its file name."""
+    if epoch is not None:
+        return f"epoch {epoch}"
+    if step is not None:
+        return f"step {step}"
+    return Path(path).name
+
+
 @dataclass(frozen=True)
 class CheckpointInfo:
     """One captured checkpoint, as the store records it."""
@@ -107,11 +116,7 @@ class CheckpointInfo:
 
     @property
     def label(self) -> str:
-        if self.epoch is not None:
-            return f"epoch {self.epoch}"
-        if self.step is not None:
-            return f"step {self.step}"
-        return Path(self.path).name
+        return checkpoint_label(self.epoch, self.step, self.path)
 
 
 def resolve_store_dir(path: str | os.PathLike) -> Path:

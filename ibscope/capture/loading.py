@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ibscope.errors import CheckpointError, UsageError, did_you_mean
-from ibscope.store import file_sha256
+from ibscope.store import checkpoint_label, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -350,11 +350,7 @@ class CheckpointFile:
 
     @property
     def label(self) -> str:
-        if self.epoch is not None:
-            return f"epoch {self.epoch}"
-        if self.step is not None:
-            return f"step {self.step}"
-        return self.path.name
+        return checkpoint_label(self.epoch, self.step, self.path)
 
 
 def _as_int(v: Any) -> int | None:

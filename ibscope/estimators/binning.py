@@ -14,6 +14,7 @@ is reported in ``Estimate.extra["n_outside"]``.
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -27,8 +28,9 @@ from ibscope.estimators.registry import register
 class _BinningMixin:
     x_source: ClassVar[str] = "identity"
 
-    def _bin(self, t: torch.Tensor) -> tuple[torch.Tensor, int]:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _bin(self, t: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Bin the activations ``t``: (symbols per row, number of bins) (each concrete estimator defines it)."""
 
     def estimate(self, x, y) -> Estimate:
         tx, ty = _mi.pair(self, x, y)

@@ -14,6 +14,7 @@ The sums run over row chunks: memory O(chunk x n), float64 log-sum-exp.
 
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -45,8 +46,9 @@ class _KDEMixin:
     x_source: ClassVar[str] = "identity"
     bound: str = "upper"
 
-    def _variance(self, t: torch.Tensor) -> float:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _variance(self, t: torch.Tensor) -> float:
+        """The noise variance for activations ``t`` (each concrete estimator defines it)."""
 
     def _bound(self) -> str:
         return self.bound
