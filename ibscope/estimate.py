@@ -36,27 +36,10 @@ X_SOURCES = ("identity", "inputs")
 
 # ----------------------------------------------------------------------------- helpers
 def resolve_device(device: str | None) -> str:
-    """'auto' -> 'cuda' if available else 'cpu'; validate 'cpu' / 'cuda' / 'cuda:N'."""
-    import torch
+    """'auto' -> 'cuda' if available else 'cpu'; 'cpu' / 'cuda' / 'cuda:N' validated (as a string)."""
+    from ibscope._device import resolve_device as _resolve
 
-    device = (device or "auto").strip()
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        return "cpu"
-    if device == "cuda" or device.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {device} was requested, but no CUDA GPU is available.",
-                             hint="Use --device cpu (or auto).")
-        if ":" in device:
-            try:
-                idx = int(device.split(":", 1)[1])
-            except ValueError:
-                raise UsageError(f"--device must be auto, cpu, cuda or cuda:N. Got {device!r}.") from None
-            if not 0 <= idx < torch.cuda.device_count():
-                raise UsageError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) exist.")
-        return device
-    raise UsageError(f"--device must be auto, cpu, cuda or cuda:N. Got {device!r}.")
+    return str(_resolve(device))
 
 
 def metric_unit(name: str) -> str:

@@ -39,7 +39,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from ibscope._version import __version__
-from ibscope.errors import DataError, IbscopeError, RegressionFound, UsageError, did_you_mean, unknown_name
+from ibscope.errors import DataError, RegressionFound, UsageError, did_you_mean, unknown_name
 
 log = logging.getLogger(__name__)
 
@@ -337,8 +337,6 @@ def _check_consistency(cfg: dict, source: str) -> None:
     elif d["task"] == "digits":
         _check_options(d["options"], ("holdout", "test_fraction", "split_seed", "transform"), "data.options", source)
     if cfg["train"] is not None:
-        from ibscope.demo.train import TrainConfig
-
         tc = _train_config(cfg)
         try:
             tc.validate()
@@ -618,12 +616,9 @@ def write_subset(src: Path, dst: Path, n: int, seed: int) -> Path:
 
 
 def _resolve_device(device: str) -> str:
-    import torch
+    from ibscope._device import resolve_device
 
-    d = str(device or "auto").lower()
-    if d == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return d
+    return str(resolve_device(device))
 
 
 class Pipeline:
@@ -765,9 +760,9 @@ class Pipeline:
                         if e % every == 0 or e == n:
                             bar.update(task, completed=e)
 
-                    paths = train_classifier(build, x, y, xt, yt, ck_dir, tconf, device=dev, progress=tick)
+                    train_classifier(build, x, y, xt, yt, ck_dir, tconf, device=dev, progress=tick)
             else:
-                paths = train_classifier(build, x, y, xt, yt, ck_dir, tconf, device=dev)
+                train_classifier(build, x, y, xt, yt, ck_dir, tconf, device=dev)
             return [ck_dir]
 
         outs = self.runner(Stage("train", stage_cfg, inputs, ["data"], run, label=f"train ({cfg['name']})"))

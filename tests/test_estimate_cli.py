@@ -201,7 +201,7 @@ def test_errors_have_messages_and_exit_codes(run_dir, tmp_path):
          "layer '1', ksg I(X;T): ksg (Ross estimator, discrete y): class 0 has 1 sample(s)"),
     ]
     if not torch.cuda.is_available():
-        cases.append((["estimate", d / "acts", "-o", out, "--device", "cuda:0"], 2, "no CUDA GPU is available"))
+        cases.append((["estimate", d / "acts", "-o", out, "--device", "cuda:0"], 2, "no CUDA device is available"))
     bad_cfg = tmp_path / "bad.yaml"
     bad_cfg.write_text("estimator: [ksg]\n")
     cases.append((["estimate", d / "acts", "-o", out, "-c", bad_cfg], 2, "Unknown key 'estimator' in config"))

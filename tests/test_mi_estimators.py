@@ -265,7 +265,6 @@ def test_bad_shapes_and_sizes():
 
 
 def test_constant_columns():
-    rng = np.random.default_rng(1)
     x, y, _ = gaussian_pair(300, 2, 0.7, seed=1)
     xc = np.hstack([x, np.full((300, 1), 5.0)])
     # a constant column carries no information: it is dropped and the value is unchanged

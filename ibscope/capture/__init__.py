@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ibscope._device import resolve_device
 from ibscope.errors import DataError, UsageError
 
 log = logging.getLogger(__name__)
@@ -26,28 +27,6 @@ __all__ = ["capture", "resolve_device", "plan_layers", "DEFAULT_MAX_INPUT_BYTES"
 
 DEFAULT_MAX_INPUT_BYTES = 256 * 1024 * 1024  # probe inputs above this are not copied into the store
 FLOAT16_MAX = 65504.0
-
-
-def resolve_device(device: str | Any = "auto"):
-    """``auto`` (CUDA if available, else CPU), ``cpu`` or ``cuda:N`` -> torch.device."""
-    import torch
-
-    if isinstance(device, torch.device):
-        return device
-    d = str(device or "auto").strip().lower()
-    if d == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if d == "cpu":
-        return torch.device("cpu")
-    if d == "cuda" or d.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {device}: no CUDA device is available on this machine.",
-                             hint="Use --device cpu (or auto).")
-        dev = torch.device(d)
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s).")
-        return dev
-    raise UsageError(f"--device expects auto, cpu or cuda:N. Got {device!r}.")
 
 
 def _reduce_for(name: str, module: str, reduce: Any) -> str:

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import typer
 
-from ibscope.errors import EXIT_ERROR, IbscopeError, UsageError
+from ibscope.errors import IbscopeError, UsageError
 
 _console = None
 

@@ -35,7 +35,7 @@ DEFAULT_MEMORY_LIMIT = 4 * 2**30
 
 def resolve_device(device=None):
     """'auto' -> cuda if available else cpu; 'cpu' / 'cuda:N' checked (the capture module's rules)."""
-    from ibscope.capture import resolve_device as _resolve
+    from ibscope._device import resolve_device as _resolve
 
     return _resolve(device)
 
