@@ -356,7 +356,7 @@ def _run_cells(cells: list, sink: list, jobs: int, progress: bool) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         bar = Progress(TextColumn("estimate"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                       TextColumn("{task.description}"), console=Console(stderr=True), transient=False)
+                       TextColumn("{task.description}"), console=Console(stderr=True, emoji=False), transient=False)
         bar.start()
         task = bar.add_task("", total=len(cells))
     try:

@@ -121,3 +121,22 @@ def test_cli_help_is_fast_and_torch_free():
     code = "import sys, ibscope.cli.main; print(json.dumps(sorted(m for m in ('torch','matplotlib','h5py') if m in sys.modules)))"
     out = subprocess.run([sys.executable, "-c", "import json;" + code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == []
+
+
+def test_cli_error_text_is_printed_verbatim():
+    """User text in errors (selectors like 'lstm[0]', ':abc:') is neither markup nor emoji."""
+    import typer
+    from typer.testing import CliRunner
+
+    from ibscope.cli._common import guard
+
+    app = typer.Typer()
+
+    @app.command()
+    @guard
+    def boom() -> None:
+        raise DataError("layer 'lstm[0]' on cuda:abc: failed [bold]", hint="try [red]x[/red]")
+
+    res = CliRunner().invoke(app, [])
+    assert res.exit_code == 4
+    assert "layer 'lstm[0]' on cuda:abc: failed [bold]" in res.output and "try [red]x[/red]" in res.output

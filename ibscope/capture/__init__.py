@@ -180,7 +180,7 @@ class _Interrupts:
 def _console():
     from rich.console import Console
 
-    return Console(stderr=True, highlight=False)
+    return Console(stderr=True, highlight=False, emoji=False)
 
 
 def show_plan(ckpts, console=None) -> None:

@@ -24,15 +24,18 @@ def console():
     if _console is None:
         from rich.console import Console
 
-        _console = Console(stderr=True, highlight=False)
+        _console = Console(stderr=True, highlight=False, emoji=False)
     return _console
 
 
 def error_exit(exc: IbscopeError) -> "typer.Exit":
+    from rich.markup import escape
+
     c = console()
-    c.print(f"[bold red]Error:[/] {exc.message}", markup=True, soft_wrap=True)
+    # messages quote user input (paths, selectors like "lstm[0]"): never read them as markup
+    c.print(f"[bold red]Error:[/] {escape(exc.message)}", markup=True, soft_wrap=True)
     if exc.hint:
-        c.print(f"[yellow]Hint:[/] {exc.hint}", soft_wrap=True)
+        c.print(f"[yellow]Hint:[/] {escape(exc.hint)}", soft_wrap=True)
     return typer.Exit(code=exc.exit_code)
 
 
