@@ -165,3 +165,46 @@ def save_probe(path: Path, x, y=None) -> Path:
         arrs["y"] = np.asarray(y)
     np.savez(path, **arrs)
     return Path(path)
+
+
+TINY_TANH_SRC = '''
+import torch
+from torch import nn
+
+def make():
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3), nn.Tanh(), nn.Linear(3, 2))
+'''
+
+
+def tiny_tanh_run(d: Path, n: int, module_name: str) -> Path:
+    """Write ``d/tiny.py`` (a 4-6-3-2 tanh net, factory ``make``), train it for a few Adam steps
+    on ``n`` samples, save checkpoints ``d/ck/e{0,1,2}.pt`` (with accuracy/loss) and
+    ``d/probe.npz``. Returns ``d``."""
+    import importlib.util
+
+    (d / "tiny.py").write_text(TINY_TANH_SRC)
+    spec = importlib.util.spec_from_file_location(module_name, d / "tiny.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 4, generator=g)
+    y = ((x[:, 0] + x[:, 1]) > 0).long()
+    np.savez(d / "probe.npz", x=x.numpy(), y=y.numpy())
+    torch.manual_seed(0)
+    net = mod.make()
+    opt = torch.optim.Adam(net.parameters(), lr=0.05)
+    (d / "ck").mkdir()
+    for epoch in range(3):
+        if epoch:
+            for _ in range(5):
+                loss = torch.nn.functional.cross_entropy(net(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        with torch.no_grad():
+            out = net(x)
+            acc = float((out.argmax(1) == y).float().mean())
+            loss = float(torch.nn.functional.cross_entropy(out, y))
+        torch.save({"epoch": epoch, "state_dict": net.state_dict(), "accuracy": acc, "loss": loss},
+                   d / "ck" / f"e{epoch}.pt")
+    return d

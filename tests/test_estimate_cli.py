@@ -13,6 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 import ibscope
+from capture_support import tiny_tanh_run
 from ibscope.cli.main import app
 from ibscope.estimate import run_estimate
 from ibscope.results import read_results
@@ -20,13 +21,6 @@ from ibscope.store import StoreWriter, open_store
 
 REPO = Path(__file__).resolve().parents[1]
 
-MODEL = '''
-import torch
-from torch import nn
-
-def make():
-    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3), nn.Tanh(), nn.Linear(3, 2))
-'''
 
 
 def invoke(*args):
@@ -38,34 +32,7 @@ def invoke(*args):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """Train the 4-6-3-2 tanh net for a few Adam steps, save 3 checkpoints, capture them."""
-    d = tmp_path_factory.mktemp("est")
-    (d / "tiny.py").write_text(MODEL)
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("tiny_est_model", d / "tiny.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(120, 4, generator=g)
-    y = ((x[:, 0] + x[:, 1]) > 0).long()
-    np.savez(d / "probe.npz", x=x.numpy(), y=y.numpy())
-    torch.manual_seed(0)
-    net = mod.make()
-    opt = torch.optim.Adam(net.parameters(), lr=0.05)
-    (d / "ck").mkdir()
-    for epoch in range(3):
-        if epoch:
-            for _ in range(5):
-                loss = torch.nn.functional.cross_entropy(net(x), y)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-        with torch.no_grad():
-            out = net(x)
-            acc = float((out.argmax(1) == y).float().mean())
-            loss = float(torch.nn.functional.cross_entropy(out, y))
-        torch.save({"epoch": epoch, "state_dict": net.state_dict(), "accuracy": acc, "loss": loss},
-                   d / "ck" / f"e{epoch}.pt")
+    d = tiny_tanh_run(tmp_path_factory.mktemp("est"), 120, "tiny_est_model")
     res = invoke("capture", "-m", f"{d / 'tiny.py'}:make", "-c", str(d / "ck" / "*.pt"), "-p", d / "probe.npz",
                  "-l", "type:Tanh", "-o", d / "acts", "-q")
     assert res.exit_code == 0, res.output

@@ -4,7 +4,6 @@ plotted points are the table's values in bits; the installed console script keep
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import shutil
 import subprocess
@@ -12,19 +11,13 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
+from capture_support import tiny_tanh_run
 from ibscope.cli.main import app
 from ibscope.plot import figures
 from ibscope.results import read_results
 
-MODEL = '''
-from torch import nn
-
-def make():
-    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3), nn.Tanh(), nn.Linear(3, 2))
-'''
 
 
 def invoke(*args):
@@ -35,32 +28,7 @@ def invoke(*args):
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    d = tmp_path_factory.mktemp("plot_e2e")
-    (d / "tiny.py").write_text(MODEL)
-    spec = importlib.util.spec_from_file_location("tiny_plot_model", d / "tiny.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(96, 4, generator=g)
-    y = ((x[:, 0] + x[:, 1]) > 0).long()
-    np.savez(d / "probe.npz", x=x.numpy(), y=y.numpy())
-    torch.manual_seed(0)
-    net = mod.make()
-    opt = torch.optim.Adam(net.parameters(), lr=0.05)
-    (d / "ck").mkdir()
-    for epoch in range(3):
-        if epoch:
-            for _ in range(5):
-                loss = torch.nn.functional.cross_entropy(net(x), y)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-        with torch.no_grad():
-            out = net(x)
-            acc = float((out.argmax(1) == y).float().mean())
-            loss = float(torch.nn.functional.cross_entropy(out, y))
-        torch.save({"epoch": epoch, "state_dict": net.state_dict(), "accuracy": acc, "loss": loss},
-                   d / "ck" / f"e{epoch}.pt")
+    d = tiny_tanh_run(tmp_path_factory.mktemp("plot_e2e"), 96, "tiny_plot_model")
     invoke("capture", "-m", f"{d / 'tiny.py'}:make", "-c", d / "ck" / "*.pt", "-p", d / "probe.npz",
            "-l", "type:Tanh", "-o", d / "acts", "-q")
     invoke("estimate", d / "acts", "-o", d / "results.csv", "-e", "binning", "-e", "effective-rank", "-q")
