@@ -30,7 +30,12 @@ EXPONENT = "exponent"
 
 
 class _SpectralMixin:
-    """Shared input handling: validate, compute the spectrum, handle the all-zero case."""
+    """Shared input handling: validate, compute the spectrum, handle the all-zero case.
+
+    Every spectral measure describes one representation, in dimensions unless it says otherwise."""
+
+    kind: ClassVar[str] = "single"
+    unit: ClassVar[str] = DIMENSIONS
 
     def _spectrum(self, x, *, center: bool, method: str = "eigh") -> Spectrum:
         t = as_tensor(x, name="x", estimator=self.name, allow_discrete=False)
@@ -78,9 +83,7 @@ class EffectiveRank(_SpectralMixin, Estimator):
     eps: float = 0.0
 
     name: ClassVar[str] = "effective-rank"
-    kind: ClassVar[str] = "single"
     quantity: ClassVar[str] = "effective_rank"
-    unit: ClassVar[str] = DIMENSIONS
     reference: ClassVar[str] = ("Roy & Vetterli 2007, EUSIPCO; Garrido et al. 2023, RankMe, ICML (arXiv:2210.02885); "
                                 "Agrawal et al. 2022 (reptrix)")
 
@@ -112,9 +115,7 @@ class ParticipationRatio(_SpectralMixin, Estimator):
     center: bool = True
 
     name: ClassVar[str] = "participation-ratio"
-    kind: ClassVar[str] = "single"
     quantity: ClassVar[str] = "participation_ratio"
-    unit: ClassVar[str] = DIMENSIONS
     reference: ClassVar[str] = "Gao, Trautmann, Yu et al. 2017, A theory of multineuronal dimensionality (bioRxiv 214262)"
 
     def estimate(self, x) -> Estimate:
@@ -139,9 +140,7 @@ class StableRank(_SpectralMixin, Estimator):
     center: bool = True
 
     name: ClassVar[str] = "stable-rank"
-    kind: ClassVar[str] = "single"
     quantity: ClassVar[str] = "stable_rank"
-    unit: ClassVar[str] = DIMENSIONS
     reference: ClassVar[str] = "Rudelson & Vershynin 2007, Sampling from large matrices, J. ACM 54(4)"
 
     def estimate(self, x) -> Estimate:
@@ -171,9 +170,7 @@ class NumericalRank(_SpectralMixin, Estimator):
     center: bool = True
 
     name: ClassVar[str] = "numerical-rank"
-    kind: ClassVar[str] = "single"
     quantity: ClassVar[str] = "numerical_rank"
-    unit: ClassVar[str] = DIMENSIONS
     reference: ClassVar[str] = "Golub & Van Loan, Matrix Computations, 4th ed., sec. 5.4.1 (numerical rank)"
 
     def validate(self) -> None:
@@ -206,9 +203,7 @@ class PCADimension(_SpectralMixin, Estimator):
     center: bool = True
 
     name: ClassVar[str] = "pca-dim"
-    kind: ClassVar[str] = "single"
     quantity: ClassVar[str] = "pca_dimension"
-    unit: ClassVar[str] = DIMENSIONS
     reference: ClassVar[str] = "Jolliffe 2002, Principal Component Analysis (2nd ed.), sec. 6.1.1"
 
     def validate(self) -> None:
@@ -250,7 +245,6 @@ class AlphaReQ(_SpectralMixin, Estimator):
     center: bool = True
 
     name: ClassVar[str] = "alpha-req"
-    kind: ClassVar[str] = "single"
     quantity: ClassVar[str] = "alpha_req"
     unit: ClassVar[str] = EXPONENT
     reference: ClassVar[str] = ("Agrawal et al. 2022, alpha-ReQ, NeurIPS; Stringer et al. 2019, Nature 571; "
@@ -305,9 +299,7 @@ class EffectiveEncodingDimension(_SpectralMixin, Estimator):
     center: bool = False
 
     name: ClassVar[str] = "effective-encoding-dim"
-    kind: ClassVar[str] = "single"
     quantity: ClassVar[str] = "effective_encoding_dimension"
-    unit: ClassVar[str] = DIMENSIONS
     reference: ClassVar[str] = "Awadhiya 2025, The Inductive Bottleneck (arXiv:2512.07331)"
 
     def estimate(self, x) -> Estimate:
