@@ -19,6 +19,7 @@ without a traceback:
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Iterable
 
 EXIT_OK = 0
@@ -96,3 +97,42 @@ def unknown_name(kind: str, name: str, choices: Iterable[str]) -> UsageError:
         f"Unknown {kind} '{name}'.{did_you_mean(name, choices)}",
         hint=f"Valid {_plural(kind)}: {shown}" if choices else None,
     )
+
+
+class IOFailure(IbscopeError):
+    """The operating system refused a read or write: disk full, read-only, no permission (exit code 1)."""
+
+    exit_code = EXIT_ERROR
+
+
+_IO_HINTS = {
+    "ENOSPC": "Free some space (or choose another --out), then re-run; `ibscope capture --resume` keeps the "
+              "checkpoints already captured.",
+    "EDQUOT": "Free some space within your quota (or choose another --out), then re-run.",
+    "EROFS": "The file system is read-only: choose a writable output location.",
+    "EACCES": "You have no permission there: choose another output location or fix its permissions.",
+    "EPERM": "The operation is not permitted there: choose another output location or fix its permissions.",
+}
+
+
+def io_error(exc: OSError, path: str | None = None, action: str = "writing") -> IOFailure:
+    """Turn an :class:`OSError` into an :class:`IOFailure` naming the path and the OS error.
+
+    ``"No space left on device (ENOSPC) while writing '/data/acts/checkpoints/...h5'."``
+    h5py reports errno inside its message; that is recognised too.
+    """
+    import errno as _errno
+    import re
+
+    code = exc.errno
+    text = str(exc)
+    if code is None:
+        m = re.search(r"errno = (\d+)", text)
+        code = int(m.group(1)) if m else None
+    name = _errno.errorcode.get(code, "") if code is not None else ""
+    reason = os.strerror(code) if code is not None else (exc.strerror or text or type(exc).__name__)
+    where = path or exc.filename
+    msg = f"{reason}{f' ({name})' if name else ''} while {action}" + (f" '{where}'" if where else "") + "."
+    if code is None and text and text not in msg:
+        msg += f" ({text})"
+    return IOFailure(msg, hint=_IO_HINTS.get(name))

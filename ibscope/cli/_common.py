@@ -53,6 +53,10 @@ def guard(fn: Callable) -> Callable:
             raise typer.Exit(code=130) from None
         except (typer.Exit, typer.Abort, SystemExit):
             raise
+        except OSError as exc:  # disk full, read-only, permissions: the OS error and path, not "a bug"
+            from ibscope.errors import io_error
+
+            raise error_exit(io_error(exc, action="reading or writing")) from None
         except MemoryError as exc:
             raise error_exit(IbscopeError(f"Out of memory: {exc}", hint="Lower --batch-size or --chunk.")) from None
         except Exception as exc:  # unexpected: keep a traceback available with IBSCOPE_DEBUG=1
