@@ -1,5 +1,6 @@
 """`ibscope run` config validation, stage skipping, and CLI error paths."""
 
+import hashlib
 import json
 import os
 import time
@@ -151,14 +152,16 @@ def test_stage_runner_skips_and_reruns_for_the_right_reasons(tmp_path):
     assert go(cfg_a=2, cfg_b=2) == [("a", "ran", "its config changed"), ("b", "ran", "an earlier stage ran again")]
     (tmp_path / "b.out").unlink()
     assert go(cfg_a=2, cfg_b=2)[1] == ("b", "ran", "output b.out is missing")
+    # a newer input with the same bytes changes nothing: the fingerprint is the content, not the mtime
     future = time.time() + 5
     os.utime(src, (future, future))
-    assert [s[2] for s in go(cfg_a=2, cfg_b=2)] == ["an input is newer than its outputs", "an earlier stage ran again"]
-    os.utime(src, (future - 100, future - 100))
     assert [s[1] for s in go(cfg_a=2, cfg_b=2)] == ["skipped"] * 2
+    src.write_text("22")
+    assert [s[2] for s in go(cfg_a=2, cfg_b=2)] == ["input input.txt changed (1 -> 2 bytes)", "an earlier stage ran again"]
     assert [s[1:] for s in go(cfg_a=2, cfg_b=2, force=True)] == [("ran", "forced"), ("ran", "an earlier stage ran again")]
     stamp = json.loads((tmp_path / ".ibscope" / "stages" / "b.json").read_text())
     assert stamp["config"] == {"k": 2} and stamp["outputs"] == ["b.out"] and stamp["upstream"]["a"]
+    assert stamp["output_hashes"]["b.out"]["sha256"] == hashlib.sha256(b"22").hexdigest()
     assert calls.count("a") == 4 and calls.count("b") == 6
 
 
