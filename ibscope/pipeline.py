@@ -668,7 +668,7 @@ class StageRunner:
             return False, "never ran here", []
         if stamp.get("format") != STAMP_FORMAT:
             return False, ("its stamp is unreadable" if not stamp else
-                           f"its stamp was written by an older ibscope ({stamp.get('ibscope_version', '?')})"), []
+                           f"its stamp has an older format (written by ibscope {stamp.get('ibscope_version', '?')})"), []
         if stamp.get("ibscope_version") != __version__:
             return False, f"ibscope version changed {stamp.get('ibscope_version')} -> {__version__}", []
         if stamp.get("config_hash") != cfg_hash:

@@ -313,6 +313,9 @@ def test_demo_holds_its_folder_lock(tmp_path):
         with pytest.raises(LockTimeout) as ei:
             run_demo(target, progress=False, quiet=True, lock_timeout=0)
         assert f"process {holder.pid}" in str(ei.value) and str(lock_path_for(target)) in str(ei.value)
+        r = CliRunner().invoke(app, ["demo", "-o", str(target), "--lock-timeout", "0", "-q"])
+        assert r.exit_code == 1 and f"The demo folder '{target}' is being written by process {holder.pid}" in " ".join(
+            r.output.split())
         assert not target.exists()  # refused before any run wrote its folder
     finally:
         holder.kill()

@@ -139,7 +139,7 @@ def test_version_format_and_unreadable_stamps_rerun(setup):
     assert setup.run()[1] == ("b", "ran", f"ibscope version changed 0.0.1 -> {__version__}")
     st = json.loads(p.read_text())
     p.write_text(json.dumps({k: v for k, v in st.items() if k not in ("format", "output_hashes")}))
-    assert setup.run()[1] == ("b", "ran", f"its stamp was written by an older ibscope ({__version__})")
+    assert setup.run()[1] == ("b", "ran", f"its stamp has an older format (written by ibscope {__version__})")
     p.write_text("{not json")
     assert setup.run()[1] == ("b", "ran", "its stamp is unreadable")
     assert [x[1] for x in setup.run()] == ["skipped", "skipped"]
