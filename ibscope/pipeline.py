@@ -1202,11 +1202,12 @@ class Pipeline:
             if out_dir.exists():
                 shutil.rmtree(out_dir)
             extra = {"skip_bad_shards": True} if self.cfg["skip_bad_shards"] else {}  # only when set (see estimate)
-            run_ood(stores[oc["fit"]], stores[oc["test"]], {n: stores[n] for n in oc["ood"]}, oc["layer"],
-                    detectors=oc["detectors"], reductions=oc["reductions"], checkpoint=oc["checkpoint"],
-                    out_dir=out_dir, device=self.device, progress=self.progress, seed=self.cfg["seed"],
-                    **extra, **oc["options"])
-            return [out_dir / "ood_metrics.json", out_dir]
+            doc = run_ood(stores[oc["fit"]], stores[oc["test"]], {n: stores[n] for n in oc["ood"]}, oc["layer"],
+                          detectors=oc["detectors"], reductions=oc["reductions"], checkpoint=oc["checkpoint"],
+                          out_dir=out_dir, device=self.device, progress=self.progress, seed=self.cfg["seed"],
+                          **extra, **oc["options"])
+            # every file of the output set: one missing or changed makes the stage run again
+            return [out_dir / "ood_metrics.json", *(out_dir / f for f in doc["output_set"]["files"]), out_dir]
 
         used = [stores[oc["fit"]], stores[oc["test"]], *(stores[n] for n in oc["ood"])]
         self.runner(Stage("ood", {"ood": oc, "skip_bad_shards": self.cfg["skip_bad_shards"]}, used, ["capture"], run, label=f"ood ({self.cfg['name']})"))

@@ -246,16 +246,12 @@ def _provenance(res: Results, rows: list[dict]) -> str:
 
 def load_ood(path: str | os.PathLike) -> dict:
     """Read and check the ``ood_metrics.json`` written by ``ibscope ood`` (DataError if malformed)."""
+    from ibscope.ood.runner import JSON_NAME, read_metrics
+
     p = Path(path)
     if p.is_dir():
-        p = p / "ood_metrics.json"
-    if not p.exists():
-        raise DataError(f"OOD results file not found: '{p}'.",
-                        hint="Pass the ood_metrics.json (or its folder) written by `ibscope ood ... -o DIR`.")
-    try:
-        doc = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"OOD results file '{p}' is not valid JSON: {exc}.") from None
+        p = p / JSON_NAME
+    doc = read_metrics(p)  # refuses an incomplete output set (a killed `ibscope ood`)
     if not isinstance(doc, dict) or not isinstance(doc.get("results"), list):
         got = type(doc).__name__ if not isinstance(doc, dict) else f"keys {sorted(doc)[:8]}"
         raise DataError(f"OOD results file '{p}' must be a JSON object with a 'results' list. Got {got}.",

@@ -227,6 +227,7 @@ def capture(
     resume: bool = False,
     overwrite: bool = False,
     trust_checkpoint: bool = False,
+    safe_globals: list | None = None,
     progress: bool = True,
     sample_seed: int | None = None,
     allow_nonfinite: bool = False,
@@ -244,14 +245,16 @@ def capture(
     :mod:`ibscope.capture.hooks`). ``max_samples``: the first N probe samples, or a subset drawn
     with ``sample_seed``. ``dtype``: storage dtype, ``float32`` or ``float16`` (a layer whose values
     exceed float16's range is kept as float32 for that checkpoint, with a warning). Non-finite
-    activations raise :class:`~ibscope.errors.DataError` unless ``allow_nonfinite``. Returns the
-    store directory.
+    activations raise :class:`~ibscope.errors.DataError` unless ``allow_nonfinite``.
+    ``safe_globals``: classes (or ``"module.Class"`` strings) allowed when loading checkpoints
+    with ``weights_only=True``, besides the numpy scalar/array globals allowed by default;
+    ``trust_checkpoint`` (full unpickling) is the last resort. Returns the store directory.
     """
     import torch
 
     from ibscope.capture.hooks import CaptureEngine
     from ibscope.capture.loading import (discover_checkpoints, load_checkpoint_into, model_spec_id,
-                                         resolve_factory)
+                                         resolve_factory, resolve_safe_globals)
     from ibscope.capture.probe import load_probe
     from ibscope.store import StoreWriter
 
@@ -266,6 +269,7 @@ def capture(
     if resume and overwrite:
         raise UsageError("--resume and --overwrite exclude each other.",
                          hint="--resume keeps what was captured; --overwrite starts again from nothing.")
+    allowed = resolve_safe_globals(safe_globals)  # a name that cannot be imported: usage error before any work
     out = Path(out)
     _check_out_dir(out, resume, overwrite)
     dev = resolve_device(device)
@@ -284,7 +288,7 @@ def capture(
         model_id = model_spec_id(model)
     net = build()
     pr = load_probe(probe, max_samples=max_samples, sample_seed=sample_seed)
-    ckpts = discover_checkpoints(checkpoints, trust_checkpoint=trust_checkpoint)
+    ckpts = discover_checkpoints(checkpoints, trust_checkpoint=trust_checkpoint, safe_globals=allowed)
     if console is not None:
         show_plan(ckpts, console)
     net.to(dev).eval()
@@ -331,7 +335,7 @@ def capture(
             t_b = prog.add_task("batches", total=n_batches)
         for ck in todo:
             stop.check()
-            info = load_checkpoint_into(net, ck, trust_checkpoint=trust_checkpoint)
+            info = load_checkpoint_into(net, ck, trust_checkpoint=trust_checkpoint, safe_globals=allowed)
             net.eval()
             with writer.checkpoint(epoch=ck.epoch, step=ck.step, path=str(ck.path), sha256=ck.sha256,
                                    metrics=ck.metrics) as shard:

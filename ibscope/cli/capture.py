@@ -78,8 +78,11 @@ def register(app: typer.Typer) -> None:
         resume: bool = typer.Option(False, "--resume", help="Capture only checkpoints missing from an existing store "
                                     "(refused if it was made from other data, layers or settings)."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store."),
-        trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="Allow checkpoints that need full "
-                                              "unpickling (can run arbitrary code: only for files you trust)."),
+        trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="Last resort: load checkpoints with "
+                                              "full unpickling (can run arbitrary code: only for files you trust)."),
+        safe_globals: Optional[List[str]] = typer.Option(None, "--safe-globals", help="Allow one more class (import "
+                                                         "path module.Class) in checkpoints loaded safely; repeatable. "
+                                                         "numpy scalars, arrays and dtypes are allowed by default."),
         allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Store NaN/inf activations instead of "
                                              "stopping with exit code 4."),
         compression: str = typer.Option("lzf", "--compression", help="HDF5 compression: lzf (h5py's filter, "
@@ -91,8 +94,9 @@ def register(app: typer.Typer) -> None:
 
         Writes one HDF5 shard per checkpoint under OUT/checkpoints/ (complete or absent, even after
         a crash) and OUT/manifest.h5 with sample ids, labels and the layer list. Exit codes:
-        0 ok, 1 error, 2 usage (bad option, unknown layer), 4 bad data (checkpoint/key mismatch,
-        unsafe pickle, NaN activations, foreign store).
+        0 ok, 1 error, 2 usage (bad option, unknown layer, --safe-globals name that cannot be imported),
+        4 bad data (checkpoint/key mismatch, classes not allowed for safe loading, NaN activations,
+        foreign store).
 
         Example: ibscope capture -m mynet.py:Net -c 'runs/exp1/*.pt' -p probe.npz -l 'type:Linear' -o acts
         """
@@ -103,7 +107,8 @@ def register(app: typer.Typer) -> None:
             model, checkpoints, probe, list(layers), out, model_args=_model_args(model_args), reduce=_parse_reduce(reduce),
             max_samples=max_samples, sample_seed=sample_seed, batch_size=batch_size, device=device, dtype=dtype,
             jacobian_samples=jacobian_samples, store_inputs=store_inputs, split=split, run=run, resume=resume,
-            overwrite=overwrite, trust_checkpoint=trust_checkpoint, allow_nonfinite=allow_nonfinite,
+            overwrite=overwrite, trust_checkpoint=trust_checkpoint, safe_globals=list(safe_globals or []),
+            allow_nonfinite=allow_nonfinite,
             compression=compression, progress=not quiet,
         )
         if not quiet:
@@ -126,6 +131,8 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(4, "--batch-size", "-b", help="Samples in the dry-run batch."),
         device: str = typer.Option("cpu", "--device", help="auto, cpu or cuda:N."),
         trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="Allow full unpickling of --checkpoint."),
+        safe_globals: Optional[List[str]] = typer.Option(None, "--safe-globals", help="Allow one more class "
+                                                         "(module.Class) in --checkpoint; repeatable."),
         as_json: bool = typer.Option(False, "--json", help="Print the listing as JSON on stdout."),
     ) -> None:
         """List the model's modules in execution order with output shapes and calls per forward.
@@ -145,7 +152,7 @@ def register(app: typer.Typer) -> None:
             raise UsageError(f"--batch-size must be >= 1. Got {batch_size}.")
         net = resolve_factory(model, _model_args(model_args))()
         if checkpoint is not None:
-            load_checkpoint_into(net, checkpoint, trust_checkpoint=trust_checkpoint)
+            load_checkpoint_into(net, checkpoint, trust_checkpoint=trust_checkpoint, safe_globals=safe_globals)
         dev = resolve_device(device)
         net.to(dev).eval()
         pr = load_probe(probe, max_samples=batch_size)

@@ -50,6 +50,10 @@ class Compressed(Estimator):
     reference: ClassVar[str] = "Butakov, Tolmachev, Malanchuk, Neopryatnaya, Frolov & Andreev 2024, ICLR, arXiv:2305.08013"
     x_source: ClassVar[str] = "inputs"
 
+    def scale_invariant(self, arg: str) -> str | None:
+        # PCA keeps directions under one scale; the KSG step z-scores
+        return "global"
+
     def validate(self) -> None:
         self._require(isinstance(self.latent_dim, int) and self.latent_dim >= 1, "latent_dim", "an integer >= 1",
                       self.latent_dim)

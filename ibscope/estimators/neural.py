@@ -55,6 +55,10 @@ class InfoNCE(Estimator):
     reference: ClassVar[str] = "van den Oord, Li & Vinyals 2018, arXiv:1807.03748; Poole et al. 2019, ICML"
     x_source: ClassVar[str] = "inputs"
 
+    def scale_invariant(self, arg: str) -> str | None:
+        # continuous inputs are z-scored per column before the critic sees them
+        return "column"
+
     def validate(self) -> None:
         for p in ("steps", "batch_size", "hidden", "embed"):
             v = getattr(self, p)

@@ -10,15 +10,21 @@ ID test set.
 
 Outputs under ``out_dir``: ``ood_metrics.json`` (metrics + fitted settings + provenance),
 ``ood_scores.h5`` (per-sample scores), ``figures/*.png`` and ``report.md`` / ``report.html``.
+They form one set: the old ``ood_metrics.json`` is removed before anything else is written and
+the new one is written last, listing the SHA-256 of every other file (``output_set``). A run
+killed part-way leaves no ``ood_metrics.json``, and the readers (:func:`read_scores`,
+``ibscope report --ood``) refuse a folder whose files do not match it (:func:`check_output_set`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import re
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -33,6 +39,7 @@ JSON_NAME = "ood_metrics.json"
 SCORES_NAME = "ood_scores.h5"
 FORMAT = "ibscope-ood"
 FORMAT_VERSION = 1
+SET_KEY = "output_set"
 RESERVED = ("fit", "val", "test")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
@@ -132,8 +139,100 @@ def config_id(detector: str, reduction: str, k: int | None) -> str:
 
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------
+# the outputs as one set: ood_metrics.json is the completion marker, written last
+def _check_out_dir(out: Path) -> None:
+    """``out`` must be a folder, new or existing: a file there (or above it) is a usage error."""
+    for p in [out, *out.parents]:
+        if p.exists():
+            if not p.is_dir():
+                where = "is a file" if p == out else f"lies inside '{p}', which is a file"
+                raise UsageError(
+                    f"--out '{out}' {where}; ibscope ood writes a folder ({JSON_NAME}, {SCORES_NAME}, figures/, "
+                    "report.md, report.html).", hint="Choose a new folder name (or an existing folder).")
+            return
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _begin_set(out: Path) -> None:
+    """Remove the completion marker of a previous run (and our own leftovers) before writing."""
+    (out / JSON_NAME).unlink(missing_ok=True)
+    for name in (JSON_NAME, SCORES_NAME, "report.md", "report.html"):
+        (out / (name + ".tmp")).unlink(missing_ok=True)
+    figdir = out / "figures"
+    if figdir.is_dir():
+        for p in figdir.glob("*.tmp.png"):
+            p.unlink(missing_ok=True)
+
+
+def _set_record(out: Path, files: Sequence[str]) -> dict[str, Any]:
+    return {"id": uuid.uuid4().hex, "complete": True,
+            "files": {f: {"bytes": (out / f).stat().st_size, "sha256": _sha256(out / f)} for f in files}}
+
+
+def _incomplete(folder: Path, why: str) -> DataError:
+    return DataError(f"'{folder}' does not hold a complete `ibscope ood` output: {why}",
+                     hint="Re-run the same `ibscope ood` command into that folder; it replaces what is there.")
+
+
+def check_output_set(json_path: str | os.PathLike, doc: Mapping[str, Any]) -> None:
+    """Check that the files ``doc`` (the parsed ``ood_metrics.json``) lists are there, unchanged.
+
+    Raises :class:`DataError` (exit code 4) naming the first file that is missing or differs.
+    A JSON without an ``output_set`` record (written by another tool or an older ibscope, which
+    also wrote it last) is accepted as it is.
+    """
+    folder = Path(json_path).parent
+    rec = doc.get(SET_KEY)
+    if rec is None:
+        return
+    files = rec.get("files") if isinstance(rec, dict) else None
+    if not isinstance(files, dict) or not rec.get("complete"):
+        raise _incomplete(folder, f"the '{SET_KEY}' record of {JSON_NAME} is malformed.")
+    for rel, meta in files.items():
+        p = folder / rel
+        if not isinstance(meta, dict) or not p.is_file():
+            raise _incomplete(folder, f"{JSON_NAME} lists '{rel}', which is missing.")
+        if p.stat().st_size != meta.get("bytes") or _sha256(p) != meta.get("sha256"):
+            raise _incomplete(folder, f"'{rel}' is not the file {JSON_NAME} was written with (size or SHA-256 "
+                                      "differs): the folder mixes the outputs of two runs, or the file was changed.")
+
+
+def read_metrics(path: str | os.PathLike) -> dict[str, Any]:
+    """Read ``ood_metrics.json`` (or the folder holding it) and check that its output set is complete."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / JSON_NAME
+    if not p.is_file():
+        folder = p.parent
+        if (folder / SCORES_NAME).exists() or (folder / (SCORES_NAME + ".tmp")).exists():
+            raise _incomplete(folder, f"it has {SCORES_NAME} but no {JSON_NAME}, which `ibscope ood` writes last; "
+                                      "the run that wrote it did not finish.")
+        raise DataError(f"OOD results file not found: '{p}'.",
+                        hint="Pass the ood_metrics.json (or its folder) written by `ibscope ood ... -o DIR`.")
+    try:
+        doc = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"OOD results file '{p}' is not valid JSON: {exc}.") from None
+    if not isinstance(doc, dict):
+        raise DataError(f"OOD results file '{p}' must be a JSON object with a 'results' list. Got {type(doc).__name__}.",
+                        hint="Use the ood_metrics.json written by `ibscope ood`.")
+    check_output_set(p, doc)
+    return doc
 
 
 # --------------------------------------------------------------------------------------------
@@ -205,6 +304,7 @@ def run_ood(
     dev = resolve_device(device)
     mem = parse_bytes(memory_limit)
     out = Path(out_dir)
+    _check_out_dir(out)
 
     # ---- stores ---------------------------------------------------------------------------
     stores = {"fit": _open(fit, "fit"), "test": _open(test, "test")}
@@ -319,8 +419,9 @@ def run_ood(
             if ci == ckpts[-1]:
                 plot_data = {"feats": {r: feats[r] for r in ["fit", "test", *ood_names]}, "checkpoint": ci}
 
-    # ---- outputs --------------------------------------------------------------------------
+    # ---- outputs: one set, ood_metrics.json (the completion marker) removed first, written last
     out.mkdir(parents=True, exist_ok=True)
+    _begin_set(out)
     _write_scores(out / SCORES_NAME, score_store, layer)
     fig_paths: list[str] = []
     if figures:
@@ -358,10 +459,11 @@ def run_ood(
     doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "layer": layer, "results": results,
            "figures": fig_paths, "fitted": fitted, "scores_file": SCORES_NAME, "warnings": warnings_out,
            "provenance": provenance}
-    _atomic_write_text(out / JSON_NAME, json.dumps(_jsonable(doc), indent=1))
     from ibscope.ood.report import write_markdown_report
 
     write_markdown_report(out, doc)
+    doc[SET_KEY] = _set_record(out, [SCORES_NAME, *fig_paths, "report.md", "report.html"])
+    _atomic_write_text(out / JSON_NAME, json.dumps(_jsonable(doc), indent=1))  # last: the set is complete
     for w in warnings_out:
         log.warning(w)
     return doc
@@ -429,12 +531,22 @@ def _write_scores(path: Path, score_store: dict, layer: str) -> None:
 
 
 def read_scores(path: str | os.PathLike) -> dict[str, dict[str, dict[str, np.ndarray]]]:
-    """Read ``ood_scores.h5`` back: {checkpoint_key: {config_or_'sample_ids': {set: array}}}."""
+    """Read ``ood_scores.h5`` back: {checkpoint_key: {config_or_'sample_ids': {set: array}}}.
+
+    ``path``: the scores file or its folder. The ``ood_metrics.json`` next to it must list it
+    unchanged (a run killed before writing the JSON left an incomplete set): DataError otherwise.
+    """
     import h5py
 
     p = Path(path)
+    if p.is_dir():
+        p = p / SCORES_NAME
     if not p.exists():
         raise DataError(f"OOD scores file not found: '{p}'.")
+    doc = read_metrics(p.parent)
+    rec = doc.get(SET_KEY)
+    if isinstance(rec, dict) and p.name not in rec.get("files", {}):
+        raise _incomplete(p.parent, f"{JSON_NAME} there does not list '{p.name}' as one of its outputs.")
     try:
         f = h5py.File(p, "r")
     except OSError as exc:
