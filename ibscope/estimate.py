@@ -479,8 +479,6 @@ def run_estimate(
             if plan is None:
                 others.append(r)
                 continue
-            if r["estimator"] == METRICS:
-                continue  # re-read from the shards below
             ck = plan.ck_by_id.get(_ckpt_id(r.get("epoch"), r.get("step"), r.get("checkpoint")))
             if ck is None:
                 missing_ck.append(r)
@@ -503,14 +501,16 @@ def run_estimate(
             if plan.meta["needs_inputs"] and jobs == 1:
                 plan.meta["inputs"] = torch.from_numpy(np.ascontiguousarray(st.inputs(), dtype=np.float32))
             for ck in st.checkpoints:
-                for mname, mval in sorted((ck.metrics or {}).items()):
-                    new_rows.append(make_row(
+                for mname, mval in sorted((ck.metrics or {}).items()):  # read from the shard: cheap, no cell
+                    row = make_row(
                         run=plan.run, split=plan.split, checkpoint=ck.index, epoch=ck.epoch, step=ck.step, layer="-",
                         estimator=METRICS, quantity=mname, value=float(mval), unit=metric_unit(mname), n_samples=None,
                         params={}, key=cell_key(config_hash=st.config_hash, probe_hash=st.probe_hash,
                                                 checkpoint_sha256=ck.sha256, layer="-", estimator=METRICS,
-                                                quantity=mname, params={}, code=codes.get(METRICS) or
-                                                code_version(METRICS))))
+                                                quantity=mname, params={}, code=code_version(METRICS)))
+                    planned.add(_cell_key(row))
+                    if force or _cell_key(row) not in valid:
+                        new_rows.append(row)
                 for layer in plan.layers:
                     base = dict(run=plan.run, split=plan.split, checkpoint=ck.index, epoch=ck.epoch, step=ck.step,
                                 layer=layer)
@@ -534,7 +534,8 @@ def run_estimate(
         except KeyboardInterrupt:
             interrupted = True
         fresh = {_cell_key(r) for r in new_rows}
-        dropped_stale = [r for r in stale if _cell_key(r) not in planned]
+        # stale rows this run does not recompute (a stale metrics row: the checkpoint no longer logs it)
+        dropped_stale = [r for r in stale if _cell_key(r) not in planned and r["estimator"] != METRICS]
         rows = others + [r for k, r in valid.items() if k not in fresh] + new_rows
         order = {c: i for i, c in enumerate(["I(X;T)", "I(T;Y)"])}
         rows.sort(key=lambda r: (r["run"], r["split"], r["checkpoint"] if r["checkpoint"] is not None else -1,
@@ -576,7 +577,7 @@ def run_estimate(
             "key": "cell_key(config_hash, probe_hash, checkpoint_sha256, layer, estimator, quantity, params, "
                    "code_version): sha256 of their canonical JSON, 16 hex digits (ibscope.estimate.cell_key)",
             "cells_computed": len(cells), "rows_kept_from_existing": len(rows) - len(new_rows),
-            "rows_recomputed_stale": len(stale) - len(dropped_stale),
+            "rows_recomputed_stale": sum(_cell_key(r) in planned for r in stale),
             "rows_dropped_stale": len(dropped_stale),
             "dropped_stale_estimators": sorted({r["estimator"] for r in dropped_stale}),
             "rows_dropped_missing_checkpoint": len(missing_ck),

@@ -44,6 +44,7 @@ empty value without a note, or a unit outside the known set is a :class:`DataErr
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -154,7 +155,8 @@ class Results:
 
 
 def make_row(**kw: Any) -> dict[str, Any]:
-    """A row with every column present (missing ones None; run/split defaulted; key and note '')."""
+    """A row with every column present, as :func:`read_results` returns it: missing numbers None,
+    run/split defaulted, params {} and dims, key and note '' when not given."""
     unknown = set(kw) - set(COLUMNS)
     if unknown:
         raise ValueError(f"Unknown result columns: {sorted(unknown)}")
@@ -162,8 +164,8 @@ def make_row(**kw: Any) -> dict[str, Any]:
     row["run"] = row["run"] or "run"
     row["split"] = row["split"] or "probe"
     row["params"] = row["params"] or {}
-    row["key"] = row["key"] or ""
-    row["note"] = row["note"] or ""
+    for c in ("dims", "key", "note"):  # text columns read back as "" when empty
+        row[c] = row[c] or ""
     return row
 
 
@@ -196,37 +198,41 @@ def _read_one(p: Path, allow_empty: bool) -> tuple[list[dict], dict | None]:
     this = _read_provenance(p)
     plugin_units = (this or {}).get("plugin_units") or {}
     units = set(KNOWN_UNITS) | (set(plugin_units) if isinstance(plugin_units, dict) else set())
-    rows: list[dict] = []
     try:
         with open(p, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            header = reader.fieldnames or []
-            missing = [c for c in REQUIRED_COLUMNS if c not in header]
-            if missing:
-                shown = header if len(header) <= 20 and all(len(str(h)) < 40 for h in header) else "(not a CSV header)"
-                raise _not_a_table(p, f"missing column(s) {missing}. Got columns {shown}")
-            for i, raw in enumerate(reader, start=2):
-                where = f"{p}:{i}"
-                if None in raw:  # more fields than the header names
-                    raise DataError(f"{where}: the line has {len(header) + len(raw[None])} fields; the header names "
-                                    f"{len(header)}.")
-                row = {c: _parse(c, raw.get(c) or "", where) for c in COLUMNS}
-                row["run"] = row["run"] or "run"
-                row["split"] = row["split"] or "probe"
-                row["note"] = row["note"].strip()
-                if row["value"] is None and not row["note"]:
-                    raise DataError(f"{where}: empty 'value' and no 'note' saying why.",
-                                    hint="A cell that could not be estimated has an empty value and a note; "
-                                         "any other row needs a number.")
-                if row["unit"] not in units:
-                    raise DataError(
-                        f"{where}: unknown unit {row['unit']!r}. Expected one of: {', '.join(sorted(units))}.",
-                        hint="Units are written by `ibscope estimate`; a table edited by hand or by another "
-                             "tool may have renamed them.")
-                rows.append(row)
+            text = f.read()
     except UnicodeDecodeError as exc:
         raise _not_a_table(p, f"it is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})") \
             from None
+    if "\x00" in text:
+        raise _not_a_table(p, f"it contains NUL bytes (offset {text.index(chr(0))}): a binary file, not CSV text")
+    rows: list[dict] = []
+    try:
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        header = reader.fieldnames or []
+        missing = [c for c in REQUIRED_COLUMNS if c not in header]
+        if missing:
+            shown = header if len(header) <= 20 and all(len(str(h)) < 40 for h in header) else "(not a CSV header)"
+            raise _not_a_table(p, f"missing column(s) {missing}. Got columns {shown}")
+        for i, raw in enumerate(reader, start=2):
+            where = f"{p}:{i}"
+            if None in raw:  # more fields than the header names
+                raise DataError(f"{where}: the line has {len(header) + len(raw[None])} fields; the header names "
+                                f"{len(header)}.")
+            row = {c: _parse(c, raw.get(c) or "", where) for c in COLUMNS}
+            row["run"] = row["run"] or "run"
+            row["split"] = row["split"] or "probe"
+            row["note"] = row["note"].strip()
+            if row["value"] is None and not row["note"]:
+                raise DataError(f"{where}: empty 'value' and no 'note' saying why.",
+                                hint="A cell that could not be estimated has an empty value and a note; "
+                                     "any other row needs a number.")
+            if row["unit"] not in units:
+                raise DataError(
+                    f"{where}: unknown unit {row['unit']!r}. Expected one of: {', '.join(sorted(units))}.",
+                    hint="Units are written by `ibscope estimate`; a table edited by hand or by another "
+                         "tool may have renamed them.")
+            rows.append(row)
     except csv.Error as exc:
         raise _not_a_table(p, f"it is not CSV text ({exc})") from None
     if not rows and not allow_empty:
