@@ -374,10 +374,7 @@ def _as_results(obj: Any, what: str) -> Results:
         if Path(p).is_dir():
             raise DataError(f"The {what} results path '{p}' is a directory; expected a results CSV file.",
                             hint="Pass the -o file of `ibscope estimate` (e.g. results.csv).")
-    try:
-        return read_results(paths[0] if len(paths) == 1 else paths)
-    except UnicodeDecodeError:
-        raise DataError(f"The {what} results file is not a text (CSV) file: {', '.join(map(str, paths))}.") from None
+    return read_results(paths[0] if len(paths) == 1 else paths)  # not UTF-8 CSV text: a DataError naming the file
 
 
 def _sources(obj: Any, res: Results) -> list[str]:

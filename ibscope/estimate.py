@@ -48,7 +48,7 @@ from typing import Any, Iterable
 from ibscope._locks import DEFAULT_LOCK_TIMEOUT, check_timeout, writer_lock
 from ibscope._version import __version__
 from ibscope.errors import DataError, IbscopeError, PluginError, UsageError, unknown_name
-from ibscope.results import KNOWN_UNITS, Results, make_row, provenance_path, read_results, write_results
+from ibscope.results import KNOWN_UNITS, Results, make_row, read_results, write_results
 
 log = logging.getLogger(__name__)
 
@@ -227,6 +227,8 @@ def _compute_cell(st, ck, layer: str, specs: list[tuple[str, dict, str | None]],
                     e = fn()
             except DataError as exc:
                 note = f"{name} {quantity} not estimated at {where}: {_reason(exc, name, argnames)}"
+                if exc.hint:
+                    note += " Hint: " + " ".join(exc.hint.split())
                 rows.append(make_row(**common, estimator=name, quantity=quantity, value=None, unit=cls.unit,
                                      n_samples=meta["n_samples"], params=p, key=key(quantity, p), note=note))
                 return
@@ -546,9 +548,11 @@ def run_estimate(
         # -------------------------------------------------------- provenance
         store_prov = [_store_entry(p) for p in plans]
         other_groups = list(dict.fromkeys((r["run"], r["split"]) for r in others))
-        old_stores = [e for e in (old_prov.get("stores") or []) if isinstance(e, dict)]
+        old_stores = [e for src in [old_prov, *(x for x in old_prov.get("parts") or [] if isinstance(x, dict))]
+                      for e in (src.get("stores") or []) if isinstance(e, dict)]  # `ibscope run` writes parts
         for g in other_groups:
-            got = [e for e in old_stores if (e.get("run"), e.get("split")) == g]
+            got = list({json.dumps(e, sort_keys=True, default=str): e for e in old_stores
+                        if (e.get("run"), e.get("split")) == g}.values())
             store_prov += got or [{"run": g[0], "split": g[1], "path": None,
                                    "note": "rows kept from an earlier results file whose provenance did not "
                                            "describe their store"}]

@@ -6,7 +6,6 @@ subprocess, on tiny models captured in the test."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess

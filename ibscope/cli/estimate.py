@@ -120,16 +120,16 @@ def register(app) -> None:
         """Estimate I(X;T), I(T;Y) and registered single-layer measures for every checkpoint x layer.
 
         Writes one row per checkpoint x layer x estimator x quantity (values in nats) to a CSV.
-        Incremental: a row already in the output is kept only while its content key (store
-        config and probe hashes, checkpoint sha256, layer, estimator, parameters, ibscope
-        version) matches the store; anything else that is selected is recomputed (--force
-        recomputes everything selected). A cell that cannot be estimated for a data reason
-        (e.g. a dead ReLU layer) gets an empty value and a note; the other cells are still
-        computed and the run exits 0 unless --strict.
 
-        Exit codes: 0 ok (noted cells are summarised on stderr), 1 I/O error or the results file
-        locked by another writer past --lock-timeout, 2 usage, 4 bad data (or noted cells with
-        --strict), 5 plug-in failure.
+        Incremental: a row already in the output is kept while its content key matches the store
+        (config and probe hashes, checkpoint sha256, layer, estimator, parameters, ibscope version).
+        Other selected cells are computed; --force recomputes all of them.
+
+        One cell, one failure: a cell that cannot be estimated for a data reason (e.g. a dead ReLU
+        layer) gets an empty value and a note; the other cells are still computed.
+
+        Exit codes: 0 ok (noted cells are summarised on stderr), 1 I/O error or lock still held
+        after --lock-timeout, 2 usage, 4 bad data (or noted cells with --strict), 5 plug-in failure.
 
         Example: ibscope estimate acts/ -o results.csv -e binning -e ksg --param binning.n_bins=30
         """
