@@ -412,3 +412,50 @@ def test_skip_bad_shards_is_passed_to_open_store(two_runs, tmp_path, monkeypatch
     assert prov["stores"][0]["skipped_shards"] == [{"file": "checkpoints/e000009_s0000000000_abc.h5",
                                                     "reason": "truncated"}]
     assert prov["config"]["skip_bad_shards"] is True
+
+
+def test_plugin_estimator_notes_units_and_crashes(two_runs, tmp_path, monkeypatch):
+    """A plug-in's data error is a note like any other (its 'x' called T); its own unit is
+    declared in the provenance so the table reads back; any other exception stays exit 5."""
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from ibscope.errors import PluginError
+    from ibscope.estimators import registry
+    from ibscope.estimators.base import Estimator, as_tensor
+
+    @dataclass(frozen=True)
+    class Flaky(Estimator):
+        mode: str = "ok"
+        name: ClassVar[str] = "test-flaky"
+        kind: ClassVar[str] = "single"
+        quantity: ClassVar[str] = "flakiness"
+        unit: ClassVar[str] = "furlongs"
+
+        def estimate(self, x):
+            t = as_tensor(x, name="x", estimator=self.name)
+            if self.mode == "crash":
+                raise RuntimeError("boom")
+            if self.mode == "data":
+                raise DataError(f"{self.name}: 'x' is too dull to measure.")
+            return self._make(float(t.abs().mean()), n=t.shape[0], dims=(t.shape[1],))
+
+    registry.available()
+    monkeypatch.setitem(registry._REGISTRY, "test-flaky", Flaky)
+    monkeypatch.setitem(registry._SOURCES, "test-flaky", "plug-in tests:Flaky")
+    acts = two_runs / "acts_a"
+    res = run_estimate(acts, tmp_path / "ok.csv", ["test-flaky"], progress=False)
+    st = open_store(acts)
+    got = res.filter(estimator="test-flaky", epoch=1, layer=st.layers[0]).rows[0]
+    assert got["unit"] == "furlongs" and got["value"] == pytest.approx(float(np.abs(st.activations(1, st.layers[0])).mean()))
+    assert res.provenance["plugin_units"] == {"furlongs": ["test-flaky"]}
+    assert "plug-in tests:Flaky" in res.provenance["estimators"]["test-flaky"]["code_version"]
+    assert read_results(tmp_path / "ok.csv").rows == res.rows
+    noted = run_estimate(acts, tmp_path / "data.csv", ["test-flaky"], {"test-flaky": {"mode": "data"}},
+                         progress=False).filter(estimator="test-flaky").rows
+    assert len(noted) == 6 and all(r["value"] is None for r in noted)
+    assert noted[0]["note"] == (f"test-flaky flakiness not estimated at layer '{noted[0]['layer']}', checkpoint 0 "
+                                f"(epoch 0): T is too dull to measure.")
+    with pytest.raises(PluginError, match="plug-in estimator 'test-flaky' failed on flakiness: RuntimeError: boom") as ei:
+        run_estimate(acts, tmp_path / "crash.csv", ["test-flaky"], {"test-flaky": {"mode": "crash"}}, progress=False)
+    assert ei.value.exit_code == 5 and not (tmp_path / "crash.csv").exists()
