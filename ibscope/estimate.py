@@ -467,7 +467,7 @@ def run_estimate(
     with writer_lock(out, what="results file", timeout=lock_timeout):
         existing: list[dict] = []
         old_prov: dict = {}
-        if out.exists():
+        if out.exists() and out.stat().st_size > 0:  # an empty file (e.g. made by `touch`) is an empty table
             old = read_results(out, allow_empty=True)
             existing, old_prov = old.rows, old.provenance or {}
 
