@@ -220,8 +220,16 @@ def _short(v: Any) -> str:
 
 
 def slug(text: str) -> str:
-    """File-name-safe form: 'I(X;T)' -> 'I_X_T'."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(text)).strip("_") or "x"
+    """File-name-safe form: 'I(X;T)' -> 'I_X_T'.
+
+    Only letters, digits, '_', '.' and '-'; no leading or trailing '.' or '_' (so never '..' or a
+    hidden file); names from results files (split, quantity, estimator) longer than 80 characters
+    end in a hash of the full text, so that file names stay short and distinct.
+    """
+    s = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(text)).strip("_.") or "x"
+    if len(s) > 80:
+        s = s[:71] + "_" + hashlib.sha1(str(text).encode()).hexdigest()[:8]
+    return s
 
 
 def side_note(rows: Iterable[dict]) -> str:
