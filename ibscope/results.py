@@ -23,6 +23,12 @@ cap            theoretical cap in ``unit`` (e.g. log n for plug-in I(X;T)) or em
 n_samples      samples used
 dims           feature dims used, e.g. "12" or "12x10"
 params         JSON object of the estimator's hyper-parameters
+null_mean      mean of the estimate over permutations of the rows of Y (or X): its value
+               under independence, in ``unit``; empty when no null was computed
+null_std       standard deviation of that permutation null, in ``unit``
+p_value        (1 + #{null >= value}) / (N + 1) over N permutations; empty without a null
+saturated      true when the value lies within 1 % of its cap (the estimator cannot see
+               more at this n and width), false when it does not, empty without a cap
 key            content key of the row (``ibscope.estimate.cell_key``): a hash of the
                store's config hash and probe hash, the checkpoint's sha256, the layer, the
                estimator, quantity and parameters, and the estimator code version. An
@@ -58,7 +64,8 @@ RESULTS_FORMAT = "ibscope-results"
 RESULTS_VERSION = 1
 COLUMNS = [
     "run", "split", "checkpoint", "epoch", "step", "layer", "layer_index", "estimator", "quantity",
-    "value", "unit", "stderr", "cap", "n_samples", "dims", "params", "key", "note",
+    "value", "unit", "stderr", "cap", "n_samples", "dims", "params",
+    "null_mean", "null_std", "p_value", "saturated", "key", "note",
 ]
 INFO_UNITS = ("nats", "bits")
 #: every unit ibscope writes: information (nats, bits), the geometry measures' "dimensions"
@@ -69,7 +76,10 @@ KNOWN_UNITS = ("nats", "bits", "dimensions", "exponent", "ratio", "value")
 #: columns a file must have to be read as a results table (older tables lack key and note)
 REQUIRED_COLUMNS = ("layer", "estimator", "quantity", "value", "unit")
 _INT = {"checkpoint", "epoch", "step", "layer_index", "n_samples"}
-_FLOAT = {"value", "stderr", "cap"}
+_FLOAT = {"value", "stderr", "cap", "null_mean", "null_std", "p_value"}
+_BOOL = {"saturated"}
+#: columns in the unit of ``value`` (converted together between nats and bits)
+VALUE_COLUMNS = ("value", "stderr", "cap", "null_mean", "null_std")
 
 
 def provenance_path(path: str | os.PathLike) -> Path:
@@ -92,6 +102,15 @@ def _parse(col: str, raw: str, where: str) -> Any:
             return float(raw)
         except ValueError:
             raise DataError(f"{where}: column '{col}' must be a number. Got {raw!r}.") from None
+    if col in _BOOL:
+        low = raw.strip().lower()
+        if low == "":
+            return None
+        if low in ("true", "1"):
+            return True
+        if low in ("false", "0"):
+            return False
+        raise DataError(f"{where}: column '{col}' must be true, false or empty. Got {raw!r}.")
     if col == "params":
         try:
             return json.loads(raw) if raw else {}
@@ -107,6 +126,8 @@ def _fmt(col: str, v: Any) -> str:
         return json.dumps(v, sort_keys=True, default=str)
     if col in _FLOAT:
         return repr(float(v))
+    if col in _BOOL:
+        return "true" if v else "false"
     return str(v)
 
 
@@ -146,7 +167,7 @@ class Results:
             r = dict(r)
             if r["unit"] in INFO_UNITS and r["unit"] != unit:
                 f = math.log(2) if r["unit"] == "bits" else 1 / math.log(2)
-                for c in ("value", "stderr", "cap"):
+                for c in VALUE_COLUMNS:
                     if r.get(c) is not None:
                         r[c] = r[c] * f
                 r["unit"] = unit
