@@ -9,12 +9,14 @@ discrete and are used as they are.
 
 Values outside an explicit range go into the first or last bin (they are never wrapped
 around, unlike the reference code's ``digitize`` on a fixed [-1, 1] grid); how many did so
-is reported in ``Estimate.extra["n_outside"]``.
+is reported in ``Estimate.extra["n_outside"]`` and in a warning (``ibscope estimate`` puts it
+in the row's note).
 """
 
 from __future__ import annotations
 
 import abc
+import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -32,29 +34,49 @@ class _BinningMixin:
     def _bin(self, t: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Bin the activations ``t``: (symbols per row, number of bins) (each concrete estimator defines it)."""
 
+    def _symbols(self, t: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """One symbol per row (codes) and the number of values clamped into an edge bin."""
+        if is_discrete(t):
+            return _mi.codes(t), 0
+        b, o = self._bin(t)
+        return _mi.codes(b), o
+
+    @staticmethod
+    def _mi_from(ha: float, hb: float, a: torch.Tensor, b: torch.Tensor) -> float:
+        mi = ha + hb - _mi.entropy_codes(_mi.joint_codes(a, b))
+        return max(mi, 0.0) if abs(mi) < 1e-12 else mi
+
     def estimate(self, x, y) -> Estimate:
         tx, ty = _mi.pair(self, x, y)
-        outside = 0
-        sym = []
-        for t in (tx, ty):
-            if is_discrete(t):
-                sym.append(_mi.codes(t))
-            else:
-                b, o = self._bin(t)
-                outside += o
-                sym.append(_mi.codes(b))
-        mi, ha, hb = _mi.plugin_mi(sym[0], sym[1])
+        (sx, ox), (sy, oy) = self._symbols(tx), self._symbols(ty)
+        ha, hb = _mi.entropy_codes(sx), _mi.entropy_codes(sy)
+        mi = self._mi_from(ha, hb, sx, sy)
         dx, dy = is_discrete(tx), is_discrete(ty)
         cap = None
         if dx != dy:  # the discrete side bounds the information: log n for ids, H(Y) for labels
             cap = ha if dx else hb
         elif dx and dy:
             cap = min(ha, hb)
+        for name, t, o in (("x", tx, ox), ("y", ty, oy)):
+            if o:
+                lo, hi = getattr(self, "range_min", None), getattr(self, "range_max", None)
+                warnings.warn(
+                    f"{self.name}: n_outside = {o} of {t.numel()} values of '{name}' ({100.0 * o / t.numel():.1f}%) lie outside "
+                    f"[range_min, range_max] = [{lo:g}, {hi:g}] and were clamped into the first or last bin "
+                    f"(observed range [{float(t.min()):.4g}, {float(t.max()):.4g}]).",
+                    RuntimeWarning, stacklevel=3)
         return self._make(
-            max(mi, 0.0) if abs(mi) < 1e-12 else mi, n=tx.shape[0], dims=(tx.shape[1], ty.shape[1]), cap=cap,
-            extra={"H_x": ha, "H_y": hb, "n_symbols_x": int(sym[0].max()) + 1,
-                   "n_symbols_y": int(sym[1].max()) + 1, "n_outside": outside},
+            mi, n=tx.shape[0], dims=(tx.shape[1], ty.shape[1]), cap=cap,
+            extra={"H_x": ha, "H_y": hb, "n_symbols_x": int(sx.max()) + 1,
+                   "n_symbols_y": int(sy.max()) + 1, "n_outside": ox + oy},
         )
+
+    def null_values(self, x, y, permutations) -> list[float]:
+        # the bins and both marginal entropies do not depend on the pairing: computed once
+        tx, ty = _mi.pair(self, x, y)
+        (sx, _), (sy, _) = self._symbols(tx), self._symbols(ty)
+        ha, hb = _mi.entropy_codes(sx), _mi.entropy_codes(sy)
+        return [self._mi_from(ha, hb, sx, sy[p.to(sy.device)]) for p in permutations]
 
 
 @register

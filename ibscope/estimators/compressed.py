@@ -9,6 +9,7 @@ if the compression keeps the dependence. The latent dimensions used are in extra
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -69,13 +70,28 @@ class Compressed(Estimator):
             return t
         return pca_project(t, self.latent_dim)
 
-    def estimate(self, x, y) -> Estimate:
+    def _reduced(self, x, y):
         tx, ty = _mi.pair(self, x, y)
         if is_discrete(tx) and is_discrete(ty):
             raise _mi.both_discrete_error(self)
         _mi.require_samples(self, tx.shape[0], self.k + 1, f"k={self.k} neighbours plus the point itself")
-        a, b = self._reduce(tx, "x"), self._reduce(ty, "y")
-        inner = KSG(k=self.k, algorithm=self.algorithm, seed=self.seed)
-        e = inner.estimate(a, b)
+        return tx, ty, self._reduce(tx, "x"), self._reduce(ty, "y")
+
+    def _inner(self) -> KSG:
+        return KSG(k=self.k, algorithm=self.algorithm, seed=self.seed)
+
+    def estimate(self, x, y) -> Estimate:
+        tx, ty, a, b = self._reduced(x, y)
+        with warnings.catch_warnings():  # integer-valued columns were reported by _reduce already
+            warnings.simplefilter("ignore", _mi.IntegerValuedWarning)
+            e = self._inner().estimate(a, b)
         return self._make(e.value, n=e.n_samples, dims=(tx.shape[1], ty.shape[1]), stderr=e.stderr, cap=e.cap,
                           extra={"latent_dims": [int(a.shape[1]), int(b.shape[1])], "inner": e.extra})
+
+    def on_constant(self, *tensors) -> str | None:
+        return "zero" if any(t.is_floating_point() for t in tensors) else None
+
+    def null_values(self, x, y, permutations) -> list[float]:
+        # PCA of permuted rows is the same projection: reduce once, then KSG's shared null
+        _, _, a, b = self._reduced(x, y)
+        return self._inner().null_values(a, b, permutations)

@@ -68,6 +68,15 @@ class InfoNCE(Estimator):
         self._require(isinstance(self.test_fraction, (int, float)) and 0 < self.test_fraction < 1,
                       "test_fraction", "strictly between 0 and 1", self.test_fraction)
 
+    def on_constant(self, *tensors) -> str | None:
+        return "zero" if any(t.is_floating_point() for t in tensors) else None
+
+    def _constant_cap(self, *tensors) -> float | None:
+        return math.log(self.batch_size)
+
+    def cap_name(self, quantity: str) -> str:
+        return "log batch"
+
     def _features(self, t: torch.Tensor, name: str) -> torch.Tensor:
         if is_discrete(t):
             c = _mi.codes(t)
