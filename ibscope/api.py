@@ -85,9 +85,7 @@ def mutual_information(x, y, method: str = "ksg", *, null_permutations: int = 0,
             labels = integral_float_labels(ty, "y", f"{method}: ")  # labels saved as 0.0/1.0
             if labels is not None:
                 y = labels
-    e = est.estimate(x, y)
-    if null_permutations:
-        e = with_null(est, x, y, null_permutations, null_seed, estimate=e)
+    e = with_null(est, x, y, null_permutations, null_seed) if null_permutations else est.estimate(x, y)
     if e.saturated:
         warnings.warn(
             f"{method}: the estimate {e.value:.4g} nats is within 1% of its cap {e.cap:.4g} nats (n = {e.n_samples}): "

@@ -20,6 +20,7 @@ import abc
 import dataclasses
 import functools
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -197,6 +198,18 @@ class Estimator(abc.ABC):
         Used by :func:`ibscope.estimators.nulls.with_null`.
         """
         return [float(self.estimate(x, y[p.to(y.device)]).value) for p in permutations]
+
+    def estimate_and_null(self, x, y, permutations) -> tuple[Estimate, list[float]]:
+        """The estimate of ``(x, y)`` and :meth:`null_values` for ``permutations``, in one call.
+
+        The default calls both; estimators override it when the estimate and the null share
+        work (binning bins once for both). Called by :func:`ibscope.estimators.nulls.with_null`
+        with converted, non-constant tensors; warnings of the null part are silenced there.
+        """
+        e = self.estimate(x, y)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return e, self.null_values(x, y, permutations)
 
     def _constant_cap(self, *tensors) -> float | None:
         """The cap of the estimate when an input is constant (see :meth:`on_constant`).

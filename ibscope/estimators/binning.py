@@ -16,6 +16,7 @@ in the row's note).
 from __future__ import annotations
 
 import abc
+import math
 import warnings
 from dataclasses import dataclass
 from typing import ClassVar
@@ -25,6 +26,11 @@ import torch
 from ibscope.estimators import _mi
 from ibscope.estimators.base import Estimate, Estimator, is_discrete
 from ibscope.estimators.registry import register
+
+
+#: largest contingency table (symbols of x times symbols of y times permutations) that the
+#: permutation null counts in one bincount; larger ones are counted permutation by permutation
+NULL_TABLE_CELLS = 2 ** 24
 
 
 class _BinningMixin:
@@ -47,9 +53,14 @@ class _BinningMixin:
         return max(mi, 0.0) if abs(mi) < 1e-12 else mi
 
     def estimate(self, x, y) -> Estimate:
+        return self._estimate(*self._prepared(x, y))
+
+    def _prepared(self, x, y):
         tx, ty = _mi.pair(self, x, y)
         (sx, ox), (sy, oy) = self._symbols(tx), self._symbols(ty)
-        ha, hb = _mi.entropy_codes(sx), _mi.entropy_codes(sy)
+        return tx, ty, sx, sy, ox, oy, _mi.entropy_codes(sx), _mi.entropy_codes(sy)
+
+    def _estimate(self, tx, ty, sx, sy, ox, oy, ha, hb) -> Estimate:
         mi = self._mi_from(ha, hb, sx, sy)
         dx, dy = is_discrete(tx), is_discrete(ty)
         cap = None
@@ -61,10 +72,10 @@ class _BinningMixin:
             if o:
                 lo, hi = getattr(self, "range_min", None), getattr(self, "range_max", None)
                 warnings.warn(
-                    f"{self.name}: n_outside = {o} of {t.numel()} values of '{name}' ({100.0 * o / t.numel():.1f}%) lie outside "
-                    f"[range_min, range_max] = [{lo:g}, {hi:g}] and were clamped into the first or last bin "
-                    f"(observed range [{float(t.min()):.4g}, {float(t.max()):.4g}]).",
-                    RuntimeWarning, stacklevel=3)
+                    f"{self.name}: n_outside = {o} of {t.numel()} values of '{name}' ({100.0 * o / t.numel():.1f}%) "
+                    f"lie outside [range_min, range_max] = [{lo:g}, {hi:g}] and were clamped into the first or last "
+                    f"bin (observed range [{float(t.min()):.4g}, {float(t.max()):.4g}]).",
+                    RuntimeWarning, stacklevel=4)
         return self._make(
             mi, n=tx.shape[0], dims=(tx.shape[1], ty.shape[1]), cap=cap,
             extra={"H_x": ha, "H_y": hb, "n_symbols_x": int(sx.max()) + 1,
@@ -72,11 +83,27 @@ class _BinningMixin:
         )
 
     def null_values(self, x, y, permutations) -> list[float]:
-        # the bins and both marginal entropies do not depend on the pairing: computed once
-        tx, ty = _mi.pair(self, x, y)
-        (sx, _), (sy, _) = self._symbols(tx), self._symbols(ty)
-        ha, hb = _mi.entropy_codes(sx), _mi.entropy_codes(sy)
-        return [self._mi_from(ha, hb, sx, sy[p.to(sy.device)]) for p in permutations]
+        _, _, sx, sy, _, _, ha, hb = self._prepared(x, y)
+        return self._null(sx, sy, ha, hb, permutations)
+
+    def estimate_and_null(self, x, y, permutations):
+        # the bins and both marginal entropies do not depend on the pairing: computed once for both
+        prep = self._prepared(x, y)
+        return self._estimate(*prep), self._null(prep[2], prep[3], prep[6], prep[7], permutations)
+
+    def _null(self, sx, sy, ha, hb, permutations) -> list[float]:
+        # the joint entropies of all permutations come from one bincount of their contingency
+        # tables (symbols x symbols per permutation) when those fit in NULL_TABLE_CELLS
+        ka, kb, n = int(sx.max()) + 1, int(sy.max()) + 1, int(sx.shape[0])
+        cells = ka * kb
+        if cells * len(permutations) > NULL_TABLE_CELLS:
+            return [self._mi_from(ha, hb, sx, sy[p.to(sy.device)]) for p in permutations]
+        perm = torch.stack([p.to(sy.device) for p in permutations])  # (N, n)
+        joint = sx.unsqueeze(0) * kb + sy[perm] + cells * torch.arange(len(permutations), device=sy.device)[:, None]
+        counts = torch.bincount(joint.reshape(-1), minlength=cells * len(permutations)).to(torch.float64)
+        counts = counts.reshape(len(permutations), cells)
+        hab = math.log(n) - torch.special.xlogy(counts, counts).sum(dim=1) / n
+        return [max(v, 0.0) if abs(v) < 1e-12 else v for v in (ha + hb - hab).tolist()]
 
 
 @register

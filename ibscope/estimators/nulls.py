@@ -74,19 +74,25 @@ def with_null(est, x, y, null_permutations: int, seed: int = 0, estimate=None):
     null_permutations, seed = check_settings(null_permutations, seed)
     if est.kind != "pair":
         raise UsageError(f"A permutation null needs two variables; '{est.name}' measures one representation.")
-    e = estimate if estimate is not None else est.estimate(x, y)
     if null_permutations == 0:
-        return e
-    tx = as_tensor(x, name="x", estimator=est)
-    ty = as_tensor(y, name="y", estimator=est)
-    tx, ty = check_pair(tx, ty, est.name)
-    perms = permutations(int(tx.shape[0]), null_permutations, seed)
-    if e.extra.get("constant"):
+        return estimate if estimate is not None else est.estimate(x, y)
+    from ibscope.estimators.degenerate import constant_estimate
+
+    e = estimate if estimate is not None else constant_estimate(est, (x, y))
+    if e is not None and e.extra.get("constant"):  # permuting a constant changes nothing: the null is 0
         nulls = [0.0] * null_permutations
     else:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            nulls = [float(v) for v in est.null_values(tx, ty, perms)]
+        tx = as_tensor(x, name="x", estimator=est)
+        ty = as_tensor(y, name="y", estimator=est)
+        tx, ty = check_pair(tx, ty, est.name)
+        perms = permutations(int(tx.shape[0]), null_permutations, seed)
+        if e is None:
+            e, nulls = est.estimate_and_null(tx, ty, perms)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                nulls = est.null_values(tx, ty, perms)
+        nulls = [float(v) for v in nulls]
     if len(nulls) != null_permutations or not all(math.isfinite(v) for v in nulls):
         raise RuntimeError(f"{est.name}.null_values returned {len(nulls)} value(s) for {null_permutations} "
                            f"permutations, or a non-finite value: {nulls[:5]}")
