@@ -129,7 +129,10 @@ class _KDEMixin:
         c = _mi.codes(lab)
         n = t.shape[0]
         unique = int(torch.bincount(c).max()) == 1  # every sample its own class (sample ids): H(T|X) = 0
-        sets = [] if unique else [c] + [c[p.to(c.device)] for p in permutations]
+        # the rows of y are permuted; when the labels are x, the same pairs come from permuting
+        # the labels by the inverse permutation
+        perms = [torch.argsort(p) if swapped else p for p in permutations]
+        sets = [] if unique else [c] + [c[p.to(c.device)] for p in perms]
         terms, conds = kde_pass(t, eff, sets)
         h = float(terms.mean())
         cond = 0.0 if unique else conds[0]

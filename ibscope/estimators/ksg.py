@@ -266,7 +266,9 @@ class KSG(Estimator):
             cx, _ = self._prep(tx, "x", 1)
             cy, _ = self._prep(ty, "y", 2)
             if cx.shape[1] < cy.shape[1]:  # permute the narrower side: its distances are recomputed
-                cx, cy = cy, cx
+                # (x permuted by the inverse of p pairs the same rows as y permuted by p)
+                return ksg_null_terms(cy, cx, self.k, [torch.argsort(p) for p in permutations], self.algorithm,
+                                      self.norm)
             return ksg_null_terms(cx, cy, self.k, permutations, self.algorithm, self.norm)
         t, lab, swapped = split
         ct, _ = self._prep(t, "y" if swapped else "x", 1)
@@ -274,4 +276,5 @@ class KSG(Estimator):
         counts = torch.bincount(c)
         if bool(((counts > 0) & (counts < self.k + 1)).any()):
             ross_terms(ct, c, self.k, self.norm, self.name)  # raises the class-size error
-        return ross_null_terms(ct, [c[p.to(c.device)] for p in permutations], self.k, self.norm)
+        perms = [torch.argsort(p) if swapped else p for p in permutations]  # labels = x: the inverse
+        return ross_null_terms(ct, [c[p.to(c.device)] for p in perms], self.k, self.norm)
