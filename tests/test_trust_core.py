@@ -532,3 +532,15 @@ def test_config_keys(tmp_path, store):
 def test_estimate_dataclass_defaults():
     e = Estimate(value=1.0, unit="nats", quantity="mutual_information", estimator="x")
     assert (e.null_mean, e.null_std, e.p_value, e.saturated) == (None, None, None, None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_nulls_on_cuda_match_cpu():
+    rng = np.random.default_rng(0)
+    t, lab = torch.from_numpy(rng.standard_normal((300, 3))), torch.from_numpy(rng.integers(0, 2, 300))
+    for m in ("binning", "kde-upper", "ksg", "gaussian", "renyi"):
+        y = lab if m != "gaussian" and m != "renyi" else torch.from_numpy(rng.standard_normal((300, 2)))
+        cpu = quiet(ibscope.mutual_information, t, y, method=m, null_permutations=5)
+        gpu = quiet(ibscope.mutual_information, t.cuda(), y.cuda(), method=m, null_permutations=5)
+        assert (gpu.value, gpu.null_mean, gpu.p_value) == pytest.approx((cpu.value, cpu.null_mean, cpu.p_value),
+                                                                         abs=1e-6), m
