@@ -1118,10 +1118,14 @@ class Pipeline:
                      **({"null_permutations": est["null_permutations"]} if est["null_permutations"] is not None
                         else {}),
                      **({"null_seed": est["null_seed"]} if est["null_seed"] is not None else {})}
+            from ibscope.estimate import saturation_lines
+
             if len(groups) == 1:
                 (g, ests), = groups.items()
-                run_estimate([stores[n] for n in g], results, ests, est["params"], device=self.device,
-                             force=True, jobs=est["jobs"], progress=self.progress, **extra)
+                res = run_estimate([stores[n] for n in g], results, ests, est["params"], device=self.device,
+                                   force=True, jobs=est["jobs"], progress=self.progress, **extra)
+                for line in saturation_lines(res.provenance.get("saturation") or {}):
+                    self.say(f"  {line}")
                 return [results, provenance_path(results)]
             tmp_dir = self.out / ".ibscope" / "estimate-parts"
             shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -1140,6 +1144,8 @@ class Pipeline:
                         raise
                     strict_error = strict_error or exc
                     prov = json.loads(provenance_path(part).read_text()) if provenance_path(part).exists() else {}
+                for line in saturation_lines(prov.get("saturation") or {}):
+                    self.say(f"  {line}")
                 provs.append({"probes": list(g), "estimators": ests, **prov})
                 for r in read_results(part).rows:
                     if r["estimator"] == "metrics":  # the same training metrics come with every group of a split

@@ -11,7 +11,7 @@ from typing import List, Optional
 
 import typer
 
-from ibscope.cli._common import console, guard, load_mapping, setup_logging
+from ibscope.cli._common import console, guard, load_mapping, plain_warnings, setup_logging
 from ibscope.errors import UsageError
 
 
@@ -103,14 +103,15 @@ def register(app: typer.Typer) -> None:
         setup_logging(quiet)
         from ibscope.capture import capture
 
-        path = capture(
-            model, checkpoints, probe, list(layers), out, model_args=_model_args(model_args), reduce=_parse_reduce(reduce),
-            max_samples=max_samples, sample_seed=sample_seed, batch_size=batch_size, device=device, dtype=dtype,
-            jacobian_samples=jacobian_samples, store_inputs=store_inputs, split=split, run=run, resume=resume,
-            overwrite=overwrite, trust_checkpoint=trust_checkpoint, safe_globals=list(safe_globals or []),
-            allow_nonfinite=allow_nonfinite,
-            compression=compression, progress=not quiet,
-        )
+        with plain_warnings():
+            path = capture(
+                model, checkpoints, probe, list(layers), out, model_args=_model_args(model_args),
+                reduce=_parse_reduce(reduce), max_samples=max_samples, sample_seed=sample_seed, batch_size=batch_size,
+                device=device, dtype=dtype, jacobian_samples=jacobian_samples, store_inputs=store_inputs, split=split,
+                run=run, resume=resume, overwrite=overwrite, trust_checkpoint=trust_checkpoint,
+                safe_globals=list(safe_globals or []), allow_nonfinite=allow_nonfinite,
+                compression=compression, progress=not quiet,
+            )
         if not quiet:
             from ibscope.store import open_store
 
