@@ -149,6 +149,16 @@ def test_shared_work_nulls_equal_re_estimation():
         assert shared == pytest.approx(again, abs=1e-9), (name, params)
         e, nulls = quiet(est.estimate_and_null, x, y, perms)
         assert e.value == pytest.approx(quiet(est.estimate, x, y).value, abs=1e-12) and nulls == pytest.approx(shared)
+    # KDE's one-GEMM path and its labelling-by-labelling fallback agree
+    import ibscope.estimators.kde as kde
+
+    est = registry.create("kde-upper", noise_variance=0.2)
+    fast = est.null_values(t, lab, perms)
+    old, kde.ONEHOT_MAX_ENTRIES = kde.ONEHOT_MAX_ENTRIES, 0
+    try:
+        assert est.null_values(t, lab, perms) == pytest.approx(fast, abs=1e-12)
+    finally:
+        kde.ONEHOT_MAX_ENTRIES = old
     # binning's one-bincount path and its table-by-table fallback agree
     import ibscope.estimators.binning as binning
 

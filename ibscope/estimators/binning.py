@@ -30,7 +30,7 @@ from ibscope.estimators.registry import register
 
 #: largest contingency table (symbols of x times symbols of y times permutations) that the
 #: permutation null counts in one bincount; larger ones are counted permutation by permutation
-NULL_TABLE_CELLS = 2 ** 24
+NULL_TABLE_CELLS = 2 ** 22  # 32 MiB of int64 counts
 
 
 class _BinningMixin:

@@ -47,6 +47,10 @@ def kde_terms(t: torch.Tensor, variance: float, chunk: int | None = None) -> tor
     return out
 
 
+#: largest one-hot matrix (samples x labellings x classes, float64: 64 MiB) used by kde_pass
+ONEHOT_MAX_ENTRIES = 2 ** 23
+
+
 def kde_pass(t: torch.Tensor, variance: float, label_sets: list[torch.Tensor],
              chunk: int | None = None) -> tuple[torch.Tensor, list[float]]:
     """One pass over the kernel blocks: the per-sample terms of H(T) and, for every labelling
@@ -55,8 +59,8 @@ def kde_pass(t: torch.Tensor, variance: float, label_sets: list[torch.Tensor],
     Each block K_ij = exp(-|t_i - t_j|^2 / (2 variance)) is computed once (exponents below -60
     clamped there, as in :func:`kde_terms`: each such term is < 9e-27 of the self-term 1). Its
     row sums give H(T); its within-class sums give the conditional entropies, for all
-    labellings at once (one matrix product with their one-hot codes when the labellings times
-    classes are at most 4096, else labelling by labelling). The labellings must have the same
+    labellings at once (one matrix product with their one-hot codes when those hold at most
+    ONEHOT_MAX_ENTRIES entries, else labelling by labelling). The labellings must have the same
     class sizes (permutations of one labelling do). A class of one sample contributes exactly
     0. Equals :func:`kde_terms` on all samples and on each class to round-off.
     """
@@ -69,7 +73,7 @@ def kde_pass(t: torch.Tensor, variance: float, label_sets: list[torch.Tensor],
     if labs is not None:
         n_lab, n_cls = labs.shape[0], int(labs.max()) + 1
         log_counts = torch.log(torch.bincount(labs[0], minlength=n_cls).to(torch.float64).clamp_min(1.0))
-        if n_lab * n_cls <= 4096:
+        if n * n_lab * n_cls <= ONEHOT_MAX_ENTRIES:
             cols = labs + n_cls * torch.arange(n_lab, device=t.device)[:, None]
             onehot = torch.zeros((n, n_lab * n_cls), dtype=torch.float64, device=t.device)
             onehot.scatter_(1, cols.T.contiguous(), 1.0)
