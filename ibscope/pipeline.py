@@ -1099,20 +1099,25 @@ class Pipeline:
         results = self.out / "results.csv"
 
         def run() -> list[Path]:
-            from ibscope.estimate import run_estimate
+            from ibscope.estimate import run_estimate, summary_lines
             from ibscope.results import provenance_path, read_results, write_results
 
             # start from an empty table: run_estimate keeps rows already in its output file, which
             # here would leave rows of estimators or parameters no longer in the config
             for old in (results, provenance_path(results)):
                 old.unlink(missing_ok=True)
-            # passed only when set, so that a run_estimate without these keywords still works for the defaults
-            extra = {**({"strict": True} if est["strict"] else {}),
-                     **({"skip_bad_shards": True} if cfg["skip_bad_shards"] else {})}
+            extra = {"strict": bool(est["strict"]), "skip_bad_shards": bool(cfg["skip_bad_shards"])}
+
+            def tell(res) -> None:  # noted cells and dropped rows: the same summary as `ibscope estimate`
+                from rich.markup import escape
+
+                for line in summary_lines(res, strict=extra["strict"]):
+                    self.say(f"  [yellow]{escape(line)}[/]")
+
             if len(groups) == 1:
                 (g, ests), = groups.items()
-                run_estimate([stores[n] for n in g], results, ests, est["params"], device=self.device,
-                             force=True, jobs=est["jobs"], progress=self.progress, **extra)
+                tell(run_estimate([stores[n] for n in g], results, ests, est["params"], device=self.device,
+                                  force=True, jobs=est["jobs"], progress=self.progress, **extra))
                 return [results, provenance_path(results)]
             tmp_dir = self.out / ".ibscope" / "estimate-parts"
             shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -1121,9 +1126,11 @@ class Pipeline:
             for i, (g, ests) in enumerate(groups.items()):
                 part = tmp_dir / f"part{i}.csv"
                 try:
-                    prov = run_estimate([stores[n] for n in g], part, ests,
-                                        {k: v for k, v in est["params"].items() if k in ests}, device=self.device,
-                                        force=True, jobs=est["jobs"], progress=self.progress, **extra).provenance
+                    res = run_estimate([stores[n] for n in g], part, ests,
+                                       {k: v for k, v in est["params"].items() if k in ests}, device=self.device,
+                                       force=True, jobs=est["jobs"], progress=self.progress, **extra)
+                    tell(res)
+                    prov = res.provenance
                 except IbscopeError as exc:
                     # --strict: a noted cell stops with exit 4 after its rows are written; write every
                     # group's rows first, then stop the same way
