@@ -18,8 +18,11 @@ from typing import Any, Callable
 
 import numpy as np
 
+from contextlib import ExitStack
+
 from ibscope._device import resolve_device
-from ibscope.errors import DataError, UsageError
+from ibscope._locks import DEFAULT_LOCK_TIMEOUT, check_timeout, lock_path_for, writer_lock
+from ibscope.errors import DataError, UsageError, io_error
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +143,7 @@ class _Buffer:
             stats = None if nonfinite is None else (nonfinite, absmax)
             self.shard.append(self.name, head, dtype=self.dtype, stats=stats)
             if self.promoted:
-                self.shard.f["acts"][self.name].attrs["dtype_fallback"] = "float32"
+                self.shard.mark_fallback(self.name, "float32")
         self.parts = [tail] if tail.shape[0] else []
         self.stats = [_stats(tail)] if tail.shape[0] else []
         self.count = tail.shape[0]
@@ -233,6 +236,7 @@ def capture(
     compression: str = "lzf",
     max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES,
     jacobian_chunk: int = 16,
+    lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT,
 ) -> Path:
     """Capture activations of ``layers`` for every checkpoint into the store at ``out``.
 
@@ -246,14 +250,17 @@ def capture(
     exceed float16's range is kept as float32 for that checkpoint, with a warning). Non-finite
     activations raise :class:`~ibscope.errors.DataError` unless ``allow_nonfinite``. Returns the
     store directory.
-    """
-    import torch
 
-    from ibscope.capture.hooks import CaptureEngine
-    from ibscope.capture.loading import (discover_checkpoints, load_checkpoint_into, model_spec_id,
-                                         resolve_factory)
+    The whole capture holds the store's writer lock (``OUT.lock`` next to ``OUT``): a second
+    capture into the same store waits up to ``lock_timeout`` seconds (negative or None: without
+    limit), then stops with :class:`~ibscope._locks.LockTimeout` naming the lock file and its
+    holder. A write the system refuses (disk full, read-only, no permission) raises
+    :class:`~ibscope.errors.IOFailure` naming the path; the shard being written is deleted and
+    completed checkpoints are kept, so ``resume=True`` continues once the cause is fixed.
+    """
+    from ibscope.capture.loading import discover_checkpoints, model_spec_id, resolve_factory
     from ibscope.capture.probe import load_probe
-    from ibscope.store import StoreWriter
+    from ibscope.store import resolve_store_dir
 
     if dtype not in ("float32", "float16"):
         raise UsageError(f"--dtype must be float32 or float16. Got {dtype!r}.")
@@ -266,6 +273,7 @@ def capture(
     if resume and overwrite:
         raise UsageError("--resume and --overwrite exclude each other.",
                          hint="--resume keeps what was captured; --overwrite starts again from nothing.")
+    check_timeout(lock_timeout)
     out = Path(out)
     _check_out_dir(out, resume, overwrite)
     dev = resolve_device(device)
@@ -309,6 +317,29 @@ def capture(
         "probe": pr.source, "n_samples": pr.n, "input_shape": [int(s) for s in pr.x.shape[1:]],
         "input_dtype": str(pr.x.dtype).replace("torch.", ""),
     }
+    store_dir = resolve_store_dir(out)
+    with ExitStack() as held:
+        try:
+            held.enter_context(writer_lock(store_dir, what="activation store", timeout=lock_timeout))
+        except OSError as exc:  # e.g. a read-only or full file system: the lock file cannot be created
+            raise io_error(exc, lock_path_for(store_dir), "creating the lock file") from None
+        _check_out_dir(out, resume, overwrite)  # again, now that no other capture can change it
+        return _write_store(out, config, pr, meta, inputs, ckpts, targets, reducers, net, dev, console, resume=resume,
+                     overwrite=overwrite, compression=compression, batch_size=int(batch_size), dtype=dtype,
+                     jacobian_samples=int(jacobian_samples), jacobian_chunk=jacobian_chunk,
+                     trust_checkpoint=trust_checkpoint, allow_nonfinite=allow_nonfinite)
+
+
+def _write_store(out, config, pr, meta, inputs, ckpts, targets, reducers, net, dev, console, *, resume, overwrite,
+                 compression, batch_size, dtype, jacobian_samples, jacobian_chunk, trust_checkpoint,
+                 allow_nonfinite) -> Path:
+    """The writing part of :func:`capture` (run under the store's writer lock)."""
+    import torch
+
+    from ibscope.capture.hooks import CaptureEngine
+    from ibscope.capture.loading import load_checkpoint_into
+    from ibscope.store import StoreWriter
+
     writer = StoreWriter(out, config=config, sample_ids=pr.ids, labels=pr.y, layers=meta, inputs=inputs,
                          input_shape=tuple(pr.x.shape[1:]), resume=resume, overwrite=overwrite, compression=compression)
     todo = [c for c in ckpts if not (resume and writer.has_checkpoint(c.sha256))]
