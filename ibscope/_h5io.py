@@ -352,14 +352,15 @@ class Attrs:
     def __init__(self, obj, label: str):
         self.obj = obj
         self.label = label
+        self._attrs = obj.attrs  # h5py builds a new manager on every ``.attrs``
 
     def where(self, key: str) -> str:
         return f"{self.label}: attribute '{key}'"
 
     def raw(self, key: str, default: Any = _MISSING) -> Any:
         try:
-            present = key in self.obj.attrs
-            val = self.obj.attrs[key] if present else None
+            present = key in self._attrs
+            val = self._attrs[key] if present else None
         except Exception as exc:  # noqa: BLE001 - a damaged attribute header or an unreadable type
             if is_system_error(exc):
                 raise

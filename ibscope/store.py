@@ -156,6 +156,14 @@ class BadShard(DataError):
 REPAIRABLE = ("unreadable", "incomplete", "malformed")
 
 _WARNED: set[tuple[str, str]] = set()
+# Shards checked in this process: path -> (file identity, store identity, what the check found);
+# open_store runs once per estimate cell. A shard is never changed in place (capture renames a
+# new file over it), so a file with the same device, inode, size and times is the file that was
+# checked. As git does for its index ("racy clean"), a file modified less than _RACY_NS before
+# its check is not remembered: file times are coarser than the time between two writes.
+_CHECKED: dict[str, tuple[tuple, tuple, dict]] = {}
+_CHECKED_MAX = 200_000
+_RACY_NS = 2_000_000_000
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 _MAX_LISTED = 10
 
@@ -360,9 +368,22 @@ class Store:
         if not sd.exists():
             return []
         infos, bad = [], []
+        ident = (self.config_hash, self.n_samples, tuple((n, self._layer_meta[n]["dims"]) for n in self.layers),
+                 self.config.get("jacobian_samples"))
         for p in sorted(sd.glob("*.h5")):
             try:
-                infos.append(self._check_shard(p))
+                st = os.stat(p)
+                key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+                hit = _CHECKED.get(str(p))
+                if hit is not None and hit[0] == key and hit[1] == ident:
+                    infos.append(dict(hit[2], shard=p))
+                    continue
+                info = self._check_shard(p)
+                if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > _RACY_NS:
+                    if len(_CHECKED) >= _CHECKED_MAX:
+                        _CHECKED.clear()
+                    _CHECKED[str(p)] = (key, ident, info)
+                infos.append(info)
             except BadShard as exc:
                 bad.append({"file": str(p), "reason": exc.message, "kind": exc.kind})
             except FileNotFoundError:
