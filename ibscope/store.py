@@ -184,7 +184,7 @@ def _open_h5(path: Path, *, label: str, kind: str = "unreadable"):
     except Exception as exc:  # noqa: BLE001 - h5py raises OSError, and others for odd files
         if is_system_error(exc):
             raise io_error(os_error_of(exc), path, "reading") from None
-        raise BadShard(kind, f"{label + ' ' if label else ''}truncated or corrupt, not readable as HDF5 "
+        raise BadShard(kind, f"{label + ' ' if label else ''}truncated, corrupt or not HDF5 "
                              f"({h5_message(exc)})") from None
 
 
@@ -295,8 +295,8 @@ class Store:
         for name in f["layers"]:
             g = f["layers"][name]
             meta = Attrs(g, f"{label}, group 'layers/{name}'").json("meta")
-            d = meta.get("dims")
-            if not isinstance(d, int) or isinstance(d, bool) or d < 1:
+            d = meta.get("dims")  # written by capture; optional for stores written through StoreWriter
+            if d is not None and (not isinstance(d, int) or isinstance(d, bool) or d < 1):
                 raise DataError(f"{label}, group 'layers/{name}': attribute 'meta': 'dims' must be an integer >= 1; "
                                 f"got {describe(d)}.")
             rs = meta.get("raw_shape")
@@ -368,7 +368,7 @@ class Store:
         if not sd.exists():
             return []
         infos, bad = [], []
-        ident = (self.config_hash, self.n_samples, tuple((n, self._layer_meta[n]["dims"]) for n in self.layers),
+        ident = (self.config_hash, self.n_samples, tuple((n, self._layer_meta[n].get("dims")) for n in self.layers),
                  self.config.get("jacobian_samples"))
         for p in sorted(sd.glob("*.h5")):
             try:
@@ -462,7 +462,7 @@ class Store:
             if p.name != expected:
                 raise BadShard("misnamed", f"misnamed: its attributes (epoch {epoch}, step {step}, checkpoint {sha[:12]}) "
                                            f"give the name '{expected}'; a copy or a renamed file")
-            dtypes = {}
+            dtypes, dtypes_width = {}, {}
             acts = f.get("acts")
             if not isinstance(acts, h5py.Group):
                 raise BadShard("malformed", "it has no group 'acts'")
@@ -470,13 +470,15 @@ class Store:
                 ds = acts.get(layer)
                 if not isinstance(ds, h5py.Dataset):
                     raise BadShard("malformed", f"it has no dataset 'acts/{layer}'")
-                want = (self.n_samples, int(self._layer_meta[layer]["dims"]))
-                if ds.shape != want:
+                dims = self._layer_meta[layer].get("dims")
+                if ds.ndim != 2 or ds.shape[0] != self.n_samples or (dims is not None and ds.shape[1] != dims):
+                    want = f"({self.n_samples}, {dims if dims is not None else 'd'})"
                     raise BadShard("malformed", f"dataset 'acts/{layer}' has shape {ds.shape}; expected {want} "
                                                 "(n_samples x the layer's dims)")
                 if ds.dtype not in (np.float16, np.float32):
                     raise BadShard("malformed", f"dataset 'acts/{layer}' has dtype {ds.dtype}; expected float16 or float32")
                 dtypes[layer] = str(ds.dtype)
+                dtypes_width[layer] = int(ds.shape[1])
             jac = []
             if "jacobian" in f:
                 g = f["jacobian"]
@@ -487,7 +489,7 @@ class Store:
                     ds = g[layer]
                     if layer not in self._layer_meta or not isinstance(ds, h5py.Dataset):
                         raise BadShard("malformed", f"'jacobian/{layer}' is not a Jacobian dataset of a layer of this store")
-                    dims = int(self._layer_meta[layer]["dims"])
+                    dims = self._layer_meta[layer].get("dims") or dtypes_width.get(layer, 0)
                     if ds.ndim != 2 or ds.shape[0] > m_max or ds.shape[1] > dims or ds.dtype.kind != "f":
                         raise BadShard("malformed", f"dataset 'jacobian/{layer}' has shape {ds.shape} ({ds.dtype}); "
                                                     f"expected (m <= {m_max}, r <= {dims}) floats")
@@ -520,16 +522,17 @@ class Store:
     def activations(self, ckpt: CheckpointInfo | int, layer: str) -> np.ndarray:
         """The (n_samples, n_features) activations of ``layer`` at ``ckpt``."""
         c = self._ckpt(ckpt)
-        dims = int(self.layer_meta(layer)["dims"])
+        dims = self.layer_meta(layer).get("dims")
         with self._open_shard(c) as f:
             key = f"acts/{layer}"
             label = f"Shard '{c.shard}', dataset '{key}'"
             if key not in f:
                 raise DataError(f"Shard {c.shard.name} holds no activations for layer '{layer}'.", hint=_SHARD_HINT)
             ds = f[key]
-            if not isinstance(ds, _h5py().Dataset) or ds.shape != (self.n_samples, dims):
-                raise DataError(f"{label} has shape {getattr(ds, 'shape', None)}; expected ({self.n_samples}, {dims}).",
-                                hint=_SHARD_HINT)
+            if (not isinstance(ds, _h5py().Dataset) or ds.ndim != 2 or ds.shape[0] != self.n_samples
+                    or (dims is not None and ds.shape[1] != dims)):
+                raise DataError(f"{label} has shape {getattr(ds, 'shape', None)}; expected ({self.n_samples}, "
+                                f"{dims if dims is not None else 'd'}).", hint=_SHARD_HINT)
             return self._read(ds, label)
 
     def jacobian(self, ckpt: CheckpointInfo | int, layer: str) -> tuple[np.ndarray, np.ndarray] | None:
@@ -541,10 +544,11 @@ class Store:
                 return None
             ds = f[key]
             label = f"Shard '{c.shard}', dataset '{key}'"
-            dims = int(self.layer_meta(layer)["dims"])
-            if not isinstance(ds, _h5py().Dataset) or ds.ndim != 2 or ds.shape[0] > self.n_samples or ds.shape[1] > dims:
+            dims = self.layer_meta(layer).get("dims")
+            if (not isinstance(ds, _h5py().Dataset) or ds.ndim != 2 or ds.shape[0] > self.n_samples
+                    or (dims is not None and ds.shape[1] > dims)):
                 raise DataError(f"{label} has shape {getattr(ds, 'shape', None)}; expected (m <= {self.n_samples}, "
-                                f"r <= {dims}).", hint=_SHARD_HINT)
+                                f"r <= {dims if dims is not None else 'the layer width'}).", hint=_SHARD_HINT)
             rows = Attrs(ds, label).int_array("rows", max_len=self.n_samples)
             if rows.shape != (ds.shape[0],):
                 raise DataError(f"{label}: attribute 'rows' has {rows.size} entries; expected {ds.shape[0]}.",
@@ -614,6 +618,7 @@ class StoreWriter:
         self.config_hash = sha256_bytes(canonical_json({"config": config, "layers": layers}).encode())
         self.probe_hash = probe_hash(sample_ids, labels, inputs)
         self.n_samples = int(len(sample_ids))
+        self.layer_dims = {name: meta.get("dims") for name, meta in layers.items()}
         self._have: set[str] = set()
         man = self.dir / MANIFEST
         if man.exists():
@@ -775,6 +780,12 @@ class ShardWriter:
         n = self.store.n_samples
         ds = self._ds.get(layer)
         if ds is None:
+            if layer not in self.store.layer_dims:
+                raise DataError(f"Layer '{layer}' is not a layer of this store ({', '.join(self.store.layer_dims)}).")
+            want = self.store.layer_dims[layer]
+            if want is not None and batch.shape[1] != want:
+                raise DataError(f"Layer '{layer}': batch has {batch.shape[1]} features; the store's layer metadata "
+                                f"says {want} (dims).")
             ds = self._ds[layer] = self._create(layer, batch.shape[1], dtype)
             self._width[layer] = batch.shape[1]
             self._rows[layer] = 0
@@ -860,6 +871,9 @@ class ShardWriter:
         for layer, r in self._rows.items():
             if r != n:
                 raise DataError(f"Layer '{layer}': wrote {r} rows, expected {n}; shard discarded.")
+        missing = [name for name in self.store.layer_dims if name not in self._rows]
+        if missing:
+            raise DataError(f"No activations written for layer(s) {', '.join(missing)}; shard discarded.")
             ds = self.f["acts"][layer]
             ds.attrs["nonfinite_count"] = self._nonfinite[layer]
             ds.attrs["absmax"] = self._absmax[layer]

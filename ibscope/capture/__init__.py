@@ -201,11 +201,13 @@ def show_plan(ckpts, console=None) -> None:
 
 
 def _check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    from ibscope.store import MANIFEST
+    from ibscope.store import MANIFEST, SHARD_DIR
 
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out '{out}' is a file; it must be a directory (new, or an existing activation store).")
-    if out.is_dir() and not (out / MANIFEST).exists() and any(out.iterdir()):
+    # a store being created by another capture holds only these (its manifest is renamed in last)
+    own = {MANIFEST, MANIFEST + ".tmp", SHARD_DIR}
+    if out.is_dir() and not (out / MANIFEST).exists() and any(p.name not in own for p in out.iterdir()):
         raise UsageError(f"--out '{out}' is a non-empty directory that is not an activation store; refusing to write into it.",
                          hint="Choose a new or empty directory.")
 
