@@ -38,6 +38,7 @@ captures them again.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -182,8 +183,11 @@ def _open_h5(path: Path, *, label: str, kind: str = "unreadable"):
     try:
         return h5py.File(path, "r")
     except Exception as exc:  # noqa: BLE001 - h5py raises OSError, and others for odd files
+        err = os_error_of(exc)
+        if err is not None and err.errno == errno.ENOENT:
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(path)) from None
         if is_system_error(exc):
-            raise io_error(os_error_of(exc), path, "reading") from None
+            raise io_error(err, path, "reading") from None
         raise BadShard(kind, f"{label + ' ' if label else ''}truncated, corrupt or not HDF5 "
                              f"({h5_message(exc)})") from None
 
@@ -533,7 +537,7 @@ class Store:
                     or (dims is not None and ds.shape[1] != dims)):
                 raise DataError(f"{label} has shape {getattr(ds, 'shape', None)}; expected ({self.n_samples}, "
                                 f"{dims if dims is not None else 'd'}).", hint=_SHARD_HINT)
-            return self._read(ds, label)
+            return self._read(ds, label, hint=_data_hint(c.shard))
 
     def jacobian(self, ckpt: CheckpointInfo | int, layer: str) -> tuple[np.ndarray, np.ndarray] | None:
         """(singular values (m, r), probe rows (m,)) of d layer / d input, or None if not captured."""
@@ -553,7 +557,7 @@ class Store:
             if rows.shape != (ds.shape[0],):
                 raise DataError(f"{label}: attribute 'rows' has {rows.size} entries; expected {ds.shape[0]}.",
                                 hint=_SHARD_HINT)
-            return self._read(ds, label), rows[()]
+            return self._read(ds, label, hint=_data_hint(c.shard)), rows[()]
 
     def content_hash(self) -> str:
         """Hash of what the store holds: config, probe, and the list of captured checkpoints."""
@@ -566,6 +570,12 @@ _MANIFEST_HINT = ("The store's manifest is damaged or was not written by ibscope
                   "(`ibscope capture ... --overwrite`).")
 _SHARD_HINT = ("Re-run `ibscope capture ... --resume` with the options of the original capture: it deletes corrupt "
                "shards and captures them again; or pass --skip-bad-shards.")
+
+
+def _data_hint(shard: Path) -> str:
+    # the store's check reads no data, so --resume alone keeps a shard whose data is damaged
+    return (f"Delete '{shard}' and re-run `ibscope capture ... --resume` with the options of the original capture "
+            "to capture that checkpoint again.")
 
 
 def _strip(msg: str) -> str:
