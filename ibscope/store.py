@@ -169,13 +169,6 @@ _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 _MAX_LISTED = 10
 
 
-def _rel(p: Path) -> str:
-    try:
-        return str(p.relative_to(Path.cwd()))
-    except ValueError:
-        return str(p)
-
-
 def _open_h5(path: Path, *, label: str, kind: str = "unreadable"):
     """Open an HDF5 file for reading; content errors become :class:`BadShard` (``kind``), system
     errors (permissions, I/O) an :class:`~ibscope.errors.IOFailure`."""
@@ -380,13 +373,13 @@ class Store:
                 key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
                 hit = _CHECKED.get(str(p))
                 if hit is not None and hit[0] == key and hit[1] == ident:
-                    infos.append(dict(hit[2], shard=p))
+                    infos.append(dict(hit[2], shard=p, metrics=dict(hit[2]["metrics"]), dtypes=dict(hit[2]["dtypes"])))
                     continue
                 info = self._check_shard(p)
                 if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > _RACY_NS:
                     if len(_CHECKED) >= _CHECKED_MAX:
                         _CHECKED.clear()
-                    _CHECKED[str(p)] = (key, ident, info)
+                    _CHECKED[str(p)] = (key, ident, dict(info, metrics=dict(info["metrics"]), dtypes=dict(info["dtypes"])))
                 infos.append(info)
             except BadShard as exc:
                 bad.append({"file": str(p), "reason": exc.message, "kind": exc.kind})
