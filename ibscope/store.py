@@ -877,6 +877,7 @@ class ShardWriter:
         missing = [name for name in self.store.layer_dims if name not in self._rows]
         if missing:
             raise DataError(f"No activations written for layer(s) {', '.join(missing)}; shard discarded.")
+        for layer in self._rows:
             ds = self.f["acts"][layer]
             ds.attrs["nonfinite_count"] = self._nonfinite[layer]
             ds.attrs["absmax"] = self._absmax[layer]

@@ -106,6 +106,11 @@ def assert_same_values(a_dir: Path, b_dir: Path) -> None:
     assert a.config_hash == b.config_hash and a.probe_hash == b.probe_hash
     assert [c.sha256 for c in a.checkpoints] == [c.sha256 for c in b.checkpoints] and len(a.checkpoints) == 3
     for ca, cb in zip(a.checkpoints, b.checkpoints):
+        with h5py.File(ca.shard, "r") as fa, h5py.File(cb.shard, "r") as fb:
+            for layer in b.layers:
+                kept = {k: fa[f"acts/{layer}"].attrs[k] for k in ("nonfinite_count", "absmax")}
+                assert kept == {k: fb[f"acts/{layer}"].attrs[k] for k in ("nonfinite_count", "absmax")}
+                assert kept["nonfinite_count"] == 0 and kept["absmax"] > 0
         for layer in b.layers:
             np.testing.assert_array_equal(a.activations(ca, layer), b.activations(cb, layer))
             np.testing.assert_array_equal(a.jacobian(ca, layer)[0], b.jacobian(cb, layer)[0])
@@ -506,6 +511,29 @@ def test_permission_denied_on_the_shard_is_named_and_nothing_left(run, tmp_path,
     msg = one_line(res.output)
     assert "Permission denied (EACCES) while creating" in msg and str(out / "checkpoints") in msg
     assert not leftovers(tmp_path)
+
+
+def test_unreadable_store_file_is_an_io_error_not_a_corrupt_store(run, monkeypatch):
+    """A permission error while opening is the system's answer, not a damaged file: exit 1
+    naming the path, and no shard is called corrupt (or deleted by --resume) for it."""
+    st = copy_store(run, "noperm")
+    real = h5py.File
+    victim = shards(st)[1]
+
+    def deny(name, *a, **kw):
+        if Path(str(name)) == victim:
+            raise OSError(errno.EACCES, f"Unable to synchronously open file (unable to open file: name = '{name}', "
+                                        "errno = 13, error message = 'Permission denied', flags = 0, o_flags = 0)")
+        return real(name, *a, **kw)
+
+    monkeypatch.setattr(h5py, "File", deny)
+    store_mod._CHECKED.clear()
+    with pytest.raises(IOFailure) as ei:
+        open_store(st, skip_bad_shards=True)
+    assert ei.value.message == f"Permission denied (EACCES) while reading '{victim}'."
+    res = CliRunner().invoke(app, capture_args(run, st, "--resume"))
+    assert res.exit_code == 1 and "Permission denied (EACCES)" in res.output
+    assert victim.exists()
 
 
 def test_atomic_h5_discards_a_failed_file_and_keeps_the_library_usable(tmp_path, monkeypatch):
