@@ -1065,8 +1065,6 @@ class Pipeline:
         def run() -> list[Path]:
             from ibscope.capture import capture
 
-            # passed only when set, so that a capture() without the keyword still works for the default
-            extra = {"safe_globals": list(cap["safe_globals"])} if cap["safe_globals"] else {}
             out = []
             for n in names:
                 self.say(f"  capture probe set '{n}' ({probes[n].name})")
@@ -1074,7 +1072,8 @@ class Pipeline:
                                    reduce=cap["reduce"], max_samples=cap["max_samples"], sample_seed=cap["sample_seed"],
                                    batch_size=cap["batch_size"],
                                    device=self.device, dtype=cap["dtype"], jacobian_samples=cap["jacobian_samples"],
-                                   split=n, run=cfg["name"], overwrite=True, progress=self.progress, **extra))
+                                   split=n, run=cfg["name"], overwrite=True, progress=self.progress,
+                                   safe_globals=list(cap["safe_globals"])))
             return [Path(p) for p in out]
 
         inputs = [*ck_inputs, *(probes[n] for n in names), *self.factory_inputs()]
@@ -1208,11 +1207,10 @@ class Pipeline:
 
             if out_dir.exists():
                 shutil.rmtree(out_dir)
-            extra = {"skip_bad_shards": True} if self.cfg["skip_bad_shards"] else {}  # only when set (see estimate)
             doc = run_ood(stores[oc["fit"]], stores[oc["test"]], {n: stores[n] for n in oc["ood"]}, oc["layer"],
                           detectors=oc["detectors"], reductions=oc["reductions"], checkpoint=oc["checkpoint"],
                           out_dir=out_dir, device=self.device, progress=self.progress, seed=self.cfg["seed"],
-                          **extra, **oc["options"])
+                          skip_bad_shards=bool(self.cfg["skip_bad_shards"]), **oc["options"])
             # every file of the output set: one missing or changed makes the stage run again
             return [out_dir / "ood_metrics.json", *(out_dir / f for f in doc["output_set"]["files"]), out_dir]
 

@@ -45,13 +45,13 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 
 # --------------------------------------------------------------------------------------------
-def _open(path, role: str):
+def _open(path, role: str, skip_bad_shards: bool = False):
     from ibscope.store import Store, open_store
 
     if isinstance(path, Store):
         return path
     try:
-        return open_store(path)
+        return open_store(path, skip_bad_shards=skip_bad_shards)
     except DataError as exc:
         raise DataError(f"{role} store: {exc.message}", hint=exc.hint) from None
 
@@ -263,6 +263,7 @@ def run_ood(
     out_dir: str | os.PathLike = "ood",
     figures: bool = True,
     progress: bool = True,
+    skip_bad_shards: bool = False,
 ) -> dict[str, Any]:
     """Score ``ood`` sets against the ID ``test`` set with a grid of detectors and reductions.
 
@@ -270,8 +271,9 @@ def run_ood(
     ``ood``: {name: store path}; ``layer``: a layer name of the stores. ``detectors``:
     "mahalanobis" and/or "knn"; ``reductions``: specs of :mod:`ibscope.ood.features`
     (e.g. "none", "std+pca:16", "umap:2"); ``ks``: k values for knn. ``checkpoint``: fit-store
-    index (-1 = last), list of indices, or "all". Returns the dict written to
-    ``out_dir/ood_metrics.json``.
+    index (-1 = last), list of indices, or "all". ``skip_bad_shards``: leave out shards that are
+    truncated, corrupt or foreign (with a warning) instead of raising DataError. Returns the dict
+    written to ``out_dir/ood_metrics.json``.
     """
     from ibscope.ood.detectors import DETECTORS, KNNDetector, MahalanobisDetector, parse_bytes, resolve_device
     from ibscope.ood.features import FeaturePipeline, canonical
@@ -307,11 +309,11 @@ def run_ood(
     _check_out_dir(out)
 
     # ---- stores ---------------------------------------------------------------------------
-    stores = {"fit": _open(fit, "fit"), "test": _open(test, "test")}
+    stores = {"fit": _open(fit, "fit", skip_bad_shards), "test": _open(test, "test", skip_bad_shards)}
     if val is not None:
-        stores["val"] = _open(val, "val")
+        stores["val"] = _open(val, "val", skip_bad_shards)
     for name, p in ood.items():
-        stores[name] = _open(p, f"OOD '{name}'")
+        stores[name] = _open(p, f"OOD '{name}'", skip_bad_shards)
     for role, st in stores.items():
         if layer not in st.layers:
             from ibscope.errors import did_you_mean
