@@ -42,4 +42,6 @@ def write_text_atomic(target: str | os.PathLike, text: str, encoding: str = "utf
     with atomic_path(target, tmp) as t:
         with open(t, "w", encoding=encoding) as f:
             f.write(text)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename makes it visible
     return target

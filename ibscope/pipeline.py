@@ -486,11 +486,10 @@ def _is_temp(name: str) -> bool:
 
 
 def _write_json_atomic(path: Path, obj: Any) -> Path:
+    from ibscope._atomic import write_text_atomic
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 class ContentHashes:

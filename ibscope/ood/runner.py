@@ -30,6 +30,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ibscope._atomic import write_text_atomic
 from ibscope._version import __version__
 from ibscope.errors import DataError, UsageError
 
@@ -135,15 +136,6 @@ def _check_name(name: str) -> str:
 
 def config_id(detector: str, reduction: str, k: int | None) -> str:
     return f"{detector}|{reduction}" + (f"|k={k}" if k is not None else "")
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -465,7 +457,7 @@ def run_ood(
 
     write_markdown_report(out, doc)
     doc[SET_KEY] = _set_record(out, [SCORES_NAME, *fig_paths, "report.md", "report.html"])
-    _atomic_write_text(out / JSON_NAME, json.dumps(_jsonable(doc), indent=1))  # last: the set is complete
+    write_text_atomic(out / JSON_NAME, json.dumps(_jsonable(doc), indent=1))  # last: the set is complete
     for w in warnings_out:
         log.warning(w)
     return doc
@@ -506,13 +498,14 @@ def _progress(enabled: bool, total: int):
 
 
 def _write_scores(path: Path, score_store: dict, layer: str) -> None:
-    """Per-sample scores: /checkpoint_<i>/<config>/<set> (float64) and /checkpoint_<i>/sample_ids/<set>."""
-    import h5py
+    """Per-sample scores: /checkpoint_<i>/<config>/<set> (float64) and /checkpoint_<i>/sample_ids/<set>.
 
-    tmp = path.with_name(path.name + ".tmp")
-    if tmp.exists():
-        tmp.unlink()
-    with h5py.File(tmp, "w") as f:
+    Written as ``ood_scores.h5.tmp`` and renamed when complete; a write the system refuses (disk
+    full, ...) deletes the tmp file and raises IOFailure naming the file (:class:`AtomicH5`)."""
+    from ibscope._h5io import AtomicH5
+
+    with AtomicH5(path, "writing the OOD scores") as w:
+        f = w.f
         f.attrs["format"] = "ibscope-ood-scores"
         f.attrs["format_version"] = FORMAT_VERSION
         f.attrs["ibscope_version"] = __version__
@@ -529,7 +522,7 @@ def _write_scores(path: Path, score_store: dict, layer: str) -> None:
                 cg = g.create_group(cid)
                 for role, s in sc.items():
                     cg.create_dataset(role, data=np.asarray(s, dtype=np.float64))
-    os.replace(tmp, path)
+            w.check()
 
 
 def read_scores(path: str | os.PathLike) -> dict[str, dict[str, dict[str, np.ndarray]]]:
