@@ -67,8 +67,12 @@ def mutual_information(x, y, method: str = "ksg", *, null_permutations: int = 0,
     fields = {f.name for f in dataclasses.fields(cls)}
     seed = params.get("seed") if "seed" in fields else params.pop("seed", None)
     if null_seed is None:
-        null_seed = seed if seed is not None else 0
-    check_settings(null_permutations, null_seed)
+        null_seed = registry.coerce_param(cls, "seed", seed) if "seed" in fields and seed is not None else seed
+        null_seed = 0 if null_seed is None else null_seed
+    if null_permutations:
+        check_settings(null_permutations, null_seed)
+    else:
+        check_settings(null_permutations, 0)
     if discrete_y not in (None, True, False):
         raise UsageError(f"discrete_y must be None, True or False. Got {discrete_y!r}.")
     est = registry.create(method, **params)

@@ -725,23 +725,23 @@ def saturation_counts(rows: Iterable[dict]) -> dict:
 
 
 def saturation_lines(counts: dict) -> list[str]:
-    """One line per estimator with saturated cells, e.g. "binning: 24 of 24 I(T;Y) cells at the cap
-    H(Y): at this n and width the estimator cannot see compression; see docs/trust.md"."""
+    """One line per information estimator with saturated cells, e.g. "binning: 24 of 24 I(T;Y)
+    cells at the cap H(Y): at this n and width the estimator cannot see compression; see
+    docs/trust.md". Measures in other units (ranks at their full rank) are counted in the
+    provenance and the ``saturated`` column but not printed: a full-rank layer is no artefact."""
     from ibscope.estimators import registry
 
     out = []
     for name, qs in sorted(counts.items()):
         parts = [f"{c['saturated']} of {c['cells']} {q} cells at the cap {c['cap']}"
                  for q, c in qs.items() if c["saturated"]]
-        if not parts:
-            continue
         try:
-            info = registry.get(name).unit == "nats"
+            info = registry.get(name).unit in ("nats", "bits")
         except IbscopeError:
             info = True
-        why = ("at this n and width the estimator cannot see compression" if info else
-               "at this n and width the measure cannot go higher")
-        out.append(f"{name}: {', '.join(parts)}: {why}; see {TRUST_DOC}")
+        if parts and info:
+            out.append(f"{name}: {', '.join(parts)}: at this n and width the estimator cannot see compression; "
+                       f"see {TRUST_DOC}")
     return out
 
 
