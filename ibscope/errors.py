@@ -56,6 +56,13 @@ class DataError(IbscopeError, ValueError):
     exit_code = EXIT_DATA
 
 
+class ShardError(DataError):
+    """A shard of an activation store turned out damaged while its data was read (exit code 4).
+
+    Not a property of the estimate: ``ibscope estimate`` stops on it (naming the shard) instead
+    of writing a noted row, as it does for shards found bad when the store is opened."""
+
+
 class RegressionFound(IbscopeError):
     """``ibscope check`` found a curve outside its tolerance (exit code 3)."""
 
