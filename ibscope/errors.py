@@ -113,8 +113,8 @@ class IOFailure(IbscopeError):
 
 
 _IO_HINTS = {
-    "ENOSPC": "Free some space (or choose another --out), then re-run; `ibscope capture --resume` keeps the "
-              "checkpoints already captured.",
+    "ENOSPC": "Free some space (or choose another output location), then re-run the same command; completed work "
+              "is kept (`ibscope capture --resume` continues a capture).",
     "EDQUOT": "Free some space within your quota (or choose another --out), then re-run.",
     "EROFS": "The file system is read-only: choose a writable output location.",
     "EACCES": "You have no permission there: choose another output location or fix its permissions.",

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ibscope._locks import DEFAULT_LOCK_TIMEOUT, check_timeout, writer_lock
+from ibscope._paths import check_parents
 from ibscope._version import __version__
 from ibscope.errors import DataError, IbscopeError, PluginError, ShardError, UsageError, unknown_name
 from ibscope.results import KNOWN_UNITS, Results, make_row, read_results, write_results
@@ -355,6 +356,7 @@ def _store_entry(p: _Plan) -> dict:
 
 
 def _check_out(out: Path) -> None:
+    check_parents(out, "results file")  # -o afile/x: a usage error, not a failed write
     if out.is_dir():
         raise UsageError(f"The results file '{out}' is a directory; expected the path of a CSV file to write.",
                          hint=f"Pass a file name, e.g. -o {out / 'results.csv'}.")
