@@ -368,7 +368,7 @@ def write_report(results: Any, out_html: str | os.PathLike | None = None, *, ood
     out = Path(out_html) if out_html is not None else _default_out(res)
     if out.suffix.lower() not in (".html", ".htm"):
         raise UsageError(f"The report is an HTML file; the output name should end in .html. Got '{out.name}'.")
-    prepare_output(out, folder=False, what="report")  # before any work: -o under a file is a usage error
+    prepare_output(out, folder=False, what="report", create=False)  # before any work: -o under a file is exit 2
     ood_doc = load_ood(ood) if ood is not None else None
     jobs = plan_figures(res, kinds=kinds, unit=unit, runs_mode=runs_mode)
     conv = prepare(res, unit)

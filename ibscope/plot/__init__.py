@@ -245,7 +245,8 @@ def plot_results(results: Any, out_dir: str | os.PathLike | None = None, *, kind
         kinds = [*kinds, "animation"]
     anim_fmt = resolve_format(animation_format) if (animate or (kinds and "animation" in kinds)) else None
     res = load_results(results)
-    out = prepare_output(out_dir if out_dir is not None else default_out_dir(res), folder=True, what="figure folder")
+    out = prepare_output(out_dir if out_dir is not None else default_out_dir(res), folder=True, what="figure folder",
+                         create=False)
     jobs = figures(res, kinds=kinds, unit=unit, estimators=estimators, splits=splits, runs=runs, layers=layers,
                    quantities=quantities, runs_mode=runs_mode, band=band, logx=logx)
     if animate and kinds is None:
