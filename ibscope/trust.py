@@ -1,0 +1,190 @@
+"""Reading estimates against their caps, their permutation nulls and a validation run.
+
+Torch-free helpers shared by ``ibscope plot``, ``ibscope report`` and ``ibscope validate``
+(see docs/trust.md):
+
+* :func:`is_saturated`: a row's ``saturated`` flag, or, for tables written before the column
+  was filled, the same rule computed from ``value`` and ``cap`` (within
+  :data:`SATURATION_TOLERANCE` = 1 % of the cap);
+* :func:`has_null` / :data:`NULL_MODES`: the permutation null columns ``null_mean``,
+  ``null_std``, ``p_value`` and the plot modes ``band`` / ``subtract`` / ``off``;
+* :func:`read_validation`: the ``validation.csv`` written by ``ibscope validate`` (strict:
+  a DataError naming the file and line for anything else), and :func:`truth_ranges`, which
+  turns its biases into the error bars ``ibscope plot --validation`` draws.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+from ibscope.errors import DataError, UsageError
+
+#: an estimate within this fraction of its cap is "saturated": the estimator cannot show more
+SATURATION_TOLERANCE = 0.01
+#: how plots show the permutation null of I(T;Y) (and of I(X;T) where it was computed)
+NULL_MODES = ("band", "subtract", "off")
+#: significance level the report uses to count estimates indistinguishable from their null
+ALPHA = 0.05
+
+VALIDATION_CSV = "validation.csv"
+VALIDATION_PNG = "validation.png"
+VALIDATION_JSON = "validation.json"
+#: columns of validation.csv, in order (values in ``unit``, nats as written by ``ibscope validate``)
+VALIDATION_COLUMNS = [
+    "estimator", "params", "quantity", "n_samples", "dims", "task", "family", "level", "true_value",
+    "true_value_error", "truth", "mean_estimate", "bias", "rmse", "sd", "repeats", "n_used", "unit", "seconds",
+    "note",
+]
+_V_REQUIRED = ("estimator", "params", "quantity", "n_samples", "dims", "task", "true_value", "mean_estimate",
+               "bias", "rmse")
+_V_FLOAT = {"true_value", "true_value_error", "mean_estimate", "bias", "rmse", "sd", "seconds"}
+_V_INT = {"n_samples", "repeats", "n_used"}
+
+
+def check_null_mode(mode: str) -> str:
+    if mode not in NULL_MODES:
+        raise UsageError(f"--null must be one of {', '.join(NULL_MODES)}. Got {mode!r}.",
+                         hint="band: draw null_mean ± 2·null_std; subtract: plot value − null_mean; off: ignore nulls.")
+    return mode
+
+
+def is_saturated(row: dict) -> bool | None:
+    """The row's ``saturated`` flag; computed as ``cap - value <= 1 % of |cap|`` when the table has
+    a cap but no flag (tables written before ``ibscope estimate`` filled the column); None when
+    the row has no value or no cap."""
+    flag = row.get("saturated")
+    if flag is not None:
+        return bool(flag)
+    v, cap = row.get("value"), row.get("cap")
+    if v is None or cap is None or not math.isfinite(cap) or cap <= 0:
+        return None
+    return bool(cap - v <= SATURATION_TOLERANCE * abs(cap))
+
+
+def has_null(row: dict) -> bool:
+    return row.get("null_mean") is not None and row.get("null_std") is not None
+
+
+def params_key(params: Any) -> str:
+    """Canonical JSON of an estimator's parameters (how results and validation rows are matched)."""
+    if isinstance(params, str):
+        try:
+            params = json.loads(params) if params else {}
+        except json.JSONDecodeError:
+            return params
+    return json.dumps(params or {}, sort_keys=True, default=str)
+
+
+def validation_key(row: dict) -> tuple:
+    """(estimator, parameters, quantity, n_samples, dims): what one validation covers."""
+    n = row.get("n_samples")
+    return (row["estimator"], params_key(row.get("params")), row["quantity"], None if n is None else int(n),
+            str(row.get("dims") or ""))
+
+
+def _validation_path(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        p = p / VALIDATION_CSV
+    if not p.exists():
+        raise DataError(f"Validation table not found: '{p}'.",
+                        hint="Create it with `ibscope validate RESULTS -o DIR` and pass DIR.")
+    return p
+
+
+def read_validation(path: str | os.PathLike) -> list[dict]:
+    """Rows of ``validation.csv`` (or of ``DIR/validation.csv``), numbers parsed, params as dicts.
+
+    Raises DataError (exit 4) for a missing file, a file that is not UTF-8 CSV, missing columns
+    or a malformed number, naming the file and line.
+    """
+    p = _validation_path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"'{p}' is not a validation table: it is not UTF-8 text (offset {exc.start}).") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    header = reader.fieldnames or []
+    missing = [c for c in _V_REQUIRED if c not in header]
+    if missing:
+        raise DataError(f"'{p}' is not a validation table: missing column(s) {missing}.",
+                        hint="Pass the folder written by `ibscope validate` (it holds validation.csv).")
+    rows = []
+    for i, raw in enumerate(reader, start=2):
+        row: dict[str, Any] = {}
+        for c in header:
+            v = (raw.get(c) or "").strip()
+            if c in _V_FLOAT:
+                try:
+                    row[c] = float(v) if v else None
+                except ValueError:
+                    raise DataError(f"{p}:{i}: column '{c}' must be a number. Got {v!r}.") from None
+            elif c in _V_INT:
+                try:
+                    row[c] = int(v) if v else None
+                except ValueError:
+                    raise DataError(f"{p}:{i}: column '{c}' must be an integer. Got {v!r}.") from None
+            elif c == "params":
+                try:
+                    row[c] = json.loads(v) if v else {}
+                except json.JSONDecodeError:
+                    raise DataError(f"{p}:{i}: column 'params' must be a JSON object. Got {v!r}.") from None
+            else:
+                row[c] = v
+        row.setdefault("unit", "nats")
+        if row["unit"] not in ("nats", "bits"):
+            raise DataError(f"{p}:{i}: unit must be nats or bits. Got {row['unit']!r}.")
+        rows.append(row)
+    return rows
+
+
+def truth_ranges(vrows: Iterable[dict], unit: str = "nats") -> dict[tuple, tuple[float, float, int]]:
+    """Per :func:`validation_key`: (smallest bias, largest bias, number of tasks) in ``unit``.
+
+    A plotted estimate v of that key gets the error bar [v - largest bias, v - smallest bias]
+    (joined with v itself): where the truth lies if the estimator erred on the user's data as
+    it did on one of the validation tasks. Tasks without a bias (failed) are left out.
+    """
+    out: dict[tuple, list] = {}
+    for r in vrows:
+        b = r.get("bias")
+        if b is None or not math.isfinite(b):
+            continue
+        f = 1.0
+        if r.get("unit", "nats") != unit:
+            f = 1 / math.log(2) if unit == "bits" else math.log(2)
+        out.setdefault(validation_key(r), []).append(b * f)
+    return {k: (min(v), max(v), len(v)) for k, v in out.items()}
+
+
+def write_csv_atomic(path: Path, columns: list[str], rows: Iterable[dict]) -> Path:
+    """Write a CSV under a temporary name, then rename it into place."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(columns)
+            for r in rows:
+                out = []
+                for c in columns:
+                    v = r.get(c)
+                    if v is None:
+                        out.append("")
+                    elif c == "params":
+                        out.append(params_key(v))
+                    elif isinstance(v, float):
+                        out.append(repr(v))
+                    else:
+                        out.append(str(v))
+                w.writerow(out)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
