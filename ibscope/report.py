@@ -205,12 +205,13 @@ def trust_counts(rows: list[dict]) -> dict:
     """Per (estimator setting, quantity): saturation and null counts of the valued estimate rows.
 
     Returns ``{(Setting, quantity): {"estimates", "with_cap", "saturated", "computed_flags", "with_null",
-    "above_chance", "chance", "p_min"}}`` where ``chance`` counts p > 0.05 (not distinguishable
-    from the permutation null) and ``computed_flags`` the rows whose flag was computed from value
-    and cap (tables written before estimate filled the ``saturated`` column).
+    "above_chance", "chance", "p_min"}}`` where ``chance`` counts the estimates inside their null
+    band, null_mean ± 2 null_std (:func:`ibscope.trust.within_null`), ``above_chance`` those
+    above it, and ``computed_flags`` the rows whose flag was computed from value and cap (tables
+    written before estimate filled the ``saturated`` column).
     """
     from ibscope.plot._data import METRICS, Setting
-    from ibscope.trust import ALPHA, has_null, is_saturated
+    from ibscope.trust import is_saturated, within_null
 
     out: dict = {}
     for r in rows:
@@ -226,13 +227,12 @@ def trust_counts(rows: list[dict]) -> dict:
             c["saturated"] += bool(flag)
             c["computed_flags"] += r.get("saturated") is None
             c["caps"].add(round(float(r["cap"]), 6))
-        if has_null(r) and r.get("p_value") is not None:
+        inside = within_null(r)
+        if inside is not None:
             c["with_null"] += 1
-            if r["p_value"] <= ALPHA:
-                c["above_chance"] += 1
-            else:
-                c["chance"] += 1
-            c["p_min"] = r["p_value"] if c["p_min"] is None else min(c["p_min"], r["p_value"])
+            c["chance" if inside else "above_chance"] += 1
+            if r.get("p_value") is not None:
+                c["p_min"] = r["p_value"] if c["p_min"] is None else min(c["p_min"], r["p_value"])
     return out
 
 
@@ -279,7 +279,7 @@ def _validation_section(vdir: Path, unit: str) -> str:
 def _trust_section(rows: list[dict], unit: str, validation: str | os.PathLike | None, shown: int = 12) -> str:
     """The report's "Can these numbers be trusted?" section (rows already in ``unit``)."""
     from ibscope.plot._data import METRICS
-    from ibscope.trust import ALPHA, has_null
+    from ibscope.trust import within_null
 
     counts = trust_counts(rows)
     parts = ["<p>Every number above is an estimate. Three checks say how far to trust it (how to read them: "
@@ -295,7 +295,7 @@ def _trust_section(rows: list[dict], unit: str, validation: str | os.PathLike | 
             caps = ", ".join(_fmt(x) for x in sorted(c["caps"]))
             pct = 100.0 * c["saturated"] / c["with_cap"]
             trs.append(f"<tr><td class='l'>{_e(s.label())}</td><td class='l'>{_e(q)}</td><td>{c['with_cap']}</td>"
-                       f"<td class='{'best' if c['saturated'] == 0 else ''}'>{c['saturated']}</td><td>{pct:.0f} %</td>"
+                       f"<td>{c['saturated']}</td><td>{pct:.0f} %</td>"
                        f"<td class='l'>{_e(caps)} {_e(unit)}</td></tr>")
         parts.append("<h3>Saturation</h3><p class='note'>Estimates within 1 % of their cap (drawn hollow in the "
                      "figures). At the cap the estimator cannot see compression (I(X;T)) or learning (I(T;Y)) at "
@@ -310,23 +310,24 @@ def _trust_section(rows: list[dict], unit: str, validation: str | os.PathLike | 
     if null_rows:
         trs = "".join(
             f"<tr><td class='l'>{_e(s.label())}</td><td class='l'>{_e(q)}</td><td>{c['with_null']}</td>"
-            f"<td>{c['above_chance']}</td><td class='{'' if c['chance'] == 0 else 'warn'}'>{c['chance']}</td>"
+            f"<td>{c['above_chance']}</td><td>{c['chance']}</td>"
             f"<td>{_fmt(c['p_min'])}</td></tr>" for s, q, c in null_rows)
-        chance = [r for r in rows if r["estimator"] != METRICS and r["value"] is not None and has_null(r)
-                  and r.get("p_value") is not None and r["p_value"] > ALPHA]
+        chance = [r for r in rows if r["estimator"] != METRICS and within_null(r)]
         items = "".join(
             f"<li>{_e(r['estimator'])} {_e(r['quantity'])} at layer {_e(r['layer'])}, split {_e(r['split'])}, "
             f"{'epoch ' + str(r['epoch']) if r.get('epoch') is not None else 'checkpoint ' + str(r['checkpoint'])}: "
-            f"{_fmt(r['value'])} {_e(unit)}, null {_fmt(r['null_mean'])} ± {_fmt(r['null_std'])}, "
-            f"p = {_fmt(r['p_value'])}</li>" for r in chance[:shown])
+            f"{_fmt(r['value'])} {_e(unit)}, null {_fmt(r['null_mean'])} ± {_fmt(r['null_std'])}"
+            + (f", p = {_fmt(r['p_value'])}" if r.get("p_value") is not None else "") + "</li>" for r in chance[:shown])
         more = f"<li>... and {len(chance) - shown} more (see the CSV)</li>" if len(chance) > shown else ""
         parts.append(
             "<h3>Permutation nulls</h3><p class='note'>Each estimate with a null was recomputed with the rows of Y "
-            "(or X) shuffled; p = (1 + #{null ≥ value}) / (N + 1). With N permutations the smallest possible p is "
-            f"1/(N + 1). Estimates with p &gt; {ALPHA} are not distinguishable from chance at this n and "
-            "width.</p><table><tr><th class='l'>estimator</th><th class='l'>quantity</th><th>estimates with a null"
-            f"</th><th>p ≤ {ALPHA} (above chance)</th><th>p &gt; {ALPHA} (chance)</th><th>smallest p</th></tr>{trs}"
-            "</table>" + (f"<p class='note'>Not distinguishable from chance:</p><ul>{items}{more}</ul>" if chance else ""))
+            "(or X) shuffled: the null is what the estimator reports when there is no dependence at all. An estimate "
+            "inside its null band (null mean ± 2 sd, hatched in the figures) cannot be told from chance at this n "
+            "and width. p = (1 + #{null ≥ value}) / (N + 1) cannot go below 1/(N + 1) with N permutations (0.091 "
+            "for N = 10), so read the band, and p against that floor.</p><table><tr><th class='l'>estimator</th>"
+            "<th class='l'>quantity</th><th>estimates with a null</th><th>above the band</th><th>inside the band "
+            f"(chance)</th><th>smallest p</th></tr>{trs}</table>"
+            + (f"<p class='note'>Not distinguishable from chance:</p><ul>{items}{more}</ul>" if chance else ""))
     else:
         parts.append("<h3>Permutation nulls</h3><p class='note'>This table holds no permutation nulls (the columns "
                      "null_mean, null_std, p_value are empty). <code>ibscope estimate</code> computes them for "

@@ -29,8 +29,6 @@ from ibscope.errors import DataError, UsageError
 SATURATION_TOLERANCE = 0.01
 #: how plots show the permutation null of I(T;Y) (and of I(X;T) where it was computed)
 NULL_MODES = ("band", "subtract", "off")
-#: significance level the report uses to count estimates indistinguishable from their null
-ALPHA = 0.05
 
 VALIDATION_CSV = "validation.csv"
 VALIDATION_PNG = "validation.png"
@@ -69,6 +67,15 @@ def is_saturated(row: dict) -> bool | None:
 
 def has_null(row: dict) -> bool:
     return row.get("null_mean") is not None and row.get("null_std") is not None
+
+
+def within_null(row: dict, k: float = 2.0) -> bool | None:
+    """True when the value lies inside the band the plots draw, null_mean ± k·null_std (it cannot be
+    told from chance at this n and width); None without a null. The band, not the p-value, is the
+    criterion: with N permutations p cannot go below 1/(N + 1), which is 0.09 for N = 10."""
+    if not has_null(row) or row.get("value") is None:
+        return None
+    return bool(row["value"] <= row["null_mean"] + k * row["null_std"])
 
 
 def params_key(params: Any) -> str:

@@ -117,7 +117,7 @@ def figures(results: Any, *, kinds: Sequence[str] | None = None, unit: str = "bi
                          quantities=quantities), unit)
     res, trust = apply_trust(res, null, validation)
     rows = res.rows
-    trust_note = _trust_note(trust)
+    with_validation = validation is not None
     tcol = time_axis(rows)
     info = [r for r in rows if r["estimator"] != METRICS]
     metric_rows = [r for r in rows if r["estimator"] == METRICS]
@@ -164,7 +164,8 @@ def figures(results: Any, *, kinds: Sequence[str] | None = None, unit: str = "bi
                 what = ("one line per checkpoint across the layers, coloured by epoch" if view == "snapshot"
                         else "one line per layer across checkpoints, markers coloured by epoch")
                 cap = (f"{title}: {what}; {unit}; dashed lines are the caps (log n for I(X;T), H(Y) for I(T;Y))"
-                       + (f"; splits side by side: {', '.join(sp)}" if len(sp) > 1 else "") + trust_note + ".")
+                       + (f"; splits side by side: {', '.join(sp)}" if len(sp) > 1 else "")
+                       + _trust_note(srows, null, with_validation) + ".")
                 jobs.append(FigureJob(kind, f"{kind}_{sslug(s)}", cap,
                                       _bind(plane_figure, panels, suptitle=title, view=view, **kw),
                                       {"setting": s, "splits": sp}))
@@ -188,7 +189,7 @@ def figures(results: Any, *, kinds: Sequence[str] | None = None, unit: str = "bi
                 ss = settings(qrows)
                 unit_q = qrows[0]["unit"]
                 cap = (f"{q} [{unit_q}] against {tcol}, one line per layer, one panel per estimator setting "
-                       f"({'; '.join(s.label() for s in ss)})" + trust_note + ".")
+                       f"({'; '.join(s.label() for s in ss)})" + _trust_note(qrows, null, with_validation) + ".")
                 jobs.append(FigureJob(kind, f"curves_{slug(q)}", cap,
                                       _bind(curves_figure, qrows, q, settings_=ss, logx=logx, **kw),
                                       {"quantity": q}))
@@ -206,20 +207,29 @@ def figures(results: Any, *, kinds: Sequence[str] | None = None, unit: str = "bi
     return jobs
 
 
-def _trust_note(t: dict) -> str:
-    """What the figures show of saturation, nulls and validation, for captions."""
+def _trust_note(rows: Sequence[dict], null: str, with_validation: bool) -> str:
+    """What a figure shows of saturation, nulls and validation, for its caption (from its rows)."""
+    from ibscope.plot._data import SATURATED, SUBTRACTED, TRUTH_LO
+    from ibscope.trust import has_null
+
+    rows = [r for r in rows if r["estimator"] != METRICS]
     parts = []
-    if t["saturated"]:
-        parts.append(f"{t['saturated']} saturated estimate(s) (within 1 % of the cap) drawn hollow")
-    if t["null_rows"]:
-        if t["null_mode"] == "band":
-            parts.append("hatched: permutation null, mean ± 2 sd")
-        elif t["null_mode"] == "subtract":
-            parts.append(f"null mean subtracted from {t['subtracted']} estimate(s)"
-                         + (f"; {t['without_null']} without a null drawn as estimated" if t["without_null"] else ""))
-    if t["validated"]:
-        parts.append(f"error bars: bias range measured by `ibscope validate` ({t['validated']} estimate(s)"
-                     + (f"; {t['not_validated']} not covered by the validation" if t["not_validated"] else "") + ")")
+    sat = sum(bool(r.get(SATURATED)) for r in rows)
+    if sat:
+        parts.append(f"{sat} saturated estimate(s) (within 1 % of the cap) drawn hollow")
+    with_q = {r["quantity"] for r in rows if r.get(SUBTRACTED) or has_null(r)}
+    if with_q and null == "band":
+        parts.append("hatched: permutation null, mean ± 2 sd")
+    elif with_q and null == "subtract":
+        sub = sum(bool(r.get(SUBTRACTED)) for r in rows)
+        without = sum(1 for r in rows if r["quantity"] in with_q and not r.get(SUBTRACTED))
+        parts.append(f"null mean subtracted from {sub} estimate(s)"
+                     + (f"; {without} without a null drawn as estimated" if without else ""))
+    if with_validation:
+        done = sum(r.get(TRUTH_LO) is not None for r in rows)
+        info = sum(r["unit"] in ("nats", "bits") for r in rows)
+        parts.append(f"error bars: bias range measured by `ibscope validate` ({done} estimate(s)"
+                     + (f"; {info - done} not covered by the validation" if info > done else "") + ")")
     return ("; " + "; ".join(parts)) if parts else ""
 
 
