@@ -9,7 +9,7 @@ Torch-free helpers shared by ``ibscope plot``, ``ibscope report`` and ``ibscope 
 * :func:`has_null` / :data:`NULL_MODES`: the permutation null columns ``null_mean``,
   ``null_std``, ``p_value`` and the plot modes ``band`` / ``subtract`` / ``off``;
 * :func:`read_validation`: the ``validation.csv`` written by ``ibscope validate`` (strict:
-  a DataError naming the file and line for anything else), and :func:`truth_ranges`, which
+  a DataError naming the file and line for anything else), and :func:`truth_interval`, which
   turns its biases into the error bars ``ibscope plot --validation`` draws.
 """
 
@@ -151,23 +151,42 @@ def read_validation(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
-def truth_ranges(vrows: Iterable[dict], unit: str = "nats") -> dict[tuple, tuple[float, float, int]]:
-    """Per :func:`validation_key`: (smallest bias, largest bias, number of tasks) in ``unit``.
-
-    A plotted estimate v of that key gets the error bar [v - largest bias, v - smallest bias]
-    (joined with v itself): where the truth lies if the estimator erred on the user's data as
-    it did on one of the validation tasks. Tasks without a bias (failed) are left out.
-    """
+def validation_tasks(vrows: Iterable[dict], unit: str = "nats") -> dict[tuple, list[tuple[float, float, float]]]:
+    """Per :func:`validation_key`: the (mean estimate, bias, sd) of its tasks in ``unit`` (tasks that
+    did not run are left out)."""
     out: dict[tuple, list] = {}
     for r in vrows:
-        b = r.get("bias")
-        if b is None or not math.isfinite(b):
+        b, e = r.get("bias"), r.get("mean_estimate")
+        if b is None or e is None or not (math.isfinite(b) and math.isfinite(e)):
             continue
         f = 1.0
         if r.get("unit", "nats") != unit:
             f = 1 / math.log(2) if unit == "bits" else math.log(2)
-        out.setdefault(validation_key(r), []).append(b * f)
-    return {k: (min(v), max(v), len(v)) for k, v in out.items()}
+        out.setdefault(validation_key(r), []).append((e * f, b * f, (r.get("sd") or 0.0) * f))
+    return out
+
+
+def truth_interval(value: float, tasks: list[tuple[float, float, float]]) -> tuple[float, float] | None:
+    """Where the truth lies for an estimate ``value``, from the validation tasks of its key.
+
+    The tasks whose mean estimate is close to ``value`` are the relevant ones: those whose mean
+    estimate lies within max(2 sd, 2 % of |value|, 0.01) of it, joined with the nearest task on
+    either side (the two that bracket it). Each says "an estimate here came from a truth of
+    estimate − bias"; the interval spans value − bias over them (and value itself), floored at 0.
+    A saturated estimate gets the wide interval it deserves: every task that read at the cap,
+    whatever its truth, is close to it.
+    """
+    if not tasks:
+        return None
+    sel = {i for i, (e, _, sd) in enumerate(tasks) if abs(e - value) <= max(2 * sd, 0.02 * abs(value), 0.01)}
+    below = [i for i, (e, _, _) in enumerate(tasks) if e <= value]
+    above = [i for i, (e, _, _) in enumerate(tasks) if e >= value]
+    if below:
+        sel.add(max(below, key=lambda i: tasks[i][0]))
+    if above:
+        sel.add(min(above, key=lambda i: tasks[i][0]))
+    truths = [value - tasks[i][1] for i in sel] + [value]
+    return max(0.0, min(truths)), max(truths)
 
 
 def write_csv_atomic(path: Path, columns: list[str], rows: Iterable[dict]) -> Path:

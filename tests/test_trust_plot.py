@@ -191,10 +191,14 @@ def test_validation_error_bars_span_the_measured_biases(tmp_path):
     bars = by_gid(fig, "curve:probe:fc1:validation")
     segs = [s for a in bars for s in (a.get_segments() if hasattr(a, "get_segments") else [])]
     assert len(segs) == 3
+    # tasks: mean estimate 0.1 nats (bias -0.2) and 0.4 nats (bias +0.1). The estimate 0.347 nats
+    # (epoch 0) lies between them: the truth is in [v - 0.1, v + 0.2]. 0.416 and 0.485 (epochs 9, 99)
+    # lie above both: only the nearest task (0.4, bias +0.1) speaks for them: [v - 0.1, v].
+    want = {0: (-0.1, 0.2), 1: (-0.1, 0.0), 2: (-0.1, 0.0)}
     for seg, ci in zip(sorted(segs, key=lambda s: s[0][0]), range(3)):
         v = v_ity(ci, 0)
-        # truth would lie in [v - largest bias, v - smallest bias] = [v - 0.1, v + 0.2] nats
-        assert sorted(seg[:, 1]) == pytest.approx([(v - 0.1) / LN2, (v + 0.2) / LN2], abs=1e-12)
+        lo, hi = want[ci]
+        assert sorted(seg[:, 1]) == pytest.approx([(v + lo) / LN2, (v + hi) / LN2], abs=1e-12)
     assert "error bars: bias range measured by `ibscope validate` (6 estimate(s))" in jobs[0].caption
     ixt_job = [j for j in figures(p, kinds=["curves"], validation=vdir) if j.meta["quantity"] == "I(X;T)"][0]
     assert "(0 estimate(s); 6 not covered by the validation)" in ixt_job.caption  # no I(X;T) task in the table
@@ -202,6 +206,19 @@ def test_validation_error_bars_span_the_measured_biases(tmp_path):
                 if (a.get_gid() or "").endswith(":validation")]
     plane = job(p, "trajectory", validation=vdir)
     assert by_gid(plane, "validation:fc1")
+
+
+def test_truth_interval_reads_the_tasks_near_the_estimate():
+    from ibscope.trust import truth_interval
+
+    # three tasks read at the cap (about 1.0) whatever their truth; one reads 0.5 without bias
+    tasks = [(0.99, 0.95, 0.001), (0.998, 0.6, 0.001), (1.0, 0.04, 0.001), (0.5, 0.0, 0.01)]
+    assert truth_interval(1.0, tasks) == pytest.approx((0.05, 1.0))  # saturated: any truth 0.05 .. 1.0
+    assert truth_interval(0.5, tasks) == pytest.approx((0.5, 0.5))
+    # bracketed by 0.5 (bias 0: truth 0.7) and 0.99 (bias 0.95: truth -0.25, floored at 0)
+    assert truth_interval(0.7, tasks) == pytest.approx((0.0, 0.7))
+    assert truth_interval(0.02, [(0.5, 0.6, 0.0)]) == (0.0, 0.02)  # floored at 0
+    assert truth_interval(1.0, []) is None
 
 
 def test_plot_cli_null_and_validation_render(tmp_path):

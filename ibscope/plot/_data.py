@@ -29,7 +29,8 @@ import numpy as np
 
 from ibscope.errors import DataError, UsageError, unknown_name
 from ibscope.results import INFO_UNITS, Results, read_results
-from ibscope.trust import check_null_mode, has_null, is_saturated, truth_ranges, validation_key
+from ibscope.trust import check_null_mode, has_null, is_saturated, validation_key, validation_tasks
+from ibscope.trust import truth_interval as truth_interval_of
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +167,7 @@ def apply_trust(res: Results, null: str = "band", validation: Any = None) -> tup
     """Rows as plotted: saturation flags fixed from the estimates as estimated, the permutation null
     subtracted (``null="subtract"``: value - null_mean where the row has a null) or dropped
     (``"off"``), and, with ``validation`` (a folder or validation.csv of ``ibscope validate``, or its
-    rows), error bars [v - largest bias, v - smallest bias] joined with v. Call after :func:`prepare`
+    rows), error bars: where the truth lies for each estimate. Call after :func:`prepare`
     (values already in the plot unit). Returns the rows and a summary (counts for captions).
     """
     from ibscope.trust import read_validation
@@ -176,7 +177,7 @@ def apply_trust(res: Results, null: str = "band", validation: Any = None) -> tup
     if validation is not None:
         vrows = read_validation(validation) if isinstance(validation, (str, os.PathLike)) else list(validation)
         units = {r["unit"] for r in res.rows if r["unit"] in INFO_UNITS}
-        ranges = truth_ranges(vrows, next(iter(units)) if units else "nats")
+        ranges = validation_tasks(vrows, next(iter(units)) if units else "nats")
     info = {"null_rows": 0, "subtracted": 0, "without_null": 0, "saturated": 0, "validated": 0,
             "not_validated": 0, "null_mode": null}
     out = []
@@ -187,6 +188,7 @@ def apply_trust(res: Results, null: str = "band", validation: Any = None) -> tup
         r = dict(r)
         r[SATURATED] = is_saturated(r)
         info["saturated"] += bool(r[SATURATED])
+        raw = r["value"]
         if has_null(r):
             info["null_rows"] += 1
             if null == "subtract":
@@ -198,13 +200,12 @@ def apply_trust(res: Results, null: str = "band", validation: Any = None) -> tup
         elif r["unit"] in INFO_UNITS:
             info["without_null"] += 1
         if ranges and r["unit"] in INFO_UNITS:
-            rng = ranges.get(validation_key(r))
-            if rng is None:
+            iv = truth_interval_of(raw, ranges.get(validation_key(r)) or [])
+            if iv is None:
                 info["not_validated"] += 1
             else:
-                bmin, bmax, _ = rng
-                v = r["value"]
-                r[TRUTH_LO], r[TRUTH_HI] = min(v, v - bmax), max(v, v - bmin)
+                shift = r["value"] - raw  # the null mean, when subtracted
+                r[TRUTH_LO], r[TRUTH_HI] = iv[0] + shift, iv[1] + shift
                 info["validated"] += 1
         out.append(r)
     return Results(out, res.provenance, res.path), info
