@@ -53,12 +53,15 @@ def check_null_mode(mode: str) -> str:
 
 
 def is_saturated(row: dict) -> bool | None:
-    """The row's ``saturated`` flag; computed as ``cap - value <= 1 % of |cap|`` when the table has
-    a cap but no flag (tables written before ``ibscope estimate`` filled the column); None when
-    the row has no value or no cap."""
+    """The row's ``saturated`` flag; for an information row (nats or bits) with a cap but no flag
+    (tables written before ``ibscope estimate`` filled the column) computed with the same rule,
+    ``cap - value <= 1 % of |cap|``; None otherwise (no value, no cap, or a geometry measure, whose
+    cap, the layer's width, is a fact about the layer rather than a limit of the estimator)."""
     flag = row.get("saturated")
     if flag is not None:
         return bool(flag)
+    if row.get("unit") not in ("nats", "bits"):
+        return None
     v, cap = row.get("value"), row.get("cap")
     if v is None or cap is None or not math.isfinite(cap) or cap <= 0:
         return None

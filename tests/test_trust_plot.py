@@ -141,6 +141,8 @@ def test_saturation_computed_from_the_cap_when_the_table_has_no_flags(tmp_path):
     assert is_saturated(make_row(layer="l", estimator="e", quantity="q", value=0.98, unit="nats", cap=1.0)) is False
     assert is_saturated(make_row(layer="l", estimator="e", quantity="q", value=0.991, unit="nats", cap=1.0)) is True
     assert is_saturated(make_row(layer="l", estimator="e", quantity="q", value=5.0, unit="dimensions")) is None
+    # a rank at the layer's width is a fact about the layer, not a limit of the estimator: no fallback flag
+    assert is_saturated(make_row(layer="l", estimator="e", quantity="q", value=5.0, cap=5.0, unit="dimensions")) is None
     p = write_results(tmp_path / "r.csv", rows)
     (pts,) = by_gid(job(p, "info-plane"), "layer:fc1")
     assert pts.get_facecolors()[2][3] == 0.0
