@@ -203,12 +203,11 @@ def _json_default(o: Any):
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    from ibscope._atomic import write_text_atomic
+
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, p)
-    return p
+    return write_text_atomic(p, text)
 
 
 # ------------------------------------------------------------------------------------------

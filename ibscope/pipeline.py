@@ -486,11 +486,10 @@ def _is_temp(name: str) -> bool:
 
 
 def _write_json_atomic(path: Path, obj: Any) -> Path:
+    from ibscope._atomic import write_text_atomic
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 class ContentHashes:
@@ -1065,8 +1064,6 @@ class Pipeline:
         def run() -> list[Path]:
             from ibscope.capture import capture
 
-            # passed only when set, so that a capture() without the keyword still works for the default
-            extra = {"safe_globals": list(cap["safe_globals"])} if cap["safe_globals"] else {}
             out = []
             for n in names:
                 self.say(f"  capture probe set '{n}' ({probes[n].name})")
@@ -1074,7 +1071,8 @@ class Pipeline:
                                    reduce=cap["reduce"], max_samples=cap["max_samples"], sample_seed=cap["sample_seed"],
                                    batch_size=cap["batch_size"],
                                    device=self.device, dtype=cap["dtype"], jacobian_samples=cap["jacobian_samples"],
-                                   split=n, run=cfg["name"], overwrite=True, progress=self.progress, **extra))
+                                   split=n, run=cfg["name"], overwrite=True, progress=self.progress,
+                                   safe_globals=list(cap["safe_globals"])))
             return [Path(p) for p in out]
 
         inputs = [*ck_inputs, *(probes[n] for n in names), *self.factory_inputs()]
@@ -1099,20 +1097,25 @@ class Pipeline:
         results = self.out / "results.csv"
 
         def run() -> list[Path]:
-            from ibscope.estimate import run_estimate
+            from ibscope.estimate import run_estimate, summary_lines
             from ibscope.results import provenance_path, read_results, write_results
 
             # start from an empty table: run_estimate keeps rows already in its output file, which
             # here would leave rows of estimators or parameters no longer in the config
             for old in (results, provenance_path(results)):
                 old.unlink(missing_ok=True)
-            # passed only when set, so that a run_estimate without these keywords still works for the defaults
-            extra = {**({"strict": True} if est["strict"] else {}),
-                     **({"skip_bad_shards": True} if cfg["skip_bad_shards"] else {})}
+            extra = {"strict": bool(est["strict"]), "skip_bad_shards": bool(cfg["skip_bad_shards"])}
+
+            def tell(res) -> None:  # noted cells and dropped rows: the same summary as `ibscope estimate`
+                from rich.markup import escape
+
+                for line in summary_lines(res, strict=extra["strict"]):
+                    self.say(f"  [yellow]{escape(line)}[/]")
+
             if len(groups) == 1:
                 (g, ests), = groups.items()
-                run_estimate([stores[n] for n in g], results, ests, est["params"], device=self.device,
-                             force=True, jobs=est["jobs"], progress=self.progress, **extra)
+                tell(run_estimate([stores[n] for n in g], results, ests, est["params"], device=self.device,
+                                  force=True, jobs=est["jobs"], progress=self.progress, **extra))
                 return [results, provenance_path(results)]
             tmp_dir = self.out / ".ibscope" / "estimate-parts"
             shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -1121,9 +1124,11 @@ class Pipeline:
             for i, (g, ests) in enumerate(groups.items()):
                 part = tmp_dir / f"part{i}.csv"
                 try:
-                    prov = run_estimate([stores[n] for n in g], part, ests,
-                                        {k: v for k, v in est["params"].items() if k in ests}, device=self.device,
-                                        force=True, jobs=est["jobs"], progress=self.progress, **extra).provenance
+                    res = run_estimate([stores[n] for n in g], part, ests,
+                                       {k: v for k, v in est["params"].items() if k in ests}, device=self.device,
+                                       force=True, jobs=est["jobs"], progress=self.progress, **extra)
+                    tell(res)
+                    prov = res.provenance
                 except IbscopeError as exc:
                     # --strict: a noted cell stops with exit 4 after its rows are written; write every
                     # group's rows first, then stop the same way
@@ -1201,11 +1206,10 @@ class Pipeline:
 
             if out_dir.exists():
                 shutil.rmtree(out_dir)
-            extra = {"skip_bad_shards": True} if self.cfg["skip_bad_shards"] else {}  # only when set (see estimate)
             doc = run_ood(stores[oc["fit"]], stores[oc["test"]], {n: stores[n] for n in oc["ood"]}, oc["layer"],
                           detectors=oc["detectors"], reductions=oc["reductions"], checkpoint=oc["checkpoint"],
                           out_dir=out_dir, device=self.device, progress=self.progress, seed=self.cfg["seed"],
-                          **extra, **oc["options"])
+                          skip_bad_shards=bool(self.cfg["skip_bad_shards"]), **oc["options"])
             # every file of the output set: one missing or changed makes the stage run again
             return [out_dir / "ood_metrics.json", *(out_dir / f for f in doc["output_set"]["files"]), out_dir]
 

@@ -50,15 +50,17 @@ empty value without a note, or a unit outside the known set is a :class:`DataErr
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from ibscope.errors import DataError, UsageError
+from ibscope.errors import DataError, UsageError, io_error
 
 RESULTS_FORMAT = "ibscope-results"
 RESULTS_VERSION = 1
@@ -227,6 +229,12 @@ def _read_one(p: Path, allow_empty: bool) -> tuple[list[dict], dict | None]:
             from None
     if "\x00" in text:
         raise _not_a_table(p, f"it contains NUL bytes (offset {text.index(chr(0))}): a binary file, not CSV text")
+    want = (this or {}).get("table_sha256")
+    if want and hashlib.sha256(text.encode("utf-8")).hexdigest() != want:
+        this["table_matches"] = False
+        warnings.warn(f"The provenance '{provenance_path(p)}' does not describe '{p}' as it is now: the table was "
+                      f"changed after ibscope wrote it, or a write was interrupted. Treat its provenance with care; "
+                      f"`ibscope estimate` rewrites both.", stacklevel=3)
     rows: list[dict] = []
     try:
         reader = csv.DictReader(io.StringIO(text, newline=""))
@@ -295,18 +303,28 @@ def write_results(path: str | os.PathLike, rows: Iterable[dict], provenance: dic
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(p.name + ".tmp")
     ptmp = provenance_path(p).with_suffix(".json.tmp")
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(COLUMNS)
+    for r in rows:
+        w.writerow([_fmt(c, r.get(c)) for c in COLUMNS])
+    text = buf.getvalue()
     prov = dict(provenance or {})
     prov.setdefault("format", RESULTS_FORMAT)
     prov.setdefault("format_version", RESULTS_VERSION)
+    # the sidecar names the exact table it describes: a crash between the two renames, or a
+    # table edited afterwards, is detected by readers (see _read_one)
+    prov["table_sha256"] = hashlib.sha256(text.encode("utf-8")).hexdigest()
     try:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f)
-            w.writerow(COLUMNS)
-            for r in rows:
-                w.writerow([_fmt(c, r.get(c)) for c in COLUMNS])
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
         ptmp.write_text(json.dumps(prov, indent=2, sort_keys=True, default=str), encoding="utf-8")
-        os.replace(ptmp, provenance_path(p))
         os.replace(tmp, p)
+        os.replace(ptmp, provenance_path(p))
+    except OSError as exc:
+        raise io_error(exc, str(p), "writing the results table") from None
     finally:
         for t in (tmp, ptmp):
             try:

@@ -154,3 +154,28 @@ def test_out_that_is_a_file_is_a_usage_error(stores, tmp_path):
         msg = " ".join(r.stderr.split())
         assert f"--out '{out}' {needle}" in msg and "writes a folder" in msg and "Unexpected" not in msg
     assert afile.read_text() == "x\n"
+
+
+def test_disk_full_while_writing_scores_is_a_clean_error_and_no_half_set(stores, tmp_path, monkeypatch):
+    """ENOSPC while ood_scores.h5 is written (fault injection on the HDF5 writes, os.pwrite):
+    IOFailure naming the scores file, no *.tmp left, no ood_metrics.json (the set is absent), and
+    the same call succeeds once there is space."""
+    import errno
+
+    from ibscope.errors import IOFailure
+
+    real = os.pwrite
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    out = tmp_path / "ood"
+    kw = dict(detectors=["mahalanobis"], reductions=["none"], out_dir=out, progress=False, n_bootstrap=10)
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(IOFailure) as ei:
+        run_ood(stores["fit"], stores["test"], {"near": stores["near"]}, "feat", **kw)
+    monkeypatch.setattr(os, "pwrite", real)
+    assert ei.value.message.startswith(f"No space left on device (ENOSPC) while writing the OOD scores '{out / SCORES_NAME}'.")
+    assert not list(out.rglob("*.tmp")) and not (out / JSON_NAME).exists() and not (out / SCORES_NAME).exists()
+    run_ood(stores["fit"], stores["test"], {"near": stores["near"]}, "feat", **kw)
+    assert set(read_scores(out)) and (out / JSON_NAME).exists()

@@ -343,7 +343,7 @@ def test_strict_skip_bad_shards_and_safe_globals_reach_the_stages(toy, monkeypat
 
         def fake(*args, **kwargs):
             seen[name].append({k: kwargs.pop(k) for k in keys if k in kwargs})
-            return real(*args, **kwargs)  # the real stage, without the keywords it may not know yet
+            return real(*args, **kwargs)  # the real stage, with its default for the recorded keywords
 
         monkeypatch.setattr(mod, name, fake)
 
@@ -358,11 +358,12 @@ def test_strict_skip_bad_shards_and_safe_globals_reach_the_stages(toy, monkeypat
     assert seen["run_ood"] == [{"skip_bad_shards": True}]
     stamp = json.loads((toy / "k" / ".ibscope" / "stages" / "estimate.json").read_text())
     assert stamp["config"]["estimate"]["strict"] is True and stamp["config"]["skip_bad_shards"] is True
-    # without the flags the keywords are left out (their defaults), and the changed settings re-run the stages
+    # without the flags the keywords carry their defaults, and the changed settings re-run the stages
     cfg["capture"].pop("safe_globals")
     (toy / "k.yaml").write_text(yaml.safe_dump(cfg))
     for v in seen.values():
         v.clear()
     res = run_pipeline(toy / "k.yaml", out=toy / "k", progress=False, quiet=True)
     assert res.ran() == ["capture", "estimate", "ood"]
-    assert seen == {"capture": [{}, {}], "run_estimate": [{}], "run_ood": [{}]}
+    assert seen == {"capture": [{"safe_globals": []}] * 2, "run_estimate": [{"strict": False, "skip_bad_shards": False}],
+                    "run_ood": [{"skip_bad_shards": False}]}

@@ -30,6 +30,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ibscope._atomic import write_text_atomic
 from ibscope._version import __version__
 from ibscope.errors import DataError, UsageError
 
@@ -45,13 +46,13 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 
 # --------------------------------------------------------------------------------------------
-def _open(path, role: str):
+def _open(path, role: str, skip_bad_shards: bool = False):
     from ibscope.store import Store, open_store
 
     if isinstance(path, Store):
         return path
     try:
-        return open_store(path)
+        return open_store(path, skip_bad_shards=skip_bad_shards)
     except DataError as exc:
         raise DataError(f"{role} store: {exc.message}", hint=exc.hint) from None
 
@@ -135,15 +136,6 @@ def _check_name(name: str) -> str:
 
 def config_id(detector: str, reduction: str, k: int | None) -> str:
     return f"{detector}|{reduction}" + (f"|k={k}" if k is not None else "")
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -263,6 +255,7 @@ def run_ood(
     out_dir: str | os.PathLike = "ood",
     figures: bool = True,
     progress: bool = True,
+    skip_bad_shards: bool = False,
 ) -> dict[str, Any]:
     """Score ``ood`` sets against the ID ``test`` set with a grid of detectors and reductions.
 
@@ -270,8 +263,9 @@ def run_ood(
     ``ood``: {name: store path}; ``layer``: a layer name of the stores. ``detectors``:
     "mahalanobis" and/or "knn"; ``reductions``: specs of :mod:`ibscope.ood.features`
     (e.g. "none", "std+pca:16", "umap:2"); ``ks``: k values for knn. ``checkpoint``: fit-store
-    index (-1 = last), list of indices, or "all". Returns the dict written to
-    ``out_dir/ood_metrics.json``.
+    index (-1 = last), list of indices, or "all". ``skip_bad_shards``: leave out shards that are
+    truncated, corrupt or foreign (with a warning) instead of raising DataError. Returns the dict
+    written to ``out_dir/ood_metrics.json``.
     """
     from ibscope.ood.detectors import DETECTORS, KNNDetector, MahalanobisDetector, parse_bytes, resolve_device
     from ibscope.ood.features import FeaturePipeline, canonical
@@ -307,11 +301,11 @@ def run_ood(
     _check_out_dir(out)
 
     # ---- stores ---------------------------------------------------------------------------
-    stores = {"fit": _open(fit, "fit"), "test": _open(test, "test")}
+    stores = {"fit": _open(fit, "fit", skip_bad_shards), "test": _open(test, "test", skip_bad_shards)}
     if val is not None:
-        stores["val"] = _open(val, "val")
+        stores["val"] = _open(val, "val", skip_bad_shards)
     for name, p in ood.items():
-        stores[name] = _open(p, f"OOD '{name}'")
+        stores[name] = _open(p, f"OOD '{name}'", skip_bad_shards)
     for role, st in stores.items():
         if layer not in st.layers:
             from ibscope.errors import did_you_mean
@@ -463,7 +457,7 @@ def run_ood(
 
     write_markdown_report(out, doc)
     doc[SET_KEY] = _set_record(out, [SCORES_NAME, *fig_paths, "report.md", "report.html"])
-    _atomic_write_text(out / JSON_NAME, json.dumps(_jsonable(doc), indent=1))  # last: the set is complete
+    write_text_atomic(out / JSON_NAME, json.dumps(_jsonable(doc), indent=1))  # last: the set is complete
     for w in warnings_out:
         log.warning(w)
     return doc
@@ -504,13 +498,14 @@ def _progress(enabled: bool, total: int):
 
 
 def _write_scores(path: Path, score_store: dict, layer: str) -> None:
-    """Per-sample scores: /checkpoint_<i>/<config>/<set> (float64) and /checkpoint_<i>/sample_ids/<set>."""
-    import h5py
+    """Per-sample scores: /checkpoint_<i>/<config>/<set> (float64) and /checkpoint_<i>/sample_ids/<set>.
 
-    tmp = path.with_name(path.name + ".tmp")
-    if tmp.exists():
-        tmp.unlink()
-    with h5py.File(tmp, "w") as f:
+    Written as ``ood_scores.h5.tmp`` and renamed when complete; a write the system refuses (disk
+    full, ...) deletes the tmp file and raises IOFailure naming the file (:class:`AtomicH5`)."""
+    from ibscope._h5io import AtomicH5
+
+    with AtomicH5(path, "writing the OOD scores") as w:
+        f = w.f
         f.attrs["format"] = "ibscope-ood-scores"
         f.attrs["format_version"] = FORMAT_VERSION
         f.attrs["ibscope_version"] = __version__
@@ -527,7 +522,7 @@ def _write_scores(path: Path, score_store: dict, layer: str) -> None:
                 cg = g.create_group(cid)
                 for role, s in sc.items():
                     cg.create_dataset(role, data=np.asarray(s, dtype=np.float64))
-    os.replace(tmp, path)
+            w.check()
 
 
 def read_scores(path: str | os.PathLike) -> dict[str, dict[str, dict[str, np.ndarray]]]:
