@@ -193,27 +193,24 @@ def truth_interval(value: float, tasks: list[tuple[float, float, float]]) -> tup
 
 
 def write_csv_atomic(path: Path, columns: list[str], rows: Iterable[dict]) -> Path:
-    """Write a CSV under a temporary name, then rename it into place."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f)
-            w.writerow(columns)
-            for r in rows:
-                out = []
-                for c in columns:
-                    v = r.get(c)
-                    if v is None:
-                        out.append("")
-                    elif c == "params":
-                        out.append(params_key(v))
-                    elif isinstance(v, float):
-                        out.append(repr(v))
-                    else:
-                        out.append(str(v))
-                w.writerow(out)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    """Write a CSV whole or not at all (temporary file, fsync, rename; an OSError becomes an
+    IOFailure naming the file: :func:`ibscope._atomic.write_text_atomic`)."""
+    from ibscope._atomic import write_text_atomic
+
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(columns)
+    for r in rows:
+        out = []
+        for c in columns:
+            v = r.get(c)
+            if v is None:
+                out.append("")
+            elif c == "params":
+                out.append(params_key(v))
+            elif isinstance(v, float):
+                out.append(repr(v))
+            else:
+                out.append(str(v))
+        w.writerow(out)
+    return write_text_atomic(path, buf.getvalue())

@@ -892,6 +892,9 @@ def validate_results(results: str | os.PathLike | Results, out_dir: str | os.Pat
         notes.append(f"Layer-matched tasks skipped where {why}.")
     seconds = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
+    # validation.json is written last and names the sha256 of the other files: a run killed while
+    # writing leaves no json describing files of another run
+    (out / VALIDATION_JSON).unlink(missing_ok=True)
     paths = [write_csv_atomic(out / VALIDATION_CSV, VALIDATION_COLUMNS, rows)]
     if plot and rows:
         from ibscope.plot.validation import validation_figure
@@ -910,16 +913,11 @@ def validate_results(results: str | os.PathLike | Results, out_dir: str | os.Pat
                      "use_store": use_store, "mc_mixture": MC_MIXTURE, "mc_noisy": MC_NOISY,
                      "saturation_tolerance": SATURATION_TOLERANCE},
         "keys": len(keys), "tasks": len(rows), "notes": notes, "seconds": round(seconds, 2),
+        "files": {p.name: _sha256(p) for p in paths},
     }
-    jp = out / VALIDATION_JSON
-    tmp = out / f".{VALIDATION_JSON}.tmp"
-    try:
-        tmp.write_text(json.dumps(meta, indent=2, sort_keys=True, default=str), encoding="utf-8")
-        os.replace(tmp, jp)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    paths.append(jp)
+    from ibscope._atomic import write_text_atomic
+
+    paths.append(write_text_atomic(out / VALIDATION_JSON, json.dumps(meta, indent=2, sort_keys=True, default=str)))
     return ValidationRun(rows, notes, out, seconds, paths)
 
 

@@ -224,9 +224,13 @@ def test_validate_cli_whole_table_files_and_known_binning_bias(real_table, tmp_p
         assert im.size[0] > 400 and len(np.unique(np.asarray(im.convert("L")))) > 20  # drawn, not blank
     meta = json.loads((out / "validation.json").read_text())
     assert meta["settings"]["repeats"] == 2 and meta["tasks"] == len(rows)
+    import hashlib
+
+    for name in ("validation.csv", "validation.png"):  # the json, written last, names the files of its run
+        assert meta["files"][name] == hashlib.sha256((out / name).read_bytes()).hexdigest()
     assert meta["results_sha256"] and any("not validated" in n.lower() or "layer-matched" in n.lower()
                                           for n in meta["notes"]) or meta["notes"] == []
-    assert not list(out.glob(".*tmp*"))  # written under temporary names, renamed into place
+    assert not [p for p in out.iterdir() if "tmp" in p.name]  # written under temporary names, renamed into place
 
 
 def test_validate_figure_plots_the_table(real_table, tmp_path):

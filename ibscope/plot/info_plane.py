@@ -183,8 +183,10 @@ def draw_snapshot(ax, panel: Panel, scale: style.TimeScale, mode: str, band) -> 
     panel.drawn["validation"] = draw_validation(ax, panel, xm, ym, None) or panel.drawn["validation"]
     for li, layer in enumerate(panel.x.layers):
         face, edges, widths = _hollow(scale.color(times), sat[:, li], "0.15")
-        ax.scatter(xm[:, li], ym[:, li], c=face, marker=style.layer_marker(li), s=30,
-                   edgecolors=edges, linewidths=widths, zorder=3, gid=f"layer:{layer}")
+        ok = np.isfinite(xm[:, li]) & np.isfinite(ym[:, li])  # gaps (noted cells) are not drawn
+        ax.scatter(xm[ok, li], ym[ok, li], c=face[ok], marker=style.layer_marker(li), s=30,
+                   edgecolors=[e for e, k in zip(edges, ok) if k], linewidths=widths[ok], zorder=3,
+                   gid=f"layer:{layer}")
         panel.drawn["saturated"] = panel.drawn["saturated"] or bool((sat[:, li] & np.isfinite(xm[:, li])).any())
 
 
@@ -208,8 +210,10 @@ def draw_trajectory(ax, panel: Panel, scale: style.TimeScale, mode: str, band, c
                         yerr=[ym[:, li] - ylo[:, li], yhi[:, li] - ym[:, li]], fmt="none", ecolor=col,
                         alpha=0.35, elinewidth=0.8, zorder=1)
         face, edges, widths = _hollow(scale.color(times), sat[:, li], col)
-        ax.scatter(xm[:, li], ym[:, li], c=face, marker=style.layer_marker(li), s=30,
-                   edgecolors=edges, linewidths=widths, zorder=3, gid=f"layer:{layer}")
+        ok = np.isfinite(xm[:, li]) & np.isfinite(ym[:, li])
+        ax.scatter(xm[ok, li], ym[ok, li], c=face[ok], marker=style.layer_marker(li), s=30,
+                   edgecolors=[e for e, k in zip(edges, ok) if k], linewidths=widths[ok], zorder=3,
+                   gid=f"layer:{layer}")
         panel.drawn["saturated"] = panel.drawn["saturated"] or bool((sat[:, li] & np.isfinite(xm[:, li])).any())
 
 
