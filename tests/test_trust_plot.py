@@ -329,3 +329,13 @@ def test_real_table_without_nulls_plots_and_reports(tmp_path):
         i = next(k for k in range(len(cells) - 1) if cells[k] == Setting.of(rows_q[0]).label() and cells[k + 1] == q)
         assert cells[i + 2:i + 4] == [str(len(rows_q)), str(sum(bool(is_saturated(r)) for r in rows_q))]
     assert sat > 0  # 120 probe inputs, 6 tanh units, 30 bins: the first layer's I(X;T) sits at log n
+
+
+def test_trust_helpers_and_validation_figure_do_not_pull_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, ibscope.trust, ibscope.plot.validation, ibscope.cli.validate, ibscope.report;"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
