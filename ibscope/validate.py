@@ -491,7 +491,6 @@ def tasks_labels(ctx: _Ctx, families: Sequence[str]) -> list[Task]:
     rng0 = np.random.default_rng(ctx.seed + 17)
     nu = _class_means(k, d, rng0)
     c = ctx.scale
-    kde_note = ""
     out: list[Task] = []
 
     def var_of(extra: dict) -> float:
@@ -537,7 +536,7 @@ def tasks_labels(ctx: _Ctx, families: Sequence[str]) -> list[Task]:
 
         out.append(Task(f"embedding ({m}-D class mixture, tanh into {d} units)", "embedding", "mid", "I(T;Y)", draw,
                         truth, note=("truth without the KDE noise (an upper bound on the KDE target)"
-                                     if ctx.kde else kde_note)))
+                                     if ctx.kde else "")))
     if "layer" in families and ctx.layer is not None and ctx.layer.get("class_means") is not None:
         mu = ctx.layer["class_means"]
         cov = ctx.layer["within_cov"]
@@ -827,12 +826,15 @@ def validate_results(results: str | os.PathLike | Results, out_dir: str | os.Pat
             notes.append(f"{key.label}: not validated ({exc.message})")
             continue
         layer = None
-        if use_store and "layer" in fams and key.layer_ref is not None:
+        if use_store and key.layer_ref is not None:
             layer, why = layer_stats(key.layer_ref, key, layer_cache)
             if why:
                 unreachable.add(why)
-        elif use_store and "layer" in fams:
+        elif use_store:
             unreachable.add("the results' provenance names no store for some rows")
+        if (layer is not None and layer.get("priors") is not None and key.quantity == "I(T;Y)"
+                and key.dims[1] == 1):  # the store's labels are integers: their exact class frequencies
+            key.y_discrete, key.priors = True, np.asarray(layer["priors"], float)
         ctx = _Ctx(key, est, layer, dev, seed)
         if key.quantity == "I(T;Y)" and key.y_discrete:
             tasks = tasks_labels(ctx, fams)
@@ -847,9 +849,7 @@ def validate_results(results: str | os.PathLike | Results, out_dir: str | os.Pat
             ests, truths, errs, fails = [], [], [], []
             for r in range(repeats):
                 rng = np.random.default_rng([seed, ki, r, FAMILIES.index(task.family), len(rows)])
-                a, b = task.draw(rng, key.n_used)
-                if key.quantity == "I(T;Y)":
-                    pass  # draw returns (T, Y) already
+                a, b = task.draw(rng, key.n_used)  # in the estimator's order: (X, T) or (T, Y)
                 try:
                     e = _estimate(est, a, b, dev)
                 except IbscopeError as exc:
@@ -889,7 +889,9 @@ def validate_results(results: str | os.PathLike | Results, out_dir: str | os.Pat
     for x, where in key_notes.items():
         notes.append(f"{x[0].upper()}{x[1:]} ({', '.join(where)}).")
     for why in sorted(unreachable):
-        notes.append(f"Layer-matched tasks skipped where {why}.")
+        notes.append(f"Layer-matched tasks skipped where {why}." if "layer" in fams else
+                     f"The store was not read where {why}: class frequencies taken from H(Y).")
+    notes = list(dict.fromkeys(notes))
     seconds = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
     # validation.json is written last and names the sha256 of the other files: a run killed while

@@ -13,7 +13,6 @@ import math
 import textwrap
 from typing import Sequence
 
-import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
