@@ -69,6 +69,8 @@ FAMILIES = ("gaussian", "mixture", "discrete-layer", "embedding", "layer")
 PAIR = ("I(X;T)", "I(T;Y)")
 DEFAULT_REPEATS = 3
 DEFAULT_MAX_N = 10_000
+#: at most this many layer widths (dims) per (estimator, parameters, quantity, n); 0 = all
+DEFAULT_MAX_WIDTHS = 4
 #: Monte Carlo sample sizes: final truths, and the cheaper ones used to tune a task's level
 MC_MIXTURE = 20_000
 MC_MIXTURE_TUNE = 4_000
@@ -232,6 +234,32 @@ def plan_keys(res: Results, *, estimators: Sequence[str] | None = None,
         keys.append(key)
     keys.sort(key=lambda k: (k.estimator, params_key(k.params), PAIR.index(k.quantity), k.n, k.dims))
     return keys, notes
+
+
+def thin_widths(keys: list[Key], most: int) -> tuple[list[Key], list[str]]:
+    """At most ``most`` layer widths per (estimator, parameters, quantity, n): the narrowest, the
+    widest and evenly spaced ones between (by the number of units); ``most`` = 0 keeps all.
+    Returns the kept keys and a note naming what was left out."""
+    if most == 0:
+        return keys, []
+    groups: dict[tuple, list[Key]] = {}
+    for k in keys:
+        groups.setdefault((k.estimator, params_key(k.params), k.quantity, k.n), []).append(k)
+    kept, left = [], []
+    for g in groups.values():
+        g = sorted(g, key=lambda k: (k.dims[1] if k.quantity == "I(X;T)" else k.dims[0], k.dims))
+        if len(g) <= most:
+            kept += g
+            continue
+        idx = sorted({round(i * (len(g) - 1) / (most - 1)) for i in range(most)})
+        kept += [g[i] for i in idx]
+        left += [f"{g[i].estimator} {g[i].quantity} {g[i].dims_text}" for i in range(len(g)) if i not in idx]
+    order = {id(k): i for i, k in enumerate(keys)}
+    kept.sort(key=lambda k: order[id(k)])
+    notes = [f"Subsampled to {most} layer widths per estimator, quantity and n (--max-widths; the narrowest, the "
+             f"widest and evenly spaced ones between): not validated {', '.join(left)}. Their plot error bars are "
+             "left out."] if left else []
+    return kept, notes
 
 
 def target_levels(key: Key, upper: float | None) -> list[float]:
@@ -781,7 +809,7 @@ def validate_results(results: str | os.PathLike | Results, out_dir: str | os.Pat
                      repeats: int = DEFAULT_REPEATS, seed: int = 0, max_n: int = DEFAULT_MAX_N,
                      families: Sequence[str] | None = None, estimators: Sequence[str] | None = None,
                      quantities: Sequence[str] | None = None, device: str = "cpu", use_store: bool = True,
-                     plot: bool = True, unit: str = "bits",
+                     plot: bool = True, unit: str = "bits", max_widths: int = DEFAULT_MAX_WIDTHS,
                      progress: Callable[[int, int, str], None] | None = None) -> ValidationRun:
     """Validate every (estimator, parameters, quantity, n, dims) of a results table; write DIR.
 
@@ -797,6 +825,9 @@ def validate_results(results: str | os.PathLike | Results, out_dir: str | os.Pat
         raise UsageError(f"--repeats must be an integer >= 1. Got {repeats!r}.")
     if not isinstance(max_n, int) or max_n < 16:
         raise UsageError(f"--max-n must be an integer >= 16. Got {max_n!r}.")
+    if not isinstance(max_widths, int) or max_widths < 0 or max_widths == 1:
+        raise UsageError(f"--max-widths must be 0 (all) or an integer >= 2. Got {max_widths!r}.",
+                         hint="Two widths at least: the narrowest and the widest layer.")
     fams = list(dict.fromkeys(families or FAMILIES))
     for f in fams:
         if f not in FAMILIES:
@@ -808,6 +839,8 @@ def validate_results(results: str | os.PathLike | Results, out_dir: str | os.Pat
     dev = str(resolve_device(device))
     res = results if isinstance(results, Results) else read_results(results)
     keys, notes = plan_keys(res, estimators=estimators, quantities=quantities)
+    keys, thinned = thin_widths(keys, max_widths)
+    notes += thinned
     layer_cache: dict = {}
     key_notes: dict[str, list[str]] = {}
     rows: list[dict] = []

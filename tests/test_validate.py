@@ -268,3 +268,17 @@ def test_errors_have_exit_codes(real_table, tmp_path):
         validate_results(real_table / "results.csv", tmp_path / "v", max_n=3)
     with pytest.raises(DataError):
         read_validation(real_table / "results.csv")  # a results table is not a validation table
+
+
+def test_thin_widths_keeps_the_narrowest_the_widest_and_between(tmp_path):
+    from ibscope.validate import Key, thin_widths
+
+    keys = [Key("binning", {}, "I(X;T)", 100, (1, d), f"1x{d}", [1.0], [], False) for d in (10, 7, 5, 4, 3, 2)]
+    keys += [Key("binning", {}, "I(T;Y)", 100, (d, 1), f"{d}x1", [0.5], [], False) for d in (10, 2)]
+    kept, notes = thin_widths(keys, 4)
+    assert sorted(k.dims[1] for k in kept if k.quantity == "I(X;T)") == [2, 4, 5, 10]
+    assert sorted(k.dims[0] for k in kept if k.quantity == "I(T;Y)") == [2, 10]  # two widths: both kept
+    assert "binning I(X;T) 1x7" in notes[0] and "binning I(X;T) 1x3" in notes[0] and "--max-widths" in notes[0]
+    assert thin_widths(keys, 0) == (keys, [])
+    with pytest.raises(UsageError, match="--max-widths"):
+        validate_results(tmp_path / "r.csv", tmp_path / "v", max_widths=1)

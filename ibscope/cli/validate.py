@@ -36,6 +36,9 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed", help="Base seed of the tasks (everything is reproducible)."),
         max_n: int = typer.Option(10_000, "--max-n", help="Validate keys with more samples at this n instead (said in "
                                                           "the output; biases depend on n)."),
+        max_widths: int = typer.Option(4, "--max-widths", help="At most this many layer widths per estimator, quantity "
+                                                              "and n: the narrowest, the widest and evenly spaced "
+                                                              "ones between (said in the output); 0 = every width."),
         task: Optional[List[str]] = typer.Option(
             None, "--task", "-t", help="Task families to run (repeatable): gaussian, mixture, discrete-layer, "
                                        "embedding, layer. Default: every family that applies to each estimate."),
@@ -85,7 +88,8 @@ def register(app: typer.Typer) -> None:
             bar.update(state["task"], completed=done, total=total, description=label)
 
         t0 = time.perf_counter()
-        kw = dict(repeats=repeats, seed=seed, max_n=max_n, families=task or None, estimators=estimator or None,
+        kw = dict(repeats=repeats, seed=seed, max_n=max_n, max_widths=max_widths, families=task or None,
+                  estimators=estimator or None,
                   quantities=quantity or None, device=device, use_store=not no_store, progress=cb, unit=unit)
         if bar is not None:
             with bar:
