@@ -16,7 +16,8 @@ from ibscope.estimators.base import Estimator, as_tensor
 from ibscope.estimators.conformance import ConformanceError, check_estimator
 
 MINE = ["binning", "adaptive-binning", "kde", "kde-upper", "kde-lower", "adaptive-kde", "adaptive-kde-upper",
-        "adaptive-kde-lower", "ksg", "gaussian", "compressed", "infonce", "renyi"]
+        "adaptive-kde-lower", "ksg", "gaussian", "compressed", "infonce", "renyi", "chelombiev-binning",
+        "chelombiev-kde", "chelombiev-kde-upper", "chelombiev-kde-lower", "gcmi"]
 
 
 @pytest.mark.parametrize("name", MINE)

@@ -301,7 +301,7 @@ def test_unknown_names_and_bad_parameters():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("method", ["binning", "adaptive-binning", "kde-upper", "adaptive-kde-lower", "gaussian",
-                                    "renyi", "compressed"])
+                                    "renyi", "compressed", "chelombiev-binning", "chelombiev-kde-lower", "gcmi"])
 def test_gpu_inputs_compute_on_the_gpu_and_agree(method):
     rng = np.random.default_rng(0)
     t = rng.standard_normal((400, 3))
