@@ -14,7 +14,8 @@ leaves I(X;Y) unchanged:
                     - log G((nu+dy)/2) + (nu+dx)/2 psi((nu+dx)/2) + (nu+dy)/2 psi((nu+dy)/2)
                     - nu/2 psi(nu/2) - (nu+dx+dy)/2 psi((nu+dx+dy)/2)
   spiral        gauss-low tasks with a spiral on each side: the plane of the first two coordinates
-                rotated by an angle proportional to |x|^2 (invertible: the rotation keeps |x|)
+                rotated by the angle |x|^2 / 3 (invertible: the rotation keeps |x|; speed 1/3 as in
+                the spiral tasks of the "Beyond Normal" benchmark, Czyz et al. 2023)
   embedded      2-dim latents (Zx, Zy correlated Gaussians) embedded injectively in 16, 32 or 64
                 dims: X = Q [Zx, tanh(A Zx + a), sin(B Zx + b)] with Q a random rotation
 
@@ -83,7 +84,7 @@ def _student_correction(nu, dx, dy):
                  - nu / 2 * digamma(nu / 2) - (nu + d) / 2 * digamma((nu + d) / 2))
 
 
-def _spiral(x, speed=0.5):
+def _spiral(x, speed=1.0 / 3.0):
     if x.shape[1] < 2:
         return x
     ang = speed * (x * x).sum(1)
