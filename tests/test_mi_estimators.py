@@ -211,7 +211,8 @@ def test_compressed_recovers_dependence_in_leading_components():
     # 8 low-variance nuisance columns: PCA to 2 dims keeps exactly the informative plane
     xs = np.hstack([3 * x, 0.05 * rng.standard_normal((2000, 8))])
     ys = np.hstack([3 * y, 0.05 * rng.standard_normal((2000, 8))])
-    e = ibscope.mutual_information(xs, ys, method="compressed", latent_dim=2, k=5)
+    e = ibscope.mutual_information(xs, ys, method="compressed", latent_dim=2, k=5, compressor_x="pca",
+                                   compressor_y="pca")
     assert e.extra["latent_dims"] == [2, 2] and e.dims == (10, 10)
     assert e.value == pytest.approx(truth, abs=0.12)  # KSG tolerance as above (k=5: a bit more bias)
 

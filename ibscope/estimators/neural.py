@@ -36,6 +36,7 @@ import torch
 
 from ibscope.errors import DataError
 from ibscope.estimators import _mi
+from ibscope.estimators._train import training_threads
 from ibscope.estimators.base import Estimate, Estimator, is_discrete
 from ibscope.estimators.registry import register
 
@@ -175,7 +176,7 @@ class _NeuralMixin:
         va = perm[n_train:n_train + n_val].to(dev)
         te = perm[n_train + n_val:].to(dev)
         devices = [dev] if dev.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=devices), training_threads(dev):
             torch.manual_seed(int(self.seed))
             critic = _Critic(self.critic, a.shape[1], c.shape[1], self.hidden, self.embed).to(dev)
             opt = torch.optim.Adam(critic.parameters(), lr=float(self.lr))
