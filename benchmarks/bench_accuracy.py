@@ -199,9 +199,12 @@ def main(argv=None):
     print(f"ibscope {ibscope.__version__} ({ibscope.__file__}), torch {torch.__version__}, n = {args.n}, "
           f"seeds = {args.seeds}, device {args.device}")
     rows = []
-    for fam, tname, truth, sampler in all_tasks:
+    for ti, (fam, tname, truth, sampler) in enumerate(tasks()):
+        if args.family and fam not in args.family:
+            continue
         for seed in range(args.seeds):
-            rng = np.random.default_rng(1000 * seed + len(rows))
+            # the data of a task depend only on the task and the seed, not on which estimators run
+            rng = np.random.default_rng(1000 * seed + ti)
             x, y = sampler(args.n, rng)
             xt = torch.as_tensor(x, dtype=torch.float64, device=args.device)
             yt = torch.as_tensor(y, dtype=torch.float64, device=args.device)
