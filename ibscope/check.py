@@ -203,12 +203,11 @@ def _json_default(o: Any):
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    from ibscope._atomic import write_text_atomic
+
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, p)
-    return p
+    return write_text_atomic(p, text)
 
 
 # ------------------------------------------------------------------------------------------
@@ -374,10 +373,7 @@ def _as_results(obj: Any, what: str) -> Results:
         if Path(p).is_dir():
             raise DataError(f"The {what} results path '{p}' is a directory; expected a results CSV file.",
                             hint="Pass the -o file of `ibscope estimate` (e.g. results.csv).")
-    try:
-        return read_results(paths[0] if len(paths) == 1 else paths)
-    except UnicodeDecodeError:
-        raise DataError(f"The {what} results file is not a text (CSV) file: {', '.join(map(str, paths))}.") from None
+    return read_results(paths[0] if len(paths) == 1 else paths)  # not UTF-8 CSV text: a DataError naming the file
 
 
 def _sources(obj: Any, res: Results) -> list[str]:
@@ -389,7 +385,16 @@ def _sources(obj: Any, res: Results) -> list[str]:
 
 
 def _in_unit(res: Results, unit: str) -> list[dict]:
-    return res.to_unit(unit).rows
+    """Rows converted to ``unit``; rows without a value (cells ``ibscope estimate`` noted as not
+    estimable) are left out, so they count as missing points."""
+    return [r for r in res.to_unit(unit).rows if r["value"] is not None]
+
+
+def _noted(res: Results, what: str) -> list[str]:
+    rows = [r for r in res.rows if r["value"] is None]
+    if not rows:
+        return []
+    return [f"{len(rows)} {what} row(s) have no value and were left out (first note: {rows[0].get('note') or '-'})"]
 
 
 def _resolve_axis(align: str, tables: Sequence[list[dict]], pooled: bool) -> str:
@@ -1012,6 +1017,7 @@ def run_check(
     cur = _as_results(results, "current")
     cur_rows = _in_unit(cur, unit_v)
     report = CheckReport([], sources={"results": _sources(results, cur)})
+    report.notes += _noted(cur, "current")
     if rules is not None:
         report.sources["rules"] = src
 
@@ -1021,6 +1027,7 @@ def run_check(
         base = _as_results(baseline, "baseline")
         report.sources["baseline"] = _sources(baseline, base)
         base_rows = _in_unit(base, unit_v)
+        report.notes += _noted(base, "baseline")
         base_runs = sorted({r["run"] for r in base_rows})
         pooled = bool(seeds_v) if seeds_v is not None else (sigma_v is not None and len(base_runs) >= 2)
         if pooled:

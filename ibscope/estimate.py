@@ -6,32 +6,56 @@ For every store x checkpoint x layer T and every chosen estimator:
   binning, KDE) or the stored probe inputs (``"inputs"``: KSG, gaussian, compressed, infonce,
   renyi), and I(T;Y) with Y = the stored labels (integer labels are discrete);
 * kind "single": one row with the estimator's own quantity (effective rank, ...);
-* kind "jacobian": one row from the layer's stored Jacobian singular values; layers without
-  them are skipped, and a checkpoint with none at all is a DataError (exit code 4) saying how
-  to capture them.
+* kind "jacobian": one row from the layer's stored Jacobian spectra, for the layers that have
+  them at some checkpoint.
 
 Training metrics stored with each checkpoint become rows with estimator "metrics" and layer
 "-". Rows are written atomically to a CSV (see :mod:`ibscope.results`) with a provenance
-sidecar. Incremental: cells already in ``out`` with identical parameters are kept and not
-recomputed unless ``force``.
+sidecar, under the results file's writer lock (:func:`ibscope._locks.writer_lock`): a second
+writer waits, then merges its cells into what the first wrote.
+
+**Content keys.** Every row carries a ``key``: :func:`cell_key` of the store's config hash and
+probe hash, the checkpoint's sha256, the layer, the estimator, quantity and parameters
+(``x_source`` included) and the estimator's code version. An incremental run keeps a row of a
+store it is given only while that key still matches the store as it is now; a selected cell
+whose row does not match is recomputed. Rows of a given store that no longer match and that
+this run does not recompute (other estimators or layers) are dropped, as are rows of its
+checkpoints that are no longer in it; rows of stores not given in this run are kept as they
+are, with their provenance entries.
+
+**One cell, one failure.** A cell that cannot be estimated for a data reason (the estimator
+raises :class:`~ibscope.errors.DataError`: a constant layer, too few samples per class, a
+checkpoint without Jacobian spectra ...) gets rows with an empty value and a ``note`` naming
+the estimator, quantity, layer and checkpoint and the reason; every other cell is still
+computed. ``strict=True`` raises a DataError (exit code 4) after the table is written.
+Problems of a whole store (no inputs where X = inputs is needed, no Jacobian spectra at all
+for a Jacobian measure, an unknown layer) are errors before anything is computed or written.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import re
 import time
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from ibscope._locks import DEFAULT_LOCK_TIMEOUT, check_timeout, writer_lock
 from ibscope._version import __version__
 from ibscope.errors import DataError, IbscopeError, PluginError, UsageError, unknown_name
-from ibscope.results import Results, make_row, read_results, write_results
+from ibscope.results import KNOWN_UNITS, Results, make_row, read_results, write_results
 
 log = logging.getLogger(__name__)
 
 X_SOURCES = ("identity", "inputs")
+METRICS = "metrics"
+#: notes shown in the summary of a run (the rest are in the table's ``note`` column)
+SUMMARY_NOTES = 5
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -49,6 +73,47 @@ def metric_unit(name: str) -> str:
     if "loss" in low or "entropy" in low:
         return "nats"
     return "value"
+
+
+def code_version(estimator: str) -> str:
+    """The code version a row of ``estimator`` is keyed on: the ibscope version, plus for a
+    plug-in its entry point and the version of the distribution that provides it. An
+    estimator that is not registered (any more) gets "unregistered", which matches no key."""
+    from ibscope.estimators import registry
+
+    if estimator == METRICS:
+        return f"ibscope {__version__}"
+    try:
+        cls = registry.get(estimator)
+    except IbscopeError:
+        return "unregistered"
+    src = registry.source(estimator)
+    if src == "ibscope":
+        return f"ibscope {__version__}"
+    dist = ""
+    try:
+        from importlib.metadata import packages_distributions, version
+
+        top = cls.__module__.split(".")[0]
+        names = packages_distributions().get(top) or []
+        dist = ", ".join(f"{n} {version(n)}" for n in names)
+    except Exception:  # metadata is a courtesy: the entry point still keys the row
+        dist = ""
+    return f"ibscope {__version__}; {src}" + (f"; {dist}" if dist else "")
+
+
+def cell_key(*, config_hash: str, probe_hash: str, checkpoint_sha256: str, layer: str, estimator: str,
+             quantity: str, params: dict, code: str) -> str:
+    """The content key of one row: 16 hex digits of the sha256 of the canonical JSON of its parts.
+
+    ``params`` are the row's parameters (for I(X;T) rows including ``x_source``); ``code`` is
+    :func:`code_version` of the estimator. Two rows have the same key exactly when they were
+    (or would be) computed from the same store content with the same estimator settings and code.
+    """
+    doc = {"config_hash": config_hash, "probe_hash": probe_hash, "checkpoint_sha256": checkpoint_sha256,
+           "layer": layer, "estimator": estimator, "quantity": quantity, "params": params or {}, "code": code}
+    text = json.dumps(doc, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _specs(estimators: Iterable[str], params: dict | None) -> list[tuple[str, dict]]:
@@ -74,10 +139,15 @@ def _specs(estimators: Iterable[str], params: dict | None) -> list[tuple[str, di
     return specs
 
 
+def _ckpt_id(epoch, step, index) -> tuple:
+    return (epoch, step) if (epoch is not None or step is not None) else ("#", index)
+
+
 def _cell_key(row: dict) -> tuple:
-    ckpt = (row.get("epoch"), row.get("step")) if (row.get("epoch") is not None or row.get("step") is not None) \
-        else ("#", row.get("checkpoint"))
-    return (row["run"], row["split"], ckpt, row["layer"], row["estimator"], row["quantity"],
+    """The identity of a row in the table (not its content): run, split, checkpoint, layer,
+    estimator, quantity, parameters."""
+    return (row["run"], row["split"], _ckpt_id(row.get("epoch"), row.get("step"), row.get("checkpoint")),
+            row["layer"], row["estimator"], row["quantity"],
             json.dumps(row.get("params") or {}, sort_keys=True, default=str))
 
 
@@ -87,19 +157,40 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
+def _quantities(cls, params: dict, xs: str | None, has_labels: bool) -> list[tuple[str, dict]]:
+    """(quantity, row params) of the rows an estimator writes for one (checkpoint, layer)."""
+    if cls.kind == "pair":
+        qs = [("I(X;T)", {**params, "x_source": xs})]
+        if has_labels:
+            qs.append(("I(T;Y)", dict(params)))
+        return qs
+    return [(cls.quantity, dict(params))]
+
+
+_ARG = re.compile(r"'([xy])'")
+
+
+def _reason(exc: IbscopeError, name: str, names: dict[str, str]) -> str:
+    """The estimator's message in the words of a results table: its leading "name: " removed
+    and its argument names 'x' / 'y' replaced by what they are here (X, T or Y)."""
+    msg = exc.message.strip()
+    if msg.startswith(f"{name}: "):
+        msg = msg[len(name) + 2:]
+    msg = _ARG.sub(lambda m: names.get(m.group(1), m.group(0)), msg)
+    return " ".join(msg.split())
+
+
 # ----------------------------------------------------------------------------- the work of one cell
-def _compute_cell(store_path: str, ckpt_index: int, layer: str, specs: list[tuple[str, dict]], device: str,
-                  x_source: str | None, want: set | None, meta: dict) -> list[dict]:
-    """All rows of one (store, checkpoint, layer) cell. ``want``: quantities to compute per
-    (estimator, quantity) key, or None for all."""
+def _compute_cell(st, ck, layer: str, specs: list[tuple[str, dict, str | None]], device: str, want: set | None,
+                  meta: dict) -> list[dict]:
+    """All rows of one (store, checkpoint, layer) cell. ``specs``: (estimator, params, x_source)
+    with x_source None for non-pair estimators. ``want``: the (estimator, quantity) pairs to
+    compute, or None for all. A DataError of one estimator and quantity becomes a noted row."""
     import numpy as np
     import torch
 
     from ibscope.estimators import registry
-    from ibscope.store import open_store
 
-    st = open_store(store_path)
-    ck = st.checkpoints[ckpt_index]
     rows: list[dict] = []
     common = dict(run=meta["run"], split=meta["split"], checkpoint=ck.index, epoch=ck.epoch, step=ck.step,
                   layer=layer, layer_index=meta["layer_index"][layer])
@@ -114,76 +205,74 @@ def _compute_cell(store_path: str, ckpt_index: int, layer: str, specs: list[tupl
             t = torch.from_numpy(np.ascontiguousarray(a)).to(device)
         return t
 
-    where = f"checkpoint {ck.index} ({ck.label}), layer '{layer}'"
-    for name, params in specs:
+    where = f"layer '{layer}', checkpoint {ck.index} ({ck.label})"
+    T = "T"
+    for name, params, xs in specs:
         cls = registry.get(name)
         est = cls(**params)
         plugin = registry.source(name) != "ibscope"
+        code = meta["code"][name]
 
-        def run(fn, what):
+        def key(quantity, p):
+            return cell_key(config_hash=meta["config_hash"], probe_hash=meta["probe_hash"],
+                            checkpoint_sha256=ck.sha256, layer=layer, estimator=name, quantity=quantity, params=p,
+                            code=code)
+
+        def emit(quantity, p, fn, argnames):
+            """Run ``fn`` and add its row; a DataError becomes a row with a note instead."""
+            caught: list = []
             try:
-                return fn()
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    e = fn()
+            except DataError as exc:
+                note = f"{name} {quantity} not estimated at {where}: {_reason(exc, name, argnames)}"
+                if exc.hint:
+                    note += " Hint: " + " ".join(exc.hint.split())
+                rows.append(make_row(**common, estimator=name, quantity=quantity, value=None, unit=cls.unit,
+                                     n_samples=meta["n_samples"], params=p, key=key(quantity, p), note=note))
+                return
             except IbscopeError as exc:
-                exc.message = f"{where}, {name} {what}: {exc.message}"
+                exc.message = f"{where}, {name} {quantity}: {_reason(exc, name, argnames)}"
                 raise
             except Exception as exc:
                 if plugin:
-                    raise PluginError(f"{where}: plug-in estimator '{name}' failed on {what}: "
+                    raise PluginError(f"{where}: plug-in estimator '{name}' failed on {quantity}: "
                                       f"{type(exc).__name__}: {exc}") from None
                 raise
+            finally:  # the estimator's warnings, said of this cell
+                for w in caught:
+                    msg = _reason(IbscopeError(str(w.message)), name, argnames)
+                    warnings.warn(f"{name} {quantity} at {where}: {msg}", w.category, stacklevel=2)
+            rows.append(make_row(**common, estimator=name, quantity=quantity,
+                                 value=e.value, unit=e.unit, stderr=_jsonable(e.stderr), cap=_jsonable(e.cap),
+                                 n_samples=e.n_samples, dims="x".join(str(d) for d in e.dims),
+                                 params=p, key=key(quantity, p), note=""))
 
-        def add(e, quantity, extra_params=None):
-            p = dict(e.params)
-            if extra_params:
-                p.update(extra_params)
-            rows.append(make_row(**common, estimator=name, quantity=quantity, value=e.value, unit=e.unit,
-                                 stderr=_jsonable(e.stderr), cap=_jsonable(e.cap), n_samples=e.n_samples,
-                                 dims="x".join(str(d) for d in e.dims), params=p))
-
-        def wanted(quantity, extra_params=None):
-            if want is None:
-                return True
-            p = dict(params)
-            if extra_params:
-                p.update(extra_params)
-            return (name, quantity, json.dumps(p, sort_keys=True, default=str)) in want
-
-        if cls.kind == "pair":
-            xs = x_source or cls.x_source
-            if wanted("I(X;T)", {"x_source": xs}):
+        for quantity, p in _quantities(cls, params, xs, st.labels is not None):
+            if want is not None and (name, quantity) not in want:
+                continue
+            if cls.kind == "pair" and quantity == "I(X;T)":
                 if xs == "identity":
                     xv = torch.from_numpy(np.asarray(st.sample_ids, dtype=np.int64)).to(device)
+                    xname = "X (the sample ids)"
                 else:
-                    inp = meta["inputs"]
-                    if inp is None:
-                        raise DataError(
-                            f"Estimator '{name}' measures I(X;T) with X = the probe inputs, but the store "
-                            f"'{store_path}' holds no inputs.",
-                            hint="Re-capture with --store-inputs, or pass --x-source identity "
-                                 "(X = sample identity).",
-                        )
-                    xv = inp.to(device)
-                add(run(lambda: est.estimate(xv, acts()), "I(X;T)"), "I(X;T)", {"x_source": xs})
-            if st.labels is not None and wanted("I(T;Y)"):
+                    xv = meta["inputs"].to(device)
+                    xname = "X (the probe inputs)"
+                emit(quantity, p, lambda: est.estimate(xv, acts()), {"x": xname, "y": T})
+            elif cls.kind == "pair":
                 lab = np.asarray(st.labels)
                 yv = torch.from_numpy(lab.astype(np.int64) if lab.dtype.kind in "iub" else lab.astype(np.float64))
-                add(run(lambda: est.estimate(acts(), yv.to(device)), "I(T;Y)"), "I(T;Y)")
-        elif cls.kind == "single":
-            if want is None or any(k[0] == name for k in want):
-                e = run(lambda: est.estimate(acts()), "the measure")
-                add(e, e.quantity)
-        elif cls.kind == "jacobian":
-            if want is None or any(k[0] == name for k in want):
+                emit(quantity, p, lambda: est.estimate(acts(), yv.to(device)), {"x": T, "y": "Y (the labels)"})
+            elif cls.kind == "single":
+                emit(quantity, p, lambda: est.estimate(acts()), {"x": T})
+            elif cls.kind == "jacobian":
                 from ibscope.estimators.local_rank import jacobian_from_store
 
-                # Layers captured without Jacobians are skipped when others have them; a
-                # checkpoint with none at all is an error that says how to capture them.
-                if st.jacobian(ck, layer) is not None or not any(st.jacobian(ck, l) is not None for l in st.layers):
-                    s = jacobian_from_store(st, ck, layer).to(device)
-                    e = run(lambda: est.estimate(s), "the Jacobian spectra")
-                    add(e, e.quantity)
-        else:
-            raise PluginError(f"Estimator '{name}' has kind {cls.kind!r}; expected 'pair', 'single' or 'jacobian'.")
+                emit(quantity, p, lambda: est.estimate(jacobian_from_store(st, ck, layer).to(device)),
+                     {"x": "the Jacobian spectra"})
+            else:
+                raise PluginError(f"Estimator '{name}' has kind {cls.kind!r}; expected 'pair', 'single' or 'jacobian'.")
     return rows
 
 
@@ -196,19 +285,74 @@ def _worker_init(threads: int) -> None:
     torch.set_num_threads(max(1, threads))
 
 
+def _open(path, skip_bad_shards: bool):
+    from ibscope.store import open_store
+
+    if skip_bad_shards:  # the keyword exists once ibscope.store has --skip-bad-shards; only passed when asked for
+        return open_store(path, skip_bad_shards=True)
+    return open_store(path)
+
+
 def _worker(args) -> list[dict]:
-    store_path, ckpt_index, layer, specs, device, x_source, want, meta = args
-    if meta.get("needs_inputs"):  # each worker reads the probe inputs once per store
-        if store_path not in _WORKER:
-            import numpy as np
-            import torch
+    store_path, ck, layer, specs, device, want, meta = args
+    import numpy as np
+    import torch
 
-            from ibscope.store import open_store
+    if store_path not in _WORKER:  # each worker opens a store (and reads its probe inputs) once
+        st = _open(store_path, meta.get("skip_bad_shards", False))
+        arr = st.inputs() if meta.get("needs_inputs") else None
+        _WORKER[store_path] = (st, None if arr is None else torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)))
+    st, inputs = _WORKER[store_path]
+    return _compute_cell(st, ck, layer, specs, device, want, dict(meta, inputs=inputs))
 
-            arr = open_store(store_path).inputs()
-            _WORKER[store_path] = None if arr is None else torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
-        meta = dict(meta, inputs=_WORKER[store_path])
-    return _compute_cell(store_path, ckpt_index, layer, specs, device, x_source, want, meta)
+
+# ----------------------------------------------------------------------------- planning
+@dataclass
+class _Plan:
+    """One store of this run: what it holds and what to compute from it."""
+
+    path: Path
+    st: Any
+    run: str
+    split: str
+    layers: list[str]
+    meta: dict
+    ck_by_id: dict = field(default_factory=dict)
+    jac_layers: set = field(default_factory=set)
+
+
+def _jacobian_layers(st) -> set[str]:
+    """Layers with Jacobian spectra at one or more checkpoints of ``st``."""
+    import h5py
+
+    out: set[str] = set()
+    for ck in st.checkpoints:
+        with h5py.File(ck.shard, "r") as f:
+            if "jacobian" in f:
+                out.update(f["jacobian"].keys())
+    return out
+
+
+def _store_entry(p: _Plan) -> dict:
+    st = p.st
+    entry = {"path": str(p.path), "content_hash": st.content_hash(), "config_hash": st.config_hash,
+             "probe_hash": st.probe_hash, "n_samples": st.n_samples, "run": p.run, "split": p.split,
+             "layers": p.layers, "n_checkpoints": len(st.checkpoints), "has_inputs": st.has_inputs,
+             "has_labels": st.labels is not None,
+             "checkpoints": [{"index": c.index, "epoch": c.epoch, "step": c.step, "label": c.label, "path": c.path,
+                              "sha256": c.sha256, "shard": c.shard.name} for c in st.checkpoints]}
+    if hasattr(st, "skipped"):
+        entry["skipped_shards"] = [dict(s) for s in (st.skipped or [])]
+    return entry
+
+
+def _check_out(out: Path) -> None:
+    if out.is_dir():
+        raise UsageError(f"The results file '{out}' is a directory; expected the path of a CSV file to write.",
+                         hint=f"Pass a file name, e.g. -o {out / 'results.csv'}.")
+    if out.name.endswith(".provenance.json"):
+        raise UsageError(f"'{out}' is the name of a provenance sidecar; expected the path of the results CSV.",
+                         hint="Pass e.g. -o results.csv (its sidecar results.provenance.json is written next to it).")
 
 
 # ----------------------------------------------------------------------------- the public entry point
@@ -224,6 +368,9 @@ def run_estimate(
     x_source: str | None = None,
     layers: list[str] | None = None,
     progress: bool = True,
+    strict: bool = False,
+    skip_bad_shards: bool = False,
+    lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT,
 ) -> Results:
     """Estimate every checkpoint x layer of ``stores`` with ``estimators``; write ``out``.
 
@@ -231,123 +378,270 @@ def run_estimate(
     ``params``: {estimator: {param: value}} (strings are converted to the field types).
     ``device``: "auto" | "cpu" | "cuda" | "cuda:N". ``jobs``: CPU worker processes over cells.
     ``x_source``: override what X is in I(X;T) for every pair estimator ("identity" |
-    "inputs"). ``layers``: restrict to these layer names. Returns the full results table
-    (kept rows from an existing ``out`` plus new ones).
+    "inputs"). ``layers``: restrict to these layer names. ``force``: recompute the selected
+    cells even where a matching row exists. ``strict``: raise a DataError (exit code 4) after
+    writing when a cell of these stores has a note instead of a value. ``skip_bad_shards``:
+    open the stores with ``open_store(path, skip_bad_shards=True)`` (skipped shards are
+    listed in the provenance). ``lock_timeout``: seconds to wait for another writer of
+    ``out`` (negative or None: no limit); then :class:`~ibscope._locks.LockTimeout`.
+
+    Returns the full results table (rows kept from an existing ``out`` plus new ones). Its
+    provenance holds ``noted_cells``, ``first_notes``, ``rows_dropped_stale`` and
+    ``rows_dropped_missing_checkpoint`` (see :func:`summary_lines`).
     """
     import numpy as np
     import torch
 
-    from ibscope.store import open_store
-
     if isinstance(stores, (str, os.PathLike)):
         stores = [stores]
-    stores = [Path(s) for s in stores]
+    stores = list(dict.fromkeys(Path(s) for s in stores))
     if not stores:
         raise UsageError("No activation store given.", hint="Pass the --out directory of `ibscope capture`.")
     if x_source is not None and x_source not in X_SOURCES:
         raise UsageError(f"--x-source must be one of {list(X_SOURCES)}. Got {x_source!r}.")
-    if not isinstance(jobs, int) or jobs < 1:
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise UsageError(f"--jobs must be an integer >= 1. Got {jobs!r}.")
+    lock_timeout = check_timeout(lock_timeout)
+    out = Path(out)
+    _check_out(out)
     dev = resolve_device(device)
     if jobs > 1 and dev != "cpu":
         raise UsageError(f"--jobs {jobs} runs CPU worker processes; it cannot be combined with --device {dev}.",
                          hint="Use --jobs 1 on a GPU (the GPU parallelises each estimate), or --device cpu.")
-    specs = _specs(estimators, params)
     from ibscope.estimators import registry
 
-    opened = [open_store(s) for s in stores]
-    for s, st in zip(stores, opened):
+    specs = [(n, p, (x_source or registry.get(n).x_source) if registry.get(n).kind == "pair" else None)
+             for n, p in _specs(estimators, params)]
+    codes = {n: code_version(n) for n, _, _ in specs}
+    for n, _, _ in specs:
+        unit = registry.get(n).unit
+        if not isinstance(unit, str) or not unit.strip() or unit != unit.strip() or "\n" in unit:
+            raise PluginError(f"Estimator '{n}' declares the unit {unit!r}; expected a short name such as 'nats'.")
+
+    # ------------------------------------------------------------ open and check every store first
+    plans: list[_Plan] = []
+    seen: dict[tuple, Path] = {}
+    for s in stores:
+        st = _open(s, skip_bad_shards)
         if not st.checkpoints:
             raise DataError(f"Store '{s}' holds no complete checkpoint.", hint="Run (or resume) `ibscope capture`.")
         if layers:
             for name in layers:
                 if name not in st.layers:
                     raise unknown_name("layer", name, st.layers)
-
-    out = Path(out)
-    existing: list[dict] = []
-    if out.exists():
-        existing = read_results(out).rows
-    done = set() if force else {_cell_key(r) for r in existing}
-
-    # plan the cells
-    cells = []
-    metric_rows: list[dict] = []
-    store_prov = []
-    for s, st in zip(stores, opened):
         run_name = str(st.config.get("run") or "run")
         split = str(st.config.get("split") or "probe")
+        if (run_name, split) in seen:
+            raise UsageError(
+                f"The stores '{seen[(run_name, split)]}' and '{s}' both hold run '{run_name}', split '{split}'; "
+                "their rows could not be told apart in one results table.",
+                hint="Capture them with different --run (or --split) names, or estimate them into separate files.")
+        seen[(run_name, split)] = s
         lay = [name for name in st.layers if not layers or name in layers]
+        needs_inputs = [n for n, _, xs in specs if xs == "inputs"]
+        if needs_inputs and not st.has_inputs:
+            raise DataError(
+                f"Estimator '{needs_inputs[0]}' measures I(X;T) with X = the probe inputs, but the store "
+                f"'{s}' holds no inputs.",
+                hint="Re-capture with --store-inputs, or pass --x-source identity (X = sample identity).",
+            )
         meta = {"run": run_name, "split": split, "layer_index": {n: i for i, n in enumerate(st.layers)},
-                "inputs": None}
-        needs_inputs = any(registry.get(n).kind == "pair" and (x_source or registry.get(n).x_source) == "inputs"
-                           for n, _ in specs)
-        meta["needs_inputs"] = needs_inputs and st.has_inputs
-        if meta["needs_inputs"] and jobs == 1:
-            meta["inputs"] = torch.from_numpy(np.ascontiguousarray(st.inputs(), dtype=np.float32))
-        store_prov.append({"path": str(s), "content_hash": st.content_hash(), "config_hash": st.config_hash,
-                           "probe_hash": st.probe_hash, "n_samples": st.n_samples, "run": run_name, "split": split,
-                           "layers": lay, "n_checkpoints": len(st.checkpoints), "has_inputs": st.has_inputs,
-                           "has_labels": st.labels is not None})
-        for ck in st.checkpoints:
-            for mname, mval in sorted((ck.metrics or {}).items()):
-                row = make_row(run=run_name, split=split, checkpoint=ck.index, epoch=ck.epoch, step=ck.step, layer="-",
-                               estimator="metrics", quantity=mname, value=float(mval), unit=metric_unit(mname),
-                               n_samples=None, params={})
-                if _cell_key(row) not in done:
-                    metric_rows.append(row)
-            for layer in lay:
-                base = dict(run=run_name, split=split, checkpoint=ck.index, epoch=ck.epoch, step=ck.step, layer=layer)
-                want = set()
-                for name, p in specs:
-                    cls = registry.get(name)
-                    if cls.kind == "pair":
-                        xs = x_source or cls.x_source
-                        qs = [("I(X;T)", {**p, "x_source": xs})]
-                        if st.labels is not None:
-                            qs.append(("I(T;Y)", p))
-                    else:
-                        qs = [(cls.quantity, p)]
-                    for q, pp in qs:
-                        if _cell_key({**base, "estimator": name, "quantity": q, "params": pp}) not in done:
-                            want.add((name, q, json.dumps(pp, sort_keys=True, default=str)))
-                if want:
-                    cells.append((str(s), ck.index, layer, specs, dev, x_source, want, meta))
+                "inputs": None, "needs_inputs": bool(needs_inputs), "config_hash": st.config_hash,
+                "probe_hash": st.probe_hash, "n_samples": st.n_samples, "code": codes,
+                "skip_bad_shards": bool(skip_bad_shards)}
+        plan = _Plan(s, st, run_name, split, lay, meta,
+                     {_ckpt_id(c.epoch, c.step, c.index): c for c in st.checkpoints})
+        jac = [n for n, _, _ in specs if registry.get(n).kind == "jacobian"]
+        if jac:
+            plan.jac_layers = _jacobian_layers(st)
+            if not plan.jac_layers & set(lay):
+                which = (f"for the selected layer(s) {', '.join(lay)} (it has them for "
+                         f"{', '.join(sorted(plan.jac_layers))})" if plan.jac_layers else "at any checkpoint")
+                raise DataError(
+                    f"The store '{s}' holds no Jacobian spectra {which}; estimator '{jac[0]}' needs them.",
+                    hint="Re-capture with Jacobians, e.g. `ibscope capture ... --jacobian-samples 256` "
+                         "(the number of probe samples whose Jacobians are computed).")
+        plans.append(plan)
+    ours = {(p.run, p.split): p for p in plans}
 
-    new_rows: list[dict] = list(metric_rows)
-    t0 = time.perf_counter()
-    interrupted = False
-    try:
-        _run_cells(cells, new_rows, jobs, progress)
-    except KeyboardInterrupt:
-        interrupted = True
-    fresh = {_cell_key(r) for r in new_rows}
-    rows = [r for r in existing if _cell_key(r) not in fresh] + new_rows
-    order = {c: i for i, c in enumerate(["I(X;T)", "I(T;Y)"])}
-    rows.sort(key=lambda r: (r["run"], r["split"], r["checkpoint"] if r["checkpoint"] is not None else -1,
-                             -1 if r["layer"] == "-" else (r["layer_index"] if r["layer_index"] is not None else 0),
-                             r["layer"], r["estimator"], order.get(r["quantity"], 9), r["quantity"],
-                             json.dumps(r["params"], sort_keys=True, default=str)))
-    provenance = {
-        "ibscope_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "stores": store_prov,
-        "estimators": {n: {"params": p, "source": registry.source(n), "kind": registry.get(n).kind,
-                           "class": f"{registry.get(n).__module__}.{registry.get(n).__qualname__}"} for n, p in specs},
-        "config": {"estimators": [n for n, _ in specs], "params": {n: p for n, p in specs}, "device": dev,
-                   "jobs": jobs, "x_source": x_source, "layers": layers, "force": force},
-        "cells_computed": len(cells), "rows_kept_from_existing": len(rows) - len(new_rows),
-        "wall_time_s": round(time.perf_counter() - t0, 3),
-        "complete": not interrupted,
-    }
-    if rows:
-        write_results(out, rows, provenance)
+    with writer_lock(out, what="results file", timeout=lock_timeout):
+        existing: list[dict] = []
+        old_prov: dict = {}
+        if out.exists() and out.stat().st_size > 0:  # an empty file (e.g. made by `touch`) is an empty table
+            old = read_results(out, allow_empty=True)
+            existing, old_prov = old.rows, old.provenance or {}
+
+        # -------------------------------------------------------- sort the existing rows
+        others: list[dict] = []          # rows of stores not given in this run: kept as they are
+        valid: dict[tuple, dict] = {}    # rows of our stores whose key matches the store now
+        stale: list[dict] = []           # rows of our stores computed from other content or code
+        missing_ck: list[dict] = []      # rows of checkpoints no longer in our stores
+        for r in existing:
+            plan = ours.get((r["run"], r["split"]))
+            if plan is None:
+                others.append(r)
+                continue
+            ck = plan.ck_by_id.get(_ckpt_id(r.get("epoch"), r.get("step"), r.get("checkpoint")))
+            if ck is None:
+                missing_ck.append(r)
+                continue
+            want_key = cell_key(config_hash=plan.st.config_hash, probe_hash=plan.st.probe_hash,
+                                checkpoint_sha256=ck.sha256, layer=r["layer"], estimator=r["estimator"],
+                                quantity=r["quantity"], params=r.get("params") or {},
+                                code=codes.get(r["estimator"]) or code_version(r["estimator"]))
+            if r.get("key") == want_key:
+                valid[_cell_key(r)] = r
+            else:
+                stale.append(r)
+
+        # -------------------------------------------------------- plan the cells
+        cells = []
+        new_rows: list[dict] = []
+        planned: set[tuple] = set()
+        for plan in plans:
+            st = plan.st
+            if plan.meta["needs_inputs"] and jobs == 1:
+                plan.meta["inputs"] = torch.from_numpy(np.ascontiguousarray(st.inputs(), dtype=np.float32))
+            for ck in st.checkpoints:
+                for mname, mval in sorted((ck.metrics or {}).items()):  # read from the shard: cheap, no cell
+                    row = make_row(
+                        run=plan.run, split=plan.split, checkpoint=ck.index, epoch=ck.epoch, step=ck.step, layer="-",
+                        estimator=METRICS, quantity=mname, value=float(mval), unit=metric_unit(mname), n_samples=None,
+                        params={}, key=cell_key(config_hash=st.config_hash, probe_hash=st.probe_hash,
+                                                checkpoint_sha256=ck.sha256, layer="-", estimator=METRICS,
+                                                quantity=mname, params={}, code=code_version(METRICS)))
+                    planned.add(_cell_key(row))
+                    if force or _cell_key(row) not in valid:
+                        new_rows.append(row)
+                for layer in plan.layers:
+                    base = dict(run=plan.run, split=plan.split, checkpoint=ck.index, epoch=ck.epoch, step=ck.step,
+                                layer=layer)
+                    want = set()
+                    for name, p, xs in specs:
+                        cls = registry.get(name)
+                        if cls.kind == "jacobian" and layer not in plan.jac_layers:
+                            continue  # layers captured without Jacobians get no Jacobian rows
+                        for q, pp in _quantities(cls, p, xs, st.labels is not None):
+                            ident = _cell_key({**base, "estimator": name, "quantity": q, "params": pp})
+                            planned.add(ident)
+                            if force or ident not in valid:
+                                want.add((name, q))
+                    if want:
+                        cells.append((plan, ck, layer, want))
+
+        t0 = time.perf_counter()
+        interrupted = False
+        try:
+            _run_cells(cells, specs, dev, new_rows, jobs, progress)
+        except KeyboardInterrupt:
+            interrupted = True
+        fresh = {_cell_key(r) for r in new_rows}
+        # stale rows this run does not recompute (a stale metrics row: the checkpoint no longer logs it)
+        dropped_stale = [r for r in stale if _cell_key(r) not in planned and r["estimator"] != METRICS]
+        rows = others + [r for k, r in valid.items() if k not in fresh] + new_rows
+        order = {c: i for i, c in enumerate(["I(X;T)", "I(T;Y)"])}
+        rows.sort(key=lambda r: (r["run"], r["split"], r["checkpoint"] if r["checkpoint"] is not None else -1,
+                                 -1 if r["layer"] == "-" else (r["layer_index"] if r["layer_index"] is not None else 0),
+                                 r["layer"], r["estimator"], order.get(r["quantity"], 9), r["quantity"],
+                                 json.dumps(r["params"], sort_keys=True, default=str)))
+
+        # -------------------------------------------------------- provenance
+        store_prov = [_store_entry(p) for p in plans]
+        other_groups = list(dict.fromkeys((r["run"], r["split"]) for r in others))
+        old_stores = [e for src in [old_prov, *(x for x in old_prov.get("parts") or [] if isinstance(x, dict))]
+                      for e in (src.get("stores") or []) if isinstance(e, dict)]  # `ibscope run` writes parts
+        for g in other_groups:
+            got = list({json.dumps(e, sort_keys=True, default=str): e for e in old_stores
+                        if (e.get("run"), e.get("split")) == g}.values())
+            store_prov += got or [{"run": g[0], "split": g[1], "path": None,
+                                   "note": "rows kept from an earlier results file whose provenance did not "
+                                           "describe their store"}]
+        used_units = {r["unit"] for r in rows} - set(KNOWN_UNITS)
+        plugin_units: dict[str, list[str]] = {}
+        old_units = old_prov.get("plugin_units") if isinstance(old_prov.get("plugin_units"), dict) else {}
+        for u in used_units:
+            names = sorted({r["estimator"] for r in rows if r["unit"] == u})
+            plugin_units[u] = sorted(set(names) | set(old_units.get(u) or []))
+        noted = [r for r in rows if (r["run"], r["split"]) in ours and r["value"] is None and r.get("note")]
+        noted_cells = list(dict.fromkeys((r["run"], r["split"], r["checkpoint"], r["layer"], r["estimator"])
+                                         for r in noted))
+        noted_now = {(r["run"], r["split"], r["checkpoint"], r["layer"], r["estimator"])
+                     for r in new_rows if r["value"] is None and r.get("note")}
+        provenance = {
+            "ibscope_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "stores": store_prov,
+            "estimators": {n: {"params": p, "source": registry.source(n), "kind": registry.get(n).kind,
+                               "code_version": codes[n], "x_source": xs,
+                               "class": f"{registry.get(n).__module__}.{registry.get(n).__qualname__}"}
+                           for n, p, xs in specs},
+            "config": {"estimators": [n for n, _, _ in specs], "params": {n: p for n, p, _ in specs}, "device": dev,
+                       "jobs": jobs, "x_source": x_source, "layers": layers, "force": force, "strict": strict,
+                       "skip_bad_shards": skip_bad_shards},
+            "key": "cell_key(config_hash, probe_hash, checkpoint_sha256, layer, estimator, quantity, params, "
+                   "code_version): sha256 of their canonical JSON, 16 hex digits (ibscope.estimate.cell_key)",
+            "cells_computed": len(cells), "rows_kept_from_existing": len(rows) - len(new_rows),
+            "rows_recomputed_stale": sum(_cell_key(r) in planned for r in stale),
+            "rows_dropped_stale": len(dropped_stale),
+            "dropped_stale_estimators": sorted({r["estimator"] for r in dropped_stale}),
+            "rows_dropped_missing_checkpoint": len(missing_ck),
+            "missing_checkpoints": sorted({f"{r['run']}/{r['split']} checkpoint {r['checkpoint']}"
+                                           + (f" (epoch {r['epoch']})" if r["epoch"] is not None else "")
+                                           for r in missing_ck}),
+            "noted_cells": len(noted_cells), "noted_cells_computed_now": len(noted_now),
+            "first_notes": list(dict.fromkeys(r["note"] for r in noted))[:SUMMARY_NOTES],
+            "wall_time_s": round(time.perf_counter() - t0, 3),
+            "complete": not interrupted,
+        }
+        if plugin_units:
+            provenance["plugin_units"] = plugin_units
+        if rows or out.exists():
+            write_results(out, rows, provenance)
     if interrupted:
         raise KeyboardInterrupt
-    return Results(rows, provenance, out)
+    res = Results(rows, provenance, out)
+    if strict and noted_cells:
+        raise DataError(f"{len(noted_cells)} cell(s) could not be estimated (strict): "
+                        + "; ".join(provenance["first_notes"][:3])
+                        + (" ..." if len(noted) > 3 else "")
+                        + f" The results were written to '{out}', these cells with an empty value and a note.",
+                        hint="Fix the data (see the 'note' column), or run without --strict to accept noted cells.")
+    return res
 
 
-def _run_cells(cells: list, sink: list, jobs: int, progress: bool) -> None:
+def summary_lines(res: Results, *, strict: bool = False) -> list[str]:
+    """Warnings about a finished :func:`run_estimate` for people: noted cells (the first few
+    reasons), rows dropped because their store changed or their checkpoint is gone. Empty when
+    there is nothing to say. ``ibscope estimate`` prints them on stderr."""
+    prov = res.provenance or {}
+    out: list[str] = []
+    n = prov.get("noted_cells", 0)
+    if n:
+        notes = prov.get("first_notes") or []
+        now = prov.get("noted_cells_computed_now", n)
+        out.append(f"{n} cell(s) could not be estimated" + (f" ({now} of them in this run, the others kept from "
+                                                               f"before)" if now != n else "")
+                   + f"; their rows have an empty value and a note (column 'note' of {res.path}). First reasons:")
+        out += [f"  - {t}" for t in notes]
+        if n > len(notes):
+            out.append(f"  ... and more: {n} noted cell(s) in all.")
+        if not strict:
+            out.append("  Pass --strict to make noted cells an error (exit code 4).")
+    d = prov.get("rows_dropped_stale", 0)
+    if d:
+        ests = prov.get("dropped_stale_estimators") or []
+        out.append(f"Dropped {d} row(s) of estimator(s) {', '.join(ests)} that were computed from other store "
+                   f"content or by another ibscope version, and that this run did not select: re-run with "
+                   f"{' '.join('-e ' + e for e in ests)} to compute them from the store as it is now.")
+    m = prov.get("rows_dropped_missing_checkpoint", 0)
+    if m:
+        gone = prov.get("missing_checkpoints") or []
+        out.append(f"Dropped {m} row(s) of checkpoint(s) no longer in the store: {', '.join(gone[:5])}"
+                   + (" ..." if len(gone) > 5 else "") + ".")
+    return out
+
+
+def _run_cells(cells: list, specs: list, dev: str, sink: list, jobs: int, progress: bool) -> None:
     if not cells:
         return
     bar = None
@@ -361,10 +655,10 @@ def _run_cells(cells: list, sink: list, jobs: int, progress: bool) -> None:
         task = bar.add_task("", total=len(cells))
     try:
         if jobs == 1:
-            for c in cells:
+            for plan, ck, layer, want in cells:
                 if bar:
-                    bar.update(task, description=f"ckpt {c[1]} {c[2]}")
-                sink.extend(_compute_cell(*c))
+                    bar.update(task, description=f"ckpt {ck.index} {layer}")
+                sink.extend(_compute_cell(plan.st, ck, layer, specs, dev, want, plan.meta))
                 if bar:
                     bar.advance(task)
         else:
@@ -373,7 +667,8 @@ def _run_cells(cells: list, sink: list, jobs: int, progress: bool) -> None:
 
             threads = max(1, (os.cpu_count() or 1) // jobs)
             ctx = mp.get_context("spawn")
-            light = [c[:7] + (dict(c[7], inputs=None),) for c in cells]  # inputs are read by each worker
+            light = [(str(plan.path), ck, layer, specs, dev, want, dict(plan.meta, inputs=None))
+                     for plan, ck, layer, want in cells]  # inputs are read by each worker
             with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init,
                                      initargs=(threads,)) as pool:
                 for rows in pool.map(_worker, light):

@@ -13,10 +13,17 @@ Stages, in order (each reads only what the stage before it wrote)::
   regression).
 
 Up-to-date stages are skipped: each stage writes a stamp (``OUT/.ibscope/stages/<stage>.json``)
-holding the hash of its config section and of the upstream stamps; a stage runs again only when
-its config section changed, an upstream stage ran again, one of its outputs is missing, or an
-input file is newer than its outputs. Re-running after changing only ``plot:`` re-draws the
-figures and the report and nothing else.
+holding its fingerprint: the hash of its resolved config section, the digests of the upstream
+stages' last runs, the sha256 of every input file (the model factory's source file included) and
+the ibscope version; and the sha256 of every output it wrote. A stage runs again when any of these
+changed, an input was deleted, or an output is missing or changed since the stage wrote it
+(:class:`StageRunner`). Re-running after changing only ``plot:`` re-draws the figures and the
+report and nothing else.
+
+Names that become path parts (run name, probe-set and subset names) must be safe names
+(:func:`ibscope._paths.safe_name`), and every output path is checked to lie inside the output
+folder before anything is written. One run at a time writes an output folder: the run holds its
+writer lock (:func:`ibscope._locks.writer_lock`) throughout.
 
 Relative paths inside a config are resolved against the config file's folder; ``--out`` on the
 command line is relative to the current folder; without either, output goes to
@@ -30,6 +37,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -38,8 +46,11 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from ibscope._locks import DEFAULT_LOCK_TIMEOUT, check_timeout, writer_lock
+from ibscope._paths import inside, safe_name
 from ibscope._version import __version__
-from ibscope.errors import DataError, RegressionFound, UsageError, did_you_mean, unknown_name
+from ibscope.errors import (EXIT_DATA, DataError, IbscopeError, RegressionFound, UsageError, did_you_mean,
+                            unknown_name)
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +82,8 @@ SCHEMA: dict[str, Any] = {
     "out": F("str", None, "output folder (relative to the config file); --out overrides"),
     "seed": F("int", 0, "seed of the training run (initialisation and minibatch order)", nullable=False),
     "device": F("str", "auto", "auto | cpu | cuda:N for capture, estimate and ood", nullable=False),
+    "skip_bad_shards": F("bool", False, "estimate and ood skip (and list) corrupt, foreign or partial shards "
+                                        "instead of stopping with exit 4", nullable=False),
     "model": {
         "factory": F("str", None, "'pkg.module:factory' or 'path/file.py:factory'", required=True),
         "args": F("dict", {}, "keyword arguments of the factory"),
@@ -104,6 +117,8 @@ SCHEMA: dict[str, Any] = {
         "max_samples": F("int", None, "use at most this many probe samples"),
         "sample_seed": F("int", None, "with max_samples: a seeded random subset (null = the first N)"),
         "jacobian_samples": F("int", 0, "store Jacobian spectra for this many samples (local-rank)", nullable=False),
+        "safe_globals": F("strlist", [], "classes ('module.Class') checkpoints may hold, allowed when loading "
+                                         "them with weights_only", nullable=False),
     },
     "estimate": {
         "estimators": F("strlist", ["binning", "kde"], "registered estimator names (`ibscope estimators`)",
@@ -113,12 +128,14 @@ SCHEMA: dict[str, Any] = {
         "probes_for": F("dict", {}, "{estimator: [probe sets]}: run these estimators on other probe sets "
                                     "(e.g. a data.subsets subset for O(n^2) estimators)"),
         "jobs": F("int", 1, "parallel jobs", nullable=False),
+        "strict": F("bool", False, "exit 4 when any cell could not be estimated (after everything is written)",
+                    nullable=False),
     },
     "plot": {
         "enabled": F("bool", True, "draw figures", nullable=False),
         "kinds": F("strlist", None, "figure kinds (default: all that the results support)"),
         "unit": F("str", "bits", "bits | nats", nullable=False, choices=("bits", "nats")),
-        "fmt": F("str", "png", "png | svg | pdf", nullable=False),
+        "fmt": F("str", "png", "png | svg | pdf", nullable=False, choices=("png", "svg", "pdf")),
         "options": F("dict", {}, "further keyword options of ibscope.plot.plot_results"),
     },
     "report": {
@@ -307,7 +324,8 @@ def load_config(config: str | os.PathLike | Mapping, *, quick: bool = False, ove
     cfg = _validate_section(raw, SCHEMA, "", source)
     # quick overrides must themselves be valid keys, even when not applied
     _validate_keys_only(quick_section, SCHEMA, "quick", source)
-    cfg["name"] = cfg["name"] or stem
+    if cfg["name"] is None:  # from the file name, which may hold characters a path part must not
+        cfg["name"] = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._-")[:128] or "run"
     _check_consistency(cfg, source)
     return cfg, base, source
 
@@ -320,7 +338,50 @@ def _validate_keys_only(raw: Mapping, schema: dict, where: str, source: str) -> 
             _validate_keys_only(v, schema[k], f"{where}.{k}", source)
 
 
+#: 'module.Class' (dotted Python names): an entry of capture.safe_globals / --safe-globals
+_GLOBAL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
+
+
+def check_safe_globals(names: Sequence[Any], what: str = "capture.safe_globals") -> list[str]:
+    """Validate 'module.Class' names for weights_only checkpoint loading; UsageError naming the bad one."""
+    for n in names:
+        if not isinstance(n, str) or not _GLOBAL_NAME.match(n):
+            raise UsageError(f"{what} expects 'module.Class' names (e.g. numpy.dtype, collections.OrderedDict). "
+                             f"Got {n!r}.")
+    return list(dict.fromkeys(names))
+
+
+def _check_names(cfg: dict, source: str) -> None:
+    """Every config name that becomes a path part (or selects one) must be a safe name."""
+    d = cfg["data"]
+    checks: list[tuple[Any, str]] = [(cfg["name"], "'name'")]
+    checks += [(k, "a 'data.probes' key") for k in (d["probes"] or {})]
+    checks += [(k, "a 'data.subsets' key") for k in (d["subsets"] or {})]
+    checks += [(d["probe"], "'data.probe'")] if d["probe"] is not None else []
+    checks += [(sub.get("probe"), f"'data.subsets.{k}.probe'") for k, sub in (d["subsets"] or {}).items()
+               if isinstance(sub, dict) and isinstance(sub.get("probe"), str)]
+    checks += [(n, "an entry of 'capture.probes'") for n in cfg["capture"]["probes"] or []]
+    checks += [(n, "an entry of 'estimate.probes'") for n in cfg["estimate"]["probes"] or []]
+    for e, v in (cfg["estimate"]["probes_for"] or {}).items():
+        checks += [(n, f"an entry of 'estimate.probes_for.{e}'") for n in ([v] if isinstance(v, str) else v or [])
+                   if isinstance(n, str)]
+    if cfg["ood"] is not None:
+        o = cfg["ood"]
+        checks += [(o["fit"], "'ood.fit'"), (o["test"], "'ood.test'")]
+        checks += [(n, "an entry of 'ood.ood'") for n in o["ood"] or []]
+    try:
+        for value, what in checks:
+            safe_name(value, what)
+        check_safe_globals(cfg["capture"]["safe_globals"], "'capture.safe_globals'")
+    except UsageError as exc:
+        raise UsageError(f"{source}: {exc.message}", hint=exc.hint) from None
+    f = cfg["model"]["factory"]
+    if ":" not in f or f.startswith(":") or f.endswith(":"):
+        raise UsageError(f"{source}: 'model.factory' must be 'pkg.module:factory' or 'path/file.py:factory'. Got {f!r}.")
+
+
 def _check_consistency(cfg: dict, source: str) -> None:
+    _check_names(cfg, source)
     if cfg["train"] is None and not cfg["checkpoints"]:
         raise UsageError(f"{source}: give either a 'train:' recipe or 'checkpoints:' (existing checkpoint files).")
     if cfg["train"] is not None and cfg["checkpoints"]:
@@ -411,32 +472,104 @@ def describe_schema(schema: dict | None = None, indent: int = 0) -> str:
 # ======================================================================================
 # stamps: is a stage up to date?
 # ======================================================================================
+#: version of the stamp layout; a stamp of another layout makes its stage run again
+STAMP_FORMAT = 2
+
+
 def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str, separators=(",", ":")).encode()).hexdigest()
 
 
-def _files(paths: Sequence[Path]) -> list[Path]:
-    out: list[Path] = []
-    for p in paths:
-        p = Path(p)
-        if p.is_dir():
-            out += [q for q in p.rglob("*") if q.is_file() and not q.name.endswith(".tmp")]
-        elif p.exists():
-            out.append(p)
-    return out
+def _is_temp(name: str) -> bool:
+    """ibscope's temporary files (``x.tmp``, ``x.tmp.npz``, ``.fig.tmp.png``): never part of a fingerprint."""
+    return name.endswith(".tmp") or ".tmp." in name
 
 
 def _write_json_atomic(path: Path, obj: Any) -> Path:
+    from ibscope._atomic import write_text_atomic
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+class ContentHashes:
+    """sha256 of files, remembered by (path, size, mtime_ns) so unchanged files are hashed once.
+
+    ``record(path)`` describes a file (``{"size", "mtime_ns", "sha256"}``) or a folder
+    (``{"folder": true, "sha256", "files": {relative path: file record}}``, temporary files left
+    out; its sha256 covers the list of files and their contents), or is ``None`` when the path
+    does not exist. Records read back from a stamp seed the cache (:meth:`remember`).
+    """
+
+    def __init__(self) -> None:
+        self._known: dict[tuple[str, int, int], str] = {}
+
+    def remember(self, path: str | os.PathLike, rec: Any) -> None:
+        if not isinstance(rec, dict):
+            return
+        if rec.get("folder"):
+            for rel, f in (rec.get("files") or {}).items():
+                self.remember(Path(path) / rel, f)
+        elif isinstance(rec.get("sha256"), str) and isinstance(rec.get("size"), int) and isinstance(rec.get("mtime_ns"), int):
+            self._known[(os.path.abspath(path), rec["size"], rec["mtime_ns"])] = rec["sha256"]
+
+    def _file(self, p: Path) -> dict:
+        st = p.stat()
+        key = (os.path.abspath(p), st.st_size, st.st_mtime_ns)
+        h = self._known.get(key)
+        if h is None:
+            d = hashlib.sha256()
+            with open(p, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    d.update(block)
+            h = d.hexdigest()
+            self._known[key] = h
+        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": h}
+
+    def record(self, path: str | os.PathLike) -> dict | None:
+        p = Path(path)
+        if p.is_dir():
+            files = {q.relative_to(p).as_posix(): self._file(q) for q in sorted(p.rglob("*"))
+                     if q.is_file() and not any(_is_temp(part) for part in q.relative_to(p).parts)}
+            return {"folder": True, "sha256": _hash({k: v["sha256"] for k, v in files.items()}), "files": files}
+        if p.is_file():
+            return self._file(p)
+        return None
+
+
+def _same(a: dict | None, b: dict | None) -> bool:
+    return (a is None) == (b is None) and (a or {}).get("sha256") == (b or {}).get("sha256")
+
+
+def _difference(old: dict | None, new: dict | None) -> tuple[str, str, str] | None:
+    """How a path changed between two records: (file inside a folder or '', 'missing' | 'new' |
+    'changed', size detail), or None when its contents are the same."""
+    if _same(old, new):
+        return None
+    if new is None or old is None:
+        return "", "missing" if new is None else "new", ""
+    if old.get("folder") and new.get("folder"):
+        of, nf = old.get("files") or {}, new.get("files") or {}
+        for rel in sorted(set(of) | set(nf)):
+            if rel not in nf or rel not in of:
+                return rel, "missing" if rel not in nf else "new", ""
+            if not _same(of[rel], nf[rel]):
+                return rel, "changed", _sizes(of[rel], nf[rel])
+    return "", "changed", _sizes(old, new)
+
+
+def _sizes(old: dict, new: dict) -> str:
+    a, b = old.get("size"), new.get("size")
+    return f"{a} -> {b} bytes" if isinstance(a, int) and isinstance(b, int) and a != b else ""
 
 
 @dataclass
 class Stage:
-    """One unit of work: what it depends on and how to make its outputs."""
+    """One unit of work: what it depends on and how to make its outputs.
+
+    ``inputs``: files or folders it reads (their contents are part of its fingerprint, and so are
+    the model factory's source files when listed here); ``upstream``: stages whose runs it follows.
+    """
 
     name: str
     config: Any
@@ -456,15 +589,26 @@ class StageStatus:
 
 
 class StageRunner:
-    """Runs stages in order, skipping those whose stamp says they are up to date."""
+    """Runs stages in order, skipping those whose stamp says they are up to date.
 
-    def __init__(self, out: Path, *, force: bool = False, only: Sequence[str] | None = None, say=None):
-        self.out = out
+    A stage's stamp (``OUT/.ibscope/stages/<stage>.json``) records its fingerprint: the hash of
+    its config section, the digests of the upstream stages' last runs, the sha256 of each input
+    file (folders: of their file list and contents) and the ibscope version; and, when it
+    finished, the sha256 of each output. The stage runs again when any of these differs, an input
+    or output is missing, or an output changed since the stage wrote it (edited, truncated).
+    Hashes are cached in the stamp by (path, size, mtime_ns), so unchanged files are not re-read.
+    """
+
+    def __init__(self, out: Path, *, force: bool = False, only: Sequence[str] | None = None, say=None,
+                 base: Path | None = None):
+        self.out = Path(out)
+        self.base = Path(base) if base is not None else None
         self.force = force
         self.only = set(only) if only else None
         self.digests: dict[str, str] = {}
         self.status: list[StageStatus] = []
         self.say = say or (lambda msg: None)
+        self.hashes = ContentHashes()
 
     def stamp_path(self, name: str) -> Path:
         return self.out / STAMP_DIR / f"{name}.json"
@@ -474,29 +618,85 @@ class StageRunner:
         if not p.exists():
             return None
         try:
-            return json.loads(p.read_text())
-        except (json.JSONDecodeError, OSError):
-            return None
+            stamp = json.loads(p.read_text())
+        except (json.JSONDecodeError, OSError, UnicodeDecodeError):
+            return {}
+        return stamp if isinstance(stamp, dict) else {}
+
+    def show(self, path: str | os.PathLike) -> str:
+        """A path as the user knows it: relative to the config's folder or the output folder when inside."""
+        p = os.path.abspath(path)
+        for root in (self.base, self.out):
+            if root is not None:
+                r = os.path.abspath(root)
+                if p.startswith(r + os.sep):
+                    return os.path.relpath(p, r)
+        return p
+
+    def input_records(self, st: Stage) -> dict[str, dict | None]:
+        return {os.path.abspath(p): self.hashes.record(p) for p in st.inputs}
+
+    def output_records(self, outputs: Sequence[Path]) -> dict[str, dict | None]:
+        return {os.path.relpath(inside(self.out, p, "stage output"), self.out.resolve()): self.hashes.record(p)
+                for p in outputs}
+
+    def _seed(self, stamp: dict) -> None:
+        for p, rec in (stamp.get("inputs") or {}).items():
+            self.hashes.remember(p, rec)
+        for rel, rec in (stamp.get("output_hashes") or {}).items():
+            self.hashes.remember(self.out / rel, rec)
+
+    def _input_change(self, p: str, old_in: dict, new_in: dict) -> str:
+        """Why input ``p`` makes the stage run again ('' when it does not)."""
+        shown = self.show(p)
+        if p not in new_in:
+            return f"input {shown} was deleted" if not os.path.exists(p) else f"{shown} is no longer an input"
+        if p not in old_in:
+            return f"input {shown} is new" if new_in[p] is not None else f"input {shown} is missing"
+        diff = _difference(old_in[p], new_in[p])
+        if diff is None:
+            return ""
+        sub, kind, size = diff
+        name = f"{shown}/{sub}" if sub else shown
+        words = {"missing": "was deleted", "new": "is new", "changed": "changed"}[kind]
+        return f"input {name} {words}" + (f" ({size})" if size else "")
 
     def up_to_date(self, st: Stage, cfg_hash: str, up: dict) -> tuple[bool, str, list[Path]]:
         stamp = self.read_stamp(st.name)
         if stamp is None:
             return False, "never ran here", []
+        if stamp.get("format") != STAMP_FORMAT:
+            return False, ("its stamp is unreadable" if not stamp else
+                           f"its stamp has an older format (written by ibscope {stamp.get('ibscope_version', '?')})"), []
+        if stamp.get("ibscope_version") != __version__:
+            return False, f"ibscope version changed {stamp.get('ibscope_version')} -> {__version__}", []
         if stamp.get("config_hash") != cfg_hash:
             return False, "its config changed", []
         if stamp.get("upstream") != up:
             return False, "an earlier stage ran again", []
-        outputs = [self.out / p for p in stamp.get("outputs", [])]
-        missing = [p for p in outputs if not p.exists()]
-        if missing:
-            return False, f"output {missing[0].name} is missing", []
-        out_files = _files(outputs)
-        in_files = _files(st.inputs)
-        if out_files and in_files:
-            newest_in = max(p.stat().st_mtime for p in in_files)
-            oldest_out = min(p.stat().st_mtime for p in out_files)
-            if newest_in > oldest_out:
-                return False, "an input is newer than its outputs", []
+        self._seed(stamp)
+        old_in = stamp.get("inputs") or {}
+        new_in = self.input_records(st)
+        for p in sorted(set(old_in) | set(new_in)):
+            why = self._input_change(p, old_in, new_in)
+            if why:
+                return False, why, []
+        old_out = stamp.get("output_hashes") or {}
+        outputs = [self.out / rel for rel in stamp.get("outputs", [])]
+        for rel, p in zip(stamp.get("outputs", []), outputs):
+            diff = _difference(old_out.get(rel), self.hashes.record(p))
+            if diff is None:
+                continue
+            sub, kind, size = diff
+            if not sub and kind == "missing":
+                return False, f"output {rel} is missing", []
+            detail = f"{sub} {'is ' if kind != 'changed' else ''}{kind}" if sub else ""
+            detail = ", ".join(x for x in (detail, size) if x)
+            return False, f"output {rel} changed since it was written" + (f" ({detail})" if detail else ""), []
+        # same contents: refresh the (size, mtime_ns) cache of touched files so they are not re-hashed next time
+        new_out = self.output_records(outputs)
+        if new_in != old_in or new_out != old_out:
+            _write_json_atomic(self.stamp_path(st.name), {**stamp, "inputs": new_in, "output_hashes": new_out})
         return True, "up to date", outputs
 
     def __call__(self, st: Stage) -> list[Path]:
@@ -507,11 +707,11 @@ class StageRunner:
         if ok and not self.force or not selected:
             if not ok and not selected:
                 stamp = self.read_stamp(st.name)
-                if stamp is None:
+                if not stamp or "digest" not in stamp:
                     raise UsageError(f"Stage '{st.name}' has not run yet in '{self.out}', so it cannot be left out.",
                                      hint="Run without --only first.")
                 outputs = [self.out / p for p in stamp.get("outputs", [])]
-                reason = "not selected (--only)"
+                reason = f"not selected by --only, though not up to date: {reason}"
             self.digests[st.name] = self.read_stamp(st.name)["digest"]
             self.status.append(StageStatus(st.name, "skipped", 0.0, outputs, reason))
             self.say(f"[dim]- {st.label or st.name}: skipped ({reason})[/]")
@@ -519,15 +719,18 @@ class StageRunner:
         why = "forced" if (ok and self.force) else reason
         self.say(f"[bold cyan]> {st.label or st.name}[/] [dim]({why})[/]")
         self.stamp_path(st.name).unlink(missing_ok=True)  # a failed run leaves no stale stamp
+        inputs = self.input_records(st)  # what the stage reads, as it was when it started
         t0 = time.perf_counter()
         outputs = [Path(p) for p in st.run()]
         dt = time.perf_counter() - t0
-        digest = _hash({"config": cfg_hash, "upstream": up, "time": time.time()})
-        rel = [os.path.relpath(p, self.out) for p in outputs]
+        out_recs = self.output_records(outputs)
+        digest = _hash({"config": cfg_hash, "upstream": up, "inputs": {k: (v or {}).get("sha256") for k, v in inputs.items()},
+                        "outputs": {k: (v or {}).get("sha256") for k, v in out_recs.items()}, "time": time.time()})
         _write_json_atomic(self.stamp_path(st.name), {
-            "stage": st.name, "config_hash": cfg_hash, "upstream": up, "digest": digest, "outputs": rel,
-            "config": st.config, "seconds": dt, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "ibscope_version": __version__,
+            "format": STAMP_FORMAT, "stage": st.name, "ibscope_version": __version__,
+            "config_hash": cfg_hash, "config": st.config, "upstream": up, "digest": digest,
+            "inputs": inputs, "outputs": list(out_recs), "output_hashes": out_recs,
+            "seconds": dt, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         })
         self.digests[st.name] = digest
         self.status.append(StageStatus(st.name, "ran", dt, outputs, why))
@@ -573,6 +776,40 @@ def _resolve_factory_spec(base: Path, spec: str) -> str:
     if mod.endswith(".py") or "/" in mod or os.sep in mod:
         return f"{_resolve(base, mod)}:{attr}"
     return spec
+
+
+def factory_source(base: Path, spec: str) -> Path | None:
+    """The source file of a model factory spec, whose contents are part of the train and capture fingerprints.
+
+    ``path/file.py:factory``: that file (resolved against ``base``; it may be missing, which the
+    stage then reports). ``pkg.module:factory``: the module's file, found with
+    :func:`importlib.util.find_spec` (imports only the parent packages), else by importing the
+    module. ``None`` for a module without a source file.
+    """
+    import importlib
+    import importlib.util
+    import inspect
+
+    mod, _, _ = spec.rpartition(":")
+    if mod.endswith(".py") or "/" in mod or os.sep in mod:
+        return _resolve(base, mod)
+    try:
+        found = importlib.util.find_spec(mod)
+    except (ImportError, ValueError):
+        found = None
+    origin = getattr(found, "origin", None)
+    if origin and os.path.isfile(origin):
+        return Path(origin)
+    try:
+        m = importlib.import_module(mod)
+    except Exception as exc:  # noqa: BLE001 - the user's module: any import failure is theirs
+        raise UsageError(f"model.factory: cannot import module '{mod}': {type(exc).__name__}: {exc}",
+                         hint="Install the package, or name a file: 'path/to/file.py:factory'.") from None
+    try:
+        src = inspect.getsourcefile(m) or getattr(m, "__file__", None)
+    except TypeError:  # a built-in module
+        src = None
+    return Path(src) if src and os.path.isfile(src) else None
 
 
 def _npz_xy(path: Path, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -625,10 +862,12 @@ class Pipeline:
     """One run config -> stages. Use :func:`run_pipeline`."""
 
     def __init__(self, cfg: dict, base: Path, out: Path, *, device: str | None = None, progress: bool = True,
-                 force: bool = False, only: Sequence[str] | None = None, quiet: bool = False):
+                 force: bool = False, only: Sequence[str] | None = None, quiet: bool = False,
+                 lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT):
         self.cfg = cfg
         self.base = base
-        self.out = out
+        self.out = Path(out).resolve()
+        self.lock_timeout = check_timeout(lock_timeout)
         self.device = device or cfg["device"]
         self.progress = progress and not quiet
         self.quiet = quiet
@@ -640,8 +879,25 @@ class Pipeline:
 
         resolve_device(self.device)  # fail on a bad or unavailable --device before any work
         resolve_device(cfg["train"]["device"] if cfg["train"] else "cpu")
-        self.runner = StageRunner(out, force=force, only=only, say=self.say)
-        self.result = PipelineResult(cfg["name"], out, cfg, self.runner.status)
+        self.check_paths()  # every output path inside the output folder, before anything is written
+        self.runner = StageRunner(self.out, force=force, only=only, say=self.say, base=base)
+        self.result = PipelineResult(cfg["name"], self.out, cfg, self.runner.status)
+
+    def check_paths(self) -> None:
+        """Raise a UsageError (exit 2) unless every path this run writes lies inside the output folder."""
+        probes = self.probes()
+        planned = [("probe file (data.subsets)", probes[k]) for k in self.cfg["data"]["subsets"] or {}]
+        planned += [("activation store", self.out / "stores" / n) for n in self.capture_probes()]
+        planned += [(what, self.out / rel) for what, rel in (
+            ("checkpoint folder", "checkpoints"), ("results file", "results.csv"), ("figure folder", "figures"),
+            ("OOD folder", "ood"), ("report", "report.html"), ("check result", "check.json"),
+            ("stage stamps", STAMP_DIR))]
+        for what, p in planned:
+            inside(self.out, p, what)
+
+    def factory_inputs(self) -> list[Path]:
+        src = factory_source(self.base, self.cfg["model"]["factory"])
+        return [src] if src is not None else []
 
     def say(self, msg: str) -> None:
         if not self.quiet:
@@ -730,7 +986,7 @@ class Pipeline:
         test_p = probes.get("test") if d["task"] else _resolve(self.base, d["test"])
         factory = _resolve_factory_spec(self.base, cfg["model"]["factory"])
         tconf = _train_config(cfg)
-        inputs = [p for p in (train_p, test_p) if p is not None]
+        inputs = [p for p in (train_p, test_p) if p is not None] + self.factory_inputs()
         stage_cfg = {"model": {"factory": cfg["model"]["factory"], "args": cfg["model"]["args"]}, "train": cfg["train"],
                      "seed": cfg["seed"], "data": d}
 
@@ -815,10 +1071,12 @@ class Pipeline:
                                    reduce=cap["reduce"], max_samples=cap["max_samples"], sample_seed=cap["sample_seed"],
                                    batch_size=cap["batch_size"],
                                    device=self.device, dtype=cap["dtype"], jacobian_samples=cap["jacobian_samples"],
-                                   split=n, run=cfg["name"], overwrite=True, progress=self.progress))
+                                   split=n, run=cfg["name"], overwrite=True, progress=self.progress,
+                                   safe_globals=list(cap["safe_globals"])))
             return [Path(p) for p in out]
 
-        self.runner(Stage("capture", stage_cfg, [*ck_inputs, *(probes[n] for n in names)], ["data", "train"], run,
+        inputs = [*ck_inputs, *(probes[n] for n in names), *self.factory_inputs()]
+        self.runner(Stage("capture", stage_cfg, inputs, ["data", "train"], run,
                           label=f"capture ({cfg['name']})"))
         self.result.stores = stores
         return stores
@@ -839,27 +1097,46 @@ class Pipeline:
         results = self.out / "results.csv"
 
         def run() -> list[Path]:
-            from ibscope.estimate import run_estimate
+            from ibscope.estimate import run_estimate, summary_lines
             from ibscope.results import provenance_path, read_results, write_results
 
             # start from an empty table: run_estimate keeps rows already in its output file, which
             # here would leave rows of estimators or parameters no longer in the config
             for old in (results, provenance_path(results)):
                 old.unlink(missing_ok=True)
+            extra = {"strict": bool(est["strict"]), "skip_bad_shards": bool(cfg["skip_bad_shards"])}
+
+            def tell(res) -> None:  # noted cells and dropped rows: the same summary as `ibscope estimate`
+                from rich.markup import escape
+
+                for line in summary_lines(res, strict=extra["strict"]):
+                    self.say(f"  [yellow]{escape(line)}[/]")
+
             if len(groups) == 1:
                 (g, ests), = groups.items()
-                run_estimate([stores[n] for n in g], results, ests, est["params"], device=self.device,
-                             force=True, jobs=est["jobs"], progress=self.progress)
+                tell(run_estimate([stores[n] for n in g], results, ests, est["params"], device=self.device,
+                                  force=True, jobs=est["jobs"], progress=self.progress, **extra))
                 return [results, provenance_path(results)]
             tmp_dir = self.out / ".ibscope" / "estimate-parts"
             shutil.rmtree(tmp_dir, ignore_errors=True)
             rows, provs, seen = [], [], set()
+            strict_error: IbscopeError | None = None
             for i, (g, ests) in enumerate(groups.items()):
                 part = tmp_dir / f"part{i}.csv"
-                res = run_estimate([stores[n] for n in g], part, ests,
-                                   {k: v for k, v in est["params"].items() if k in ests}, device=self.device,
-                                   force=True, jobs=est["jobs"], progress=self.progress)
-                provs.append({"probes": list(g), "estimators": ests, **res.provenance})
+                try:
+                    res = run_estimate([stores[n] for n in g], part, ests,
+                                       {k: v for k, v in est["params"].items() if k in ests}, device=self.device,
+                                       force=True, jobs=est["jobs"], progress=self.progress, **extra)
+                    tell(res)
+                    prov = res.provenance
+                except IbscopeError as exc:
+                    # --strict: a noted cell stops with exit 4 after its rows are written; write every
+                    # group's rows first, then stop the same way
+                    if not (est["strict"] and exc.exit_code == EXIT_DATA and part.exists()):
+                        raise
+                    strict_error = strict_error or exc
+                    prov = json.loads(provenance_path(part).read_text()) if provenance_path(part).exists() else {}
+                provs.append({"probes": list(g), "estimators": ests, **prov})
                 for r in read_results(part).rows:
                     if r["estimator"] == "metrics":  # the same training metrics come with every group of a split
                         key = (r["run"], r["split"], r["checkpoint"], r["quantity"])
@@ -870,9 +1147,12 @@ class Pipeline:
             write_results(results, rows, {"ibscope_version": __version__, "parts": provs,
                                           "resolved_config": {"estimate": est}})
             shutil.rmtree(tmp_dir, ignore_errors=True)
+            if strict_error is not None:
+                raise strict_error
             return [results, provenance_path(results)]
 
-        self.runner(Stage("estimate", {"estimate": est, "probes": names, "groups": [[list(g), e] for g, e in groups.items()]},
+        self.runner(Stage("estimate", {"estimate": est, "probes": names, "groups": [[list(g), e] for g, e in groups.items()],
+                                       "skip_bad_shards": cfg["skip_bad_shards"]},
                           [stores[n] for n in used], ["capture"], run, label=f"estimate ({cfg['name']})"))
         self.result.results = results
         return results
@@ -926,13 +1206,15 @@ class Pipeline:
 
             if out_dir.exists():
                 shutil.rmtree(out_dir)
-            run_ood(stores[oc["fit"]], stores[oc["test"]], {n: stores[n] for n in oc["ood"]}, oc["layer"],
-                    detectors=oc["detectors"], reductions=oc["reductions"], checkpoint=oc["checkpoint"],
-                    out_dir=out_dir, device=self.device, progress=self.progress, seed=self.cfg["seed"], **oc["options"])
-            return [out_dir / "ood_metrics.json", out_dir]
+            doc = run_ood(stores[oc["fit"]], stores[oc["test"]], {n: stores[n] for n in oc["ood"]}, oc["layer"],
+                          detectors=oc["detectors"], reductions=oc["reductions"], checkpoint=oc["checkpoint"],
+                          out_dir=out_dir, device=self.device, progress=self.progress, seed=self.cfg["seed"],
+                          skip_bad_shards=bool(self.cfg["skip_bad_shards"]), **oc["options"])
+            # every file of the output set: one missing or changed makes the stage run again
+            return [out_dir / "ood_metrics.json", *(out_dir / f for f in doc["output_set"]["files"]), out_dir]
 
         used = [stores[oc["fit"]], stores[oc["test"]], *(stores[n] for n in oc["ood"])]
-        self.runner(Stage("ood", {"ood": oc}, used, ["capture"], run, label=f"ood ({self.cfg['name']})"))
+        self.runner(Stage("ood", {"ood": oc, "skip_bad_shards": self.cfg["skip_bad_shards"]}, used, ["capture"], run, label=f"ood ({self.cfg['name']})"))
         self.result.ood = out_dir / "ood_metrics.json"
         return self.result.ood
 
@@ -984,6 +1266,13 @@ class Pipeline:
 
     # ---------------------------------------------------------------- all
     def run(self, until: str | None = None) -> PipelineResult:
+        """Run the stages up to ``until``, holding the run folder's writer lock throughout."""
+        if until is not None and until not in STAGES:
+            raise unknown_name("stage", until, STAGES)
+        with writer_lock(self.out, what="run folder", timeout=self.lock_timeout):
+            return self._run(until)
+
+    def _run(self, until: str | None) -> PipelineResult:
         self.out.mkdir(parents=True, exist_ok=True)
         stop = STAGES.index(until) if until else len(STAGES) - 1
         self._stage_data()
@@ -1020,20 +1309,31 @@ def output_dir(cfg: dict, base: Path, out: str | os.PathLike | None) -> Path:
 def run_pipeline(config: str | os.PathLike | Mapping, *, out: str | os.PathLike | None = None, quick: bool = False,
                  overrides: Mapping | None = None, force: bool = False, only: Sequence[str] | None = None,
                  until: str | None = None, device: str | None = None, progress: bool = True, quiet: bool = False,
-                 base_dir: str | os.PathLike | None = None) -> PipelineResult:
+                 base_dir: str | os.PathLike | None = None, strict: bool = False, skip_bad_shards: bool = False,
+                 safe_globals: Sequence[str] = (), lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT) -> PipelineResult:
     """Run (or bring up to date) the pipeline of one run config; see the module docstring.
 
     ``only``: run just these stages (others must be up to date already); ``until``: stop after
-    this stage; ``force``: re-run every stage. Raises :class:`~ibscope.errors.RegressionFound`
+    this stage; ``force``: re-run every stage. ``strict`` and ``skip_bad_shards`` switch on the
+    config keys ``estimate.strict`` and ``skip_bad_shards``; ``safe_globals`` adds to
+    ``capture.safe_globals``. ``lock_timeout``: seconds to wait for another run writing the same
+    output folder (0: refuse at once; negative or None: wait for ever), then
+    :class:`~ibscope._locks.LockTimeout`. Raises :class:`~ibscope.errors.RegressionFound`
     when the check stage finds a regression (after everything else is written).
     """
-    cfg, base, _ = load_config(config, quick=quick, overrides=overrides, base_dir=base_dir)
+    check_timeout(lock_timeout)
+    extra_globals = check_safe_globals(list(safe_globals), "--safe-globals")
+    flags = {**({"estimate": {"strict": True}} if strict else {}), **({"skip_bad_shards": True} if skip_bad_shards else {})}
+    cfg, base, _ = load_config(config, quick=quick, overrides=deep_merge(dict(overrides or {}), flags),
+                               base_dir=base_dir)
+    cfg["capture"]["safe_globals"] = list(dict.fromkeys([*cfg["capture"]["safe_globals"], *extra_globals]))
     if until is not None and until not in STAGES:
         raise unknown_name("stage", until, STAGES)
     od = output_dir(cfg, base, out)
     if od.exists() and not od.is_dir():
         raise UsageError(f"Output folder '{od}' is a file.")
-    pipe = Pipeline(cfg, base, od, device=device, progress=progress, force=force, only=only, quiet=quiet)
+    pipe = Pipeline(cfg, base, od, device=device, progress=progress, force=force, only=only, quiet=quiet,
+                    lock_timeout=lock_timeout)
     return pipe.run(until=until)
 
 
@@ -1055,32 +1355,39 @@ class DemoResult:
 
 def run_demo(out: str | os.PathLike = "ibscope-demo", *, quick: bool = False, force: bool = False,
              device: str | None = None, progress: bool = True, quiet: bool = False,
-             configs: Sequence[str | os.PathLike] = DEMO_RUNS, overrides: Mapping | None = None) -> DemoResult:
+             configs: Sequence[str | os.PathLike] = DEMO_RUNS, overrides: Mapping | None = None,
+             lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT) -> DemoResult:
     """Train the tanh and ReLU 12-10-7-5-4-3-2 networks and run the whole pipeline on both.
 
     Each run lives in ``OUT/<run>/`` (data, checkpoints, stores, results.csv, figures/,
     report.html). The runs are separate experiments (not seeds of one), so each gets its own
     figures and report; ``OUT/info-plane_<run>_vs_<run>.png`` puts their fixed-binning
-    information planes side by side.
+    information planes side by side. Every config is checked before anything runs; the demo
+    folder's writer lock (and each run folder's) is held throughout (``lock_timeout`` as in
+    :func:`run_pipeline`).
     """
     t0 = time.perf_counter()
     od = Path(out).resolve()
     if od.exists() and not od.is_dir():
         raise UsageError(f"--out '{od}' is a file; it must be a folder.")
-    runs: dict[str, PipelineResult] = {}
+    check_timeout(lock_timeout)
     # the estimate stage is most of the demo's time: one worker process per core (up to 2)
     overrides = deep_merge({"estimate": {"jobs": max(1, min(2, os.cpu_count() or 1))}}, overrides or {})
-    for c in configs:
+    pipes: dict[str, Pipeline] = {}
+    for c in configs:  # every config checked (names, paths) before anything is written
         cfg, base, _ = load_config(c, quick=quick, overrides=overrides)
-        if cfg["name"] in runs:
+        if cfg["name"] in pipes:
             raise UsageError(f"Two demo configs are both named '{cfg['name']}'.")
-        runs[cfg["name"]] = Pipeline(cfg, base, od / cfg["name"], device=device, progress=progress, force=force,
-                                     quiet=quiet).run()
-    figs = [f for r in runs.values() for f in r.figures]
-    comparison = None
-    planes = [next((f for f in r.figures if f.name.startswith("info-plane_binning")), None) for r in runs.values()]
-    if len(planes) > 1 and all(planes):
-        comparison = side_by_side(planes, od / f"info-plane_{'_vs_'.join(runs)}.png", titles=list(runs))
+        pipes[cfg["name"]] = Pipeline(cfg, base, inside(od, od / cfg["name"], "run folder"), device=device,
+                                      progress=progress, force=force, quiet=quiet, lock_timeout=lock_timeout)
+    comparison_path = inside(od, od / f"info-plane_{'_vs_'.join(pipes)}.png", "comparison figure")
+    with writer_lock(od, what="demo folder", timeout=lock_timeout):
+        runs = {name: p.run() for name, p in pipes.items()}
+        figs = [f for r in runs.values() for f in r.figures]
+        comparison = None
+        planes = [next((f for f in r.figures if f.name.startswith("info-plane_binning")), None) for r in runs.values()]
+        if len(planes) > 1 and all(planes):
+            comparison = side_by_side(planes, comparison_path, titles=list(runs))
     first = next(iter(runs.values()))
     return DemoResult(od, runs, figs, first.report, time.perf_counter() - t0, comparison)
 

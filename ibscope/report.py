@@ -169,6 +169,17 @@ def _tick(t: float) -> str:
     return str(int(t)) if float(t).is_integer() else f"{t:.4g}"
 
 
+def _noted(rows: list[dict], shown: int = 20) -> str:
+    """The cells ``ibscope estimate`` could not estimate (no value, a note saying why)."""
+    noted = [r for r in rows if r["value"] is None]
+    if not noted:
+        return ""
+    items = "".join(f"<li>{_e(r.get('note') or '(no note)')}</li>" for r in noted[:shown])
+    more = f"<li>... and {len(noted) - shown} more (see the CSV)</li>" if len(noted) > shown else ""
+    return (f"<h3>Cells without a value</h3><p class='note'>{len(noted)} row(s) could not be estimated and are "
+            f"left out of the figures and tables above:</p><ul>{items}{more}</ul>")
+
+
 def _csv_link(rows: list[dict], name: str) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
@@ -246,16 +257,12 @@ def _provenance(res: Results, rows: list[dict]) -> str:
 
 def load_ood(path: str | os.PathLike) -> dict:
     """Read and check the ``ood_metrics.json`` written by ``ibscope ood`` (DataError if malformed)."""
+    from ibscope.ood.runner import JSON_NAME, read_metrics
+
     p = Path(path)
     if p.is_dir():
-        p = p / "ood_metrics.json"
-    if not p.exists():
-        raise DataError(f"OOD results file not found: '{p}'.",
-                        hint="Pass the ood_metrics.json (or its folder) written by `ibscope ood ... -o DIR`.")
-    try:
-        doc = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"OOD results file '{p}' is not valid JSON: {exc}.") from None
+        p = p / JSON_NAME
+    doc = read_metrics(p)  # refuses an incomplete output set (a killed `ibscope ood`)
     if not isinstance(doc, dict) or not isinstance(doc.get("results"), list):
         got = type(doc).__name__ if not isinstance(doc, dict) else f"keys {sorted(doc)[:8]}"
         raise DataError(f"OOD results file '{p}' must be a JSON object with a 'results' list. Got {got}.",
@@ -398,7 +405,7 @@ def write_report(results: Any, out_html: str | os.PathLike | None = None, *, ood
             body.append(f"<h2 id='{sid}'>{_e(head)}</h2>{''.join(figs)}")
     nav.append("<a href='#numbers'>Numbers</a>")
     body.append(f"<h2 id='numbers'>Numbers</h2>{_number_tables(conv.rows, tcol, max_columns)}"
-                f"{_csv_link(res.rows, (res.path.stem if res.path else 'results') + '.csv')}")
+                f"{_noted(res.rows)}{_csv_link(res.rows, (res.path.stem if res.path else 'results') + '.csv')}")
     if ood_doc is not None:
         nav.append("<a href='#ood'>Out-of-distribution</a>")
         body.append(f"<h2 id='ood'>Out-of-distribution detection</h2>{_ood_section(ood_doc)}")

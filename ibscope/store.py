@@ -23,14 +23,28 @@ A store is a directory::
 
 Crash safety: a shard only gets its final name after all of its data is written and its
 ``complete`` attribute set; a killed capture leaves at most a ``*.tmp`` file, which readers
-ignore and ``--resume`` deletes. A checkpoint's data is therefore complete or absent.
+ignore and ``--resume`` deletes. A checkpoint's data is therefore complete or absent. A write
+the system refuses (disk full, read-only, I/O error) discards the file being written and raises
+:class:`~ibscope.errors.IOFailure` naming it (see :mod:`ibscope._h5io`).
+
+Reading is defensive: every attribute is parsed with type checks and every dataset's declared
+shape is compared with what the manifest says (``n_samples``, each layer's ``dims``) before
+anything is read; a damaged manifest is a :class:`~ibscope.errors.DataError`. A shard under its
+final name that cannot be read, is truncated, lacks ``complete``, is malformed or belongs to
+another configuration is one too (naming the file), unless the store is opened with
+``skip_bad_shards=True``; ``capture --resume`` deletes such shards (except foreign ones) and
+captures them again.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
+import math
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,8 +52,11 @@ from typing import Any
 
 import numpy as np
 
+from ibscope._h5io import AtomicH5, Attrs, describe, check_storage, h5_message, is_system_error, os_error_of
 from ibscope._version import __version__
-from ibscope.errors import DataError, UsageError
+from ibscope.errors import DataError, UsageError, io_error
+
+log = logging.getLogger(__name__)
 
 FORMAT = "ibscope-activations"
 FORMAT_VERSION = 1
@@ -85,14 +102,6 @@ def check_layer_name(name: str) -> str:
     return name
 
 
-def _atomic_h5(final: Path):
-    """Open ``final.tmp`` for writing; caller renames it with :func:`os.replace`."""
-    tmp = final.with_name(final.name + ".tmp")
-    if tmp.exists():
-        tmp.unlink()
-    return tmp, _h5py().File(tmp, "w")
-
-
 def checkpoint_label(epoch: int | None, step: int | None, path: str | os.PathLike) -> str:
     """How a checkpoint is named to users: "epoch 12", "step 300", or its file name."""
     if epoch is not None:
@@ -113,6 +122,12 @@ class CheckpointInfo:
     sha256: str
     shard: Path
     metrics: dict = field(default_factory=dict)
+    #: stored dtype per layer ("float32" / "float16")
+    dtypes: dict = field(default_factory=dict)
+    #: layers with Jacobian spectra in this shard
+    jacobian_layers: tuple = ()
+    #: where the epoch/step came from ("file", "name", "position")
+    epoch_source: str = ""
 
     @property
     def label(self) -> str:
@@ -126,11 +141,67 @@ def resolve_store_dir(path: str | os.PathLike) -> Path:
     return p
 
 
-class Store:
-    """Read-only view of an activation store (``open_store(path)``)."""
+class BadShard(DataError):
+    """A shard under its final name that is unreadable, incomplete, malformed or foreign."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, kind: str, reason: str):
+        if kind == "malformed" and not reason.startswith("malformed"):
+            reason = "malformed: " + reason
+        super().__init__(reason)
+        self.kind = kind
+
+
+#: kinds of bad shards that ``capture --resume`` deletes and captures again; the others
+#: ("foreign": another capture configuration, "misnamed": a copy under another name) are
+#: not ibscope's to delete
+REPAIRABLE = ("unreadable", "incomplete", "malformed")
+
+_WARNED: set[tuple[str, str]] = set()
+# Shards checked in this process: path -> (file identity, store identity, what the check found);
+# open_store runs once per estimate cell. A shard is never changed in place (capture renames a
+# new file over it), so a file with the same device, inode, size and times is the file that was
+# checked. As git does for its index ("racy clean"), a file modified less than _RACY_NS before
+# its check is not remembered: file times are coarser than the time between two writes.
+_CHECKED: dict[str, tuple[tuple, tuple, dict]] = {}
+_CHECKED_MAX = 200_000
+_RACY_NS = 2_000_000_000
+_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+_MAX_LISTED = 10
+
+
+def _open_h5(path: Path, *, label: str, kind: str = "unreadable"):
+    """Open an HDF5 file for reading; content errors become :class:`BadShard` (``kind``), system
+    errors (permissions, I/O) an :class:`~ibscope.errors.IOFailure`."""
+    h5py = _h5py()
+    try:
+        return h5py.File(path, "r")
+    except Exception as exc:  # noqa: BLE001 - h5py raises OSError, and others for odd files
+        err = os_error_of(exc)
+        if err is not None and err.errno == errno.ENOENT:
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(path)) from None
+        if is_system_error(exc):
+            raise io_error(err, path, "reading") from None
+        raise BadShard(kind, f"{label + ' ' if label else ''}truncated, corrupt or not HDF5 "
+                             f"({h5_message(exc)})") from None
+
+
+class Store:
+    """Read-only view of an activation store (``open_store(path)``).
+
+    Opening reads the manifest and checks every shard under its final name (``*.h5``) without
+    reading activations: it must open as HDF5, carry ``complete``, belong to this store's config
+    (``config_hash``), have well-formed attributes and one ``(n_samples, dims)`` dataset per
+    layer. A bad shard is a :class:`~ibscope.errors.DataError` naming it, unless
+    ``skip_bad_shards``: then it is left out and described in :attr:`skipped`
+    (``{"file", "reason", "kind"}``), with one logged warning per shard and process (``warn=False``:
+    none, for callers that report the skipped shards themselves).
+    """
+
+    def __init__(self, path: str | os.PathLike, *, skip_bad_shards: bool = False, warn: bool = True):
         self.dir = resolve_store_dir(path)
+        self.skip_bad_shards = bool(skip_bad_shards)
+        self._warn = warn
+        self.skipped: list[dict] = []
         man = self.dir / MANIFEST
         if not self.dir.exists():
             raise DataError(f"Activation store not found: '{path}'.", hint="Create one with `ibscope capture ... --out DIR`.")
@@ -139,34 +210,126 @@ class Store:
                 f"'{path}' is not an ibscope activation store: expected a directory with {MANIFEST}, found none.",
                 hint="Pass the --out directory of `ibscope capture`.",
             )
-        h5py = _h5py()
+        label = f"'{man}'"
         try:
-            f = h5py.File(man, "r")
-        except OSError as exc:
-            raise DataError(f"Cannot open '{man}' as HDF5: {exc}. The file is corrupt or not HDF5.") from None
+            f = _open_h5(man, label=f"{label} is")
+        except BadShard as exc:
+            raise DataError(f"{exc.message}.", hint=_MANIFEST_HINT) from None
         with f:
-            fmt = f.attrs.get("format")
-            if fmt != FORMAT:
-                raise DataError(f"'{man}' is not an ibscope activation store (format attribute {fmt!r}, expected {FORMAT!r}).")
-            ver = int(f.attrs.get("format_version", -1))
-            if ver != FORMAT_VERSION:
-                raise DataError(
-                    f"'{man}' has store format version {ver}; this ibscope ({__version__}) reads version {FORMAT_VERSION}.",
-                    hint="Re-capture with this ibscope version, or install the ibscope version that wrote it.",
-                )
-            self.format_version = ver
-            self.attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
-            self.config = json.loads(self.attrs.get("config", "{}"))
-            self.config_hash = str(self.attrs.get("config_hash", ""))
-            self.probe_hash = str(self.attrs.get("probe_hash", ""))
-            self.sample_ids = f["probe/sample_ids"][()]
-            self.labels = f["probe/labels"][()] if "probe/labels" in f else None
-            self.has_inputs = "probe/inputs" in f
-            self.input_shape = tuple(f["probe/inputs"].attrs.get("input_shape", ())) if self.has_inputs else None
-            self._layer_meta = {name: json.loads(g.attrs.get("meta", "{}")) for name, g in f["layers"].items()}
-            order = self.config.get("layer_order") or list(self._layer_meta)
-            self.layers = [n for n in order if n in self._layer_meta] + [n for n in self._layer_meta if n not in order]
+            try:
+                self._read_manifest(f, Attrs(f, label), label)
+            except DataError as exc:
+                if exc.hint is None:
+                    exc.hint = _MANIFEST_HINT
+                raise
         self.checkpoints = self._scan()
+
+    # ---------------------------------------------------------------------------------
+    def _read_manifest(self, f, at: Attrs, label: str) -> None:
+        fmt = at.str("format", None)
+        if fmt != FORMAT:
+            raise DataError(f"{label} is not an ibscope activation store (format attribute {fmt!r}, expected {FORMAT!r}).",
+                            hint="Pass the --out directory of `ibscope capture`.")
+        ver = at.int("format_version", -1)
+        if ver != FORMAT_VERSION:
+            raise DataError(
+                f"{label} has store format version {ver}; this ibscope ({__version__}) reads version {FORMAT_VERSION}.",
+                hint="Re-capture with this ibscope version, or install the ibscope version that wrote it.",
+            )
+        self.format_version = ver
+        self.config = at.json("config")
+        self.config_hash = at.str("config_hash")
+        self.probe_hash = at.str("probe_hash")
+        self.attrs = {"format": fmt, "format_version": ver, "config": at.str("config"), "config_hash": self.config_hash,
+                      "probe_hash": self.probe_hash, "ibscope_version": at.str("ibscope_version", None),
+                      "created": at.str("created", None)}
+        cfg = self.config
+        where = f"{label}: attribute 'config'"
+        for key, kinds, what in (("n_samples", int, "an integer"), ("jacobian_samples", int, "an integer"),
+                                 ("run", str, "a string"), ("split", str, "a string")):
+            v = cfg.get(key)
+            if v is not None and (not isinstance(v, kinds) or isinstance(v, bool)):
+                raise DataError(f"{where}: '{key}' must be {what}; got {describe(v)}.")
+        for key in ("layer_order", "input_shape"):
+            v = cfg.get(key)
+            elem = str if key == "layer_order" else int
+            if v is not None and (not isinstance(v, list) or not all(isinstance(e, elem) and not isinstance(e, bool)
+                                                                      for e in v)):
+                raise DataError(f"{where}: '{key}' must be a list of {'names' if elem is str else 'integers'}; "
+                                f"got {describe(v)}.")
+
+        ids = self._dataset(f, "probe/sample_ids", label)
+        if ids.ndim != 1 or ids.dtype.kind not in "iu":
+            raise DataError(f"{label}: dataset 'probe/sample_ids' must be a 1-D integer array; "
+                            f"got shape {ids.shape} ({ids.dtype}).")
+        n = int(ids.shape[0])
+        if cfg.get("n_samples") is not None and cfg["n_samples"] != n:
+            raise DataError(f"{label}: dataset 'probe/sample_ids' has {n} rows but the config says n_samples = "
+                            f"{cfg['n_samples']}.")
+        self.sample_ids = self._read(ids, f"{label}, dataset 'probe/sample_ids'", hint=_MANIFEST_HINT)
+        self.labels = None
+        if "probe/labels" in f:
+            lab = self._dataset(f, "probe/labels", label)
+            if lab.ndim not in (1, 2) or lab.shape[0] != n or lab.dtype.kind not in "iubf":
+                raise DataError(f"{label}: dataset 'probe/labels' has shape {lab.shape} ({lab.dtype}); expected "
+                                f"({n},) numbers, one label per probe sample.")
+            self.labels = self._read(lab, f"{label}, dataset 'probe/labels'", hint=_MANIFEST_HINT)
+        self.has_inputs = "probe/inputs" in f
+        self.input_shape = None
+        if self.has_inputs:
+            inp = self._dataset(f, "probe/inputs", label)
+            shape = tuple(int(s) for s in Attrs(inp, f"{label}, dataset 'probe/inputs'").int_array("input_shape", max_len=16))
+            if any(s < 0 for s in shape):
+                raise DataError(f"{label}, dataset 'probe/inputs': attribute 'input_shape' has negative sizes {shape}.")
+            width = math.prod(shape)
+            if inp.shape != (n, width) or inp.dtype.kind != "f":
+                raise DataError(f"{label}: dataset 'probe/inputs' has shape {inp.shape} ({inp.dtype}); expected "
+                                f"({n}, {width}) floats (n_samples x prod(input_shape {shape})).")
+            self.input_shape = shape
+        if "layers" not in f or not isinstance(f["layers"], _h5py().Group):
+            raise DataError(f"{label} has no group 'layers'.")
+        self._layer_meta = {}
+        for name in f["layers"]:
+            g = f["layers"][name]
+            meta = Attrs(g, f"{label}, group 'layers/{name}'").json("meta")
+            d = meta.get("dims")  # written by capture; optional for stores written through StoreWriter
+            if d is not None and (not isinstance(d, int) or isinstance(d, bool) or d < 1):
+                raise DataError(f"{label}, group 'layers/{name}': attribute 'meta': 'dims' must be an integer >= 1; "
+                                f"got {describe(d)}.")
+            rs = meta.get("raw_shape")
+            if rs is not None and (not isinstance(rs, list) or not all(isinstance(e, int) and not isinstance(e, bool)
+                                                                       for e in rs)):
+                raise DataError(f"{label}, group 'layers/{name}': attribute 'meta': 'raw_shape' must be a list of "
+                                f"integers; got {describe(rs)}.")
+            self._layer_meta[name] = meta
+        order = cfg.get("layer_order") or list(self._layer_meta)
+        self.layers = [n for n in order if n in self._layer_meta] + [n for n in self._layer_meta if n not in order]
+
+    @staticmethod
+    def _dataset(f, key: str, label: str):
+        try:
+            obj = f.get(key)
+        except Exception as exc:  # noqa: BLE001
+            if is_system_error(exc):
+                raise io_error(os_error_of(exc), f.filename, "reading") from None
+            raise DataError(f"{label}: '{key}' cannot be read ({h5_message(exc)}).") from None
+        if obj is None:
+            raise DataError(f"{label} has no dataset '{key}'.")
+        if not isinstance(obj, _h5py().Dataset):
+            raise DataError(f"{label}: '{key}' must be a dataset; got {type(obj).__name__}.")
+        return obj
+
+    @staticmethod
+    def _read(ds, label: str, sel=(), hint: str | None = None) -> np.ndarray:
+        """Read a dataset whose shape was checked, after checking that the file holds its bytes."""
+        check_storage(ds, label)
+        try:
+            return ds[sel]
+        except Exception as exc:  # noqa: BLE001
+            if is_system_error(exc):
+                raise io_error(os_error_of(exc), ds.file.filename, "reading") from None
+            raise DataError(f"{label} cannot be read ({h5_message(exc)}); the file is corrupt.",
+                            hint=hint or _SHARD_HINT) from None
 
     # ---------------------------------------------------------------------------------
     @property
@@ -183,28 +346,161 @@ class Store:
     def inputs(self) -> np.ndarray | None:
         if not self.has_inputs:
             return None
-        with _h5py().File(self.dir / MANIFEST, "r") as f:
-            return f["probe/inputs"][()]
+        man = self.dir / MANIFEST
+        label = f"'{man}'"
+        try:
+            f = _open_h5(man, label=f"{label} is")
+        except BadShard as exc:
+            raise DataError(f"{exc.message}.", hint=_MANIFEST_HINT) from None
+        with f:
+            ds = self._dataset(f, "probe/inputs", label)
+            width = math.prod(self.input_shape)
+            if ds.shape != (self.n_samples, width):
+                raise DataError(f"{label}: dataset 'probe/inputs' has shape {ds.shape}; expected "
+                                f"({self.n_samples}, {width}).", hint=_MANIFEST_HINT)
+            return self._read(ds, f"{label}, dataset 'probe/inputs'", hint=_MANIFEST_HINT)
 
     def _scan(self) -> list[CheckpointInfo]:
-        h5py = _h5py()
-        infos = []
         sd = self.dir / SHARD_DIR
         if not sd.exists():
             return []
+        infos, bad = [], []
+        ident = (self.config_hash, self.n_samples, tuple((n, self._layer_meta[n].get("dims")) for n in self.layers),
+                 self.config.get("jacobian_samples"))
         for p in sorted(sd.glob("*.h5")):
             try:
-                with h5py.File(p, "r") as f:
-                    if not bool(f.attrs.get("complete", False)) or f.attrs.get("config_hash") != self.config_hash:
-                        continue
-                    ep = int(f.attrs["epoch"]) if int(f.attrs.get("epoch", -1)) >= 0 else None
-                    st = int(f.attrs["step"]) if int(f.attrs.get("step", -1)) >= 0 else None
-                    infos.append((ep, st, str(f.attrs.get("checkpoint_path", "")), str(f.attrs.get("checkpoint_sha256", "")), p,
-                                  json.loads(f.attrs.get("metrics", "{}"))))
-            except OSError:
-                continue  # unreadable shard: treat as absent (resume recaptures it)
-        infos.sort(key=lambda t: (t[0] if t[0] is not None else -1, t[1] if t[1] is not None else -1, t[2]))
-        return [CheckpointInfo(i, *t) for i, t in enumerate(infos)]
+                st = os.stat(p)
+                key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+                hit = _CHECKED.get(str(p))
+                if hit is not None and hit[0] == key and hit[1] == ident:
+                    infos.append(dict(hit[2], shard=p, metrics=dict(hit[2]["metrics"]), dtypes=dict(hit[2]["dtypes"])))
+                    continue
+                info = self._check_shard(p)
+                if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > _RACY_NS:
+                    if len(_CHECKED) >= _CHECKED_MAX:
+                        _CHECKED.clear()
+                    _CHECKED[str(p)] = (key, ident, dict(info, metrics=dict(info["metrics"]), dtypes=dict(info["dtypes"])))
+                infos.append(info)
+            except BadShard as exc:
+                bad.append({"file": str(p), "reason": exc.message, "kind": exc.kind})
+            except FileNotFoundError:
+                continue  # removed since the listing (a --resume repairing it): absent
+        if bad and not self.skip_bad_shards:
+            raise self._bad_shards_error(bad, len(infos))
+        self.skipped = bad
+        for b in bad if self._warn else ():
+            key = (b["file"], b["reason"])
+            if key not in _WARNED:
+                _WARNED.add(key)
+                log.warning("Skipping bad shard '%s': %s.", b["file"], b["reason"])
+        infos.sort(key=lambda t: (t["epoch"] if t["epoch"] is not None else -1,
+                                  t["step"] if t["step"] is not None else -1, t["path"]))
+        return [CheckpointInfo(index=i, **t) for i, t in enumerate(infos)]
+
+    def _bad_shards_error(self, bad: list[dict], n_good: int) -> DataError:
+        lines = [f"  '{b['file']}': {b['reason']}." for b in bad[:_MAX_LISTED]]
+        if len(bad) > _MAX_LISTED:
+            lines.append(f"  ... and {len(bad) - _MAX_LISTED} more.")
+        n = len(bad)
+        msg = (f"Activation store '{self.dir}' has {n} bad shard{'s' if n > 1 else ''} "
+               f"({n_good} good):\n" + "\n".join(lines))
+        kinds = {b["kind"] for b in bad}
+        hints = []
+        if kinds & set(REPAIRABLE):
+            hints.append("re-run `ibscope capture ... --resume` with the options of the original capture: it deletes "
+                         "truncated, corrupt or incomplete shards and captures those checkpoints again")
+        if kinds - set(REPAIRABLE):
+            hints.append("move a shard of another capture (or a copy under another name) out of "
+                         f"'{self.dir / SHARD_DIR}'")
+        hints.append(f"or pass --skip-bad-shards to go on with the {n_good} good checkpoint{'s' if n_good != 1 else ''} "
+                     "(the skipped shards are listed)")
+        hint = "; ".join(hints)
+        return DataError(msg, hint=hint[0].upper() + hint[1:] + ".")
+
+    def _check_shard(self, p: Path) -> dict:
+        """Attributes and dataset shapes of one shard (no activations are read)."""
+        h5py = _h5py()
+        with _open_h5(p, label="") as f:
+            at = Attrs(f, "it")
+            try:
+                complete = at.bool("complete", False)
+            except DataError as exc:
+                raise BadShard("malformed", _strip(exc.message)) from None
+            if not complete:
+                raise BadShard("incomplete", "incomplete: it has no 'complete' mark (its capture did not finish)")
+            try:
+                fmt = at.str("format", None)
+                if fmt is not None and fmt != FORMAT:
+                    raise BadShard("foreign", f"not an ibscope shard (format attribute {fmt!r})")
+                ch = at.str("config_hash")
+                if ch != self.config_hash:
+                    raise BadShard("foreign", f"of another capture configuration (config hash {ch[:12]!r}; "
+                                              f"this store's is {self.config_hash[:12]!r})")
+                n = at.int("n_samples")
+                if n != self.n_samples:
+                    raise BadShard("malformed", f"attribute 'n_samples' is {n}; the store's probe set has "
+                                                f"{self.n_samples} samples")
+                epoch = at.int("epoch", minimum=-1)
+                step = at.int("step", minimum=-1)
+                sha = at.str("checkpoint_sha256")
+                if not _SHA_RE.match(sha):
+                    raise BadShard("malformed", f"attribute 'checkpoint_sha256' is not a SHA-256 hex digest: {sha[:80]!r}")
+                ck_path = at.str("checkpoint_path")
+                metrics = at.json("metrics", "{}")
+                for k, v in metrics.items():
+                    if isinstance(v, bool) or not isinstance(v, (int, float)):
+                        raise BadShard("malformed", f"attribute 'metrics': {k!r} must be a number; got {describe(v)}")
+                src = at.str("epoch_source", "")
+            except BadShard:
+                raise
+            except DataError as exc:
+                raise BadShard("malformed", _strip(exc.message)) from None
+            expected = StoreWriter.shard_name(None if epoch < 0 else epoch, None if step < 0 else step, sha)
+            if p.name != expected:
+                raise BadShard("misnamed", f"misnamed: its attributes (epoch {epoch}, step {step}, checkpoint {sha[:12]}) "
+                                           f"give the name '{expected}'; a copy or a renamed file")
+            dtypes, dtypes_width = {}, {}
+            acts = f.get("acts")
+            if not isinstance(acts, h5py.Group):
+                raise BadShard("malformed", "it has no group 'acts'")
+            for layer in self.layers:
+                ds = acts.get(layer)
+                if not isinstance(ds, h5py.Dataset):
+                    raise BadShard("malformed", f"it has no dataset 'acts/{layer}'")
+                dims = self._layer_meta[layer].get("dims")
+                if ds.ndim != 2 or ds.shape[0] != self.n_samples or (dims is not None and ds.shape[1] != dims):
+                    want = f"({self.n_samples}, {dims if dims is not None else 'd'})"
+                    raise BadShard("malformed", f"dataset 'acts/{layer}' has shape {ds.shape}; expected {want} "
+                                                "(n_samples x the layer's dims)")
+                if ds.dtype not in (np.float16, np.float32):
+                    raise BadShard("malformed", f"dataset 'acts/{layer}' has dtype {ds.dtype}; expected float16 or float32")
+                dtypes[layer] = str(ds.dtype)
+                dtypes_width[layer] = int(ds.shape[1])
+            jac = []
+            if "jacobian" in f:
+                g = f["jacobian"]
+                if not isinstance(g, h5py.Group):
+                    raise BadShard("malformed", "'jacobian' is not a group")
+                m_max = min(self.n_samples, int(self.config.get("jacobian_samples") or self.n_samples))
+                for layer in g:
+                    ds = g[layer]
+                    if layer not in self._layer_meta or not isinstance(ds, h5py.Dataset):
+                        raise BadShard("malformed", f"'jacobian/{layer}' is not a Jacobian dataset of a layer of this store")
+                    dims = self._layer_meta[layer].get("dims") or dtypes_width.get(layer, 0)
+                    if ds.ndim != 2 or ds.shape[0] > m_max or ds.shape[1] > dims or ds.dtype.kind != "f":
+                        raise BadShard("malformed", f"dataset 'jacobian/{layer}' has shape {ds.shape} ({ds.dtype}); "
+                                                    f"expected (m <= {m_max}, r <= {dims}) floats")
+                    try:
+                        rows = Attrs(ds, f"dataset 'jacobian/{layer}'").int_array("rows", max_len=m_max)
+                    except DataError as exc:
+                        raise BadShard("malformed", _strip(exc.message)) from None
+                    if rows.shape != (ds.shape[0],) or (rows.size and (rows.min() < 0 or rows.max() >= self.n_samples)):
+                        raise BadShard("malformed", f"dataset 'jacobian/{layer}': attribute 'rows' must hold "
+                                                    f"{ds.shape[0]} probe rows in [0, {self.n_samples})")
+                    jac.append(layer)
+        return {"epoch": epoch if epoch >= 0 else None, "step": step if step >= 0 else None, "path": ck_path,
+                "sha256": sha, "shard": p, "metrics": {k: float(v) for k, v in metrics.items()}, "dtypes": dtypes,
+                "jacobian_layers": tuple(sorted(jac)), "epoch_source": src}
 
     def _ckpt(self, ckpt: CheckpointInfo | int) -> CheckpointInfo:
         if isinstance(ckpt, CheckpointInfo):
@@ -214,23 +510,47 @@ class Store:
         except IndexError:
             raise UsageError(f"Checkpoint index {ckpt} out of range: the store holds {len(self.checkpoints)}.") from None
 
+    def _open_shard(self, c: CheckpointInfo):
+        try:
+            return _open_h5(c.shard, label=f"Shard '{c.shard}' is")
+        except BadShard as exc:
+            raise DataError(f"{exc.message}.", hint=_SHARD_HINT) from None
+
     def activations(self, ckpt: CheckpointInfo | int, layer: str) -> np.ndarray:
         """The (n_samples, n_features) activations of ``layer`` at ``ckpt``."""
         c = self._ckpt(ckpt)
-        self.layer_meta(layer)
-        with _h5py().File(c.shard, "r") as f:
-            if f"acts/{layer}" not in f:
-                raise DataError(f"Shard {c.shard.name} holds no activations for layer '{layer}'.")
-            return f[f"acts/{layer}"][()]
+        dims = self.layer_meta(layer).get("dims")
+        with self._open_shard(c) as f:
+            key = f"acts/{layer}"
+            label = f"Shard '{c.shard}', dataset '{key}'"
+            if key not in f:
+                raise DataError(f"Shard {c.shard.name} holds no activations for layer '{layer}'.", hint=_SHARD_HINT)
+            ds = f[key]
+            if (not isinstance(ds, _h5py().Dataset) or ds.ndim != 2 or ds.shape[0] != self.n_samples
+                    or (dims is not None and ds.shape[1] != dims)):
+                raise DataError(f"{label} has shape {getattr(ds, 'shape', None)}; expected ({self.n_samples}, "
+                                f"{dims if dims is not None else 'd'}).", hint=_SHARD_HINT)
+            return self._read(ds, label, hint=_data_hint(c.shard))
 
     def jacobian(self, ckpt: CheckpointInfo | int, layer: str) -> tuple[np.ndarray, np.ndarray] | None:
         """(singular values (m, r), probe rows (m,)) of d layer / d input, or None if not captured."""
         c = self._ckpt(ckpt)
-        with _h5py().File(c.shard, "r") as f:
+        with self._open_shard(c) as f:
             key = f"jacobian/{layer}"
             if key not in f:
                 return None
-            return f[key][()], f[key].attrs["rows"][()]
+            ds = f[key]
+            label = f"Shard '{c.shard}', dataset '{key}'"
+            dims = self.layer_meta(layer).get("dims")
+            if (not isinstance(ds, _h5py().Dataset) or ds.ndim != 2 or ds.shape[0] > self.n_samples
+                    or (dims is not None and ds.shape[1] > dims)):
+                raise DataError(f"{label} has shape {getattr(ds, 'shape', None)}; expected (m <= {self.n_samples}, "
+                                f"r <= {dims if dims is not None else 'the layer width'}).", hint=_SHARD_HINT)
+            rows = Attrs(ds, label).int_array("rows", max_len=self.n_samples)
+            if rows.shape != (ds.shape[0],):
+                raise DataError(f"{label}: attribute 'rows' has {rows.size} entries; expected {ds.shape[0]}.",
+                                hint=_SHARD_HINT)
+            return self._read(ds, label, hint=_data_hint(c.shard)), rows[()]
 
     def content_hash(self) -> str:
         """Hash of what the store holds: config, probe, and the list of captured checkpoints."""
@@ -239,8 +559,38 @@ class Store:
         return sha256_bytes(*parts)
 
 
-def open_store(path: str | os.PathLike) -> Store:
-    return Store(path)
+_MANIFEST_HINT = ("The store's manifest is damaged or was not written by ibscope; re-capture the store "
+                  "(`ibscope capture ... --overwrite`).")
+_SHARD_HINT = ("Re-run `ibscope capture ... --resume` with the options of the original capture: it deletes corrupt "
+               "shards and captures them again; or pass --skip-bad-shards.")
+
+
+def _data_hint(shard: Path) -> str:
+    # the store's check reads no data, so --resume alone keeps a shard whose data is damaged
+    return (f"Delete '{shard}' and re-run `ibscope capture ... --resume` with the options of the original capture "
+            "to capture that checkpoint again.")
+
+
+def _strip(msg: str) -> str:
+    """A shard-check message without the leading "it: " and the final period."""
+    if msg.startswith("it: "):
+        msg = msg[len("it: "):]
+    elif msg.startswith("it "):
+        msg = msg[len("it "):]
+    return msg.rstrip(".")
+
+
+def open_store(path: str | os.PathLike, *, skip_bad_shards: bool = False) -> Store:
+    """Open an activation store for reading.
+
+    A shard under its final name that cannot be read, is truncated, lacks ``complete``, is
+    malformed or belongs to another capture configuration raises
+    :class:`~ibscope.errors.DataError` (exit code 4) naming it and how to repair it. With
+    ``skip_bad_shards=True`` such shards are left out and listed in ``Store.skipped``
+    (dicts with ``file``, ``reason`` and ``kind``), with one warning per shard and process.
+    ``*.tmp`` files (leftovers of an interrupted capture) are ignored.
+    """
+    return Store(path, skip_bad_shards=skip_bad_shards)
 
 
 class StoreWriter:
@@ -271,6 +621,8 @@ class StoreWriter:
         self.config_hash = sha256_bytes(canonical_json({"config": config, "layers": layers}).encode())
         self.probe_hash = probe_hash(sample_ids, labels, inputs)
         self.n_samples = int(len(sample_ids))
+        self.layer_dims = {name: meta.get("dims") for name, meta in layers.items()}
+        self._have: set[str] = set()
         man = self.dir / MANIFEST
         if man.exists():
             if not (resume or overwrite):
@@ -279,54 +631,97 @@ class StoreWriter:
                     hint="Pass --resume to capture only what is missing, or --overwrite to start again.",
                 )
             if resume:
-                existing = Store(self.dir)
-                if existing.probe_hash != self.probe_hash:
-                    raise DataError(
-                        f"Cannot resume '{self.dir}': it was made from different probe data "
-                        f"(probe hash {existing.probe_hash[:12]} vs {self.probe_hash[:12]}).",
-                        hint="Use a new --out directory, or --overwrite to replace it.",
-                    )
-                if existing.config_hash != self.config_hash:
-                    diff = sorted(k for k in set(existing.config) | set(config) if existing.config.get(k) != config.get(k))
-                    raise DataError(
-                        f"Cannot resume '{self.dir}': it was made with different settings ({', '.join(diff) or 'layers'}).",
-                        hint="Use a new --out directory, or --overwrite to replace it.",
-                    )
-                self._clean_tmp()
+                self._resume(config)
                 return
             import shutil
 
-            shutil.rmtree(self.dir)
-        (self.dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
-        self._clean_tmp()
-        tmp, f = _atomic_h5(man)
-        with f:
-            f.attrs["format"] = FORMAT
-            f.attrs["format_version"] = FORMAT_VERSION
-            f.attrs["ibscope_version"] = __version__
-            f.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-            f.attrs["config"] = canonical_json(config)
-            f.attrs["config_hash"] = self.config_hash
-            f.attrs["probe_hash"] = self.probe_hash
-            g = f.create_group("probe")
-            g.create_dataset("sample_ids", data=np.asarray(sample_ids, dtype=np.int64))
-            if labels is not None:
-                g.create_dataset("labels", data=np.asarray(labels))
-            if inputs is not None:
-                ds = g.create_dataset("inputs", data=np.asarray(inputs, dtype=np.float32).reshape(len(sample_ids), -1),
-                                      chunks=True, compression=self.compression,
-                                      shuffle=self.compression is not None)
-                ds.attrs["input_shape"] = np.asarray(input_shape or inputs.shape[1:], dtype=np.int64)
-            lg = f.create_group("layers")
-            for name, meta in layers.items():
-                lg.create_group(name).attrs["meta"] = canonical_json(meta)
-        os.replace(tmp, man)
+            try:
+                shutil.rmtree(self.dir)
+            except OSError as exc:
+                raise io_error(exc, exc.filename or self.dir, "removing the old store") from None
+        created = not self.dir.exists()
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._clean_tmp()
+            with AtomicH5(man) as w:
+                f = w.f
+                f.attrs["format"] = FORMAT
+                f.attrs["format_version"] = FORMAT_VERSION
+                f.attrs["ibscope_version"] = __version__
+                f.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+                f.attrs["config"] = canonical_json(config)
+                f.attrs["config_hash"] = self.config_hash
+                f.attrs["probe_hash"] = self.probe_hash
+                g = f.create_group("probe")
+                g.create_dataset("sample_ids", data=np.asarray(sample_ids, dtype=np.int64))
+                if labels is not None:
+                    g.create_dataset("labels", data=np.asarray(labels))
+                w.check()
+                if inputs is not None:
+                    ds = g.create_dataset("inputs", data=np.asarray(inputs, dtype=np.float32).reshape(len(sample_ids), -1),
+                                          chunks=True, compression=self.compression,
+                                          shuffle=self.compression is not None)
+                    ds.attrs["input_shape"] = np.asarray(input_shape or inputs.shape[1:], dtype=np.int64)
+                    w.check()
+                lg = f.create_group("layers")
+                for name, meta in layers.items():
+                    lg.create_group(name).attrs["meta"] = canonical_json(meta)
+            (self.dir / SHARD_DIR).mkdir(exist_ok=True)
+        except OSError as exc:
+            self._undo_create(created)
+            raise io_error(exc, exc.filename or self.dir, "creating the store") from None
+        except BaseException:
+            self._undo_create(created)
+            raise
+
+    def _undo_create(self, created: bool) -> None:
+        """After a failed start: leave no half-made store (a manifest-less folder blocks a retry)."""
+        for p in (self.dir / SHARD_DIR, self.dir):
+            if p == self.dir and not created:
+                break
+            try:
+                p.rmdir()  # only if empty: never deletes anything else
+            except OSError:
+                pass
+
+    def _resume(self, config: dict) -> None:
+        existing = Store(self.dir, skip_bad_shards=True, warn=False)
+        if existing.probe_hash != self.probe_hash:
+            raise DataError(
+                f"Cannot resume '{self.dir}': it was made from different probe data "
+                f"(probe hash {existing.probe_hash[:12]} vs {self.probe_hash[:12]}).",
+                hint="Use a new --out directory, or --overwrite to replace it.",
+            )
+        if existing.config_hash != self.config_hash:
+            diff = sorted(k for k in set(existing.config) | set(config) if existing.config.get(k) != config.get(k))
+            raise DataError(
+                f"Cannot resume '{self.dir}': it was made with different settings ({', '.join(diff) or 'layers'}).",
+                hint="Use a new --out directory, or --overwrite to replace it.",
+            )
+        alien = [b for b in existing.skipped if b["kind"] not in REPAIRABLE]
+        if alien:
+            lines = "\n".join(f"  '{b['file']}': {b['reason']}." for b in alien[:_MAX_LISTED])
+            raise DataError(
+                f"Cannot resume '{self.dir}': {len(alien)} shard(s) do not belong to it:\n{lines}",
+                hint=f"Move them out of '{self.dir / SHARD_DIR}' (they may belong to another store), then re-run "
+                     "with --resume.")
+        for b in existing.skipped:
+            try:
+                Path(b["file"]).unlink(missing_ok=True)
+            except OSError as exc:
+                raise io_error(exc, b["file"], "removing a corrupt shard") from None
+            log.warning("Removed bad shard '%s' (%s); its checkpoint is captured again.", b["file"], b["reason"])
+        self._have = {c.sha256 for c in existing.checkpoints}
+        try:
+            (self.dir / SHARD_DIR).mkdir(exist_ok=True)
+            self._clean_tmp()
+        except OSError as exc:
+            raise io_error(exc, exc.filename or self.dir / SHARD_DIR, "cleaning up the store") from None
 
     def _clean_tmp(self) -> None:
         sd = self.dir / SHARD_DIR
-        if sd.exists():
-            for p in sd.glob("*.tmp"):
-                p.unlink()
+        for p in [*(sd.glob("*.tmp") if sd.exists() else ()), self.dir / (MANIFEST + ".tmp")]:
+            p.unlink(missing_ok=True)
 
     @staticmethod
     def shard_name(epoch: int | None, step: int | None, sha256: str) -> str:
@@ -335,17 +730,8 @@ class StoreWriter:
         return f"e{e:06d}_s{s:010d}_{sha256[:12]}.h5"
 
     def has_checkpoint(self, sha256: str) -> bool:
-        """True if a complete shard for this checkpoint (and these settings) exists."""
-        h5py = _h5py()
-        for p in (self.dir / SHARD_DIR).glob(f"*_{sha256[:12]}.h5"):
-            try:
-                with h5py.File(p, "r") as f:
-                    if (bool(f.attrs.get("complete", False)) and f.attrs.get("config_hash") == self.config_hash
-                            and f.attrs.get("checkpoint_sha256") == sha256):
-                        return True
-            except OSError:
-                pass
-        return False
+        """True if the store held a good shard of this checkpoint when it was opened for resuming."""
+        return sha256 in self._have
 
     def checkpoint(self, *, epoch: int | None, step: int | None, path: str, sha256: str,
                    metrics: dict | None = None) -> "ShardWriter":
@@ -355,7 +741,12 @@ class StoreWriter:
 
 
 class ShardWriter:
-    """Context manager writing one checkpoint's shard; renamed into place only on success."""
+    """Context manager writing one checkpoint's shard; renamed into place only on success.
+
+    Every write goes through :class:`~ibscope._h5io.AtomicH5`: a write the system refuses
+    (disk full, I/O error) raises :class:`~ibscope.errors.IOFailure` naming the shard, and
+    leaves no ``*.tmp`` behind.
+    """
 
     def __init__(self, store: StoreWriter, *, epoch, step, path, sha256, metrics=None):
         self.store = store
@@ -368,10 +759,17 @@ class ShardWriter:
         self._nonfinite: dict[str, int] = {}
         self._ds: dict = {}  # open dataset handles (h5py lookups are slow per batch)
         self._width: dict[str, int] = {}
+        self._w: AtomicH5 | None = None
+        self.f = None
+
+    @property
+    def tmp(self) -> Path:
+        return self.final.with_name(self.final.name + ".tmp")
 
     def __enter__(self) -> "ShardWriter":
         self.t0 = time.perf_counter()
-        self.tmp, self.f = _atomic_h5(self.final)
+        self._w = AtomicH5(self.final)
+        self.f = self._w.f
         self.f.create_group("acts")
         return self
 
@@ -385,6 +783,12 @@ class ShardWriter:
         n = self.store.n_samples
         ds = self._ds.get(layer)
         if ds is None:
+            if layer not in self.store.layer_dims:
+                raise DataError(f"Layer '{layer}' is not a layer of this store ({', '.join(self.store.layer_dims)}).")
+            want = self.store.layer_dims[layer]
+            if want is not None and batch.shape[1] != want:
+                raise DataError(f"Layer '{layer}': batch has {batch.shape[1]} features; the store's layer metadata "
+                                f"says {want} (dims).")
             ds = self._ds[layer] = self._create(layer, batch.shape[1], dtype)
             self._width[layer] = batch.shape[1]
             self._rows[layer] = 0
@@ -409,12 +813,15 @@ class ShardWriter:
                 self._absmax[layer] = max(self._absmax[layer], float(np.abs(np.where(fin, batch, 0)).max()))
         ds[r0:r0 + batch.shape[0]] = batch.astype(dtype, copy=False)
         self._rows[layer] = r0 + batch.shape[0]
+        self._w.check()
 
     def _create(self, layer: str, d: int, dtype: str):
         n = self.store.n_samples
-        return self.f["acts"].create_dataset(layer, shape=(n, d), dtype=dtype, chunks=(self.chunk_rows(d, dtype), d),
-                                             compression=self.store.compression,
-                                             shuffle=self.store.compression is not None)
+        ds = self.f["acts"].create_dataset(layer, shape=(n, d), dtype=dtype, chunks=(self.chunk_rows(d, dtype), d),
+                                           compression=self.store.compression,
+                                           shuffle=self.store.compression is not None)
+        self._w.check()
+        return ds
 
     def chunk_rows(self, d: int, dtype: str = "float32") -> int:
         """Rows per HDF5 chunk for a layer of width ``d`` (~512 KiB chunks); write in multiples."""
@@ -432,30 +839,45 @@ class ShardWriter:
         ds = self._ds[layer] = self._create(layer, d, dtype)
         ds[: kept.shape[0]] = kept
         ds.attrs["dtype_fallback"] = str(np.dtype(dtype))
+        self._w.check()
+
+    def mark_fallback(self, layer: str, dtype: str = "float32") -> None:
+        """Record on ``layer``'s dataset that float16 overflowed and ``dtype`` was used."""
+        self.f["acts"][layer].attrs["dtype_fallback"] = dtype
+        self._w.check()
 
     def set_jacobian(self, layer: str, singular_values: np.ndarray, rows: np.ndarray) -> None:
         g = self.f.require_group("jacobian")
         ds = g.create_dataset(layer, data=np.asarray(singular_values, dtype=np.float32))
         ds.attrs["rows"] = np.asarray(rows, dtype=np.int64)
+        self._w.check()
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
-            self.f.close()
-            self.tmp.unlink(missing_ok=True)
+            self._discard()
             return
         try:
             self._finish()
         except BaseException:  # incl. Ctrl-C while finishing: leave no half-finished *.tmp behind
-            if self.f.id.valid:
-                self.f.close()
-            self.tmp.unlink(missing_ok=True)
+            self._discard()
             raise
+        finally:
+            self._ds.clear()
+
+    def _discard(self) -> None:
+        self._ds.clear()
+        if self._w is not None:
+            self._w.abort()
 
     def _finish(self) -> None:
         n = self.store.n_samples
         for layer, r in self._rows.items():
             if r != n:
                 raise DataError(f"Layer '{layer}': wrote {r} rows, expected {n}; shard discarded.")
+        missing = [name for name in self.store.layer_dims if name not in self._rows]
+        if missing:
+            raise DataError(f"No activations written for layer(s) {', '.join(missing)}; shard discarded.")
+        for layer in self._rows:
             ds = self.f["acts"][layer]
             ds.attrs["nonfinite_count"] = self._nonfinite[layer]
             ds.attrs["absmax"] = self._absmax[layer]
@@ -468,11 +890,5 @@ class ShardWriter:
         self.f.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         self.f.attrs["wall_time_s"] = time.perf_counter() - self.t0
         self.f.attrs["complete"] = True
-        self.f.flush()
-        self.f.close()
-        fd = os.open(self.tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(self.tmp, self.final)
+        self._ds.clear()
+        self._w.commit()

@@ -165,5 +165,5 @@ def test_cli_data_errors_exit_4(run_dir):
     _expect(invoke("info", d / "foreign"), 4, "is not an ibscope activation store")
     (d / "corrupt").mkdir()
     (d / "corrupt" / "manifest.h5").write_bytes(b"\x89HDF\r\n\x1a\n truncated")
-    _expect(invoke("info", d / "corrupt"), 4, "Cannot open", "corrupt or not HDF5")
+    _expect(invoke("info", d / "corrupt"), 4, "manifest.h5' is truncated, corrupt or not HDF5")
     _expect(invoke("info", d / "missing"), 4, "Activation store not found")

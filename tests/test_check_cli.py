@@ -120,7 +120,7 @@ def test_missing_curve_exit_3_unless_warned(tables):
     (["{d}/junk.csv", "--baseline", "{base}"], 4, "not an ibscope results table"),
     (["{d}/badval.csv", "--baseline", "{base}"], 4, "must be a number"),
     (["{d}", "--baseline", "{base}"], 4, "is a directory"),
-    (["{d}/binary.csv", "--baseline", "{base}"], 4, "not a text (CSV) file"),
+    (["{d}/binary.csv", "--baseline", "{base}"], 4, "is not an ibscope results table: it is not UTF-8 text"),
     (["{same}"], 2, "Nothing to check"),
     (["{same}", "--update-baseline"], 2, "needs --baseline"),
     (["{same}", "--baseline", "{base}", "--missing", "explode"], 2, "missing must be one of fail, warn, ignore"),

@@ -165,9 +165,9 @@ def test_errors_have_messages_and_exit_codes(run_dir, tmp_path):
         (["estimate", d / "acts", "-o", out, "--x-source", "ids"], 2, "--x-source must be one of"),
         (["estimate", d / "acts", "-o", out, "-c", tmp_path / "none.yaml"], 2, "Config file not found"),
         (["estimate", d / "acts", "-o", out, "--jobs", "0"], 2, "--jobs must be an integer >= 1"),
-        # X = sample identity with the Ross estimator: every "class" has one sample
-        (["estimate", d / "acts", "-o", out, "-e", "ksg", "--x-source", "identity"], 4,
-         "layer '1', ksg I(X;T): ksg (Ross estimator, discrete y): class 0 has 1 sample(s)"),
+        (["estimate", d / "acts", "-o", out, "--lock-timeout", "soon"], 2, "Invalid value for '--lock-timeout'"),
+        (["estimate", d / "acts", "-o", tmp_path, "-e", "binning"], 2, f"The results file '{tmp_path}' is a directory"),
+        (["estimate", d / "acts", d / "acts", "-o", out], 0, ""),  # the same store twice is one store
     ]
     if not torch.cuda.is_available():
         cases.append((["estimate", d / "acts", "-o", out, "--device", "cuda:0"], 2, "no CUDA device is available"))
@@ -183,12 +183,20 @@ def test_errors_have_messages_and_exit_codes(run_dir, tmp_path):
         res = invoke(*args)
         assert res.exit_code == code, (args, res.output)
         assert msg in " ".join(res.output.split()), (args, res.output)
+        if code == 0:
+            assert len(read_results(out)) == 3 * 2 * 2 * 2 + 3 * 2  # binning + ksg, 2 layers, 3 checkpoints once
+            out.unlink()
+            (tmp_path / "e.provenance.json").unlink()
         assert not out.exists() and not (tmp_path / "e.provenance.json").exists()  # no half-written output
     assert junk.read_text() == "a,b\n1,2\n"
-    # the identity fallback the hint suggests works on the store without inputs
-    res = invoke("estimate", nin, "-o", out, "-e", "ksg", "-e", "binning", "--x-source", "identity", "-q",
-                 "--param", "ksg.k=1")
-    assert res.exit_code == 4 and "class 0 has 1 sample(s)" in res.output
+    # two stores with the same run and split would give rows nobody can tell apart
+    w = StoreWriter(tmp_path / "twin", config={"run": "r", "split": "test"}, sample_ids=np.arange(30),
+                    labels=np.arange(30) % 2, layers={"fc": {}}, inputs=None)
+    with w.checkpoint(epoch=1, step=None, path="b.pt", sha256="b" * 64) as sh:
+        sh.append("fc", np.random.default_rng(1).standard_normal((30, 3)))
+    res = invoke("estimate", nin, tmp_path / "twin", "-o", out, "-e", "binning")
+    assert res.exit_code == 2 and "both hold run 'r', split 'test'" in " ".join(res.output.split()), res.output
+    assert not out.exists()
     res = invoke("estimate", nin, "-o", out, "-e", "binning", "-q")
     assert res.exit_code == 0 and {r["split"] for r in read_results(out).rows} == {"test"}
 

@@ -60,13 +60,23 @@ def test_estimate_writes_geometry_rows(store, tmp_path):
         assert float(got[("local-rank", c)]["value"]) == 2 + c
 
 
-def test_alpha_req_window_too_large_is_a_data_error(store, tmp_path):
+def test_alpha_req_window_too_large_is_a_noted_cell(store, tmp_path):
+    """A window larger than the spectrum is a data error of each cell: noted rows (with the
+    estimator's hint), exit 0; --strict makes it exit 4 after writing them."""
+    from ibscope.results import read_results
+
     path, _, _ = store
     out = tmp_path / "a.csv"
     res = CliRunner().invoke(app, ["estimate", str(path), "-o", str(out), "-e", "alpha-req", "--quiet"])
-    assert res.exit_code == 4
+    assert res.exit_code == 0, res.output
     assert "fit window ends at rank 100" in res.output and "fit_end" in res.output
-    assert "Traceback" not in res.output and not out.exists()
+    rows = read_results(out).filter(estimator="alpha-req").rows
+    assert rows and all(r["value"] is None and "fit window ends at rank 100" in r["note"] and "fit_end" in r["note"]
+                        for r in rows)
+    res = CliRunner().invoke(app, ["estimate", str(path), "-o", str(tmp_path / "s.csv"), "-e", "alpha-req",
+                                   "--quiet", "--strict"])
+    assert res.exit_code == 4 and "--strict" in res.output and (tmp_path / "s.csv").exists()
+    assert "Traceback" not in res.output
 
 
 def test_bad_geometry_parameter_is_a_usage_error(store, tmp_path):

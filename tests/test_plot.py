@@ -390,3 +390,33 @@ def test_caps_that_differ_by_layer_are_drawn_in_the_layer_colour(tmp_path):
         (curve,) = by_gid(fig, f"curve:probe:{layer}")
         assert cap.get_ydata()[0] == 10.0 - li and cap.get_color() == curve.get_color()
     assert not [t for t in fig.axes[0].texts if t.get_text().startswith("cap")]  # no pile of labels
+
+
+def test_noted_row_is_a_gap_not_a_crash(tmp_path):
+    """A cell `ibscope estimate` could not estimate (empty value, a note) leaves a gap in its
+    curve; every other point is drawn at its value, and the report lists the note."""
+    from ibscope.report import write_report
+
+    rows = table(extra=False, metrics=False)
+    (dead,) = [r for r in rows if r["epoch"] == 9 and r["layer"] == "fc2" and r["quantity"] == "I(X;T)"]
+    dead.update(value=None, cap=None, note="binning I(X;T) not estimated at layer 'fc2', checkpoint 1 (epoch 9): "
+                                           "every column of T is constant")
+    p = write_results(tmp_path / "r.csv", rows)
+    fig = job(p, "curves", quantities=["I(X;T)"], unit="nats")
+    (line,) = by_gid(fig, "curve:probe:fc2")
+    y = np.asarray(line.get_ydata(), float)
+    assert np.isnan(y[1]) and y[0] == pytest.approx(ixt(0, 0, 1)) and y[2] == pytest.approx(ixt(0, 99, 1))
+    (other,) = by_gid(fig, "curve:probe:fc1")
+    np.testing.assert_allclose(other.get_ydata(), [ixt(0, e, 0) for e in (0, 9, 99)], rtol=1e-12)
+    # the snapshot plane at epoch 9 joins the two layers that have a value
+    (snap,) = by_gid(job(p, "info-plane", unit="nats"), "snapshot:9.0")
+    xs = np.asarray(snap.get_xdata(), float)
+    assert np.isnan(xs[1]) and xs[0] == pytest.approx(ixt(0, 9, 0)) and xs[2] == pytest.approx(ixt(0, 9, 2))
+    written = plot_results(p, tmp_path / "figs")
+    assert written and all(f.stat().st_size > 0 for f in written)
+    html = write_report(p, tmp_path / "r.html").read_text()
+    assert "Cells without a value" in html and "checkpoint 1 (epoch 9): every column of T is constant" in html
+    # a table with no value at all has nothing to draw: a data error quoting the note
+    only = write_results(tmp_path / "only.csv", [dead])
+    with pytest.raises(DataError, match="Every row of the results has no value.*every column of T is constant"):
+        figures(only)

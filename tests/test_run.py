@@ -1,5 +1,6 @@
 """`ibscope run` config validation, stage skipping, and CLI error paths."""
 
+import hashlib
 import json
 import os
 import time
@@ -72,6 +73,26 @@ def test_defaults_and_normalisation(tmp_path):
     ({**MINIMAL, "quick": {"train": {"epohcs": 3}}}, "unknown config key 'quick.train.epohcs'. Did you mean 'epochs'?"),
     ({**MINIMAL, "ood": {"fit": "train", "test": "test", "ood": ["x"]}}, "missing required key 'ood.layer'"),
     ({"model": {"factory": "m:f"}, "train": {}}, "the train stage needs 'data.train'"),
+    # names that become path parts (issue 11): refused before anything is written
+    ({**MINIMAL, "name": "a/b"}, "'name' 'a/b' is not a safe name: it becomes part of a file path"),
+    ({**MINIMAL, "name": "runs.lock"}, "'name' 'runs.lock' is not a safe name"),
+    ({**MINIMAL, "data": {"task": "twelve-bit", "probes": {"..": "x.npz"}}}, "a 'data.probes' key '..' is not a safe name"),
+    ({**MINIMAL, "data": {"task": "twelve-bit", "subsets": {"s.tmp": {"probe": "all", "n": 5}}}},
+     "a 'data.subsets' key 's.tmp' is not a safe name"),
+    ({**MINIMAL, "data": {"task": "twelve-bit", "probe": "/etc"}}, "'data.probe' '/etc' is not a safe name"),
+    ({**MINIMAL, "capture": {"probes": ["all", "../all"]}}, "an entry of 'capture.probes' '../all' is not a safe name"),
+    ({**MINIMAL, "estimate": {"estimators": ["kde-upper"], "probes_for": {"kde-upper": ["x/y"]}}},
+     "an entry of 'estimate.probes_for.kde-upper' 'x/y' is not a safe name"),
+    ({**MINIMAL, "ood": {"fit": "train", "test": "test", "ood": ["../o"], "layer": "hidden1"}},
+     "an entry of 'ood.ood' '../o' is not a safe name"),
+    ({**MINIMAL, "model": {"factory": "mynet.py"}}, "'model.factory' must be 'pkg.module:factory' or 'path/file.py:factory'. Got 'mynet.py'."),
+    # the run-config keys of the other parts of issue 11
+    ({**MINIMAL, "estimate": {"strict": "yes"}}, "'estimate.strict' must be true or false (not null). Got 'yes'."),
+    ({**MINIMAL, "skip_bad_shards": 1}, "'skip_bad_shards' must be true or false (not null). Got 1."),
+    ({**MINIMAL, "capture": {"safe_globals": ["numpy"]}},
+     "'capture.safe_globals' expects 'module.Class' names (e.g. numpy.dtype, collections.OrderedDict). Got 'numpy'."),
+    ({**MINIMAL, "capture": {"safe_globals": [3]}}, "'capture.safe_globals' must be a string or a list of strings"),
+    ({**MINIMAL, "capture": {"safe_globals": None}}, "'capture.safe_globals' must be a string or a list of strings (not null)"),
     ("- just\n- a list\n", "must hold a YAML mapping (key: value). Got list."),
     ("model: [unclosed\n", "is not valid YAML"),
     ("", "is empty"),
@@ -117,6 +138,32 @@ def test_packaged_name_wins_over_a_folder_of_that_name(tmp_path, monkeypatch):
         load_config(tmp_path / "runs.d")
 
 
+def test_issue11_keys_defaults_values_and_cli(tmp_path):
+    cfg, _, _ = load_config(MINIMAL)
+    assert cfg["estimate"]["strict"] is False and cfg["skip_bad_shards"] is False and cfg["capture"]["safe_globals"] == []
+    cfg, _, _ = load_config({**MINIMAL, "skip_bad_shards": True, "estimate": {"strict": True},
+                             "capture": {"safe_globals": "numpy.core.multiarray.scalar"}})
+    assert cfg["estimate"]["strict"] is True and cfg["skip_bad_shards"] is True
+    assert cfg["capture"]["safe_globals"] == ["numpy.core.multiarray.scalar"]  # one string becomes a list
+    text = describe_schema()
+    assert "skip_bad_shards: bool (default False)" in text and "strict: bool (default False)" in text
+    assert "safe_globals: strlist" in text
+    p = write(tmp_path, MINIMAL)
+    res = CliRunner().invoke(app, ["run", str(p), "-o", str(tmp_path / "o"), "--safe-globals", "numpy", "-q"])
+    assert res.exit_code == 2 and "--safe-globals expects 'module.Class' names" in " ".join(res.output.split())
+    res = CliRunner().invoke(app, ["run", str(p), "-o", str(tmp_path / "o"), "--lock-timeout", "nan", "-q"])
+    assert res.exit_code == 2 and "--lock-timeout must be a number of seconds. Got NaN." in res.output
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.lock").exists()  # nothing written on a usage error
+    res = CliRunner().invoke(app, ["run", "--help"], env={"COLUMNS": "200"})
+    for flag in ("--strict", "--skip-bad-shards", "--safe-globals", "--lock-timeout"):
+        assert flag in res.output
+
+
+def test_default_run_name_from_an_unsafe_file_name_is_made_safe(tmp_path):
+    cfg, _, _ = load_config(write(tmp_path, MINIMAL, name="my run (v2).yaml"))
+    assert cfg["name"] == "my_run_v2"
+
+
 def test_overrides_and_merge():
     o = parse_overrides(["train.epochs=500", "plot.unit=nats", "capture.layers=[hidden1, output]", "name=x"])
     assert o == {"train": {"epochs": 500}, "plot": {"unit": "nats"}, "capture": {"layers": ["hidden1", "output"]}, "name": "x"}
@@ -151,14 +198,16 @@ def test_stage_runner_skips_and_reruns_for_the_right_reasons(tmp_path):
     assert go(cfg_a=2, cfg_b=2) == [("a", "ran", "its config changed"), ("b", "ran", "an earlier stage ran again")]
     (tmp_path / "b.out").unlink()
     assert go(cfg_a=2, cfg_b=2)[1] == ("b", "ran", "output b.out is missing")
+    # a newer input with the same bytes changes nothing: the fingerprint is the content, not the mtime
     future = time.time() + 5
     os.utime(src, (future, future))
-    assert [s[2] for s in go(cfg_a=2, cfg_b=2)] == ["an input is newer than its outputs", "an earlier stage ran again"]
-    os.utime(src, (future - 100, future - 100))
     assert [s[1] for s in go(cfg_a=2, cfg_b=2)] == ["skipped"] * 2
+    src.write_text("22")
+    assert [s[2] for s in go(cfg_a=2, cfg_b=2)] == ["input input.txt changed (1 -> 2 bytes)", "an earlier stage ran again"]
     assert [s[1:] for s in go(cfg_a=2, cfg_b=2, force=True)] == [("ran", "forced"), ("ran", "an earlier stage ran again")]
     stamp = json.loads((tmp_path / ".ibscope" / "stages" / "b.json").read_text())
     assert stamp["config"] == {"k": 2} and stamp["outputs"] == ["b.out"] and stamp["upstream"]["a"]
+    assert stamp["output_hashes"]["b.out"]["sha256"] == hashlib.sha256(b"22").hexdigest()
     assert calls.count("a") == 4 and calls.count("b") == 6
 
 

@@ -18,8 +18,11 @@ from typing import Any, Callable
 
 import numpy as np
 
+from contextlib import ExitStack
+
 from ibscope._device import resolve_device
-from ibscope.errors import DataError, UsageError
+from ibscope._locks import DEFAULT_LOCK_TIMEOUT, check_timeout, lock_path_for, writer_lock
+from ibscope.errors import DataError, UsageError, io_error
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +143,7 @@ class _Buffer:
             stats = None if nonfinite is None else (nonfinite, absmax)
             self.shard.append(self.name, head, dtype=self.dtype, stats=stats)
             if self.promoted:
-                self.shard.f["acts"][self.name].attrs["dtype_fallback"] = "float32"
+                self.shard.mark_fallback(self.name, "float32")
         self.parts = [tail] if tail.shape[0] else []
         self.stats = [_stats(tail)] if tail.shape[0] else []
         self.count = tail.shape[0]
@@ -198,11 +201,13 @@ def show_plan(ckpts, console=None) -> None:
 
 
 def _check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    from ibscope.store import MANIFEST
+    from ibscope.store import MANIFEST, SHARD_DIR
 
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out '{out}' is a file; it must be a directory (new, or an existing activation store).")
-    if out.is_dir() and not (out / MANIFEST).exists() and any(out.iterdir()):
+    # a store being created by another capture holds only these (its manifest is renamed in last)
+    own = {MANIFEST, MANIFEST + ".tmp", SHARD_DIR}
+    if out.is_dir() and not (out / MANIFEST).exists() and any(p.name not in own for p in out.iterdir()):
         raise UsageError(f"--out '{out}' is a non-empty directory that is not an activation store; refusing to write into it.",
                          hint="Choose a new or empty directory.")
 
@@ -227,12 +232,14 @@ def capture(
     resume: bool = False,
     overwrite: bool = False,
     trust_checkpoint: bool = False,
+    safe_globals: list | None = None,
     progress: bool = True,
     sample_seed: int | None = None,
     allow_nonfinite: bool = False,
     compression: str = "lzf",
     max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES,
     jacobian_chunk: int = 16,
+    lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT,
 ) -> Path:
     """Capture activations of ``layers`` for every checkpoint into the store at ``out``.
 
@@ -244,16 +251,21 @@ def capture(
     :mod:`ibscope.capture.hooks`). ``max_samples``: the first N probe samples, or a subset drawn
     with ``sample_seed``. ``dtype``: storage dtype, ``float32`` or ``float16`` (a layer whose values
     exceed float16's range is kept as float32 for that checkpoint, with a warning). Non-finite
-    activations raise :class:`~ibscope.errors.DataError` unless ``allow_nonfinite``. Returns the
-    store directory.
-    """
-    import torch
+    activations raise :class:`~ibscope.errors.DataError` unless ``allow_nonfinite``.
+    ``safe_globals``: classes (or ``"module.Class"`` strings) allowed when loading checkpoints
+    with ``weights_only=True``, besides the numpy scalar/array globals allowed by default;
+    ``trust_checkpoint`` (full unpickling) is the last resort. Returns the store directory.
 
-    from ibscope.capture.hooks import CaptureEngine
-    from ibscope.capture.loading import (discover_checkpoints, load_checkpoint_into, model_spec_id,
-                                         resolve_factory)
+    The whole capture holds the store's writer lock (``OUT.lock`` next to ``OUT``): a second
+    capture into the same store waits up to ``lock_timeout`` seconds (negative or None: without
+    limit), then stops with :class:`~ibscope._locks.LockTimeout` naming the lock file and its
+    holder. A write the system refuses (disk full, read-only, no permission) raises
+    :class:`~ibscope.errors.IOFailure` naming the path; the shard being written is deleted and
+    completed checkpoints are kept, so ``resume=True`` continues once the cause is fixed.
+    """
+    from ibscope.capture.loading import discover_checkpoints, model_spec_id, resolve_factory, resolve_safe_globals
     from ibscope.capture.probe import load_probe
-    from ibscope.store import StoreWriter
+    from ibscope.store import resolve_store_dir
 
     if dtype not in ("float32", "float16"):
         raise UsageError(f"--dtype must be float32 or float16. Got {dtype!r}.")
@@ -266,6 +278,8 @@ def capture(
     if resume and overwrite:
         raise UsageError("--resume and --overwrite exclude each other.",
                          hint="--resume keeps what was captured; --overwrite starts again from nothing.")
+    allowed = resolve_safe_globals(safe_globals)  # a name that cannot be imported: usage error before any work
+    check_timeout(lock_timeout)
     out = Path(out)
     _check_out_dir(out, resume, overwrite)
     dev = resolve_device(device)
@@ -284,7 +298,7 @@ def capture(
         model_id = model_spec_id(model)
     net = build()
     pr = load_probe(probe, max_samples=max_samples, sample_seed=sample_seed)
-    ckpts = discover_checkpoints(checkpoints, trust_checkpoint=trust_checkpoint)
+    ckpts = discover_checkpoints(checkpoints, trust_checkpoint=trust_checkpoint, safe_globals=allowed)
     if console is not None:
         show_plan(ckpts, console)
     net.to(dev).eval()
@@ -309,6 +323,29 @@ def capture(
         "probe": pr.source, "n_samples": pr.n, "input_shape": [int(s) for s in pr.x.shape[1:]],
         "input_dtype": str(pr.x.dtype).replace("torch.", ""),
     }
+    store_dir = resolve_store_dir(out)
+    with ExitStack() as held:
+        try:
+            held.enter_context(writer_lock(store_dir, what="activation store", timeout=lock_timeout))
+        except OSError as exc:  # e.g. a read-only or full file system: the lock file cannot be created
+            raise io_error(exc, lock_path_for(store_dir), "creating the lock file") from None
+        _check_out_dir(out, resume, overwrite)  # again, now that no other capture can change it
+        return _write_store(out, config, pr, meta, inputs, ckpts, targets, reducers, net, dev, console, resume=resume,
+                     overwrite=overwrite, compression=compression, batch_size=int(batch_size), dtype=dtype,
+                     jacobian_samples=int(jacobian_samples), jacobian_chunk=jacobian_chunk,
+                     trust_checkpoint=trust_checkpoint, safe_globals=allowed, allow_nonfinite=allow_nonfinite)
+
+
+def _write_store(out, config, pr, meta, inputs, ckpts, targets, reducers, net, dev, console, *, resume, overwrite,
+                 compression, batch_size, dtype, jacobian_samples, jacobian_chunk, trust_checkpoint, safe_globals,
+                 allow_nonfinite) -> Path:
+    """The writing part of :func:`capture` (run under the store's writer lock)."""
+    import torch
+
+    from ibscope.capture.hooks import CaptureEngine
+    from ibscope.capture.loading import load_checkpoint_into
+    from ibscope.store import StoreWriter
+
     writer = StoreWriter(out, config=config, sample_ids=pr.ids, labels=pr.y, layers=meta, inputs=inputs,
                          input_shape=tuple(pr.x.shape[1:]), resume=resume, overwrite=overwrite, compression=compression)
     todo = [c for c in ckpts if not (resume and writer.has_checkpoint(c.sha256))]
@@ -331,7 +368,7 @@ def capture(
             t_b = prog.add_task("batches", total=n_batches)
         for ck in todo:
             stop.check()
-            info = load_checkpoint_into(net, ck, trust_checkpoint=trust_checkpoint)
+            info = load_checkpoint_into(net, ck, trust_checkpoint=trust_checkpoint, safe_globals=safe_globals)
             net.eval()
             with writer.checkpoint(epoch=ck.epoch, step=ck.step, path=str(ck.path), sha256=ck.sha256,
                                    metrics=ck.metrics) as shard:

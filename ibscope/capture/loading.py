@@ -5,8 +5,10 @@
 * ``discover_checkpoints(glob | dir | [paths])`` lists checkpoint files, reads the epoch/step
   stored in each (``epoch``, ``step``, ``global_step`` keys) or parses it from the file name, and
   orders them.
-* ``load_state_dict(path)`` reads a checkpoint with ``weights_only=True`` (never falls back to
-  full unpickling unless ``trust_checkpoint=True``) and unwraps the usual containers;
+* ``read_checkpoint(path)`` reads a checkpoint with ``weights_only=True``, allow-listing only
+  the numpy globals that rebuild scalars, arrays and dtypes (:func:`numpy_safe_globals`) plus
+  the classes named in ``safe_globals``; it never falls back to full unpickling unless
+  ``trust_checkpoint=True``. ``extract_state_dict`` unwraps the usual containers;
   ``load_into(model, state)`` strips ``module.`` / ``_orig_mod.`` / Lightning attribute prefixes
   and loads strictly: missing or unexpected keys are an error that lists them.
 """
@@ -147,19 +149,136 @@ def resolve_factory(model: str | Callable, model_args: dict | None = None) -> Ca
 # --------------------------------------------------------------------------------------
 # reading checkpoint files
 # --------------------------------------------------------------------------------------
-def _describe_unpickle_failure(path: Path, exc: Exception) -> CheckpointError:
+def numpy_safe_globals() -> list:
+    """Globals allowed by default on top of torch's own ``weights_only`` set.
+
+    The numpy functions and classes that rebuild scalars (``np.float64(0.81)``:
+    ``multiarray.scalar`` + ``numpy.dtype`` and its per-type classes ``numpy.dtypes.Float64DType``
+    ...) and arrays (``multiarray._reconstruct`` + ``numpy.ndarray``). They only build numbers
+    from bytes; none can import a module or call anything else. Elements of object arrays go
+    through the same restricted unpickler, so they stay restricted. Functions are given as
+    ``(function, "module.name")`` pairs under both the numpy >= 2 (``numpy._core``) and numpy 1.x
+    (``numpy.core``) paths, as files written under either carry that name.
+    """
+    import numpy as np
+
+    try:
+        mu = np._core.multiarray  # numpy >= 2 (no DeprecationWarning, unlike np.core)
+    except AttributeError:  # pragma: no cover - numpy 1.x
+        mu = np.core.multiarray
+    out: list = [np.ndarray, np.dtype]
+    for prefix in ("numpy._core.multiarray", "numpy.core.multiarray"):
+        out += [(mu.scalar, f"{prefix}.scalar"), (mu._reconstruct, f"{prefix}._reconstruct")]
+    dtypes = getattr(np, "dtypes", None)  # numpy >= 1.25: one class per dtype (BUILD checks the type)
+    if dtypes is not None:
+        out += [c for c in vars(dtypes).values() if isinstance(c, type) and issubclass(c, np.dtype) and c is not np.dtype]
+    return out
+
+
+def _global_name(obj) -> str:
+    if isinstance(obj, tuple):
+        return obj[1]
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', getattr(obj, '__name__', '?'))}"
+
+
+def _import_global(name: str):
+    """Import ``"pkg.module.Class"`` (or ``"pkg.module:Class"``, nested ``Outer.Inner`` allowed)."""
+    if ":" in name:
+        mod_part, _, attr = name.partition(":")
+        candidates = [(mod_part, attr)]
+    else:
+        parts = name.split(".")
+        candidates = [(".".join(parts[:i]), ".".join(parts[i:])) for i in range(len(parts) - 1, 0, -1)]
+    errors = []
+    for mod_part, attr in candidates:
+        if not mod_part or not attr:
+            continue
+        try:
+            mod = importlib.import_module(mod_part)
+        except ImportError as exc:
+            if os.getcwd() not in sys.path:  # a training script's own module next to the user (mynet.Config)
+                sys.path.append(os.getcwd())
+                try:
+                    mod = importlib.import_module(mod_part)
+                except ImportError:
+                    errors.append(f"{mod_part}: {exc}")
+                    continue
+                finally:
+                    sys.path.remove(os.getcwd())
+            else:
+                errors.append(f"{mod_part}: {exc}")
+                continue
+        except Exception as exc:  # noqa: BLE001 - the module itself failed while importing
+            errors.append(f"{mod_part}: {type(exc).__name__}: {exc}")
+            continue
+        obj = mod
+        try:
+            for a in attr.split("."):
+                obj = getattr(obj, a)
+        except AttributeError:
+            errors.append(f"module '{mod_part}' has no attribute '{attr}'")
+            continue
+        return obj
+    raise UsageError(
+        f"--safe-globals: cannot import {name!r}" + (f" ({'; '.join(errors[:2])})" if errors else "") + ".",
+        hint="Give the full import path of a class, e.g. --safe-globals mypkg.config.TrainConfig (its module must be "
+             "importable from here: installed, or a .py file in the current directory).")
+
+
+def resolve_safe_globals(safe_globals=None) -> list:
+    """Allow-list entries for ``torch.serialization.safe_globals``: ``"module.Class"`` strings are
+    imported (:class:`UsageError` naming the one that cannot be), classes and functions pass
+    through, ``(obj, "module.name")`` pairs too. A string is registered under the name given as
+    well as under the object's own, so an alias such as ``numpy.core.multiarray.scalar`` works."""
+    if safe_globals is None:
+        return []
+    if isinstance(safe_globals, (str, type)):
+        safe_globals = [safe_globals]
+    out: list = []
+    for item in safe_globals:
+        if isinstance(item, str):
+            name = item.strip()
+            if not name or not re.fullmatch(r"[A-Za-z_][\w.]*(:[A-Za-z_][\w.]*)?", name):
+                raise UsageError(f"--safe-globals expects a dotted import path like 'module.Class'. Got {item!r}.")
+            obj = _import_global(name)
+            out += [obj, (obj, name.replace(":", "."))]
+        elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], str):
+            out.append(item)
+        elif callable(item) and hasattr(item, "__module__") and hasattr(item, "__qualname__"):
+            out.append(item)
+        else:
+            raise UsageError(f"safe_globals entries must be 'module.Class' strings, classes or functions. Got {item!r}.")
+    return out
+
+
+def _describe_unpickle_failure(path: Path, exc: Exception, allowed: list) -> CheckpointError:
     from torch.serialization import get_unsafe_globals_in_checkpoint
 
     try:
         names = get_unsafe_globals_in_checkpoint(str(path))
     except Exception:  # noqa: BLE001 - legacy formats cannot be inspected
         names = []
-    listed = ", ".join(names) if names else "(could not be listed: " + str(exc).splitlines()[0][:200] + ")"
+    ok = {_global_name(a) for a in allowed}
+    refused = sorted(set(names) - ok)
+    if refused:
+        listed = ", ".join(refused)
+        first = refused[0]
+        return CheckpointError(
+            f"Checkpoint '{path}' holds Python objects that safe loading (torch.load weights_only=True) does not "
+            f"allow: {listed}. Loading them means unpickling, which can run code from the file.",
+            hint=f"If these are harmless classes you trust, allow just them: --safe-globals {first}"
+                 + (" (repeat for each)" if len(refused) > 1 else "")
+                 + ", or safe_globals=[...] in Python. Last resort, for a file you trust entirely: --trust-checkpoint "
+                   "(unpickles everything). Safer still: re-save only the weights, e.g. "
+                   "torch.save({'epoch': e, 'state_dict': model.state_dict()}, path).",
+        )
+    reason = str(exc).strip().splitlines()
+    reason = next((ln.strip() for ln in reason if ln.strip().startswith(("WeightsUnpickler error", "Unsupported"))),
+                  reason[0].strip() if reason else type(exc).__name__)
     return CheckpointError(
-        f"Checkpoint '{path}' needs full unpickling, which can run arbitrary code. "
-        f"It references these non-tensor Python objects: {listed}.",
-        hint="If you trust this file, re-run with --trust-checkpoint (trust_checkpoint=True in Python). "
-             "Safer: re-save only the weights, e.g. torch.save({'epoch': e, 'state_dict': model.state_dict()}, path).",
+        f"Checkpoint '{path}' cannot be loaded safely (torch.load weights_only=True): {reason[:300]}",
+        hint="If it needs classes you trust, allow them with --safe-globals module.Class (repeatable). Last resort, "
+             "for a file you trust entirely: --trust-checkpoint (unpickles everything).",
     )
 
 
@@ -171,9 +290,18 @@ def _looks_like_torch_file(path: Path) -> bool:
         return f.read(1) == b"\x80"
 
 
-def read_checkpoint(path: str | os.PathLike, *, trust_checkpoint: bool = False, mmap: bool = False) -> Any:
-    """The raw object in a checkpoint file (a dict for torch files, a state dict for safetensors)."""
+def read_checkpoint(path: str | os.PathLike, *, trust_checkpoint: bool = False, mmap: bool = False,
+                    safe_globals=None) -> Any:
+    """The raw object in a checkpoint file (a dict for torch files, a state dict for safetensors).
+
+    Loads with ``weights_only=True``, allowing :func:`numpy_safe_globals` and ``safe_globals``
+    (``"module.Class"`` strings, classes, or entries already resolved by
+    :func:`resolve_safe_globals`). Anything else is refused with a :class:`CheckpointError`
+    naming the classes, unless ``trust_checkpoint`` (full unpickling)."""
     import torch
+    from torch.serialization import safe_globals as _allow
+
+    allowed = numpy_safe_globals() + resolve_safe_globals(safe_globals)
 
     path = Path(path)
     if not path.is_file():
@@ -187,15 +315,16 @@ def read_checkpoint(path: str | os.PathLike, *, trust_checkpoint: bool = False, 
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"'{path}' is not a readable safetensors file: {exc}") from None
     try:
-        if mmap and zipfile.is_zipfile(path):  # legacy (non-zip) files cannot be memory-mapped
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with _allow(allowed):
+            if mmap and zipfile.is_zipfile(path):  # legacy (non-zip) files cannot be memory-mapped
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if not _looks_like_torch_file(path):
             raise CheckpointError(f"'{path}' is not a readable PyTorch checkpoint (neither a torch zip archive nor a pickle).",
                                   hint="Pass only checkpoint files (.pt, .pth, .ckpt, .safetensors).") from None
         if not trust_checkpoint:
-            raise _describe_unpickle_failure(path, exc) from None
+            raise _describe_unpickle_failure(path, exc, allowed) from None
         log.warning("Loading '%s' with full unpickling (--trust-checkpoint).", path)
         try:
             return torch.load(path, map_location="cpu", weights_only=False)
@@ -353,13 +482,22 @@ class CheckpointFile:
         return checkpoint_label(self.epoch, self.step, self.path)
 
 
-def _as_int(v: Any) -> int | None:
+def _scalar(v: Any) -> Any:
+    """A one-element tensor or numpy value (``np.float64(0.8)``, ``np.array(3)``) as a Python number."""
+    import numpy as np
     import torch
 
+    if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.dtype.is_complex:
+        return v.item()
+    if isinstance(v, (np.generic, np.ndarray)) and np.size(v) == 1 and np.asarray(v).dtype.kind in "biuf":
+        return np.asarray(v).reshape(()).item()
+    return v
+
+
+def _as_int(v: Any) -> int | None:
+    v = _scalar(v)
     if isinstance(v, bool):
         return None
-    if isinstance(v, torch.Tensor) and v.numel() == 1:
-        v = v.item()
     if isinstance(v, int):
         return int(v)
     if isinstance(v, float) and v.is_integer():
@@ -370,12 +508,9 @@ def _as_int(v: Any) -> int | None:
 
 
 def _as_float(v: Any) -> float | None:
-    import torch
-
+    v = _scalar(v)
     if isinstance(v, bool):
         return None
-    if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.dtype.is_complex:
-        v = v.item()
     if isinstance(v, (int, float)) and math.isfinite(float(v)):
         return float(v)
     if isinstance(v, str):
@@ -454,19 +589,23 @@ def list_checkpoint_paths(checkpoints: str | os.PathLike | list) -> list[Path]:
     return uniq
 
 
-def discover_checkpoints(checkpoints, *, trust_checkpoint: bool = False) -> list[CheckpointFile]:
+def discover_checkpoints(checkpoints, *, trust_checkpoint: bool = False, safe_globals=None) -> list[CheckpointFile]:
     """Checkpoint files in run order, each with epoch/step, their source, hash and metrics.
+
+    ``safe_globals``: classes to allow when reading the files, besides the numpy scalar, array
+    and dtype globals allowed by default (see :func:`read_checkpoint`).
 
     Order key: the ``epoch`` / ``step`` / ``global_step`` stored in the file; else a number in
     the file name (``epoch=3``, ``ep_3``, ``step-200`` or the last number); else the given
     order (with a warning).
     """
+    allowed = resolve_safe_globals(safe_globals)  # a bad name is a usage error before any file is read
     files: list[CheckpointFile] = []
     for p in list_checkpoint_paths(checkpoints):
         if p.suffix == ".safetensors":
             meta = _safetensors_metadata(p)
         else:  # memory-mapped: only the small bookkeeping entries are read here
-            meta = read_checkpoint(p, trust_checkpoint=trust_checkpoint, mmap=True)
+            meta = read_checkpoint(p, trust_checkpoint=trust_checkpoint, mmap=True, safe_globals=allowed)
         epoch, step, metrics = checkpoint_metadata(meta)
         src = "file" if (epoch is not None or step is not None) else ""
         if not src:
@@ -483,10 +622,13 @@ def discover_checkpoints(checkpoints, *, trust_checkpoint: bool = False) -> list
     return files
 
 
-def load_checkpoint_into(model, ckpt: CheckpointFile | str | os.PathLike, *, trust_checkpoint: bool = False) -> dict:
-    """Read a checkpoint file and load it strictly into ``model``. Returns what was done."""
+def load_checkpoint_into(model, ckpt: CheckpointFile | str | os.PathLike, *, trust_checkpoint: bool = False,
+                         safe_globals=None) -> dict:
+    """Read a checkpoint file and load it strictly into ``model``. Returns what was done.
+
+    ``safe_globals``: extra classes to allow (see :func:`read_checkpoint`)."""
     path = ckpt.path if isinstance(ckpt, CheckpointFile) else Path(ckpt)
-    obj = read_checkpoint(path, trust_checkpoint=trust_checkpoint)
+    obj = read_checkpoint(path, trust_checkpoint=trust_checkpoint, safe_globals=safe_globals)
     state, where = extract_state_dict(obj, path)
     info = load_into(model, state, path)
     info["state_key"] = where

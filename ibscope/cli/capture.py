@@ -11,6 +11,7 @@ from typing import List, Optional
 
 import typer
 
+from ibscope._locks import DEFAULT_LOCK_TIMEOUT
 from ibscope.cli._common import console, guard, load_mapping, setup_logging
 from ibscope.errors import UsageError
 
@@ -78,21 +79,31 @@ def register(app: typer.Typer) -> None:
         resume: bool = typer.Option(False, "--resume", help="Capture only checkpoints missing from an existing store "
                                     "(refused if it was made from other data, layers or settings)."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store."),
-        trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="Allow checkpoints that need full "
-                                              "unpickling (can run arbitrary code: only for files you trust)."),
+        trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="Last resort: load checkpoints with "
+                                              "full unpickling (can run arbitrary code: only for files you trust)."),
+        safe_globals: Optional[List[str]] = typer.Option(None, "--safe-globals", help="Allow one more class (import "
+                                                         "path module.Class) in checkpoints loaded safely; repeatable. "
+                                                         "numpy scalars, arrays and dtypes are allowed by default."),
         allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Store NaN/inf activations instead of "
                                              "stopping with exit code 4."),
         compression: str = typer.Option("lzf", "--compression", help="HDF5 compression: lzf (h5py's filter, "
                                         "with shuffle), gzip (readable by every HDF5 tool, slowest) or none (fastest "
                                         "writes; float32 activations shrink only ~20-35% with lzf)."),
+        lock_timeout: float = typer.Option(DEFAULT_LOCK_TIMEOUT, "--lock-timeout", help="Seconds to wait while another "
+                                           "capture writes the same store, then stop naming it (0: do not wait; "
+                                           "-1: wait without limit)."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or tables; warnings only."),
     ) -> None:
         """Run a fixed probe set through every checkpoint and store the chosen layers' activations.
 
         Writes one HDF5 shard per checkpoint under OUT/checkpoints/ (complete or absent, even after
-        a crash) and OUT/manifest.h5 with sample ids, labels and the layer list. Exit codes:
-        0 ok, 1 error, 2 usage (bad option, unknown layer), 4 bad data (checkpoint/key mismatch,
-        unsafe pickle, NaN activations, foreign store).
+        a crash) and OUT/manifest.h5 with sample ids, labels and the layer list. One capture
+        writes a store at a time (lock file OUT.lock). --resume also deletes and re-captures
+        shards it finds truncated or corrupt. Exit codes: 0 ok, 1 error (disk full, read-only,
+        no permission: the path is named and no partial file is left; store locked by another
+        capture), 2 usage (bad option, unknown layer, --safe-globals name that cannot be
+        imported), 4 bad data (checkpoint/key mismatch, classes not allowed for safe loading,
+        NaN activations, foreign or corrupt store).
 
         Example: ibscope capture -m mynet.py:Net -c 'runs/exp1/*.pt' -p probe.npz -l 'type:Linear' -o acts
         """
@@ -103,8 +114,8 @@ def register(app: typer.Typer) -> None:
             model, checkpoints, probe, list(layers), out, model_args=_model_args(model_args), reduce=_parse_reduce(reduce),
             max_samples=max_samples, sample_seed=sample_seed, batch_size=batch_size, device=device, dtype=dtype,
             jacobian_samples=jacobian_samples, store_inputs=store_inputs, split=split, run=run, resume=resume,
-            overwrite=overwrite, trust_checkpoint=trust_checkpoint, allow_nonfinite=allow_nonfinite,
-            compression=compression, progress=not quiet,
+            overwrite=overwrite, trust_checkpoint=trust_checkpoint, safe_globals=list(safe_globals or []),
+            allow_nonfinite=allow_nonfinite, compression=compression, progress=not quiet, lock_timeout=lock_timeout,
         )
         if not quiet:
             from ibscope.store import open_store
@@ -126,6 +137,8 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(4, "--batch-size", "-b", help="Samples in the dry-run batch."),
         device: str = typer.Option("cpu", "--device", help="auto, cpu or cuda:N."),
         trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="Allow full unpickling of --checkpoint."),
+        safe_globals: Optional[List[str]] = typer.Option(None, "--safe-globals", help="Allow one more class "
+                                                         "(module.Class) in --checkpoint; repeatable."),
         as_json: bool = typer.Option(False, "--json", help="Print the listing as JSON on stdout."),
     ) -> None:
         """List the model's modules in execution order with output shapes and calls per forward.
@@ -145,7 +158,7 @@ def register(app: typer.Typer) -> None:
             raise UsageError(f"--batch-size must be >= 1. Got {batch_size}.")
         net = resolve_factory(model, _model_args(model_args))()
         if checkpoint is not None:
-            load_checkpoint_into(net, checkpoint, trust_checkpoint=trust_checkpoint)
+            load_checkpoint_into(net, checkpoint, trust_checkpoint=trust_checkpoint, safe_globals=safe_globals)
         dev = resolve_device(device)
         net.to(dev).eval()
         pr = load_probe(probe, max_samples=batch_size)
@@ -183,22 +196,21 @@ def register(app: typer.Typer) -> None:
     def info_cmd(
         store: Path = typer.Argument(..., help="Store directory (or its manifest.h5)."),
         as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout instead of tables."),
+        skip_bad_shards: bool = typer.Option(False, "--skip-bad-shards", help="List shards that are truncated, corrupt, "
+                                             "incomplete or of another capture as skipped instead of stopping with "
+                                             "exit code 4."),
     ) -> None:
-        """Show what an activation store holds: probe set, layers, checkpoints, settings."""
-        from ibscope.store import open_store
+        """Show what an activation store holds: probe set, layers, checkpoints, settings.
 
-        st = open_store(store)
-        import h5py
+        Every shard is checked (attributes and shapes, not data). A bad shard is exit code 4
+        naming it, unless --skip-bad-shards (then it is listed as skipped).
+        """
+        from ibscope.store import Store
 
-        ckpts = []
-        for c in st.checkpoints:
-            with h5py.File(c.shard, "r") as f:
-                dts = {k: str(v.dtype) for k, v in f["acts"].items()}
-                jac = sorted(f["jacobian"].keys()) if "jacobian" in f else []
-                src = f.attrs.get("epoch_source", "")
-            ckpts.append({"index": c.index, "epoch": c.epoch, "step": c.step, "path": c.path, "sha256": c.sha256[:12],
-                          "order_from": src.decode() if isinstance(src, bytes) else str(src), "metrics": c.metrics,
-                          "dtypes": sorted(set(dts.values())), "jacobian_layers": len(jac)})
+        st = Store(store, skip_bad_shards=skip_bad_shards, warn=False)  # skipped shards are listed below
+        ckpts = [{"index": c.index, "epoch": c.epoch, "step": c.step, "path": c.path, "sha256": c.sha256[:12],
+                  "order_from": c.epoch_source, "metrics": c.metrics, "dtypes": sorted(set(c.dtypes.values())),
+                  "jacobian_layers": len(c.jacobian_layers)} for c in st.checkpoints]
         summary = {
             "store": str(st.dir), "format_version": st.format_version, "ibscope_version": st.attrs.get("ibscope_version"),
             "created": st.attrs.get("created"), "n_samples": st.n_samples,
@@ -206,10 +218,12 @@ def register(app: typer.Typer) -> None:
                                                       "classes": int(len(set(st.labels.reshape(len(st.labels), -1)[:, 0].tolist())))},
             "inputs": [int(s) for s in st.input_shape] if st.has_inputs else None, "config": st.config,
             "layers": {n: st.layer_meta(n) for n in st.layers}, "checkpoints": ckpts,
+            "skipped": [{"file": b["file"], "reason": b["reason"]} for b in st.skipped],
         }
         if as_json:
             typer.echo(json.dumps(summary, indent=2, default=str))
             return
+        from rich.markup import escape
         from rich.table import Table
 
         c = console()
@@ -225,8 +239,8 @@ def register(app: typer.Typer) -> None:
             lt.add_column(col)
         for i, n in enumerate(st.layers):
             m = st.layer_meta(n)
-            lt.add_row(str(i), n, m.get("type", ""), m.get("reduction", ""), "x".join(map(str, m.get("raw_shape", []))),
-                       str(m.get("dims", "")))
+            lt.add_row(str(i), n, str(m.get("type", "")), str(m.get("reduction", "")),
+                       "x".join(map(str, m.get("raw_shape") or [])), str(m.get("dims", "")))
         c.print(lt)
         ct = Table(title=f"Checkpoints ({len(ckpts)} complete)", title_justify="left")
         for col in ("#", "epoch", "step", "file", "sha256", "dtype", "jacobian", "metrics"):
@@ -236,3 +250,8 @@ def register(app: typer.Typer) -> None:
                        Path(r["path"]).name, r["sha256"], ",".join(r["dtypes"]), str(r["jacobian_layers"] or ""),
                        ", ".join(f"{k}={v:.4g}" for k, v in r["metrics"].items()))
         c.print(ct)
+        if st.skipped:
+            c.print(f"[bold yellow]Skipped {len(st.skipped)} bad shard(s)[/] (--skip-bad-shards); "
+                    "`ibscope capture ... --resume` re-captures truncated or corrupt ones:")
+            for b in st.skipped:
+                c.print(f"  {escape(b['file'])}: {escape(b['reason'])}", soft_wrap=True)

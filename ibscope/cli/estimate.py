@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
 from ibscope.cli._common import console, guard, load_mapping, parse_kv
-from ibscope.errors import UsageError, did_you_mean
+from ibscope._locks import DEFAULT_LOCK_TIMEOUT
+from ibscope.errors import DataError, UsageError, did_you_mean
 
 CONFIG_KEYS = ("estimators", "params", "x_source", "device", "jobs", "layers", "out", "description", "reference")
 #: keys of a pipeline config's `estimate:` section that only `ibscope run` uses
@@ -97,17 +99,37 @@ def register(app) -> None:
         device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (default auto)."),
         jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="CPU worker processes over (checkpoint, layer) "
                                            "cells (default 1)."),
-        force: bool = typer.Option(False, "--force", help="Recompute cells that are already in the results file."),
+        force: bool = typer.Option(False, "--force", help="Recompute the selected cells even where the results file "
+                                   "already holds a row computed from the same store content."),
         x_source: Optional[str] = typer.Option(None, "--x-source", help="What X is in I(X;T) for every pair estimator: "
                                                "'identity' (sample ids) or 'inputs' (probe inputs). Default: each "
                                                "estimator's own (binning/KDE identity, the rest inputs)."),
         layer: Optional[List[str]] = typer.Option(None, "--layer", "-l", help="Only these layers (repeatable)."),
-        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
+        strict: bool = typer.Option(False, "--strict", help="Exit with code 4 if any cell could not be estimated "
+                                    "(its row has an empty value and a note). The results are written first."),
+        skip_bad_shards: bool = typer.Option(False, "--skip-bad-shards", help="Skip checkpoint shards of a store that "
+                                             "are corrupt or belong to another capture, instead of stopping with exit "
+                                             "code 4; what was skipped is listed on stderr and in the provenance."),
+        lock_timeout: float = typer.Option(DEFAULT_LOCK_TIMEOUT, "--lock-timeout", metavar="SECONDS",
+                                           help="How long to wait while another `ibscope estimate` writes the same "
+                                                "results file, then stop with a message naming the lock file and its "
+                                                "holder. -1 waits without limit."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no 'Wrote ...' line (warnings "
+                                   "about noted cells and dropped rows are still printed)."),
     ) -> None:
         """Estimate I(X;T), I(T;Y) and registered single-layer measures for every checkpoint x layer.
 
         Writes one row per checkpoint x layer x estimator x quantity (values in nats) to a CSV.
-        Cells already in the output with identical parameters are skipped unless --force.
+
+        Incremental: a row already in the output is kept while its content key matches the store
+        (config and probe hashes, checkpoint sha256, layer, estimator, parameters, ibscope version).
+        Other selected cells are computed; --force recomputes all of them.
+
+        One cell, one failure: a cell that cannot be estimated for a data reason (e.g. a dead ReLU
+        layer) gets an empty value and a note; the other cells are still computed.
+
+        Exit codes: 0 ok (noted cells are summarised on stderr), 1 I/O error or lock still held
+        after --lock-timeout, 2 usage, 4 bad data (or noted cells with --strict), 5 plug-in failure.
 
         Example: ibscope estimate acts/ -o results.csv -e binning -e ksg --param binning.n_bins=30
         """
@@ -122,19 +144,35 @@ def register(app) -> None:
         for name, p in cli_params.items():
             params.setdefault(name, {}).update(p)
         out_path = out or (Path(cfg["out"]) if cfg.get("out") else Path("results.csv"))
-        from ibscope.estimate import run_estimate
+        from ibscope.estimate import run_estimate, summary_lines
 
-        res = run_estimate(
-            stores, out_path, names, params,
-            device=device or cfg.get("device") or "auto", force=force,
-            jobs=jobs if jobs is not None else (cfg.get("jobs") if cfg.get("jobs") is not None else 1),
-            x_source=x_source or cfg.get("x_source"), layers=list(layer) if layer else cfg.get("layers"),
-            progress=not quiet,
-        )
+        c = console()
+
+        def show(message, category, filename, lineno, file=None, line=None):  # plain "Warning: ..." lines
+            c.print(f"Warning: {message}", markup=False, soft_wrap=True)
+
+        with warnings.catch_warnings():
+            warnings.showwarning = show
+            res = run_estimate(
+                stores, out_path, names, params,
+                device=device or cfg.get("device") or "auto", force=force,
+                jobs=jobs if jobs is not None else (cfg.get("jobs") if cfg.get("jobs") is not None else 1),
+                x_source=x_source or cfg.get("x_source"), layers=list(layer) if layer else cfg.get("layers"),
+                progress=not quiet, strict=False, skip_bad_shards=skip_bad_shards, lock_timeout=lock_timeout,
+            )
+        prov = res.provenance
+        for entry in prov.get("stores") or []:
+            for sk in entry.get("skipped_shards") or []:
+                c.print(f"Skipped shard {sk.get('file')} of store '{entry.get('path')}': {sk.get('reason')}",
+                        markup=False, soft_wrap=True)
+        for line in summary_lines(res, strict=strict):
+            c.print(line, markup=False, soft_wrap=True)
         if not quiet:
-            prov = res.provenance
-            console().print(f"Wrote {len(res)} rows ({prov.get('cells_computed', 0)} cell(s) computed, "
-                            f"{prov.get('rows_kept_from_existing', 0)} row(s) kept) to {out_path}")
+            c.print(f"Wrote {len(res)} rows ({prov.get('cells_computed', 0)} cell(s) computed, "
+                    f"{prov.get('rows_kept_from_existing', 0)} row(s) kept) to {out_path}", markup=False)
+        if strict and prov.get("noted_cells"):
+            raise DataError(f"--strict: {prov['noted_cells']} cell(s) could not be estimated (listed above); "
+                            f"the results were written to {out_path} with those cells noted.")
 
     @app.command("estimators")
     @guard

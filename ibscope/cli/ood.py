@@ -68,6 +68,7 @@ def ood(
     raw_shape: Optional[str] = typer.Option(None, "--raw-shape", help="Per-sample layer shape C,H,W for avgpool/maxpool when the store does not record it."),
     figures: bool = typer.Option(True, "--figures/--no-figures", help="Write the PNG figures."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary table."),
+    skip_bad_shards: bool = typer.Option(False, "--skip-bad-shards", help="Leave out store shards that are truncated, corrupt, incomplete or of another capture (each is named in a warning) instead of stopping with exit code 4."),
 ) -> None:
     """Score OOD sets against in-distribution test data with Mahalanobis and k-NN detectors.
 
@@ -77,7 +78,7 @@ def ood(
 
     Example: ibscope ood --fit acts/train --test acts/test --ood noise=acts/noise --layer fc1 -r none -r std+pca:16 --k 10,50 -o ood_out
 
-    Exit codes: 0 ok, 1 error, 2 bad option or name, 4 bad data (NaN features, dims that differ between stores, too few samples).
+    Exit codes: 0 ok, 1 error, 2 bad option or name, 4 bad data (NaN features, dims that differ between stores, too few samples, a truncated, corrupt or foreign store shard unless --skip-bad-shards).
     """
     setup_logging(quiet=quiet)
     from ibscope.ood.runner import JSON_NAME, run_ood
@@ -93,7 +94,7 @@ def ood(
         val=str(val) if val is not None else None, val_frac=val_frac, checkpoint=chk, covariance=covariance,
         class_conditional=class_conditional, ridge=ridge, normalize=normalize, backend=backend, tpr=tpr,
         n_bootstrap=bootstrap, seed=seed, device=device, memory_limit=memory_limit, raw_shape=shape,
-        out_dir=out, figures=figures, progress=not quiet,
+        out_dir=out, figures=figures, progress=not quiet, skip_bad_shards=skip_bad_shards,
     )
     if not quiet:
         from rich import box

@@ -7,6 +7,7 @@ from typing import List, Optional
 
 import typer
 
+from ibscope._locks import DEFAULT_LOCK_TIMEOUT as LOCK_TIMEOUT  # a light module: --help stays fast
 from ibscope.cli._common import console, guard, setup_logging
 
 STAGE_NAMES = "data, train, capture, estimate, plot, ood, report, check"
@@ -35,12 +36,16 @@ def register(app: typer.Typer) -> None:
         until: Optional[str] = typer.Option(None, "--until", help="Stop after this stage."),
         force: bool = typer.Option(False, "--force", help="Re-run every stage even when its outputs are up to date."),
         device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda:N for capture/estimate/ood (default: the config's)."),
+        strict: bool = typer.Option(False, "--strict", help="Exit 4 when any cell could not be estimated, after everything is written (config: estimate.strict)."),
+        skip_bad_shards: bool = typer.Option(False, "--skip-bad-shards", help="estimate and ood skip corrupt, foreign or partial shards and list them, instead of exit 4 (config: skip_bad_shards)."),
+        safe_globals: Optional[List[str]] = typer.Option(None, "--safe-globals", metavar="MODULE.CLASS", help="Allow this class in checkpoints loaded with weights_only (repeatable; added to capture.safe_globals)."),
+        lock_timeout: float = typer.Option(LOCK_TIMEOUT, "--lock-timeout", metavar="SECONDS", help="Wait this long for another run writing the same output folder, then stop (0: at once; -1: no limit)."),
         show_schema: bool = typer.Option(False, "--show-schema", help="Print every config key with its type and default, then exit."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display; only errors."),
     ) -> None:
         """Run the pipeline of one YAML config: data -> train -> capture -> estimate -> plot -> ood -> report -> check.
 
-        Each stage is skipped when its outputs are newer than its inputs and its config section is unchanged (a stamp in OUT/.ibscope/stages/ holds the hash), so re-running after changing only plot options re-draws the figures and nothing else. Unknown config keys are an error with a did-you-mean (exit 2); a regression found by the check stage exits with 3. See docs/demo.md for the config format.
+        Each stage is skipped when its stamp in OUT/.ibscope/stages/ still matches: the same config section, ibscope version and input contents (sha256, the model factory's file included), and outputs unchanged since the stage wrote them. So re-running after changing only plot options re-draws the figures and nothing else. One run at a time per output folder (a second one waits --lock-timeout seconds, then exits 1 naming the lock). Names that become paths (name, probe and subset names) must be letters, digits, '.', '_' or '-'. Exit codes: 0 ok, 1 error, 2 usage (unknown key, unsafe name), 3 regression found by the check stage, 4 bad data. See docs/demo.md for the config format.
 
         Example: ibscope run configs/demo-tanh.yaml -o runs/tanh --quick
         """
@@ -56,7 +61,8 @@ def register(app: typer.Typer) -> None:
                              hint="Packaged configs: demo-tanh, demo-relu, digits (e.g. `ibscope run digits`).")
         setup_logging(quiet=True)
         res = run_pipeline(config, out=out, quick=quick, overrides=parse_overrides(set_), force=force, only=only,
-                           until=until, device=device, progress=not quiet, quiet=quiet)
+                           until=until, device=device, progress=not quiet, quiet=quiet, strict=strict,
+                           skip_bad_shards=skip_bad_shards, safe_globals=safe_globals or (), lock_timeout=lock_timeout)
         if not quiet:
             _summary(res, f"ibscope run: {res.name}")
             c = console()
@@ -77,6 +83,7 @@ def register(app: typer.Typer) -> None:
         quick: bool = typer.Option(False, "--quick", help="400 epochs, 9 checkpoints and a random 1024 of the inputs: a first look in about a third of the time."),
         force: bool = typer.Option(False, "--force", help="Re-run every stage even when up to date."),
         device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda:N for capture and estimate."),
+        lock_timeout: float = typer.Option(LOCK_TIMEOUT, "--lock-timeout", metavar="SECONDS", help="Wait this long for another run writing the same folder, then stop (0: at once; -1: no limit)."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display; print only the output paths."),
     ) -> None:
         """Reproduce the information-plane papers in a few minutes, with no arguments.
@@ -88,7 +95,8 @@ def register(app: typer.Typer) -> None:
         from ibscope.pipeline import run_demo
 
         setup_logging(quiet=True)
-        res = run_demo(out, quick=quick, force=force, device=device, progress=not quiet, quiet=quiet)
+        res = run_demo(out, quick=quick, force=force, device=device, progress=not quiet, quiet=quiet,
+                       lock_timeout=lock_timeout)
         c = console()
         if not quiet:
             for name, r in res.runs.items():

@@ -25,6 +25,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ibscope._atomic import atomic_path
 from ibscope.errors import UsageError
 
 PROBE_NAMES = ("train", "test", "heldout", "transformed")
@@ -98,8 +99,7 @@ def write_probe_files(out_dir: str | os.PathLike, holdout: Sequence[int] = (8, 9
     paths = []
     for name, (x, y, ids) in split_digits(holdout, test_fraction, split_seed, transform).items():
         p = out / f"{name}.npz"
-        tmp = out / f"{name}.tmp.npz"
-        np.savez(tmp, x=x, y=y, ids=ids)
-        os.replace(tmp, p)
+        with atomic_path(p, out / f"{name}.tmp.npz") as tmp:
+            np.savez(tmp, x=x, y=y, ids=ids)
         paths.append(p)
     return paths

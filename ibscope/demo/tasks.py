@@ -105,8 +105,9 @@ def write_probe_files(out_dir, train_fraction: float = 0.85, split_seed: int = 0
     Each file holds ``x`` (float32, (n, 12)), ``y`` (int64) and ``ids`` (the pattern index
     ``0..4095``, so rows of different files can be matched). Written atomically.
     """
-    import os
     from pathlib import Path
+
+    from ibscope._atomic import atomic_path
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -116,8 +117,7 @@ def write_probe_files(out_dir, train_fraction: float = 0.85, split_seed: int = 0
     paths = []
     for name, rows in (("all", ids), ("train", tr), ("test", te)):
         p = out / f"{name}.npz"
-        tmp = out / f"{name}.tmp.npz"
-        np.savez(tmp, x=x[rows], y=y[rows], ids=ids[rows])
-        os.replace(tmp, p)
+        with atomic_path(p, out / f"{name}.tmp.npz") as tmp:
+            np.savez(tmp, x=x[rows], y=y[rows], ids=ids[rows])
         paths.append(p)
     return paths

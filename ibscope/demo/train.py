@@ -99,9 +99,10 @@ def _evaluate(model, x, y) -> tuple[float, float]:
 def _save(obj: dict, path: Path) -> None:
     import torch
 
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    from ibscope._atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def train_classifier(

@@ -13,8 +13,8 @@ from ibscope.estimators.base import as_tensor, check_pair, is_discrete
 
 def pair(est, x, y):
     """Validate and convert ``x``, ``y`` to 2-D tensors on ``x``'s device."""
-    tx = as_tensor(x, name="x", estimator=est.name)
-    ty = as_tensor(y, name="y", estimator=est.name)
+    tx = as_tensor(x, name="x", estimator=est)
+    ty = as_tensor(y, name="y", estimator=est)
     return check_pair(tx, ty, est.name)
 
 

@@ -98,8 +98,27 @@ class Estimator(abc.ABC):
     def estimate(self, *tensors) -> Estimate:
         """Compute the estimate (see the module docstring for the signature per ``kind``)."""
 
+    def scale_invariant(self, arg: str) -> str | None:
+        """How the value reacts when input ``arg`` ("x", "y" or "s") is multiplied by c > 0.
+
+        ``"column"``: unchanged even with a different c for each column; ``"global"``:
+        unchanged for one c over the whole array; ``None`` (the default): it changes, because
+        the estimator uses an absolute scale (a noise variance, kernel width, bin width or
+        absolute tolerance). :func:`as_tensor` uses this for float inputs of extreme magnitude:
+        they are rescaled by powers of two (exact) when the value allows it (see
+        :data:`RESCALE_EXPONENT`), and refused with a :class:`DataError` saying they overflow
+        when the value depends on the scale and they leave float64's safe range
+        (:data:`SAFE_EXPONENT`).
+        """
+        return None
+
     # helpers for subclasses -------------------------------------------------------------
     def _make(self, value: float, *, n: int, dims: tuple[int, ...], **kw) -> Estimate:
+        if math.isnan(float(value)):  # never hand back a silent NaN
+            raise DataError(f"{self.name}: the computation gave NaN on {int(n)} finite samples of dims "
+                            f"{tuple(int(d) for d in dims)}; no value can be reported.",
+                            hint="This points at degenerate data (e.g. constant or duplicated rows) or a numerical "
+                                 "limit of this estimator; try another estimator or check the data.")
         return Estimate(
             value=float(value), unit=kw.pop("unit", self.unit), quantity=kw.pop("quantity", self.quantity),
             estimator=self.name, params=self.params(), n_samples=int(n), dims=tuple(int(d) for d in dims), **kw,
@@ -110,25 +129,118 @@ class Estimator(abc.ABC):
             raise UsageError(f"The '{param}' parameter of {self.name or type(self).__name__} must be {expected}. Got {got!r} instead.")
 
 
-def as_tensor(a, *, name: str = "x", estimator: str = "", allow_discrete: bool = True):
+#: Float inputs whose largest magnitude is above 2**SAFE_EXPONENT (about 3e150) leave float64's
+#: safe range: squared distances and sums of squares of n x d such values overflow to inf.
+#: Estimators whose value depends on the scale refuse them. See :meth:`Estimator.scale_invariant`.
+SAFE_EXPONENT = 500
+#: Scale-invariant estimators get inputs with magnitudes in [2**-RESCALE_EXPONENT,
+#: 2**RESCALE_EXPONENT] (about 1e-15 to 1e15): outside it they are rescaled by a power of two
+#: (exact), so that even float32 kernels inside an estimator (k-NN candidate search, GEMMs)
+#: neither overflow nor underflow. Inputs already inside are left bit for bit as they are.
+RESCALE_EXPONENT = 50
+
+_NON_NUMERIC = {"U": "strings", "S": "byte strings", "O": "Python objects", "M": "dates", "m": "time deltas",
+                "V": "structured records", "c": "complex numbers"}
+
+
+def _scale_pow2(t, e):
+    """``t * 2**-e`` exactly (``e`` a float tensor broadcast over columns, or a number), in two
+    halves so that no factor overflows."""
+    import torch
+
+    e = torch.as_tensor(e, dtype=t.dtype, device=t.device)
+    a = torch.floor(e / 2)
+    return t * torch.exp2(-a) * torch.exp2(-(e - a))
+
+
+def _fit_range(t, est: "Estimator", name: str):
+    """Rescale (by powers of two) or refuse values of extreme magnitude; see RESCALE_EXPONENT, SAFE_EXPONENT."""
+    import torch
+
+    amax = t.abs().amax(dim=0)
+    big, small = 2.0 ** RESCALE_EXPONENT, 2.0 ** -RESCALE_EXPONENT
+    m = float(amax.max())
+    nonzero = amax[amax > 0]
+    lo = float(nonzero.min()) if nonzero.numel() else 0.0
+    if m <= big and (lo == 0.0 or lo >= small):
+        return t
+    mode = est.scale_invariant(name)
+    if mode == "column":
+        out = (amax > big) | ((amax > 0) & (amax < small))
+        e = torch.where(out, torch.floor(torch.log2(torch.where(out, amax, torch.ones_like(amax)))), torch.zeros_like(amax))
+        return _scale_pow2(t, e)
+    if mode in ("global", True):
+        if m > big or m < small:
+            return _scale_pow2(t, math.floor(math.log2(m)))
+        return t
+    big = 2.0 ** SAFE_EXPONENT
+    if m > big:
+        raise DataError(
+            f"{est.name}: '{name}' has values up to {m:.3g} in magnitude, which overflow float64 in this estimator's "
+            f"squared distances and sums (safe up to about {big:.1e}). Its value depends on the scale of '{name}' "
+            "(it uses an absolute noise variance, kernel width, bin width or tolerance), so it cannot rescale them.",
+            hint=f"Divide '{name}' by a constant first (and scale that parameter to match), or use an estimator "
+                 "whose value does not depend on the scale.")
+    return t
+
+
+def as_tensor(a, *, name: str = "x", estimator: "str | Estimator" = "", allow_discrete: bool = True,
+              allow_bool: bool = True):
     """Convert numpy/torch/list input to a 2-D torch tensor ``(n, d)`` and validate it.
 
-    1-D input becomes ``(n, 1)``. Integer and bool inputs stay integer (discrete). Floating
-    input is checked for NaN/inf. Raises :class:`DataError` with the numbers involved.
+    The one place where every built-in estimator's input is checked. 1-D input becomes
+    ``(n, 1)``. Integer and bool inputs stay integer (discrete) unless ``allow_discrete`` is
+    False (then float64); float16/bfloat16 become float32. Raises :class:`DataError` naming
+    ``name``, the dtype or the numbers involved for: strings, objects, dates, complex numbers
+    (and bool when ``allow_bool`` is False), no samples or no features, NaN/inf. When
+    ``estimator`` is the :class:`Estimator` itself, float values beyond float64's safe range
+    are rescaled or refused according to its :meth:`Estimator.scale_invariant`.
     """
     import numpy as np
     import torch
 
-    who = f"{estimator}: " if estimator else ""
+    est = estimator if isinstance(estimator, Estimator) else None
+    ename = est.name if est is not None else estimator
+    who = f"{ename}: " if ename else ""
+    expected = "a numeric array (float, integer or bool)" if allow_bool else "a numeric array (float or integer)"
+
+    def non_numeric(dtype, kind: str) -> DataError:
+        what = _NON_NUMERIC.get(kind, "a non-numeric type")
+        hint = (f"Encode categories as integer codes first, e.g. codes = np.unique({name}, return_inverse=True)[1]."
+                if kind in "USO" else "Convert to float or integer values first.")
+        if kind == "c":
+            hint = f"Pass the real part, the magnitude, or both as separate columns (np.c_[{name}.real, {name}.imag])."
+        return DataError(f"{who}'{name}' must be {expected}. Got dtype {dtype} ({what}).", hint=hint)
+
     if isinstance(a, torch.Tensor):
         t = a.detach()
+        if t.is_complex():
+            raise non_numeric(t.dtype, "c")
+        if t.dtype in (torch.uint16, torch.uint32, torch.uint64):
+            t = t.to(torch.int64)
     else:
-        arr = np.asarray(a)
-        if arr.dtype == object:
-            raise DataError(f"{who}'{name}' must be a numeric array. Got dtype object.")
+        try:
+            arr = np.asarray(a)
+        except (ValueError, TypeError) as exc:  # ragged nested lists
+            raise DataError(f"{who}'{name}' cannot be read as an array of shape (n_samples, n_features): {exc}") from None
+        kind = arr.dtype.kind
+        if kind not in "biuf":
+            raise non_numeric(arr.dtype, kind)
+        if kind == "u" and arr.dtype.itemsize > 1:  # torch has few ops for uint16/32/64
+            if arr.size and int(arr.max()) > np.iinfo(np.int64).max:
+                raise DataError(f"{who}'{name}' holds unsigned integers above {np.iinfo(np.int64).max}, which do not "
+                                f"fit int64. Got dtype {arr.dtype}.")
+            arr = arr.astype(np.int64)
+        elif kind == "f" and arr.dtype.itemsize > 8:  # long double: torch has no such dtype
+            arr = arr.astype(np.float64)
         t = torch.from_numpy(np.ascontiguousarray(arr))
     if t.dtype == torch.bool:
+        if not allow_bool:
+            raise DataError(f"{who}'{name}' must be {expected}. Got dtype bool, which has no meaning here.",
+                            hint="Pass the numeric values themselves.")
         t = t.to(torch.int64)
+    if t.dtype in (torch.float16, torch.bfloat16):  # exact in float32, which every kernel supports
+        t = t.to(torch.float32)
     if t.ndim == 1:
         t = t.reshape(-1, 1)
     if t.ndim != 2:
@@ -138,13 +250,15 @@ def as_tensor(a, *, name: str = "x", estimator: str = "", allow_discrete: bool =
         )
     if t.shape[0] == 0:
         raise DataError(f"{who}'{name}' has no samples (shape {tuple(t.shape)}).")
-    if t.is_floating_point() or t.is_complex():
-        if t.is_complex():
-            raise DataError(f"{who}'{name}' must be real-valued. Got dtype {t.dtype}.")
+    if t.shape[1] == 0:
+        raise DataError(f"{who}'{name}' has no features (shape {tuple(t.shape)}).")
+    if t.is_floating_point():
         bad = ~torch.isfinite(t)
         if bool(bad.any()):
             nb = int(bad.sum())
             raise DataError(f"{who}'{name}' contains {nb} non-finite value(s) (NaN or inf) out of {t.numel()}.")
+        if est is not None:
+            t = _fit_range(t, est, name)
     elif not allow_discrete:
         t = t.to(torch.float64)
     return t

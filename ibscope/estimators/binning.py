@@ -92,6 +92,10 @@ class Binning(_BinningMixin, Estimator):
     name: ClassVar[str] = "binning"
     reference: ClassVar[str] = "Shwartz-Ziv & Tishby 2017, arXiv:1703.00810"
 
+    def scale_invariant(self, arg: str) -> str | None:
+        # n_bins over the pooled range: bins follow the data; an explicit width or range does not
+        return "global" if self.bin_width is None and self.range_min is None else None
+
     def validate(self) -> None:
         self._require(isinstance(self.n_bins, int) and not isinstance(self.n_bins, bool) and self.n_bins >= 1,
                       "n_bins", "an integer >= 1", self.n_bins)
@@ -170,6 +174,10 @@ class AdaptiveBinning(_BinningMixin, Estimator):
     name: ClassVar[str] = "adaptive-binning"
     reference: ClassVar[str] = ("ibscope variant of the entropy-based adaptive binning of Chelombiev, Houghton & "
                                 "O'Donnell 2019, ICLR, arXiv:1902.09037 (their procedure: chelombiev-binning)")
+
+    def scale_invariant(self, arg: str) -> str | None:
+        # equal-mass edges from the pooled sorted values
+        return "global"
 
     def validate(self) -> None:
         self._require(isinstance(self.n_bins, int) and not isinstance(self.n_bins, bool) and self.n_bins >= 1,

@@ -202,6 +202,10 @@ class Compressed(Estimator):
                                 "(arXiv:2305.08013); Berrett, Samworth & Yuan 2019, Ann. Stat. 47:288")
     x_source: ClassVar[str] = "inputs"
 
+    def scale_invariant(self, arg: str) -> str | None:
+        # each side is divided by one factor (its RMS), or z-scored per column with standardize
+        return "column" if self.standardize else "global"
+
     def validate(self) -> None:
         for p in ("latent_dim", "k", "ae_hidden", "ae_steps"):
             v = getattr(self, p)

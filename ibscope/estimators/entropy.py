@@ -87,6 +87,10 @@ class MatrixEntropy(Estimator):
     reference: ClassVar[str] = ("Sanchez Giraldo, Rao & Principe 2015, Measures of entropy from data using infinitely "
                                 "divisible kernels, IEEE Trans. Inf. Theory 61(1); Skean et al. 2025 (linear kernel)")
 
+    def scale_invariant(self, arg: str) -> str | None:
+        # rule-based widths (silverman, median) scale with the data; the linear kernel row-normalises
+        return "global" if self.kernel == "linear" or self.sigma is None else None
+
     def validate(self) -> None:
         self._require(self.alpha >= 0 and math.isfinite(self.alpha), "alpha", "a finite number >= 0", self.alpha)
         self._require(self.kernel in ("gaussian", "linear"), "kernel", "'gaussian' or 'linear'", self.kernel)
@@ -100,7 +104,7 @@ class MatrixEntropy(Estimator):
     def estimate(self, x) -> Estimate:
         import torch
 
-        t = as_tensor(x, name="x", estimator=self.name, allow_discrete=False)
+        t = as_tensor(x, name="x", estimator=self, allow_discrete=False)
         n, d = t.shape
         extra: dict = {"kernel": self.kernel}
         if self.kernel == "linear":
@@ -172,13 +176,17 @@ class CodingRate(Estimator):
     reference: ClassVar[str] = ("Yu, Chan, You, Song & Ma 2020, Learning Diverse and Discriminative Representations via "
                                 "the Principle of Maximal Coding Rate Reduction, NeurIPS 33 (arXiv:2006.08558)")
 
+    def scale_invariant(self, arg: str) -> str | None:
+        # rows are L2-normalised first when normalize
+        return "global" if self.normalize else None
+
     def validate(self) -> None:
         self._require(self.eps_sq > 0 and math.isfinite(self.eps_sq), "eps_sq", "a finite number > 0", self.eps_sq)
 
     def estimate(self, x) -> Estimate:
         import torch
 
-        t = as_tensor(x, name="x", estimator=self.name, allow_discrete=False)
+        t = as_tensor(x, name="x", estimator=self, allow_discrete=False)
         m, d = t.shape
         g, _side = second_moment(t, center=False, row_normalize=self.normalize)
         c = d / (m * self.eps_sq)

@@ -45,6 +45,10 @@ class Gaussian(Estimator):
     reference: ClassVar[str] = "Cover & Thomas 2006, eq. 8.56 (Gaussian channel); canonical correlations"
     x_source: ClassVar[str] = "inputs"
 
+    def scale_invariant(self, arg: str) -> str | None:
+        # correlations only
+        return "column"
+
     def validate(self) -> None:
         self._require(isinstance(self.ridge, (int, float)) and self.ridge >= 0, "ridge", "a number >= 0", self.ridge)
 

@@ -84,6 +84,10 @@ class GCMI(Estimator):
     reference: ClassVar[str] = REFERENCE
     x_source: ClassVar[str] = "inputs"
 
+    def scale_invariant(self, arg: str) -> str | None:
+        # ranks only
+        return "column"
+
     def validate(self) -> None:
         self._require(isinstance(self.bias_correction, bool), "bias_correction", "true or false", self.bias_correction)
         self._require(isinstance(self.seed, int) and not isinstance(self.seed, bool), "seed", "an integer", self.seed)

@@ -105,9 +105,13 @@ def knn_distances_exact(x64, k: int, *, candidate_dtype=None):
 
 
 class _IDMixin:
+    def scale_invariant(self, arg: str) -> str | None:
+        # ratios of neighbour distances: unchanged by one global scale
+        return "global"
+
     def _neighbors(self, x, k: int):
         """Exact k-NN distances of the distinct rows; (distances, n_input, n_distinct, removed, d)."""
-        t = as_tensor(x, name="x", estimator=self.name, allow_discrete=False)
+        t = as_tensor(x, name="x", estimator=self, allow_discrete=False)
         import torch
 
         n0, d = int(t.shape[0]), int(t.shape[1])

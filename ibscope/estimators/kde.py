@@ -171,6 +171,10 @@ class AdaptiveKDE(_KDEMixin, Estimator):
                                 "Houghton & O'Donnell 2019, ICLR; their released procedure is chelombiev-kde; "
                                 + REFERENCE)
 
+    def scale_invariant(self, arg: str) -> str | None:
+        # sigma^2 follows the layer's own scale (max |T| or its std)
+        return "global"
+
     def validate(self) -> None:
         self._require(isinstance(self.relative_variance, (int, float)) and self.relative_variance > 0,
                       "relative_variance", "a number > 0", self.relative_variance)

@@ -133,6 +133,10 @@ class KSG(Estimator):
     reference: ClassVar[str] = "Kraskov, Stoegbauer & Grassberger 2004, PRE 69:066138; Ross 2014, PLoS ONE 9:e87357"
     x_source: ClassVar[str] = "inputs"
 
+    def scale_invariant(self, arg: str) -> str | None:
+        # every column is z-scored (or rank-Gaussianised) first; without that the joint max-norm mixes scales
+        return "column" if (self.standardize or self.copula) else None
+
     def validate(self) -> None:
         self._require(isinstance(self.k, int) and not isinstance(self.k, bool) and self.k >= 1, "k", ">= 1", self.k)
         self._require(self.algorithm in (1, 2), "algorithm", "1 or 2", self.algorithm)

@@ -86,6 +86,10 @@ class LocalRank(Estimator):
     reference: ClassVar[str] = ("Patel & Shwartz-Ziv 2024, Learning to Compress: Local Rank and Information "
                                 "Compression in Deep Neural Networks (arXiv:2410.07687)")
 
+    def scale_invariant(self, arg: str) -> str | None:
+        # a relative threshold rtol * s_1 scales with s
+        return "global" if self.atol == 0 else None
+
     def validate(self) -> None:
         self._require(0.0 <= self.rtol < 1.0, "rtol", "in [0, 1)", self.rtol)
         self._require(self.atol >= 0.0, "atol", ">= 0", self.atol)
@@ -99,8 +103,8 @@ class LocalRank(Estimator):
     def _validated(self, s):
         import torch
 
-        s = as_tensor(s, name="s", estimator=self.name, allow_discrete=False)
-        eps = torch.finfo(s.dtype).eps  # of the precision the singular values were computed in
+        s = as_tensor(s, name="s", estimator=self, allow_discrete=False, allow_bool=False)
+        eps = torch.finfo(s.dtype).eps if s.is_floating_point() else torch.finfo(torch.float64).eps
         s = s.to(torch.float64)
         if bool((s < 0).any()):
             raise DataError(f"{self.name}: singular values must be >= 0; got {int((s < 0).sum())} negative value(s).",

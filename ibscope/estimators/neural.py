@@ -102,6 +102,10 @@ class _NeuralMixin:
     x_source: ClassVar[str] = "inputs"
     critic_default_embed: ClassVar[int] = 32
 
+    def scale_invariant(self, arg: str) -> str | None:
+        # continuous inputs are z-scored per column before the critic sees them
+        return "column"
+
     def _check_common(self) -> None:
         for p in ("steps", "batch_size", "hidden", "embed", "eval_every", "patience"):
             v = getattr(self, p)

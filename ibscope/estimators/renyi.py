@@ -59,6 +59,10 @@ class Renyi(Estimator):
     reference: ClassVar[str] = "Sanchez Giraldo, Rao & Principe 2015, IEEE Trans. Inf. Theory 61(1):535"
     x_source: ClassVar[str] = "inputs"
 
+    def scale_invariant(self, arg: str) -> str | None:
+        # the default width is the median pairwise distance, so K depends on d / sigma only
+        return "global" if (self.sigma_x if arg == "x" else self.sigma_y) is None else None
+
     def validate(self) -> None:
         self._require(isinstance(self.alpha, (int, float)) and self.alpha > 0, "alpha", "a number > 0", self.alpha)
         for p in ("sigma_x", "sigma_y"):

@@ -37,8 +37,12 @@ class _SpectralMixin:
     kind: ClassVar[str] = "single"
     unit: ClassVar[str] = DIMENSIONS
 
+    def scale_invariant(self, arg: str) -> str | None:
+        # functions of the normalised spectrum (relative tolerances included); an absolute atol is not
+        return "global" if not getattr(self, "atol", 0.0) else None
+
     def _spectrum(self, x, *, center: bool, method: str = "eigh") -> Spectrum:
-        t = as_tensor(x, name="x", estimator=self.name, allow_discrete=False)
+        t = as_tensor(x, name="x", estimator=self, allow_discrete=False)
         if center and t.shape[0] < 2:
             raise DataError(f"{self.name}: a centred spectrum needs at least 2 samples. Got {t.shape[0]}.")
         return spectrum(t, center=center, method=method)

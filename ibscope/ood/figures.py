@@ -5,7 +5,6 @@ checkpoint, and a 2-D embedding of fit vs test vs OOD features. Each is written 
 from __future__ import annotations
 
 import logging
-import os
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -24,10 +23,13 @@ def slug(text: str) -> str:
 def _save(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    from ibscope._atomic import atomic_path
+
+    try:
+        with atomic_path(path, path.with_name(path.stem + ".tmp" + path.suffix)) as tmp:
+            fig.savefig(tmp, dpi=100)
+    finally:
+        plt.close(fig)
 
 
 def _plt():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import html
-import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -28,9 +27,9 @@ def _fmt(row: Mapping[str, Any], key: str) -> str:
 
 
 def _atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    from ibscope._atomic import write_text_atomic
+
+    write_text_atomic(path, text)
 
 
 def write_markdown_report(out: Path, doc: Mapping[str, Any]) -> tuple[Path, Path]:

@@ -10,20 +10,27 @@ ID test set.
 
 Outputs under ``out_dir``: ``ood_metrics.json`` (metrics + fitted settings + provenance),
 ``ood_scores.h5`` (per-sample scores), ``figures/*.png`` and ``report.md`` / ``report.html``.
+They form one set: the old ``ood_metrics.json`` is removed before anything else is written and
+the new one is written last, listing the SHA-256 of every other file (``output_set``). A run
+killed part-way leaves no ``ood_metrics.json``, and the readers (:func:`read_scores`,
+``ibscope report --ood``) refuse a folder whose files do not match it (:func:`check_output_set`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import re
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ibscope._atomic import write_text_atomic
 from ibscope._version import __version__
 from ibscope.errors import DataError, UsageError
 
@@ -33,18 +40,19 @@ JSON_NAME = "ood_metrics.json"
 SCORES_NAME = "ood_scores.h5"
 FORMAT = "ibscope-ood"
 FORMAT_VERSION = 1
+SET_KEY = "output_set"
 RESERVED = ("fit", "val", "test")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 
 # --------------------------------------------------------------------------------------------
-def _open(path, role: str):
+def _open(path, role: str, skip_bad_shards: bool = False):
     from ibscope.store import Store, open_store
 
     if isinstance(path, Store):
         return path
     try:
-        return open_store(path)
+        return open_store(path, skip_bad_shards=skip_bad_shards)
     except DataError as exc:
         raise DataError(f"{role} store: {exc.message}", hint=exc.hint) from None
 
@@ -130,10 +138,93 @@ def config_id(detector: str, reduction: str, k: int | None) -> str:
     return f"{detector}|{reduction}" + (f"|k={k}" if k is not None else "")
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+# --------------------------------------------------------------------------------------------
+# the outputs as one set: ood_metrics.json is the completion marker, written last
+def _check_out_dir(out: Path) -> None:
+    """``out`` must be a folder, new or existing: a file there (or above it) is a usage error."""
+    for p in [out, *out.parents]:
+        if p.exists():
+            if not p.is_dir():
+                where = "is a file" if p == out else f"lies inside '{p}', which is a file"
+                raise UsageError(
+                    f"--out '{out}' {where}; ibscope ood writes a folder ({JSON_NAME}, {SCORES_NAME}, figures/, "
+                    "report.md, report.html).", hint="Choose a new folder name (or an existing folder).")
+            return
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _begin_set(out: Path) -> None:
+    """Remove the completion marker of a previous run (and our own leftovers) before writing."""
+    (out / JSON_NAME).unlink(missing_ok=True)
+    for name in (JSON_NAME, SCORES_NAME, "report.md", "report.html"):
+        (out / (name + ".tmp")).unlink(missing_ok=True)
+    figdir = out / "figures"
+    if figdir.is_dir():
+        for p in figdir.glob("*.tmp.png"):
+            p.unlink(missing_ok=True)
+
+
+def _set_record(out: Path, files: Sequence[str]) -> dict[str, Any]:
+    return {"id": uuid.uuid4().hex, "complete": True,
+            "files": {f: {"bytes": (out / f).stat().st_size, "sha256": _sha256(out / f)} for f in files}}
+
+
+def _incomplete(folder: Path, why: str) -> DataError:
+    return DataError(f"'{folder}' does not hold a complete `ibscope ood` output: {why}",
+                     hint="Re-run the same `ibscope ood` command into that folder; it replaces what is there.")
+
+
+def check_output_set(json_path: str | os.PathLike, doc: Mapping[str, Any]) -> None:
+    """Check that the files ``doc`` (the parsed ``ood_metrics.json``) lists are there, unchanged.
+
+    Raises :class:`DataError` (exit code 4) naming the first file that is missing or differs.
+    A JSON without an ``output_set`` record (written by another tool or an older ibscope, which
+    also wrote it last) is accepted as it is.
+    """
+    folder = Path(json_path).parent
+    rec = doc.get(SET_KEY)
+    if rec is None:
+        return
+    files = rec.get("files") if isinstance(rec, dict) else None
+    if not isinstance(files, dict) or not rec.get("complete"):
+        raise _incomplete(folder, f"the '{SET_KEY}' record of {JSON_NAME} is malformed.")
+    for rel, meta in files.items():
+        p = folder / rel
+        if not isinstance(meta, dict) or not p.is_file():
+            raise _incomplete(folder, f"{JSON_NAME} lists '{rel}', which is missing.")
+        if p.stat().st_size != meta.get("bytes") or _sha256(p) != meta.get("sha256"):
+            raise _incomplete(folder, f"'{rel}' is not the file {JSON_NAME} was written with (size or SHA-256 "
+                                      "differs): the folder mixes the outputs of two runs, or the file was changed.")
+
+
+def read_metrics(path: str | os.PathLike) -> dict[str, Any]:
+    """Read ``ood_metrics.json`` (or the folder holding it) and check that its output set is complete."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / JSON_NAME
+    if not p.is_file():
+        folder = p.parent
+        if (folder / SCORES_NAME).exists() or (folder / (SCORES_NAME + ".tmp")).exists():
+            raise _incomplete(folder, f"it has {SCORES_NAME} but no {JSON_NAME}, which `ibscope ood` writes last; "
+                                      "the run that wrote it did not finish.")
+        raise DataError(f"OOD results file not found: '{p}'.",
+                        hint="Pass the ood_metrics.json (or its folder) written by `ibscope ood ... -o DIR`.")
+    try:
+        doc = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"OOD results file '{p}' is not valid JSON: {exc}.") from None
+    if not isinstance(doc, dict):
+        raise DataError(f"OOD results file '{p}' must be a JSON object with a 'results' list. Got {type(doc).__name__}.",
+                        hint="Use the ood_metrics.json written by `ibscope ood`.")
+    check_output_set(p, doc)
+    return doc
 
 
 # --------------------------------------------------------------------------------------------
@@ -164,6 +255,7 @@ def run_ood(
     out_dir: str | os.PathLike = "ood",
     figures: bool = True,
     progress: bool = True,
+    skip_bad_shards: bool = False,
 ) -> dict[str, Any]:
     """Score ``ood`` sets against the ID ``test`` set with a grid of detectors and reductions.
 
@@ -171,8 +263,9 @@ def run_ood(
     ``ood``: {name: store path}; ``layer``: a layer name of the stores. ``detectors``:
     "mahalanobis" and/or "knn"; ``reductions``: specs of :mod:`ibscope.ood.features`
     (e.g. "none", "std+pca:16", "umap:2"); ``ks``: k values for knn. ``checkpoint``: fit-store
-    index (-1 = last), list of indices, or "all". Returns the dict written to
-    ``out_dir/ood_metrics.json``.
+    index (-1 = last), list of indices, or "all". ``skip_bad_shards``: leave out shards that are
+    truncated, corrupt or foreign (with a warning) instead of raising DataError. Returns the dict
+    written to ``out_dir/ood_metrics.json``.
     """
     from ibscope.ood.detectors import DETECTORS, KNNDetector, MahalanobisDetector, parse_bytes, resolve_device
     from ibscope.ood.features import FeaturePipeline, canonical
@@ -205,13 +298,14 @@ def run_ood(
     dev = resolve_device(device)
     mem = parse_bytes(memory_limit)
     out = Path(out_dir)
+    _check_out_dir(out)
 
     # ---- stores ---------------------------------------------------------------------------
-    stores = {"fit": _open(fit, "fit"), "test": _open(test, "test")}
+    stores = {"fit": _open(fit, "fit", skip_bad_shards), "test": _open(test, "test", skip_bad_shards)}
     if val is not None:
-        stores["val"] = _open(val, "val")
+        stores["val"] = _open(val, "val", skip_bad_shards)
     for name, p in ood.items():
-        stores[name] = _open(p, f"OOD '{name}'")
+        stores[name] = _open(p, f"OOD '{name}'", skip_bad_shards)
     for role, st in stores.items():
         if layer not in st.layers:
             from ibscope.errors import did_you_mean
@@ -319,8 +413,9 @@ def run_ood(
             if ci == ckpts[-1]:
                 plot_data = {"feats": {r: feats[r] for r in ["fit", "test", *ood_names]}, "checkpoint": ci}
 
-    # ---- outputs --------------------------------------------------------------------------
+    # ---- outputs: one set, ood_metrics.json (the completion marker) removed first, written last
     out.mkdir(parents=True, exist_ok=True)
+    _begin_set(out)
     _write_scores(out / SCORES_NAME, score_store, layer)
     fig_paths: list[str] = []
     if figures:
@@ -358,10 +453,11 @@ def run_ood(
     doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "layer": layer, "results": results,
            "figures": fig_paths, "fitted": fitted, "scores_file": SCORES_NAME, "warnings": warnings_out,
            "provenance": provenance}
-    _atomic_write_text(out / JSON_NAME, json.dumps(_jsonable(doc), indent=1))
     from ibscope.ood.report import write_markdown_report
 
     write_markdown_report(out, doc)
+    doc[SET_KEY] = _set_record(out, [SCORES_NAME, *fig_paths, "report.md", "report.html"])
+    write_text_atomic(out / JSON_NAME, json.dumps(_jsonable(doc), indent=1))  # last: the set is complete
     for w in warnings_out:
         log.warning(w)
     return doc
@@ -402,13 +498,14 @@ def _progress(enabled: bool, total: int):
 
 
 def _write_scores(path: Path, score_store: dict, layer: str) -> None:
-    """Per-sample scores: /checkpoint_<i>/<config>/<set> (float64) and /checkpoint_<i>/sample_ids/<set>."""
-    import h5py
+    """Per-sample scores: /checkpoint_<i>/<config>/<set> (float64) and /checkpoint_<i>/sample_ids/<set>.
 
-    tmp = path.with_name(path.name + ".tmp")
-    if tmp.exists():
-        tmp.unlink()
-    with h5py.File(tmp, "w") as f:
+    Written as ``ood_scores.h5.tmp`` and renamed when complete; a write the system refuses (disk
+    full, ...) deletes the tmp file and raises IOFailure naming the file (:class:`AtomicH5`)."""
+    from ibscope._h5io import AtomicH5
+
+    with AtomicH5(path, "writing the OOD scores") as w:
+        f = w.f
         f.attrs["format"] = "ibscope-ood-scores"
         f.attrs["format_version"] = FORMAT_VERSION
         f.attrs["ibscope_version"] = __version__
@@ -425,16 +522,26 @@ def _write_scores(path: Path, score_store: dict, layer: str) -> None:
                 cg = g.create_group(cid)
                 for role, s in sc.items():
                     cg.create_dataset(role, data=np.asarray(s, dtype=np.float64))
-    os.replace(tmp, path)
+            w.check()
 
 
 def read_scores(path: str | os.PathLike) -> dict[str, dict[str, dict[str, np.ndarray]]]:
-    """Read ``ood_scores.h5`` back: {checkpoint_key: {config_or_'sample_ids': {set: array}}}."""
+    """Read ``ood_scores.h5`` back: {checkpoint_key: {config_or_'sample_ids': {set: array}}}.
+
+    ``path``: the scores file or its folder. The ``ood_metrics.json`` next to it must list it
+    unchanged (a run killed before writing the JSON left an incomplete set): DataError otherwise.
+    """
     import h5py
 
     p = Path(path)
+    if p.is_dir():
+        p = p / SCORES_NAME
     if not p.exists():
         raise DataError(f"OOD scores file not found: '{p}'.")
+    doc = read_metrics(p.parent)
+    rec = doc.get(SET_KEY)
+    if isinstance(rec, dict) and p.name not in rec.get("files", {}):
+        raise _incomplete(p.parent, f"{JSON_NAME} there does not list '{p.name}' as one of its outputs.")
     try:
         f = h5py.File(p, "r")
     except OSError as exc:

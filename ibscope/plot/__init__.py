@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from ibscope._paths import inside
 from ibscope.errors import DataError, UsageError, unknown_name
 from ibscope.plot._data import (
     METRICS, PAIR, Setting, load_results, pair_settings, parse_band, prepare, rows_of, select,
@@ -248,6 +249,8 @@ def plot_results(results: Any, out_dir: str | os.PathLike | None = None, *, kind
     if animate and kinds is None:
         jobs += figures(res, kinds=["animation"], unit=unit, estimators=estimators, splits=splits, runs=runs,
                         layers=layers, quantities=quantities, runs_mode=runs_mode, band=band, logx=logx)
+    for job in jobs:  # names built from results (splits, quantities) must not leave the figure folder
+        inside(out, out / f"{job.name}.{anim_fmt if job.kind == 'animation' else fmt}", "figure file")
     written: list[Path] = []
     for i, job in enumerate(jobs):
         if job.kind == "animation":

@@ -124,9 +124,23 @@ def select(res: Results, *, estimators: Sequence[str] | None = None, splits: Seq
 
 
 def prepare(res: Results, unit: str) -> Results:
-    """Convert nats/bits rows to ``unit`` and check every quantity has one unit."""
+    """Convert nats/bits rows to ``unit`` and check every quantity has one unit.
+
+    Rows without a value (cells ``ibscope estimate`` could not estimate; their ``note`` says
+    why) are left out: curves show a gap there.
+    """
     if unit not in INFO_UNITS:
         raise UsageError(f"--unit must be one of {', '.join(INFO_UNITS)}. Got {unit!r}.")
+    valued = [r for r in res.rows if r["value"] is not None]
+    if len(valued) < len(res.rows):
+        first = next(r for r in res.rows if r["value"] is None)
+        if not valued:
+            raise DataError(f"Every row of the results has no value; there is nothing to draw. First note: "
+                            f"{first.get('note') or '-'}",
+                            hint="See the 'note' column of the table for why each cell could not be estimated.")
+        log.info("%d row(s) without a value are not drawn (first note: %s).", len(res.rows) - len(valued),
+                 first.get("note") or "-")
+        res = Results(valued, res.provenance, res.path)
     units: dict[str, set] = {}
     for r in res.rows:
         units.setdefault(r["quantity"], set()).add(r["unit"])
@@ -206,8 +220,16 @@ def _short(v: Any) -> str:
 
 
 def slug(text: str) -> str:
-    """File-name-safe form: 'I(X;T)' -> 'I_X_T'."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(text)).strip("_") or "x"
+    """File-name-safe form: 'I(X;T)' -> 'I_X_T'.
+
+    Only letters, digits, '_', '.' and '-'; no leading or trailing '.' or '_' (so never '..' or a
+    hidden file); names from results files (split, quantity, estimator) longer than 80 characters
+    end in a hash of the full text, so that file names stay short and distinct.
+    """
+    s = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(text)).strip("_.") or "x"
+    if len(s) > 80:
+        s = s[:71] + "_" + hashlib.sha1(str(text).encode()).hexdigest()[:8]
+    return s
 
 
 def side_note(rows: Iterable[dict]) -> str:

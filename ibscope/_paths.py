@@ -1,0 +1,60 @@
+"""Names that become parts of file paths, and paths that must stay inside an output folder.
+
+Config names (run name, probe-set and subset names, split names) are joined into output paths
+(``OUT/stores/<probe>``, ``OUT/data/<subset>.npz``, ``ibscope-runs/<name>``). A name such as
+``../../x`` would write outside the output folder, so every such name must match
+:data:`SAFE_NAME` (checked by :func:`safe_name`), and every output path is resolved and checked
+to lie inside its output folder (:func:`inside`). Both raise :class:`~ibscope.errors.UsageError`
+(exit code 2) before anything is written.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from ibscope.errors import UsageError
+
+#: a name that may become a file or folder name: starts with a letter or digit, then letters,
+#: digits, '.', '_' or '-', at most 128 characters in all
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+NAME_RULE = ("1-128 letters, digits, '.', '_' or '-', starting with a letter or digit, without '.tmp' "
+             "(ibscope's temporary files) and not ending in '.lock' (its lock files)")
+
+
+def safe_name(value: object, what: str) -> str:
+    """Return ``value`` if it is a safe path part, else raise a UsageError naming ``what`` and the value.
+
+    ``what`` names the config key, e.g. ``"a 'data.probes' key"`` or ``"'name'"``.
+    """
+    if not isinstance(value, str):
+        raise UsageError(f"{what} must be a name ({NAME_RULE}). Got {type(value).__name__} {value!r}.")
+    low = value.lower()
+    if not SAFE_NAME.match(value) or ".tmp" in low or low.endswith(".lock"):
+        raise UsageError(f"{what} {value!r} is not a safe name: it becomes part of a file path, so it must be "
+                         f"{NAME_RULE}.", hint=f"Rename it, e.g. {_suggest(value)!r}.")
+    return value
+
+
+def _suggest(value: str) -> str:
+    s = re.sub(r"[^A-Za-z0-9._-]+", "_", value).replace(".tmp", "_tmp").lstrip("._-")
+    if s.lower().endswith(".lock"):
+        s = s[:-5] + "_lock"
+    return (s or "name")[:128]
+
+
+def inside(root: str | os.PathLike, path: str | os.PathLike, what: str = "output path") -> Path:
+    """``path`` resolved (symlinks followed), after checking that it lies inside ``root`` (also resolved).
+
+    Raises UsageError naming ``what``, the path and the folder when it does not.
+    """
+    r = Path(root).resolve()
+    p = Path(path)
+    p = (p if p.is_absolute() else r / p).resolve()
+    if p != r and r not in p.parents:
+        raise UsageError(f"The {what} '{p}' lies outside the output folder '{r}'.",
+                         hint="Names in the config become parts of paths inside the output folder; "
+                              "they must not contain '/' or '..'.")
+    return p
