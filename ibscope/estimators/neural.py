@@ -27,6 +27,7 @@ Continuous columns are z-scored; discrete (integer) inputs are one-hot encoded. 
 
 from __future__ import annotations
 
+import abc
 import math
 import warnings
 from dataclasses import dataclass
@@ -100,7 +101,6 @@ class _NeuralMixin:
     """Shared training loop; a subclass defines the training loss and the reported bound."""
 
     x_source: ClassVar[str] = "inputs"
-    critic_default_embed: ClassVar[int] = 32
 
     def scale_invariant(self, arg: str) -> str | None:
         # continuous inputs are z-scored per column before the critic sees them
@@ -122,11 +122,13 @@ class _NeuralMixin:
         self._require(isinstance(self.seed, int) and not isinstance(self.seed, bool), "seed", "an integer", self.seed)
 
     # what differs between the bounds -----------------------------------------------------------
-    def _loss(self, scores: torch.Tensor, state: dict) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _loss(self, scores: torch.Tensor, state: dict) -> torch.Tensor:
+        """The training loss of one batch's score matrix (``state`` persists across steps)."""
 
-    def _bound(self, diag: torch.Tensor, off: torch.Tensor, per_batch: list[float]) -> float:  # pragma: no cover
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _bound(self, diag: torch.Tensor, off: torch.Tensor, per_batch: list[float]) -> float:
+        """The reported bound from the joint scores, the product-of-marginals scores and per-batch values."""
 
     def _cap(self) -> float | None:
         return None
