@@ -423,6 +423,37 @@ def test_corrupt_chunk_stops_estimate_then_repair_recomputes_the_cells(run):
     assert all(x["note"] == "" for x in again.values())
 
 
+def test_resume_refuses_to_mix_a_retrained_run_into_the_store(run, tmp_path):
+    """Checkpoints retrained in place (same paths and epochs, new weights), or a new file whose
+    epoch is already captured: --resume refuses (exit 4) instead of adding a second series."""
+    d = tmp_path / "retrain"
+    shutil.copytree(run / "ck", d / "ck")
+    shutil.copy(run / "probe.npz", d / "probe.npz")
+    write_models(d)
+    store = d / "acts"
+    assert cli(*capture_args(d, store)).returncode == 0
+    before = sorted(p.name for p in shards(store))
+    mods = load_models(d)
+    x, y = mlp_data(n=N)
+    torch.manual_seed(123)  # the retrained run
+    train_checkpoints(mods.MLP(), x, y, d / "ck", epochs=(0, 1, 2), steps=3)
+    r = cli(*capture_args(d, store, "--resume"))
+    assert r.returncode == 4, r.stderr
+    text = one_line(r.stderr)
+    assert "the file changed since it was captured" in text and "mix two training runs" in text and "--overwrite" in text
+    assert sorted(p.name for p in shards(store)) == before  # nothing added
+    # the same epochs saved under new names next to the captured ones
+    for p in (d / "ck").glob("*.pt"):
+        p.rename(p.with_name("new_" + p.name))
+    args = capture_args(d, store, "--resume")
+    args[args.index("-c") + 1] = str(d / "ck" / "new_*.pt")
+    r = cli(*args)
+    assert r.returncode == 4 and "is already captured from another file" in one_line(r.stderr), r.stderr
+    assert sorted(p.name for p in shards(store)) == before
+    r = cli(*[a for a in args if a != "--resume"], "--overwrite")
+    assert r.returncode == 0 and len(shards(store)) == 3
+
+
 def test_open_store_reads_attributes_and_shapes_not_data(run, monkeypatch):
     read = []
     real = h5py.Dataset.__getitem__
