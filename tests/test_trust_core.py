@@ -71,7 +71,8 @@ def gaussian_pair(n, d, rho, seed):
 #: (estimator, params, kind of y): "labels" = balanced binary labels, "cont" = a continuous y
 NULL_CASES = [("binning", {}, "labels"), ("adaptive-binning", {}, "labels"), ("kde-upper", {"noise_variance": 0.1}, "labels"),
               ("kde-lower", {"noise_variance": 0.1}, "labels"), ("ksg", {}, "labels"), ("ksg", {}, "cont"),
-              ("gaussian", {}, "cont"), ("renyi", {"alpha": 2.0}, "cont"), ("compressed", {"latent_dim": 2}, "cont")]
+              ("gaussian", {}, "cont"), ("gcmi", {}, "cont"), ("renyi", {"alpha": 2.0}, "cont"),
+              ("compressed", {"latent_dim": 2, "compressor_x": "pca"}, "cont")]
 
 
 @pytest.mark.parametrize("name,params,kind", NULL_CASES, ids=[f"{c[0]}-{c[2]}" for c in NULL_CASES])
@@ -88,7 +89,7 @@ def test_null_on_independent_data_contains_the_value(name, params, kind):
 
 
 @pytest.mark.parametrize("name,params", [("ksg", {}), ("gaussian", {}), ("renyi", {"alpha": 2.0}),
-                                         ("compressed", {"latent_dim": 2}),
+                                         ("compressed", {"latent_dim": 2, "compressor_x": "pca"}),
                                          ("kde-upper", {"noise_variance": 0.1}), ("binning", {"n_bins": 4})])
 def test_null_on_dependent_data_is_far_below_the_value(name, params):
     n, N = 400, 19
@@ -140,8 +141,11 @@ def test_shared_work_nulls_equal_re_estimation():
              ("kde-upper", {"noise_variance": 0.2}, t, lab), ("kde-lower", {"noise_variance": 0.2}, lab, t),
              ("adaptive-kde-upper", {}, t, lab), ("kde", {}, ids, t), ("ksg", {}, t, lab), ("ksg", {}, wide, t),
              ("ksg", {"algorithm": 2, "norm": "euclidean"}, t, wide), ("gaussian", {}, t, wide), ("gaussian", {}, t, lab),
-             ("renyi", {}, t, wide), ("renyi", {"max_samples": 100}, t, lab), ("compressed", {"latent_dim": 2}, wide, t),
-             ("infonce", {"steps": 2, "batch_size": 8, "hidden": 4, "embed": 2}, t, lab)]
+             ("renyi", {}, t, wide), ("renyi", {"max_samples": 100}, t, lab),
+             ("compressed", {"latent_dim": 2, "compressor_x": "pca"}, wide, t),
+             ("compressed", {"latent_dim": 2, "compressor_x": "pca", "mi_step": "kl"}, wide, lab),
+             ("infonce", {"steps": 2, "batch_size": 8, "hidden": 4, "embed": 2}, t, lab), ("gcmi", {}, t, wide),
+             ("chelombiev-kde-upper", {}, t, lab), ("chelombiev-binning", {}, t, lab)]
     for name, params, x, y in cases:
         est = registry.create(name, **params)
         shared = quiet(est.null_values, x, y, perms)
@@ -253,7 +257,10 @@ DEGENERATE = {
     "binning": ("zero", "zero"), "adaptive-binning": ("zero", "zero"), "kde": ("zero", "zero"),
     "kde-upper": ("zero", "zero"), "kde-lower": ("zero", "zero"), "adaptive-kde": ("zero", "zero"),
     "adaptive-kde-upper": ("zero", "zero"), "adaptive-kde-lower": ("zero", "zero"), "ksg": ("zero", "zero"),
+    "chelombiev-binning": ("zero", "zero"), "chelombiev-kde": ("zero", "zero"), "chelombiev-kde-upper": ("zero", "zero"),
+    "chelombiev-kde-lower": ("zero", "zero"), "gcmi": ("zero", "zero"),
     "gaussian": ("zero", "zero"), "compressed": ("zero", "zero"), "infonce": ("zero", "zero"), "renyi": ("zero", "zero"),
+    "mine": ("zero", "zero"), "smile": ("zero", "zero"),
     "effective-rank": ("zero", "zero"), "participation-ratio": ("zero", "zero"), "stable-rank": ("zero", "zero"),
     "numerical-rank": ("zero", "zero"), "pca-dim": ("zero", "zero"), "matrix-entropy": ("zero", "zero"),
     "alpha-req": ("undefined", "undefined"), "twonn": ("undefined", "undefined"), "mle-id": ("undefined", "undefined"),
@@ -269,7 +276,7 @@ def test_degenerate_input_table_estimator_by_estimator(name):
         assert ibscope.measure(np.zeros((6, 3)), name).value == 0.0
         return
     assert name in DEGENERATE, f"{name} is missing from the degenerate-input table"
-    fast = {"infonce": {"steps": 2, "batch_size": 8, "hidden": 4, "embed": 2}}.get(name, {})
+    fast = {"steps": 2, "batch_size": 8, "hidden": 4, "embed": 2} if name in ("infonce", "mine", "smile") else {}
     est = registry.create(name, **fast)
     n = 40
     rng = np.random.default_rng(0)
@@ -403,10 +410,10 @@ def test_integer_valued_inputs_to_continuous_estimators_warn():
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 100, (300, 16)).astype(np.float64)  # token ids used as coordinates
     t = rng.standard_normal((300, 4))
-    for m in ("ksg", "gaussian", "renyi", "compressed"):
+    for m, kw in (("ksg", {}), ("gaussian", {}), ("gcmi", {}), ("renyi", {}), ("compressed", {"compressor_x": "pca"})):
         with pytest.warns(IntegerValuedWarning, match=rf"{m}: 16 of 16 varying column\(s\) of 'x' hold only integer "
                                                       r"values"):
-            quiet_ok = ibscope.mutual_information(ids, t, method=m)
+            quiet_ok = ibscope.mutual_information(ids, t, method=m, **kw)
         assert math.isfinite(quiet_ok.value)
     mixed = np.c_[ids[:, :3], t]
     with pytest.warns(IntegerValuedWarning, match=r"3 of 7 varying column\(s\)"):

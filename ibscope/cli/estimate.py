@@ -189,10 +189,7 @@ def register(app) -> None:
                 null_seed=_first(null_seed, cfg.get("null_seed"), 0),
             )
         prov = res.provenance
-        for entry in prov.get("stores") or []:
-            for sk in entry.get("skipped_shards") or []:
-                c.print(f"Skipped shard {sk.get('file')} of store '{entry.get('path')}': {sk.get('reason')}",
-                        markup=False, soft_wrap=True)
+        # skipped shards were named once when the store was opened (and are listed in the provenance)
         for line in summary_lines(res, strict=strict):
             c.print(line, markup=False, soft_wrap=True)
         if not quiet:
