@@ -739,8 +739,7 @@ def saturation_counts(rows: Iterable[dict]) -> dict:
 def saturation_lines(counts: dict) -> list[str]:
     """One line per information estimator with saturated cells, e.g. "binning: 24 of 24 I(T;Y)
     cells at the cap H(Y): at this n and width the estimator cannot see compression; see
-    docs/trust.md". Measures in other units (ranks at their full rank) are counted in the
-    provenance and the ``saturated`` column but not printed: a full-rank layer is no artefact."""
+    docs/trust.md". (Ranks carry no flag: a full-rank layer is no artefact.)"""
     from ibscope.estimators import registry
 
     out = []

@@ -230,7 +230,7 @@ def test_saturation_flags_on_independent_labels_in_100_dims():
 
 def test_saturation_rule_and_caps():
     assert is_saturated(0.99, 1.0) and is_saturated(1.2, 1.0) and not is_saturated(0.989, 1.0)
-    assert is_saturated(0.0, 0.0) and is_saturated(1.0, None) is None
+    assert is_saturated(0.0, 0.0) is None and is_saturated(1.0, None) is None  # a cap of 0 leaves nothing to see
     # plug-in I(X;T) with X = n distinct ids: cap log n, reached by an injective layer
     n = 256
     e = quiet(ibscope.mutual_information, np.arange(n), np.arange(n, dtype=float)[:, None] * 10, method="binning",
@@ -244,9 +244,12 @@ def test_saturation_rule_and_caps():
     assert est.cap_name("I(T;Y)") == "log batch"
     assert registry.create("binning").cap_name("I(X;T)") == "log n"
     assert registry.create("binning").cap_name("I(T;Y)") == "H(Y)"
-    # single measures with a cap get the flag too: a full-rank isotropic layer sits at its rank cap
+    # the flag is for information: a rank at the layer's width is a fact about the layer, not a limit
     z = np.linalg.qr(np.random.default_rng(0).standard_normal((50, 50)))[0][:, :4] * 7.0
-    assert ibscope.measure(z, "participation-ratio").saturated is True
+    pr = ibscope.measure(z, "participation-ratio")
+    assert pr.value >= 0.99 * pr.cap and pr.cap == 4.0 and pr.saturated is None
+    # ... but an entropy at its cap log n is the kernel width's limit
+    assert quiet(ibscope.measure, np.eye(30) * 100, "matrix-entropy", sigma=0.1).saturated is True
 
 
 # ------------------------------------------------------------------------------------------ degenerate inputs
@@ -471,7 +474,7 @@ def test_cli_fills_null_and_saturation_columns(store, tmp_path):
         has_null = row["quantity"] == "I(T;Y)" or (row["estimator"] == "ksg" and row["quantity"] == "I(X;T)")
         cols = (row["null_mean"], row["null_std"], row["p_value"])
         assert all(c is not None for c in cols) if has_null else cols == (None, None, None), row
-        assert (row["saturated"] is None) == (row["cap"] is None), row
+        assert (row["saturated"] is None) == (row["cap"] is None or row["unit"] != "nats"), row
         if row["saturated"] is not None:
             assert row["saturated"] == (row["value"] >= 0.99 * row["cap"])
     # the CLI's numbers are the API's, with the same seed

@@ -37,9 +37,10 @@ class Estimate:
 
     ``value`` is a float in ``unit`` (nats for information). ``cap`` is the theoretical
     maximum where one applies (``log n`` for plug-in I(X;T) on n distinct inputs, ``H(Y)``
-    for I(T;Y) with discrete labels, ``log batch`` for InfoNCE). ``saturated`` is True when
-    the value lies within 1 % of its cap (:data:`SATURATION_TOLERANCE`): the estimator cannot
-    show more at this n and width; None without a cap. ``null_mean``, ``null_std`` (in
+    for I(T;Y) with discrete labels, ``log batch`` for InfoNCE). ``saturated`` is True when an
+    information estimate (nats or bits) lies within 1 % of its cap (:data:`SATURATION_TOLERANCE`):
+    the estimator cannot show more at this n and width; None without a positive cap and for
+    measures in other units (a rank at the layer's width is a fact about the layer). ``null_mean``, ``null_std`` (in
     ``unit``) and ``p_value`` describe a permutation null (``ibscope.mutual_information(...,
     null_permutations=N)``, :func:`ibscope.estimators.nulls.with_null`): the estimate
     recomputed with the rows of one side permuted N times, and
@@ -91,11 +92,10 @@ SATURATION_TOLERANCE = 0.01
 
 
 def is_saturated(value: float | None, cap: float | None) -> bool | None:
-    """True when ``value`` is within 1 % of ``cap`` (or above it), False below, None without a cap.
-
-    A cap of 0 (e.g. H(Y) of a single class) is reached by the value 0: True.
-    """
-    if value is None or cap is None or not math.isfinite(float(cap)):
+    """True when ``value`` is within 1 % of ``cap`` (or above it), False below, None without a
+    positive cap (a cap of 0, e.g. H(Y) of a single class, leaves nothing to see). The same rule
+    as :func:`ibscope.trust.is_saturated` for results rows."""
+    if value is None or cap is None or not math.isfinite(float(cap)) or float(cap) <= 0:
         return None
     return bool(float(value) >= float(cap) - SATURATION_TOLERANCE * abs(float(cap)))
 
@@ -232,7 +232,10 @@ class Estimator(abc.ABC):
                             f"{tuple(int(d) for d in dims)}; no value can be reported.",
                             hint="This points at degenerate data (e.g. constant or duplicated rows) or a numerical "
                                  "limit of this estimator; try another estimator or check the data.")
-        kw.setdefault("saturated", is_saturated(value, kw.get("cap")))
+        # information estimates only: the cap of a rank (the layer's width) is a fact about the
+        # layer, not a limit of the estimator (see ibscope.trust.is_saturated)
+        unit = kw.get("unit", self.unit)
+        kw.setdefault("saturated", is_saturated(value, kw.get("cap")) if unit in (NATS, BITS) else None)
         return Estimate(
             value=float(value), unit=kw.pop("unit", self.unit), quantity=kw.pop("quantity", self.quantity),
             estimator=self.name, params=self.params(), n_samples=int(n), dims=tuple(int(d) for d in dims), **kw,
