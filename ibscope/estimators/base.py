@@ -40,8 +40,8 @@ class Estimate:
     for I(T;Y) with discrete labels, ``log batch`` for InfoNCE). ``saturated`` is True when an
     information estimate (nats or bits) lies within 1 % of its cap (:data:`SATURATION_TOLERANCE`):
     the estimator cannot show more at this n and width; None without a positive cap and for
-    measures in other units (a rank at the layer's width is a fact about the layer). ``null_mean``, ``null_std`` (in
-    ``unit``) and ``p_value`` describe a permutation null (``ibscope.mutual_information(...,
+    measures in other units (a rank at the layer's width is a fact about the layer).
+    ``null_mean``, ``null_std`` (in ``unit``) and ``p_value`` describe a permutation null (``ibscope.mutual_information(...,
     null_permutations=N)``, :func:`ibscope.estimators.nulls.with_null`): the estimate
     recomputed with the rows of one side permuted N times, and
     p = (1 + #{null >= value}) / (N + 1); None when no null was computed.
