@@ -454,6 +454,31 @@ def test_resume_refuses_to_mix_a_retrained_run_into_the_store(run, tmp_path):
     assert r.returncode == 0 and len(shards(store)) == 3
 
 
+def test_resume_of_a_store_moved_with_its_run_folder(run, tmp_path):
+    """The run folder (model file, checkpoints, probe, store) copied elsewhere: --resume works from
+    the new paths (same file names, same probe data), keeps the store's config, and the repaired
+    store equals the original; a model file of another name is still refused, naming old and new."""
+    d = tmp_path / "moved"
+    for name in ("ck", "ref"):
+        shutil.copytree(run / name, d / name)
+    shutil.copy(run / "probe.npz", d / "probe.npz")
+    write_models(d)
+    victim = shards(d / "ref")[1]
+    victim.unlink()
+    r = cli(*capture_args(d, d / "ref", "--resume"))
+    assert r.returncode == 0, r.stderr
+    assert "the same files are now at other paths" in one_line(r.stderr)
+    assert_same_values(d / "ref", run / "ref")
+    assert open_store(d / "ref").config == open_store(run / "ref").config
+    args = capture_args(d, d / "ref", "--resume")
+    spec = args[args.index("-m") + 1]
+    other = Path(spec.rpartition(":")[0]).with_name("other_models.py")
+    shutil.copy(spec.rpartition(":")[0], other)
+    args[args.index("-m") + 1] = f"{other}:{spec.rpartition(':')[2]}"
+    r = cli(*args)
+    assert r.returncode == 4 and "different settings (model: " in one_line(r.stderr) and "other_models.py" in r.stderr
+
+
 def test_open_store_reads_attributes_and_shapes_not_data(run, monkeypatch):
     read = []
     real = h5py.Dataset.__getitem__
