@@ -5,7 +5,6 @@ Nothing here imports torch: ``ibscope --help`` must stay fast.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
@@ -28,19 +27,6 @@ def console():
 
         _console = Console(stderr=True, highlight=False, emoji=False)
     return _console
-
-
-@contextlib.contextmanager
-def plain_warnings():
-    """Show Python warnings raised inside as plain ``Warning: ...`` lines on stderr (no file and line)."""
-    c = console()
-
-    def show(message, category, filename, lineno, file=None, line=None):
-        c.print(f"Warning: {message}", markup=False, soft_wrap=True)
-
-    with warnings.catch_warnings():
-        warnings.showwarning = show
-        yield
 
 
 def error_exit(exc: IbscopeError) -> "typer.Exit":
