@@ -208,8 +208,9 @@ def register(app: typer.Typer) -> None:
         from ibscope.store import Store
 
         st = Store(store, skip_bad_shards=skip_bad_shards, warn=False)  # skipped shards are listed below
-        ckpts = [{"index": c.index, "epoch": c.epoch, "step": c.step, "path": c.path, "sha256": c.sha256[:12],
-                  "order_from": c.epoch_source, "metrics": c.metrics, "dtypes": sorted(set(c.dtypes.values())),
+        ckpts = [{"index": c.index, "epoch": c.epoch, "step": c.step, "epoch_exact": c.epoch_exact, "label": c.label,
+                  "path": c.path, "sha256": c.sha256[:12], "order_from": c.epoch_source or c.step_source,
+                  "epoch_source": c.epoch_source, "step_source": c.step_source, "metrics": c.metrics, "dtypes": sorted(set(c.dtypes.values())),
                   "jacobian_layers": len(c.jacobian_layers)} for c in st.checkpoints]
         summary = {
             "store": str(st.dir), "format_version": st.format_version, "ibscope_version": st.attrs.get("ibscope_version"),
@@ -246,7 +247,9 @@ def register(app: typer.Typer) -> None:
         for col in ("#", "epoch", "step", "file", "sha256", "dtype", "jacobian", "metrics"):
             ct.add_column(col)
         for r in ckpts:
-            ct.add_row(str(r["index"]), "" if r["epoch"] is None else str(r["epoch"]), "" if r["step"] is None else str(r["step"]),
+            ep = r["epoch_exact"] if r["epoch_exact"] is not None else r["epoch"]
+            ct.add_row(str(r["index"]), "" if ep is None else (str(int(ep)) if float(ep).is_integer() else f"{ep:g}"),
+                       "" if r["step"] is None else str(r["step"]),
                        Path(r["path"]).name, r["sha256"], ",".join(r["dtypes"]), str(r["jacobian_layers"] or ""),
                        ", ".join(f"{k}={v:.4g}" for k, v in r["metrics"].items()))
         c.print(ct)
