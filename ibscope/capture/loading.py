@@ -122,9 +122,17 @@ def unwrap_model(m):
 
 
 def resolve_factory(model: str | Callable, model_args: dict | None = None) -> Callable[[], Any]:
-    """A zero-argument builder of a fresh ``nn.Module`` from a factory spec or callable."""
+    """A builder of a fresh ``nn.Module`` from a factory spec or callable, called with no
+    argument. For ``"hf"`` / ``"hf:DIR"`` (Hugging Face, :mod:`ibscope.capture.hf`) it takes the
+    checkpoint whose folder's config.json describes the model (ignored for ``hf:DIR``)."""
     import torch.nn as nn
 
+    from ibscope.capture.hf import is_hf_spec
+
+    if is_hf_spec(model):
+        from ibscope.capture import hf
+
+        return hf.factory(model, model_args)
     fn = resolve_object(model, "--model") if isinstance(model, str) else model
     if not callable(fn):
         raise UsageError(f"--model must name a callable (function or class). Got {type(fn).__name__} for {model!r}.")

@@ -94,23 +94,28 @@ def ood(
         val=str(val) if val is not None else None, val_frac=val_frac, checkpoint=chk, covariance=covariance,
         class_conditional=class_conditional, ridge=ridge, normalize=normalize, backend=backend, tpr=tpr,
         n_bootstrap=bootstrap, seed=seed, device=device, memory_limit=memory_limit, raw_shape=shape,
-        out_dir=out, figures=figures, progress=not quiet, skip_bad_shards=skip_bad_shards,
+        out_dir=out, figures=figures, progress=not quiet, skip_bad_shards=skip_bad_shards, log_warnings=False,
     )
+    from ibscope.ood.runner import ckpt_name
+
+    c = console()
     if not quiet:
         from rich import box
         from rich.table import Table
 
         t = Table(title=f"OOD detection, layer {layer} (higher score = more OOD)", box=box.SIMPLE_HEAD)
-        for col in ("configuration", "ckpt", "OOD set", "AUROC", "FPR95 ID+", "FPR95 OOD+", "flagged"):
+        for col in ("configuration", "checkpoint", "OOD set", "AUROC", "FPR95 ID+", "FPR95 OOD+", "flagged"):
             t.add_column(col, overflow="fold")
         for r in doc["results"]:
             cfg = r["detector"] + ("" if r["k"] is None else f" k={r['k']}") + f", {r['reduction']}"
-            t.add_row(cfg, str(r["checkpoint"]), r["ood_set"], f"{r['auroc']:.3f}", f"{r['fpr95_id_positive']:.3f}",
-                      f"{r['fpr95_openood']:.3f}", f"{r['flagged_fraction']:.3f}")
-        c = console()
+            t.add_row(cfg, ckpt_name(r["epoch"], r["step"], r["checkpoint"]), r["ood_set"], f"{r['auroc']:.3f}",
+                      f"{r['fpr95_id_positive']:.3f}", f"{r['fpr95_openood']:.3f}", f"{r['flagged_fraction']:.3f}")
         c.print(t)
-        for w in doc["warnings"]:
-            c.print(f"[yellow]Warning:[/] {w}")
+    from rich.markup import escape
+
+    for w in doc["warnings"]:  # once each (the runner was told not to log them)
+        c.print(f"[yellow]Warning:[/] {escape(w)}", soft_wrap=True)
+    if not quiet:
         c.print("FPR95 ID+: OOD accepted at 95% ID accepted (Lee/Sun); FPR95 OOD+: ID flagged at 95% OOD flagged "
                 "(OpenOOD v1.5); flagged: OOD share above the validation threshold.")
         c.print(f"Wrote {Path(out) / JSON_NAME}, {Path(out) / 'ood_scores.h5'} and {len(doc['figures'])} figure(s).")
