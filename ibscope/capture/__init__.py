@@ -503,3 +503,6 @@ def _store_jacobians(net, targets, reducers, x, m, dev, shard, chunk) -> None:
         svs = jacobian_singular_values(eng.run, xs, chunk=chunk)
     for t in targets:
         shard.set_jacobian(t.name, svs[t.name].cpu().numpy(), rows)
+
+
+from ibscope.capture.live import Snapshotter, snapshot  # noqa: E402 - uses the helpers above
