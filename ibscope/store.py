@@ -108,17 +108,16 @@ def _num(v: float) -> str:
 
 def checkpoint_label(epoch: int | None, step: int | None, path: str | os.PathLike,
                      epoch_exact: float | None = None) -> str:
-    """How a checkpoint is named to users: "epoch 12", "step 300", "epoch 3 (step 120)",
-    "step 50 (epoch 0.5)", or its file name."""
+    """How a checkpoint is named to users: "epoch 12", "step 300", "epoch 3, step 120",
+    "epoch 0.5, step 50", or its file name."""
     if epoch_exact is None and epoch is not None:
         epoch_exact = float(epoch)
-    if epoch_exact is not None and float(epoch_exact).is_integer():
-        return f"epoch {_num(epoch_exact)}" + (f" (step {step})" if step is not None else "")
-    if step is not None:
-        return f"step {step}" + (f" (epoch {_num(epoch_exact)})" if epoch_exact is not None else "")
+    parts = []
     if epoch_exact is not None:
-        return f"epoch {_num(epoch_exact)}"
-    return Path(path).name
+        parts.append(f"epoch {_num(epoch_exact)}")
+    if step is not None:
+        parts.append(f"step {step}")
+    return ", ".join(parts) if parts else Path(path).name
 
 
 @dataclass(frozen=True)
