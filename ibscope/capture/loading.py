@@ -19,13 +19,11 @@ import glob as _glob
 import importlib
 import importlib.util
 import logging
-import math
 import os
 import pickle
 import re
 import sys
 import zipfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 

@@ -36,7 +36,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -470,11 +469,10 @@ def describe_checkpoint(p: Path, *, trust_checkpoint: bool = False, safe_globals
                 metrics[k], msrc[k] = v, TRAINER_STATE
     # the name: the file's, else its folder's (model.safetensors inside checkpoint-400/)
     nn_ = parse_name(p.name)
-    where = p.name
     if nn_.epoch is None and nn_.step is None and not p.is_dir():
         parent = parse_name(p.parent.name)
         if (parent.epoch is not None and not parent.bare) or parent.step is not None:
-            nn_, where = parent, p.parent.name + "/"
+            nn_ = parent
     notes += nn_.doubts
     name_src = "name-number" if nn_.bare else "name"
     if nn_.epoch is not None:
@@ -489,15 +487,15 @@ def describe_checkpoint(p: Path, *, trust_checkpoint: bool = False, safe_globals
         elif nn_.step != step:
             notes.append(f"'{p}': the name says step {nn_.step} but the {SOURCE_NAMES[s_src]} says {step}; "
                          f"using {step}")
-    for k, v in nn_.metrics.items():
-        if k not in metrics:
-            metrics[k], msrc[k] = v, "file name"
     if (not p.is_dir() and p.suffix == ".ckpt") or src == "lightning":
         logp = lightning_log_file(p)
-        if logp is not None:
+        if logp is not None:  # full precision: before the rounded values of the file name
             for k, v in csv_metrics(logp, epoch, step).items():
                 if k not in metrics:
                     metrics[k], msrc[k] = v, str(logp)
+    for k, v in nn_.metrics.items():
+        if k not in metrics:
+            metrics[k], msrc[k] = v, "file name"
     ck.epoch, ck.epoch_exact, ck.step = epoch, epoch_exact, step
     ck.epoch_source, ck.step_source = (e_src if epoch_exact is not None else ""), (s_src if step is not None else "")
     ck.metrics, ck.metric_sources, ck.notes = metrics, msrc, notes
