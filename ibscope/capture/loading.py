@@ -584,11 +584,14 @@ def _dir_checkpoints(p: Path) -> list[Path]:
     """A directory given as checkpoints: itself when it is a checkpoint folder (weights from
     save_pretrained / the Trainer); else its ``checkpoint-N`` folders (a Trainer output
     directory); else its checkpoint files."""
-    if is_checkpoint_folder(p):
-        return [p]
     subs = [q for q in p.iterdir() if q.is_dir() and re.fullmatch(r"checkpoint-\d+", q.name) and is_checkpoint_folder(q)]
     if subs:
+        if is_checkpoint_folder(p):
+            log.info("'%s' holds checkpoint-N folders and weights of its own (a final save_model); capturing the "
+                     "checkpoint-N folders (pass '%s' to add the final weights).", p, folder_weights(p))
         return sorted(subs)
+    if is_checkpoint_folder(p):
+        return [p]
     found = sorted(q for q in p.iterdir() if q.is_file() and q.suffix in CHECKPOINT_SUFFIXES)
     if not found:
         raise UsageError(f"Directory '{p}' holds no checkpoints: no files ending {', '.join(CHECKPOINT_SUFFIXES)}, no "

@@ -618,10 +618,12 @@ def series_table(ckpts: list[CheckpointFile], title: str = "Checkpoints, in capt
     from rich.table import Table
 
     tab = Table(title=title, title_justify="left")
+    names = [str(c.path) + ("/" if c.is_folder else "") for c in ckpts]
     for col in ("#", "checkpoint", "epoch", "step", "from", "metrics"):
-        tab.add_column(col, overflow="fold")
+        tab.add_column(col, overflow="fold",
+                       min_width=min(48, max(map(len, names), default=10)) if col == "checkpoint" else None)
     for i, c in enumerate(ckpts):
-        tab.add_row(str(i), str(c.path) + ("/" if c.is_folder else ""), _fmt_num(c.epoch_exact),
+        tab.add_row(str(i), names[i], _fmt_num(c.epoch_exact),
                     "" if c.step is None else str(c.step), c.describe_sources(),
                     ", ".join(f"{k}={v:.4g}" for k, v in c.metrics.items()))
     return tab
