@@ -630,7 +630,11 @@ class StoreWriter:
         resume: bool = False,
         overwrite: bool = False,
         compression: str = "lzf",
+        replace_empty: bool = False,
     ):
+        """``replace_empty``: replace an existing store that holds no shard at all (left by a
+        capture that stopped before its first checkpoint) as if ``overwrite`` were given;
+        ``capture`` passes it while holding the store's writer lock."""
         self.dir = resolve_store_dir(path)
         # "lzf" | "gzip" | None/"none" (uncompressed, no shuffle: fastest writes)
         self.compression = None if compression in (None, "none") else compression
@@ -649,7 +653,7 @@ class StoreWriter:
         self.created = False
         self.written = 0
         man = self.dir / MANIFEST
-        if man.exists() and not overwrite and self._holds_nothing():
+        if replace_empty and man.exists() and not overwrite and self._holds_nothing():
             # a store left by a capture that stopped before its first checkpoint: nothing to keep
             log.info("Replacing the empty store '%s' (no checkpoint was captured into it).", self.dir)
             overwrite, resume = True, False

@@ -364,7 +364,10 @@ def _hf_rebuilder(hf, first_path, hf_build, overrides, dev):
     current = {"id": hf.config_identity(hf.config_folder(Path(first_path)), overrides)}
 
     def rebuild(ck):
-        ident = hf.config_identity(hf.config_folder(Path(ck.path)), overrides)
+        folder = hf.config_folder(Path(ck.path))
+        if folder is None:
+            return hf_build(ck.path)  # raises the UsageError saying the config.json is missing
+        ident = hf.config_identity(folder, overrides)
         if ident == current["id"]:
             return None
         current["id"] = ident
@@ -393,7 +396,8 @@ def _write_store(out, config, pr, meta, inputs, ckpts, targets, reducers, net, d
     from ibscope.store import StoreWriter
 
     writer = StoreWriter(out, config=config, sample_ids=pr.ids, labels=pr.y, layers=meta, inputs=inputs,
-                         input_shape=tuple(pr.x.shape[1:]), resume=resume, overwrite=overwrite, compression=compression)
+                         input_shape=tuple(pr.x.shape[1:]), resume=resume, overwrite=overwrite, compression=compression,
+                         replace_empty=True)
     todo = [c for c in ckpts if not (resume and writer.has_checkpoint(c.sha256))]
     if resume and len(todo) < len(ckpts):
         log.info("Resuming: %d of %d checkpoints already captured.", len(ckpts) - len(todo), len(ckpts))

@@ -621,7 +621,7 @@ def series_table(ckpts: list[CheckpointFile], title: str = "Checkpoints, in capt
     names = [str(c.path) + ("/" if c.is_folder else "") for c in ckpts]
     for col in ("#", "checkpoint", "epoch", "step", "from", "metrics"):
         tab.add_column(col, overflow="fold",
-                       min_width=min(48, max(map(len, names), default=10)) if col == "checkpoint" else None)
+                       min_width=min(32, max(map(len, names), default=10)) if col == "checkpoint" else None)
     for i, c in enumerate(ckpts):
         tab.add_row(str(i), names[i], _fmt_num(c.epoch_exact),
                     "" if c.step is None else str(c.step), c.describe_sources(),
