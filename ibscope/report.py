@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ibscope._version import __version__
-from ibscope.errors import DataError, UsageError
+from ibscope._paths import prepare_output
+from ibscope.errors import DataError, UsageError, io_error
 from ibscope.results import COLUMNS, Results
 
 log = logging.getLogger(__name__)
@@ -367,6 +368,7 @@ def write_report(results: Any, out_html: str | os.PathLike | None = None, *, ood
     out = Path(out_html) if out_html is not None else _default_out(res)
     if out.suffix.lower() not in (".html", ".htm"):
         raise UsageError(f"The report is an HTML file; the output name should end in .html. Got '{out.name}'.")
+    prepare_output(out, folder=False, what="report")  # before any work: -o under a file is a usage error
     ood_doc = load_ood(ood) if ood is not None else None
     jobs = plan_figures(res, kinds=kinds, unit=unit, runs_mode=runs_mode)
     conv = prepare(res, unit)
@@ -416,11 +418,13 @@ def write_report(results: Any, out_html: str | os.PathLike | None = None, *, ood
             f"<meta name='generator' content='ibscope {_e(__version__)}'><title>{_e(name)}</title>"
             f"<style>{CSS}</style></head><body><h1>{_e(name)}</h1><p class='sub'>{_e(summary)}</p>"
             f"<nav>{''.join(nav)}</nav>{''.join(body)}</body></html>\n")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    prepare_output(out, folder=False, what="report")
     tmp = out.with_name(f".{out.name}.tmp")
     try:
         tmp.write_text(page, encoding="utf-8")
         os.replace(tmp, out)
+    except OSError as exc:  # disk full, read-only, ...: name the report, leave no temporary file
+        raise io_error(exc, str(out), "writing the report") from None
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -46,6 +46,7 @@ import math
 import os
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,7 @@ import numpy as np
 
 from ibscope._h5io import AtomicH5, Attrs, describe, check_storage, h5_message, is_system_error, os_error_of
 from ibscope._version import __version__
-from ibscope.errors import DataError, UsageError, io_error
+from ibscope.errors import DataError, ShardError, UsageError, io_error
 
 log = logging.getLogger(__name__)
 
@@ -538,7 +539,12 @@ class Store:
             raise DataError(f"{exc.message}.", hint=_SHARD_HINT) from None
 
     def activations(self, ckpt: CheckpointInfo | int, layer: str) -> np.ndarray:
-        """The (n_samples, n_features) activations of ``layer`` at ``ckpt``."""
+        """The (n_samples, n_features) activations of ``layer`` at ``ckpt``. A shard found damaged
+        on reading raises :class:`~ibscope.errors.ShardError` (exit code 4) naming it."""
+        with _as_shard_error():
+            return self._activations(ckpt, layer)
+
+    def _activations(self, ckpt: CheckpointInfo | int, layer: str) -> np.ndarray:
         c = self._ckpt(ckpt)
         dims = self.layer_meta(layer).get("dims")
         with self._open_shard(c) as f:
@@ -554,7 +560,12 @@ class Store:
             return self._read(ds, label, hint=_data_hint(c.shard))
 
     def jacobian(self, ckpt: CheckpointInfo | int, layer: str) -> tuple[np.ndarray, np.ndarray] | None:
-        """(singular values (m, r), probe rows (m,)) of d layer / d input, or None if not captured."""
+        """(singular values (m, r), probe rows (m,)) of d layer / d input, or None if not captured.
+        A damaged shard raises :class:`~ibscope.errors.ShardError`."""
+        with _as_shard_error():
+            return self._jacobian(ckpt, layer)
+
+    def _jacobian(self, ckpt: CheckpointInfo | int, layer: str) -> tuple[np.ndarray, np.ndarray] | None:
         c = self._ckpt(ckpt)
         with self._open_shard(c) as f:
             key = f"jacobian/{layer}"
@@ -582,6 +593,18 @@ class Store:
 
 _MANIFEST_HINT = ("The store's manifest is damaged or was not written by ibscope; re-capture the store "
                   "(`ibscope capture ... --overwrite`).")
+@contextmanager
+def _as_shard_error():
+    """Data errors met while reading a shard's datasets are :class:`ShardError` (the shard is
+    damaged); usage errors (unknown layer, checkpoint index) and I/O failures pass unchanged."""
+    try:
+        yield
+    except ShardError:
+        raise
+    except DataError as exc:
+        raise ShardError(exc.message, hint=exc.hint) from None
+
+
 _SHARD_HINT = ("Re-run `ibscope capture ... --resume` with the options of the original capture: it deletes corrupt "
                "shards and captures them again; or pass --skip-bad-shards.")
 

@@ -331,6 +331,56 @@ def test_misuse_is_usage_or_data_error(two_runs, tmp_path):
     assert not (tmp_path / "pf").exists()
 
 
+def test_outputs_under_a_file_are_usage_errors(two_runs, tmp_path):
+    """-o below an existing file (or a file where a folder is needed): exit 2 naming both, before
+    any work, and nothing written; for estimate, plot, report and capture alike."""
+    acts = two_runs / "acts_a"
+    good = tmp_path / "results.csv"
+    run_estimate(acts, good, ["binning"], progress=False)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for args, needle in [
+        (("estimate", acts, "-o", afile / "r.csv", "-e", "binning", "-q"), f"'{afile}' is a file, not a folder"),
+        (("plot", good, "-o", afile), f"The figure folder '{afile}' is a file; expected a folder"),
+        (("plot", good, "-o", afile / "sub"), f"'{afile}' is a file, not a folder"),
+        (("report", good, "-o", afile / "r.html"), f"'{afile}' is a file, not a folder"),
+        (("capture", "-m", "m.py:make", "-c", "*.pt", "-p", "p.npz", "-l", "0", "-o", afile / "sub", "-q"),
+         f"'{afile}' is a file, not a folder"),
+    ]:
+        r = ib(*args, cwd=tmp_path)
+        assert r.returncode == 2, (args, r.stderr)
+        assert needle in flat(r.stderr), (args, r.stderr)
+    assert afile.read_text() == "x"
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == [
+        "afile", "results.csv", "results.provenance.json"]
+
+
+def test_plot_and_report_on_a_full_disk_name_the_file(two_runs, tmp_path, monkeypatch):
+    import errno
+
+    from ibscope.errors import IOFailure
+    from ibscope.plot import plot_results
+    from ibscope.report import write_report
+
+    good = tmp_path / "results.csv"
+    run_estimate(two_runs / "acts_a", good, ["binning"], progress=False)
+    real = os.replace
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(IOFailure) as ei:
+        plot_results(good, tmp_path / "figs", kinds=["info-plane"])
+    assert ei.value.message.startswith("No space left on device (ENOSPC) while writing the figure "
+                                       f"'{tmp_path / 'figs'}")
+    with pytest.raises(IOFailure) as ei:
+        write_report(good, tmp_path / "r.html")
+    assert ei.value.message == f"No space left on device (ENOSPC) while writing the report '{tmp_path / 'r.html'}'."
+    monkeypatch.setattr(os, "replace", real)
+    assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name]
+
+
 def test_read_results_rules(tmp_path):
     row = dict(checkpoint=0, epoch=1, layer="fc", layer_index=0, estimator="binning", quantity="I(X;T)", unit="nats",
                n_samples=8, params={"n_bins": 3})

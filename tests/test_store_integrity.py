@@ -8,6 +8,7 @@ fault after "No space left on device")."""
 
 from __future__ import annotations
 
+import csv
 import errno
 import json
 import logging
@@ -386,6 +387,40 @@ def test_corrupt_chunk_is_a_data_error_naming_shard_and_dataset(run):
         got.activations(1, "fc1")
     assert victim.name in str(ei.value) and "acts/fc1" in str(ei.value) and "corrupt" in str(ei.value)
     assert f"Delete '{victim}'" in ei.value.hint and "--resume" in ei.value.hint  # the check reads no data
+
+
+def test_corrupt_chunk_stops_estimate_then_repair_recomputes_the_cells(run):
+    """A chunk damaged on disk is found only when estimate reads it: exit 4 naming shard and
+    dataset, nothing written (not a noted cell: the estimate is not at fault). With
+    --skip-bad-shards its cells are noted; after the documented repair (delete, capture --resume)
+    the next incremental estimate tries those cells again and they get values."""
+    st = copy_store(run, "badchunk_est")
+    victim = shards(st)[1]
+    with h5py.File(victim, "r") as f:
+        info = f["acts/fc1"].id.get_chunk_info(0)
+    with open(victim, "r+b") as fh:
+        fh.seek(info.byte_offset)
+        fh.write(b"\xff" * info.size)
+    out = run / "badchunk_est.csv"
+    r = cli("estimate", st, "-o", out, "-e", "binning", "-q")
+    assert r.returncode == 4, r.stderr
+    assert victim.name in r.stderr and "acts/fc1" in r.stderr and not out.exists()
+    r = cli("estimate", st, "-o", out, "-e", "binning", "-q", "--skip-bad-shards")
+    assert r.returncode == 0, r.stderr
+    rows = list(csv.DictReader(open(out)))
+    bad = [x for x in rows if x["layer"] == "fc1" and x["checkpoint"] == "1" and x["estimator"] == "binning"]
+    assert len(bad) == 2 and all(x["value"] == "" and "(--skip-bad-shards)" in x["note"] for x in bad)
+    victim.unlink()  # the repair the hint gives
+    r = cli(*capture_args(run, st, "--resume"))
+    assert r.returncode == 0, r.stderr
+    r = cli("estimate", st, "-o", out, "-e", "binning", "-q")
+    assert r.returncode == 0, r.stderr
+    again = {(x["checkpoint"], x["layer"], x["quantity"]): x for x in csv.DictReader(open(out)) if x["estimator"] == "binning"}
+    fresh = run / "badchunk_fresh.csv"
+    assert cli("estimate", run / "ref", "-o", fresh, "-e", "binning", "-q").returncode == 0
+    ref = {(x["checkpoint"], x["layer"], x["quantity"]): x for x in csv.DictReader(open(fresh)) if x["estimator"] == "binning"}
+    assert set(again) == set(ref) and all(again[k]["value"] == ref[k]["value"] != "" for k in ref)
+    assert all(x["note"] == "" for x in again.values())
 
 
 def test_open_store_reads_attributes_and_shapes_not_data(run, monkeypatch):

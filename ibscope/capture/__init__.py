@@ -22,6 +22,7 @@ from contextlib import ExitStack
 
 from ibscope._device import resolve_device
 from ibscope._locks import DEFAULT_LOCK_TIMEOUT, check_timeout, lock_path_for, writer_lock
+from ibscope._paths import check_parents
 from ibscope.errors import DataError, UsageError, io_error
 
 log = logging.getLogger(__name__)
@@ -198,6 +199,7 @@ def _check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
 
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out '{out}' is a file; it must be a directory (new, or an existing activation store).")
+    check_parents(out, "activation store")  # -o afile/x: a usage error, not a failed write
     # a store being created by another capture holds only these (its manifest is renamed in last)
     own = {MANIFEST, MANIFEST + ".tmp", SHARD_DIR}
     if out.is_dir() and not (out / MANIFEST).exists() and any(p.name not in own for p in out.iterdir()):

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ibscope._paths import inside
-from ibscope.errors import DataError, UsageError, unknown_name
+from ibscope._paths import inside, prepare_output
+from ibscope.errors import DataError, UsageError, io_error, unknown_name
 from ibscope.plot._data import (
     METRICS, PAIR, Setting, load_results, pair_settings, parse_band, prepare, rows_of, select,
     settings, side_note, slug, time_axis,
@@ -212,6 +212,8 @@ def save_figure(fig, path: Path, fmt: str, dpi: int, title: str, description: st
     try:
         fig.savefig(tmp, format=fmt, dpi=dpi, metadata=md)
         os.replace(tmp, path)
+    except OSError as exc:  # disk full, read-only, ...: name the figure, leave no temporary file
+        raise io_error(exc, str(path), "writing the figure") from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -243,7 +245,7 @@ def plot_results(results: Any, out_dir: str | os.PathLike | None = None, *, kind
         kinds = [*kinds, "animation"]
     anim_fmt = resolve_format(animation_format) if (animate or (kinds and "animation" in kinds)) else None
     res = load_results(results)
-    out = Path(out_dir) if out_dir is not None else default_out_dir(res)
+    out = prepare_output(out_dir if out_dir is not None else default_out_dir(res), folder=True, what="figure folder")
     jobs = figures(res, kinds=kinds, unit=unit, estimators=estimators, splits=splits, runs=runs, layers=layers,
                    quantities=quantities, runs_mode=runs_mode, band=band, logx=logx)
     if animate and kinds is None:
