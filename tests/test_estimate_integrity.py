@@ -246,11 +246,15 @@ def test_noted_cells_same_with_jobs_and_api_strict(dead_store, tmp_path):
     with pytest.raises(DataError, match=r"2 cell\(s\) could not be estimated \(strict\)") as ei:
         run_estimate(dead_store, tmp_path / "s.csv", ["ksg", "mle-id"], progress=False, strict=True)
     assert ei.value.exit_code == 4 and read_results(tmp_path / "s.csv").rows == one.rows
-    # a noted cell is content-keyed like any other: kept by the next run, recomputed with --force
+    # a noted cell is tried again by the next run that selects its estimator (its cause may have been
+    # repaired); the healthy cells are kept; a run that does not select it keeps the note as it is
     again = run_estimate(dead_store, tmp_path / "one.csv", ["ksg", "mle-id"], progress=False)
-    assert again.provenance["cells_computed"] == 0 and again.provenance["noted_cells_computed_now"] == 0
-    assert again.provenance["noted_cells"] == 2 and "2 cell(s) could not be estimated (0 of them in this run" \
-        in summary_lines(again)[0]
+    assert again.provenance["cells_computed"] == 1 and again.provenance["noted_cells_computed_now"] == 2
+    assert again.rows == one.rows and again.provenance["noted_cells"] == 2
+    assert summary_lines(again)[0].startswith("2 cell(s) could not be estimated;")
+    only_ksg = run_estimate(dead_store, tmp_path / "one.csv", ["ksg"], progress=False)
+    assert only_ksg.provenance["noted_cells"] == 2 and only_ksg.provenance["noted_cells_computed_now"] == 1
+    assert "2 cell(s) could not be estimated (1 of them in this run" in summary_lines(only_ksg)[0]
 
 
 def test_checkpoint_without_jacobians_is_one_noted_cell(tmp_path):

@@ -225,8 +225,10 @@ def test_output_path_through_a_symlink_outside_is_refused(toy, tmp_path):
     (toy / "so" / "stores").symlink_to(elsewhere)  # OUT/stores would lead outside OUT
     r = CliRunner().invoke(app, ["run", str(toy / "sane.yaml"), "-o", str(toy / "so"), "-q"])
     assert r.exit_code == 2, r.output
-    assert (f"The activation store '{elsewhere / 'p'}' lies outside the output folder '{toy / 'so'}'."
-            in " ".join(r.output.split()))
+    text = " ".join(r.output.split())
+    assert (f"The activation store '{elsewhere / 'p'}' lies outside the output folder '{toy / 'so'}' (through a "
+            f"symbolic link: '{toy / 'so' / 'stores' / 'p'}')." in text)
+    assert "remove the link or choose another output folder" in text
     assert list(elsewhere.iterdir()) == [] and sorted(p.name for p in (toy / "so").iterdir()) == ["stores"]
 
 

@@ -650,7 +650,7 @@ def discover_checkpoints(checkpoints, *, trust_checkpoint: bool = False, safe_gl
                                    safe_globals=allowed, order=order)
     if warn:
         for w in warns:
-            log.warning("Warning: %s", w)
+            log.warning("%s", w)
     return files
 
 

@@ -94,7 +94,7 @@ def ood(
         val=str(val) if val is not None else None, val_frac=val_frac, checkpoint=chk, covariance=covariance,
         class_conditional=class_conditional, ridge=ridge, normalize=normalize, backend=backend, tpr=tpr,
         n_bootstrap=bootstrap, seed=seed, device=device, memory_limit=memory_limit, raw_shape=shape,
-        out_dir=out, figures=figures, progress=not quiet, skip_bad_shards=skip_bad_shards, log_warnings=False,
+        out_dir=out, figures=figures, progress=not quiet, skip_bad_shards=skip_bad_shards,
     )
     from ibscope.ood.runner import ckpt_name
 
@@ -111,11 +111,7 @@ def ood(
             t.add_row(cfg, ckpt_name(r["epoch"], r["step"], r["checkpoint"]), r["ood_set"], f"{r['auroc']:.3f}",
                       f"{r['fpr95_id_positive']:.3f}", f"{r['fpr95_openood']:.3f}", f"{r['flagged_fraction']:.3f}")
         c.print(t)
-    from rich.markup import escape
-
-    for w in doc["warnings"]:  # once each (the runner was told not to log them)
-        c.print(f"[yellow]Warning:[/] {escape(w)}", soft_wrap=True)
-    if not quiet:
+        # doc["warnings"] were already logged by run_ood as "Warning: ..." lines (once each)
         c.print("FPR95 ID+: OOD accepted at 95% ID accepted (Lee/Sun); FPR95 OOD+: ID flagged at 95% OOD flagged "
                 "(OpenOOD v1.5); flagged: OOD share above the validation threshold.")
         c.print(f"Wrote {Path(out) / JSON_NAME}, {Path(out) / 'ood_scores.h5'} and {len(doc['figures'])} figure(s).")
