@@ -6,6 +6,7 @@ written during training. The commands of docs/capture.md "Your framework" are ru
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import textwrap
@@ -295,14 +296,15 @@ def test_snapshot_in_a_plain_loop_then_estimate_plot_check_ood(tmp_path, caplog)
     assert list(Path("r_plots").glob("*.png"))
     run_cli("check", "r.csv", "--baseline", "base.csv", "--update-baseline")
     run_cli("check", "r.csv", "--baseline", "base.csv")
-    # ood names checkpoints by epoch and prints each warning once
-    res = run_cli("ood", "--fit", "acts_test", "--test", "acts_test", "--ood", "near=acts_ood", "--layer", "1",
-                  "-d", "mahalanobis", "--checkpoint", "all", "--bootstrap", "0", "--no-figures", "-o", "ood_out")
-    out = res.output
-    assert "epoch 3, step 20" in out and "checkpoint 3" not in out
-    warns = [ln for ln in out.splitlines() if ln.startswith("Warning:")]
-    assert warns and len(warns) == len(set(warns)), out
-    assert "AUROC" in warns[0] and "at epoch" in warns[0]
+    # ood names checkpoints by epoch and step, and says each warning once
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        res = run_cli("ood", "--fit", "acts_test", "--test", "acts_test", "--ood", "near=acts_ood", "--layer", "1",
+                      "-d", "mahalanobis", "--checkpoint", "all", "--bootstrap", "0", "--no-figures", "-o", "ood_out")
+    assert "epoch 3, step 20" in res.output and "checkpoint 3" not in res.output
+    warns = [r.getMessage() for r in caplog.records if "AUROC" in r.getMessage()]
+    assert len(warns) == 4 and len(set(warns)) == 4 and "at epoch 3, step 20: AUROC" in warns[-1]
+    assert "< 0.5" not in res.output  # not printed a second time by the command
 
 
 def test_docs_have_a_your_framework_section():

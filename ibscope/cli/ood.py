@@ -105,7 +105,7 @@ def ood(
 
         t = Table(title=f"OOD detection, layer {layer} (higher score = more OOD)", box=box.SIMPLE_HEAD)
         for col in ("configuration", "checkpoint", "OOD set", "AUROC", "FPR95 ID+", "FPR95 OOD+", "flagged"):
-            t.add_column(col, overflow="fold")
+            t.add_column(col, overflow="fold", no_wrap=col == "checkpoint")
         for r in doc["results"]:
             cfg = r["detector"] + ("" if r["k"] is None else f" k={r['k']}") + f", {r['reduction']}"
             t.add_row(cfg, ckpt_name(r["epoch"], r["step"], r["checkpoint"]), r["ood_set"], f"{r['auroc']:.3f}",
