@@ -342,7 +342,7 @@ def test_misuse_is_usage_or_data_error(two_runs, tmp_path):
     furl.write_text("\n".join(bad) + "\n")
     r = ib("plot", furl, "-o", tmp_path / "pf")
     assert r.returncode == 4, r.stderr
-    assert (f"{furl}:3: unknown unit 'furlongs'. Expected one of: bits, dimensions, exponent, nats, ratio, value."
+    assert (f"{furl}:3: unknown unit 'furlongs'. Expected one of: bits, dimensions, exponent, loss, nats, ratio, value."
             in flat(r.stderr))
     assert not (tmp_path / "pf").exists()
 
