@@ -436,7 +436,7 @@ def test_resume_skips_done_and_refuses_other_settings(tmp_path, mlp_run):
     capture(spec, [str(p) for p in paths], str(probe), ["fc1"], tmp_path / "acts", resume=True, progress=False)
     assert [s.stat().st_mtime_ns for s in shards] == stamps  # the two done ones were not rewritten
     assert len(open_store(store).checkpoints) == 3
-    with pytest.raises(DataError, match=r"different settings \(.*layers\)"):
+    with pytest.raises(DataError, match=r"different settings \(.*layers: \['fc1'\] then, \['fc2'\] now\)"):
         capture(spec, [str(p) for p in paths], str(probe), ["fc2"], tmp_path / "acts", resume=True, progress=False)
     with pytest.raises(DataError, match="different probe data"):
         capture(spec, [str(p) for p in paths], str(probe), ["fc1"], tmp_path / "acts", resume=True, max_samples=10,
