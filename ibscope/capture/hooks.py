@@ -257,7 +257,7 @@ def reduction_error(problems: list, all_targets: list | None = None) -> UsageErr
         why = ps[0].why
 
         def opt(op: str) -> str:
-            return " ".join(f"-r '{k}={op}'" for k in keys)
+            return " ".join(f"--reduce '{k}={op}'" for k in keys)
 
         if kind == "choose" and ps[0].layout == "sequence":
             msgs.append(f"{layers} output{'' if many else 's'} sequences {shape} (positions x features"
@@ -276,7 +276,7 @@ def reduction_error(problems: list, all_targets: list | None = None) -> UsageErr
             d = ps[0].shape[-1]
             msgs.append(f"{layers} output{'' if many else 's'} {shape} with the features last "
                         f"({'positions x features' if len(ps[0].shape) == 2 else 'features in the last dim'}"
-                        f"{'; ' + why if why else ''}), but '{op}' pools the dims after dim 1 of a (batch, channels, ...) "
+                        f"{'; ' + why if why and not many else ''}), but '{op}' pools the dims after dim 1 of a (batch, channels, ...) "
                         f"map: it would {'average' if parse_reduction(op)[0] == 'gap' else 'take the max of'} each "
                         f"position over its {d} features and store one value per position.")
             hints.append(f"{opt('mean')} averages over positions and keeps the {d} features (over real tokens with an "
@@ -285,7 +285,7 @@ def reduction_error(problems: list, all_targets: list | None = None) -> UsageErr
             op = ps[0].op
             c = ps[0].shape[0]
             msgs.append(f"{layers} output{'' if many else 's'} a channels-first map {shape}"
-                        f"{' (' + why + ')' if why else ''}, but '{op}' treats dim 1 as positions: it would "
+                        f"{' (' + why + ')' if why and not many else ''}, but '{op}' treats dim 1 as positions: it would "
                         f"{'average over' if op == 'mean' else 'pick one of'} the {c} channels.")
             hints.append(f"{opt('gap')} averages over the dims after the channels and keeps the {c} channels "
                          f"(gmp: their max); flatten or rp:K keep every value.")

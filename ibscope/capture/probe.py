@@ -130,7 +130,7 @@ class Probe:
         return b if device is None else b.to(device, non_blocking=True)
 
     def describe_inputs(self) -> list[dict]:
-        """One entry per input array: name, shape, dtype, how it is passed and its role."""
+        """One entry per input array: name, per-sample shape, dtype, how it is passed and its role."""
         out = []
         for k, v in self.inputs.items():
             role = []
@@ -138,7 +138,7 @@ class Probe:
                 role.append("primary input (Jacobians, stored inputs)")
             if k == MASK_KEY:
                 role.append("padding mask of sequence reductions")
-            out.append({"name": k, "shape": [int(s) for s in v.shape], "dtype": str(v.dtype).replace("torch.", ""),
+            out.append({"name": k, "shape": [int(s) for s in v.shape[1:]], "dtype": str(v.dtype).replace("torch.", ""),
                         "passed": "positional" if k == POSITIONAL else f"keyword {k}=", "role": "; ".join(role)})
         return out
 

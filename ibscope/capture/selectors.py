@@ -22,6 +22,7 @@ ordered by when they run in the forward pass (a one-batch dry run).
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -248,7 +249,10 @@ def _forward(model, x):
 
     inp = ModelInput.of(x)
     try:
-        return inp.call(model)
+        with warnings.catch_warnings():
+            # torch's note on nn.TransformerEncoder's nested-tensor fast path (handled by the hooks)
+            warnings.filterwarnings("ignore", message="The PyTorch API of nested tensors is in prototype stage")
+            return inp.call(model)
     except Exception as exc:  # the user's model failed on the probe batch
         if isinstance(exc, IbscopeError):
             raise

@@ -192,10 +192,10 @@ def register(app: typer.Typer) -> None:
         from rich.table import Table
 
         it = Table(title=f"Probe inputs ({probe}), passed as model(...)", title_justify="left")
-        for col in ("array", "shape", "dtype", "passed as", "role"):
+        for col in ("array", "shape per sample", "dtype", "passed as", "role"):
             it.add_column(col)
         for e in inputs:
-            it.add_row(e["name"], "x".join(map(str, e["shape"])), e["dtype"], e["passed"], e["role"])
+            it.add_row(e["name"], "x".join(map(str, e["shape"])) or "scalar", e["dtype"], e["passed"], e["role"])
         console().print(it)
         tab = Table(title=f"Modules of {model} (batch of {x.n}), in execution order", title_justify="left")
         for col in ("module", "type", "calls", "output (first call)", "params"):
