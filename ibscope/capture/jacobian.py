@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+import warnings
 import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -223,6 +224,11 @@ class JacobianPlan:
                 f"{fmt_bytes(self.est_peak)} of the {fmt_bytes(self.budget)} budget (--jacobian-memory).")
 
 
+def _mib_up(n: float) -> str:
+    """A --jacobian-memory value 10 % above ``n`` bytes, in whole MiB."""
+    return f"{math.ceil(n * 1.1 / (1 << 20))}M"
+
+
 def _exact_layer(name: str, d: int, d_in: int, a: int, budget: int, m: int, max_samples: int) -> LayerPlan:
     j = 4 * d * d_in
     svd = j + 8 * min(d, d_in) ** 2
@@ -288,21 +294,22 @@ def plan_jacobians(run: Callable, sample, layer_dims: dict[str, int], m: int, *,
     if short:
         worst = max(short, key=lambda lp: lp.est_bytes)
         need = fmt_bytes(worst.est_bytes)
-        parts = [f"--jacobian-memory {math.ceil(worst.est_bytes * 1.1 / (1 << 20))}M"]
+        parts = [f"raise the budget: --jacobian-memory {_mib_up(worst.est_bytes)}"]
         if kind == "exact":
-            ks = 64 if min(worst.d_out, d_in) > 74 else max(1, min(worst.d_out, d_in) // 2)
+            ks = 64 if min(worst.d_out, d_in) > 2 * (64 + OVERSAMPLE) else max(1, min(worst.d_out, d_in) // 4)
             sk = _sketch_layer(worst.name, worst.d_out, d_in, a, cap, ks)
-            if sk is not None and sk.rows_per_pass >= 1:
-                parts.append(f"--jacobian-method sketch:{ks} (keeps the top {ks} singular values, about "
+            if sk is not None:
+                more = "" if sk.rows_per_pass >= 1 else f" --jacobian-memory {_mib_up(sk.est_bytes)}"
+                parts.append(f"keep the top {ks} singular values: --jacobian-method sketch:{ks}{more} (about "
                              f"{fmt_bytes(sk.est_bytes)})")
-        parts.append("a reduction with fewer dims for that layer (gap, rp:K)")
+        parts.append("capture that layer with fewer dims (gap, rp:K)")
         what = (f"its {worst.d_out} x {d_in} Jacobian ({fmt_bytes(4 * worst.d_out * d_in)}) with its SVD, and one "
                 f"backward pass ({fmt_bytes(ROW_FACTOR * a)})" if worst.method == "exact" else
                 f"the sketch's {worst.rank + OVERSAMPLE} directions and one pass ({fmt_bytes(ROW_FACTOR * a)})")
         raise UsageError(
             f"Jacobians of layer '{worst.name}' need at least {need} ({what}), more than the "
             f"{fmt_bytes(cap)} budget (--jacobian-memory)." + (f" {len(short) - 1} other layer(s) too." if len(short) > 1 else ""),
-            hint="Raise the budget, " + ", or ".join(parts) + ".")
+            hint="; or ".join(parts)[0].upper() + "; or ".join(parts)[1:] + ".")
     return plan
 
 
@@ -386,7 +393,9 @@ def _sketch_one(f: Callable, x1, kw1: dict, lp: LayerPlan, d_in: int, seed: int,
     gen = torch.Generator(device="cpu").manual_seed(seed)
     omega = torch.randn(d_in, kp, generator=gen, dtype=torch.float64).to(x1.device)
     try:
-        y = j_times(omega)
+        with warnings.catch_warnings():  # torch's first jvp loads decompositions through torch.jit.script
+            warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=DeprecationWarning)
+            y = j_times(omega)
     except (NotImplementedError, RuntimeError) as exc:
         raise DataError(f"--jacobian-method sketch needs forward-mode autograd (torch.func.jvp), which this model "
                         f"does not support: {str(exc).splitlines()[0][:200]}",
