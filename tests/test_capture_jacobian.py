@@ -287,3 +287,39 @@ def test_memory_and_method_parsing():
     for bad in ("sketch:0", "sketch", "lanczos"):
         with pytest.raises(UsageError):
             parse_method(bad)
+
+
+class EmbedsEncoder(nn.Module):
+    """forward(inputs_embeds, attention_mask): float token embeddings, padding masked in attention."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), 1,
+                                             enable_nested_tensor=False)
+
+    def forward(self, inputs_embeds, attention_mask):
+        return self.encoder(inputs_embeds, src_key_padding_mask=attention_mask == 0)
+
+
+def test_jacobians_of_keyword_float_inputs_with_a_mask():
+    torch.manual_seed(3)
+    net = EmbedsEncoder().eval()
+    emb = torch.randn(4, 5, 8)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 1, 1, 1], [1, 1, 0, 0, 0]])
+    inp = ModelInput({"inputs_embeds": emb, "attention_mask": mask}, "inputs_embeds")
+    targets, reducers, meta, _ = plan_layers(net, inp, ["encoder.layers.0"], "mean")
+    assert reducers["encoder.layers.0"].masked
+    for budget in ("1M", "64M"):  # row chunks, then several samples per vmap
+        with frozen_parameters(net), CaptureEngine(net, targets, reducers, grad=True) as eng:
+            plan = plan_jacobians(eng.run, inp.rows(0, 1), {"encoder.layers.0": 8}, 4, budget=budget)
+            got = jacobian_spectra(eng.run, inp, plan)["encoder.layers.0"]
+        assert plan.primary == "inputs_embeds" and plan.d_in == 40
+        for i in range(4):
+            m = mask[i:i + 1]
+
+            def f(v):  # masked mean over the real tokens of sample i, as a function of its embeddings
+                h = net.encoder.layers[0](v.reshape(1, 5, 8), src_key_padding_mask=m == 0)
+                return (h * m[..., None]).sum(1)[0] / m.sum()
+
+            j = torch.autograd.functional.jacobian(f, emb[i].reshape(-1))
+            np.testing.assert_allclose(got[i].numpy(), torch.linalg.svdvals(j).numpy(), rtol=1e-4, atol=1e-6)

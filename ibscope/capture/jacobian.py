@@ -427,7 +427,9 @@ def jacobian_spectra(run: Callable, inputs, plan: JacobianPlan, progress: Callab
     xs_all = inputs.tensors[prim][: plan.m]
     kw_all = {k: v[: plan.m] for k, v in inputs.tensors.items() if k != prim}
     res: dict[str, Any] = {}
-    with torch.enable_grad():
+    with torch.enable_grad(), warnings.catch_warnings():
+        # torch notes ops without a vmap batching rule (e.g. CPU flash attention): slower, not wrong
+        warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented")
         for lp in plan.layers:
             f = _layer_fn(run, lp.name, inputs, prim)
             parts = []
