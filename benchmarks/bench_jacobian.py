@@ -7,7 +7,8 @@ used twice per block, ``out += identity``; torchvision itself is not needed), 10
 ``fc`` (10), and the singular values of each layer's Jacobian (d_out x 3072) for the first
 ``--samples`` probe rows. Each configuration runs as ``ibscope capture`` in a fresh process;
 peak memory is that process's peak RSS (``ru_maxrss`` of the child, everything included: torch,
-the model, the probe, the store). ``--reference`` also runs the unbounded whole-Jacobian
+the model, the probe, the store); CPU time (user + system) is shown beside the wall time, since
+wall time on a shared machine depends on its load. ``--reference`` also runs the unbounded whole-Jacobian
 computation (what ``capture`` did before the memory budget: all rows of 16 samples in one
 ``vmap``), for ``--reference-samples`` samples only (it grows by about 0.55 GB per sample).
 
@@ -115,14 +116,16 @@ def run_capture(d: Path, out: str, samples: int, method: str, memory: str, devic
            str(samples), "--jacobian-method", method, "--jacobian-memory", memory, "--device", device, "-q"]
     for layer in LAYERS:
         cmd += ["-l", layer]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.time()
     p = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.time() - t
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     if p.returncode != 0:
         raise SystemExit(f"capture failed ({p.returncode}):\n{p.stderr}")
-    return {"wall_s": wall, "peak_rss_mib": peak / 1024 if peak > before else float("nan"), "cmd": " ".join(cmd)}
+    cpu = (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
+    return {"wall_s": wall, "cpu_s": cpu, "peak_rss_mib": r1.ru_maxrss / 1024 if r1.ru_maxrss > r0.ru_maxrss else
+            float("nan"), "cmd": " ".join(cmd)}
 
 
 def main() -> None:
@@ -143,7 +146,7 @@ def main() -> None:
               f"--jacobian-method {args.method}, --jacobian-memory {args.memory}, device {args.device}, "
               f"{os.cpu_count()} CPU(s), torch threads default")
         r = run_capture(d, "acts", args.samples, args.method, args.memory, args.device)
-        print(f"capture: {r['wall_s']:.1f} s wall, peak RSS {r['peak_rss_mib']:.0f} MiB")
+        print(f"capture: {r['wall_s']:.1f} s wall ({r['cpu_s']:.1f} s CPU), peak RSS {r['peak_rss_mib']:.0f} MiB")
         print(f"  ({r['wall_s'] / args.samples:.1f} s per Jacobian sample, including one forward pass of the "
               f"64-sample probe set)")
         print(f"  command: {r['cmd']}")

@@ -506,3 +506,36 @@ def test_hugging_face_bert_with_padding(tmp_path):
                                rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(st.activations(0, "output['pooler_output']"), out.pooler_output.numpy(), rtol=1e-4,
                                atol=1e-5)
+
+
+def test_hugging_face_gpt2_decoder_left_padded(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    kw = dict(vocab_size=50, n_embd=32, n_layer=2, n_head=4, n_positions=16, bos_token_id=0, eos_token_id=0,
+              pad_token_id=0, use_cache=False)
+    torch.manual_seed(8)
+    gpt = transformers.GPT2Model(transformers.GPT2Config(**kw)).eval()
+    (tmp_path / "hfd.py").write_text(f"import transformers\ndef make():\n"
+                                     f"    return transformers.GPT2Model(transformers.GPT2Config(**{kw!r}))\n")
+    ck = save_ckpt(gpt, tmp_path / "gpt.pt")
+    p = token_probe(n=10, left=range(10))  # decoders pad on the left: the last real token is the last position
+    del p["token_type_ids"]
+    np.savez(tmp_path / "p.npz", **p)
+    st = open_store(capture(f"{tmp_path / 'hfd.py'}:make", ck, str(tmp_path / "p.npz"),
+                            ["h.*", "ln_f", "h.1=first1"], tmp_path / "acts",
+                            reduce={"h.*": "last", "ln_f": "mean", "first1": "first"}, batch_size=4, progress=False))
+    t = {k: torch.as_tensor(v) for k, v in p.items() if k != "y"}
+    blocks = []  # the blocks' own outputs (hidden_states ends with ln_f's output instead of the last block's)
+    hooks = [b.register_forward_hook(lambda m, a, o: blocks.append(o)) for b in gpt.h]
+    with torch.no_grad():
+        hs = gpt(**t, output_hidden_states=True).hidden_states
+    for h in hooks:
+        h.remove()
+    mask = t["attention_mask"] != 0
+    torch.testing.assert_close(blocks[0], hs[1])
+    for i in range(2):
+        np.testing.assert_allclose(st.activations(0, f"h.{i}"), masked(blocks[i], mask, "last").numpy(), rtol=1e-4,
+                                   atol=1e-5)
+        np.testing.assert_allclose(st.activations(0, f"h.{i}"), blocks[i][:, -1].numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(st.activations(0, "ln_f"), masked(hs[-1], mask, "mean").numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(st.activations(0, "first1"), masked(blocks[1], mask, "first").numpy(), rtol=1e-4,
+                               atol=1e-5)
