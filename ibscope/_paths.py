@@ -54,7 +54,53 @@ def inside(root: str | os.PathLike, path: str | os.PathLike, what: str = "output
     p = Path(path)
     p = (p if p.is_absolute() else r / p).resolve()
     if p != r and r not in p.parents:
-        raise UsageError(f"The {what} '{p}' lies outside the output folder '{r}'.",
-                         hint="Names in the config become parts of paths inside the output folder; "
-                              "they must not contain '/' or '..'.")
+        given = Path(path) if Path(path).is_absolute() else Path(root) / path
+        linked = ".." not in given.parts and given.absolute().is_relative_to(Path(root).absolute())
+        raise UsageError(f"The {what} '{p}' lies outside the output folder '{r}'"
+                         + (f" (through a symbolic link: '{given}')." if linked else "."),
+                         hint="A symbolic link inside the output folder points outside it: remove the link or choose "
+                              "another output folder." if linked else
+                         "Names in the config become parts of paths inside the output folder; "
+                         "they must not contain '/' or '..'.")
     return p
+
+
+def prepare_output(path: str | os.PathLike, *, folder: bool, what: str, create: bool = True) -> Path:
+    """Check that ``path`` can be written as a ``folder`` (or a file) and (``create``) make the folders.
+
+    A usage error (exit 2) before any work when ``path`` or one of its parents is the wrong kind:
+    an existing file where a folder is needed (``-o results.csv`` for figures, or
+    ``-o afile/r.html``), or an existing folder where a file is needed. A parent the system
+    refuses to create is an :class:`~ibscope.errors.IOFailure` naming it. Returns ``Path(path)``.
+    """
+    from ibscope.errors import io_error
+
+    p = Path(path)
+    if p.exists():
+        if folder and not p.is_dir():
+            raise UsageError(f"The {what} '{p}' is a file; expected a folder (or a path that does not exist yet).",
+                             hint="Pass a folder with -o, e.g. a new name.")
+        if not folder and p.is_dir():
+            raise UsageError(f"The {what} '{p}' is a folder; expected the path of a file to write.",
+                             hint="Pass a file name with -o, e.g. a new name inside that folder.")
+    check_parents(p, what)
+    if not create:  # checked before any work; the folders are made when the first file is written
+        return p
+    target = p if folder else p.parent
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise io_error(exc, str(target), f"creating the folder for the {what}") from None
+    return p
+
+
+def check_parents(path: str | os.PathLike, what: str) -> None:
+    """Usage error (exit 2) when the nearest existing parent of ``path`` is a file: ``-o afile/x``
+    would otherwise fail later with an OS error ("File exists", "Not a directory")."""
+    p = Path(path)
+    for parent in p.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UsageError(f"Cannot write the {what} '{p}': '{parent}' is a file, not a folder.",
+                                 hint="Choose an output path whose parent folders are folders.")
+            return

@@ -56,6 +56,13 @@ class DataError(IbscopeError, ValueError):
     exit_code = EXIT_DATA
 
 
+class ShardError(DataError):
+    """A shard of an activation store turned out damaged while its data was read (exit code 4).
+
+    Not a property of the estimate: ``ibscope estimate`` stops on it (naming the shard) instead
+    of writing a noted row, as it does for shards found bad when the store is opened."""
+
+
 class RegressionFound(IbscopeError):
     """``ibscope check`` found a curve outside its tolerance (exit code 3)."""
 
@@ -106,8 +113,8 @@ class IOFailure(IbscopeError):
 
 
 _IO_HINTS = {
-    "ENOSPC": "Free some space (or choose another --out), then re-run; `ibscope capture --resume` keeps the "
-              "checkpoints already captured.",
+    "ENOSPC": "Free some space (or choose another output location), then re-run the same command; completed work "
+              "is kept (`ibscope capture --resume` continues a capture).",
     "EDQUOT": "Free some space within your quota (or choose another --out), then re-run.",
     "EROFS": "The file system is read-only: choose a writable output location.",
     "EACCES": "You have no permission there: choose another output location or fix its permissions.",

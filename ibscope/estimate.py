@@ -46,8 +46,9 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ibscope._locks import DEFAULT_LOCK_TIMEOUT, check_timeout, writer_lock
+from ibscope._paths import check_parents
 from ibscope._version import __version__
-from ibscope.errors import DataError, IbscopeError, PluginError, UsageError, unknown_name
+from ibscope.errors import DataError, IbscopeError, PluginError, ShardError, UsageError, unknown_name
 from ibscope.results import KNOWN_UNITS, Results, make_row, read_results, write_results
 
 log = logging.getLogger(__name__)
@@ -225,6 +226,14 @@ def _compute_cell(st, ck, layer: str, specs: list[tuple[str, dict, str | None]],
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
                     e = fn()
+            except ShardError as exc:
+                if not meta.get("skip_bad_shards"):
+                    raise  # a damaged shard is not a property of this estimate: stop, naming the shard
+                # --skip-bad-shards: the cell is noted, as for shards found bad when the store was opened
+                note = f"{name} {quantity} not estimated at {where}: {exc.message} (--skip-bad-shards)"
+                rows.append(make_row(**common, estimator=name, quantity=quantity, value=None, unit=cls.unit,
+                                     n_samples=meta["n_samples"], params=p, key=key(quantity, p), note=note))
+                return
             except DataError as exc:
                 note = f"{name} {quantity} not estimated at {where}: {_reason(exc, name, argnames)}"
                 if exc.hint:
@@ -347,6 +356,7 @@ def _store_entry(p: _Plan) -> dict:
 
 
 def _check_out(out: Path) -> None:
+    check_parents(out, "results file")  # -o afile/x: a usage error, not a failed write
     if out.is_dir():
         raise UsageError(f"The results file '{out}' is a directory; expected the path of a CSV file to write.",
                          hint=f"Pass a file name, e.g. -o {out / 'results.csv'}.")
@@ -525,7 +535,9 @@ def run_estimate(
                         for q, pp in _quantities(cls, p, xs, st.labels is not None):
                             ident = _cell_key({**base, "estimator": name, "quantity": q, "params": pp})
                             planned.add(ident)
-                            if force or ident not in valid:
+                            # a noted row (no value) is tried again: its cause may have been repaired
+                            # (a re-captured shard, a fixed store) without changing the row's key
+                            if force or ident not in valid or valid[ident]["value"] is None:
                                 want.add((name, q))
                     if want:
                         cells.append((plan, ck, layer, want))

@@ -49,8 +49,7 @@ import numpy as np
 from ibscope._locks import DEFAULT_LOCK_TIMEOUT, check_timeout, writer_lock
 from ibscope._paths import inside, safe_name
 from ibscope._version import __version__
-from ibscope.errors import (EXIT_DATA, DataError, IbscopeError, RegressionFound, UsageError, did_you_mean,
-                            unknown_name)
+from ibscope.errors import DataError, RegressionFound, UsageError, did_you_mean, unknown_name
 
 log = logging.getLogger(__name__)
 
@@ -1104,12 +1103,13 @@ class Pipeline:
             # here would leave rows of estimators or parameters no longer in the config
             for old in (results, provenance_path(results)):
                 old.unlink(missing_ok=True)
-            extra = {"strict": bool(est["strict"]), "skip_bad_shards": bool(cfg["skip_bad_shards"])}
+            # estimate.strict is checked once every stage has written its outputs (see _strict_check)
+            extra = {"skip_bad_shards": bool(cfg["skip_bad_shards"])}
 
             def tell(res) -> None:  # noted cells and dropped rows: the same summary as `ibscope estimate`
                 from rich.markup import escape
 
-                for line in summary_lines(res, strict=extra["strict"]):
+                for line in summary_lines(res, strict=bool(est["strict"])):
                     self.say(f"  [yellow]{escape(line)}[/]")
 
             if len(groups) == 1:
@@ -1120,23 +1120,13 @@ class Pipeline:
             tmp_dir = self.out / ".ibscope" / "estimate-parts"
             shutil.rmtree(tmp_dir, ignore_errors=True)
             rows, provs, seen = [], [], set()
-            strict_error: IbscopeError | None = None
             for i, (g, ests) in enumerate(groups.items()):
                 part = tmp_dir / f"part{i}.csv"
-                try:
-                    res = run_estimate([stores[n] for n in g], part, ests,
-                                       {k: v for k, v in est["params"].items() if k in ests}, device=self.device,
-                                       force=True, jobs=est["jobs"], progress=self.progress, **extra)
-                    tell(res)
-                    prov = res.provenance
-                except IbscopeError as exc:
-                    # --strict: a noted cell stops with exit 4 after its rows are written; write every
-                    # group's rows first, then stop the same way
-                    if not (est["strict"] and exc.exit_code == EXIT_DATA and part.exists()):
-                        raise
-                    strict_error = strict_error or exc
-                    prov = json.loads(provenance_path(part).read_text()) if provenance_path(part).exists() else {}
-                provs.append({"probes": list(g), "estimators": ests, **prov})
+                res = run_estimate([stores[n] for n in g], part, ests,
+                                   {k: v for k, v in est["params"].items() if k in ests}, device=self.device,
+                                   force=True, jobs=est["jobs"], progress=self.progress, **extra)
+                tell(res)
+                provs.append({"probes": list(g), "estimators": ests, **res.provenance})
                 for r in read_results(part).rows:
                     if r["estimator"] == "metrics":  # the same training metrics come with every group of a split
                         key = (r["run"], r["split"], r["checkpoint"], r["quantity"])
@@ -1147,11 +1137,11 @@ class Pipeline:
             write_results(results, rows, {"ibscope_version": __version__, "parts": provs,
                                           "resolved_config": {"estimate": est}})
             shutil.rmtree(tmp_dir, ignore_errors=True)
-            if strict_error is not None:
-                raise strict_error
             return [results, provenance_path(results)]
 
-        self.runner(Stage("estimate", {"estimate": est, "probes": names, "groups": [[list(g), e] for g, e in groups.items()],
+        # `strict` changes no output (it is checked at the end of the run): toggling it re-runs nothing
+        stage_est = {k: v for k, v in est.items() if k != "strict"}
+        self.runner(Stage("estimate", {"estimate": stage_est, "probes": names, "groups": [[list(g), e] for g, e in groups.items()],
                                        "skip_bad_shards": cfg["skip_bad_shards"]},
                           [stores[n] for n in used], ["capture"], run, label=f"estimate ({cfg['name']})"))
         self.result.results = results
@@ -1290,12 +1280,31 @@ class Pipeline:
             self._stage_ood(stores)
         if stop >= STAGES.index("report"):
             self._stage_report(results, ood=self.result.ood)
-        if stop >= STAGES.index("check"):
-            rep = self._stage_check(results)
-            if rep is not None and not rep.ok:
-                raise RegressionFound(f"ibscope check found {len(rep.failures)} regression(s): see {self.out / 'check.json'}.",
-                                      hint=rep.summary())
+        rep = self._stage_check(results) if stop >= STAGES.index("check") else None
+        self._strict_check(results, rep)
+        if rep is not None and not rep.ok:
+            raise RegressionFound(f"ibscope check found {len(rep.failures)} regression(s): see {self.out / 'check.json'}.",
+                                  hint=rep.summary())
         return self.result
+
+    def _strict_check(self, results: Path, rep: Any) -> None:
+        """``estimate.strict`` / ``--strict``: exit 4 when the results table has cells without a
+        value, after every stage has written its outputs (also when estimate was up to date)."""
+        if not self.cfg["estimate"]["strict"] or not results.exists():
+            return
+        from ibscope.results import read_results
+
+        noted = [r for r in read_results(results, allow_empty=True).rows if r["value"] is None and r.get("note")]
+        if not noted:
+            return
+        first = list(dict.fromkeys(r["note"] for r in noted))[:3]
+        also = "" if rep is None or rep.ok else f" The check stage also found {len(rep.failures)} regression(s)."
+        raise DataError(
+            f"{len(noted)} row(s) of '{results}' have no value (estimate.strict / --strict). First reasons:\n"
+            + "\n".join(f"  - {n}" for n in first) + ("\n  ..." if len(noted) > 3 else "")
+            + f"\nEvery stage has written its outputs.{also}",
+            hint="See the 'note' column of the results table; fix the data, or run without --strict to accept "
+                 "rows without a value.")
 
 
 def output_dir(cfg: dict, base: Path, out: str | os.PathLike | None) -> Path:

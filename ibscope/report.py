@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ibscope._version import __version__
-from ibscope.errors import DataError, UsageError
+from ibscope._paths import prepare_output
+from ibscope.errors import DataError, UsageError, io_error
 from ibscope.results import COLUMNS, Results
 
 log = logging.getLogger(__name__)
@@ -193,6 +194,155 @@ def _csv_link(rows: list[dict], name: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# Can these numbers be trusted?
+
+def _conv(v: float | None, src: str, unit: str) -> float | None:
+    if v is None or src == unit or src not in ("nats", "bits") or unit not in ("nats", "bits"):
+        return v
+    return v / math.log(2) if unit == "bits" else v * math.log(2)
+
+
+def trust_counts(rows: list[dict]) -> dict:
+    """Per (estimator setting, quantity): saturation and null counts of the valued estimate rows.
+
+    Returns ``{(Setting, quantity): {"estimates", "with_cap", "saturated", "computed_flags", "with_null",
+    "above_chance", "chance", "p_min"}}`` where ``chance`` counts the estimates inside their null
+    band, null_mean ± 2 null_std (:func:`ibscope.trust.within_null`), ``above_chance`` those
+    above it, and ``computed_flags`` the rows whose flag was computed from value and cap (tables
+    written before estimate filled the ``saturated`` column).
+    """
+    from ibscope.plot._data import METRICS, Setting
+    from ibscope.trust import is_saturated, within_null
+
+    out: dict = {}
+    for r in rows:
+        if r["estimator"] == METRICS or r["value"] is None:
+            continue
+        c = out.setdefault((Setting.of(r), r["quantity"]), {
+            "estimates": 0, "with_cap": 0, "saturated": 0, "computed_flags": 0, "with_null": 0, "above_chance": 0,
+            "chance": 0, "p_min": None, "caps": set()})
+        c["estimates"] += 1
+        flag = is_saturated(r)
+        if flag is not None:
+            c["with_cap"] += 1
+            c["saturated"] += bool(flag)
+            c["computed_flags"] += r.get("saturated") is None
+            c["caps"].add(round(float(r["cap"]), 6))
+        inside = within_null(r)
+        if inside is not None:
+            c["with_null"] += 1
+            c["chance" if inside else "above_chance"] += 1
+            if r.get("p_value") is not None:
+                c["p_min"] = r["p_value"] if c["p_min"] is None else min(c["p_min"], r["p_value"])
+    return out
+
+
+def _validation_section(vdir: Path, unit: str) -> str:
+    from ibscope.trust import VALIDATION_JSON, VALIDATION_PNG, read_validation
+
+    vpath = vdir / "validation.csv" if vdir.is_dir() else vdir
+    base = vpath.parent
+    vrows = read_validation(vpath)
+    meta = {}
+    if (base / VALIDATION_JSON).exists():
+        try:
+            meta = json.loads((base / VALIDATION_JSON).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            meta = {}
+    head = ("<tr><th class='l'>estimator</th><th class='l'>parameters</th><th class='l'>quantity</th><th>n</th>"
+            "<th class='l'>dims</th><th class='l'>task</th><th>truth</th><th>mean estimate</th><th>bias</th>"
+            "<th>rmse</th><th>runs</th><th class='l'>note</th></tr>")
+    body = []
+    for r in vrows:
+        u = r.get("unit", "nats")
+        tv, te = _conv(r.get("true_value"), u, unit), _conv(r.get("true_value_error"), u, unit)
+        truth = _fmt(tv) + (f" ± {_fmt(te)}" if te else "")
+        body.append(
+            f"<tr><td class='l'>{_e(r['estimator'])}</td><td class='l'><code>{_e(json.dumps(r['params'], sort_keys=True))}"
+            f"</code></td><td class='l'>{_e(r['quantity'])}</td><td>{_e(r.get('n_samples'))}</td>"
+            f"<td class='l'>{_e(r.get('dims'))}</td><td class='l'>{_e(r['task'])}</td><td>{_e(truth)}</td>"
+            f"<td>{_fmt(_conv(r.get('mean_estimate'), u, unit))}</td><td>{_fmt(_conv(r.get('bias'), u, unit))}</td>"
+            f"<td>{_fmt(_conv(r.get('rmse'), u, unit))}</td><td>{_e(r.get('repeats'))}</td>"
+            f"<td class='l'>{_e(r.get('note') or '')}</td></tr>")
+    notes = "".join(f"<li>{_e(x)}</li>" for x in (meta.get("notes") or []))
+    png = base / VALIDATION_PNG
+    fig = (f"<figure>{_img(png.read_bytes(), 'image/png', 'estimate against truth')}<figcaption>"
+           f"{_e(VALIDATION_PNG)}: the mean estimate against the truth of every validation task, one panel per "
+           f"estimator setting; on the diagonal the estimator is unbiased.</figcaption></figure>") if png.exists() else ""
+    return (f"<h3>Validation on tasks with a known answer</h3><p class='note'>From <code>{_e(vpath)}</code>"
+            f" ({len(vrows)} task(s); {unit}): every estimator setting, quantity, n and dims of the results, run on "
+            f"synthetic tasks of the same n and dims whose true value is known. bias = mean estimate − truth; rmse "
+            f"over the repeats (different seeds).</p>"
+            + (f"<ul class='note'>{notes}</ul>" if notes else "")
+            + f"<table>{head}{''.join(body)}</table>{fig}")
+
+
+def _trust_section(rows: list[dict], unit: str, validation: str | os.PathLike | None, shown: int = 12) -> str:
+    """The report's "Can these numbers be trusted?" section (rows already in ``unit``)."""
+    from ibscope.plot._data import METRICS
+    from ibscope.trust import within_null
+
+    counts = trust_counts(rows)
+    parts = ["<p>Every number above is an estimate. Three checks say how far to trust it (how to read them: "
+             "<code>docs/trust.md</code>): <b>saturation</b> (an estimate at its cap, log n or H(Y), cannot show "
+             "more: compression or learning may be hidden), the <b>permutation null</b> (the estimate when T and "
+             "Y are made independent by shuffling; an estimate inside it is chance) and <b>validation</b> on tasks "
+             "with a known answer at the same n and width (<code>ibscope validate</code>).</p>"]
+    sat_rows = [(s, q, c) for (s, q), c in counts.items() if c["with_cap"]]
+    if sat_rows:
+        trs = []
+        computed = sum(c["computed_flags"] for _, _, c in sat_rows)
+        for s, q, c in sat_rows:
+            caps = ", ".join(_fmt(x) for x in sorted(c["caps"]))
+            pct = 100.0 * c["saturated"] / c["with_cap"]
+            trs.append(f"<tr><td class='l'>{_e(s.label())}</td><td class='l'>{_e(q)}</td><td>{c['with_cap']}</td>"
+                       f"<td>{c['saturated']}</td><td>{pct:.0f} %</td>"
+                       f"<td class='l'>{_e(caps)} {_e(unit)}</td></tr>")
+        parts.append("<h3>Saturation</h3><p class='note'>Estimates within 1 % of their cap (drawn hollow in the "
+                     "figures). At the cap the estimator cannot see compression (I(X;T)) or learning (I(T;Y)) at "
+                     "this n and width." + (f" {computed} flag(s) were computed here from value and cap (the table "
+                                             f"predates the <code>saturated</code> column)." if computed else "")
+                     + "</p><table><tr><th class='l'>estimator</th><th class='l'>quantity</th><th>estimates with a "
+                     "cap</th><th>saturated</th><th>share</th><th class='l'>cap(s)</th></tr>" + "".join(trs)
+                     + "</table>")
+    else:
+        parts.append("<h3>Saturation</h3><p class='note'>No estimate in this table has a cap.</p>")
+    null_rows = [(s, q, c) for (s, q), c in counts.items() if c["with_null"]]
+    if null_rows:
+        trs = "".join(
+            f"<tr><td class='l'>{_e(s.label())}</td><td class='l'>{_e(q)}</td><td>{c['with_null']}</td>"
+            f"<td>{c['above_chance']}</td><td>{c['chance']}</td>"
+            f"<td>{_fmt(c['p_min'])}</td></tr>" for s, q, c in null_rows)
+        chance = [r for r in rows if r["estimator"] != METRICS and within_null(r)]
+        items = "".join(
+            f"<li>{_e(r['estimator'])} {_e(r['quantity'])} at layer {_e(r['layer'])}, split {_e(r['split'])}, "
+            f"{'epoch ' + str(r['epoch']) if r.get('epoch') is not None else 'checkpoint ' + str(r['checkpoint'])}: "
+            f"{_fmt(r['value'])} {_e(unit)}, null {_fmt(r['null_mean'])} ± {_fmt(r['null_std'])}"
+            + (f", p = {_fmt(r['p_value'])}" if r.get("p_value") is not None else "") + "</li>" for r in chance[:shown])
+        more = f"<li>... and {len(chance) - shown} more (see the CSV)</li>" if len(chance) > shown else ""
+        parts.append(
+            "<h3>Permutation nulls</h3><p class='note'>Each estimate with a null was recomputed with the rows of Y "
+            "(or X) shuffled: the null is what the estimator reports when there is no dependence at all. An estimate "
+            "inside its null band (null mean ± 2 sd, hatched in the figures) cannot be told from chance at this n "
+            "and width. p = (1 + #{null ≥ value}) / (N + 1) cannot go below 1/(N + 1) with N permutations (0.091 "
+            "for N = 10), so read the band, and p against that floor.</p><table><tr><th class='l'>estimator</th>"
+            "<th class='l'>quantity</th><th>estimates with a null</th><th>above the band</th><th>inside the band "
+            f"(chance)</th><th>smallest p</th></tr>{trs}</table>"
+            + (f"<p class='note'>Not distinguishable from chance:</p><ul>{items}{more}</ul>" if chance else ""))
+    else:
+        parts.append("<h3>Permutation nulls</h3><p class='note'>This table holds no permutation nulls (the columns "
+                     "null_mean, null_std, p_value are empty). <code>ibscope estimate</code> computes them for "
+                     "I(T;Y) (see docs/trust.md); without them an I(T;Y) near H(Y) cannot be told from chance.</p>")
+    if validation is not None:
+        parts.append(_validation_section(Path(validation), unit))
+    else:
+        parts.append("<h3>Validation on tasks with a known answer</h3><p class='note'>Not validated. Run "
+                     "<code>ibscope validate RESULTS -o DIR</code> and pass <code>--validation DIR</code> to see the "
+                     "bias of each estimator at this table's n and dims.</p>")
+    return "".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
 # provenance
 
 def _find(d: Any, pred: Callable[[str], bool], prefix: str = "") -> list[tuple[str, Any]]:
@@ -344,7 +494,8 @@ def _ood_section(doc: dict) -> str:
 def write_report(results: Any, out_html: str | os.PathLike | None = None, *, ood: str | os.PathLike | None = None,
                  figures_dir: str | os.PathLike | None = None, unit: str = "bits", title: str | None = None,
                  kinds: Sequence[str] | None = None, runs_mode: str = "median", max_columns: int = 10,
-                 dpi: int = 110, callback: Callable[[int, int, str], None] | None = None) -> Path:
+                 dpi: int = 110, validation: str | os.PathLike | None = None, null: str = "band",
+                 callback: Callable[[int, int, str], None] | None = None) -> Path:
     """Write the self-contained HTML report and return its path.
 
     ``results``: results CSV path(s) or a Results. ``out_html`` defaults to
@@ -353,6 +504,9 @@ def write_report(results: Any, out_html: str | os.PathLike | None = None, *, ood
     ``ibscope plot`` from the same results (``<kind>_<name>.png``): those newer than the results
     are embedded as they are; the others are drawn and also saved there.
     ``kinds``: plot kinds to include (default: all the data supports except the animation).
+    ``validation``: the folder (or validation.csv) of ``ibscope validate``: its table and figure go into
+    the section "Can these numbers be trusted?", which is always there (saturation and null counts).
+    ``null``: how figures show permutation nulls ("band", "subtract", "off"; as ``ibscope plot --null``).
     """
     from ibscope.plot import figures as plan_figures
     from ibscope.plot import load_results, save_figure
@@ -367,8 +521,13 @@ def write_report(results: Any, out_html: str | os.PathLike | None = None, *, ood
     out = Path(out_html) if out_html is not None else _default_out(res)
     if out.suffix.lower() not in (".html", ".htm"):
         raise UsageError(f"The report is an HTML file; the output name should end in .html. Got '{out.name}'.")
+    prepare_output(out, folder=False, what="report", create=False)  # before any work: -o under a file is exit 2
     ood_doc = load_ood(ood) if ood is not None else None
-    jobs = plan_figures(res, kinds=kinds, unit=unit, runs_mode=runs_mode)
+    if validation is not None:
+        from ibscope.trust import read_validation
+
+        read_validation(validation)  # a missing or malformed table is an error before anything is drawn
+    jobs = plan_figures(res, kinds=kinds, unit=unit, runs_mode=runs_mode, null=null)
     conv = prepare(res, unit)
     tcol = time_axis(conv.rows)
     total = len(jobs) + 1
@@ -406,6 +565,8 @@ def write_report(results: Any, out_html: str | os.PathLike | None = None, *, ood
     nav.append("<a href='#numbers'>Numbers</a>")
     body.append(f"<h2 id='numbers'>Numbers</h2>{_number_tables(conv.rows, tcol, max_columns)}"
                 f"{_noted(res.rows)}{_csv_link(res.rows, (res.path.stem if res.path else 'results') + '.csv')}")
+    nav.append("<a href='#trust'>Can these numbers be trusted?</a>")
+    body.append(f"<h2 id='trust'>Can these numbers be trusted?</h2>{_trust_section(conv.rows, unit, validation)}")
     if ood_doc is not None:
         nav.append("<a href='#ood'>Out-of-distribution</a>")
         body.append(f"<h2 id='ood'>Out-of-distribution detection</h2>{_ood_section(ood_doc)}")
@@ -416,11 +577,13 @@ def write_report(results: Any, out_html: str | os.PathLike | None = None, *, ood
             f"<meta name='generator' content='ibscope {_e(__version__)}'><title>{_e(name)}</title>"
             f"<style>{CSS}</style></head><body><h1>{_e(name)}</h1><p class='sub'>{_e(summary)}</p>"
             f"<nav>{''.join(nav)}</nav>{''.join(body)}</body></html>\n")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    prepare_output(out, folder=False, what="report")
     tmp = out.with_name(f".{out.name}.tmp")
     try:
         tmp.write_text(page, encoding="utf-8")
         os.replace(tmp, out)
+    except OSError as exc:  # disk full, read-only, ...: name the report, leave no temporary file
+        raise io_error(exc, str(out), "writing the report") from None
     finally:
         if tmp.exists():
             tmp.unlink()

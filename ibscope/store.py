@@ -46,6 +46,7 @@ import math
 import os
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,7 @@ import numpy as np
 
 from ibscope._h5io import AtomicH5, Attrs, describe, check_storage, h5_message, is_system_error, os_error_of
 from ibscope._version import __version__
-from ibscope.errors import DataError, UsageError, io_error
+from ibscope.errors import DataError, ShardError, UsageError, io_error
 
 log = logging.getLogger(__name__)
 
@@ -517,7 +518,12 @@ class Store:
             raise DataError(f"{exc.message}.", hint=_SHARD_HINT) from None
 
     def activations(self, ckpt: CheckpointInfo | int, layer: str) -> np.ndarray:
-        """The (n_samples, n_features) activations of ``layer`` at ``ckpt``."""
+        """The (n_samples, n_features) activations of ``layer`` at ``ckpt``. A shard found damaged
+        on reading raises :class:`~ibscope.errors.ShardError` (exit code 4) naming it."""
+        with _as_shard_error():
+            return self._activations(ckpt, layer)
+
+    def _activations(self, ckpt: CheckpointInfo | int, layer: str) -> np.ndarray:
         c = self._ckpt(ckpt)
         dims = self.layer_meta(layer).get("dims")
         with self._open_shard(c) as f:
@@ -533,7 +539,12 @@ class Store:
             return self._read(ds, label, hint=_data_hint(c.shard))
 
     def jacobian(self, ckpt: CheckpointInfo | int, layer: str) -> tuple[np.ndarray, np.ndarray] | None:
-        """(singular values (m, r), probe rows (m,)) of d layer / d input, or None if not captured."""
+        """(singular values (m, r), probe rows (m,)) of d layer / d input, or None if not captured.
+        A damaged shard raises :class:`~ibscope.errors.ShardError`."""
+        with _as_shard_error():
+            return self._jacobian(ckpt, layer)
+
+    def _jacobian(self, ckpt: CheckpointInfo | int, layer: str) -> tuple[np.ndarray, np.ndarray] | None:
         c = self._ckpt(ckpt)
         with self._open_shard(c) as f:
             key = f"jacobian/{layer}"
@@ -561,6 +572,18 @@ class Store:
 
 _MANIFEST_HINT = ("The store's manifest is damaged or was not written by ibscope; re-capture the store "
                   "(`ibscope capture ... --overwrite`).")
+@contextmanager
+def _as_shard_error():
+    """Data errors met while reading a shard's datasets are :class:`ShardError` (the shard is
+    damaged); usage errors (unknown layer, checkpoint index) and I/O failures pass unchanged."""
+    try:
+        yield
+    except ShardError:
+        raise
+    except DataError as exc:
+        raise ShardError(exc.message, hint=exc.hint) from None
+
+
 _SHARD_HINT = ("Re-run `ibscope capture ... --resume` with the options of the original capture: it deletes corrupt "
                "shards and captures them again; or pass --skip-bad-shards.")
 
@@ -631,7 +654,7 @@ class StoreWriter:
                     hint="Pass --resume to capture only what is missing, or --overwrite to start again.",
                 )
             if resume:
-                self._resume(config)
+                self._resume(config, layers)
                 return
             import shutil
 
@@ -674,6 +697,24 @@ class StoreWriter:
             self._undo_create(created)
             raise
 
+    @staticmethod
+    def _moved(existing: "Store", config: dict, layers: dict[str, dict], diff: list[str]) -> str | None:
+        """A store captured from another folder: only the model file's and the probe file's paths
+        differ (same file names; the probe hash is already equal). Returns what moved, else None."""
+        if not diff or not set(diff) <= {"model", "probe"}:
+            return None
+        def name(spec: str) -> tuple[str, str]:  # "/a/b/models.py:MLP" -> ("models.py", "MLP")
+            path, colon, attr = spec.rpartition(":")
+            return (Path(path).name, attr) if colon and "/" not in attr else (Path(spec).name, "")
+
+        for k in diff:
+            if name(str(existing.config.get(k) or "")) != name(str(config.get(k) or "")):
+                return None
+        alt = {**config, **{k: existing.config.get(k) for k in diff}}
+        if sha256_bytes(canonical_json({"config": alt, "layers": layers}).encode()) != existing.config_hash:
+            return None
+        return ", ".join(f"{k} '{existing.config.get(k)}'" for k in diff)
+
     def _undo_create(self, created: bool) -> None:
         """After a failed start: leave no half-made store (a manifest-less folder blocks a retry)."""
         for p in (self.dir / SHARD_DIR, self.dir):
@@ -684,7 +725,7 @@ class StoreWriter:
             except OSError:
                 pass
 
-    def _resume(self, config: dict) -> None:
+    def _resume(self, config: dict, layers: dict[str, dict]) -> None:
         existing = Store(self.dir, skip_bad_shards=True, warn=False)
         if existing.probe_hash != self.probe_hash:
             raise DataError(
@@ -694,10 +735,18 @@ class StoreWriter:
             )
         if existing.config_hash != self.config_hash:
             diff = sorted(k for k in set(existing.config) | set(config) if existing.config.get(k) != config.get(k))
-            raise DataError(
-                f"Cannot resume '{self.dir}': it was made with different settings ({', '.join(diff) or 'layers'}).",
-                hint="Use a new --out directory, or --overwrite to replace it.",
-            )
+            moved = self._moved(existing, config, layers, diff)
+            if moved is None:
+                shown = "; ".join(f"{k}: {existing.config.get(k)!r} then, {config.get(k)!r} now" for k in diff[:4])
+                raise DataError(
+                    f"Cannot resume '{self.dir}': it was made with different settings "
+                    f"({shown or 'the layers differ'}).",
+                    hint="Use a new --out directory, or --overwrite to replace it.",
+                )
+            # the same capture run from another folder: keep the store's own config (and hash)
+            log.warning("Resuming '%s', captured with %s; the same files are now at other paths (same file names, "
+                        "same probe data).", self.dir, moved)
+            self.config, self.config_hash = dict(existing.config), existing.config_hash
         alien = [b for b in existing.skipped if b["kind"] not in REPAIRABLE]
         if alien:
             lines = "\n".join(f"  '{b['file']}': {b['reason']}." for b in alien[:_MAX_LISTED])

@@ -102,7 +102,9 @@ def test_presets_and_pipeline_config(run_dir, tmp_path):
     d = run_dir
     for preset, names in [("saxe-kde", {"kde-upper", "kde-lower", "binning"}),
                           ("shwartz-ziv-tishby-binning", {"binning"}),
-                          ("chelombiev-adaptive", {"adaptive-binning", "adaptive-kde-upper", "adaptive-kde-lower"}),
+                          ("chelombiev-adaptive", {"chelombiev-binning", "chelombiev-kde-upper",
+                                                   "chelombiev-kde-lower"}),
+                          ("ibscope-adaptive", {"adaptive-binning", "adaptive-kde-upper", "adaptive-kde-lower"}),
                           ("butakov-compressed", {"compressed"})]:
         out = tmp_path / f"{preset}.csv"
         res = invoke("estimate", d / "acts", "-c", REPO / "configs" / f"{preset}.yaml", "-o", out, "-q")

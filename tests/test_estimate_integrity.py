@@ -246,11 +246,15 @@ def test_noted_cells_same_with_jobs_and_api_strict(dead_store, tmp_path):
     with pytest.raises(DataError, match=r"2 cell\(s\) could not be estimated \(strict\)") as ei:
         run_estimate(dead_store, tmp_path / "s.csv", ["ksg", "mle-id"], progress=False, strict=True)
     assert ei.value.exit_code == 4 and read_results(tmp_path / "s.csv").rows == one.rows
-    # a noted cell is content-keyed like any other: kept by the next run, recomputed with --force
+    # a noted cell is tried again by the next run that selects its estimator (its cause may have been
+    # repaired); the healthy cells are kept; a run that does not select it keeps the note as it is
     again = run_estimate(dead_store, tmp_path / "one.csv", ["ksg", "mle-id"], progress=False)
-    assert again.provenance["cells_computed"] == 0 and again.provenance["noted_cells_computed_now"] == 0
-    assert again.provenance["noted_cells"] == 2 and "2 cell(s) could not be estimated (0 of them in this run" \
-        in summary_lines(again)[0]
+    assert again.provenance["cells_computed"] == 1 and again.provenance["noted_cells_computed_now"] == 2
+    assert again.rows == one.rows and again.provenance["noted_cells"] == 2
+    assert summary_lines(again)[0].startswith("2 cell(s) could not be estimated;")
+    only_ksg = run_estimate(dead_store, tmp_path / "one.csv", ["ksg"], progress=False)
+    assert only_ksg.provenance["noted_cells"] == 2 and only_ksg.provenance["noted_cells_computed_now"] == 1
+    assert "2 cell(s) could not be estimated (1 of them in this run" in summary_lines(only_ksg)[0]
 
 
 def test_checkpoint_without_jacobians_is_one_noted_cell(tmp_path):
@@ -329,6 +333,56 @@ def test_misuse_is_usage_or_data_error(two_runs, tmp_path):
     assert (f"{furl}:3: unknown unit 'furlongs'. Expected one of: bits, dimensions, exponent, nats, ratio, value."
             in flat(r.stderr))
     assert not (tmp_path / "pf").exists()
+
+
+def test_outputs_under_a_file_are_usage_errors(two_runs, tmp_path):
+    """-o below an existing file (or a file where a folder is needed): exit 2 naming both, before
+    any work, and nothing written; for estimate, plot, report and capture alike."""
+    acts = two_runs / "acts_a"
+    good = tmp_path / "results.csv"
+    run_estimate(acts, good, ["binning"], progress=False)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for args, needle in [
+        (("estimate", acts, "-o", afile / "r.csv", "-e", "binning", "-q"), f"'{afile}' is a file, not a folder"),
+        (("plot", good, "-o", afile), f"The figure folder '{afile}' is a file; expected a folder"),
+        (("plot", good, "-o", afile / "sub"), f"'{afile}' is a file, not a folder"),
+        (("report", good, "-o", afile / "r.html"), f"'{afile}' is a file, not a folder"),
+        (("capture", "-m", "m.py:make", "-c", "*.pt", "-p", "p.npz", "-l", "0", "-o", afile / "sub", "-q"),
+         f"'{afile}' is a file, not a folder"),
+    ]:
+        r = ib(*args, cwd=tmp_path)
+        assert r.returncode == 2, (args, r.stderr)
+        assert needle in flat(r.stderr), (args, r.stderr)
+    assert afile.read_text() == "x"
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == [
+        "afile", "results.csv", "results.provenance.json"]
+
+
+def test_plot_and_report_on_a_full_disk_name_the_file(two_runs, tmp_path, monkeypatch):
+    import errno
+
+    from ibscope.errors import IOFailure
+    from ibscope.plot import plot_results
+    from ibscope.report import write_report
+
+    good = tmp_path / "results.csv"
+    run_estimate(two_runs / "acts_a", good, ["binning"], progress=False)
+    real = os.replace
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(IOFailure) as ei:
+        plot_results(good, tmp_path / "figs", kinds=["info-plane"])
+    assert ei.value.message.startswith("No space left on device (ENOSPC) while writing the figure "
+                                       f"'{tmp_path / 'figs'}")
+    with pytest.raises(IOFailure) as ei:
+        write_report(good, tmp_path / "r.html")
+    assert ei.value.message == f"No space left on device (ENOSPC) while writing the report '{tmp_path / 'r.html'}'."
+    monkeypatch.setattr(os, "replace", real)
+    assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name]
 
 
 def test_read_results_rules(tmp_path):

@@ -19,7 +19,10 @@ from ibscope.estimators import registry
 from ibscope.estimators.base import Estimate
 
 #: keep the neural estimator's training to a few steps (the fuzz is about inputs, not training)
-FAST_PARAMS = {"infonce": {"steps": 3, "batch_size": 4, "hidden": 4, "embed": 2}}
+FAST_PARAMS = {"infonce": {"steps": 3, "batch_size": 4, "hidden": 4, "embed": 2},
+               "mine": {"steps": 3, "batch_size": 4, "hidden": 4, "embed": 2},
+               "smile": {"steps": 3, "batch_size": 4, "hidden": 4, "embed": 2},
+               "compressed": {"ae_steps": 3, "ae_hidden": 4}}
 
 DTYPES = ["float64", "float32", "float16", "int64", "int32", "uint8", "bool", "str", "object", "complex"]
 SCALES = [1.0, 1.0, 1e300, 1e-300, "max", 1e-30, 1e30, 1e100, 1e-100, 1e18]
@@ -90,7 +93,11 @@ NAMES = sorted(registry.available())
 #: non-default settings whose value depends on the scale of the data (no rescaling possible)
 VARIANTS = [("ksg", {"standardize": False}), ("binning", {"bin_width": 0.5}), ("renyi", {"sigma_x": 1.0, "sigma_y": 2.0}),
             ("matrix-entropy", {"sigma": 1.0}), ("coding-rate", {"normalize": False}), ("numerical-rank", {"atol": 1e-3}),
-            ("local-rank", {"atol": 0.01}), ("effective-rank", {"convention": "sv"})]
+            ("local-rank", {"atol": 0.01}), ("effective-rank", {"convention": "sv"}),
+            ("ksg", {"copula": True}), ("gcmi", {"bias_correction": False}),
+            ("binning", {"n_bins": 29, "range_min": -1.0, "range_max": 1.0, "outside": "idnns"}),
+            ("compressed", {"mi_step": "kl", "standardize": True, "ae_steps": 3, "ae_hidden": 4}),
+            ("infonce", {"critic": "concat", "steps": 3, "batch_size": 4, "hidden": 4})]
 CASES = [(n, FAST_PARAMS.get(n, {})) for n in NAMES] + [v for v in VARIANTS if v[0] in NAMES]
 PAIR = [c for c in CASES if registry.get(c[0]).kind == "pair"]
 SINGLE = [c for c in CASES if registry.get(c[0]).kind == "single"]

@@ -94,7 +94,8 @@ def test_empty_feature_axis():
 def _invariant_cases():
     out = []
     for name, cls in registry.available().items():
-        params = {"steps": 20, "batch_size": 16} if name == "infonce" else {}
+        params = ({"steps": 20, "batch_size": 16} if name in ("infonce", "mine", "smile")
+                  else {"ae_steps": 50} if name == "compressed" else {})
         est = registry.create(name, **params)
         if est.scale_invariant("x") is not None:
             out.append((name, params))

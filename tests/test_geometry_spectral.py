@@ -303,3 +303,83 @@ def test_no_warning_on_regular_input():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ibscope.measure(np.random.RandomState(8).randn(50, 5), "effective-rank")
+
+
+# --- numerics: true singular values and one numerical-rank rule (issue 13, item 5) -------------
+
+def exact_low_rank(n, d, s, seed=0, centred=True):
+    """U diag(s) V^T with orthonormal U (orthogonal to the ones vector when ``centred``) and V."""
+    rs = np.random.default_rng(seed)
+    k = len(s)
+    m = np.c_[np.ones(n), rs.standard_normal((n, k))] if centred else rs.standard_normal((n, k))
+    q, _ = np.linalg.qr(m)
+    u = q[:, 1:k + 1] if centred else q[:, :k]
+    v, _ = np.linalg.qr(rs.standard_normal((d, k)))
+    return u @ np.diag(s) @ v.T
+
+
+@pytest.mark.parametrize("shape,s", [((200, 12), [4.0, 2.0, 1.0, 1.0]),      # the reptrix#16 case
+                                     ((60, 500), [9.0, 3.0, 1.0, 0.5, 0.1]),    # wide: sample side
+                                     ((3000, 64), list(np.geomspace(10, 1e-3, 20)))])
+def test_rankme_sv_is_true_singular_values(shape, s):
+    # closed form from the known singular values, and numpy's SVD of the same matrix: the
+    # tolerance 1e-9 relative is the issue's; what remains is LAPACK round-off (~1e-14).
+    # sqrt of Gram eigenvalues gave 3e-7 (rank-4 case) to 3e-6 here.
+    z = exact_low_rank(*shape, np.array(s), centred=False)
+    s = np.array(s)
+    closed = math.exp(-((s / s.sum()) * np.log(s / s.sum())).sum())
+    sv_np = np.linalg.svd(z, compute_uv=False)
+    sv_np = sv_np[sv_np > sv_np[0] * max(shape) * np.finfo(float).eps]
+    ref = erank_formula(sv_np)
+    got = ibscope.measure(z, "effective-rank", convention="sv").value
+    assert got == pytest.approx(closed, rel=1e-9)
+    assert got == pytest.approx(ref, rel=1e-9)
+    # float32 input is measured as the float32 matrix it is (its rounding adds singular values
+    # of ~1e-8 sigma_max, real ones), computed in float64: as numpy's float64 SVD of it
+    z32 = z.astype(np.float32)
+    got32 = ibscope.measure(z32, "effective-rank", convention="sv").value
+    s32 = np.linalg.svd(z32.astype(np.float64), compute_uv=False)
+    assert got32 == pytest.approx(erank_formula(s32[s32 > s32[0] * max(shape) * np.finfo(float).eps]), rel=1e-9)
+
+
+def test_blocked_qr_singular_values_match_numpy(monkeypatch):
+    import ibscope.estimators._linalg as lin
+
+    rs = np.random.RandomState(3)
+    for shape in ((257, 31), (31, 257)):
+        x = rs.randn(*shape) @ np.diag(np.geomspace(1, 1e-6, shape[1])) + 2.0
+        ref = np.linalg.svd(x - x.mean(0), compute_uv=False)
+        monkeypatch.setattr(lin, "BLOCK_BYTES", 8 * 40)   # many blocks of the TSQR
+        got = lin.singular_values(torch.from_numpy(x), center=True).numpy()
+        monkeypatch.undo()
+        # absolute error a few eps * sigma_max, as numpy's own SVD
+        assert np.max(np.abs(got - ref)) <= 1e-13 * ref[0]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_rank_of_centred_wide_matrix_is_n_minus_1(seed):
+    # centring removes one direction from n < d samples: the n x n Gram has an eigenvalue
+    # that is 0 up to round-off (sometimes +1e-15). The shared rule counts n - 1 everywhere.
+    x = np.random.RandomState(seed).randn(20, 50)
+    sp = spectrum(torch.from_numpy(x), center=True)
+    assert sp.rank == 19 == np.linalg.matrix_rank(x - x.mean(0))
+    assert ibscope.measure(x, "numerical-rank", rtol=1e-15).value == 19
+    assert ibscope.measure(x, "pca-dim", fraction=1.0).value == 19
+    with pytest.raises(DataError, match="only 19 non-zero"):
+        ibscope.measure(x, "alpha-req", fit_start=2, fit_end=20)
+    assert ibscope.measure(x, "alpha-req", fit_start=2, fit_end=19).value > 0
+
+
+def test_rank_tolerance_helper():
+    from ibscope.estimators._linalg import nonzero, numerical_rank, rank_tolerance
+
+    assert rank_tolerance(2.0, 10, 30) == 2.0 * 30 * np.finfo(float).eps
+    assert rank_tolerance(1.0, 4, 4, torch.float32) == 4 * np.finfo(np.float32).eps
+    lam = torch.tensor([5.0, 1.0, 1e-10, 5 * 30 * 2.2e-16, 0.0], dtype=torch.float64)
+    assert numerical_rank(lam, 10, 30) == 3          # 1e-10 counts; the round-off-sized one does not
+    assert nonzero(torch.zeros(3, dtype=torch.float64), 3, 3).numel() == 0
+    # exact-rank matrices of every shape: the helper agrees with numpy's matrix_rank
+    for n, d, r in ((50, 10, 3), (10, 50, 7), (100, 100, 1)):
+        z = exact_low_rank(n, d, np.geomspace(1, 1e-4, r), seed=r, centred=False)
+        assert spectrum(torch.from_numpy(z), center=False).rank == r == np.linalg.matrix_rank(z)
+        assert spectrum(torch.from_numpy(z), center=False, method="svd").rank == r

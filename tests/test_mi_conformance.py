@@ -16,13 +16,14 @@ from ibscope.estimators.base import Estimator, as_tensor
 from ibscope.estimators.conformance import ConformanceError, check_estimator
 
 MINE = ["binning", "adaptive-binning", "kde", "kde-upper", "kde-lower", "adaptive-kde", "adaptive-kde-upper",
-        "adaptive-kde-lower", "ksg", "gaussian", "compressed", "infonce", "renyi"]
+        "adaptive-kde-lower", "ksg", "gaussian", "compressed", "infonce", "renyi", "chelombiev-binning",
+        "chelombiev-kde", "chelombiev-kde-upper", "chelombiev-kde-lower", "gcmi", "mine", "smile"]
 
 
 @pytest.mark.parametrize("name", MINE)
 def test_builtin_estimators_conform(name):
     cls = available()[name]
-    est = cls(steps=20, batch_size=32) if name == "infonce" else cls()
+    est = cls(steps=20, batch_size=32) if name in ("infonce", "mine", "smile") else cls()
     passed = check_estimator(est, n=200)
     assert "deterministic" in passed and "numpy and torch agree" in passed and "rejects NaN" in passed
     assert cls.kind == "pair" and cls.unit == "nats" and cls.reference

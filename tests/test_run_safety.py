@@ -225,8 +225,10 @@ def test_output_path_through_a_symlink_outside_is_refused(toy, tmp_path):
     (toy / "so" / "stores").symlink_to(elsewhere)  # OUT/stores would lead outside OUT
     r = CliRunner().invoke(app, ["run", str(toy / "sane.yaml"), "-o", str(toy / "so"), "-q"])
     assert r.exit_code == 2, r.output
-    assert (f"The activation store '{elsewhere / 'p'}' lies outside the output folder '{toy / 'so'}'."
-            in " ".join(r.output.split()))
+    text = " ".join(r.output.split())
+    assert (f"The activation store '{elsewhere / 'p'}' lies outside the output folder '{toy / 'so'}' (through a "
+            f"symbolic link: '{toy / 'so' / 'stores' / 'p'}')." in text)
+    assert "remove the link or choose another output folder" in text
     assert list(elsewhere.iterdir()) == [] and sorted(p.name for p in (toy / "so").iterdir()) == ["stores"]
 
 
@@ -354,10 +356,10 @@ def test_strict_skip_bad_shards_and_safe_globals_reach_the_stages(toy, monkeypat
                                  "--safe-globals", "collections.OrderedDict", "--safe-globals", "numpy.dtype"])
     assert r.exit_code == 0, r.output
     assert seen["capture"] == [{"safe_globals": ["numpy.dtype", "collections.OrderedDict"]}] * 2  # one store per probe set: p, q
-    assert seen["run_estimate"] == [{"strict": True, "skip_bad_shards": True}]
+    assert seen["run_estimate"] == [{"skip_bad_shards": True}]  # strict is checked by the run itself, at its end
     assert seen["run_ood"] == [{"skip_bad_shards": True}]
     stamp = json.loads((toy / "k" / ".ibscope" / "stages" / "estimate.json").read_text())
-    assert stamp["config"]["estimate"]["strict"] is True and stamp["config"]["skip_bad_shards"] is True
+    assert "strict" not in stamp["config"]["estimate"] and stamp["config"]["skip_bad_shards"] is True
     # without the flags the keywords carry their defaults, and the changed settings re-run the stages
     cfg["capture"].pop("safe_globals")
     (toy / "k.yaml").write_text(yaml.safe_dump(cfg))
@@ -365,5 +367,43 @@ def test_strict_skip_bad_shards_and_safe_globals_reach_the_stages(toy, monkeypat
         v.clear()
     res = run_pipeline(toy / "k.yaml", out=toy / "k", progress=False, quiet=True)
     assert res.ran() == ["capture", "estimate", "ood"]
-    assert seen == {"capture": [{"safe_globals": []}] * 2, "run_estimate": [{"strict": False, "skip_bad_shards": False}],
+    assert seen == {"capture": [{"safe_globals": []}] * 2, "run_estimate": [{"skip_bad_shards": False}],
                     "run_ood": [{"skip_bad_shards": False}]}
+
+
+def test_strict_run_writes_every_stage_then_exits_4_and_toggling_it_reruns_nothing(toy):
+    """A ReLU layer dead at one checkpoint: twonn cannot define an intrinsic dimension there (a
+    noted row). `ibscope run --strict` still writes the figures and the report, then exits 4 naming
+    the note; a re-run with --strict exits 4 again without re-running anything; without it, 0."""
+    import torch
+
+    (toy / "mynet.py").write_text(TOY_NET.replace("nn.Tanh()", "nn.ReLU()"))
+    ns: dict = {}
+    exec(TOY_NET.replace("nn.Tanh()", "nn.ReLU()"), ns)
+    for p in (toy / "runs").glob("*.pt"):
+        p.unlink()
+    torch.manual_seed(1)
+    net = ns["Net"](hidden=10)
+    for epoch in range(3):
+        sd = {k: v.clone() for k, v in net.state_dict().items()}
+        if epoch == 1:
+            sd["fc1.bias"] = torch.full((10,), -100.0)  # every ReLU unit dead at epoch 1
+        torch.save({"epoch": epoch, "state_dict": sd}, toy / "runs" / f"epoch_{epoch:03d}.pt")
+    cfg = {**SANE, "capture": {"layers": ["act"]}, "estimate": {"estimators": ["twonn"]},
+           "plot": {"kinds": ["curves"]}, "report": {"enabled": True}}
+    (toy / "dead.yaml").write_text(yaml.safe_dump(cfg))
+    r = ibscope("run", "dead.yaml", "-o", "dr", "--strict", cwd=toy)
+    assert r.returncode == 4, r.stderr
+    assert "have no value (estimate.strict / --strict)" in r.stderr and "checkpoint 1 (epoch 1)" in r.stderr
+    assert "Every stage has written its outputs." in r.stderr
+    out = toy / "dr"
+    assert (out / "report.html").exists() and list((out / "figures").glob("*.png"))
+    assert (out / "report.html").stat().st_mtime >= (out / "results.csv").stat().st_mtime
+    rows = read_results(out / "results.csv").rows
+    dead = [x for x in rows if x["layer"] == "act" and x["epoch"] == 1]
+    assert len(dead) == 1 and dead[0]["value"] is None and dead[0]["note"]
+    assert all(x["value"] is not None for x in rows if x["layer"] == "act" and x["epoch"] != 1)
+    r = ibscope("run", "dead.yaml", "-o", "dr", "--strict", cwd=toy)
+    assert r.returncode == 4 and "> " not in r.stderr.replace("skipped", ""), r.stderr  # nothing re-ran
+    r = ibscope("run", "dead.yaml", "-o", "dr", cwd=toy)
+    assert r.returncode == 0 and "> " not in r.stderr, r.stderr

@@ -8,6 +8,7 @@ fault after "No space left on device")."""
 
 from __future__ import annotations
 
+import csv
 import errno
 import json
 import logging
@@ -386,6 +387,96 @@ def test_corrupt_chunk_is_a_data_error_naming_shard_and_dataset(run):
         got.activations(1, "fc1")
     assert victim.name in str(ei.value) and "acts/fc1" in str(ei.value) and "corrupt" in str(ei.value)
     assert f"Delete '{victim}'" in ei.value.hint and "--resume" in ei.value.hint  # the check reads no data
+
+
+def test_corrupt_chunk_stops_estimate_then_repair_recomputes_the_cells(run):
+    """A chunk damaged on disk is found only when estimate reads it: exit 4 naming shard and
+    dataset, nothing written (not a noted cell: the estimate is not at fault). With
+    --skip-bad-shards its cells are noted; after the documented repair (delete, capture --resume)
+    the next incremental estimate tries those cells again and they get values."""
+    st = copy_store(run, "badchunk_est")
+    victim = shards(st)[1]
+    with h5py.File(victim, "r") as f:
+        info = f["acts/fc1"].id.get_chunk_info(0)
+    with open(victim, "r+b") as fh:
+        fh.seek(info.byte_offset)
+        fh.write(b"\xff" * info.size)
+    out = run / "badchunk_est.csv"
+    r = cli("estimate", st, "-o", out, "-e", "binning", "-q")
+    assert r.returncode == 4, r.stderr
+    assert victim.name in r.stderr and "acts/fc1" in r.stderr and not out.exists()
+    r = cli("estimate", st, "-o", out, "-e", "binning", "-q", "--skip-bad-shards")
+    assert r.returncode == 0, r.stderr
+    rows = list(csv.DictReader(open(out)))
+    bad = [x for x in rows if x["layer"] == "fc1" and x["checkpoint"] == "1" and x["estimator"] == "binning"]
+    assert len(bad) == 2 and all(x["value"] == "" and "(--skip-bad-shards)" in x["note"] for x in bad)
+    victim.unlink()  # the repair the hint gives
+    r = cli(*capture_args(run, st, "--resume"))
+    assert r.returncode == 0, r.stderr
+    r = cli("estimate", st, "-o", out, "-e", "binning", "-q")
+    assert r.returncode == 0, r.stderr
+    again = {(x["checkpoint"], x["layer"], x["quantity"]): x for x in csv.DictReader(open(out)) if x["estimator"] == "binning"}
+    fresh = run / "badchunk_fresh.csv"
+    assert cli("estimate", run / "ref", "-o", fresh, "-e", "binning", "-q").returncode == 0
+    ref = {(x["checkpoint"], x["layer"], x["quantity"]): x for x in csv.DictReader(open(fresh)) if x["estimator"] == "binning"}
+    assert set(again) == set(ref) and all(again[k]["value"] == ref[k]["value"] != "" for k in ref)
+    assert all(x["note"] == "" for x in again.values())
+
+
+def test_resume_refuses_to_mix_a_retrained_run_into_the_store(run, tmp_path):
+    """Checkpoints retrained in place (same paths and epochs, new weights), or a new file whose
+    epoch is already captured: --resume refuses (exit 4) instead of adding a second series."""
+    d = tmp_path / "retrain"
+    shutil.copytree(run / "ck", d / "ck")
+    shutil.copy(run / "probe.npz", d / "probe.npz")
+    write_models(d)
+    store = d / "acts"
+    assert cli(*capture_args(d, store)).returncode == 0
+    before = sorted(p.name for p in shards(store))
+    mods = load_models(d)
+    x, y = mlp_data(n=N)
+    torch.manual_seed(123)  # the retrained run
+    train_checkpoints(mods.MLP(), x, y, d / "ck", epochs=(0, 1, 2), steps=3)
+    r = cli(*capture_args(d, store, "--resume"))
+    assert r.returncode == 4, r.stderr
+    text = one_line(r.stderr)
+    assert "the file changed since it was captured" in text and "mix two training runs" in text and "--overwrite" in text
+    assert sorted(p.name for p in shards(store)) == before  # nothing added
+    # the same epochs saved under new names next to the captured ones
+    for p in (d / "ck").glob("*.pt"):
+        p.rename(p.with_name("new_" + p.name))
+    args = capture_args(d, store, "--resume")
+    args[args.index("-c") + 1] = str(d / "ck" / "new_*.pt")
+    r = cli(*args)
+    assert r.returncode == 4 and "is already captured from another file" in one_line(r.stderr), r.stderr
+    assert sorted(p.name for p in shards(store)) == before
+    r = cli(*[a for a in args if a != "--resume"], "--overwrite")
+    assert r.returncode == 0 and len(shards(store)) == 3
+
+
+def test_resume_of_a_store_moved_with_its_run_folder(run, tmp_path):
+    """The run folder (model file, checkpoints, probe, store) copied elsewhere: --resume works from
+    the new paths (same file names, same probe data), keeps the store's config, and the repaired
+    store equals the original; a model file of another name is still refused, naming old and new."""
+    d = tmp_path / "moved"
+    for name in ("ck", "ref"):
+        shutil.copytree(run / name, d / name)
+    shutil.copy(run / "probe.npz", d / "probe.npz")
+    write_models(d)
+    victim = shards(d / "ref")[1]
+    victim.unlink()
+    r = cli(*capture_args(d, d / "ref", "--resume"))
+    assert r.returncode == 0, r.stderr
+    assert "the same files are now at other paths" in one_line(r.stderr)
+    assert_same_values(d / "ref", run / "ref")
+    assert open_store(d / "ref").config == open_store(run / "ref").config
+    args = capture_args(d, d / "ref", "--resume")
+    spec = args[args.index("-m") + 1]
+    other = Path(spec.rpartition(":")[0]).with_name("other_models.py")
+    shutil.copy(spec.rpartition(":")[0], other)
+    args[args.index("-m") + 1] = f"{other}:{spec.rpartition(':')[2]}"
+    r = cli(*args)
+    assert r.returncode == 4 and "different settings (model: " in one_line(r.stderr) and "other_models.py" in r.stderr
 
 
 def test_open_store_reads_attributes_and_shapes_not_data(run, monkeypatch):

@@ -24,6 +24,7 @@ from ibscope._device import resolve_device
 from ibscope.capture.jacobian import frozen_parameters, jacobian_spectra, parse_memory, parse_method, plan_jacobians
 from ibscope.capture.probe import check_forward_accepts
 from ibscope._locks import DEFAULT_LOCK_TIMEOUT, check_timeout, lock_path_for, writer_lock
+from ibscope._paths import check_parents
 from ibscope.errors import DataError, UsageError, io_error
 
 log = logging.getLogger(__name__)
@@ -232,11 +233,35 @@ def show_plan(ckpts, console=None) -> None:
     (console or _console()).print(tab)
 
 
+def _check_resume_series(out: Path, ckpts) -> None:
+    """``--resume`` must not mix two training runs in one store: a checkpoint file that changed
+    since it was captured (same path, new sha256), or a new file whose epoch/step is already
+    captured from other weights (a retrained run), is a DataError naming both."""
+    from ibscope.store import open_store
+
+    st = open_store(out, skip_bad_shards=True)  # bad shards are deleted and re-captured by resume
+    by_path = {os.path.realpath(c.path): c for c in st.checkpoints}
+    by_time = {(c.epoch, c.step): c for c in st.checkpoints if c.epoch is not None or c.step is not None}
+    for ck in ckpts:
+        old = by_path.get(os.path.realpath(ck.path))
+        why = "the file changed since it was captured"
+        if old is None or old.sha256 == ck.sha256:
+            old = by_time.get((ck.epoch, ck.step)) if (ck.epoch is not None or ck.step is not None) else None
+            why = f"{ck.label} is already captured from another file ('{old.path}')" if old is not None else ""
+        if old is not None and old.sha256 != ck.sha256:
+            raise DataError(
+                f"Cannot resume '{out}': checkpoint '{ck.path}' ({ck.label}) has sha256 {ck.sha256[:12]}, but the store "
+                f"holds {old.label} with sha256 {old.sha256[:12]}: {why}. Resuming would mix two training runs "
+                f"in one store.",
+                hint="Re-capture everything with --overwrite (or into a new --out) when the run was retrained.")
+
+
 def _check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
     from ibscope.store import MANIFEST, SHARD_DIR
 
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out '{out}' is a file; it must be a directory (new, or an existing activation store).")
+    check_parents(out, "activation store")  # -o afile/x: a usage error, not a failed write
     # a store being created by another capture holds only these (its manifest is renamed in last)
     own = {MANIFEST, MANIFEST + ".tmp", SHARD_DIR}
     if out.is_dir() and not (out / MANIFEST).exists() and any(p.name not in own for p in out.iterdir()):
@@ -416,6 +441,8 @@ def _write_store(out, config, pr, meta, inputs, ckpts, targets, reducers, net, d
 
     writer = StoreWriter(out, config=config, sample_ids=pr.ids, labels=pr.y, layers=meta, inputs=inputs,
                          input_shape=tuple(pr.x.shape[1:]), resume=resume, overwrite=overwrite, compression=compression)
+    if resume:
+        _check_resume_series(out, ckpts)
     todo = [c for c in ckpts if not (resume and writer.has_checkpoint(c.sha256))]
     if resume and len(todo) < len(ckpts):
         log.info("Resuming: %d of %d checkpoints already captured.", len(ckpts) - len(todo), len(ckpts))

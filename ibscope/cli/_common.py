@@ -9,6 +9,7 @@ import functools
 import json
 import logging
 import sys
+import warnings
 from typing import Any, Callable
 
 import typer
@@ -39,17 +40,40 @@ def error_exit(exc: IbscopeError) -> "typer.Exit":
     return typer.Exit(code=exc.exit_code)
 
 
+_shown: set[str] = set()
+
+#: what Ctrl-C leaves behind, per command (the function name of the command)
+_INTERRUPTED = {
+    "capture": "Completed checkpoints are kept; re-run with --resume to capture the rest.",
+    "estimate": "The cells computed so far were written; re-run the same command to compute the rest.",
+    "run": "Completed stages are kept; re-run the same command to continue where it stopped.",
+    "demo": "Completed stages are kept; re-run the same command to continue where it stopped.",
+    "": "Nothing half-written was left; re-run the same command.",
+}
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    text = str(message)
+    if text in _shown:
+        return
+    _shown.add(text)
+    console().print(f"Warning: {text}", markup=False, soft_wrap=True)
+
+
 def guard(fn: Callable) -> Callable:
     """Turn library errors into a message + documented exit code (no traceback)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.showwarning = _show_warning  # "Warning: ..." once each, no file:line or source
+                _shown.clear()
+                return fn(*args, **kwargs)
         except IbscopeError as exc:
             raise error_exit(exc) from None
         except KeyboardInterrupt:
-            console().print("[red]Interrupted.[/] Completed checkpoints are kept; re-run with --resume.")
+            console().print("[red]Interrupted.[/] " + _INTERRUPTED.get(fn.__name__.removesuffix("_cmd"), _INTERRUPTED[""]))
             raise typer.Exit(code=130) from None
         except (typer.Exit, typer.Abort, SystemExit):
             raise
@@ -112,3 +136,13 @@ def load_mapping(text_or_path: str | None, what: str) -> dict[str, Any]:
 def setup_logging(quiet: bool = False, verbose: bool = False) -> None:
     level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
     logging.basicConfig(level=level, stream=sys.stderr, format="%(message)s")
+    for h in logging.getLogger().handlers:  # warnings read "Warning: ...", like Python warnings
+        h.setFormatter(_LevelFormatter())
+
+
+class _LevelFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        msg = super().format(record)
+        if record.levelno >= logging.ERROR:
+            return f"Error: {msg}"
+        return f"Warning: {msg}" if record.levelno >= logging.WARNING else msg

@@ -161,10 +161,7 @@ def register(app) -> None:
                 progress=not quiet, strict=False, skip_bad_shards=skip_bad_shards, lock_timeout=lock_timeout,
             )
         prov = res.provenance
-        for entry in prov.get("stores") or []:
-            for sk in entry.get("skipped_shards") or []:
-                c.print(f"Skipped shard {sk.get('file')} of store '{entry.get('path')}': {sk.get('reason')}",
-                        markup=False, soft_wrap=True)
+        # skipped shards were named once when the store was opened (and are listed in the provenance)
         for line in summary_lines(res, strict=strict):
             c.print(line, markup=False, soft_wrap=True)
         if not quiet:

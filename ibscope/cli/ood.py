@@ -109,8 +109,7 @@ def ood(
                       f"{r['fpr95_openood']:.3f}", f"{r['flagged_fraction']:.3f}")
         c = console()
         c.print(t)
-        for w in doc["warnings"]:
-            c.print(f"[yellow]Warning:[/] {w}")
+        # doc["warnings"] were already logged by run_ood as "Warning: ..." lines
         c.print("FPR95 ID+: OOD accepted at 95% ID accepted (Lee/Sun); FPR95 OOD+: ID flagged at 95% OOD flagged "
                 "(OpenOOD v1.5); flagged: OOD share above the validation threshold.")
         c.print(f"Wrote {Path(out) / JSON_NAME}, {Path(out) / 'ood_scores.h5'} and {len(doc['figures'])} figure(s).")

@@ -62,6 +62,7 @@ def register(app: typer.Typer) -> None:
             "  ibscope plot results.csv -k info-plane --unit nats --format pdf -o figs/\n\n"
             "  ibscope plot seed*.csv --runs all --animate   # several seeds; every run faint; GIF\n\n"
             "  ibscope plot results.csv -k curves --quantity effective_rank --logx on\n\n"
+            "  ibscope plot results.csv --null subtract --validation val/   # chance removed; validated bias bars\n\n"
             "Exit codes: 0 ok, 1 error, 2 bad option or unknown name, 4 empty or unusable results table."
         ),
     )
@@ -94,6 +95,15 @@ def register(app: typer.Typer) -> None:
             "auto", "--animation-format", help="gif, mp4 (needs ffmpeg on PATH) or auto (mp4 when ffmpeg is found)."),
         fps: float = typer.Option(2.0, "--fps", help="Frames (checkpoints) per second of the animation."),
         dpi: int = typer.Option(150, "--dpi", help="Resolution of raster figures."),
+        null: str = typer.Option(
+            "band", "--null", help="Permutation nulls in the table (columns null_mean, null_std): 'band' draws "
+                                   "null_mean ± 2·null_std per layer, hatched (chance level; an estimate inside it "
+                                   "is not distinguishable from chance); 'subtract' plots value − null_mean; 'off' "
+                                   "ignores them."),
+        validation: Optional[Path] = typer.Option(
+            None, "--validation", help="Folder (or validation.csv) written by `ibscope validate` on these results: "
+                                       "each estimate gets an error bar [v − largest bias, v − smallest bias] from "
+                                       "the biases measured at its estimator, parameters, n and dims."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no list of written files."),
     ) -> None:
         """Draw information planes, curves and comparisons from a results table.
@@ -101,8 +111,10 @@ def register(app: typer.Typer) -> None:
         Information is shown in bits (--unit nats to keep nats). Every figure names the estimator and
         its settings, draws the caps found in the table (log n for I(X;T), H(Y) for I(T;Y)) and colours
         epochs on a log scale. Several runs or seeds give a median with an inter-quantile band; several
-        probe splits (train/test) sit side by side with identical axes. The written paths are listed
-        on stderr.
+        probe splits (train/test) sit side by side with identical axes. Estimates within 1 % of their
+        cap (saturated: the estimator cannot show more at this n and width) are drawn hollow; the
+        permutation null of each estimate, where the table has one, is a hatched band (--null). The
+        written paths are listed on stderr. How to read all this: docs/trust.md.
         """
         from ibscope.plot import plot_results
 
@@ -110,7 +122,8 @@ def register(app: typer.Typer) -> None:
         bar, cb = _progress(quiet, "plot")
         kw = dict(kinds=kind or None, unit=unit, fmt=fmt, quantities=quantity, estimators=estimator, splits=split,
                   runs=run, layers=layer, runs_mode=runs, band=band, logx=_bool_or_auto(logx, "--logx"),
-                  dpi=dpi, animate=animate, animation_format=animation_format, fps=fps, callback=cb)
+                  dpi=dpi, animate=animate, animation_format=animation_format, fps=fps, null=null,
+                  validation=validation, callback=cb)
         if bar is not None:
             with bar:
                 paths = plot_results([str(p) for p in results], out, **kw)
@@ -129,6 +142,7 @@ def register(app: typer.Typer) -> None:
             "Examples:\n\n"
             "  ibscope report results.csv                          # -> results_report.html\n\n"
             "  ibscope report results.csv --ood ood_out/ood_metrics.json -o report.html\n\n"
+            "  ibscope report results.csv --validation val/      # with the validation table (ibscope validate)\n\n"
             "Exit codes: 0 ok, 1 error, 2 bad option or unknown name, 4 empty or unusable results / OOD file."
         ),
     )
@@ -149,19 +163,26 @@ def register(app: typer.Typer) -> None:
         title: Optional[str] = typer.Option(None, "--title", help="Title of the report page."),
         max_columns: int = typer.Option(10, "--max-columns", help="Most epochs shown per table (evenly spaced; the "
                                                                   "full table is embedded as CSV)."),
+        validation: Optional[Path] = typer.Option(
+            None, "--validation", help="Folder (or validation.csv) written by `ibscope validate`: its table of "
+                                       "biases and its figure go into the section 'Can these numbers be trusted?'."),
+        null: str = typer.Option("band", "--null", help="How figures show permutation nulls: band, subtract or off "
+                                                        "(as in `ibscope plot`)."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no final message."),
     ) -> None:
         """Write one self-contained HTML report: planes, curves, tables of numbers, provenance, OOD.
 
         Images are embedded (base64) and the full results table is attached as a CSV download, so the
-        single file opens offline in any browser and can be shared as is.
+        single file opens offline in any browser and can be shared as is. The section "Can these numbers
+        be trusted?" counts saturated estimates and estimates indistinguishable from their permutation
+        null, and shows the validation table when given --validation (see docs/trust.md).
         """
         from ibscope.report import write_report
 
         setup_logging(quiet=quiet)
         bar, cb = _progress(quiet, "report")
         kw = dict(ood=ood, figures_dir=figures_dir, unit=unit, title=title, kinds=kind or None, runs_mode=runs,
-                  max_columns=max_columns, callback=cb)
+                  max_columns=max_columns, validation=validation, null=null, callback=cb)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             if bar is not None:

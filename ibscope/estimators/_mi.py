@@ -108,3 +108,25 @@ def split_discrete(est, x, y):
         return None
     return (y, x, True) if dx else (x, y, False)
 
+
+
+def copula_normalize(t: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, float]:
+    """Rank-Gaussianise every column of a continuous (n, d) tensor: z = Phi^-1(rank / (n + 1)).
+
+    Ranks are 1..n within each column; tied values get distinct ranks in a seeded random order
+    (a per-column random permutation, drawn on the CPU so every device gets the same result).
+    Every column becomes exactly the n normal scores, so the result depends on the data only
+    through the ranks (invariant to any increasing map of any column). Float64, on t's device.
+    Returns (z, the largest fraction of tied values in a column).
+    """
+    n, d = t.shape
+    t = t.to(torch.float64)
+    g = torch.Generator(device="cpu").manual_seed(int(seed))
+    perm = torch.argsort(torch.rand((n, d), generator=g, dtype=torch.float64), dim=0).to(t.device)  # one per column
+    idx = torch.argsort(torch.gather(t, 0, perm), dim=0, stable=True)
+    order = torch.gather(perm, 0, idx)                      # row indices of each column, sorted by value
+    ranks = torch.empty((n, d), dtype=torch.float64, device=t.device)
+    ranks.scatter_(0, order, torch.arange(1, n + 1, dtype=torch.float64, device=t.device)[:, None].expand(n, d))
+    sorted_vals = torch.gather(t, 0, order)
+    tied = float((sorted_vals[1:] == sorted_vals[:-1]).sum(0).max()) / n if n > 1 else 0.0
+    return torch.special.ndtri(ranks / (n + 1)), tied

@@ -7,9 +7,16 @@ sample identity (n distinct ids) this is I(X;T) = H(T_binned) <= log n, the lite
 quantity; with Y class labels it is H(T) - H(T|Y) <= H(Y). Integer inputs are already
 discrete and are used as they are.
 
-Values outside an explicit range go into the first or last bin (they are never wrapped
-around, unlike the reference code's ``digitize`` on a fixed [-1, 1] grid); how many did so
-is reported in ``Estimate.extra["n_outside"]``.
+Values outside an explicit range go into the first or last bin by default (``outside=
+"clamp"``); ``"separate"`` gives values at or above the top edge one symbol of their own and
+values below the bottom edge another; ``"idnns"`` reproduces the reference code of
+Shwartz-Ziv & Tishby (IDNNs: ``bins[digitize(v, bins) - 1]`` on float32 edges), where values
+at or above the top edge get a symbol of their own and values below the bottom edge wrap
+around into that same symbol. How many values lay outside the range is reported in
+``Estimate.extra["n_outside"]``.
+
+``chelombiev-binning`` is the entropy-based adaptive binning of Chelombiev et al.'s released
+code; ``adaptive-binning`` is ibscope's variant of it (see their docstrings for the difference).
 """
 
 from __future__ import annotations
@@ -65,14 +72,22 @@ class Binning(_BinningMixin, Estimator):
     ``n_bins`` equal-width bins over [range_min, range_max] (default: the layer's own minimum
     and maximum, pooled over all units). ``bin_width`` instead fixes the width: with no range
     the bins are floor(v / bin_width) (ibsgd's unbounded grid); with a range they start at
-    range_min. Values outside a given range go into the first/last bin (counted in
-    extra["n_outside"]). I(X;T) on n distinct inputs equals H(T_binned) <= log n (the cap).
+    range_min; the unbounded grid divides in the activations' own precision (float32 for a
+    store), as ibsgd's ``np.floor(d / binsize)`` does. Values outside a given range (counted
+    in extra["n_outside"]): ``outside="clamp"`` puts them into the first/last bin;
+    ``"separate"`` gives values >= range_max one extra symbol and values < range_min another;
+    ``"idnns"`` is IDNNs' ``bins[np.digitize(v, bins) - 1]`` with ``bins`` = the n_bins + 1
+    edges rounded to float32: bins are [e_k, e_(k+1)), values >= range_max form one extra
+    symbol, and values < range_min wrap around into that same symbol (IDNNs'
+    ``linspace(-1, 1, 30)`` is n_bins=29 with outside="idnns"). "separate"/"idnns" need a range
+    and n_bins (not bin_width). I(X;T) on n distinct inputs equals H(T_binned) <= log n (the cap).
     """
 
     n_bins: int = 30
     bin_width: float | None = None
     range_min: float | None = None
     range_max: float | None = None
+    outside: str = "clamp"
 
     name: ClassVar[str] = "binning"
     reference: ClassVar[str] = "Shwartz-Ziv & Tishby 2017, arXiv:1703.00810"
@@ -91,11 +106,23 @@ class Binning(_BinningMixin, Estimator):
         if self.range_min is not None:
             self._require(float(self.range_min) < float(self.range_max), "range_min", "smaller than range_max",
                           (self.range_min, self.range_max))
+        _mi.check_choice(self, "outside", self.outside, ("clamp", "separate", "idnns"))
+        if self.outside != "clamp":
+            self._require(self.range_min is not None and self.bin_width is None, "outside",
+                          "'clamp' unless range_min/range_max are given and bin_width is not "
+                          "(the other rules are about the edges of a fixed range)", self.outside)
 
     def _bin(self, t):
-        t = t.to(torch.float64)
         if self.bin_width is not None and self.range_min is None:
-            return torch.floor(t / float(self.bin_width)).to(torch.int64), 0
+            # ibsgd: np.floor(d / binsize) with d float32 divides in float32. The float64 quotient
+            # rounded to t's dtype is that correctly rounded division (double rounding is exact
+            # for a division when 53 >= 2p + 2), whatever torch does with a scalar divisor.
+            w = float(torch.tensor(float(self.bin_width), dtype=t.dtype))
+            q = (t.to(torch.float64) / w).to(t.dtype)
+            return torch.floor(q).to(torch.int64), 0
+        if self.outside != "clamp":
+            return self._bin_edges(t)
+        t = t.to(torch.float64)
         if self.range_min is not None:
             lo, hi = float(self.range_min), float(self.range_max)
             outside = int(((t < lo) | (t > hi)).sum())
@@ -113,21 +140,40 @@ class Binning(_BinningMixin, Estimator):
         b = torch.floor((t - lo) / w).clamp_(0, nb - 1)
         return b.to(torch.int64), outside
 
+    def _bin_edges(self, t):
+        """'separate' / 'idnns': explicit float32 edges linspace(lo, hi, n_bins + 1), digitize semantics."""
+        import numpy as np
+
+        lo, hi = float(self.range_min), float(self.range_max)
+        edges = torch.from_numpy(np.linspace(lo, hi, self.n_bins + 1).astype(np.float32).astype(np.float64))
+        t = t.to(torch.float64)
+        outside = int(((t < lo) | (t > hi)).sum())
+        # idx k: edges[k-1] <= v < edges[k]; 0 below the first edge, n_bins + 1 at or above the last
+        idx = torch.searchsorted(edges.to(t.device), t.contiguous(), right=True)
+        if self.outside == "idnns":  # bins[0 - 1] = bins[-1]: below the range wraps to the top symbol
+            idx = torch.where(idx == 0, torch.full_like(idx, self.n_bins + 1), idx)
+        return idx.to(torch.int64), outside
+
 
 @register
 @dataclass(frozen=True)
 class AdaptiveBinning(_BinningMixin, Estimator):
-    """Equal-mass (entropy-based adaptive) binning per layer and checkpoint (Chelombiev et al. 2019).
+    """Equal-mass binning per layer and checkpoint (ibscope's variant of Chelombiev et al.'s EBAB).
 
-    The sorted unique values u of the variable (all units pooled) give the edges
-    u[floor(k |u| / n_bins)], k = 0..n_bins-1, so every bin holds about the same number of
-    distinct values; edges are recomputed for every call (every layer and checkpoint).
+    The sorted unique values u of the variable (all units pooled) give the n_bins - 1 inner
+    edges u[floor(k |u| / n_bins)], k = 1..n_bins-1, so every bin holds about the same number
+    of distinct values; edges are recomputed for every call (every layer and checkpoint).
+    Differs from Chelombiev et al.'s released code (``chelombiev-binning``) in two places:
+    exact zeros (dead ReLU units) are pooled with the smallest values instead of forming a bin
+    of their own, and the maximum is not a bin of its own; it needs no activation-dependent
+    lower edge. Up to ~0.16 bits apart on ReLU layers.
     """
 
     n_bins: int = 30
 
     name: ClassVar[str] = "adaptive-binning"
-    reference: ClassVar[str] = "Chelombiev, Houghton & O'Donnell 2019, ICLR, arXiv:1902.09037"
+    reference: ClassVar[str] = ("ibscope variant of the entropy-based adaptive binning of Chelombiev, Houghton & "
+                                "O'Donnell 2019, ICLR, arXiv:1902.09037 (their procedure: chelombiev-binning)")
 
     def scale_invariant(self, arg: str) -> str | None:
         # equal-mass edges from the pooled sorted values
@@ -144,3 +190,58 @@ class AdaptiveBinning(_BinningMixin, Estimator):
         inner = u[idx.clamp(max=m - 1)].contiguous()
         b = torch.searchsorted(inner, t.contiguous(), right=True)
         return b.to(torch.int64), 0
+
+
+#: Chelombiev et al.'s lower edge for tanh-like layers (-1.000001 in their set_up_bins)
+TANH_LOW = -1.000001
+
+
+@register
+@dataclass(frozen=True)
+class ChelombievBinning(_BinningMixin, Estimator):
+    """Entropy-based adaptive binning (EBAB) as in Chelombiev et al.'s released code.
+
+    Per call (layer and checkpoint), with u the sorted unique values of the layer (all units
+    pooled) other than ``low``: edges e = [low, u[int(k * (|u| / n_bins))] for k = 0..n_bins-1,
+    u[-1]], rounded to float32, and every value v gets the symbol of e[digitize(v, e) - 1]
+    (``set_up_bins(..., per_layer_bins=True, maxentropy=True)`` and ``calc_information_sampling``
+    of ivansche/adaptive_estimators). So: [low, u[0]) holds only exact ``low`` values (the zeros
+    of dead ReLU units when low = 0), n_bins equal-count bins follow, the maximum u[-1] is a bin
+    of its own, and values below ``low`` wrap around into the maximum's bin (their digitize).
+    ``low``: their code uses 0 for ReLU/softplus networks and -1.000001 for tanh; None (the
+    default) picks 0 when the layer has no negative value and -1.000001 otherwise.
+    """
+
+    n_bins: int = 30
+    low: float | None = None
+
+    name: ClassVar[str] = "chelombiev-binning"
+    reference: ClassVar[str] = ("Chelombiev, Houghton & O'Donnell 2019, Adaptive estimators show information "
+                                "compression in deep neural networks, ICLR (code: ivansche/adaptive_estimators)")
+
+    def validate(self) -> None:
+        self._require(isinstance(self.n_bins, int) and not isinstance(self.n_bins, bool) and self.n_bins >= 1,
+                      "n_bins", "an integer >= 1", self.n_bins)
+        self._require(self.low is None or (isinstance(self.low, (int, float)) and not isinstance(self.low, bool)),
+                      "low", "a number (or None: 0 for non-negative layers, -1.000001 otherwise)", self.low)
+
+    def _bin(self, t):
+        import numpy as np
+
+        t = t.to(torch.float64)
+        low = float(self.low) if self.low is not None else (0.0 if float(t.min()) >= 0.0 else TANH_LOW)
+        u = torch.unique(t.reshape(-1))
+        u = u[u != low]
+        m = u.numel()
+        if m:
+            # int(k * (m / n_bins)) in float64, as their code computes it
+            idx = torch.from_numpy((np.arange(self.n_bins) * (m / self.n_bins)).astype(np.int64)).to(u.device)
+            edges = torch.cat([torch.tensor([low], dtype=torch.float64, device=u.device), u[idx], u[-1:]])
+        else:
+            edges = torch.tensor([low], dtype=torch.float64, device=t.device)
+        edges = edges.to(torch.float32).to(torch.float64)  # their bins.astype(np.float32)
+        idx = torch.searchsorted(edges, t.contiguous(), right=True)
+        idx = torch.where(idx == 0, torch.full_like(idx, edges.numel()), idx)  # bins[-1]: wrap to the top
+        # the symbol is the edge value bins[idx - 1] itself, so edges equal after rounding (or
+        # repeated when |u| < n_bins) give one symbol, as in their code
+        return edges[idx - 1], 0

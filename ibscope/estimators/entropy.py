@@ -111,7 +111,7 @@ class MatrixEntropy(Estimator):
             sp = spectrum(t, center=True, row_normalize=True)
             lam = sp.eigenvalues
             cap = math.log(max(1, min(n, d)))
-            h = renyi_entropy(lam / lam.sum(), self.alpha) if float(lam.sum()) > 0 else 0.0
+            h = renyi_entropy(lam / lam.sum(), self.alpha, size=max(n, d)) if float(lam.sum()) > 0 else 0.0
         else:
             if n > self.max_samples:
                 raise DataError(

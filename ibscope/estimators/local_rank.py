@@ -99,29 +99,33 @@ class LocalRank(Estimator):
 
     def ranks(self, s):
         """Per-sample ranks (int64 tensor (n,)) of singular values ``s`` (n, r)."""
-        return self._ranks(self._validated(s))
+        return self._ranks(*self._validated(s))
 
     def _validated(self, s):
         import torch
 
-        s = as_tensor(s, name="s", estimator=self, allow_discrete=False, allow_bool=False).to(torch.float64)
+        s = as_tensor(s, name="s", estimator=self, allow_discrete=False, allow_bool=False)
+        eps = torch.finfo(s.dtype).eps if s.is_floating_point() else torch.finfo(torch.float64).eps
+        s = s.to(torch.float64)
         if bool((s < 0).any()):
             raise DataError(f"{self.name}: singular values must be >= 0; got {int((s < 0).sum())} negative value(s).",
                             hint="Pass singular values of the Jacobians (jacobian_spectra), not the Jacobians.")
-        return s
+        return s, eps
 
-    def _ranks(self, s):
+    def _ranks(self, s, eps):
         import torch
 
         smax = s.max(dim=1, keepdim=True).values
-        thr = torch.clamp(self.rtol * smax, min=self.atol)
+        # never below the numerical-rank floor s_1 * r * eps (as _linalg.rank_tolerance)
+        floor = smax * s.shape[1] * eps
+        thr = torch.maximum(torch.clamp(self.rtol * smax, min=self.atol), floor)
         return (s > thr).sum(dim=1)
 
     def estimate(self, s) -> Estimate:
         import torch
 
-        s = self._validated(s)
-        r_all = self._ranks(s)
+        s, eps = self._validated(s)
+        r_all = self._ranks(s, eps)
         n, r = int(s.shape[0]), int(s.shape[1])
         rf = r_all.to(torch.float64)
         mean = float(rf.mean())

@@ -29,6 +29,7 @@ BUILTIN_MODULES = [
     "ibscope.estimators.kde",
     "ibscope.estimators.ksg",
     "ibscope.estimators.gaussian",
+    "ibscope.estimators.gcmi",
     "ibscope.estimators.compressed",
     "ibscope.estimators.neural",
     "ibscope.estimators.renyi",

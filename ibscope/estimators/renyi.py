@@ -22,6 +22,7 @@ import torch
 
 from ibscope.estimators import _mi
 from ibscope.estimators._knn import pairwise
+from ibscope.estimators._linalg import nonzero
 from ibscope.estimators.base import Estimate, Estimator, is_discrete
 from ibscope.estimators.registry import register
 
@@ -33,7 +34,7 @@ def renyi_entropy(a: torch.Tensor, alpha: float) -> float:
     lam = torch.linalg.eigvalsh(a).clamp(min=0)
     lam = lam / lam.sum()
     if alpha == 1.0:
-        lam = lam[lam > 0]
+        lam = nonzero(lam, lam.numel(), lam.numel())  # round-off zeros (_linalg.rank_tolerance)
         return float(-(lam * lam.log()).sum())
     return float(torch.log((lam ** alpha).sum()) / (1.0 - alpha))
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ibscope.errors import DataError
-from ibscope.estimators._linalg import Spectrum, renyi_entropy, spectrum
+from ibscope.estimators._linalg import Spectrum, rank_tolerance, renyi_entropy, spectrum
 from ibscope.estimators.base import Estimate, Estimator, as_tensor
 from ibscope.estimators.registry import register
 
@@ -56,13 +56,16 @@ class _SpectralMixin:
         return True
 
 
-def _erank(lam, eps: float) -> float:
-    """exp(Shannon entropy) of p = lam / sum(lam) (+ eps, the RankMe guard, if eps > 0)."""
+def _erank(lam, eps: float, sp: Spectrum) -> float:
+    """exp(Shannon entropy) of p = lam / sum(lam) (+ eps, the RankMe guard, if eps > 0).
+
+    Without eps, values at or below the numerical-rank tolerance (``_linalg.rank_tolerance``)
+    are zeros and dropped."""
     p = lam / lam.sum()
     if eps > 0:
         p = p + eps
         return float((-(p * p.log()).sum()).exp())
-    return math.exp(renyi_entropy(p, 1.0))
+    return math.exp(renyi_entropy(p, 1.0, size=max(sp.n, sp.d)))
 
 
 @register
@@ -78,6 +81,8 @@ class EffectiveRank(_SpectralMixin, Estimator):
       * "sv": s_k = singular values of the *raw, uncentred* Z, as published in RankMe
         (Garrido et al. 2023).
     The two differ on the same data (randn(1000, 1024): 613.4 vs 813.9).
+    "sv" uses true singular values (blocked QR + SVD, ``_linalg.singular_values``), not
+    square roots of Gram eigenvalues, so rank-deficient inputs match numpy's SVD to ~1e-12.
     ``eps``: RankMe adds 1e-7 to every p_k; the default 0 drops zeros instead (eps biases
     the value upwards: a flat spectrum on 64 of 100 dims gives 64.005 with 1e-7).
     Unit: dimensions; 1 <= erank <= min(n - 1, d) ("cov") or min(n, d) ("sv").
@@ -97,9 +102,9 @@ class EffectiveRank(_SpectralMixin, Estimator):
 
     def estimate(self, x) -> Estimate:
         center = self.convention == "cov"
-        sp = self._spectrum(x, center=center)
+        sp = self._spectrum(x, center=center, method="eigh" if center else "svd")
         s = sp.eigenvalues if center else sp.singular_values
-        value = 0.0 if self._degenerate(sp) else _erank(s, self.eps)
+        value = 0.0 if self._degenerate(sp) else _erank(s, self.eps, sp)
         return self._make(value, n=sp.n, dims=(sp.d,), cap=float(sp.max_rank),
                           extra={"convention": self.convention, "centered": center})
 
@@ -161,7 +166,9 @@ class NumericalRank(_SpectralMixin, Estimator):
 
     Definition: rank = #{k : sigma_k > max(atol, rtol * sigma_1)}, sigma = singular values
     of Z (centred by default, ``center``), computed by float64 SVD (not via eigenvalues,
-    so that rtol down to ~1e-14 is meaningful).
+    so that small rtol is meaningful). The threshold never goes below the round-off floor
+    sigma_1 * max(n, d) * eps (``_linalg.rank_tolerance``, numpy's default), so an exactly
+    rank-r matrix reads r for any rtol.
     Convention: the tolerance is *relative* by default (rtol = 1e-4, above float32
     round-off, so a rank-r float32 representation reads r); an absolute atol alone (rtol = 0)
     is scale-dependent. torch.linalg.matrix_rank's default (rtol = max(n, d) * eps) counts
@@ -185,7 +192,7 @@ class NumericalRank(_SpectralMixin, Estimator):
     def estimate(self, x) -> Estimate:
         sp = self._spectrum(x, center=self.center, method="svd")
         s = sp.singular_values
-        tol = max(self.atol, self.rtol * float(s.max()))
+        tol = max(self.atol, self.rtol * float(s.max()), rank_tolerance(float(s.max()), sp.n, sp.d))
         value = int((s > tol).sum())
         return self._make(value, n=sp.n, dims=(sp.d,), cap=float(sp.max_rank),
                           extra={"threshold": tol, "sigma_max": float(s.max()), "centered": self.center})
@@ -224,7 +231,7 @@ class PCADimension(_SpectralMixin, Estimator):
             c = torch.cumsum(lam, 0) / lam.sum()
             # relative slack of 1e-12 so that an exactly reached fraction counts (k/10 sums)
             value = int((c < self.fraction * (1.0 - 1e-12)).sum()) + 1
-            value = min(value, int((lam > 0).sum()))
+            value = min(value, sp.rank)
         return self._make(value, n=sp.n, dims=(sp.d,), cap=float(sp.max_rank),
                           extra={"fraction": self.fraction, "centered": self.center})
 
@@ -264,7 +271,7 @@ class AlphaReQ(_SpectralMixin, Estimator):
 
         sp = self._spectrum(x, center=self.center)
         lam = sp.eigenvalues
-        nz = int((lam > 0).sum())
+        nz = sp.rank  # eigenvalues above the numerical-rank tolerance (_linalg.rank_tolerance)
         if nz < self.fit_end:
             raise DataError(
                 f"{self.name}: the fit window ends at rank {self.fit_end}, but the spectrum has only {nz} non-zero "
@@ -308,6 +315,6 @@ class EffectiveEncodingDimension(_SpectralMixin, Estimator):
 
     def estimate(self, x) -> Estimate:
         sp = self._spectrum(x, center=self.center)
-        value = 0.0 if self._degenerate(sp) else _erank(sp.eigenvalues, 0.0)
+        value = 0.0 if self._degenerate(sp) else _erank(sp.eigenvalues, 0.0, sp)
         return self._make(value, n=sp.n, dims=(sp.d,), cap=float(sp.max_rank),
                           extra={"normalized": value / sp.d, "centered": self.center})

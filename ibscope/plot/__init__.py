@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ibscope._paths import inside
-from ibscope.errors import DataError, UsageError, unknown_name
+from ibscope._paths import inside, prepare_output
+from ibscope.errors import DataError, UsageError, io_error, unknown_name
 from ibscope.plot._data import (
-    METRICS, PAIR, Setting, load_results, pair_settings, parse_band, prepare, rows_of, select,
+    METRICS, PAIR, Setting, apply_trust, load_results, pair_settings, parse_band, prepare, rows_of, select,
     settings, side_note, slug, time_axis,
 )
 
@@ -93,11 +93,18 @@ def figures(results: Any, *, kinds: Sequence[str] | None = None, unit: str = "bi
             estimators: Sequence[str] | None = None, splits: Sequence[str] | None = None,
             runs: Sequence[str] | None = None, layers: Sequence[str] | None = None,
             quantities: Sequence[str] | None = None, runs_mode: str = "median",
-            band: Sequence[float] | str = (25.0, 75.0), logx: bool | None = None) -> list[FigureJob]:
+            band: Sequence[float] | str = (25.0, 75.0), logx: bool | None = None, null: str = "band",
+            validation: Any = None) -> list[FigureJob]:
     """Validate the results and plan the figures (nothing is drawn until ``job.make()``).
 
-    Raises DataError (empty table, no rows of an asked-for kind, unconvertible mixed units) or
-    UsageError (unknown kind / estimator / split / run / layer / quantity, with did-you-mean).
+    ``null``: how the permutation nulls in the table are shown: "band" (null_mean ± 2 null_std,
+    hatched, per layer), "subtract" (value − null_mean where a row has a null) or "off".
+    ``validation``: a folder (or validation.csv) written by ``ibscope validate``: its biases become
+    error bars. Saturated estimates are always drawn hollow.
+
+    Raises DataError (empty table, no rows of an asked-for kind, unconvertible mixed units, a bad
+    validation table) or UsageError (unknown kind / estimator / split / run / layer / quantity,
+    with did-you-mean; a bad ``null``).
     """
     from ibscope.plot.curves import curves_figure, metrics_figure
     from ibscope.plot.info_plane import plane_figure
@@ -108,7 +115,9 @@ def figures(results: Any, *, kinds: Sequence[str] | None = None, unit: str = "bi
         raise UsageError(f"--runs must be 'median' or 'all'. Got {runs_mode!r}.")
     res = prepare(select(load_results(results), estimators=estimators, splits=splits, runs=runs, layers=layers,
                          quantities=quantities), unit)
+    res, trust = apply_trust(res, null, validation)
     rows = res.rows
+    with_validation = validation is not None
     tcol = time_axis(rows)
     info = [r for r in rows if r["estimator"] != METRICS]
     metric_rows = [r for r in rows if r["estimator"] == METRICS]
@@ -155,7 +164,8 @@ def figures(results: Any, *, kinds: Sequence[str] | None = None, unit: str = "bi
                 what = ("one line per checkpoint across the layers, coloured by epoch" if view == "snapshot"
                         else "one line per layer across checkpoints, markers coloured by epoch")
                 cap = (f"{title}: {what}; {unit}; dashed lines are the caps (log n for I(X;T), H(Y) for I(T;Y))"
-                       + (f"; splits side by side: {', '.join(sp)}" if len(sp) > 1 else "") + ".")
+                       + (f"; splits side by side: {', '.join(sp)}" if len(sp) > 1 else "")
+                       + _trust_note(srows, null, with_validation) + ".")
                 jobs.append(FigureJob(kind, f"{kind}_{sslug(s)}", cap,
                                       _bind(plane_figure, panels, suptitle=title, view=view, **kw),
                                       {"setting": s, "splits": sp}))
@@ -179,7 +189,7 @@ def figures(results: Any, *, kinds: Sequence[str] | None = None, unit: str = "bi
                 ss = settings(qrows)
                 unit_q = qrows[0]["unit"]
                 cap = (f"{q} [{unit_q}] against {tcol}, one line per layer, one panel per estimator setting "
-                       f"({'; '.join(s.label() for s in ss)}).")
+                       f"({'; '.join(s.label() for s in ss)})" + _trust_note(qrows, null, with_validation) + ".")
                 jobs.append(FigureJob(kind, f"curves_{slug(q)}", cap,
                                       _bind(curves_figure, qrows, q, settings_=ss, logx=logx, **kw),
                                       {"quantity": q}))
@@ -197,6 +207,32 @@ def figures(results: Any, *, kinds: Sequence[str] | None = None, unit: str = "bi
     return jobs
 
 
+def _trust_note(rows: Sequence[dict], null: str, with_validation: bool) -> str:
+    """What a figure shows of saturation, nulls and validation, for its caption (from its rows)."""
+    from ibscope.plot._data import SATURATED, SUBTRACTED, TRUTH_LO
+    from ibscope.trust import has_null
+
+    rows = [r for r in rows if r["estimator"] != METRICS]
+    parts = []
+    sat = sum(bool(r.get(SATURATED)) for r in rows)
+    if sat:
+        parts.append(f"{sat} saturated estimate(s) (within 1 % of the cap) drawn hollow")
+    with_q = {r["quantity"] for r in rows if r.get(SUBTRACTED) or has_null(r)}
+    if with_q and null == "band":
+        parts.append("hatched: permutation null, mean ± 2 sd")
+    elif with_q and null == "subtract":
+        sub = sum(bool(r.get(SUBTRACTED)) for r in rows)
+        without = sum(1 for r in rows if r["quantity"] in with_q and not r.get(SUBTRACTED))
+        parts.append(f"null mean subtracted from {sub} estimate(s)"
+                     + (f"; {without} without a null drawn as estimated" if without else ""))
+    if with_validation:
+        done = sum(r.get(TRUTH_LO) is not None for r in rows)
+        info = sum(r["unit"] in ("nats", "bits") for r in rows)
+        parts.append(f"error bars: bias range measured by `ibscope validate` ({done} estimate(s)"
+                     + (f"; {info - done} not covered by the validation" if info > done else "") + ")")
+    return ("; " + "; ".join(parts)) if parts else ""
+
+
 def _bind(fn: Callable, *args, **kwargs) -> Callable[[], Any]:
     def make():
         return fn(*args, **kwargs)
@@ -212,6 +248,8 @@ def save_figure(fig, path: Path, fmt: str, dpi: int, title: str, description: st
     try:
         fig.savefig(tmp, format=fmt, dpi=dpi, metadata=md)
         os.replace(tmp, path)
+    except OSError as exc:  # disk full, read-only, ...: name the figure, leave no temporary file
+        raise io_error(exc, str(path), "writing the figure") from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -224,6 +262,7 @@ def plot_results(results: Any, out_dir: str | os.PathLike | None = None, *, kind
                  layers: Sequence[str] | None = None, quantities: Sequence[str] | None = None,
                  runs_mode: str = "median", band: Sequence[float] | str = (25.0, 75.0), logx: bool | None = None,
                  dpi: int = 150, animate: bool = False, animation_format: str = "auto", fps: float = 2.0,
+                 null: str = "band", validation: Any = None,
                  callback: Callable[[int, int, Path], None] | None = None) -> list[Path]:
     """Draw the figures of a results table (path(s) or a Results) into ``out_dir``.
 
@@ -243,12 +282,14 @@ def plot_results(results: Any, out_dir: str | os.PathLike | None = None, *, kind
         kinds = [*kinds, "animation"]
     anim_fmt = resolve_format(animation_format) if (animate or (kinds and "animation" in kinds)) else None
     res = load_results(results)
-    out = Path(out_dir) if out_dir is not None else default_out_dir(res)
+    out = prepare_output(out_dir if out_dir is not None else default_out_dir(res), folder=True, what="figure folder",
+                         create=False)
     jobs = figures(res, kinds=kinds, unit=unit, estimators=estimators, splits=splits, runs=runs, layers=layers,
-                   quantities=quantities, runs_mode=runs_mode, band=band, logx=logx)
+                   quantities=quantities, runs_mode=runs_mode, band=band, logx=logx, null=null, validation=validation)
     if animate and kinds is None:
         jobs += figures(res, kinds=["animation"], unit=unit, estimators=estimators, splits=splits, runs=runs,
-                        layers=layers, quantities=quantities, runs_mode=runs_mode, band=band, logx=logx)
+                        layers=layers, quantities=quantities, runs_mode=runs_mode, band=band, logx=logx, null=null,
+                        validation=validation)
     for job in jobs:  # names built from results (splits, quantities) must not leave the figure folder
         inside(out, out / f"{job.name}.{anim_fmt if job.kind == 'animation' else fmt}", "figure file")
     written: list[Path] = []

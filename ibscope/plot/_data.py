@@ -29,6 +29,8 @@ import numpy as np
 
 from ibscope.errors import DataError, UsageError, unknown_name
 from ibscope.results import INFO_UNITS, Results, read_results
+from ibscope.trust import check_null_mode, has_null, is_saturated, validation_key, validation_tasks
+from ibscope.trust import truth_interval as truth_interval_of
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,11 @@ ITY = "I(T;Y)"
 PAIR = (IXT, ITY)
 METRICS = "metrics"
 RUN_MODES = ("median", "all")
+# keys that :func:`apply_trust` adds to plotted rows (never written to a results table)
+SATURATED = "_saturated"      # the saturation flag of the estimate as estimated (before any subtraction)
+SUBTRACTED = "_null_subtracted"  # value is value - null_mean (``--null subtract``)
+TRUTH_LO = "_truth_lo"        # error bar from a validation run
+TRUTH_HI = "_truth_hi"
 # parameters that only one side of a pair carries (``ibscope estimate`` records where X came from on
 # the I(X;T) rows): not part of an estimator setting's identity; shown by side_note()
 SIDE_KEYS = ("x_source",)
@@ -154,6 +161,87 @@ def prepare(res: Results, unit: str) -> Results:
             )
     conv = res.to_unit(unit)
     return conv
+
+
+def apply_trust(res: Results, null: str = "band", validation: Any = None) -> tuple[Results, dict]:
+    """Rows as plotted: saturation flags fixed from the estimates as estimated, the permutation null
+    subtracted (``null="subtract"``: value - null_mean where the row has a null) or dropped
+    (``"off"``), and, with ``validation`` (a folder or validation.csv of ``ibscope validate``, or its
+    rows), error bars: where the truth lies for each estimate. Call after :func:`prepare`
+    (values already in the plot unit). Returns the rows and a summary (counts for captions).
+    """
+    from ibscope.trust import read_validation
+
+    check_null_mode(null)
+    ranges: dict = {}
+    if validation is not None:
+        vrows = read_validation(validation) if isinstance(validation, (str, os.PathLike)) else list(validation)
+        units = {r["unit"] for r in res.rows if r["unit"] in INFO_UNITS}
+        ranges = validation_tasks(vrows, next(iter(units)) if units else "nats")
+    info = {"null_rows": 0, "subtracted": 0, "without_null": 0, "saturated": 0, "validated": 0,
+            "not_validated": 0, "null_mode": null}
+    out = []
+    for r in res.rows:
+        if r["estimator"] == METRICS:
+            out.append(r)
+            continue
+        r = dict(r)
+        r[SATURATED] = is_saturated(r)
+        info["saturated"] += bool(r[SATURATED])
+        raw = r["value"]
+        if has_null(r):
+            info["null_rows"] += 1
+            if null == "subtract":
+                r["value"] = r["value"] - r["null_mean"]
+                r[SUBTRACTED] = True
+                info["subtracted"] += 1
+            elif null == "off":
+                r["null_mean"] = r["null_std"] = None
+        elif r["unit"] in INFO_UNITS:
+            info["without_null"] += 1
+        if ranges and r["unit"] in INFO_UNITS:
+            iv = truth_interval_of(raw, ranges.get(validation_key(r)) or [])
+            if iv is None:
+                info["not_validated"] += 1
+            else:
+                shift = r["value"] - raw  # the null mean, when subtracted
+                r[TRUTH_LO], r[TRUTH_HI] = iv[0] + shift, iv[1] + shift
+                info["validated"] += 1
+        out.append(r)
+    return Results(out, res.provenance, res.path), info
+
+
+def saturated_points(cube: "Cube") -> np.ndarray:
+    """(times, layers) bool: saturated in at least half the runs that have a flag (NaN-safe)."""
+    if cube.saturated is None:
+        return np.zeros(cube.value.shape[1:], bool)
+    s = cube.saturated
+    known = np.isfinite(s)
+    n = known.sum(axis=0)
+    hits = np.where(known, s, 0.0).sum(axis=0)
+    return (n > 0) & (hits >= 0.5 * np.maximum(n, 1))
+
+
+def null_interval(cube: "Cube", k: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
+    """(times, layers) arrays of null_mean - k*null_std and null_mean + k*null_std (median over runs)."""
+    if cube.null_mean is None:
+        nan = np.full(cube.value.shape[1:], np.nan)
+        return nan, nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        lo = np.nanmedian(cube.null_mean - k * cube.null_std, axis=0)
+        hi = np.nanmedian(cube.null_mean + k * cube.null_std, axis=0)
+    return lo, hi
+
+
+def truth_interval(cube: "Cube") -> tuple[np.ndarray, np.ndarray]:
+    """(times, layers) validation error bars (median over runs)."""
+    if cube.truth_lo is None:
+        nan = np.full(cube.value.shape[1:], np.nan)
+        return nan, nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmedian(cube.truth_lo, axis=0), np.nanmedian(cube.truth_hi, axis=0)
 
 
 def time_axis(rows: Sequence[dict]) -> str:
@@ -301,10 +389,26 @@ class Cube:
     stderr: np.ndarray
     caps: list[float] = field(default_factory=list)
     n_samples: list[int] = field(default_factory=list)
+    #: permutation null (mean, std) in the plot unit; NaN where the row has none
+    null_mean: np.ndarray | None = None
+    null_std: np.ndarray | None = None
+    #: 1.0 saturated, 0.0 not, NaN unknown (no cap); see ibscope.trust.is_saturated
+    saturated: np.ndarray | None = None
+    #: error bars from a validation run (``ibscope plot --validation``): where the truth lies; NaN without
+    truth_lo: np.ndarray | None = None
+    truth_hi: np.ndarray | None = None
 
     @property
     def has_stderr(self) -> bool:
         return bool(np.isfinite(self.stderr).any())
+
+    @property
+    def has_null(self) -> bool:
+        return self.null_mean is not None and bool(np.isfinite(self.null_mean).any())
+
+    @property
+    def has_truth(self) -> bool:
+        return self.truth_lo is not None and bool(np.isfinite(self.truth_lo).any())
 
 
 def cubes(rows: Sequence[dict], quantities: Sequence[str], time_col: str,
@@ -329,6 +433,8 @@ def cubes(rows: Sequence[dict], quantities: Sequence[str], time_col: str,
         shape = (len(run_l), len(time_l), len(lay_l))
         val = np.full(shape, np.nan)
         err = np.full(shape, np.nan)
+        nm, ns_, sat = np.full(shape, np.nan), np.full(shape, np.nan), np.full(shape, np.nan)
+        tlo, thi = np.full(shape, np.nan), np.full(shape, np.nan)
         filled = np.zeros(shape, bool)
         caps: dict[float, None] = {}
         ns: dict[int, None] = {}
@@ -350,12 +456,19 @@ def cubes(rows: Sequence[dict], quantities: Sequence[str], time_col: str,
             val[idx] = r["value"]
             if r["stderr"] is not None:
                 err[idx] = r["stderr"]
+            if r.get("null_mean") is not None and r.get("null_std") is not None and not r.get(SUBTRACTED):
+                nm[idx], ns_[idx] = r["null_mean"], r["null_std"]
+            flag = r.get(SATURATED, is_saturated(r))
+            if flag is not None:
+                sat[idx] = float(flag)
+            if r.get(TRUTH_LO) is not None:
+                tlo[idx], thi[idx] = r[TRUTH_LO], r[TRUTH_HI]
             if r["cap"] is not None and math.isfinite(r["cap"]):
                 caps.setdefault(round(float(r["cap"]), 9), None)
             if r["n_samples"] is not None:
                 ns.setdefault(int(r["n_samples"]), None)
             unit = r["unit"]
-        out[q] = Cube(q, unit, run_l, time_l, lay_l, val, err, sorted(caps), sorted(ns))
+        out[q] = Cube(q, unit, run_l, time_l, lay_l, val, err, sorted(caps), sorted(ns), nm, ns_, sat, tlo, thi)
     return out
 
 

@@ -19,9 +19,30 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from ibscope.plot import style
-from ibscope.plot._data import METRICS, Setting, cap_label, cubes, layer_order, rows_of, summarize
+from ibscope.plot._data import (
+    METRICS, SUBTRACTED, Setting, cap_label, cubes, layer_order, null_interval, rows_of, saturated_points, summarize,
+    truth_interval,
+)
 
 CAP_STYLE = dict(color="0.35", linestyle=(0, (4, 3)), linewidth=1.0, zorder=1)
+NULL_HATCH = "////"
+#: legend texts shared with the information plane
+NULL_LABEL = "permutation null: mean ± 2 sd (chance level)"
+SATURATED_LABEL = "hollow: saturated (within 1 % of cap)"
+VALIDATION_LABEL = "bars: truth range from validated bias"
+
+
+def null_patch() -> Patch:
+    return Patch(facecolor="none", edgecolor="0.35", hatch=NULL_HATCH, linewidth=0.0, label=NULL_LABEL)
+
+
+def saturated_handle() -> Line2D:
+    return Line2D([], [], linestyle="none", marker="o", markersize=6, markerfacecolor="none",
+                  markeredgecolor="0.2", label=SATURATED_LABEL)
+
+
+def validation_handle() -> Line2D:
+    return Line2D([], [], color="0.3", marker="|", markersize=8, linewidth=1.0, label=VALIDATION_LABEL)
 
 
 def auto_logx(times: np.ndarray) -> bool:
@@ -47,8 +68,19 @@ def set_time_axis(ax, times: np.ndarray, time_col: str, logx: bool | None) -> No
         ax.set_xlabel(time_col)
 
 
-def _draw_series(ax, times, value, stderr, *, color, ls, mode, band, gid, has_stderr) -> None:
+def _draw_series(ax, times, value, stderr, *, color, ls, mode, band, gid, has_stderr, saturated=None,
+                 null=None, truth=None) -> dict:
+    """One line (median over runs) with its band; ``saturated`` (bool per time) draws those markers
+    hollow (a separate line ``<gid>:saturated``), ``null`` = (lo, hi) a hatched band ``<gid>:null``,
+    ``truth`` = (lo, hi) validation error bars ``<gid>:validation``. Returns what was drawn."""
+    drawn = {"null": False, "saturated": False, "validation": False}
     med, lo, hi = summarize(value, mode, band)
+    if null is not None and np.isfinite(null[0]).any():
+        ok = np.isfinite(null[0]) & np.isfinite(null[1])
+        ax.fill_between(times, np.where(ok, null[0], np.nan), np.where(ok, null[1], np.nan), where=ok,
+                        facecolor="none", edgecolor=color, hatch=NULL_HATCH, linewidth=0.0, alpha=0.6, zorder=1,
+                        gid=f"{gid}:null")
+        drawn["null"] = True
     if mode == "all" and value.shape[0] > 1:
         for r in range(value.shape[0]):
             ax.plot(times, value[r], ls, color=color, alpha=0.25, linewidth=0.8, zorder=1, gid=f"{gid}:run{r}")
@@ -57,7 +89,20 @@ def _draw_series(ax, times, value, stderr, *, color, ls, mode, band, gid, has_st
     elif has_stderr:
         ax.fill_between(times, value[0] - stderr[0], value[0] + stderr[0], color=color, alpha=0.15,
                         linewidth=0, zorder=1, gid=f"{gid}:stderr")
-    ax.plot(times, med, ls, color=color, marker="o", markersize=3.2, zorder=2, gid=gid)
+    sat = np.zeros(len(times), bool) if saturated is None else (np.asarray(saturated, bool) & np.isfinite(med))
+    filled = [i for i in range(len(times)) if not sat[i]]
+    ax.plot(times, med, ls, color=color, marker="o", markersize=3.2, zorder=2, gid=gid, markevery=filled)
+    if sat.any():
+        ax.plot(np.asarray(times)[sat], med[sat], linestyle="none", marker="o", markersize=4.2,
+                markerfacecolor="none", markeredgecolor=color, markeredgewidth=1.1, zorder=3, gid=f"{gid}:saturated")
+        drawn["saturated"] = True
+    if truth is not None and np.isfinite(truth[0]).any():
+        ok = np.isfinite(truth[0]) & np.isfinite(med)
+        t = np.asarray(times)[ok]
+        ax.errorbar(t, med[ok], yerr=[med[ok] - truth[0][ok], truth[1][ok] - med[ok]], fmt="none", ecolor=color,
+                    elinewidth=1.0, capsize=2.0, alpha=0.8, zorder=2, gid=f"{gid}:validation")
+        drawn["validation"] = True
+    return drawn
 
 
 def curves_figure(rows: Sequence[dict], quantity: str, *, settings_: Sequence[Setting], time_col: str,
@@ -75,6 +120,9 @@ def curves_figure(rows: Sequence[dict], quantity: str, *, settings_: Sequence[Se
     n_runs = len({r["run"] for r in rows})
     any_stderr = False
     any_layer_caps = False
+    drawn = {"null": False, "saturated": False, "validation": False}
+    subtracted = any(r.get(SUBTRACTED) for r in rows)
+    ylabel = f"{quantity} − null mean  [{unit}]" if subtracted else f"{quantity}  [{unit}]"
     with style.context():
         fig = style.new_figure(4.6 * ncols + 0.6, 3.5 * nrows + 1.3)
         axes = fig.subplots(nrows, ncols, squeeze=False, sharex=True, sharey=True)
@@ -94,8 +142,14 @@ def curves_figure(rows: Sequence[dict], quantity: str, *, settings_: Sequence[Se
                         continue
                     has_err = c.value.shape[0] == 1 and bool(np.isfinite(c.stderr[:, :, li]).any())
                     any_stderr = any_stderr or has_err
-                    _draw_series(ax, c.times, v, c.stderr[:, :, li], color=colors[li], ls=style.split_style(si),
-                                 mode=mode, band=band, gid=f"curve:{split}:{layer}", has_stderr=has_err)
+                    nlo, nhi = null_interval(c)
+                    tlo, thi = truth_interval(c)
+                    got = _draw_series(ax, c.times, v, c.stderr[:, :, li], color=colors[li],
+                                       ls=style.split_style(si), mode=mode, band=band, gid=f"curve:{split}:{layer}",
+                                       has_stderr=has_err, saturated=saturated_points(c)[:, li],
+                                       null=(nlo[:, li], nhi[:, li]), truth=(tlo[:, li], thi[:, li]))
+                    for k, v_ in got.items():
+                        drawn[k] = drawn[k] or v_
             per_layer = _layer_caps(rows_of(rows, s))
             if len(set(per_layer.values())) > 1:  # caps differ by layer (e.g. a rank capped by the width)
                 any_layer_caps = True
@@ -112,7 +166,7 @@ def curves_figure(rows: Sequence[dict], quantity: str, *, settings_: Sequence[Se
             ax.set_title("\n".join(textwrap.wrap(s.label(), 50)), fontsize=10)
             set_time_axis(ax, all_times, time_col, logx)
             if i % ncols == 0:
-                ax.set_ylabel(f"{quantity}  [{unit}]")
+                ax.set_ylabel(ylabel)
             ax.xaxis.set_tick_params(labelbottom=True)
         for j in range(n, nrows * ncols):
             axes.flat[j].set_visible(False)
@@ -129,11 +183,19 @@ def curves_figure(rows: Sequence[dict], quantity: str, *, settings_: Sequence[Se
                 f"{band[0]:g}–{band[1]:g}th pct of {n_runs} runs" if mode == "median" else f"each of {n_runs} runs")))
         elif any_stderr:
             handles.append(Patch(color="0.6", alpha=0.4, label="± 1 standard error"))
+        if drawn["null"]:
+            handles.append(null_patch())
+        if drawn["saturated"]:
+            handles.append(saturated_handle())
+        if drawn["validation"]:
+            handles.append(validation_handle())
+        longest = max(len(h.get_label()) for h in handles)
         fig.legend(handles=handles, loc="outside lower center", title="layers (input → output)",
-                   ncols=style.legend_cols(len(handles), fig.get_figwidth(), 1.7))
+                   ncols=style.legend_cols(len(handles), fig.get_figwidth(), max(1.7, 0.06 * longest)))
         agg = f" (median of {n_runs} runs)" if n_runs > 1 else ""
-        fig.suptitle(f"{quantity} over training{agg}")
-    fig.ibscope_meta = {"quantity": quantity, "unit": unit, "layers": layers, "splits": splits}
+        sub = ", permutation null subtracted" if subtracted else ""
+        fig.suptitle(f"{quantity} over training{agg}{sub}")
+    fig.ibscope_meta = {"quantity": quantity, "unit": unit, "layers": layers, "splits": splits, "drawn": drawn}
     return fig
 
 

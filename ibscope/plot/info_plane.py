@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import textwrap
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -26,7 +26,10 @@ from matplotlib.lines import Line2D
 
 from ibscope.errors import DataError
 from ibscope.plot import style
-from ibscope.plot._data import IXT, ITY, PAIR, Cube, cap_label, cubes, layer_order, summarize
+from ibscope.plot._data import (
+    IXT, ITY, PAIR, SUBTRACTED, Cube, cap_label, cubes, layer_order, null_interval, saturated_points, summarize,
+    truth_interval,
+)
 
 VIEWS = ("snapshot", "trajectory")
 CAP_STYLE = dict(color="0.35", linestyle=(0, (4, 3)), linewidth=1.0, zorder=1)
@@ -37,6 +40,7 @@ class Panel:
     title: str
     x: Cube
     y: Cube
+    drawn: dict = field(default_factory=lambda: {"null": False, "saturated": False, "validation": False})
 
 
 def make_panels(panels: Sequence[tuple[str, list[dict]]], time_col: str) -> list[Panel]:
@@ -53,9 +57,15 @@ def make_panels(panels: Sequence[tuple[str, list[dict]]], time_col: str) -> list
 
 
 def _limits(panels: list[Panel]) -> tuple[tuple[float, float], tuple[float, float]]:
+    def extra(c: Cube) -> list[np.ndarray]:
+        out = []
+        for a, b in (null_interval(c), truth_interval(c)):
+            out += [a[np.isfinite(a)].ravel(), b[np.isfinite(b)].ravel()]
+        return out
+
     def lim(cubes_: list[Cube]):
         vals = np.concatenate([c.value[np.isfinite(c.value)].ravel() for c in cubes_] +
-                              [np.asarray(c.caps, float) for c in cubes_])
+                              [np.asarray(c.caps, float) for c in cubes_] + [e for c in cubes_ for e in extra(c)])
         hi = float(vals.max()) if vals.size else 1.0
         lo = min(0.0, float(vals.min()) if vals.size else 0.0)
         span = (hi - lo) or 1.0
@@ -86,6 +96,71 @@ def _runs_note(n_runs: int, mode: str, band: tuple[float, float], view: str) -> 
     return f"median of {n_runs} runs, bars {band[0]:g}–{band[1]:g}th pct"
 
 
+def draw_null(ax, panel: Panel, xm: np.ndarray, colors: list | None) -> bool:
+    """The permutation null of I(T;Y) per layer: a hatched ribbon [null_mean - 2 sd, null_mean + 2 sd]
+    following the layer through the checkpoints (at each point's I(X;T)), gid ``null:<layer>``.
+    Returns whether anything was drawn."""
+    from matplotlib.collections import PolyCollection
+
+    lo, hi = null_interval(panel.y)
+    drawn = False
+    for li, layer in enumerate(panel.y.layers):
+        x = xm[:, li]
+        ok = np.isfinite(lo[:, li]) & np.isfinite(hi[:, li]) & np.isfinite(x)
+        idx = np.nonzero(ok)[0]
+        if idx.size == 0:
+            continue
+        polys = []
+        for a, b in zip(idx[:-1], idx[1:]):  # one quadrilateral per pair of consecutive checkpoints
+            polys.append([(x[a], lo[a, li]), (x[b], lo[b, li]), (x[b], hi[b, li]), (x[a], hi[a, li])])
+        if idx.size == 1:
+            a = idx[0]
+            polys.append([(x[a], lo[a, li]), (x[a], lo[a, li]), (x[a], hi[a, li]), (x[a], hi[a, li])])
+        col = colors[li] if colors is not None else "0.4"
+        pc = PolyCollection(polys, facecolors="none", edgecolors=[col], hatch="////", linewidths=0.0, alpha=0.55,
+                            zorder=1, gid=f"null:{layer}")
+        ax.add_collection(pc)
+        # the null at each point: a short tick at null_mean, so a single checkpoint shows too
+        ax.plot(x[idx], ((lo[:, li] + hi[:, li]) / 2)[idx], linestyle="none", marker="_", markersize=7,
+                color=col, alpha=0.8, zorder=1, gid=f"null-mean:{layer}")
+        drawn = True
+    return drawn
+
+
+def _hollow(colors: np.ndarray, sat: np.ndarray, edge) -> tuple[np.ndarray, list, np.ndarray]:
+    """Face colours with alpha 0 where ``sat``; edges in the point's colour there (else ``edge``)."""
+    face = np.array(colors, float, copy=True).reshape(-1, 4)
+    edges = [tuple(face[i]) if sat[i] else edge for i in range(len(face))]
+    face[sat, 3] = 0.0
+    widths = np.where(sat, 1.3, 0.4 if edge == "0.15" else 1.0)
+    return face, edges, widths
+
+
+def _saturation(panel: Panel) -> np.ndarray:
+    """(times, layers): the point's I(X;T) or I(T;Y) is saturated."""
+    return saturated_points(panel.x) | saturated_points(panel.y)
+
+
+def draw_validation(ax, panel: Panel, xm, ym, colors: list | None) -> bool:
+    """Validation error bars (``ibscope plot --validation``) on both axes, gid ``validation:<layer>``."""
+    xlo, xhi = truth_interval(panel.x)
+    ylo, yhi = truth_interval(panel.y)
+    drawn = False
+    for li, layer in enumerate(panel.x.layers):
+        okx = np.isfinite(xlo[:, li]) & np.isfinite(xm[:, li]) & np.isfinite(ym[:, li])
+        oky = np.isfinite(ylo[:, li]) & np.isfinite(xm[:, li]) & np.isfinite(ym[:, li])
+        ok = okx | oky
+        if not ok.any():
+            continue
+        col = colors[li] if colors is not None else "0.3"
+        xe = np.where(okx, np.vstack([xm[:, li] - xlo[:, li], xhi[:, li] - xm[:, li]]), 0.0)[:, ok]
+        ye = np.where(oky, np.vstack([ym[:, li] - ylo[:, li], yhi[:, li] - ym[:, li]]), 0.0)[:, ok]
+        ax.errorbar(xm[ok, li], ym[ok, li], xerr=xe, yerr=ye, fmt="none", ecolor=col, elinewidth=0.9,
+                    capsize=2.0, alpha=0.75, zorder=2, gid=f"validation:{layer}")
+        drawn = True
+    return drawn
+
+
 def draw_snapshot(ax, panel: Panel, scale: style.TimeScale, mode: str, band) -> None:
     """One polyline per checkpoint across the layers; markers per layer, coloured by epoch."""
     xm, xlo, xhi = summarize(panel.x.value, mode, band)
@@ -103,9 +178,16 @@ def draw_snapshot(ax, panel: Panel, scale: style.TimeScale, mode: str, band) -> 
             ax.errorbar(xm[ti], ym[ti], xerr=[xm[ti] - xlo[ti], xhi[ti] - xm[ti]],
                         yerr=[ym[ti] - ylo[ti], yhi[ti] - ym[ti]], fmt="none", ecolor=c, alpha=0.45,
                         elinewidth=0.8, zorder=1)
+    sat = _saturation(panel)
+    panel.drawn["null"] = draw_null(ax, panel, xm, None) or panel.drawn["null"]
+    panel.drawn["validation"] = draw_validation(ax, panel, xm, ym, None) or panel.drawn["validation"]
     for li, layer in enumerate(panel.x.layers):
-        ax.scatter(xm[:, li], ym[:, li], c=scale.color(times), marker=style.layer_marker(li), s=30,
-                   edgecolors="0.15", linewidths=0.4, zorder=3, gid=f"layer:{layer}")
+        face, edges, widths = _hollow(scale.color(times), sat[:, li], "0.15")
+        ok = np.isfinite(xm[:, li]) & np.isfinite(ym[:, li])  # gaps (noted cells) are not drawn
+        ax.scatter(xm[ok, li], ym[ok, li], c=face[ok], marker=style.layer_marker(li), s=30,
+                   edgecolors=[e for e, k in zip(edges, ok) if k], linewidths=widths[ok], zorder=3,
+                   gid=f"layer:{layer}")
+        panel.drawn["saturated"] = panel.drawn["saturated"] or bool((sat[:, li] & np.isfinite(xm[:, li])).any())
 
 
 def draw_trajectory(ax, panel: Panel, scale: style.TimeScale, mode: str, band, colors: list) -> None:
@@ -113,6 +195,9 @@ def draw_trajectory(ax, panel: Panel, scale: style.TimeScale, mode: str, band, c
     xm, xlo, xhi = summarize(panel.x.value, mode, band)
     ym, ylo, yhi = summarize(panel.y.value, mode, band)
     times = panel.x.times
+    sat = _saturation(panel)
+    panel.drawn["null"] = draw_null(ax, panel, xm, colors) or panel.drawn["null"]
+    panel.drawn["validation"] = draw_validation(ax, panel, xm, ym, colors) or panel.drawn["validation"]
     for li, layer in enumerate(panel.x.layers):
         col = colors[li]
         if mode == "all" and len(panel.x.runs) > 1:
@@ -124,8 +209,12 @@ def draw_trajectory(ax, panel: Panel, scale: style.TimeScale, mode: str, band, c
             ax.errorbar(xm[:, li], ym[:, li], xerr=[xm[:, li] - xlo[:, li], xhi[:, li] - xm[:, li]],
                         yerr=[ym[:, li] - ylo[:, li], yhi[:, li] - ym[:, li]], fmt="none", ecolor=col,
                         alpha=0.35, elinewidth=0.8, zorder=1)
-        ax.scatter(xm[:, li], ym[:, li], c=scale.color(times), marker=style.layer_marker(li), s=30,
-                   edgecolors=[col], linewidths=1.0, zorder=3, gid=f"layer:{layer}")
+        face, edges, widths = _hollow(scale.color(times), sat[:, li], col)
+        ok = np.isfinite(xm[:, li]) & np.isfinite(ym[:, li])
+        ax.scatter(xm[ok, li], ym[ok, li], c=face[ok], marker=style.layer_marker(li), s=30,
+                   edgecolors=[e for e, k in zip(edges, ok) if k], linewidths=widths[ok], zorder=3,
+                   gid=f"layer:{layer}")
+        panel.drawn["saturated"] = panel.drawn["saturated"] or bool((sat[:, li] & np.isfinite(xm[:, li])).any())
 
 
 def plane_figure(panels: Sequence[tuple[str, list[dict]]], *, suptitle: str, view: str = "snapshot",
@@ -140,6 +229,8 @@ def plane_figure(panels: Sequence[tuple[str, list[dict]]], *, suptitle: str, vie
     (x0, x1), (y0, y1) = _limits(ps)
     layers = ps[0].x.layers
     colors = style.layer_colors(len(layers))
+    xsub = " − null mean" if any(r.get(SUBTRACTED) for _, rows in panels for r in rows if r["quantity"] == IXT) else ""
+    ysub = " − null mean" if any(r.get(SUBTRACTED) for _, rows in panels for r in rows if r["quantity"] == ITY) else ""
     n = len(ps)
     ncols = min(n, 3)
     nrows = math.ceil(n / ncols)
@@ -158,9 +249,9 @@ def plane_figure(panels: Sequence[tuple[str, list[dict]]], *, suptitle: str, vie
             ax.set_xlim(x0, x1)
             ax.set_ylim(y0, y1)
             if i % ncols == 0:
-                ax.set_ylabel(f"I(T;Y)  [{unit}]")
+                ax.set_ylabel(f"I(T;Y){ysub}  [{unit}]")
             if i // ncols == nrows - 1 or i + ncols >= n:
-                ax.set_xlabel(f"I(X;T)  [{unit}]")
+                ax.set_xlabel(f"I(X;T){xsub}  [{unit}]")
                 ax.xaxis.set_tick_params(labelbottom=True)
         for j in range(n, nrows * ncols):
             axes.flat[j].set_visible(False)
@@ -176,9 +267,20 @@ def plane_figure(panels: Sequence[tuple[str, list[dict]]], *, suptitle: str, vie
         if any(p.x.caps or p.y.caps for p in ps):
             handles.append(Line2D([], [], label="cap (log n, H(Y))", **{k: v for k, v in CAP_STYLE.items()
                                                                           if k != "zorder"}))
+        from ibscope.plot.curves import null_patch, saturated_handle, validation_handle
+
+        if any(p.drawn["null"] for p in ps):
+            handles.append(null_patch())
+            handles[-1].set_label("null of I(T;Y): mean ± 2 sd")
+        if any(p.drawn["saturated"] for p in ps):
+            handles.append(saturated_handle())
+            handles[-1].set_label("hollow: I(X;T) or I(T;Y) within 1 % of cap")
+        if any(p.drawn["validation"] for p in ps):
+            handles.append(validation_handle())
         title = "layers (input → output)" + ("; line = one checkpoint" if view == "snapshot" else "")
+        longest = max(len(h.get_label()) for h in handles)
         fig.legend(handles=handles, loc="outside lower center", title=title,
-                   ncols=style.legend_cols(len(handles), fig.get_figwidth()))
+                   ncols=style.legend_cols(len(handles), fig.get_figwidth(), max(1.5, 0.06 * longest)))
         fig.suptitle("\n".join(textwrap.wrap(suptitle, max(40, int(fig.get_figwidth() * 10.5)))))
     fig.ibscope_meta = {"view": view, "scale": scale, "unit": unit, "panels": ps}  # for tests and captions
     return fig
