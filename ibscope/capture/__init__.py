@@ -29,7 +29,7 @@ from ibscope.errors import DataError, UsageError, io_error
 
 log = logging.getLogger(__name__)
 
-__all__ = ["capture", "resolve_device", "plan_layers", "DEFAULT_MAX_INPUT_BYTES"]
+__all__ = ["capture", "snapshot", "Snapshotter", "resolve_device", "plan_layers", "DEFAULT_MAX_INPUT_BYTES"]
 
 DEFAULT_MAX_INPUT_BYTES = 256 * 1024 * 1024  # probe inputs above this are not copied into the store
 FLOAT16_MAX = 65504.0
@@ -220,17 +220,10 @@ def _console():
 
 
 def show_plan(ckpts, console=None) -> None:
-    """Print the resolved checkpoint order (rich table on stderr)."""
-    from rich.table import Table
+    """Print the resolved checkpoint series (rich table on stderr)."""
+    from ibscope.capture.series import series_table
 
-    tab = Table(title="Checkpoints, in capture order", title_justify="left")
-    for col in ("#", "file", "epoch", "step", "order from", "metrics"):
-        tab.add_column(col)
-    for i, c in enumerate(ckpts):
-        tab.add_row(str(i), str(c.path), "" if c.epoch is None else str(c.epoch), "" if c.step is None else str(c.step),
-                    {"file": "keys in file", "name": "file name", "position": "given order"}.get(c.source, c.source),
-                    ", ".join(f"{k}={v:.4g}" for k, v in c.metrics.items()))
-    (console or _console()).print(tab)
+    (console or _console()).print(series_table(ckpts))
 
 
 def _check_resume_series(out: Path, ckpts) -> None:
@@ -297,9 +290,11 @@ def capture(
     max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES,
     jacobian_chunk: int = 16,
     lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT,
+    order: str = "auto",
+    dry_run: bool = False,
     jacobian_method: str = "exact",
     jacobian_memory: int | str | None = "auto",
-) -> Path:
+) -> Path | None:
     """Capture activations of ``layers`` for every checkpoint into the store at ``out``.
 
     ``model``: ``"pkg.module:factory"``, ``"path/file.py:factory"`` or a zero-argument callable
@@ -315,12 +310,12 @@ def capture(
     with ``weights_only=True``, besides the numpy scalar/array globals allowed by default;
     ``trust_checkpoint`` (full unpickling) is the last resort. Returns the store directory.
 
-    The whole capture holds the store's writer lock (``OUT.lock`` next to ``OUT``): a second
-    capture into the same store waits up to ``lock_timeout`` seconds (negative or None: without
-    limit), then stops with :class:`~ibscope._locks.LockTimeout` naming the lock file and its
-    holder. A write the system refuses (disk full, read-only, no permission) raises
-    :class:`~ibscope.errors.IOFailure` naming the path; the shard being written is deleted and
-    completed checkpoints are kept, so ``resume=True`` continues once the cause is fixed.
+    ``model="hf"`` builds each checkpoint's Hugging Face model from its own folder's
+    ``config.json``, ``"hf:DIR"`` from DIR's (offline; ``model_args`` override config
+    attributes; see :mod:`ibscope.capture.hf`). A Trainer folder ``checkpoint-N/`` is one
+    checkpoint. ``order``: "auto" (step when every checkpoint has one, else epoch, else name),
+    "step", "epoch" or "name" (see :mod:`ibscope.capture.series`). ``dry_run``: print the
+    checkpoint series and the layer plan, write nothing, return None.
 
     Probe arrays other than ``x``, ``y`` and ``ids`` are passed to the model by keyword
     (``input_ids``, ``attention_mask``, ...; see :mod:`ibscope.capture.probe`); an
@@ -330,6 +325,16 @@ def capture(
     ``jacobian_memory`` (bytes, ``"2G"``, or ``"auto"``: 1 GiB or half the available memory);
     the budget is checked before any work (see :mod:`ibscope.capture.jacobian`).
     ``jacobian_chunk`` caps the samples handled in one vmap.
+
+    A capture that fails before its first checkpoint is stored removes the store it created,
+    so the same command (fixed) can simply be run again.
+
+    The whole capture holds the store's writer lock (``OUT.lock`` next to ``OUT``): a second
+    capture into the same store waits up to ``lock_timeout`` seconds (negative or None: without
+    limit), then stops with :class:`~ibscope._locks.LockTimeout` naming the lock file and its
+    holder. A write the system refuses (disk full, read-only, no permission) raises
+    :class:`~ibscope.errors.IOFailure` naming the path; the shard being written is deleted and
+    completed checkpoints are kept, so ``resume=True`` continues once the cause is fixed.
     """
     from ibscope.capture.loading import discover_checkpoints, model_spec_id, resolve_factory, resolve_safe_globals
     from ibscope.capture.probe import load_probe
@@ -355,44 +360,53 @@ def capture(
 
     import torch.nn as nn
 
+    from ibscope.capture.hf import is_hf_spec
+
+    rebuild = None
     if isinstance(model, nn.Module):
         from ibscope.capture.loading import unwrap_model
 
         template = unwrap_model(model)
         build = (lambda: copy.deepcopy(template))  # noqa: E731
         model_id = f"<module {type(model).__name__}>"
+    elif is_hf_spec(model):
+        from ibscope.capture import hf
+
+        hf_build = hf.factory(model, model_args)
+        model_id = "hf" if model == "hf" else f"hf:{Path(model[3:]).resolve()}"
+        build = None
     else:
         build = resolve_factory(model, model_args)
         model_id = model_spec_id(model)
-    jac_method = parse_method(jacobian_method)  # bad values: usage errors before any work
+    parse_method(jacobian_method)  # bad values: usage errors before any work
     jac_budget = parse_memory(jacobian_memory, dev) if jacobian_samples else None
     if int(jacobian_chunk) < 1:
         raise UsageError(f"jacobian_chunk must be >= 1. Got {jacobian_chunk}.")
-    net = build()
     pr = load_probe(probe, max_samples=max_samples, sample_seed=sample_seed)
+    _check_jacobian_input(pr, jacobian_samples)
+    ckpts = discover_checkpoints(checkpoints, trust_checkpoint=trust_checkpoint, safe_globals=allowed, order=order)
+    if build is None:  # Hugging Face: the first checkpoint's model plans the layers
+        net = hf_build(ckpts[0].path)
+        if model == "hf":
+            rebuild = _hf_rebuilder(hf, ckpts[0].path, hf_build, model_args, dev)
+    else:
+        net = build()
     check_forward_accepts(net, pr)
-    if jacobian_samples and not pr.x.is_floating_point():
-        raise UsageError(f"--jacobian-samples needs a floating-point probe input; '{pr.primary}' is "
-                         f"{str(pr.x.dtype).replace('torch.', '')}.",
-                         hint="Jacobians with respect to integer inputs (e.g. token ids) are not defined; capture "
-                              "without --jacobian-samples.")
-    ckpts = discover_checkpoints(checkpoints, trust_checkpoint=trust_checkpoint, safe_globals=allowed)
-    if console is not None:
+    if console is not None or dry_run:
         show_plan(ckpts, console)
     net.to(dev).eval()
     first = pr.batch(0, min(pr.n, int(batch_size), 8), dev)
     targets, reducers, meta, _ = plan_layers(net, first, layers, reduce)
     jplan = None
     if jacobian_samples:
-        from ibscope.capture.hooks import CaptureEngine
-
-        with frozen_parameters(net), CaptureEngine(net, targets, reducers, grad=True) as eng:
-            jplan = plan_jacobians(eng.run, pr.batch(0, 1, dev), {t.name: meta[t.name]["dims"] for t in targets},
-                                   min(int(jacobian_samples), pr.n), method=jacobian_method, budget=jac_budget,
-                                   device=dev, max_samples_per_pass=int(jacobian_chunk))
-        if console is not None:
-            console.print(jplan.summary())
+        jplan = _plan_jacobians(net, targets, reducers, meta, pr, int(jacobian_samples), dev, jacobian_method,
+                                jac_budget, int(jacobian_chunk))
+        if console is not None or dry_run:
+            (console or _console()).print(jplan.summary())
         log.info("%s", jplan.summary())
+    if dry_run:
+        _show_layers(meta, console or _console())
+        return None
 
     inputs = None
     if store_inputs:
@@ -409,14 +423,7 @@ def capture(
         "probe": pr.source, "n_samples": pr.n, "input_shape": [int(s) for s in pr.x.shape[1:]],
         "input_dtype": str(pr.x.dtype).replace("torch.", ""),
     }
-    if pr.keyword:  # keyword inputs: their names, shapes and content take part in the store's identity
-        from ibscope.store import sha256_bytes
-
-        config["input_key"] = pr.primary
-        config["probe_inputs"] = [dict(e, sha256=sha256_bytes(np.ascontiguousarray(pr.inputs[e["name"]].numpy()).tobytes()))
-                                  for e in pr.describe_inputs()]
-    if jacobian_samples and jac_method[0] != "exact":
-        config["jacobian_method"] = f"{jac_method[0]}:{jac_method[1]}"
+    config.update(_probe_and_jacobian_config(pr, jplan))
     store_dir = resolve_store_dir(out)
     with ExitStack() as held:
         try:
@@ -427,20 +434,82 @@ def capture(
         return _write_store(out, config, pr, meta, inputs, ckpts, targets, reducers, net, dev, console, resume=resume,
                      overwrite=overwrite, compression=compression, batch_size=int(batch_size), dtype=dtype,
                      jplan=jplan, trust_checkpoint=trust_checkpoint, safe_globals=allowed,
-                     allow_nonfinite=allow_nonfinite)
+                     allow_nonfinite=allow_nonfinite, rebuild=rebuild)
+
+
+def _check_jacobian_input(pr, jacobian_samples: int) -> None:
+    if jacobian_samples and not pr.x.is_floating_point():
+        raise UsageError(f"--jacobian-samples needs a floating-point probe input; '{pr.primary}' is "
+                         f"{str(pr.x.dtype).replace('torch.', '')}.",
+                         hint="Jacobians with respect to integer inputs (e.g. token ids) are not defined; capture "
+                              "without --jacobian-samples.")
+
+
+def _plan_jacobians(net, targets, reducers, meta, pr, m, dev, method, budget, chunk):
+    """Size the Jacobian computation to the budget before any work (UsageError if it cannot fit)."""
+    from ibscope.capture.hooks import CaptureEngine
+
+    with frozen_parameters(net), CaptureEngine(net, targets, reducers, grad=True) as eng:
+        return plan_jacobians(eng.run, pr.batch(0, 1, dev), {t.name: meta[t.name]["dims"] for t in targets},
+                              min(int(m), pr.n), method=method, budget=budget, device=dev,
+                              max_samples_per_pass=int(chunk))
+
+
+def _probe_and_jacobian_config(pr, jplan) -> dict:
+    """Store config entries for keyword probe inputs and a non-exact Jacobian method (absent
+    otherwise, so that stores of plain captures keep their identity)."""
+    extra: dict = {}
+    if pr.keyword:  # keyword inputs: their names, shapes and content take part in the store's identity
+        from ibscope.store import sha256_bytes
+
+        extra["input_key"] = pr.primary
+        extra["probe_inputs"] = [dict(e, sha256=sha256_bytes(np.ascontiguousarray(pr.inputs[e["name"]].numpy()).tobytes()))
+                                 for e in pr.describe_inputs()]
+    if jplan is not None and jplan.method != "exact":
+        extra["jacobian_method"] = f"{jplan.method}:{jplan.sketch_k}"
+    return extra
+
+
+def _hf_rebuilder(hf, first_path, hf_build, overrides, dev):
+    """For ``--model hf``: a new model when a checkpoint's config differs from the last one's."""
+    current = {"id": hf.config_identity(hf.config_folder(Path(first_path)), overrides)}
+
+    def rebuild(ck):
+        folder = hf.config_folder(Path(ck.path))
+        if folder is None:
+            return hf_build(ck.path)  # raises the UsageError saying the config.json is missing
+        ident = hf.config_identity(folder, overrides)
+        if ident == current["id"]:
+            return None
+        current["id"] = ident
+        log.info("Checkpoint '%s' has another config.json; building its model from it.", ck.path)
+        return hf_build(ck.path).to(dev).eval()
+
+    return rebuild
+
+
+def _show_layers(meta: dict, console) -> None:
+    from rich.table import Table
+
+    sel = Table(title="Layers to capture (dry run: nothing written)", title_justify="left")
+    for col in ("layer", "module", "reduction", "raw shape", "stored dims"):
+        sel.add_column(col)
+    for name, m in meta.items():
+        how = m["reduction"] + (" (real tokens)" if m.get("masked") else "")
+        sel.add_row(name, m["module"] or "(model)", how, "x".join(map(str, m["raw_shape"])), str(m["dims"]))
+    console.print(sel)
 
 
 def _write_store(out, config, pr, meta, inputs, ckpts, targets, reducers, net, dev, console, *, resume, overwrite,
-                 compression, batch_size, dtype, jplan, trust_checkpoint, safe_globals, allow_nonfinite) -> Path:
+                 compression, batch_size, dtype, jplan, trust_checkpoint, safe_globals, allow_nonfinite,
+                 rebuild=None) -> Path:
     """The writing part of :func:`capture` (run under the store's writer lock)."""
-    import torch
-
-    from ibscope.capture.hooks import CaptureEngine
-    from ibscope.capture.loading import load_checkpoint_into
+    from ibscope.capture.loading import describe_alignment, load_checkpoint_into
     from ibscope.store import StoreWriter
 
     writer = StoreWriter(out, config=config, sample_ids=pr.ids, labels=pr.y, layers=meta, inputs=inputs,
-                         input_shape=tuple(pr.x.shape[1:]), resume=resume, overwrite=overwrite, compression=compression)
+                         input_shape=tuple(pr.x.shape[1:]), resume=resume, overwrite=overwrite, compression=compression,
+                         replace_empty=True)
     if resume:
         _check_resume_series(out, ckpts)
     todo = [c for c in ckpts if not (resume and writer.has_checkpoint(c.sha256))]
@@ -455,6 +524,8 @@ def _write_store(out, config, pr, meta, inputs, ckpts, targets, reducers, net, d
                         console=console, transient=False)
     n_batches = (pr.n + int(batch_size) - 1) // int(batch_size)
     stop = _Interrupts()
+    noted: set[str] = set()
+    t_b = None
     try:
         stop.__enter__()
         if prog is not None:
@@ -464,36 +535,28 @@ def _write_store(out, config, pr, meta, inputs, ckpts, targets, reducers, net, d
             t_j = prog.add_task("jacobian passes", total=jplan.total_passes, visible=False) if jplan else None
         for ck in todo:
             stop.check()
+            if rebuild is not None:
+                net = rebuild(ck) or net
             info = load_checkpoint_into(net, ck, trust_checkpoint=trust_checkpoint, safe_globals=safe_globals)
+            note = describe_alignment(info)
+            if note and note not in noted:  # one line per kind of fix, not one per checkpoint
+                noted.add(note)
+                log.info("Note: checkpoint keys: %s ('%s'%s).", note, ck.path, "" if len(todo) == 1 else " and others alike")
             net.eval()
             with writer.checkpoint(epoch=ck.epoch, step=ck.step, path=str(ck.path), sha256=ck.sha256,
                                    metrics=ck.metrics) as shard:
-                shard.attrs.update(epoch_source=ck.source, state_key=info["state_key"],
+                shard.attrs.update(epoch_source=ck.epoch_source, step_source=ck.step_source, state_key=info["state_key"],
                                    prefixes_stripped=",".join(info["stripped"] + ([info["prefix"]] if info["prefix"] else [])),
-                                   device=str(dev), batch_size=int(batch_size), torch_version=str(torch.__version__))
-                bufs = {t.name: _Buffer(shard, t.name, dtype, meta[t.name]["dims"]) for t in targets}
+                                   device=str(dev), batch_size=int(batch_size), torch_version=_torch_version())
+                if info.get("added"):
+                    shard.attrs["prefix_added"] = info["added"]
+                if ck.epoch_exact is not None:
+                    shard.attrs["epoch_exact"] = float(ck.epoch_exact)
                 if prog is not None:
                     prog.reset(t_b, total=n_batches, description=f"batches ({ck.label})")
-                with torch.no_grad(), CaptureEngine(net, targets, reducers) as eng:
-                    for b0 in range(0, pr.n, int(batch_size)):
-                        stop.check()
-                        xb = pr.batch(b0, b0 + int(batch_size), dev)
-                        outs = eng.run(xb)
-                        for name, r in outs.items():
-                            arr = r.numpy() if (r.dtype == torch.float32 and r.device.type == "cpu") else \
-                                r.float().cpu().numpy()
-                            st = _stats(arr)
-                            if st[0] and not allow_nonfinite:
-                                raise DataError(
-                                    f"Layer '{name}' has {st[0]} non-finite value(s) (NaN/inf) at checkpoint "
-                                    f"'{ck.path}' ({ck.label}), probe rows {b0}..{b0 + arr.shape[0] - 1}.",
-                                    hint="The run may have diverged at this checkpoint. Pass --allow-nonfinite to "
-                                         "store them anyway (estimators will refuse them).")
-                            bufs[name].add(arr, st)
-                        if prog is not None:
-                            prog.advance(t_b)
-                for b in bufs.values():
-                    b.flush()
+                _capture_into(shard, net, pr, targets, reducers, meta, dev=dev, batch_size=int(batch_size), dtype=dtype,
+                              allow_nonfinite=allow_nonfinite, where=f"'{ck.path}' ({ck.label})", stop=stop,
+                              advance=(lambda: prog.advance(t_b)) if prog is not None else None)
                 if jplan is not None:
                     tick = None
                     if prog is not None:
@@ -504,6 +567,10 @@ def _write_store(out, config, pr, meta, inputs, ckpts, targets, reducers, net, d
             if prog is not None:
                 prog.advance(t_ck)
             log.debug("Captured %s (%s).", ck.label, ck.path)
+    except BaseException:
+        if writer.created and not writer.written:  # nothing captured: leave no store that blocks the retry
+            writer.remove_new_store()
+        raise
     finally:
         stop.__exit__()
         if prog is not None:
@@ -511,7 +578,45 @@ def _write_store(out, config, pr, meta, inputs, ckpts, targets, reducers, net, d
     return writer.dir
 
 
-def _store_jacobians(net, targets, reducers, pr, jplan, dev, shard, tick, stop) -> None:
+def _torch_version() -> str:
+    import torch
+
+    return str(torch.__version__)
+
+
+def _capture_into(shard, net, pr, targets, reducers, meta, *, dev, batch_size, dtype, allow_nonfinite, where,
+                  stop=None, advance=None) -> None:
+    """Run the probe set through ``net`` batch by batch and write each layer's rows into ``shard``."""
+    import torch
+
+    from ibscope.capture.hooks import CaptureEngine
+
+    bufs = {t.name: _Buffer(shard, t.name, dtype, meta[t.name]["dims"]) for t in targets}
+    with torch.no_grad(), CaptureEngine(net, targets, reducers) as eng:
+        for b0 in range(0, pr.n, int(batch_size)):
+            if stop is not None:
+                stop.check()
+            xb = pr.batch(b0, b0 + int(batch_size), dev)
+            outs = eng.run(xb)
+            for name, r in outs.items():
+                arr = r.numpy() if (r.dtype == torch.float32 and r.device.type == "cpu") else \
+                    r.float().cpu().numpy()
+                st = _stats(arr)
+                if st[0] and not allow_nonfinite:
+                    raise DataError(
+                        f"Layer '{name}' has {st[0]} non-finite value(s) (NaN/inf) at checkpoint "
+                        f"{where}, probe rows {b0}..{b0 + arr.shape[0] - 1}.",
+                        hint="The run may have diverged at this checkpoint. Pass --allow-nonfinite to "
+                             "store them anyway (estimators will refuse them).")
+                bufs[name].add(arr, st)
+            if advance is not None:
+                advance()
+    for b in bufs.values():
+        b.flush()
+
+
+def _store_jacobians(net, targets, reducers, pr, jplan, dev, shard, tick=None, stop=None) -> None:
+    """Jacobian spectra of the first ``jplan.m`` probe rows into ``shard`` (see :mod:`ibscope.capture.jacobian`)."""
     import torch
 
     from ibscope.capture.hooks import CaptureEngine
@@ -519,7 +624,8 @@ def _store_jacobians(net, targets, reducers, pr, jplan, dev, shard, tick, stop) 
     rows = np.arange(jplan.m)
 
     def progress(n: int) -> None:
-        stop.check()  # Ctrl-C: stop between passes, the shard is discarded
+        if stop is not None:
+            stop.check()  # Ctrl-C: stop between passes, the shard is discarded
         if tick is not None:
             tick(n)
 
@@ -528,3 +634,6 @@ def _store_jacobians(net, targets, reducers, pr, jplan, dev, shard, tick, stop) 
         svs = jacobian_spectra(eng.run, inp, jplan, progress, sample_ids=pr.ids[: jplan.m])
     for t in targets:
         shard.set_jacobian(t.name, svs[t.name].cpu().numpy(), rows)
+
+
+from ibscope.capture.live import Snapshotter, snapshot  # noqa: E402 - uses the helpers above
