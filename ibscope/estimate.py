@@ -547,8 +547,9 @@ def run_estimate(
                          f"{', '.join(sorted(plan.jac_layers))})" if plan.jac_layers else "at any checkpoint")
                 raise DataError(
                     f"The store '{s}' holds no Jacobian spectra {which}; estimator '{jac[0]}' needs them.",
-                    hint="Re-capture with Jacobians, e.g. `ibscope capture ... --jacobian-samples 256` "
-                         "(the number of probe samples whose Jacobians are computed).")
+                    hint="Re-capture with Jacobians, e.g. `ibscope capture ... --jacobian-samples 32` (32 probe "
+                         "samples; each costs one backward pass per output dim of each layer, and --jacobian-memory "
+                         "bounds the memory: docs/capture.md, 'Jacobians and memory').")
         plans.append(plan)
     ours = {(p.run, p.split): p for p in plans}
 

@@ -418,9 +418,12 @@ def test_probe_sources_agree_and_max_samples(tmp_path):
         np.testing.assert_array_equal(sub.x.numpy(), x[sub.ids].numpy())
         np.testing.assert_array_equal(sub.ids, load_probe(src, max_samples=10, sample_seed=3).ids)
     assert not np.array_equal(load_probe((x, y), max_samples=10, sample_seed=4).ids, sub.ids)
-    with pytest.raises(DataError, match="no 'x' array. Found: a"):
-        np.savez(tmp_path / "bad.npz", a=np.zeros(3))
+    with pytest.raises(DataError, match="holds no input array. Found: y, ids"):
+        np.savez(tmp_path / "bad.npz", y=np.zeros(3), ids=np.arange(3))
         load_probe(str(tmp_path / "bad.npz"))
+    np.savez(tmp_path / "kw.npz", a=np.zeros((3, 2)))  # any other name: a keyword input, a=...
+    kw = load_probe(str(tmp_path / "kw.npz"))
+    assert list(kw.inputs) == ["a"] and kw.keyword == ["a"] and kw.primary == "a" and kw.n == 3
     with pytest.raises(DataError, match="30 samples but labels have 29"):
         load_probe((x, y[:29]))
 
@@ -436,7 +439,7 @@ def test_resume_skips_done_and_refuses_other_settings(tmp_path, mlp_run):
     capture(spec, [str(p) for p in paths], str(probe), ["fc1"], tmp_path / "acts", resume=True, progress=False)
     assert [s.stat().st_mtime_ns for s in shards] == stamps  # the two done ones were not rewritten
     assert len(open_store(store).checkpoints) == 3
-    with pytest.raises(DataError, match=r"different settings \(.*layers\)"):
+    with pytest.raises(DataError, match=r"different settings \(.*layers: \['fc1'\] then, \['fc2'\] now\)"):
         capture(spec, [str(p) for p in paths], str(probe), ["fc2"], tmp_path / "acts", resume=True, progress=False)
     with pytest.raises(DataError, match="different probe data"):
         capture(spec, [str(p) for p in paths], str(probe), ["fc1"], tmp_path / "acts", resume=True, max_samples=10,

@@ -21,6 +21,8 @@ import numpy as np
 from contextlib import ExitStack
 
 from ibscope._device import resolve_device
+from ibscope.capture.jacobian import frozen_parameters, jacobian_spectra, parse_memory, parse_method, plan_jacobians
+from ibscope.capture.probe import check_forward_accepts
 from ibscope._locks import DEFAULT_LOCK_TIMEOUT, check_timeout, lock_path_for, writer_lock
 from ibscope._paths import check_parents
 from ibscope.errors import DataError, UsageError, io_error
@@ -68,30 +70,60 @@ def _check_reduce_keys(reduce: Any, targets) -> None:
 
 
 def plan_layers(model, x, layers, reduce=None):
-    """Dry-run ``model`` on batch ``x``: (targets, reducers, per-layer metadata, traces)."""
-    from ibscope.capture.hooks import CaptureEngine, Reducer, resolve_auto
+    """Dry-run ``model`` on batch ``x`` (a tensor, or a :class:`~ibscope.capture.probe.ModelInput`
+    for keyword inputs): (targets, reducers, per-layer metadata, traces).
+
+    Every reduction is checked against its layer's layout (channels-first map, sequence, features
+    last); all layers whose reduction does not fit are named in one UsageError. With an
+    ``attention_mask`` in ``x``, last/first/mean reduce over real tokens.
+    """
+    from ibscope.capture.hooks import (CaptureEngine, Problem, Reducer, check_reduction, layout_of, raw_shape_of,
+                                       reduction_error)
+    from ibscope.capture.probe import ModelInput
     from ibscope.capture.selectors import resolve_layers, trace_modules
 
-    traces = trace_modules(model, x)
+    inp = ModelInput.of(x)
+    traces = trace_modules(model, inp)
     targets = resolve_layers(layers, traces)
     _check_reduce_keys(reduce, targets)
-    raw = {t.name: Reducer("none", t.name) for t in targets}
+    raw = {t.name: (lambda v, mask=None, length=None: v) for t in targets}
     with CaptureEngine(model, targets, raw) as eng:
-        raw_out = eng.run(x)
-    reducers, meta = {}, {}
+        raw_out = eng.run(inp)
+    mask = inp.mask
+    length = None if mask is None else int(mask.shape[1])
+    reducers, meta, problems = {}, {}, []
     for t in targets:
-        shape = tuple(int(s) for s in raw_out[t.name].shape[1:])
-        op = resolve_auto(_reduce_for(t.name, t.module, reduce), shape, traces[t.module].type, t.name)
-        reducers[t.name] = Reducer(op, t.name)
+        r = raw_out[t.name]
+        shape = raw_shape_of(r, length)
+        layout, why = layout_of(t, shape, traces)
+        asked = _reduce_for(t.name, t.module, reduce)
+        op, problem = check_reduction(asked, shape, layout)
+        if problem is None and op in ("last", "first", "mean") and len(shape) == 2 and mask is not None \
+                and not getattr(r, "is_nested", False) and shape[0] != length:
+            problem, why = "mask-length", str(length)
+        if problem:
+            problems.append(Problem(problem, t, shape, layout, asked, why))
+            continue
+        red = Reducer(op, t.name)
+        red.masked = op in ("last", "first", "mean") and len(shape) == 2 and (mask is not None or
+                                                                              getattr(r, "is_nested", False))
+        reducers[t.name] = red
+    if problems:
+        raise reduction_error(problems, targets)
     with CaptureEngine(model, targets, reducers) as eng:
-        red = eng.run(x)
+        red = eng.run(inp)
     for i, t in enumerate(targets):
+        r = raw_out[t.name]
         meta[t.name] = {
             "module": t.module, "type": traces[t.module].type, "call": t.call, "select": list(t.select),
             "io": t.io, "spec": t.spec, "reduction": reducers[t.name].spec,
-            "raw_shape": [int(s) for s in raw_out[t.name].shape[1:]], "dims": int(red[t.name].shape[1]),
-            "raw_dtype": str(raw_out[t.name].dtype).replace("torch.", ""), "order": i,
+            "raw_shape": list(raw_shape_of(r, length)), "dims": int(red[t.name].shape[1]),
+            "raw_dtype": str(r.dtype).replace("torch.", ""), "order": i,
         }
+        if reducers[t.name].masked:  # reduced over real tokens only (attention_mask or nested tensors)
+            meta[t.name]["masked"] = True
+        if getattr(r, "is_nested", False):
+            meta[t.name]["nested"] = True
     return targets, reducers, meta, traces
 
 
@@ -260,6 +292,8 @@ def capture(
     lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT,
     order: str = "auto",
     dry_run: bool = False,
+    jacobian_method: str = "exact",
+    jacobian_memory: int | str | None = "auto",
 ) -> Path | None:
     """Capture activations of ``layers`` for every checkpoint into the store at ``out``.
 
@@ -282,6 +316,15 @@ def capture(
     checkpoint. ``order``: "auto" (step when every checkpoint has one, else epoch, else name),
     "step", "epoch" or "name" (see :mod:`ibscope.capture.series`). ``dry_run``: print the
     checkpoint series and the layer plan, write nothing, return None.
+
+    Probe arrays other than ``x``, ``y`` and ``ids`` are passed to the model by keyword
+    (``input_ids``, ``attention_mask``, ...; see :mod:`ibscope.capture.probe`); an
+    ``attention_mask`` makes last/first/mean reduce over real tokens. ``jacobian_samples``: for
+    the first N probe rows, the singular values of each layer's Jacobian with respect to the
+    (primary, floating) input, by ``jacobian_method`` (``"exact"`` or ``"sketch:K"``) within
+    ``jacobian_memory`` (bytes, ``"2G"``, or ``"auto"``: 1 GiB or half the available memory);
+    the budget is checked before any work (see :mod:`ibscope.capture.jacobian`).
+    ``jacobian_chunk`` caps the samples handled in one vmap.
 
     A capture that fails before its first checkpoint is stored removes the store it created,
     so the same command (fixed) can simply be run again.
@@ -335,7 +378,12 @@ def capture(
     else:
         build = resolve_factory(model, model_args)
         model_id = model_spec_id(model)
+    parse_method(jacobian_method)  # bad values: usage errors before any work
+    jac_budget = parse_memory(jacobian_memory, dev) if jacobian_samples else None
+    if int(jacobian_chunk) < 1:
+        raise UsageError(f"jacobian_chunk must be >= 1. Got {jacobian_chunk}.")
     pr = load_probe(probe, max_samples=max_samples, sample_seed=sample_seed)
+    _check_jacobian_input(pr, jacobian_samples)
     ckpts = discover_checkpoints(checkpoints, trust_checkpoint=trust_checkpoint, safe_globals=allowed, order=order)
     if build is None:  # Hugging Face: the first checkpoint's model plans the layers
         net = hf_build(ckpts[0].path)
@@ -343,17 +391,22 @@ def capture(
             rebuild = _hf_rebuilder(hf, ckpts[0].path, hf_build, model_args, dev)
     else:
         net = build()
+    check_forward_accepts(net, pr)
     if console is not None or dry_run:
         show_plan(ckpts, console)
     net.to(dev).eval()
-    first = pr.x[: min(pr.n, int(batch_size), 8)].to(dev)
+    first = pr.batch(0, min(pr.n, int(batch_size), 8), dev)
     targets, reducers, meta, _ = plan_layers(net, first, layers, reduce)
+    jplan = None
+    if jacobian_samples:
+        jplan = _plan_jacobians(net, targets, reducers, meta, pr, int(jacobian_samples), dev, jacobian_method,
+                                jac_budget, int(jacobian_chunk))
+        if console is not None or dry_run:
+            (console or _console()).print(jplan.summary())
+        log.info("%s", jplan.summary())
     if dry_run:
         _show_layers(meta, console or _console())
         return None
-    if jacobian_samples and not pr.x.is_floating_point():
-        raise UsageError(f"--jacobian-samples needs floating-point probe inputs; these are {pr.x.dtype}.",
-                         hint="Jacobians with respect to integer inputs (e.g. token ids) are not defined.")
 
     inputs = None
     if store_inputs:
@@ -370,6 +423,7 @@ def capture(
         "probe": pr.source, "n_samples": pr.n, "input_shape": [int(s) for s in pr.x.shape[1:]],
         "input_dtype": str(pr.x.dtype).replace("torch.", ""),
     }
+    config.update(_probe_and_jacobian_config(pr, jplan))
     store_dir = resolve_store_dir(out)
     with ExitStack() as held:
         try:
@@ -379,9 +433,41 @@ def capture(
         _check_out_dir(out, resume, overwrite)  # again, now that no other capture can change it
         return _write_store(out, config, pr, meta, inputs, ckpts, targets, reducers, net, dev, console, resume=resume,
                      overwrite=overwrite, compression=compression, batch_size=int(batch_size), dtype=dtype,
-                     jacobian_samples=int(jacobian_samples), jacobian_chunk=jacobian_chunk,
-                     trust_checkpoint=trust_checkpoint, safe_globals=allowed, allow_nonfinite=allow_nonfinite,
-                     rebuild=rebuild)
+                     jplan=jplan, trust_checkpoint=trust_checkpoint, safe_globals=allowed,
+                     allow_nonfinite=allow_nonfinite, rebuild=rebuild)
+
+
+def _check_jacobian_input(pr, jacobian_samples: int) -> None:
+    if jacobian_samples and not pr.x.is_floating_point():
+        raise UsageError(f"--jacobian-samples needs a floating-point probe input; '{pr.primary}' is "
+                         f"{str(pr.x.dtype).replace('torch.', '')}.",
+                         hint="Jacobians with respect to integer inputs (e.g. token ids) are not defined; capture "
+                              "without --jacobian-samples.")
+
+
+def _plan_jacobians(net, targets, reducers, meta, pr, m, dev, method, budget, chunk):
+    """Size the Jacobian computation to the budget before any work (UsageError if it cannot fit)."""
+    from ibscope.capture.hooks import CaptureEngine
+
+    with frozen_parameters(net), CaptureEngine(net, targets, reducers, grad=True) as eng:
+        return plan_jacobians(eng.run, pr.batch(0, 1, dev), {t.name: meta[t.name]["dims"] for t in targets},
+                              min(int(m), pr.n), method=method, budget=budget, device=dev,
+                              max_samples_per_pass=int(chunk))
+
+
+def _probe_and_jacobian_config(pr, jplan) -> dict:
+    """Store config entries for keyword probe inputs and a non-exact Jacobian method (absent
+    otherwise, so that stores of plain captures keep their identity)."""
+    extra: dict = {}
+    if pr.keyword:  # keyword inputs: their names, shapes and content take part in the store's identity
+        from ibscope.store import sha256_bytes
+
+        extra["input_key"] = pr.primary
+        extra["probe_inputs"] = [dict(e, sha256=sha256_bytes(np.ascontiguousarray(pr.inputs[e["name"]].numpy()).tobytes()))
+                                 for e in pr.describe_inputs()]
+    if jplan is not None and jplan.method != "exact":
+        extra["jacobian_method"] = f"{jplan.method}:{jplan.sketch_k}"
+    return extra
 
 
 def _hf_rebuilder(hf, first_path, hf_build, overrides, dev):
@@ -409,13 +495,14 @@ def _show_layers(meta: dict, console) -> None:
     for col in ("layer", "module", "reduction", "raw shape", "stored dims"):
         sel.add_column(col)
     for name, m in meta.items():
-        sel.add_row(name, m["module"] or "(model)", m["reduction"], "x".join(map(str, m["raw_shape"])), str(m["dims"]))
+        how = m["reduction"] + (" (real tokens)" if m.get("masked") else "")
+        sel.add_row(name, m["module"] or "(model)", how, "x".join(map(str, m["raw_shape"])), str(m["dims"]))
     console.print(sel)
 
 
 def _write_store(out, config, pr, meta, inputs, ckpts, targets, reducers, net, dev, console, *, resume, overwrite,
-                 compression, batch_size, dtype, jacobian_samples, jacobian_chunk, trust_checkpoint, safe_globals,
-                 allow_nonfinite, rebuild=None) -> Path:
+                 compression, batch_size, dtype, jplan, trust_checkpoint, safe_globals, allow_nonfinite,
+                 rebuild=None) -> Path:
     """The writing part of :func:`capture` (run under the store's writer lock)."""
     from ibscope.capture.loading import describe_alignment, load_checkpoint_into
     from ibscope.store import StoreWriter
@@ -445,6 +532,7 @@ def _write_store(out, config, pr, meta, inputs, ckpts, targets, reducers, net, d
             prog.start()
             t_ck = prog.add_task("checkpoints", total=len(todo))
             t_b = prog.add_task("batches", total=n_batches)
+            t_j = prog.add_task("jacobian passes", total=jplan.total_passes, visible=False) if jplan else None
         for ck in todo:
             stop.check()
             if rebuild is not None:
@@ -469,8 +557,13 @@ def _write_store(out, config, pr, meta, inputs, ckpts, targets, reducers, net, d
                 _capture_into(shard, net, pr, targets, reducers, meta, dev=dev, batch_size=int(batch_size), dtype=dtype,
                               allow_nonfinite=allow_nonfinite, where=f"'{ck.path}' ({ck.label})", stop=stop,
                               advance=(lambda: prog.advance(t_b)) if prog is not None else None)
-                if jacobian_samples:
-                    _store_jacobians(net, targets, reducers, pr.x, int(jacobian_samples), dev, shard, jacobian_chunk)
+                if jplan is not None:
+                    tick = None
+                    if prog is not None:
+                        prog.reset(t_j, total=jplan.total_passes, description=f"jacobian passes ({ck.label})",
+                                   visible=True)
+                        tick = (lambda n: prog.advance(t_j, n))  # noqa: E731
+                    _store_jacobians(net, targets, reducers, pr, jplan, dev, shard, tick, stop)
             if prog is not None:
                 prog.advance(t_ck)
             log.debug("Captured %s (%s).", ck.label, ck.path)
@@ -503,7 +596,7 @@ def _capture_into(shard, net, pr, targets, reducers, meta, *, dev, batch_size, d
         for b0 in range(0, pr.n, int(batch_size)):
             if stop is not None:
                 stop.check()
-            xb = pr.x[b0:b0 + int(batch_size)].to(dev, non_blocking=True)
+            xb = pr.batch(b0, b0 + int(batch_size), dev)
             outs = eng.run(xb)
             for name, r in outs.items():
                 arr = r.numpy() if (r.dtype == torch.float32 and r.device.type == "cpu") else \
@@ -522,16 +615,23 @@ def _capture_into(shard, net, pr, targets, reducers, meta, *, dev, batch_size, d
         b.flush()
 
 
-def _store_jacobians(net, targets, reducers, x, m, dev, shard, chunk) -> None:
+def _store_jacobians(net, targets, reducers, pr, jplan, dev, shard, tick=None, stop=None) -> None:
+    """Jacobian spectra of the first ``jplan.m`` probe rows into ``shard`` (see :mod:`ibscope.capture.jacobian`)."""
     import torch
 
     from ibscope.capture.hooks import CaptureEngine
-    from ibscope.capture.jacobian import jacobian_singular_values
 
-    rows = np.arange(min(m, x.shape[0]))
-    xs = x[: len(rows)].to(dev).float()
-    with torch.enable_grad(), CaptureEngine(net, targets, reducers, grad=True) as eng:
-        svs = jacobian_singular_values(eng.run, xs, chunk=chunk)
+    rows = np.arange(jplan.m)
+
+    def progress(n: int) -> None:
+        if stop is not None:
+            stop.check()  # Ctrl-C: stop between passes, the shard is discarded
+        if tick is not None:
+            tick(n)
+
+    inp = pr.batch(0, jplan.m, dev)
+    with frozen_parameters(net), torch.enable_grad(), CaptureEngine(net, targets, reducers, grad=True) as eng:
+        svs = jacobian_spectra(eng.run, inp, jplan, progress, sample_ids=pr.ids[: jplan.m])
     for t in targets:
         shard.set_jacobian(t.name, svs[t.name].cpu().numpy(), rows)
 

@@ -39,7 +39,7 @@ class Snapshotter:
 
     ``probe``, ``layers``, ``reduce``, ``max_samples``, ``sample_seed``, ``batch_size``,
     ``dtype``, ``jacobian_samples``, ``store_inputs``, ``split``, ``run``, ``compression``,
-    ``allow_nonfinite`` and ``lock_timeout`` mean what they mean for
+    ``allow_nonfinite``, ``lock_timeout``, ``jacobian_method`` and ``jacobian_memory`` mean what they mean for
     :func:`ibscope.capture.capture`. ``device``: where the probe batches go (default: the
     model's own device).
     """
@@ -48,7 +48,8 @@ class Snapshotter:
                  max_samples: int | None = None, sample_seed: int | None = None, batch_size: int = 256,
                  device: str | None = None, dtype: str = "float32", jacobian_samples: int = 0,
                  store_inputs: bool = True, split: str = "probe", run: str = "run", compression: str = "lzf",
-                 allow_nonfinite: bool = False, lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT):
+                 allow_nonfinite: bool = False, lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT,
+                 jacobian_method: str = "exact", jacobian_memory: int | str | None = "auto"):
         from ibscope.capture import DEFAULT_MAX_INPUT_BYTES
         from ibscope.capture.probe import load_probe
 
@@ -67,11 +68,17 @@ class Snapshotter:
             raise UsageError("snapshot needs at least one layer selector (layers=[...]).")
         self.reduce, self.batch_size, self.dtype = reduce, int(batch_size), dtype
         self.jacobian_samples, self.compression = int(jacobian_samples), compression
+        self.jacobian_method, self.jacobian_memory = jacobian_method, jacobian_memory
         self.allow_nonfinite, self.lock_timeout = allow_nonfinite, lock_timeout
         self.device = device
         self.pr = load_probe(probe, max_samples=max_samples, sample_seed=sample_seed)
-        if self.jacobian_samples and not self.pr.x.is_floating_point():
-            raise UsageError(f"jacobian_samples needs floating-point probe inputs; these are {self.pr.x.dtype}.")
+        if self.jacobian_samples:
+            from ibscope.capture import _check_jacobian_input
+            from ibscope.capture.jacobian import parse_memory, parse_method
+
+            _check_jacobian_input(self.pr, self.jacobian_samples)
+            parse_method(jacobian_method)
+            parse_memory(jacobian_memory)
         self.inputs = None
         if store_inputs:
             nbytes = self.pr.x.numel() * 4
@@ -92,10 +99,18 @@ class Snapshotter:
         if self._plan is None or self._plan["key"] != key:
             import torch
 
-            first = self.pr.x[: min(self.pr.n, self.batch_size, 8)].to(dev)
+            from ibscope.capture import _plan_jacobians, _probe_and_jacobian_config
+            from ibscope.capture.probe import check_forward_accepts
+
+            check_forward_accepts(net, self.pr)
+            first = self.pr.batch(0, min(self.pr.n, self.batch_size, 8), dev)
             with torch.no_grad():
                 targets, reducers, meta, _ = plan_layers(net, first, self.layers, self.reduce)
             pr = self.pr
+            jplan = None
+            if self.jacobian_samples:
+                jplan = _plan_jacobians(net, targets, reducers, meta, pr, self.jacobian_samples, dev,
+                                        self.jacobian_method, self.jacobian_memory, 16)
             config = {
                 "model": f"<module {type(net).__name__}>", "model_args": {}, "layers": self.layers,
                 "reduce": self.reduce if self.reduce is not None else "auto", "dtype": self.dtype,
@@ -104,7 +119,9 @@ class Snapshotter:
                 "run": self._settings["run"], "probe": pr.source, "n_samples": pr.n,
                 "input_shape": [int(s) for s in pr.x.shape[1:]], "input_dtype": str(pr.x.dtype).replace("torch.", ""),
             }
-            self._plan = {"key": key, "targets": targets, "reducers": reducers, "meta": meta, "config": config}
+            config.update(_probe_and_jacobian_config(pr, jplan))
+            self._plan = {"key": key, "targets": targets, "reducers": reducers, "meta": meta, "config": config,
+                          "jplan": jplan}
         return self._plan
 
     def __call__(self, model, *, step: int | None = None, epoch: int | float | None = None,
@@ -178,9 +195,8 @@ class Snapshotter:
                     _capture_into(shard, net, pr, plan["targets"], plan["reducers"], plan["meta"], dev=dev,
                                   batch_size=self.batch_size, dtype=self.dtype, allow_nonfinite=self.allow_nonfinite,
                                   where=f"{label} (snapshot)")
-                    if self.jacobian_samples:
-                        _store_jacobians(net, plan["targets"], plan["reducers"], pr.x, self.jacobian_samples, dev,
-                                         shard, 16)
+                    if plan["jplan"] is not None:
+                        _store_jacobians(net, plan["targets"], plan["reducers"], pr, plan["jplan"], dev, shard)
                     final = shard.final
             except BaseException:
                 if writer.created and not writer.written:

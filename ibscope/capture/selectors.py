@@ -22,6 +22,7 @@ ordered by when they run in the forward pass (a one-batch dry run).
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,18 +136,54 @@ def glob_match(pattern: str, name: str) -> bool:
 # dry run
 # --------------------------------------------------------------------------------------
 def describe(obj: Any, depth: int = 0) -> str:
-    """Short structural description of a module output: ``Tensor[32, 10] float32``, ``tuple(...)``."""
+    """Short structural description of a module output: ``Tensor[32, 10] float32``, ``tuple(...)``.
+
+    Never raises: nested tensors (``NestedTensor[4 x (3..12), 32] float32``), ModelOutput-like
+    mappings and dataclasses are described, anything else by its type name.
+    """
+    import dataclasses
+
+    import torch
+
+    try:
+        if isinstance(obj, torch.Tensor):
+            dt = str(obj.dtype).replace("torch.", "")
+            if getattr(obj, "is_nested", False):
+                parts = obj.unbind()
+                lens = sorted(int(p.shape[0]) for p in parts) if parts and parts[0].ndim else []
+                rest = ", ".join(map(str, parts[0].shape[1:])) if parts else ""
+                span = f"{lens[0]}..{lens[-1]}" if lens and lens[0] != lens[-1] else (str(lens[0]) if lens else "?")
+                return f"NestedTensor[{len(parts)} x ({span}){', ' + rest if rest else ''}] {dt}"
+            return f"Tensor[{', '.join(map(str, obj.shape))}] {dt}"
+        if depth > 2:
+            return "..."
+        if isinstance(obj, (tuple, list)):
+            return f"{type(obj).__name__}(" + ", ".join(describe(o, depth + 1) for o in obj) + ")"
+        if isinstance(obj, dict) or (hasattr(obj, "keys") and hasattr(obj, "__getitem__")):
+            return f"{type(obj).__name__}(" + ", ".join(f"{k}: {describe(obj[k], depth + 1)}" for k in obj.keys()) + ")"
+        if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+            return f"{type(obj).__name__}(" + ", ".join(f"{f.name}: {describe(getattr(obj, f.name), depth + 1)}"
+                                                        for f in dataclasses.fields(obj)) + ")"
+    except Exception:  # noqa: BLE001 - a description must never break a forward pass
+        pass
+    return type(obj).__name__
+
+
+def _first_shape(obj: Any) -> tuple | None:
+    """Shape of the first tensor in a module output (None for a ragged dim of a nested tensor)."""
     import torch
 
     if isinstance(obj, torch.Tensor):
-        return f"Tensor[{', '.join(map(str, obj.shape))}] {str(obj.dtype).replace('torch.', '')}"
-    if depth > 2:
-        return "..."
-    if isinstance(obj, (tuple, list)):
-        return f"{type(obj).__name__}(" + ", ".join(describe(o, depth + 1) for o in obj) + ")"
-    if isinstance(obj, dict) or (hasattr(obj, "keys") and hasattr(obj, "__getitem__")):
-        return f"{type(obj).__name__}(" + ", ".join(f"{k}: {describe(obj[k], depth + 1)}" for k in obj.keys()) + ")"
-    return type(obj).__name__
+        if getattr(obj, "is_nested", False):
+            try:
+                parts = obj.unbind()
+                return (len(parts), None) + tuple(int(s) for s in parts[0].shape[1:]) if parts else None
+            except Exception:  # noqa: BLE001
+                return None
+        return tuple(int(s) for s in obj.shape)
+    if isinstance(obj, (tuple, list)) and obj:
+        return _first_shape(obj[0])
+    return None
 
 
 @dataclass
@@ -160,6 +197,7 @@ class ModuleTrace:
     outputs: list[str] = field(default_factory=list)  # description per call
     inputs: list[str] = field(default_factory=list)
     n_params: int = 0
+    shapes: list = field(default_factory=list)  # shape of the first tensor of each call's output (None if none)
 
     @property
     def first(self) -> int:
@@ -167,7 +205,8 @@ class ModuleTrace:
 
 
 def trace_modules(model, x) -> dict[str, ModuleTrace]:
-    """Run one forward pass on batch ``x`` and record every module's calls and outputs.
+    """Run one forward pass on batch ``x`` (a tensor or a :class:`~ibscope.capture.probe.ModelInput`)
+    and record every module's calls and outputs.
 
     Returns traces keyed by module path ("" = the model), in order of first call (modules that
     never run come last).
@@ -185,6 +224,7 @@ def trace_modules(model, x) -> dict[str, ModuleTrace]:
             t.calls += 1
             t.call_order.append(counter[0])
             counter[0] += 1
+            t.shapes.append(_first_shape(output))
             if len(t.outputs) < 4:
                 t.outputs.append(describe(output))
                 t.inputs.append(describe(args[0] if len(args) == 1 else tuple(args)))
@@ -202,16 +242,33 @@ def trace_modules(model, x) -> dict[str, ModuleTrace]:
 
 
 def _forward(model, x):
-    try:
-        return model(x)
-    except Exception as exc:  # the user's model failed on the probe batch
-        from ibscope.errors import IbscopeError
+    """``model(x)`` for a tensor, ``model(x, **kwargs)`` for a ModelInput; a failure of the model
+    itself becomes a DataError that shows the inputs and names the likely cause."""
+    from ibscope.capture.probe import ModelInput
+    from ibscope.errors import IbscopeError
 
+    inp = ModelInput.of(x)
+    try:
+        with warnings.catch_warnings():
+            # torch's note on nn.TransformerEncoder's nested-tensor fast path (handled by the hooks)
+            warnings.filterwarnings("ignore", message="The PyTorch API of nested tensors is in prototype stage")
+            return inp.call(model)
+    except Exception as exc:  # the user's model failed on the probe batch
         if isinstance(exc, IbscopeError):
             raise
-        raise DataError(f"The model's forward pass failed on the probe batch (input {describe(x)}): "
-                        f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}",
-                        hint="Check that --probe holds inputs of the shape and dtype the model expects.") from None
+        text = str(exc).splitlines()[0][:300] if str(exc) else ""
+        if "nested" in text.lower() or "Nested" in type(exc).__name__:
+            hint = ("The model runs on nested tensors here (nn.TransformerEncoder with a padding mask in eval mode "
+                    "packs each sequence to its real tokens). ibscope captures such outputs with the reductions "
+                    "mean, first and last; if the error is inside your own code, build the encoder with "
+                    "enable_nested_tensor=False.")
+        elif isinstance(exc, TypeError) and ("argument" in text or "positional" in text):
+            hint = ("The probe's arrays are passed as model(x, name=array, ...): 'x' positionally, every other array "
+                    "(except y and ids) by keyword. Name them after forward()'s arguments.")
+        else:
+            hint = "Check that --probe holds inputs of the shape and dtype the model expects."
+        raise DataError(f"The model's forward pass failed on the probe batch (input {inp.describe()}): "
+                        f"{type(exc).__name__}: {text}", hint=hint) from None
 
 
 # --------------------------------------------------------------------------------------

@@ -56,7 +56,10 @@ def register(app: typer.Typer) -> None:
                                               "step-200, ep12, checkpoint-400); ordered by step, else epoch, else name. "
                                               "`ibscope checkpoints PATTERN` shows the series."),
         probe: str = typer.Option(..., "--probe", "-p", help="Probe data: .npz (x, y), .h5 (datasets x, y), .pt "
-                                  "({'x','y'}) or 'pkg.module:factory' returning a Dataset or (x, y)."),
+                                  "({'x','y'}) or 'pkg.module:factory' returning a Dataset or (x, y). 'x' is passed "
+                                  "as model(x); other arrays except y and ids by keyword (input_ids=, "
+                                  "attention_mask=, ...). An attention_mask (1 = real token) makes last/first/mean "
+                                  "reduce over real tokens."),
         layers: List[str] = typer.Option(..., "--layers", "-l", help="Layer selector, repeatable: module path "
                                          "(layer1.0.conv2), glob (encoder.*, **.fc), re:REGEX, type:Linear, 'output'; "
                                          "suffixes @CALL (reused modules), [0] / ['key'] (tuple/dict element), :in "
@@ -65,8 +68,10 @@ def register(app: typer.Typer) -> None:
         model_args: Optional[str] = typer.Option(None, "--model-args", help="Keyword arguments for the factory: JSON or "
                                                  "YAML, inline or a .json/.yaml file."),
         reduce: Optional[List[str]] = typer.Option(None, "--reduce", "-r", help="Reduction to (samples, features): auto "
-                                                   "(default: conv maps -> gap), none, flatten, gap, gmp, rp:K[:SEED], "
-                                                   "last, first, mean. OP for all layers or LAYER=OP; repeatable."),
+                                                   "(default: conv maps -> gap; sequences must be told), none, "
+                                                   "flatten, gap/gmp (conv maps), rp:K[:SEED], last/first/mean "
+                                                   "(sequences (N, L, D); over real tokens with an attention_mask). "
+                                                   "OP for all layers or LAYER=OP (name or glob); repeatable."),
         max_samples: Optional[int] = typer.Option(None, "--max-samples", help="Use the first N probe samples (in file "
                                                   "order), or a seeded random N with --sample-seed."),
         sample_seed: Optional[int] = typer.Option(None, "--sample-seed", help="Draw the --max-samples subset at random "
@@ -77,7 +82,14 @@ def register(app: typer.Typer) -> None:
                                   "float16's range fall back to float32, with a warning)."),
         jacobian_samples: int = typer.Option(0, "--jacobian-samples", help="Also store, for the first N probe samples, "
                                              "the singular values of each layer's Jacobian w.r.t. the input (for "
-                                             "local-rank estimators)."),
+                                             "local-rank estimators). Costs one backward pass per sample and output "
+                                             "dim (16-64 samples are typical)."),
+        jacobian_method: str = typer.Option("exact", "--jacobian-method", help="exact (all singular values, Jacobian "
+                                            "built in chunks of rows) or sketch:K (randomized SVD: the top K "
+                                            "singular values, exact when the rank is <= K; never forms the Jacobian)."),
+        jacobian_memory: str = typer.Option("auto", "--jacobian-memory", help="Memory budget of the Jacobian "
+                                            "computation, e.g. 512M, 2G; auto = 1 GiB or half the available memory. "
+                                            "Checked before any work: a request that cannot fit is an error."),
         store_inputs: bool = typer.Option(True, "--store-inputs/--no-store-inputs", help="Copy the probe inputs "
                                           "(flattened float32) into the store; skipped with a warning above 256 MiB."),
         split: str = typer.Option("probe", "--split", help="Name of this probe set (train, test, ...), kept in results."),
@@ -130,7 +142,7 @@ def register(app: typer.Typer) -> None:
             jacobian_samples=jacobian_samples, store_inputs=store_inputs, split=split, run=run, resume=resume,
             overwrite=overwrite, trust_checkpoint=trust_checkpoint, safe_globals=list(safe_globals or []),
             allow_nonfinite=allow_nonfinite, compression=compression, progress=not quiet, lock_timeout=lock_timeout,
-            order=order, dry_run=dry_run,
+            jacobian_method=jacobian_method, jacobian_memory=jacobian_memory, order=order, dry_run=dry_run,
         )
         if path is None:  # --dry-run
             return
@@ -188,17 +200,18 @@ def register(app: typer.Typer) -> None:
                                                          "(module.Class) in --checkpoint; repeatable."),
         as_json: bool = typer.Option(False, "--json", help="Print the listing as JSON on stdout."),
     ) -> None:
-        """List the model's modules in execution order with output shapes and calls per forward.
+        """List the probe's inputs and the model's modules in execution order with output shapes and calls per forward.
 
-        Runs one probe batch through the model. Modules called more than once per forward need
-        '@CALL' in a selector; tuple/dict outputs need an element ('[0]').
+        Runs one probe batch through the model: 'x' positionally, every other array (except y
+        and ids) by keyword. Modules called more than once per forward need '@CALL' in a
+        selector; tuple/dict outputs need an element ('[0]', "['last_hidden_state']").
         """
         setup_logging(True)
         import torch
 
         from ibscope.capture import plan_layers, resolve_device
         from ibscope.capture.loading import load_checkpoint_into, resolve_factory
-        from ibscope.capture.probe import load_probe
+        from ibscope.capture.probe import check_forward_accepts, load_probe
         from ibscope.capture.selectors import trace_modules
 
         if batch_size < 1:
@@ -212,7 +225,8 @@ def register(app: typer.Typer) -> None:
         dev = resolve_device(device)
         net.to(dev).eval()
         pr = load_probe(probe, max_samples=batch_size)
-        x = pr.x.to(dev)
+        check_forward_accepts(net, pr)
+        x = pr.batch(0, pr.n, dev)
         traces = trace_modules(net, x)
         plan = None
         if layers:
@@ -220,12 +234,19 @@ def register(app: typer.Typer) -> None:
                 _, _, plan, _ = plan_layers(net, x, list(layers), _parse_reduce(reduce))
         rows = [{"name": t.name or "(model)", "type": t.type, "calls": t.calls, "output": t.outputs[0] if t.outputs else "",
                  "params": t.n_params} for t in traces.values()]
+        inputs = pr.describe_inputs()
         if as_json:
-            typer.echo(json.dumps({"modules": rows, "selected": plan}, indent=2))
+            typer.echo(json.dumps({"inputs": inputs, "modules": rows, "selected": plan}, indent=2))
             return
         from rich.table import Table
 
-        tab = Table(title=f"Modules of {model} (batch of {x.shape[0]}), in execution order", title_justify="left")
+        it = Table(title=f"Probe inputs ({probe}), passed as model(...)", title_justify="left")
+        for col in ("array", "shape per sample", "dtype", "passed as", "role"):
+            it.add_column(col)
+        for e in inputs:
+            it.add_row(e["name"], "x".join(map(str, e["shape"])) or "scalar", e["dtype"], e["passed"], e["role"])
+        console().print(it)
+        tab = Table(title=f"Modules of {model} (batch of {x.n}), in execution order", title_justify="left")
         for col in ("module", "type", "calls", "output (first call)", "params"):
             tab.add_column(col)
         for r in rows:
@@ -238,7 +259,8 @@ def register(app: typer.Typer) -> None:
             for col in ("layer", "module", "reduction", "raw shape", "stored dims"):
                 sel.add_column(col)
             for name, m in plan.items():
-                sel.add_row(name, m["module"] or "(model)", m["reduction"], "x".join(map(str, m["raw_shape"])), str(m["dims"]))
+                how = m["reduction"] + (" (real tokens)" if m.get("masked") else "")
+                sel.add_row(name, m["module"] or "(model)", how, "x".join(map(str, m["raw_shape"])), str(m["dims"]))
             console().print(sel)
 
     @app.command("info", no_args_is_help=True)

@@ -38,8 +38,9 @@ def jacobian_from_store(store, ckpt, layer: str):
         raise DataError(
             f"The store '{st.dir}' holds no Jacobian spectra for layer '{layer}' at checkpoint {c.index} ({c.label}); "
             "local rank needs them.",
-            hint="Re-capture with Jacobians, e.g. `ibscope capture ... --jacobian-samples 256` "
-                 "(the number of probe samples whose Jacobians are computed).",
+            hint="Re-capture with Jacobians, e.g. `ibscope capture ... --jacobian-samples 32` (32 probe samples; "
+                 "each costs one backward pass per output dim of each layer, and --jacobian-memory bounds the "
+                 "memory: docs/capture.md, 'Jacobians and memory').",
         )
     sv, _rows = got
     return torch.from_numpy(sv)
