@@ -2,25 +2,101 @@
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from typing import Any
 
 from ibscope.errors import UsageError
 from ibscope.estimators import registry
 from ibscope.estimators.base import Estimate
 
+#: where saturation, caps and nulls are explained
+TRUST_DOC = "docs/trust.md"
 
-def mutual_information(x, y, method: str = "ksg", **params: Any) -> Estimate:
+
+def integral_float_labels(t, name: str = "y", who: str = ""):
+    """``t`` as int64 class labels when it is a float tensor holding only integer values, else None.
+
+    The one rule for labels saved as floats (``y = (x > 0).astype(np.float32)``): they are the
+    same classes as the integers, so ``capture``, ``estimate`` and the API read them as int64
+    (with a warning) instead of as a continuous variable.
+    """
+    import torch
+
+    if not t.is_floating_point() or t.numel() == 0 or not bool(torch.isfinite(t).all()):
+        return None
+    if not bool((t == torch.round(t)).all()) or float(t.abs().max()) >= 2.0 ** 62:
+        return None
+    vals = torch.unique(t)
+    shown = ", ".join(f"{float(v):g}" for v in vals[:5]) + (", ..." if vals.numel() > 5 else "")
+    warnings.warn(
+        f"{who}'{name}' holds floats ({str(t.dtype).replace('torch.', '')}) with only integer values "
+        f"({vals.numel()} distinct: {shown}); they are read as discrete class labels (int64), the same classes as "
+        "integer labels.", RuntimeWarning, stacklevel=3)
+    return t.to(torch.int64)
+
+
+def mutual_information(x, y, method: str = "ksg", *, null_permutations: int = 0, null_seed: int | None = None,
+                       discrete_y: bool | None = None, **params: Any) -> Estimate:
     """Estimate I(X;Y) in nats with estimator ``method``.
 
     ``x`` and ``y`` are numpy arrays or torch tensors of shape (n, d) (1-D means (n, 1)).
     Integer arrays are treated as discrete (e.g. class labels). Computation runs on the
     tensors' device. ``params`` are the estimator's hyper-parameters (see
     ``ibscope estimators``). Returns an :class:`~ibscope.Estimate`; ``.value`` is in nats.
+
+    ``discrete_y``: None (default) reads a float ``y`` of one column whose values are all
+    integers, next to a continuous ``x``, as int64 class labels (labels saved as 0.0/1.0),
+    with a warning; True makes ``y`` discrete whatever its dtype (each distinct row one
+    class); False keeps a float ``y`` continuous.
+
+    ``null_permutations=N`` also estimates the permutation null: the estimate with the rows
+    of one side permuted N times (seeded), in ``null_mean``, ``null_std`` (nats) and
+    ``p_value`` = (1 + #{null >= value}) / (N + 1); None when N = 0. The seed is
+    ``null_seed``; without it, ``seed`` (for an estimator that has its own ``seed`` parameter,
+    such as ksg, that value seeds both the estimator and the permutations; for the others
+    ``seed`` is the permutations' seed), else 0. See :mod:`ibscope.estimators.nulls`.
+
+    A value within 1 % of its cap (H(Y), log n, log batch) is flagged ``saturated`` and
+    warned about: the estimator cannot show more at this n and width (see docs/trust.md).
     """
+    from ibscope.estimators.base import as_tensor
+    from ibscope.estimators.nulls import check_settings, with_null
+
+    cls = registry.get(method)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    seed = params.get("seed") if "seed" in fields else params.pop("seed", None)
+    if null_seed is None:
+        null_seed = registry.coerce_param(cls, "seed", seed) if "seed" in fields and seed is not None else seed
+        null_seed = 0 if null_seed is None else null_seed
+    if null_permutations:
+        check_settings(null_permutations, null_seed)
+    else:
+        check_settings(null_permutations, 0)
+    if discrete_y not in (None, True, False):
+        raise UsageError(f"discrete_y must be None, True or False. Got {discrete_y!r}.")
     est = registry.create(method, **params)
     if est.kind != "pair":
         raise UsageError(f"Estimator '{method}' measures one representation ({est.quantity}); use ibscope.measure().")
-    return est.estimate(x, y)
+    if discrete_y is not False:
+        import torch
+
+        ty = as_tensor(y, name="y", estimator=method)
+        if discrete_y and ty.is_floating_point():
+            y = torch.unique(ty, dim=0, return_inverse=True)[1].reshape(-1).to(torch.int64)
+        elif discrete_y is None and ty.is_floating_point() and ty.shape[1] == 1 and \
+                as_tensor(x, name="x", estimator=method).is_floating_point():
+            labels = integral_float_labels(ty, "y", f"{method}: ")  # labels saved as 0.0/1.0
+            if labels is not None:
+                y = labels
+    e = with_null(est, x, y, null_permutations, null_seed) if null_permutations else est.estimate(x, y)
+    if e.saturated:
+        warnings.warn(
+            f"{method}: the estimate {e.value:.4g} nats is within 1% of its cap {e.cap:.4g} nats (n = {e.n_samples}): "
+            "saturated. At this n and width the estimator cannot show more, and the value may be its bias rather "
+            f"than information; compare it with a permutation null (null_permutations=10). See {TRUST_DOC}.",
+            RuntimeWarning, stacklevel=2)
+    return e
 
 
 def measure(x, method: str = "effective-rank", **params: Any) -> Estimate:

@@ -107,17 +107,54 @@ def code_version(estimator: str) -> str:
 
 
 def cell_key(*, config_hash: str, probe_hash: str, checkpoint_sha256: str, layer: str, estimator: str,
-             quantity: str, params: dict, code: str) -> str:
+             quantity: str, params: dict, code: str, null: dict | None = None, labels: str | None = None) -> str:
     """The content key of one row: 16 hex digits of the sha256 of the canonical JSON of its parts.
 
     ``params`` are the row's parameters (for I(X;T) rows including ``x_source``); ``code`` is
-    :func:`code_version` of the estimator. Two rows have the same key exactly when they were
-    (or would be) computed from the same store content with the same estimator settings and code.
+    :func:`code_version` of the estimator. ``null``: the permutation null's settings
+    ``{"permutations": N, "seed": S}`` for a row that has one (:func:`null_setting`), so that
+    another N or seed recomputes it. ``labels``: how float labels were read, for I(T;Y) rows
+    of a store whose labels are floats with integer values. Two rows have the same key exactly
+    when they were (or would be) computed from the same store content with the same estimator
+    settings, null settings and code.
     """
     doc = {"config_hash": config_hash, "probe_hash": probe_hash, "checkpoint_sha256": checkpoint_sha256,
            "layer": layer, "estimator": estimator, "quantity": quantity, "params": params or {}, "code": code}
+    if null:  # only rows with a null: the keys of all other rows are as before nulls existed
+        doc["null"] = null
+    if labels:
+        doc["labels"] = labels
     text = json.dumps(doc, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+#: permutations of the null computed by default for I(T;Y) rows and I(X;T) rows with X = the inputs
+DEFAULT_NULL_PERMUTATIONS = 10
+#: labels that are floats with integer values are read as int64 class labels (see integral_float_labels)
+FLOAT_LABELS_AS_INT = "float labels with integer values read as int64 class labels"
+
+
+def null_setting(estimator: str, quantity: str, params: dict | None, permutations: int, seed: int) -> dict | None:
+    """The null settings of a row, or None when the row gets no null.
+
+    A permutation null is computed for the information rows of pair estimators whose pairing
+    carries information: I(T;Y), and I(X;T) with X = the probe inputs. I(X;T) with X = the
+    sample identity gets none (permuting the ids of distinct samples changes nothing), nor do
+    single-representation measures and training metrics.
+    """
+    from ibscope.estimators import registry
+
+    if not permutations or estimator == METRICS:
+        return None
+    try:
+        cls = registry.get(estimator)
+    except IbscopeError:
+        return None
+    if cls.kind != "pair":
+        return None
+    if quantity == "I(T;Y)" or (quantity == "I(X;T)" and (params or {}).get("x_source") == "inputs"):
+        return {"permutations": int(permutations), "seed": int(seed)}
+    return None
 
 
 def _specs(estimators: Iterable[str], params: dict | None) -> list[tuple[str, dict]]:
@@ -211,6 +248,7 @@ def _compute_cell(st, ck, layer: str, specs: list[tuple[str, dict, str | None]],
 
     where = f"layer '{layer}', checkpoint {ck.index} ({ck.label})"
     T = "T"
+    n_perm, null_seed = meta.get("null_permutations", 0), meta.get("null_seed", 0)
     for name, params, xs in specs:
         cls = registry.get(name)
         est = cls(**params)
@@ -220,10 +258,12 @@ def _compute_cell(st, ck, layer: str, specs: list[tuple[str, dict, str | None]],
         def key(quantity, p):
             return cell_key(config_hash=meta["config_hash"], probe_hash=meta["probe_hash"],
                             checkpoint_sha256=ck.sha256, layer=layer, estimator=name, quantity=quantity, params=p,
-                            code=code)
+                            code=code, null=null_setting(name, quantity, p, n_perm, null_seed),
+                            labels=meta.get("labels_read") if quantity == "I(T;Y)" else None)
 
         def emit(quantity, p, fn, argnames):
-            """Run ``fn`` and add its row; a DataError becomes a row with a note instead."""
+            """Run ``fn`` and add its row; a DataError becomes a row with a note instead, and the
+            estimator's warnings go into the note of the row with its value."""
             caught: list = []
             try:
                 with warnings.catch_warnings(record=True) as caught:
@@ -252,14 +292,23 @@ def _compute_cell(st, ck, layer: str, specs: list[tuple[str, dict, str | None]],
                     raise PluginError(f"{where}: plug-in estimator '{name}' failed on {quantity}: "
                                       f"{type(exc).__name__}: {exc}") from None
                 raise
-            finally:  # the estimator's warnings, said of this cell
-                for w in caught:
-                    msg = _reason(IbscopeError(str(w.message)), name, argnames)
-                    warnings.warn(f"{name} {quantity} at {where}: {msg}", w.category, stacklevel=2)
+            said = list(dict.fromkeys(_reason(IbscopeError(str(w.message)), name, argnames) for w in caught))
+            note = f"{name} {quantity} at {where}: " + " ".join(said) if said else ""
             rows.append(make_row(**common, estimator=name, quantity=quantity,
                                  value=e.value, unit=e.unit, stderr=_jsonable(e.stderr), cap=_jsonable(e.cap),
                                  n_samples=e.n_samples, dims="x".join(str(d) for d in e.dims),
-                                 params=p, key=key(quantity, p), note=""))
+                                 params=p, null_mean=_jsonable(e.null_mean), null_std=_jsonable(e.null_std),
+                                 p_value=_jsonable(e.p_value), saturated=e.saturated, key=key(quantity, p),
+                                 note=note))
+
+        def pair(quantity, p, a, b):
+            """The estimate of (a(), b()), with its permutation null where the row has one."""
+            null = null_setting(name, quantity, p, n_perm, null_seed)
+            if null is None:
+                return est.estimate(a(), b())
+            from ibscope.estimators.nulls import with_null
+
+            return with_null(est, a(), b(), null["permutations"], null["seed"])
 
         for quantity, p in _quantities(cls, params, xs, st.labels is not None):
             if want is not None and (name, quantity) not in want:
@@ -271,11 +320,13 @@ def _compute_cell(st, ck, layer: str, specs: list[tuple[str, dict, str | None]],
                 else:
                     xv = meta["inputs"].to(device)
                     xname = "X (the probe inputs)"
-                emit(quantity, p, lambda: est.estimate(xv, acts()), {"x": xname, "y": T})
+                emit(quantity, p, lambda: pair(quantity, p, lambda: xv, acts), {"x": xname, "y": T})
             elif cls.kind == "pair":
                 lab = np.asarray(st.labels)
-                yv = torch.from_numpy(lab.astype(np.int64) if lab.dtype.kind in "iub" else lab.astype(np.float64))
-                emit(quantity, p, lambda: est.estimate(acts(), yv.to(device)), {"x": T, "y": "Y (the labels)"})
+                as_int = lab.dtype.kind in "iub" or meta.get("labels_read") == FLOAT_LABELS_AS_INT
+                yv = torch.from_numpy(lab.astype(np.int64) if as_int else lab.astype(np.float64))
+                emit(quantity, p, lambda: pair(quantity, p, acts, lambda: yv.to(device)),
+                     {"x": T, "y": "Y (the labels)"})
             elif cls.kind == "single":
                 emit(quantity, p, lambda: est.estimate(acts()), {"x": T})
             elif cls.kind == "jacobian":
@@ -384,6 +435,8 @@ def run_estimate(
     strict: bool = False,
     skip_bad_shards: bool = False,
     lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT,
+    null_permutations: int = DEFAULT_NULL_PERMUTATIONS,
+    null_seed: int = 0,
 ) -> Results:
     """Estimate every checkpoint x layer of ``stores`` with ``estimators``; write ``out``.
 
@@ -397,6 +450,9 @@ def run_estimate(
     open the stores with ``open_store(path, skip_bad_shards=True)`` (skipped shards are
     listed in the provenance). ``lock_timeout``: seconds to wait for another writer of
     ``out`` (negative or None: no limit); then :class:`~ibscope._locks.LockTimeout`.
+    ``null_permutations``: N permutations of the null for I(T;Y) rows and I(X;T) rows with
+    X = the inputs (:func:`null_setting`; 0: none), seeded by ``null_seed``; they fill the
+    columns null_mean, null_std and p_value. Every row with a cap gets ``saturated``.
 
     Returns the full results table (rows kept from an existing ``out`` plus new ones). Its
     provenance holds ``noted_cells``, ``first_notes``, ``rows_dropped_stale`` and
@@ -414,6 +470,11 @@ def run_estimate(
         raise UsageError(f"--x-source must be one of {list(X_SOURCES)}. Got {x_source!r}.")
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise UsageError(f"--jobs must be an integer >= 1. Got {jobs!r}.")
+    if isinstance(null_permutations, bool) or not isinstance(null_permutations, int) or null_permutations < 0:
+        raise UsageError(f"--null-permutations must be an integer >= 0 (0 turns the null off). Got "
+                         f"{null_permutations!r}.")
+    if isinstance(null_seed, bool) or not isinstance(null_seed, int):
+        raise UsageError(f"--null-seed must be an integer. Got {null_seed!r}.")
     lock_timeout = check_timeout(lock_timeout)
     out = Path(out)
     _check_out(out)
@@ -458,10 +519,24 @@ def run_estimate(
                 f"'{s}' holds no inputs.",
                 hint="Re-capture with --store-inputs, or pass --x-source identity (X = sample identity).",
             )
+        labels_read = None
+        if st.labels is not None and np.asarray(st.labels).dtype.kind == "f" and any(
+                registry.get(n).kind == "pair" for n, _, _ in specs):
+            from ibscope.api import integral_float_labels
+
+            with warnings.catch_warnings(record=True) as said:
+                warnings.simplefilter("always")
+                got = integral_float_labels(torch.from_numpy(np.asarray(st.labels)), "Y (the labels)")
+            if got is not None:
+                labels_read = FLOAT_LABELS_AS_INT
+                for w in said:
+                    warnings.warn(f"Store '{s}': {w.message} Re-capture to store them as int64 (capture now does).",
+                                  RuntimeWarning, stacklevel=2)
         meta = {"run": run_name, "split": split, "layer_index": {n: i for i, n in enumerate(st.layers)},
                 "inputs": None, "needs_inputs": bool(needs_inputs), "config_hash": st.config_hash,
                 "probe_hash": st.probe_hash, "n_samples": st.n_samples, "code": codes,
-                "skip_bad_shards": bool(skip_bad_shards)}
+                "skip_bad_shards": bool(skip_bad_shards), "null_permutations": null_permutations,
+                "null_seed": null_seed, "labels_read": labels_read}
         plan = _Plan(s, st, run_name, split, lay, meta,
                      {_ckpt_id(c.epoch, c.step, c.index): c for c in st.checkpoints})
         jac = [n for n, _, _ in specs if registry.get(n).kind == "jacobian"]
@@ -502,7 +577,10 @@ def run_estimate(
             want_key = cell_key(config_hash=plan.st.config_hash, probe_hash=plan.st.probe_hash,
                                 checkpoint_sha256=ck.sha256, layer=r["layer"], estimator=r["estimator"],
                                 quantity=r["quantity"], params=r.get("params") or {},
-                                code=codes.get(r["estimator"]) or code_version(r["estimator"]))
+                                code=codes.get(r["estimator"]) or code_version(r["estimator"]),
+                                null=null_setting(r["estimator"], r["quantity"], r.get("params"), null_permutations,
+                                                  null_seed),
+                                labels=plan.meta["labels_read"] if r["quantity"] == "I(T;Y)" else None)
             if r.get("key") == want_key:
                 valid[_cell_key(r)] = r
             else:
@@ -583,6 +661,7 @@ def run_estimate(
                                          for r in noted))
         noted_now = {(r["run"], r["split"], r["checkpoint"], r["layer"], r["estimator"])
                      for r in new_rows if r["value"] is None and r.get("note")}
+        warned = [r for r in rows if (r["run"], r["split"]) in ours and r["value"] is not None and r.get("note")]
         provenance = {
             "ibscope_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -593,7 +672,15 @@ def run_estimate(
                            for n, p, xs in specs},
             "config": {"estimators": [n for n, _, _ in specs], "params": {n: p for n, p, _ in specs}, "device": dev,
                        "jobs": jobs, "x_source": x_source, "layers": layers, "force": force, "strict": strict,
-                       "skip_bad_shards": skip_bad_shards},
+                       "skip_bad_shards": skip_bad_shards, "null_permutations": null_permutations,
+                       "null_seed": null_seed},
+            "null": {"permutations": null_permutations, "seed": null_seed,
+                     "rows": "I(T;Y), and I(X;T) with X = the probe inputs (x_source 'inputs')",
+                     "p_value": "(1 + #{null >= value}) / (N + 1)"},
+            "saturation": saturation_counts([r for r in rows if (r["run"], r["split"]) in ours]),
+            "labels_read": {f"{p.run}/{p.split}": p.meta["labels_read"] for p in plans if p.meta["labels_read"]},
+            "rows_with_warnings": len(warned),
+            "first_warnings": list(dict.fromkeys(r["note"] for r in warned))[:SUMMARY_NOTES],
             "key": "cell_key(config_hash, probe_hash, checkpoint_sha256, layer, estimator, quantity, params, "
                    "code_version): sha256 of their canonical JSON, 16 hex digits (ibscope.estimate.cell_key)",
             "cells_computed": len(cells), "rows_kept_from_existing": len(rows) - len(new_rows),
@@ -625,10 +712,60 @@ def run_estimate(
     return res
 
 
+#: where caps, saturation and nulls are explained
+TRUST_DOC = "docs/trust.md"
+
+
+def _cap_name(estimator: str, quantity: str, params: dict | None) -> str:
+    from ibscope.estimators import registry
+
+    try:
+        est = registry.create(estimator, **{k: v for k, v in (params or {}).items() if k != "x_source"})
+        return est.cap_name(quantity)
+    except Exception:  # an estimator no longer registered, or a plug-in's own trouble: a plain name
+        return "its cap"
+
+
+def saturation_counts(rows: Iterable[dict]) -> dict:
+    """{estimator: {quantity: {"saturated": k, "cells": m, "cap": name}}} over rows with a value and a cap."""
+    out: dict = {}
+    for r in rows:
+        if r.get("value") is None or r.get("saturated") is None or r["estimator"] == METRICS:
+            continue
+        q = out.setdefault(r["estimator"], {}).setdefault(r["quantity"], {"saturated": 0, "cells": 0, "cap": None})
+        q["cells"] += 1
+        q["saturated"] += bool(r["saturated"])
+        if q["cap"] is None:
+            q["cap"] = _cap_name(r["estimator"], r["quantity"], r.get("params"))
+    return out
+
+
+def saturation_lines(counts: dict) -> list[str]:
+    """One line per information estimator with saturated cells, e.g. "binning: 24 of 24 I(T;Y)
+    cells at the cap H(Y): at this n and width the estimator cannot see compression; see
+    docs/trust.md". (Ranks carry no flag: a full-rank layer is no artefact.)"""
+    from ibscope.estimators import registry
+
+    out = []
+    for name, qs in sorted(counts.items()):
+        parts = [f"{c['saturated']} of {c['cells']} {q} cells at the cap {c['cap']}"
+                 for q, c in qs.items() if c["saturated"]]
+        try:
+            info = registry.get(name).unit in ("nats", "bits")
+        except IbscopeError:
+            info = True
+        if parts and info:
+            out.append(f"{name}: {', '.join(parts)}: at this n and width the estimator cannot see compression; "
+                       f"see {TRUST_DOC}")
+    return out
+
+
 def summary_lines(res: Results, *, strict: bool = False) -> list[str]:
     """Warnings about a finished :func:`run_estimate` for people: noted cells (the first few
-    reasons), rows dropped because their store changed or their checkpoint is gone. Empty when
-    there is nothing to say. ``ibscope estimate`` prints them on stderr."""
+    reasons), rows whose value comes with a warning (in their note), one line per estimator
+    with cells at their cap (:func:`saturation_lines`), rows dropped because their store
+    changed or their checkpoint is gone. Empty when there is nothing to say. ``ibscope
+    estimate`` prints them on stderr."""
     prov = res.provenance or {}
     out: list[str] = []
     n = prov.get("noted_cells", 0)
@@ -643,6 +780,14 @@ def summary_lines(res: Results, *, strict: bool = False) -> list[str]:
             out.append(f"  ... and more: {n} noted cell(s) in all.")
         if not strict:
             out.append("  Pass --strict to make noted cells an error (exit code 4).")
+    w = prov.get("rows_with_warnings", 0)
+    if w:
+        first = prov.get("first_warnings") or []
+        out.append(f"{w} row(s) have a value and a warning in their note (column 'note' of {res.path}). First:")
+        out += [f"  - {t}" for t in first]
+        if w > len(first):
+            out.append(f"  ... and more: {w} row(s) with a warning in all.")
+    out += saturation_lines(prov.get("saturation") or {})
     d = prov.get("rows_dropped_stale", 0)
     if d:
         ests = prov.get("dropped_stale_estimators") or []

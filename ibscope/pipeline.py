@@ -129,6 +129,9 @@ SCHEMA: dict[str, Any] = {
         "jobs": F("int", 1, "parallel jobs", nullable=False),
         "strict": F("bool", False, "exit 4 when any cell could not be estimated (after everything is written)",
                     nullable=False),
+        "null_permutations": F("int", None, "permutations of the null of I(T;Y) (and of I(X;T) with X = the "
+                                            "inputs); null = ibscope estimate's default (10), 0 = none"),
+        "null_seed": F("int", None, "seed of the null's permutations (null = 0)"),
     },
     "plot": {
         "enabled": F("bool", True, "draw figures", nullable=False),
@@ -428,6 +431,9 @@ def _check_consistency(cfg: dict, source: str) -> None:
         raise UsageError(f"{source}: 'estimate.estimators' is empty; name at least one estimator.")
     if cfg["estimate"]["jobs"] < 1:
         raise UsageError(f"{source}: 'estimate.jobs' must be >= 1. Got {cfg['estimate']['jobs']}.")
+    if cfg["estimate"]["null_permutations"] is not None and cfg["estimate"]["null_permutations"] < 0:
+        raise UsageError(f"{source}: 'estimate.null_permutations' must be >= 0 (0 = no null). "
+                         f"Got {cfg['estimate']['null_permutations']}.")
     params = cfg["estimate"]["params"]
     for k, v in params.items():
         if not isinstance(v, dict):
@@ -1104,9 +1110,12 @@ class Pipeline:
             for old in (results, provenance_path(results)):
                 old.unlink(missing_ok=True)
             # estimate.strict is checked once every stage has written its outputs (see _strict_check)
-            extra = {"skip_bad_shards": bool(cfg["skip_bad_shards"])}
+            extra = {"skip_bad_shards": bool(cfg["skip_bad_shards"]),
+                     **({"null_permutations": est["null_permutations"]} if est["null_permutations"] is not None
+                        else {}),
+                     **({"null_seed": est["null_seed"]} if est["null_seed"] is not None else {})}
 
-            def tell(res) -> None:  # noted cells and dropped rows: the same summary as `ibscope estimate`
+            def tell(res) -> None:  # noted cells, saturated cells, dropped rows: the same summary as `ibscope estimate`
                 from rich.markup import escape
 
                 for line in summary_lines(res, strict=bool(est["strict"])):

@@ -27,8 +27,9 @@ null_mean      mean of the estimate over permutations of the rows of Y (or X): i
                under independence, in ``unit``; empty when no null was computed
 null_std       standard deviation of that permutation null, in ``unit``
 p_value        (1 + #{null >= value}) / (N + 1) over N permutations; empty without a null
-saturated      true when the value lies within 1 % of its cap (the estimator cannot see
-               more at this n and width), false when it does not, empty without a cap
+saturated      true when an information value lies within 1 % of its cap (the estimator
+               cannot see more at this n and width), false when it does not, empty
+               without a positive cap and for non-information rows (ranks, metrics)
 key            content key of the row (``ibscope.estimate.cell_key``): a hash of the
                store's config hash and probe hash, the checkpoint's sha256, the layer, the
                estimator, quantity and parameters, and the estimator code version. An

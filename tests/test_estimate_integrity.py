@@ -22,7 +22,8 @@ from capture_support import tiny_tanh_run
 from ibscope._locks import lock_path_for, writer_lock
 from ibscope.capture import capture
 from ibscope.errors import DataError
-from ibscope.estimate import cell_key, code_version, run_estimate, summary_lines
+from ibscope.estimate import (DEFAULT_NULL_PERMUTATIONS, cell_key, code_version, null_setting, run_estimate,
+                              summary_lines)
 from ibscope.results import COLUMNS, KNOWN_UNITS, make_row, read_results, write_results
 from ibscope.store import StoreWriter, file_sha256, open_store
 
@@ -62,7 +63,8 @@ def expected_keys(rows, store):
     for r in rows:
         out.append(cell_key(config_hash=st.config_hash, probe_hash=st.probe_hash,
                             checkpoint_sha256=by_epoch[r["epoch"]].sha256, layer=r["layer"], estimator=r["estimator"],
-                            quantity=r["quantity"], params=r["params"], code=code_version(r["estimator"])))
+                            quantity=r["quantity"], params=r["params"], code=code_version(r["estimator"]),
+                            null=null_setting(r["estimator"], r["quantity"], r["params"], DEFAULT_NULL_PERMUTATIONS, 0)))
     return out
 
 
@@ -204,7 +206,7 @@ def dead_store(tmp_path_factory):
     return capture(f"{d / 'relu.py'}:make", str(d / "ck" / "*.pt"), d / "p.npz", ["1"], d / "acts", progress=False)
 
 
-def test_dead_layer_cells_noted_healthy_cells_written(dead_store, tmp_path):
+def test_dead_layer_cells_zero_or_noted_healthy_cells_written(dead_store, tmp_path):
     out = tmp_path / "r.csv"
     r = ib("estimate", dead_store, "-o", out, "-e", "ksg", "-e", "twonn", "-e", "binning", "-q")
     assert r.returncode == 0, r.stderr
@@ -213,25 +215,34 @@ def test_dead_layer_cells_noted_healthy_cells_written(dead_store, tmp_path):
     dead = [x for x in res.rows if x["epoch"] == 2]
     healthy = [x for x in res.rows if x["epoch"] != 2]
     assert len(healthy) == 2 * (2 + 2 + 1) and all(x["value"] is not None and x["note"] == "" for x in healthy)
+    # the degenerate-input rule: a constant layer has I(X;T) = I(T;Y) = 0 exactly, said in the note ...
+    for est in ("ksg", "binning"):
+        for q in ("I(X;T)", "I(T;Y)"):
+            (x,) = [x for x in dead if (x["estimator"], x["quantity"]) == (est, q)]
+            assert x["value"] == 0.0, x
+            assert x["note"].startswith(f"{est} {q} at layer '1', checkpoint 1 (epoch 2): T is constant (all 150 "
+                                        "rows identical): the value is 0 exactly"), x["note"]
+    # ... and its intrinsic dimension is undefined: the one noted cell
     noted = {(x["estimator"], x["quantity"]): x for x in dead if x["value"] is None}
-    assert set(noted) == {("ksg", "I(X;T)"), ("ksg", "I(T;Y)"), ("twonn", "intrinsic_dimension")}
-    for (est, q), x in noted.items():
-        assert x["note"].startswith(f"{est} {q} not estimated at layer '1', checkpoint 1 (epoch 2): "), x["note"]
-        assert "'y'" not in x["note"] and "'x'" not in x["note"]
-        assert x["n_samples"] == 150 and x["unit"] in KNOWN_UNITS and x["key"]
-    assert "every column of T is constant (6 column(s), 150 samples)" in noted[("ksg", "I(X;T)")]["note"]
-    assert "needs at least 4 distinct points; got 1" in noted[("twonn", "intrinsic_dimension")]["note"]
+    assert set(noted) == {("twonn", "intrinsic_dimension")}
+    x = noted[("twonn", "intrinsic_dimension")]
+    assert x["note"].startswith("twonn intrinsic_dimension not estimated at layer '1', checkpoint 1 (epoch 2): T is "
+                                "constant (all 150 rows identical), and the intrinsic dimension of a single point is "
+                                "undefined."), x["note"]
+    assert "'y'" not in x["note"] and "'x'" not in x["note"]
+    assert x["n_samples"] == 150 and x["unit"] in KNOWN_UNITS and x["key"]
     st = open_store(dead_store)
     ok = res.filter(estimator="ksg", quantity="I(T;Y)", epoch=3).rows[0]
     assert ok["value"] == pytest.approx(ibscope.mutual_information(st.activations(2, "1"), st.labels).value, abs=1e-12)
     err = flat(r.stderr)
-    assert "2 cell(s) could not be estimated" in err and "Pass --strict" in err
-    assert "ksg I(X;T) not estimated at layer '1', checkpoint 1 (epoch 2): every column of T is constant" in err
+    assert "1 cell(s) could not be estimated" in err and "Pass --strict" in err
+    assert "twonn intrinsic_dimension not estimated at layer '1', checkpoint 1 (epoch 2): T is constant" in err
+    assert "4 row(s) have a value and a warning in their note" in err
     # --strict: the same table is written, then exit 4
     strict = tmp_path / "strict.csv"
     r = ib("estimate", dead_store, "-o", strict, "-e", "ksg", "-e", "twonn", "-e", "binning", "-q", "--strict")
     assert r.returncode == 4, r.stderr
-    assert "--strict: 2 cell(s) could not be estimated" in flat(r.stderr)
+    assert "--strict: 1 cell(s) could not be estimated" in flat(r.stderr)
     assert read_results(strict).rows == res.rows
     # the default estimators (binning + ksg) no longer lose the run either
     r = ib("estimate", dead_store, "-o", tmp_path / "default.csv", "-q")
@@ -241,20 +252,21 @@ def test_dead_layer_cells_noted_healthy_cells_written(dead_store, tmp_path):
 def test_noted_cells_same_with_jobs_and_api_strict(dead_store, tmp_path):
     one = run_estimate(dead_store, tmp_path / "one.csv", ["ksg", "mle-id"], progress=False)
     two = run_estimate(dead_store, tmp_path / "two.csv", ["ksg", "mle-id"], jobs=2, progress=False)
-    assert one.rows == two.rows  # values, notes and keys
-    assert one.provenance["noted_cells"] == 2 and sum(r["value"] is None for r in one.rows) == 3
-    with pytest.raises(DataError, match=r"2 cell\(s\) could not be estimated \(strict\)") as ei:
+    assert one.rows == two.rows  # values, nulls, notes and keys
+    assert one.provenance["noted_cells"] == 1 and sum(r["value"] is None for r in one.rows) == 1
+    with pytest.raises(DataError, match=r"1 cell\(s\) could not be estimated \(strict\)") as ei:
         run_estimate(dead_store, tmp_path / "s.csv", ["ksg", "mle-id"], progress=False, strict=True)
     assert ei.value.exit_code == 4 and read_results(tmp_path / "s.csv").rows == one.rows
     # a noted cell is tried again by the next run that selects its estimator (its cause may have been
     # repaired); the healthy cells are kept; a run that does not select it keeps the note as it is
     again = run_estimate(dead_store, tmp_path / "one.csv", ["ksg", "mle-id"], progress=False)
-    assert again.provenance["cells_computed"] == 1 and again.provenance["noted_cells_computed_now"] == 2
-    assert again.rows == one.rows and again.provenance["noted_cells"] == 2
-    assert summary_lines(again)[0].startswith("2 cell(s) could not be estimated;")
+    assert again.provenance["cells_computed"] == 1 and again.provenance["noted_cells_computed_now"] == 1
+    assert again.rows == one.rows and again.provenance["noted_cells"] == 1
+    assert summary_lines(again)[0].startswith("1 cell(s) could not be estimated;")
+    # (the dead cell's ksg rows have a value, 0 by the degenerate-input rule: not noted, not retried)
     only_ksg = run_estimate(dead_store, tmp_path / "one.csv", ["ksg"], progress=False)
-    assert only_ksg.provenance["noted_cells"] == 2 and only_ksg.provenance["noted_cells_computed_now"] == 1
-    assert "2 cell(s) could not be estimated (1 of them in this run" in summary_lines(only_ksg)[0]
+    assert only_ksg.provenance["noted_cells"] == 1 and only_ksg.provenance["noted_cells_computed_now"] == 0
+    assert "1 cell(s) could not be estimated (0 of them in this run" in summary_lines(only_ksg)[0]
 
 
 def test_checkpoint_without_jacobians_is_one_noted_cell(tmp_path):

@@ -163,9 +163,12 @@ def test_errors():
     with pytest.raises(DataError, match="n = 50 exceeds max_samples = 40") as ei:
         ibscope.measure(np.random.RandomState(0).randn(50, 3), "matrix-entropy", max_samples=40)
     assert "--max-samples" in ei.value.hint
-    with pytest.raises(DataError, match="kernel width from the 'silverman' rule is 0") as ei:
-        ibscope.measure(np.ones((10, 3)), "matrix-entropy")
+    with pytest.raises(DataError, match="kernel width from the 'median' rule is 0: more than half of the pairs") as ei:
+        ibscope.measure(np.r_[np.ones((9, 3)), np.zeros((1, 3))], "matrix-entropy", sigma_rule="median")
     assert "sigma=S" in ei.value.hint
+    # a constant representation has entropy 0 for any width (degenerate-input rule)
+    with pytest.warns(RuntimeWarning, match="constant"):
+        assert ibscope.measure(np.ones((10, 3)), "matrix-entropy").value == 0.0
     for name, unit in (("matrix-entropy", "nats"), ("coding-rate", "nats")):
         info = registry.describe(registry.get(name))
         assert info["unit"] == unit and info["kind"] == "single" and info["reference"]

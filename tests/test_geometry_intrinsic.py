@@ -190,9 +190,13 @@ def test_lattice_ties_give_a_clear_error():
 
 
 def test_errors():
-    with pytest.raises(DataError, match="needs at least 22 distinct points; got 1 \\(29 duplicates removed from 30\\)"):
+    with pytest.raises(DataError, match="needs at least 22 distinct points; got 2 \\(28 duplicates removed from 30\\)"):
         with pytest.warns(RuntimeWarning):
-            ibscope.measure(np.ones((30, 3)), "mle-id")
+            ibscope.measure(np.r_[np.ones((29, 3)), np.zeros((1, 3))], "mle-id")
+    # a constant representation (one point) has no dimension: the degenerate-input rule's error
+    with pytest.raises(DataError, match=r"mle-id: 'x' is constant \(all 30 rows identical\), and the intrinsic "
+                                        r"dimension of a single point is undefined"):
+        ibscope.measure(np.ones((30, 3)), "mle-id")
     with pytest.raises(DataError, match="needs at least 7 distinct points; got 6"):
         ibscope.measure(np.random.RandomState(0).randn(6, 2), "mle-id", k=5)
     with pytest.raises(UsageError, match="'k' parameter of mle-id must be >= 2. Got 1"):

@@ -274,8 +274,10 @@ def test_constant_columns():
         b = ibscope.mutual_information(xc, y, method=m)
         assert b.value == pytest.approx(a.value, abs=1e-12)
     assert ibscope.mutual_information(xc, y).extra["dropped_constant_x"] == [2]
-    with pytest.raises(DataError, match=r"ksg: every column of 'x' is constant \(3 column\(s\), 300 samples\)"):
-        ibscope.mutual_information(np.ones((300, 3)), y)
+    # a constant x (all rows identical) has no information: 0 exactly, by the degenerate-input rule
+    with pytest.warns(RuntimeWarning, match=r"ksg: 'x' is constant \(all 300 rows identical\): the value is 0"):
+        e = ibscope.mutual_information(np.ones((300, 3)), y)
+    assert e.value == 0.0 and e.extra["constant"] == ["x"] and e.cap is None and e.saturated is None
     with pytest.raises(DataError, match=r"gaussian: the correlation matrix of x \(2 x 2\) is singular"):
         ibscope.mutual_information(np.hstack([x[:, :1], 2 * x[:, :1]]), y, method="gaussian")
 

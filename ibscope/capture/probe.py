@@ -296,6 +296,25 @@ def _all_finite(x) -> bool:
         return bool(np.isfinite(np.add.reduce(x.detach().cpu().numpy().reshape(-1), dtype=np.float64)))
 
 
+def _float_labels(y: np.ndarray) -> np.ndarray:
+    """Float labels holding only integer values (``(x > 0).astype(np.float32)``, very common) are
+    class labels: stored as int64, with a warning, so that every estimator treats them as the
+    discrete classes they are. Other float labels stay float32 (a continuous target)."""
+    import warnings
+
+    with np.errstate(invalid="ignore"):
+        integral = (y.size > 0 and bool(np.isfinite(y).all()) and bool((y == np.round(y)).all())
+                    and float(np.abs(y).max()) < 2.0 ** 62)
+    if not integral:
+        return y.astype(np.float32)
+    vals = np.unique(y)
+    shown = ", ".join(f"{v:g}" for v in vals[:5]) + (", ..." if vals.size > 5 else "")
+    warnings.warn(f"The probe labels are floats ({y.dtype}) with only integer values ({vals.size} distinct: {shown}); "
+                  "they are stored as int64 class labels, so that every estimator treats them as discrete classes. "
+                  "Save them as integers to silence this.", RuntimeWarning, stacklevel=3)
+    return y.astype(np.int64)
+
+
 def _check_mask(mask, n: int, inputs: dict) -> None:
     """``attention_mask``: (n, T) of 0/1 (or bool), at least one real token per row, T = the sequence length."""
     import torch
@@ -350,7 +369,7 @@ def load_probe(probe: Any, *, max_samples: int | None = None, sample_seed: int |
         if y.dtype.kind in "biu":
             y = y.astype(np.int64)
         elif y.dtype.kind == "f":
-            y = y.astype(np.float32)
+            y = _float_labels(y)
         else:
             raise DataError(f"Probe labels must be numbers. Got dtype {y.dtype}.")
     if ids is None:

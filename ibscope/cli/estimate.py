@@ -11,8 +11,10 @@ import typer
 from ibscope.cli._common import console, guard, load_mapping, parse_kv
 from ibscope._locks import DEFAULT_LOCK_TIMEOUT
 from ibscope.errors import DataError, UsageError, did_you_mean
+from ibscope.estimate import DEFAULT_NULL_PERMUTATIONS
 
-CONFIG_KEYS = ("estimators", "params", "x_source", "device", "jobs", "layers", "out", "description", "reference")
+CONFIG_KEYS = ("estimators", "params", "x_source", "device", "jobs", "layers", "out", "null_permutations", "null_seed",
+               "description", "reference")
 #: keys of a pipeline config's `estimate:` section that only `ibscope run` uses
 PIPELINE_ONLY = ("probes",)
 
@@ -66,7 +68,8 @@ def read_config(path: Path) -> dict:
     if isinstance(layers, str):
         layers = [layers]
     return {"estimators": names, "params": params, "x_source": cfg.get("x_source"), "device": cfg.get("device"),
-            "jobs": cfg.get("jobs"), "layers": layers, "out": cfg.get("out")}
+            "jobs": cfg.get("jobs"), "layers": layers, "out": cfg.get("out"),
+            "null_permutations": cfg.get("null_permutations"), "null_seed": cfg.get("null_seed")}
 
 
 def parse_params(items: list[str] | None) -> dict[str, dict[str, str]]:
@@ -77,6 +80,11 @@ def parse_params(items: list[str] | None) -> dict[str, dict[str, str]]:
         name, k = key.split(".", 1)
         out.setdefault(name, {})[k] = value
     return out
+
+
+def _first(*values):
+    """The first value that is not None."""
+    return next(v for v in values if v is not None)
 
 
 def register(app) -> None:
@@ -114,6 +122,17 @@ def register(app) -> None:
                                            help="How long to wait while another `ibscope estimate` writes the same "
                                                 "results file, then stop with a message naming the lock file and its "
                                                 "holder. -1 waits without limit."),
+        null_permutations: Optional[int] = typer.Option(
+            None, "--null-permutations", metavar="N",
+            help=f"Permutation null for every I(T;Y) row and every I(X;T) row with X = the probe inputs: the estimate "
+                 f"is recomputed with the rows of one side permuted N times, filling the columns null_mean, null_std "
+                 f"and p_value = (1 + #{{null >= value}}) / (N + 1). A value near its null is estimator bias, not "
+                 f"information. Costs up to N more estimates per such row, much less for binning, KDE, KSG, gaussian "
+                 f"and renyi, which share work with the estimate. 0 turns it off. Default "
+                 f"{DEFAULT_NULL_PERMUTATIONS}."),
+        null_seed: Optional[int] = typer.Option(None, "--null-seed", metavar="S",
+                                                help="Seed of the null's permutations (default 0): the same seed "
+                                                     "gives the same null."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no 'Wrote ...' line (warnings "
                                    "about noted cells and dropped rows are still printed)."),
     ) -> None:
@@ -125,8 +144,15 @@ def register(app) -> None:
         (config and probe hashes, checkpoint sha256, layer, estimator, parameters, ibscope version).
         Other selected cells are computed; --force recomputes all of them.
 
-        One cell, one failure: a cell that cannot be estimated for a data reason (e.g. a dead ReLU
-        layer) gets an empty value and a note; the other cells are still computed.
+        One cell, one failure: a cell that cannot be estimated for a data reason (e.g. too few
+        samples per class) gets an empty value and a note; the other cells are still computed.
+        A constant (e.g. dead ReLU) layer has I = 0 exactly and rank 0; its intrinsic dimension
+        is undefined (a note).
+
+        Reading against chance: every row with a cap (log n, H(Y), log batch) gets saturated =
+        true/false (within 1% of the cap), and I(T;Y) rows (and I(X;T) with X = the inputs) get a
+        permutation null (--null-permutations). At the end, one line per estimator says how many
+        cells sit at their cap (see docs/trust.md).
 
         Exit codes: 0 ok (noted cells are summarised on stderr), 1 I/O error or lock still held
         after --lock-timeout, 2 usage, 4 bad data (or noted cells with --strict), 5 plug-in failure.
@@ -159,6 +185,8 @@ def register(app) -> None:
                 jobs=jobs if jobs is not None else (cfg.get("jobs") if cfg.get("jobs") is not None else 1),
                 x_source=x_source or cfg.get("x_source"), layers=list(layer) if layer else cfg.get("layers"),
                 progress=not quiet, strict=False, skip_bad_shards=skip_bad_shards, lock_timeout=lock_timeout,
+                null_permutations=_first(null_permutations, cfg.get("null_permutations"), DEFAULT_NULL_PERMUTATIONS),
+                null_seed=_first(null_seed, cfg.get("null_seed"), 0),
             )
         prov = res.provenance
         # skipped shards were named once when the store was opened (and are listed in the provenance)

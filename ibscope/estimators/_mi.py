@@ -5,6 +5,8 @@ All entropies are in nats and accumulated in float64.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from ibscope.errors import DataError, UsageError
@@ -47,14 +49,46 @@ def plugin_mi(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
     return ha + hb - hab, ha, hb
 
 
+class IntegerValuedWarning(RuntimeWarning):
+    """A float input of a continuous estimator holds only integer values in some columns."""
+
+
+def warn_integer_valued(est, t: torch.Tensor, name: str) -> int:
+    """Warn when columns of the float tensor ``t`` that vary hold only integer values.
+
+    Token ids, category codes, counts or binary pixels stored as floats are used as
+    coordinates of a continuous space by k-NN, kernel and covariance estimators: distances
+    between ids mean nothing, and tied distances make k-NN estimates measure the jitter.
+    Returns the number of such columns (constant columns are not counted).
+    """
+    if not t.is_floating_point() or t.shape[0] < 2:
+        return 0
+    varying = ~(t == t[:1]).all(dim=0)
+    integral = (t == torch.round(t)).all(dim=0) & varying
+    k = int(integral.sum())
+    if k:
+        nv = int(varying.sum())
+        warnings.warn(
+            f"{est.name}: {k} of {nv} varying column(s) of '{name}' hold only integer values (token ids, category "
+            f"codes, counts or binary pixels?); {est.name} treats them as coordinates of a continuous space, where "
+            "distances between ids mean nothing and tied values bias the estimate. Pass categories as an integer "
+            "array (discrete), embed token ids first, or use an estimator for discrete data ('binning').",
+            IntegerValuedWarning, stacklevel=4)
+    return k
+
+
 def continuous(est, t: torch.Tensor, name: str, *, standardize: bool, dtype=torch.float64,
-               drop_constant: bool = True) -> tuple[torch.Tensor, list[int]]:
+               drop_constant: bool = True, warn_integers: bool = True) -> tuple[torch.Tensor, list[int]]:
     """Float copy of a continuous variable with constant columns removed (optionally z-scored).
 
     A constant column carries no information about anything, so removing it leaves every
     mutual information unchanged; it would otherwise make standardisation divide by zero.
     Returns (tensor, indices of the dropped columns). Raises DataError when no column varies.
+    Warns (:class:`IntegerValuedWarning`) when varying columns hold only integer values
+    (``warn_integers``; see :func:`warn_integer_valued`).
     """
+    if warn_integers:
+        warn_integer_valued(est, t, name)
     t = t.to(dtype)
     dropped: list[int] = []
     if drop_constant and t.shape[0] > 1:

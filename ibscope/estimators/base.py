@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -34,7 +36,15 @@ class Estimate:
     """One estimated number with everything needed to interpret it.
 
     ``value`` is a float in ``unit`` (nats for information). ``cap`` is the theoretical
-    maximum where one applies (``log n`` for plug-in I(X;T) on n distinct inputs).
+    maximum where one applies (``log n`` for plug-in I(X;T) on n distinct inputs, ``H(Y)``
+    for I(T;Y) with discrete labels, ``log batch`` for InfoNCE). ``saturated`` is True when an
+    information estimate (nats or bits) lies within 1 % of its cap (:data:`SATURATION_TOLERANCE`):
+    the estimator cannot show more at this n and width; None without a positive cap and for
+    measures in other units (a rank at the layer's width is a fact about the layer).
+    ``null_mean``, ``null_std`` (in ``unit``) and ``p_value`` describe a permutation null (``ibscope.mutual_information(...,
+    null_permutations=N)``, :func:`ibscope.estimators.nulls.with_null`): the estimate
+    recomputed with the rows of one side permuted N times, and
+    p = (1 + #{null >= value}) / (N + 1); None when no null was computed.
     ``extra`` holds estimator-specific details (e.g. both KDE bounds, a rank distribution).
     """
 
@@ -48,13 +58,18 @@ class Estimate:
     stderr: float | None = None
     cap: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    null_mean: float | None = None
+    null_std: float | None = None
+    p_value: float | None = None
+    saturated: bool | None = None
 
     def to(self, unit: str) -> "Estimate":
         """Return a copy converted to ``unit`` ('nats' or 'bits'); other units unchanged."""
         f = conversion_factor(self.unit, unit)
         scale = (lambda v: None if v is None else v * f)
         return dataclasses.replace(
-            self, value=self.value * f, unit=unit, stderr=scale(self.stderr), cap=scale(self.cap)
+            self, value=self.value * f, unit=unit, stderr=scale(self.stderr), cap=scale(self.cap),
+            null_mean=scale(self.null_mean), null_std=scale(self.null_std),
         )
 
     def __float__(self) -> float:
@@ -72,6 +87,19 @@ def conversion_factor(src: str, dst: str) -> float:
     raise UsageError(f"Cannot convert from unit '{src}' to '{dst}'. Expected 'nats' or 'bits'.")
 
 
+#: an estimate is *saturated* when it lies within this fraction of its cap
+SATURATION_TOLERANCE = 0.01
+
+
+def is_saturated(value: float | None, cap: float | None) -> bool | None:
+    """True when ``value`` is within 1 % of ``cap`` (or above it), False below, None without a
+    positive cap (a cap of 0, e.g. H(Y) of a single class, leaves nothing to see). The same rule
+    as :func:`ibscope.trust.is_saturated` for results rows."""
+    if value is None or cap is None or not math.isfinite(float(cap)) or float(cap) <= 0:
+        return None
+    return bool(float(value) >= float(cap) - SATURATION_TOLERANCE * abs(float(cap)))
+
+
 @dataclass(frozen=True)
 class Estimator(abc.ABC):
     """Base class. Subclasses are ``@dataclass(frozen=True)`` with hyper-parameter fields."""
@@ -87,6 +115,29 @@ class Estimator(abc.ABC):
 
     def __post_init__(self) -> None:
         self.validate()
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        # One rule for degenerate inputs, for every estimator (built-in or plug-in): its
+        # ``estimate`` is wrapped once so that a constant input (all rows identical) is answered
+        # by :func:`ibscope.estimators.degenerate.constant_estimate` according to
+        # :meth:`on_constant`, before the estimator's own code runs.
+        super().__init_subclass__(**kwargs)
+        fn = getattr(cls, "estimate", None)
+        if fn is None or getattr(fn, "__isabstractmethod__", False) or getattr(fn, "_ibscope_degenerate_rule", False):
+            return
+
+        @functools.wraps(fn)
+        def estimate(self, *tensors, **kw):
+            from ibscope.estimators.degenerate import constant_estimate
+
+            if not kw:
+                got = constant_estimate(self, tensors)
+                if got is not None:
+                    return got
+            return fn(self, *tensors, **kw)
+
+        estimate._ibscope_degenerate_rule = True  # type: ignore[attr-defined]
+        cls.estimate = estimate  # type: ignore[method-assign]
 
     def validate(self) -> None:
         """Check hyper-parameters; raise :class:`UsageError` naming the bad one."""
@@ -112,6 +163,68 @@ class Estimator(abc.ABC):
         """
         return None
 
+    def on_constant(self, *tensors) -> str | None:
+        """What this estimator gives when an input is constant (all rows identical).
+
+        Called with the converted input tensors (``(x, y)`` for a pair estimator, ``(x,)`` for a
+        single-representation measure) when one of them is constant. Returns
+
+        * ``"zero"``: the value is 0 exactly (no information; no variation, so rank 0 and
+          entropy 0): :func:`ibscope.estimators.degenerate.constant_estimate` returns it
+          without running the estimator;
+        * ``"undefined"``: the quantity does not exist for one point (intrinsic dimension,
+          a spectral decay exponent): a :class:`DataError` saying so;
+        * ``None``: the estimator's own computation gives the right answer (measures of the
+          uncentred matrix, such as RankMe's singular values, where a constant non-zero
+          layer has rank 1), or the input is refused anyway (both sides discrete ...).
+
+        The default is ``"zero"`` for pair estimators in nats (mutual information) and None
+        otherwise. See the degenerate-input table in docs/estimators.md.
+        """
+        return "zero" if self.kind == "pair" and self.unit == NATS else None
+
+    def cap_name(self, quantity: str) -> str:
+        """How the cap of ``quantity`` is called in messages ("log n", "H(Y)", "log batch" ...)."""
+        if self.kind == "pair":
+            return "H(Y)" if quantity == "I(T;Y)" else "log n"
+        return "its maximum"
+
+    def null_values(self, x, y, permutations) -> list[float]:
+        """The estimate on ``(x, y[p])`` for every permutation ``p`` (int64 tensors of length n).
+
+        ``x`` and ``y`` are the converted tensors. The default re-estimates N times; estimators
+        override it to share work between the permutations and the estimate (what does not
+        depend on the pairing of the rows, e.g. the entropy of each side, is computed once).
+        Used by :func:`ibscope.estimators.nulls.with_null`.
+        """
+        return [float(self.estimate(x, y[p.to(y.device)]).value) for p in permutations]
+
+    def estimate_and_null(self, x, y, permutations) -> tuple[Estimate, list[float]]:
+        """The estimate of ``(x, y)`` and :meth:`null_values` for ``permutations``, in one call.
+
+        The default calls both; estimators override it when the estimate and the null share
+        work (binning bins once for both). Called by :func:`ibscope.estimators.nulls.with_null`
+        with converted, non-constant tensors; warnings of the null part are silenced there.
+        """
+        e = self.estimate(x, y)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return e, self.null_values(x, y, permutations)
+
+    def _constant_cap(self, *tensors) -> float | None:
+        """The cap of the estimate when an input is constant (see :meth:`on_constant`).
+
+        Pair estimators: the plug-in entropy of the discrete side (log n for sample ids, H(Y)
+        for labels; the smaller of the two when both are discrete), None when both are
+        continuous. Single measures: None.
+        """
+        if self.kind != "pair" or len(tensors) != 2:
+            return None
+        from ibscope.estimators._mi import codes, entropy_codes
+
+        hs = [entropy_codes(codes(t)) for t in tensors if is_discrete(t)]
+        return min(hs) if hs else None
+
     # helpers for subclasses -------------------------------------------------------------
     def _make(self, value: float, *, n: int, dims: tuple[int, ...], **kw) -> Estimate:
         if math.isnan(float(value)):  # never hand back a silent NaN
@@ -119,6 +232,10 @@ class Estimator(abc.ABC):
                             f"{tuple(int(d) for d in dims)}; no value can be reported.",
                             hint="This points at degenerate data (e.g. constant or duplicated rows) or a numerical "
                                  "limit of this estimator; try another estimator or check the data.")
+        # information estimates only: the cap of a rank (the layer's width) is a fact about the
+        # layer, not a limit of the estimator (see ibscope.trust.is_saturated)
+        unit = kw.get("unit", self.unit)
+        kw.setdefault("saturated", is_saturated(value, kw.get("cap")) if unit in (NATS, BITS) else None)
         return Estimate(
             value=float(value), unit=kw.pop("unit", self.unit), quantity=kw.pop("quantity", self.quantity),
             estimator=self.name, params=self.params(), n_samples=int(n), dims=tuple(int(d) for d in dims), **kw,

@@ -13,7 +13,8 @@ values below the bottom edge another; ``"idnns"`` reproduces the reference code 
 Shwartz-Ziv & Tishby (IDNNs: ``bins[digitize(v, bins) - 1]`` on float32 edges), where values
 at or above the top edge get a symbol of their own and values below the bottom edge wrap
 around into that same symbol. How many values lay outside the range is reported in
-``Estimate.extra["n_outside"]``.
+``Estimate.extra["n_outside"]`` and in a warning (``ibscope estimate`` puts it in the row's
+note).
 
 ``chelombiev-binning`` is the entropy-based adaptive binning of Chelombiev et al.'s released
 code; ``adaptive-binning`` is ibscope's variant of it (see their docstrings for the difference).
@@ -22,6 +23,8 @@ code; ``adaptive-binning`` is ibscope's variant of it (see their docstrings for 
 from __future__ import annotations
 
 import abc
+import math
+import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -32,6 +35,11 @@ from ibscope.estimators.base import Estimate, Estimator, is_discrete
 from ibscope.estimators.registry import register
 
 
+#: largest contingency table (symbols of x times symbols of y times permutations) that the
+#: permutation null counts in one bincount; larger ones are counted permutation by permutation
+NULL_TABLE_CELLS = 2 ** 22  # 32 MiB of int64 counts
+
+
 class _BinningMixin:
     x_source: ClassVar[str] = "identity"
 
@@ -39,29 +47,73 @@ class _BinningMixin:
     def _bin(self, t: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Bin the activations ``t``: (symbols per row, number of bins) (each concrete estimator defines it)."""
 
+    def _symbols(self, t: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """One symbol per row (codes) and the number of values clamped into an edge bin."""
+        if is_discrete(t):
+            return _mi.codes(t), 0
+        b, o = self._bin(t)
+        return _mi.codes(b), o
+
+    @staticmethod
+    def _mi_from(ha: float, hb: float, a: torch.Tensor, b: torch.Tensor) -> float:
+        mi = ha + hb - _mi.entropy_codes(_mi.joint_codes(a, b))
+        return max(mi, 0.0) if abs(mi) < 1e-12 else mi
+
     def estimate(self, x, y) -> Estimate:
+        return self._estimate(*self._prepared(x, y))
+
+    def _prepared(self, x, y):
         tx, ty = _mi.pair(self, x, y)
-        outside = 0
-        sym = []
-        for t in (tx, ty):
-            if is_discrete(t):
-                sym.append(_mi.codes(t))
-            else:
-                b, o = self._bin(t)
-                outside += o
-                sym.append(_mi.codes(b))
-        mi, ha, hb = _mi.plugin_mi(sym[0], sym[1])
+        (sx, ox), (sy, oy) = self._symbols(tx), self._symbols(ty)
+        return tx, ty, sx, sy, ox, oy, _mi.entropy_codes(sx), _mi.entropy_codes(sy)
+
+    def _estimate(self, tx, ty, sx, sy, ox, oy, ha, hb) -> Estimate:
+        mi = self._mi_from(ha, hb, sx, sy)
         dx, dy = is_discrete(tx), is_discrete(ty)
         cap = None
         if dx != dy:  # the discrete side bounds the information: log n for ids, H(Y) for labels
             cap = ha if dx else hb
         elif dx and dy:
             cap = min(ha, hb)
+        for name, t, o in (("x", tx, ox), ("y", ty, oy)):
+            if o:
+                lo, hi = getattr(self, "range_min", None), getattr(self, "range_max", None)
+                went = {"separate": "were given two symbols of their own (above and below the range)",
+                        "idnns": "took IDNNs' symbols (one extra symbol at or above the top edge, into which the "
+                                 "values below the bottom edge wrap around)"}.get(
+                    getattr(self, "outside", "clamp"), "were clamped into the first or last bin")
+                warnings.warn(
+                    f"{self.name}: n_outside = {o} of {t.numel()} values of '{name}' ({100.0 * o / t.numel():.1f}%) "
+                    f"lie outside [range_min, range_max] = [{lo:g}, {hi:g}] and {went} (observed range "
+                    f"[{float(t.min()):.4g}, {float(t.max()):.4g}]).", RuntimeWarning, stacklevel=4)
         return self._make(
-            max(mi, 0.0) if abs(mi) < 1e-12 else mi, n=tx.shape[0], dims=(tx.shape[1], ty.shape[1]), cap=cap,
-            extra={"H_x": ha, "H_y": hb, "n_symbols_x": int(sym[0].max()) + 1,
-                   "n_symbols_y": int(sym[1].max()) + 1, "n_outside": outside},
+            mi, n=tx.shape[0], dims=(tx.shape[1], ty.shape[1]), cap=cap,
+            extra={"H_x": ha, "H_y": hb, "n_symbols_x": int(sx.max()) + 1,
+                   "n_symbols_y": int(sy.max()) + 1, "n_outside": ox + oy},
         )
+
+    def null_values(self, x, y, permutations) -> list[float]:
+        _, _, sx, sy, _, _, ha, hb = self._prepared(x, y)
+        return self._null(sx, sy, ha, hb, permutations)
+
+    def estimate_and_null(self, x, y, permutations):
+        # the bins and both marginal entropies do not depend on the pairing: computed once for both
+        prep = self._prepared(x, y)
+        return self._estimate(*prep), self._null(prep[2], prep[3], prep[6], prep[7], permutations)
+
+    def _null(self, sx, sy, ha, hb, permutations) -> list[float]:
+        # the joint entropies of all permutations come from one bincount of their contingency
+        # tables (symbols x symbols per permutation) when those fit in NULL_TABLE_CELLS
+        ka, kb, n = int(sx.max()) + 1, int(sy.max()) + 1, int(sx.shape[0])
+        cells = ka * kb
+        if cells * len(permutations) > NULL_TABLE_CELLS:
+            return [self._mi_from(ha, hb, sx, sy[p.to(sy.device)]) for p in permutations]
+        perm = torch.stack([p.to(sy.device) for p in permutations])  # (N, n)
+        joint = sx.unsqueeze(0) * kb + sy[perm] + cells * torch.arange(len(permutations), device=sy.device)[:, None]
+        counts = torch.bincount(joint.reshape(-1), minlength=cells * len(permutations)).to(torch.float64)
+        counts = counts.reshape(len(permutations), cells)
+        hab = math.log(n) - torch.special.xlogy(counts, counts).sum(dim=1) / n
+        return [max(v, 0.0) if abs(v) < 1e-12 else v for v in (ha + hb - hab).tolist()]
 
 
 @register

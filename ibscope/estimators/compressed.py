@@ -32,6 +32,7 @@ What ibscope follows and where it deviates (docs/estimators.md has the table):
 from __future__ import annotations
 
 import math
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import ClassVar
@@ -271,7 +272,8 @@ class Compressed(Estimator):
         return (kl_entropy(a, self.k, seed=self.seed) + kl_entropy(b, self.k, seed=self.seed + 1)
                 - kl_entropy(torch.cat([a, b], 1), self.k, seed=self.seed + 2))
 
-    def estimate(self, x, y) -> Estimate:
+    def _reduced(self, x, y):
+        """Both sides compressed (a compression does not depend on the pairing of the rows)."""
         tx, ty = _mi.pair(self, x, y)
         if is_discrete(tx) and is_discrete(ty):
             raise _mi.both_discrete_error(self)
@@ -283,11 +285,44 @@ class Compressed(Estimator):
         b = self._reduce(ty, "y", self.compressor_y, 2, extra)
         extra["latent_dims"] = [int(a.shape[1]), int(b.shape[1])]
         extra["mi_step"] = self.mi_step
+        return tx, ty, a, b, extra
+
+    def _inner(self) -> KSG:
+        return KSG(k=self.k, seed=self.seed)
+
+    def _estimate(self, tx, ty, a, b, extra) -> Estimate:
         if self.mi_step == "ksg":
-            e = KSG(k=self.k, seed=self.seed).estimate(a, b)
+            with warnings.catch_warnings():  # integer-valued columns were reported by _reduce already
+                warnings.simplefilter("ignore", _mi.IntegerValuedWarning)
+                e = self._inner().estimate(a, b)
             value, stderr, cap = e.value, e.stderr, e.cap
         else:
             value, stderr = self._kl_mi(a, b), None
             cap = _mi.entropy_codes(_mi.codes(ty if is_discrete(ty) else tx)) if (is_discrete(tx) or
                                                                                  is_discrete(ty)) else None
-        return self._make(value, n=n, dims=(tx.shape[1], ty.shape[1]), stderr=stderr, cap=cap, extra=extra)
+        return self._make(value, n=tx.shape[0], dims=(tx.shape[1], ty.shape[1]), stderr=stderr, cap=cap, extra=extra)
+
+    def _null(self, a, b, permutations) -> list[float]:
+        if self.mi_step == "ksg":
+            return self._inner().null_values(a, b, permutations)
+        return [self._kl_mi(a, b[p.to(b.device)]) for p in permutations]
+
+    def estimate(self, x, y) -> Estimate:
+        return self._estimate(*self._reduced(x, y))
+
+    def on_constant(self, *tensors) -> str | None:
+        # I = 0 for a constant side; two discrete sides stay a usage error
+        return "zero" if any(t.is_floating_point() for t in tensors) else None
+
+    def null_values(self, x, y, permutations) -> list[float]:
+        # the compressions (PCA or autoencoder) of permuted rows are the same codes, permuted:
+        # compress once, then the MI step's null (KSG's shares the distances of one side)
+        _, _, a, b, _ = self._reduced(x, y)
+        return self._null(a, b, permutations)
+
+    def estimate_and_null(self, x, y, permutations):
+        tx, ty, a, b, extra = self._reduced(x, y)
+        e = self._estimate(tx, ty, a, b, extra)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return e, self._null(a, b, permutations)

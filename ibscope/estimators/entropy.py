@@ -87,6 +87,16 @@ class MatrixEntropy(Estimator):
     reference: ClassVar[str] = ("Sanchez Giraldo, Rao & Principe 2015, Measures of entropy from data using infinitely "
                                 "divisible kernels, IEEE Trans. Inf. Theory 61(1); Skean et al. 2025 (linear kernel)")
 
+    def on_constant(self, *tensors) -> str | None:
+        return "zero"  # K is all ones (Gaussian) or 0 (linear, centred): entropy 0 for any width
+
+    def _constant_cap(self, *tensors) -> float | None:
+        n, d = int(tensors[0].shape[0]), int(tensors[0].shape[1])
+        return math.log(max(1, min(n, d))) if self.kernel == "linear" else math.log(n)
+
+    def cap_name(self, quantity: str) -> str:
+        return "log min(n, d)" if self.kernel == "linear" else "log n"
+
     def scale_invariant(self, arg: str) -> str | None:
         # rule-based widths (silverman, median) scale with the data; the linear kernel row-normalises
         return "global" if self.kernel == "linear" or self.sigma is None else None
@@ -127,9 +137,9 @@ class MatrixEntropy(Estimator):
             sq.fill_diagonal_(0.0)
             sigma = float(self.sigma) if self.sigma is not None else kernel_width(x64, self.sigma_rule, self.gamma, sq)
             extra["sigma"] = sigma
-            if not sigma > 0:
-                raise DataError(f"{self.name}: the kernel width from the '{self.sigma_rule}' rule is 0: the "
-                                f"representation is constant over its {n} samples.",
+            if not sigma > 0:  # (a constant representation never gets here: its entropy is 0)
+                raise DataError(f"{self.name}: the kernel width from the '{self.sigma_rule}' rule is 0: more than "
+                                f"half of the pairs of its {n} samples are identical points.",
                                 hint=f"Pass a width explicitly: --param {self.name}.sigma=S.")
             a = sq.mul_(-0.5 / sigma ** 2).exp_().div_(n)  # A = K / tr K, tr K = n
             if self.alpha == 2.0:  # exact without eigendecomposition: sum lambda^2 = ||A||_F^2

@@ -53,21 +53,50 @@ class Gaussian(Estimator):
         self._require(isinstance(self.ridge, (int, float)) and self.ridge >= 0, "ridge", "a number >= 0", self.ridge)
 
     def _cols(self, t: torch.Tensor, name: str) -> torch.Tensor:
-        if is_discrete(t):
+        discrete = is_discrete(t)
+        if discrete:
             t = _mi.one_hot(_mi.codes(t))
-        t, _ = _mi.continuous(self, t, name, standardize=True)
+        t, _ = _mi.continuous(self, t, name, standardize=True, warn_integers=not discrete)
         return t
 
-    def estimate(self, x, y) -> Estimate:
+    def _sides(self, x, y):
         tx, ty = _mi.pair(self, x, y)
         if is_discrete(tx) and is_discrete(ty):
             raise _mi.both_discrete_error(self)
-        n = tx.shape[0]
         a, b = self._cols(tx, "x"), self._cols(ty, "y")
         da, db = a.shape[1], b.shape[1]
-        _mi.require_samples(self, n, da + db + 1, f"more samples than the {da}+{db} dimensions of x and y")
+        _mi.require_samples(self, tx.shape[0], da + db + 1, f"more samples than the {da}+{db} dimensions of x and y")
+        return tx, ty, a, b
+
+    def _mi(self, a: torch.Tensor, b: torch.Tensor, lx: float, ly: float) -> float:
+        n, da, db = a.shape[0], a.shape[1], b.shape[1]
         z = torch.cat([a, b], dim=1)
         r = (z.T @ z) / (n - 1)
         r = r + float(self.ridge) * torch.eye(da + db, dtype=r.dtype, device=r.device)
-        mi = 0.5 * (_logdet(self, r[:da, :da], "x") + _logdet(self, r[da:, da:], "y") - _logdet(self, r, "(x, y)"))
-        return self._make(max(mi, 0.0), n=n, dims=(tx.shape[1], ty.shape[1]))
+        return max(0.5 * (lx + ly - _logdet(self, r, "(x, y)")), 0.0)
+
+    def _marginal_logdets(self, a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+        out = []
+        for m, what in ((a, "x"), (b, "y")):
+            r = (m.T @ m) / (m.shape[0] - 1)
+            r = r + float(self.ridge) * torch.eye(m.shape[1], dtype=r.dtype, device=r.device)
+            out.append(_logdet(self, r, what))
+        return out[0], out[1]
+
+    def estimate(self, x, y) -> Estimate:
+        tx, ty, a, b = self._sides(x, y)
+        lx, ly = self._marginal_logdets(a, b)
+        return self._make(self._mi(a, b, lx, ly), n=tx.shape[0], dims=(tx.shape[1], ty.shape[1]))
+
+    def on_constant(self, *tensors) -> str | None:
+        # I = 0 for a constant side; two discrete sides stay a usage error
+        return "zero" if any(t.is_floating_point() for t in tensors) else None
+
+    def _constant_cap(self, *tensors) -> float | None:
+        return None  # the Gaussian estimate has no cap
+
+    def null_values(self, x, y, permutations) -> list[float]:
+        # the columns of each side and their correlation determinants are computed once
+        _, _, a, b = self._sides(x, y)
+        lx, ly = self._marginal_logdets(a, b)
+        return [self._mi(a, b[p.to(b.device)], lx, ly) for p in permutations]

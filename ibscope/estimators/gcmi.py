@@ -92,6 +92,10 @@ class GCMI(Estimator):
         self._require(isinstance(self.bias_correction, bool), "bias_correction", "true or false", self.bias_correction)
         self._require(isinstance(self.seed, int) and not isinstance(self.seed, bool), "seed", "an integer", self.seed)
 
+    def on_constant(self, *tensors) -> str | None:
+        # I = 0 for a constant side; two discrete sides stay a usage error
+        return "zero" if any(t.is_floating_point() for t in tensors) else None
+
     def _scores(self, t: torch.Tensor, name: str, salt: int) -> tuple[torch.Tensor, dict]:
         t, dropped = _mi.continuous(self, t, name, standardize=False)
         z, tied = _mi.copula_normalize(t, seed=int(self.seed) * 1000003 + salt)

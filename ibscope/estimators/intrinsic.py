@@ -105,6 +105,9 @@ def knn_distances_exact(x64, k: int, *, candidate_dtype=None):
 
 
 class _IDMixin:
+    def on_constant(self, *tensors) -> str | None:
+        return "undefined"  # one point has no dimension: a DataError, never NaN
+
     def scale_invariant(self, arg: str) -> str | None:
         # ratios of neighbour distances: unchanged by one global scale
         return "global"

@@ -47,9 +47,61 @@ def kde_terms(t: torch.Tensor, variance: float, chunk: int | None = None) -> tor
     return out
 
 
+#: largest one-hot matrix (samples x labellings x classes, float64: 64 MiB) used by kde_pass
+ONEHOT_MAX_ENTRIES = 2 ** 23
+
+
+def kde_pass(t: torch.Tensor, variance: float, label_sets: list[torch.Tensor],
+             chunk: int | None = None) -> tuple[torch.Tensor, list[float]]:
+    """One pass over the kernel blocks: the per-sample terms of H(T) and, for every labelling
+    in ``label_sets``, sum_y p(y) H(T | Y = y), by the KDE bound with ``variance`` (float64).
+
+    Each block K_ij = exp(-|t_i - t_j|^2 / (2 variance)) is computed once (exponents below -60
+    clamped there, as in :func:`kde_terms`: each such term is < 9e-27 of the self-term 1). Its
+    row sums give H(T); its within-class sums give the conditional entropies, for all
+    labellings at once (one matrix product with their one-hot codes when those hold at most
+    ONEHOT_MAX_ENTRIES entries, else labelling by labelling). The labellings must have the same
+    class sizes (permutations of one labelling do). A class of one sample contributes exactly
+    0. Equals :func:`kde_terms` on all samples and on each class to round-off.
+    """
+    t = t.to(torch.float64)
+    n = t.shape[0]
+    chunk = chunk or _auto_chunk(n, 1, 8)
+    terms = torch.empty(n, dtype=torch.float64, device=t.device)
+    labs = torch.stack([c.to(t.device) for c in label_sets]) if label_sets else None  # (L, n)
+    onehot = None
+    if labs is not None:
+        n_lab, n_cls = labs.shape[0], int(labs.max()) + 1
+        log_counts = torch.log(torch.bincount(labs[0], minlength=n_cls).to(torch.float64).clamp_min(1.0))
+        if n * n_lab * n_cls <= ONEHOT_MAX_ENTRIES:
+            cols = labs + n_cls * torch.arange(n_lab, device=t.device)[:, None]
+            onehot = torch.zeros((n, n_lab * n_cls), dtype=torch.float64, device=t.device)
+            onehot.scatter_(1, cols.T.contiguous(), 1.0)
+        cond = torch.zeros(n_lab, dtype=torch.float64, device=t.device)
+    for s in range(0, n, chunk):
+        e = min(n, s + chunk)
+        k = pairwise(t[s:e], t, "sqeuclidean").mul_(-0.5 / variance).clamp_(min=-60.0).exp_()
+        terms[s:e] = math.log(n) - torch.log(k.sum(dim=1))
+        if labs is None:
+            continue
+        own = labs[:, s:e]  # (L, rows)
+        if onehot is not None:
+            within = (k @ onehot).reshape(e - s, n_lab, n_cls).gather(2, own.T.unsqueeze(2)).squeeze(2).T
+        else:
+            within = torch.stack([torch.where(c.unsqueeze(0) == o.unsqueeze(1), k, 0.0).sum(dim=1)
+                                  for c, o in zip(labs, own)])
+        cond += (log_counts[own] - torch.log(within)).sum(dim=1)
+    return terms, ([] if labs is None else (cond / n).tolist())
+
+
 class _KDEMixin:
     x_source: ClassVar[str] = "identity"
     bound: str = "upper"
+
+    def on_constant(self, *tensors) -> str | None:
+        # I = 0 for a constant side (also for chelombiev-kde, whose added noise would otherwise
+        # be measured); two continuous sides stay a usage error
+        return "zero" if any(not t.is_floating_point() for t in tensors) else None
 
     def _prepare(self, t: torch.Tensor) -> torch.Tensor:
         """The representation the bound is computed on (float64); identity unless overridden."""
@@ -63,6 +115,14 @@ class _KDEMixin:
         return self.bound
 
     def estimate(self, x, y) -> Estimate:
+        return self.estimate_and_null(x, y, [])[0]
+
+    def null_values(self, x, y, permutations) -> list[float]:
+        return self.estimate_and_null(x, y, permutations)[1]
+
+    def estimate_and_null(self, x, y, permutations):
+        # the noise variance, every kernel block and H(T) do not depend on the labels: one pass
+        # over the blocks gives the conditional entropies of the labels and of every permutation
         tx, ty = _mi.pair(self, x, y)
         split = _mi.split_discrete(self, tx, ty)
         if split is None:
@@ -77,18 +137,20 @@ class _KDEMixin:
         eff = var if self._bound() == "upper" else 4.0 * var
         c = _mi.codes(lab)
         n = t.shape[0]
-        terms = kde_terms(t, eff)
+        unique = int(torch.bincount(c).max()) == 1  # every sample its own class (sample ids): H(T|X) = 0
+        # the rows of y are permuted; when the labels are x, the same pairs come from permuting
+        # the labels by the inverse permutation
+        perms = [torch.argsort(p) if swapped else p for p in permutations]
+        sets = [] if unique else [c] + [c[p.to(c.device)] for p in perms]
+        terms, conds = kde_pass(t, eff, sets)
         h = float(terms.mean())
-        counts = torch.bincount(c)
-        cond = 0.0
-        if int(counts.max()) > 1:  # classes with one sample contribute exactly 0
-            for k in torch.nonzero(counts > 1).reshape(-1).tolist():
-                mask = c == k
-                cond += float(mask.sum()) / n * float(kde_terms(t[mask], eff).mean())
-        stderr = float(terms.std() / math.sqrt(n)) if n > 1 and int(counts.max()) == 1 else None
+        cond = 0.0 if unique else conds[0]
+        stderr = float(terms.std() / math.sqrt(n)) if n > 1 and unique else None
         dims = (lab.shape[1], t.shape[1]) if swapped else (t.shape[1], lab.shape[1])
-        return self._make(h - cond, n=n, dims=dims, cap=_mi.entropy_codes(c), stderr=stderr,
-                          extra={"noise_variance": var, "bound": self._bound(), "H_T_minus_noise": h})
+        e = self._make(h - cond, n=n, dims=dims, cap=_mi.entropy_codes(c), stderr=stderr,
+                       extra={"noise_variance": var, "bound": self._bound(), "H_T_minus_noise": h})
+        # permuting the ids of distinct samples changes nothing: the null is the value itself
+        return e, ([h] * len(permutations) if unique else [h - v for v in conds[1:]])
 
 
 def _check_bound(est) -> None:

@@ -104,6 +104,87 @@ def ross_terms(t: torch.Tensor, labels: torch.Tensor, k: int, norm: str = "max",
     return base - dig(counts[labels].to(f64)) - dig((m + 1).to(f64))
 
 
+def ksg_null_terms(x: torch.Tensor, y: torch.Tensor, k: int, permutations: list, algorithm: int = 1,
+                   norm: str = "max", chunk: int | None = None) -> list[float]:
+    """KSG estimates (nats) of (x, y[p]) for every permutation p, sharing the x-side distances.
+
+    The distance block of ``x`` is computed once per row chunk for all permutations; the
+    block of the permuted ``y`` is the block of rows p[chunk] with its columns reordered by
+    p. Pass the cheaper (narrower) side as ``y``. Equal to :func:`ksg_terms` on
+    ``(x, y[p])`` per permutation, term by term.
+    """
+    n = x.shape[0]
+    dev = x.device
+    chunk = chunk or min(512, _auto_chunk(n, 3, x.element_size()))
+    dig = torch.special.digamma
+    base = float(dig(torch.tensor(float(k), dtype=torch.float64))) + float(dig(torch.tensor(float(n), dtype=torch.float64)))
+    if algorithm == 2:
+        base -= 1.0 / k
+    perms = [p.to(dev) for p in permutations]
+    sums = [0.0] * len(perms)
+    for s in range(0, n, chunk):
+        e = min(n, s + chunk)
+        dx = _block(x[s:e], x, norm)
+        rows = torch.arange(e - s, device=dev)
+        for i, p in enumerate(perms):
+            dy = _block(y[p[s:e]], y, norm)[:, p]
+            dz = torch.maximum(dx, dy)
+            dz[rows, rows + s] = float("inf")
+            vals, idx = torch.topk(dz, k, dim=1, largest=False)
+            del dz
+            if algorithm == 1:
+                eps = vals[:, k - 1:k]
+                self_in = (eps[:, 0] > 0).to(torch.int32)
+                nx = (dx < eps).sum(dim=1, dtype=torch.int32) - self_in
+                ny = (dy < eps).sum(dim=1, dtype=torch.int32) - self_in
+                t = dig((nx + 1).to(torch.float64)) + dig((ny + 1).to(torch.float64))
+            else:
+                ex = dx.gather(1, idx).amax(dim=1, keepdim=True)
+                ey = dy.gather(1, idx).amax(dim=1, keepdim=True)
+                nx = (dx <= ex).sum(dim=1, dtype=torch.int32) - 1
+                ny = (dy <= ey).sum(dim=1, dtype=torch.int32) - 1
+                t = dig(nx.to(torch.float64)) + dig(ny.to(torch.float64))
+            sums[i] += float((base - t).sum())
+    return [v / n for v in sums]
+
+
+def ross_null_terms(t: torch.Tensor, label_sets: list[torch.Tensor], k: int, norm: str = "max",
+                    chunk: int | None = None) -> list[float]:
+    """Ross (2014) estimates (nats) for every labelling in ``label_sets``, sharing the distances.
+
+    Each block of distances between rows of ``t`` is computed once; the k-th neighbour
+    within the class and the counts over all classes are taken from it for every labelling.
+    Every labelling must have the same class sizes (permutations of one labelling do), each
+    at least k + 1. Equal to :func:`ross_terms` per labelling.
+    """
+    n = t.shape[0]
+    dev = t.device
+    metric = "max" if norm == "max" else "l2"
+    chunk = chunk or min(512, _auto_chunk(n, t.shape[1] if metric == "max" else 1, t.element_size()))
+    from ibscope.estimators._knn import pairwise
+
+    dig = torch.special.digamma
+    f64 = torch.float64
+    labs = [c.to(dev) for c in label_sets]
+    counts = torch.bincount(labs[0])
+    base = float(dig(torch.tensor(float(n), dtype=f64))) + float(dig(torch.tensor(float(k), dtype=f64)))
+    sums = [0.0] * len(labs)
+    for s in range(0, n, chunk):
+        e = min(n, s + chunk)
+        d = pairwise(t[s:e], t, metric)
+        rows = torch.arange(e - s, device=dev)
+        for i, c in enumerate(labs):
+            own = c[s:e]
+            within = torch.where(c.unsqueeze(0) == own.unsqueeze(1), d, torch.full((), float("inf"), dtype=d.dtype,
+                                                                                   device=dev))
+            within[rows, rows + s] = float("inf")  # the point itself is not a neighbour
+            r = torch.topk(within, k, dim=1, largest=False).values[:, k - 1]
+            del within
+            m = (d < r.unsqueeze(1)).sum(dim=1) - (r > 0).to(torch.int64)
+            sums[i] += float((base - dig(counts[own].to(f64)) - dig((m + 1).to(f64))).sum())
+    return [v / n for v in sums]
+
+
 @register
 @dataclass(frozen=True)
 class KSG(Estimator):
@@ -180,3 +261,30 @@ class KSG(Estimator):
         value = float(terms.mean())
         stderr = float(terms.std() / math.sqrt(n)) if n > 1 else None
         return self._make(value, n=n, dims=(tx.shape[1], ty.shape[1]), stderr=stderr, cap=cap, extra=extra)
+
+    def on_constant(self, *tensors) -> str | None:
+        # I = 0 for a constant side; two discrete sides stay a usage error
+        return "zero" if any(t.is_floating_point() for t in tensors) else None
+
+    def null_values(self, x, y, permutations) -> list[float]:
+        # the jitter, the standardisation and the distances of the side that is not permuted
+        # are computed once (Ross: all of them, with the labels permuted)
+        tx, ty = _mi.pair(self, x, y)
+        _mi.require_samples(self, tx.shape[0], self.k + 1, f"k={self.k} neighbours plus the point itself")
+        split = _mi.split_discrete(self, tx, ty)
+        if split is None:
+            cx, _ = self._prep(tx, "x", 1)
+            cy, _ = self._prep(ty, "y", 2)
+            if cx.shape[1] < cy.shape[1]:  # permute the narrower side: its distances are recomputed
+                # (x permuted by the inverse of p pairs the same rows as y permuted by p)
+                return ksg_null_terms(cy, cx, self.k, [torch.argsort(p) for p in permutations], self.algorithm,
+                                      self.norm)
+            return ksg_null_terms(cx, cy, self.k, permutations, self.algorithm, self.norm)
+        t, lab, swapped = split
+        ct, _ = self._prep(t, "y" if swapped else "x", 1)
+        c = _mi.codes(lab)
+        counts = torch.bincount(c)
+        if bool(((counts > 0) & (counts < self.k + 1)).any()):
+            ross_terms(ct, c, self.k, self.norm, self.name)  # raises the class-size error
+        perms = [torch.argsort(p) if swapped else p for p in permutations]  # labels = x: the inverse
+        return ross_null_terms(ct, [c[p.to(c.device)] for p in perms], self.k, self.norm)

@@ -87,6 +87,9 @@ class LocalRank(Estimator):
     reference: ClassVar[str] = ("Patel & Shwartz-Ziv 2024, Learning to Compress: Local Rank and Information "
                                 "Compression in Deep Neural Networks (arXiv:2410.07687)")
 
+    def cap_name(self, quantity: str) -> str:
+        return "r (the rank of a full-rank Jacobian)"
+
     def scale_invariant(self, arg: str) -> str | None:
         # a relative threshold rtol * s_1 scales with s
         return "global" if self.atol == 0 else None

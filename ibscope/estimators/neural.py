@@ -133,6 +133,17 @@ class _NeuralMixin:
     def _cap(self) -> float | None:
         return None
 
+    # the degenerate-input rule and the cap's name --------------------------------------------------
+    def on_constant(self, *tensors) -> str | None:
+        # I = 0 for a constant side; two discrete sides stay a usage error
+        return "zero" if any(t.is_floating_point() for t in tensors) else None
+
+    def _constant_cap(self, *tensors) -> float | None:
+        return self._cap()
+
+    def cap_name(self, quantity: str) -> str:
+        return "log batch" if self._cap() is not None else "its cap"
+
     # shared machinery ----------------------------------------------------------------------------
     def _features(self, t: torch.Tensor, name: str) -> torch.Tensor:
         if is_discrete(t):

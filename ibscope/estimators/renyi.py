@@ -76,6 +76,7 @@ class Renyi(Estimator):
             c = _mi.codes(t)
             k = (c[:, None] == c[None, :]).to(torch.float64)
             return k / k.trace(), None
+        _mi.warn_integer_valued(self, t, name)
         t = t.to(torch.float64)
         d2 = pairwise(t, t, "sqeuclidean")
         if sigma is None:
@@ -86,6 +87,30 @@ class Renyi(Estimator):
                 sigma = 1.0  # all rows identical: the Gram matrix is all ones for any width
         k = torch.exp(-d2 / (2.0 * float(sigma) ** 2))
         return k / k.trace(), float(sigma)
+
+    def _constant_cap(self, *tensors) -> float | None:
+        return math.log(min(int(tensors[0].shape[0]), self.max_samples))
+
+    def cap_name(self, quantity: str) -> str:
+        return "log n"
+
+    def null_values(self, x, y, permutations) -> list[float]:
+        tx, ty = _mi.pair(self, x, y)
+        if tx.shape[0] > self.max_samples or tx.shape[0] < 2:
+            # a permuted y meets another random subset of x: re-estimate each permutation
+            return super().null_values(tx, ty, permutations)
+        # both Gram matrices and S(A), S(B) are computed once: permuting y permutes B's rows and
+        # columns, which leaves its spectrum unchanged; only the joint entropy is recomputed
+        a, _ = self._gram(tx, self.sigma_x, "x")
+        b, _ = self._gram(ty, self.sigma_y, "y")
+        al = float(self.alpha)
+        sa, sb = renyi_entropy(a, al), renyi_entropy(b, al)
+        out = []
+        for p in permutations:
+            p = p.to(b.device)
+            ab = a * b[p][:, p]
+            out.append(sa + sb - renyi_entropy(ab / ab.trace(), al))
+        return out
 
     def estimate(self, x, y) -> Estimate:
         tx, ty = _mi.pair(self, x, y)

@@ -41,6 +41,21 @@ class _SpectralMixin:
         # functions of the normalised spectrum (relative tolerances included); an absolute atol is not
         return "global" if not getattr(self, "atol", 0.0) else None
 
+    def _centered(self) -> bool:
+        return bool(getattr(self, "center", getattr(self, "convention", "cov") == "cov"))
+
+    def on_constant(self, *tensors) -> str | None:
+        # a constant layer has no variation: every centred rank is 0. Uncentred measures keep
+        # their own value (a constant non-zero layer has one direction, an all-zero layer none).
+        return "zero" if self._centered() else None
+
+    def _constant_cap(self, *tensors) -> float | None:
+        n, d = int(tensors[0].shape[0]), int(tensors[0].shape[1])
+        return float(min(n - 1, d))
+
+    def cap_name(self, quantity: str) -> str:
+        return "the largest possible rank min(n - 1, d)" if self._centered() else "the largest possible rank min(n, d)"
+
     def _spectrum(self, x, *, center: bool, method: str = "eigh") -> Spectrum:
         t = as_tensor(x, name="x", estimator=self, allow_discrete=False)
         if center and t.shape[0] < 2:
@@ -260,6 +275,9 @@ class AlphaReQ(_SpectralMixin, Estimator):
     unit: ClassVar[str] = EXPONENT
     reference: ClassVar[str] = ("Agrawal et al. 2022, alpha-ReQ, NeurIPS; Stringer et al. 2019, Nature 571; "
                                 "Li et al. 2025, Tracing the Representation Geometry of Language Models")
+
+    def on_constant(self, *tensors) -> str | None:
+        return "undefined" if self.center else None  # no spectrum to fit a decay to
 
     def validate(self) -> None:
         self._require(self.fit_start >= 1, "fit_start", ">= 1", self.fit_start)
