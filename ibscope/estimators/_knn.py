@@ -104,3 +104,104 @@ def count_within(
             cnt = cnt - ((radius[s:e] > 0).to(torch.int64) if strict else 1)
         out[s:e] = cnt
     return out
+
+
+# --- choice of the neighbour search -------------------------------------------------------------
+#
+# "brute": chunked brute force (torch on any device; on CPU the numba kernels of _cpu.py where they
+# apply). "tree": scipy's cKDTree (CPU only; exact, float64). "auto": the tree where it is faster,
+# by the crossovers below, measured on this project's 2-core CPU with benchmarks/bench_ksg.py,
+# bench_geometry.py and bench_ood.py (docs/estimate.md, "Speed"). A KD-tree's cost grows with the
+# (intrinsic) dimension; brute force's with n^2: the tree wins at small dims and large n.
+
+SEARCHES = ("auto", "brute", "tree")
+
+#: KSG / Ross: the tree is used for joint dimension d_x + d_y <= this (max-norm only)
+KSG_TREE_MAX_DIMS = 8
+#: intrinsic dimension (TwoNN/MLE) and k-NN OOD: the tree for feature dims <= this
+KNN_TREE_MAX_DIMS = 8
+#: below this many points either search takes milliseconds: brute force (no tree build)
+TREE_MIN_N = 1000
+
+
+def check_search(who: str, search) -> None:
+    """UsageError (exit 2) unless ``search`` is one of SEARCHES."""
+    if search not in SEARCHES:
+        from ibscope.errors import UsageError
+
+        raise UsageError(f"The 'search' parameter of {who} must be one of {list(SEARCHES)}. Got {search!r} instead.",
+                         hint="'auto' picks a KD-tree at small dimensions on CPU and brute force otherwise.")
+
+
+def resolve_search(who: str, search: str, *, device, n: int, dims: int, max_tree_dims: int,
+                   tree_ok: bool = True, why_not: str = "") -> str:
+    """'tree' or 'brute' for a search over ``n`` points of ``dims`` coordinates on ``device``.
+
+    An explicit 'tree' on a GPU tensor, or where ``tree_ok`` is False, is a UsageError naming
+    the reason (trees run on the CPU only; brute force runs everywhere)."""
+    check_search(who, search)
+    on_cpu = torch.device(device).type == "cpu"
+    if search == "tree":
+        from ibscope.errors import UsageError
+
+        if not on_cpu:
+            raise UsageError(f"{who}: search='tree' runs on the CPU only (scipy's KD-tree); the data are on {device}.",
+                             hint="Use search='auto' or 'brute' (brute force runs on the GPU).")
+        if not tree_ok:
+            raise UsageError(f"{who}: search='tree' is not available here: {why_not}.",
+                             hint="Use search='auto' or 'brute'.")
+        return "tree"
+    if search == "brute":
+        return "brute"
+    return "tree" if (on_cpu and tree_ok and n >= TREE_MIN_N and dims <= max_tree_dims) else "brute"
+
+
+def _workers() -> int:
+    return max(1, int(torch.get_num_threads()))
+
+
+def _strict(r):
+    """Radii for '<' counts with a '<=' ball query: the next float below r (0 stays 0)."""
+    import numpy as np
+
+    return np.nextafter(r, 0.0)
+
+
+def tree_knn(x, k: int, *, p: float = float("inf"), ref=None):
+    """(distances (m, k), indices (m, k)) of the k nearest rows of ``ref`` (default: ``x``, the
+    point itself left out) by scipy's cKDTree in float64 with the Minkowski p-norm, ascending.
+
+    ``x``/``ref`` are numpy float arrays. With ``ref`` None, k + 1 neighbours are found and the
+    point itself removed (when duplicates tie with it at distance 0, one 0 is removed, which
+    leaves the same distances)."""
+    import numpy as np
+    from scipy.spatial import cKDTree
+
+    x = np.asarray(x, dtype=np.float64)
+    if ref is not None:
+        r = np.asarray(ref, dtype=np.float64)
+        dist, idx = cKDTree(r).query(x, k, p=p, workers=_workers())
+        return dist.reshape(len(x), k), idx.reshape(len(x), k)
+    dist, idx = cKDTree(x).query(x, k + 1, p=p, workers=_workers())
+    n = len(x)
+    own = idx == np.arange(n)[:, None]
+    # rows where the point itself is not among the k+1 returned (more than k duplicates): drop the last
+    missing = ~own.any(axis=1)
+    own[missing, k] = True
+    keep = ~own
+    return dist[keep].reshape(n, k), idx[keep].reshape(n, k)
+
+
+def tree_count(x, radius, *, p: float = float("inf"), strict: bool = True, tree=None):
+    """#{j != i : dist(x_i, x_j) < radius_i} (``<=`` when not ``strict``) by cKDTree, int64."""
+    import numpy as np
+    from scipy.spatial import cKDTree
+
+    x = np.asarray(x, dtype=np.float64)
+    radius = np.asarray(radius, dtype=np.float64)
+    t = tree if tree is not None else cKDTree(x)
+    r = _strict(radius) if strict else radius
+    c = t.query_ball_point(x, r, p=p, return_length=True, workers=_workers()).astype(np.int64) - 1
+    if strict:
+        c[radius <= 0] = 0  # nothing is strictly closer than 0 (the ball of radius 0 holds the point)
+    return c
