@@ -77,16 +77,16 @@ def test_ross_terms_identical_across_searches(dim):
 
 
 def test_estimator_value_and_search_recorded():
-    x, y = _data(1500, 2, 2, seed=9, dup=False)
+    x, y = _data(10000, 2, 2, seed=9, dup=False)
     auto = KSG().estimate(x, y)
-    assert auto.extra["search"] == "tree"  # n >= 1000 and 4 joint dims on CPU
+    assert auto.extra["search"] == "tree"  # 4 joint dims <= 2 + 1.2 log2(10000 / 2000) on CPU
     brute = KSG(search="brute").estimate(x, y)
     assert brute.extra["search"] == "brute"
     assert auto.value == brute.value and auto.stderr == brute.stderr
     assert KSG(search="auto").estimate(x[:500], y[:500]).extra["search"] == "brute"  # small n
     wide = _data(1200, 6, 6, seed=1, dup=False)
-    assert KSG().estimate(*wide).extra["search"] == "brute"  # 12 joint dims > KSG_TREE_MAX_DIMS
-    lab = torch.from_numpy(np.random.default_rng(0).integers(0, 3, 1500))
+    assert KSG().estimate(*wide).extra["search"] == "brute"  # 12 joint dims > ksg_tree_max_dims(1200)
+    lab = torch.from_numpy(np.random.default_rng(0).integers(0, 3, 10000))
     r_auto = KSG().estimate(x, lab)
     assert r_auto.extra["search"] == "tree"
     assert r_auto.value == KSG(search="brute").estimate(x, lab).value
@@ -127,3 +127,56 @@ def test_smallest_k_matches_sort():
         row[3 + r] = np.inf
         order = np.argsort(row, kind="stable")[:9]
         assert np.array_equal(i[r], order) and np.array_equal(v[r], b[r, order])
+
+
+@pytest.mark.parametrize("name", ["twonn", "mle-id"])
+def test_intrinsic_dimension_same_value_tree_and_brute(name):
+    import ibscope
+    from ibscope.estimators import registry
+
+    rng = np.random.default_rng(4)
+    z = rng.standard_normal((1500, 3))
+    x = torch.from_numpy(np.c_[z, np.sin(z[:, :1]), z[:, 1:2] ** 2])  # 3-dim manifold in 5 dims
+    x[3] = x[4]  # a duplicate: both paths remove it and warn
+    with pytest.warns(RuntimeWarning, match="duplicate"):
+        tree = registry.create(name, search="tree").estimate(x)
+    with pytest.warns(RuntimeWarning, match="duplicate"):
+        brute = registry.create(name, search="brute").estimate(x)
+    assert tree.extra["search"] == "tree" and brute.extra["search"] == "brute"
+    # both are exact float64 distances; sums of squares in another order -> a few ulps
+    assert tree.value == pytest.approx(brute.value, rel=1e-12)
+    with pytest.warns(RuntimeWarning):
+        assert ibscope.measure(x, name).extra["search"] == "tree"  # 5 dims, n >= 1000 on CPU
+    with pytest.raises(UsageError, match="'search' parameter of"):
+        registry.create(name, search="balltree")
+
+
+def test_knn_detector_tree_matches_brute():
+    from ibscope.ood import KNNDetector
+
+    rng = np.random.default_rng(5)
+    fit, q = rng.standard_normal((3000, 4)), rng.standard_normal((400, 4)) * 1.3
+    for normalize in (True, False):
+        tree = KNNDetector(k=10, search="tree", normalize=normalize, dtype="float64").fit(fit)
+        brute = KNNDetector(k=10, search="brute", normalize=normalize, dtype="float64").fit(fit)
+        assert tree.settings()["search"] == "tree" and brute.settings()["search"] == "brute"
+        # GEMM-form float64 squared distances: ~1e-15 absolute error before the square root
+        np.testing.assert_allclose(tree.score(q), brute.score(q), rtol=1e-7, atol=1e-7)
+    assert KNNDetector(k=10).fit(fit).settings()["search"] == "tree"
+    assert KNNDetector(k=10).fit(rng.standard_normal((3000, 64))).settings()["search"] == "brute"
+    with pytest.raises(UsageError, match="exclude each other"):
+        KNNDetector(search="tree", backend="faiss")
+    with pytest.raises(UsageError, match="'search' parameter of knn"):
+        KNNDetector(search="kd")
+
+
+@needs_numba
+@pytest.mark.parametrize("metric", ["sqeuclidean_mm", "l2_mm", "l2", "max"])
+def test_kth_neighbor_selection_cpu_equals_topk(metric, monkeypatch):
+    """The numba selection on CPU returns what torch.topk returns (values; and indices without ties)."""
+    rng = np.random.default_rng(6)
+    x = torch.from_numpy(rng.standard_normal((700, 6)))
+    fast_v, fast_i = _knn.kth_neighbor_distances(x, 7, metric=metric, return_all=True, return_indices=True, chunk=128)
+    monkeypatch.setattr(_knn, "_cpu_ok", lambda: False)
+    ref_v, ref_i = _knn.kth_neighbor_distances(x, 7, metric=metric, return_all=True, return_indices=True, chunk=128)
+    assert torch.equal(fast_v, ref_v) and torch.equal(fast_i, ref_i)

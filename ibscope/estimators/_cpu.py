@@ -193,6 +193,30 @@ def _kernels():
                 out[i] = c - (1 if r > 0 else 0)
 
     @njit(parallel=True, **opts)
+    def merge_k(block, col0, skip0, vals, idx):
+        """Merge the columns of ``block`` (m, nb), which are columns col0.. of the full row, into the
+        running k smallest (vals, idx) (m, k) ascending; row i leaves out column skip0 + i."""
+        m, nb = block.shape
+        k = vals.shape[1]
+        for i in prange(m):
+            skip = skip0 + i - col0 if skip0 >= 0 else -1
+            vi = vals[i]
+            ii = idx[i]
+            worst = vi[k - 1]
+            row = block[i]
+            for j in range(nb):
+                v = row[j]
+                if v < worst and j != skip:
+                    p = k - 1
+                    while p > 0 and vi[p - 1] > v:
+                        vi[p] = vi[p - 1]
+                        ii[p] = ii[p - 1]
+                        p -= 1
+                    vi[p] = v
+                    ii[p] = col0 + j
+                    worst = vi[k - 1]
+
+    @njit(parallel=True, **opts)
     def smallest_k(block, k, skip0, vals_out, idx_out):
         """Row-wise k smallest of a (m, n) block, ascending; row i leaves out column skip0 + i
         (skip0 < 0: leaves out nothing)."""
@@ -227,7 +251,7 @@ def _kernels():
                     a = qa - rT[t, j]
                     out[i, j] += a * a
 
-    return dict(ksg=ksg, kth_maxnorm=kth_maxnorm, count_maxnorm=count_maxnorm, smallest_k=smallest_k,
+    return dict(merge_k=merge_k, ksg=ksg, kth_maxnorm=kth_maxnorm, count_maxnorm=count_maxnorm, smallest_k=smallest_k,
                 sqeuclidean_block=sqeuclidean_block, maxnorm_row_ref=maxnorm_row_ref)
 
 
@@ -273,6 +297,34 @@ def smallest_k(block: np.ndarray, k: int, skip0: int = -1) -> tuple[np.ndarray, 
     vals = np.empty((m, k), block.dtype)
     idx = np.empty((m, k), np.int64)
     _kernels()["smallest_k"](np.ascontiguousarray(block), int(k), int(skip0), vals, idx)
+    return vals, idx
+
+
+def knn_gemm(q, r, k: int, *, exclude_self: bool, q_chunk: int = 512, r_chunk: int = 4096):
+    """k smallest squared-distance *ranks* of rows of ``r`` for each row of ``q`` (torch CPU
+    float tensors), GEMM form: returns (vals (m, k) = ||r_j||^2 - 2 q.r_j, ascending, float;
+    idx (m, k) int64). Add ||q_i||^2 to get squared distances.
+
+    Blocks of q_chunk x r_chunk are small enough to stay in the cache between the matrix multiply
+    (torch, BLAS) and the selection (numba, one pass, running top-k merged block by block), so the
+    search costs little more than the GEMM itself. With ``exclude_self`` (q is r) row i skips column i.
+    """
+    import torch
+
+    _threads()
+    m, n = q.shape[0], r.shape[0]
+    rn = (r * r).sum(1)
+    vals = np.full((m, k), np.inf, dtype=np.float32 if q.dtype == torch.float32 else np.float64)
+    idx = np.full((m, k), -1, dtype=np.int64)
+    merge = _kernels()["merge_k"]
+    buf = torch.empty((min(q_chunk, m), min(r_chunk, n)), dtype=q.dtype)
+    for s in range(0, m, q_chunk):
+        e = min(m, s + q_chunk)
+        for c in range(0, n, r_chunk):
+            ce = min(n, c + r_chunk)
+            blk = buf[: e - s, : ce - c]
+            torch.addmm(rn[c:ce].unsqueeze(0), q[s:e], r[c:ce].T, alpha=-2.0, out=blk)
+            merge(blk.numpy(), c, s if exclude_self else -1, vals[s:e], idx[s:e])
     return vals, idx
 
 

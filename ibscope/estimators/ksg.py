@@ -104,7 +104,7 @@ def _counts_cpu(x: torch.Tensor, y: torch.Tensor, k: int, algorithm: int):
 def ksg_search(x: torch.Tensor, y: torch.Tensor, norm: str = "max", search: str = "auto", who: str = "ksg") -> str:
     """The neighbour search KSG uses for these inputs: 'tree' or 'brute' (see _knn.resolve_search)."""
     return _knn.resolve_search(who, search, device=x.device, n=x.shape[0], dims=x.shape[1] + y.shape[1],
-                               max_tree_dims=_knn.KSG_TREE_MAX_DIMS, tree_ok=(norm == "max"),
+                               max_tree_dims=_knn.ksg_tree_max_dims(x.shape[0]), tree_ok=(norm == "max"),
                                why_not="the KD-tree search needs norm='max' (the joint max of two Euclidean "
                                        "norms is not a metric the tree supports)")
 
@@ -150,7 +150,7 @@ def ross_terms(t: torch.Tensor, labels: torch.Tensor, k: int, norm: str = "max",
             hint="Lower k, merge rare classes, or use 'binning'/'kde' when y is a sample identity.",
         )
     how = _knn.resolve_search(est_name, search, device=t.device, n=n, dims=t.shape[1],
-                              max_tree_dims=_knn.KSG_TREE_MAX_DIMS, tree_ok=(norm == "max"),
+                              max_tree_dims=_knn.ksg_tree_max_dims(n), tree_ok=(norm == "max"),
                               why_not="the KD-tree search needs norm='max'")
     numba_ok = (how == "brute" and t.device.type == "cpu" and norm == "max" and _cpu.available()
                 and t.dtype in (torch.float32, torch.float64))
@@ -193,8 +193,8 @@ class KSG(Estimator):
     a seeded random order): the MI is unchanged by these increasing maps, and KSG works better
     on Gaussian-like marginals than on skewed or heavy-tailed ones (and becomes invariant to
     any increasing map of any column).
-    ``search`` the neighbour search: "auto" (a KD-tree on CPU for joint dims d_x + d_y <= 8 with
-    the max-norm, brute force otherwise), "brute" (chunked brute force on the data's device) or
+    ``search`` the neighbour search: "auto" (a KD-tree on CPU with the max-norm where it is
+    faster: joint dims d_x + d_y <= 2 + 1.2 log2(n / 2000), brute force otherwise), "brute" (chunked brute force on the data's device) or
     "tree" (scipy's cKDTree, CPU, max-norm). Every search gives the same counts, hence the same
     value; only the time differs (docs/estimate.md, "Speed").
     """
@@ -260,7 +260,7 @@ class KSG(Estimator):
             cap = _mi.entropy_codes(c)
             extra.update(dropped_constant=dropt, method="Ross-2014",
                          search=_knn.resolve_search(self.name, self.search, device=ct.device, n=ct.shape[0],
-                                                    dims=ct.shape[1], max_tree_dims=_knn.KSG_TREE_MAX_DIMS,
+                                                    dims=ct.shape[1], max_tree_dims=_knn.ksg_tree_max_dims(ct.shape[0]),
                                                     tree_ok=self.norm == "max"))
         value = float(terms.mean())
         stderr = float(terms.std() / math.sqrt(n)) if n > 1 else None
