@@ -68,11 +68,14 @@ def resolve_device(device: str | None) -> str:
 
 
 def metric_unit(name: str) -> str:
+    """The unit of a training metric's rows: "ratio" for accuracies (and F1, AUC, precision,
+    recall), "loss" for losses (numbers as logged: the base of the logarithm is the training
+    code's, so plot and check never convert them), "value" for anything else."""
     low = name.lower()
-    if "acc" in low:
+    if re.search(r"acc|f1|auroc|auc|precision|recall|top1|top5", low):
         return "ratio"
-    if "loss" in low or "entropy" in low:
-        return "nats"
+    if re.search(r"loss|entropy|nll|perplexity|ppl|mse|mae", low):
+        return "loss"
     return "value"
 
 

@@ -70,11 +70,15 @@ COLUMNS = [
     "null_mean", "null_std", "p_value", "saturated", "key", "note",
 ]
 INFO_UNITS = ("nats", "bits")
+#: the estimator name of training-metric rows (layer "-")
+METRICS = "metrics"
 #: every unit ibscope writes: information (nats, bits), the geometry measures' "dimensions"
-#: and "exponent" (alpha-req), and the training metrics' "ratio" (accuracies), "nats" (losses)
-#: and "value" (anything else). Plug-in estimators may declare others: ``ibscope estimate``
-#: lists them in the provenance under ``plugin_units`` and readers accept them for that file.
-KNOWN_UNITS = ("nats", "bits", "dimensions", "exponent", "ratio", "value")
+#: and "exponent" (alpha-req), and the training metrics' "ratio" (accuracies), "loss" (losses,
+#: as logged: never converted, whatever base the training used) and "value" (anything else).
+#: Plug-in estimators may declare others: ``ibscope estimate`` lists them in the provenance
+#: under ``plugin_units`` and readers accept them for that file. Metric rows of older tables
+#: in "nats" are read as "loss".
+KNOWN_UNITS = ("nats", "bits", "dimensions", "exponent", "ratio", "value", "loss")
 #: columns a file must have to be read as a results table (older tables lack key and note)
 REQUIRED_COLUMNS = ("layer", "estimator", "quantity", "value", "unit")
 _INT = {"checkpoint", "epoch", "step", "layer_index", "n_samples"}
@@ -161,13 +165,14 @@ class Results:
         return list(seen)
 
     def to_unit(self, unit: str) -> "Results":
-        """Convert every information row (nats/bits) to ``unit``; other rows are unchanged."""
+        """Convert every information row (nats/bits) to ``unit``; other rows, and training
+        metrics whatever their unit, are unchanged."""
         if unit not in INFO_UNITS:
             raise UsageError(f"Unit must be one of {INFO_UNITS}. Got {unit!r}.")
         out = []
         for r in self.rows:
             r = dict(r)
-            if r["unit"] in INFO_UNITS and r["unit"] != unit:
+            if r["unit"] in INFO_UNITS and r["unit"] != unit and r.get("estimator") != METRICS:
                 f = math.log(2) if r["unit"] == "bits" else 1 / math.log(2)
                 for c in VALUE_COLUMNS:
                     if r.get(c) is not None:
@@ -252,6 +257,8 @@ def _read_one(p: Path, allow_empty: bool) -> tuple[list[dict], dict | None]:
             row["run"] = row["run"] or "run"
             row["split"] = row["split"] or "probe"
             row["note"] = row["note"].strip()
+            if row["estimator"] == METRICS and row["unit"] in INFO_UNITS:
+                row["unit"] = "loss"  # tables before 0.x wrote logged losses as "nats": they are numbers as logged
             if row["value"] is None and not row["note"]:
                 raise DataError(f"{where}: empty 'value' and no 'note' saying why.",
                                 hint="A cell that could not be estimated has an empty value and a note; "

@@ -103,13 +103,22 @@ def check_layer_name(name: str) -> str:
     return name
 
 
-def checkpoint_label(epoch: int | None, step: int | None, path: str | os.PathLike) -> str:
-    """How a checkpoint is named to users: "epoch 12", "step 300", or its file name."""
-    if epoch is not None:
-        return f"epoch {epoch}"
+def _num(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else f"{v:g}"
+
+
+def checkpoint_label(epoch: int | None, step: int | None, path: str | os.PathLike,
+                     epoch_exact: float | None = None) -> str:
+    """How a checkpoint is named to users: "epoch 12", "step 300", "epoch 3, step 120",
+    "epoch 0.5, step 50", or its file name."""
+    if epoch_exact is None and epoch is not None:
+        epoch_exact = float(epoch)
+    parts = []
+    if epoch_exact is not None:
+        parts.append(f"epoch {_num(epoch_exact)}")
     if step is not None:
-        return f"step {step}"
-    return Path(path).name
+        parts.append(f"step {step}")
+    return ", ".join(parts) if parts else Path(path).name
 
 
 @dataclass(frozen=True)
@@ -127,12 +136,17 @@ class CheckpointInfo:
     dtypes: dict = field(default_factory=dict)
     #: layers with Jacobian spectra in this shard
     jacobian_layers: tuple = ()
-    #: where the epoch/step came from ("file", "name", "position")
+    #: where the epoch came from: "checkpoint", "lightning", "safetensors", "trainer_state",
+    #: "name", "name-number", "snapshot" (older stores: "file", "name", "position"); "" unknown
     epoch_source: str = ""
+    #: where the step came from (same vocabulary; "" in older stores)
+    step_source: str = ""
+    #: the epoch as recorded, fractions included (a Trainer's 0.5); None when unknown
+    epoch_exact: float | None = None
 
     @property
     def label(self) -> str:
-        return checkpoint_label(self.epoch, self.step, self.path)
+        return checkpoint_label(self.epoch, self.step, self.path, epoch_exact=self.epoch_exact)
 
 
 def resolve_store_dir(path: str | os.PathLike) -> Path:
@@ -394,8 +408,10 @@ class Store:
             if key not in _WARNED:
                 _WARNED.add(key)
                 log.warning("Skipping bad shard '%s': %s.", b["file"], b["reason"])
-        infos.sort(key=lambda t: (t["epoch"] if t["epoch"] is not None else -1,
-                                  t["step"] if t["step"] is not None else -1, t["path"]))
+        from ibscope._order import sort_series
+
+        # the order capture uses: by step when every checkpoint has one, else epoch, else name
+        infos = sort_series(infos, lambda t: t["epoch_exact"], lambda t: t["step"], lambda t: t["path"])
         return [CheckpointInfo(index=i, **t) for i, t in enumerate(infos)]
 
     def _bad_shards_error(self, bad: list[dict], n_good: int) -> DataError:
@@ -452,6 +468,10 @@ class Store:
                     if isinstance(v, bool) or not isinstance(v, (int, float)):
                         raise BadShard("malformed", f"attribute 'metrics': {k!r} must be a number; got {describe(v)}")
                 src = at.str("epoch_source", "")
+                step_src = at.str("step_source", "")
+                epoch_exact = at.float("epoch_exact", None)
+                if epoch_exact is not None and not math.isfinite(epoch_exact):
+                    raise BadShard("malformed", f"attribute 'epoch_exact' is {epoch_exact}; expected a finite number")
             except BadShard:
                 raise
             except DataError as exc:
@@ -501,7 +521,8 @@ class Store:
                     jac.append(layer)
         return {"epoch": epoch if epoch >= 0 else None, "step": step if step >= 0 else None, "path": ck_path,
                 "sha256": sha, "shard": p, "metrics": {k: float(v) for k, v in metrics.items()}, "dtypes": dtypes,
-                "jacobian_layers": tuple(sorted(jac)), "epoch_source": src}
+                "jacobian_layers": tuple(sorted(jac)), "epoch_source": src, "step_source": step_src,
+                "epoch_exact": epoch_exact if epoch_exact is not None else (float(epoch) if epoch >= 0 else None)}
 
     def _ckpt(self, ckpt: CheckpointInfo | int) -> CheckpointInfo:
         if isinstance(ckpt, CheckpointInfo):
@@ -632,7 +653,11 @@ class StoreWriter:
         resume: bool = False,
         overwrite: bool = False,
         compression: str = "lzf",
+        replace_empty: bool = False,
     ):
+        """``replace_empty``: replace an existing store that holds no shard at all (left by a
+        capture that stopped before its first checkpoint) as if ``overwrite`` were given;
+        ``capture`` passes it while holding the store's writer lock."""
         self.dir = resolve_store_dir(path)
         # "lzf" | "gzip" | None/"none" (uncompressed, no shuffle: fastest writes)
         self.compression = None if compression in (None, "none") else compression
@@ -646,7 +671,15 @@ class StoreWriter:
         self.n_samples = int(len(sample_ids))
         self.layer_dims = {name: meta.get("dims") for name, meta in layers.items()}
         self._have: set[str] = set()
+        self._points: set[tuple] = set()
+        #: True when this writer made the store (new, or replacing one); shards committed since
+        self.created = False
+        self.written = 0
         man = self.dir / MANIFEST
+        if replace_empty and man.exists() and not overwrite and self._holds_nothing():
+            # a store left by a capture that stopped before its first checkpoint: nothing to keep
+            log.info("Replacing the empty store '%s' (no checkpoint was captured into it).", self.dir)
+            overwrite, resume = True, False
         if man.exists():
             if not (resume or overwrite):
                 raise UsageError(
@@ -654,7 +687,7 @@ class StoreWriter:
                     hint="Pass --resume to capture only what is missing, or --overwrite to start again.",
                 )
             if resume:
-                self._resume(config)
+                self._resume(config, layers)
                 return
             import shutil
 
@@ -663,6 +696,8 @@ class StoreWriter:
             except OSError as exc:
                 raise io_error(exc, exc.filename or self.dir, "removing the old store") from None
         created = not self.dir.exists()
+        self._made_dir = created
+        self.created = True
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             self._clean_tmp()
@@ -697,6 +732,47 @@ class StoreWriter:
             self._undo_create(created)
             raise
 
+    @staticmethod
+    def _moved(existing: "Store", config: dict, layers: dict[str, dict], diff: list[str]) -> str | None:
+        """A store captured from another folder: only the model file's and the probe file's paths
+        differ (same file names; the probe hash is already equal). Returns what moved, else None."""
+        if not diff or not set(diff) <= {"model", "probe"}:
+            return None
+        def name(spec: str) -> tuple[str, str]:  # "/a/b/models.py:MLP" -> ("models.py", "MLP")
+            path, colon, attr = spec.rpartition(":")
+            return (Path(path).name, attr) if colon and "/" not in attr else (Path(spec).name, "")
+
+        for k in diff:
+            if name(str(existing.config.get(k) or "")) != name(str(config.get(k) or "")):
+                return None
+        alt = {**config, **{k: existing.config.get(k) for k in diff}}
+        if sha256_bytes(canonical_json({"config": alt, "layers": layers}).encode()) != existing.config_hash:
+            return None
+        return ", ".join(f"{k} '{existing.config.get(k)}'" for k in diff)
+
+    def _holds_nothing(self) -> bool:
+        """True when the store has a manifest but no shard, complete or not, and no lock holder
+        is writing one (the caller holds the writer lock)."""
+        sd = self.dir / SHARD_DIR
+        if not sd.is_dir():
+            return not any(p.name not in (MANIFEST, MANIFEST + ".tmp") for p in self.dir.iterdir())
+        if any(sd.iterdir()):
+            return False
+        return not any(p.name not in (MANIFEST, MANIFEST + ".tmp", SHARD_DIR) for p in self.dir.iterdir())
+
+    def remove_new_store(self) -> None:
+        """Remove the store this writer created while it holds no checkpoint (a capture that
+        failed before its first one), so that the same command can be run again."""
+        if not self.created or self.written:
+            return
+        try:
+            (self.dir / MANIFEST).unlink(missing_ok=True)
+            self._clean_tmp()
+        except OSError:
+            return
+        self._undo_create(self._made_dir)
+        log.debug("Removed the empty store '%s' left by the failed capture.", self.dir)
+
     def _undo_create(self, created: bool) -> None:
         """After a failed start: leave no half-made store (a manifest-less folder blocks a retry)."""
         for p in (self.dir / SHARD_DIR, self.dir):
@@ -707,7 +783,7 @@ class StoreWriter:
             except OSError:
                 pass
 
-    def _resume(self, config: dict) -> None:
+    def _resume(self, config: dict, layers: dict[str, dict]) -> None:
         existing = Store(self.dir, skip_bad_shards=True, warn=False)
         if existing.probe_hash != self.probe_hash:
             raise DataError(
@@ -717,10 +793,18 @@ class StoreWriter:
             )
         if existing.config_hash != self.config_hash:
             diff = sorted(k for k in set(existing.config) | set(config) if existing.config.get(k) != config.get(k))
-            raise DataError(
-                f"Cannot resume '{self.dir}': it was made with different settings ({', '.join(diff) or 'layers'}).",
-                hint="Use a new --out directory, or --overwrite to replace it.",
-            )
+            moved = self._moved(existing, config, layers, diff)
+            if moved is None:
+                shown = "; ".join(f"{k}: {existing.config.get(k)!r} then, {config.get(k)!r} now" for k in diff[:4])
+                raise DataError(
+                    f"Cannot resume '{self.dir}': it was made with different settings "
+                    f"({shown or 'the layers differ'}).",
+                    hint="Use a new --out directory, or --overwrite to replace it.",
+                )
+            # the same capture run from another folder: keep the store's own config (and hash)
+            log.warning("Resuming '%s', captured with %s; the same files are now at other paths (same file names, "
+                        "same probe data).", self.dir, moved)
+            self.config, self.config_hash = dict(existing.config), existing.config_hash
         alien = [b for b in existing.skipped if b["kind"] not in REPAIRABLE]
         if alien:
             lines = "\n".join(f"  '{b['file']}': {b['reason']}." for b in alien[:_MAX_LISTED])
@@ -735,6 +819,7 @@ class StoreWriter:
                 raise io_error(exc, b["file"], "removing a corrupt shard") from None
             log.warning("Removed bad shard '%s' (%s); its checkpoint is captured again.", b["file"], b["reason"])
         self._have = {c.sha256 for c in existing.checkpoints}
+        self._points = {(c.epoch_exact, c.step) for c in existing.checkpoints}
         try:
             (self.dir / SHARD_DIR).mkdir(exist_ok=True)
             self._clean_tmp()
@@ -755,6 +840,11 @@ class StoreWriter:
     def has_checkpoint(self, sha256: str) -> bool:
         """True if the store held a good shard of this checkpoint when it was opened for resuming."""
         return sha256 in self._have
+
+    def has_point(self, epoch: float | None, step: int | None) -> bool:
+        """True if the store held a good shard at this (epoch, step) when it was opened for
+        resuming (``epoch`` as recorded, fractions included)."""
+        return (None if epoch is None else float(epoch), step) in self._points and (epoch is not None or step is not None)
 
     def checkpoint(self, *, epoch: int | None, step: int | None, path: str, sha256: str,
                    metrics: dict | None = None) -> "ShardWriter":
@@ -915,3 +1005,4 @@ class ShardWriter:
         self.f.attrs["complete"] = True
         self._ds.clear()
         self._w.commit()
+        self.store.written += 1

@@ -50,7 +50,7 @@ def test_cli_capture_info_and_layers(run_dir):
     assert res.exit_code == 0, res.output
     info = json.loads(res.output)
     assert info["n_samples"] == 20 and list(info["layers"]) == ["fc1", "fc2"]
-    assert [c["epoch"] for c in info["checkpoints"]] == [0, 2] and info["checkpoints"][0]["order_from"] == "file"
+    assert [c["epoch"] for c in info["checkpoints"]] == [0, 2] and info["checkpoints"][0]["order_from"] == "checkpoint"
     assert info["checkpoints"][1]["metrics"]["accuracy"] >= 0 and info["inputs"] == [12]
     res = invoke("info", d / "acts")
     assert res.exit_code == 0 and "fc1" in res.output and "Checkpoints (2 complete)" in res.output

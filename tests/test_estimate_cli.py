@@ -51,7 +51,7 @@ def test_estimate_end_to_end(run_dir, tmp_path):
     # 3 checkpoints x 2 layers x 3 estimators x 2 quantities + 2 metrics per checkpoint
     assert len(r) == 3 * 2 * 3 * 2 + 3 * 2
     m = r.filter(estimator="metrics")
-    assert {(row["quantity"], row["unit"]) for row in m.rows} == {("accuracy", "ratio"), ("loss", "nats")}
+    assert {(row["quantity"], row["unit"]) for row in m.rows} == {("accuracy", "ratio"), ("loss", "loss")}
     acc0 = torch.load(d / "ck" / "e0.pt", weights_only=True)["accuracy"]
     assert m.filter(quantity="accuracy", epoch=0).rows[0]["value"] == pytest.approx(acc0)
     n = 120
@@ -235,7 +235,7 @@ def test_single_and_jacobian_measures_and_metrics(tmp_path):
     # only layer "a" has Jacobian spectra: "b" gets no row
     assert [r["layer"] for r in lr.rows] == ["a"] and lr.rows[0]["value"] == ibscope.measure(sv, method="local-rank").value
     m = {r["quantity"]: (r["value"], r["unit"]) for r in res.filter(estimator="metrics").rows}
-    assert m == {"test_accuracy": (0.75, "ratio"), "train_loss": (0.5, "nats"), "lr": (0.1, "value")}
+    assert m == {"test_accuracy": (0.75, "ratio"), "train_loss": (0.5, "loss"), "lr": (0.1, "value")}
     assert {(r["run"], r["split"], r["epoch"], r["step"]) for r in res.rows} == {("seed3", "train", 7, 70)}
 
 

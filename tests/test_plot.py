@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from ibscope.cli.main import app
 from ibscope.errors import DataError, UsageError
 from ibscope.plot import figures, load_results, plot_results
-from ibscope.results import make_row, write_results
+from ibscope.results import make_row, read_results, write_results
 
 LN2 = math.log(2)
 N = 1024  # probe samples: log2 n = 10 bits exactly
@@ -213,8 +213,14 @@ def test_metrics_panel_counts_each_checkpoint_once(tmp_path):
     (acc,) = by_gid(fig, "metric:accuracy")
     np.testing.assert_allclose(acc.get_ydata(), [0.5 + 0.004 * e for e in (0, 9, 99)])
     (loss,) = by_gid(fig, "metric:loss")
-    np.testing.assert_allclose(loss.get_ydata(), [(0.7 - 0.005 * e) / LN2 for e in (0, 9, 99)])  # nats -> bits
-    assert [ax.get_ylabel() for ax in fig.axes] == ["accuracy (ratio)", "loss  [bits]"]
+    # a logged loss is a number as logged, never converted (this table, like those of older ibscope versions,
+    # wrote it as "nats": it is read as unit "loss")
+    np.testing.assert_allclose(loss.get_ydata(), [0.7 - 0.005 * e for e in (0, 9, 99)])
+    assert [ax.get_ylabel() for ax in fig.axes] == ["accuracy (ratio)", "loss (as logged)"]
+    assert {r["unit"] for r in read_results(p).rows if r["estimator"] == "metrics"} == {"ratio", "loss"}
+    for ax in fig.axes:  # whole epochs on the time axis
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
 
 
 def _nonblank(path) -> float:

@@ -423,6 +423,62 @@ def test_corrupt_chunk_stops_estimate_then_repair_recomputes_the_cells(run):
     assert all(x["note"] == "" for x in again.values())
 
 
+def test_resume_refuses_to_mix_a_retrained_run_into_the_store(run, tmp_path):
+    """Checkpoints retrained in place (same paths and epochs, new weights), or a new file whose
+    epoch is already captured: --resume refuses (exit 4) instead of adding a second series."""
+    d = tmp_path / "retrain"
+    shutil.copytree(run / "ck", d / "ck")
+    shutil.copy(run / "probe.npz", d / "probe.npz")
+    write_models(d)
+    store = d / "acts"
+    assert cli(*capture_args(d, store)).returncode == 0
+    before = sorted(p.name for p in shards(store))
+    mods = load_models(d)
+    x, y = mlp_data(n=N)
+    torch.manual_seed(123)  # the retrained run
+    train_checkpoints(mods.MLP(), x, y, d / "ck", epochs=(0, 1, 2), steps=3)
+    r = cli(*capture_args(d, store, "--resume"))
+    assert r.returncode == 4, r.stderr
+    text = one_line(r.stderr)
+    assert "the file changed since it was captured" in text and "mix two training runs" in text and "--overwrite" in text
+    assert sorted(p.name for p in shards(store)) == before  # nothing added
+    # the same epochs saved under new names next to the captured ones
+    for p in (d / "ck").glob("*.pt"):
+        p.rename(p.with_name("new_" + p.name))
+    args = capture_args(d, store, "--resume")
+    args[args.index("-c") + 1] = str(d / "ck" / "new_*.pt")
+    r = cli(*args)
+    assert r.returncode == 4 and "is already captured from another file" in one_line(r.stderr), r.stderr
+    assert sorted(p.name for p in shards(store)) == before
+    r = cli(*[a for a in args if a != "--resume"], "--overwrite")
+    assert r.returncode == 0 and len(shards(store)) == 3
+
+
+def test_resume_of_a_store_moved_with_its_run_folder(run, tmp_path):
+    """The run folder (model file, checkpoints, probe, store) copied elsewhere: --resume works from
+    the new paths (same file names, same probe data), keeps the store's config, and the repaired
+    store equals the original; a model file of another name is still refused, naming old and new."""
+    d = tmp_path / "moved"
+    for name in ("ck", "ref"):
+        shutil.copytree(run / name, d / name)
+    shutil.copy(run / "probe.npz", d / "probe.npz")
+    write_models(d)
+    victim = shards(d / "ref")[1]
+    victim.unlink()
+    r = cli(*capture_args(d, d / "ref", "--resume"))
+    assert r.returncode == 0, r.stderr
+    assert "the same files are now at other paths" in one_line(r.stderr)
+    assert_same_values(d / "ref", run / "ref")
+    assert open_store(d / "ref").config == open_store(run / "ref").config
+    args = capture_args(d, d / "ref", "--resume")
+    spec = args[args.index("-m") + 1]
+    other = Path(spec.rpartition(":")[0]).with_name("other_models.py")
+    shutil.copy(spec.rpartition(":")[0], other)
+    args[args.index("-m") + 1] = f"{other}:{spec.rpartition(':')[2]}"
+    r = cli(*args)
+    assert r.returncode == 4 and "different settings (model: " in one_line(r.stderr) and "other_models.py" in r.stderr
+
+
 def test_open_store_reads_attributes_and_shapes_not_data(run, monkeypatch):
     read = []
     real = h5py.Dataset.__getitem__
@@ -514,7 +570,7 @@ def test_io_error_mid_shard_by_fault_injection(run, tmp_path):
     res = cli(*capture_args(run, out), prelude=FAULT, env={"FAULT_BUDGET": str(man + shard // 3), "FAULT_ERRNO": "EIO"})
     assert res.returncode == 1, res.stderr
     assert "Input/output error (EIO) while writing" in one_line(res.stderr) and not leftovers(tmp_path)
-    assert open_store(out).checkpoints == []
+    assert not out.exists()  # it failed before its first checkpoint: no empty store is left to block the retry
 
 
 def test_read_only_file_system_is_named(run):

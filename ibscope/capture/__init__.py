@@ -27,7 +27,7 @@ from ibscope.errors import DataError, UsageError, io_error
 
 log = logging.getLogger(__name__)
 
-__all__ = ["capture", "resolve_device", "plan_layers", "DEFAULT_MAX_INPUT_BYTES"]
+__all__ = ["capture", "snapshot", "Snapshotter", "resolve_device", "plan_layers", "DEFAULT_MAX_INPUT_BYTES"]
 
 DEFAULT_MAX_INPUT_BYTES = 256 * 1024 * 1024  # probe inputs above this are not copied into the store
 FLOAT16_MAX = 65504.0
@@ -188,17 +188,33 @@ def _console():
 
 
 def show_plan(ckpts, console=None) -> None:
-    """Print the resolved checkpoint order (rich table on stderr)."""
-    from rich.table import Table
+    """Print the resolved checkpoint series (rich table on stderr)."""
+    from ibscope.capture.series import series_table
 
-    tab = Table(title="Checkpoints, in capture order", title_justify="left")
-    for col in ("#", "file", "epoch", "step", "order from", "metrics"):
-        tab.add_column(col)
-    for i, c in enumerate(ckpts):
-        tab.add_row(str(i), str(c.path), "" if c.epoch is None else str(c.epoch), "" if c.step is None else str(c.step),
-                    {"file": "keys in file", "name": "file name", "position": "given order"}.get(c.source, c.source),
-                    ", ".join(f"{k}={v:.4g}" for k, v in c.metrics.items()))
-    (console or _console()).print(tab)
+    (console or _console()).print(series_table(ckpts))
+
+
+def _check_resume_series(out: Path, ckpts) -> None:
+    """``--resume`` must not mix two training runs in one store: a checkpoint file that changed
+    since it was captured (same path, new sha256), or a new file whose epoch/step is already
+    captured from other weights (a retrained run), is a DataError naming both."""
+    from ibscope.store import open_store
+
+    st = open_store(out, skip_bad_shards=True)  # bad shards are deleted and re-captured by resume
+    by_path = {os.path.realpath(c.path): c for c in st.checkpoints}
+    by_time = {(c.epoch, c.step): c for c in st.checkpoints if c.epoch is not None or c.step is not None}
+    for ck in ckpts:
+        old = by_path.get(os.path.realpath(ck.path))
+        why = "the file changed since it was captured"
+        if old is None or old.sha256 == ck.sha256:
+            old = by_time.get((ck.epoch, ck.step)) if (ck.epoch is not None or ck.step is not None) else None
+            why = f"{ck.label} is already captured from another file ('{old.path}')" if old is not None else ""
+        if old is not None and old.sha256 != ck.sha256:
+            raise DataError(
+                f"Cannot resume '{out}': checkpoint '{ck.path}' ({ck.label}) has sha256 {ck.sha256[:12]}, but the store "
+                f"holds {old.label} with sha256 {old.sha256[:12]}: {why}. Resuming would mix two training runs "
+                f"in one store.",
+                hint="Re-capture everything with --overwrite (or into a new --out) when the run was retrained.")
 
 
 def _check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
@@ -242,7 +258,9 @@ def capture(
     max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES,
     jacobian_chunk: int = 16,
     lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT,
-) -> Path:
+    order: str = "auto",
+    dry_run: bool = False,
+) -> Path | None:
     """Capture activations of ``layers`` for every checkpoint into the store at ``out``.
 
     ``model``: ``"pkg.module:factory"``, ``"path/file.py:factory"`` or a zero-argument callable
@@ -257,6 +275,16 @@ def capture(
     ``safe_globals``: classes (or ``"module.Class"`` strings) allowed when loading checkpoints
     with ``weights_only=True``, besides the numpy scalar/array globals allowed by default;
     ``trust_checkpoint`` (full unpickling) is the last resort. Returns the store directory.
+
+    ``model="hf"`` builds each checkpoint's Hugging Face model from its own folder's
+    ``config.json``, ``"hf:DIR"`` from DIR's (offline; ``model_args`` override config
+    attributes; see :mod:`ibscope.capture.hf`). A Trainer folder ``checkpoint-N/`` is one
+    checkpoint. ``order``: "auto" (step when every checkpoint has one, else epoch, else name),
+    "step", "epoch" or "name" (see :mod:`ibscope.capture.series`). ``dry_run``: print the
+    checkpoint series and the layer plan, write nothing, return None.
+
+    A capture that fails before its first checkpoint is stored removes the store it created,
+    so the same command (fixed) can simply be run again.
 
     The whole capture holds the store's writer lock (``OUT.lock`` next to ``OUT``): a second
     capture into the same store waits up to ``lock_timeout`` seconds (negative or None: without
@@ -289,23 +317,40 @@ def capture(
 
     import torch.nn as nn
 
+    from ibscope.capture.hf import is_hf_spec
+
+    rebuild = None
     if isinstance(model, nn.Module):
         from ibscope.capture.loading import unwrap_model
 
         template = unwrap_model(model)
         build = (lambda: copy.deepcopy(template))  # noqa: E731
         model_id = f"<module {type(model).__name__}>"
+    elif is_hf_spec(model):
+        from ibscope.capture import hf
+
+        hf_build = hf.factory(model, model_args)
+        model_id = "hf" if model == "hf" else f"hf:{Path(model[3:]).resolve()}"
+        build = None
     else:
         build = resolve_factory(model, model_args)
         model_id = model_spec_id(model)
-    net = build()
     pr = load_probe(probe, max_samples=max_samples, sample_seed=sample_seed)
-    ckpts = discover_checkpoints(checkpoints, trust_checkpoint=trust_checkpoint, safe_globals=allowed)
-    if console is not None:
+    ckpts = discover_checkpoints(checkpoints, trust_checkpoint=trust_checkpoint, safe_globals=allowed, order=order)
+    if build is None:  # Hugging Face: the first checkpoint's model plans the layers
+        net = hf_build(ckpts[0].path)
+        if model == "hf":
+            rebuild = _hf_rebuilder(hf, ckpts[0].path, hf_build, model_args, dev)
+    else:
+        net = build()
+    if console is not None or dry_run:
         show_plan(ckpts, console)
     net.to(dev).eval()
     first = pr.x[: min(pr.n, int(batch_size), 8)].to(dev)
     targets, reducers, meta, _ = plan_layers(net, first, layers, reduce)
+    if dry_run:
+        _show_layers(meta, console or _console())
+        return None
     if jacobian_samples and not pr.x.is_floating_point():
         raise UsageError(f"--jacobian-samples needs floating-point probe inputs; these are {pr.x.dtype}.",
                          hint="Jacobians with respect to integer inputs (e.g. token ids) are not defined.")
@@ -335,21 +380,51 @@ def capture(
         return _write_store(out, config, pr, meta, inputs, ckpts, targets, reducers, net, dev, console, resume=resume,
                      overwrite=overwrite, compression=compression, batch_size=int(batch_size), dtype=dtype,
                      jacobian_samples=int(jacobian_samples), jacobian_chunk=jacobian_chunk,
-                     trust_checkpoint=trust_checkpoint, safe_globals=allowed, allow_nonfinite=allow_nonfinite)
+                     trust_checkpoint=trust_checkpoint, safe_globals=allowed, allow_nonfinite=allow_nonfinite,
+                     rebuild=rebuild)
+
+
+def _hf_rebuilder(hf, first_path, hf_build, overrides, dev):
+    """For ``--model hf``: a new model when a checkpoint's config differs from the last one's."""
+    current = {"id": hf.config_identity(hf.config_folder(Path(first_path)), overrides)}
+
+    def rebuild(ck):
+        folder = hf.config_folder(Path(ck.path))
+        if folder is None:
+            return hf_build(ck.path)  # raises the UsageError saying the config.json is missing
+        ident = hf.config_identity(folder, overrides)
+        if ident == current["id"]:
+            return None
+        current["id"] = ident
+        log.info("Checkpoint '%s' has another config.json; building its model from it.", ck.path)
+        return hf_build(ck.path).to(dev).eval()
+
+    return rebuild
+
+
+def _show_layers(meta: dict, console) -> None:
+    from rich.table import Table
+
+    sel = Table(title="Layers to capture (dry run: nothing written)", title_justify="left")
+    for col in ("layer", "module", "reduction", "raw shape", "stored dims"):
+        sel.add_column(col)
+    for name, m in meta.items():
+        sel.add_row(name, m["module"] or "(model)", m["reduction"], "x".join(map(str, m["raw_shape"])), str(m["dims"]))
+    console.print(sel)
 
 
 def _write_store(out, config, pr, meta, inputs, ckpts, targets, reducers, net, dev, console, *, resume, overwrite,
                  compression, batch_size, dtype, jacobian_samples, jacobian_chunk, trust_checkpoint, safe_globals,
-                 allow_nonfinite) -> Path:
+                 allow_nonfinite, rebuild=None) -> Path:
     """The writing part of :func:`capture` (run under the store's writer lock)."""
-    import torch
-
-    from ibscope.capture.hooks import CaptureEngine
-    from ibscope.capture.loading import load_checkpoint_into
+    from ibscope.capture.loading import describe_alignment, load_checkpoint_into
     from ibscope.store import StoreWriter
 
     writer = StoreWriter(out, config=config, sample_ids=pr.ids, labels=pr.y, layers=meta, inputs=inputs,
-                         input_shape=tuple(pr.x.shape[1:]), resume=resume, overwrite=overwrite, compression=compression)
+                         input_shape=tuple(pr.x.shape[1:]), resume=resume, overwrite=overwrite, compression=compression,
+                         replace_empty=True)
+    if resume:
+        _check_resume_series(out, ckpts)
     todo = [c for c in ckpts if not (resume and writer.has_checkpoint(c.sha256))]
     if resume and len(todo) < len(ckpts):
         log.info("Resuming: %d of %d checkpoints already captured.", len(ckpts) - len(todo), len(ckpts))
@@ -362,6 +437,8 @@ def _write_store(out, config, pr, meta, inputs, ckpts, targets, reducers, net, d
                         console=console, transient=False)
     n_batches = (pr.n + int(batch_size) - 1) // int(batch_size)
     stop = _Interrupts()
+    noted: set[str] = set()
+    t_b = None
     try:
         stop.__enter__()
         if prog is not None:
@@ -370,46 +447,79 @@ def _write_store(out, config, pr, meta, inputs, ckpts, targets, reducers, net, d
             t_b = prog.add_task("batches", total=n_batches)
         for ck in todo:
             stop.check()
+            if rebuild is not None:
+                net = rebuild(ck) or net
             info = load_checkpoint_into(net, ck, trust_checkpoint=trust_checkpoint, safe_globals=safe_globals)
+            note = describe_alignment(info)
+            if note and note not in noted:  # one line per kind of fix, not one per checkpoint
+                noted.add(note)
+                log.info("Note: checkpoint keys: %s ('%s'%s).", note, ck.path, "" if len(todo) == 1 else " and others alike")
             net.eval()
             with writer.checkpoint(epoch=ck.epoch, step=ck.step, path=str(ck.path), sha256=ck.sha256,
                                    metrics=ck.metrics) as shard:
-                shard.attrs.update(epoch_source=ck.source, state_key=info["state_key"],
+                shard.attrs.update(epoch_source=ck.epoch_source, step_source=ck.step_source, state_key=info["state_key"],
                                    prefixes_stripped=",".join(info["stripped"] + ([info["prefix"]] if info["prefix"] else [])),
-                                   device=str(dev), batch_size=int(batch_size), torch_version=str(torch.__version__))
-                bufs = {t.name: _Buffer(shard, t.name, dtype, meta[t.name]["dims"]) for t in targets}
+                                   device=str(dev), batch_size=int(batch_size), torch_version=_torch_version())
+                if info.get("added"):
+                    shard.attrs["prefix_added"] = info["added"]
+                if ck.epoch_exact is not None:
+                    shard.attrs["epoch_exact"] = float(ck.epoch_exact)
                 if prog is not None:
                     prog.reset(t_b, total=n_batches, description=f"batches ({ck.label})")
-                with torch.no_grad(), CaptureEngine(net, targets, reducers) as eng:
-                    for b0 in range(0, pr.n, int(batch_size)):
-                        stop.check()
-                        xb = pr.x[b0:b0 + int(batch_size)].to(dev, non_blocking=True)
-                        outs = eng.run(xb)
-                        for name, r in outs.items():
-                            arr = r.numpy() if (r.dtype == torch.float32 and r.device.type == "cpu") else \
-                                r.float().cpu().numpy()
-                            st = _stats(arr)
-                            if st[0] and not allow_nonfinite:
-                                raise DataError(
-                                    f"Layer '{name}' has {st[0]} non-finite value(s) (NaN/inf) at checkpoint "
-                                    f"'{ck.path}' ({ck.label}), probe rows {b0}..{b0 + arr.shape[0] - 1}.",
-                                    hint="The run may have diverged at this checkpoint. Pass --allow-nonfinite to "
-                                         "store them anyway (estimators will refuse them).")
-                            bufs[name].add(arr, st)
-                        if prog is not None:
-                            prog.advance(t_b)
-                for b in bufs.values():
-                    b.flush()
+                _capture_into(shard, net, pr, targets, reducers, meta, dev=dev, batch_size=int(batch_size), dtype=dtype,
+                              allow_nonfinite=allow_nonfinite, where=f"'{ck.path}' ({ck.label})", stop=stop,
+                              advance=(lambda: prog.advance(t_b)) if prog is not None else None)
                 if jacobian_samples:
                     _store_jacobians(net, targets, reducers, pr.x, int(jacobian_samples), dev, shard, jacobian_chunk)
             if prog is not None:
                 prog.advance(t_ck)
             log.debug("Captured %s (%s).", ck.label, ck.path)
+    except BaseException:
+        if writer.created and not writer.written:  # nothing captured: leave no store that blocks the retry
+            writer.remove_new_store()
+        raise
     finally:
         stop.__exit__()
         if prog is not None:
             prog.stop()
     return writer.dir
+
+
+def _torch_version() -> str:
+    import torch
+
+    return str(torch.__version__)
+
+
+def _capture_into(shard, net, pr, targets, reducers, meta, *, dev, batch_size, dtype, allow_nonfinite, where,
+                  stop=None, advance=None) -> None:
+    """Run the probe set through ``net`` batch by batch and write each layer's rows into ``shard``."""
+    import torch
+
+    from ibscope.capture.hooks import CaptureEngine
+
+    bufs = {t.name: _Buffer(shard, t.name, dtype, meta[t.name]["dims"]) for t in targets}
+    with torch.no_grad(), CaptureEngine(net, targets, reducers) as eng:
+        for b0 in range(0, pr.n, int(batch_size)):
+            if stop is not None:
+                stop.check()
+            xb = pr.x[b0:b0 + int(batch_size)].to(dev, non_blocking=True)
+            outs = eng.run(xb)
+            for name, r in outs.items():
+                arr = r.numpy() if (r.dtype == torch.float32 and r.device.type == "cpu") else \
+                    r.float().cpu().numpy()
+                st = _stats(arr)
+                if st[0] and not allow_nonfinite:
+                    raise DataError(
+                        f"Layer '{name}' has {st[0]} non-finite value(s) (NaN/inf) at checkpoint "
+                        f"{where}, probe rows {b0}..{b0 + arr.shape[0] - 1}.",
+                        hint="The run may have diverged at this checkpoint. Pass --allow-nonfinite to "
+                             "store them anyway (estimators will refuse them).")
+                bufs[name].add(arr, st)
+            if advance is not None:
+                advance()
+    for b in bufs.values():
+        b.flush()
 
 
 def _store_jacobians(net, targets, reducers, x, m, dev, shard, chunk) -> None:
@@ -424,3 +534,6 @@ def _store_jacobians(net, targets, reducers, x, m, dev, shard, chunk) -> None:
         svs = jacobian_singular_values(eng.run, xs, chunk=chunk)
     for t in targets:
         shard.set_jacobian(t.name, svs[t.name].cpu().numpy(), rows)
+
+
+from ibscope.capture.live import Snapshotter, snapshot  # noqa: E402 - uses the helpers above

@@ -19,29 +19,24 @@ import glob as _glob
 import importlib
 import importlib.util
 import logging
-import math
 import os
 import pickle
 import re
 import sys
 import zipfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ibscope.capture.series import (  # noqa: F401 - re-exported: the public names of the loader
+    HF_WEIGHT_FILES, CheckpointFile, as_float as _as_float, as_int as _as_int, checkpoint_metadata, discover_series,
+    folder_weights, index_shards, is_checkpoint_folder, parse_name,
+)
 from ibscope.errors import CheckpointError, UsageError, did_you_mean
-from ibscope.store import checkpoint_label, file_sha256
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors", ".tar")
 STATE_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "module", "state_dict_ema")
-_EPOCH_KEYS = ("epoch", "current_epoch")
-_STEP_KEYS = ("global_step", "step", "iteration", "iter")
-_METRIC_RE = re.compile(r"(^|_)(acc|accuracy|loss|error|err|nll|ce)(_|$)", re.IGNORECASE)
-_NAME_EPOCH_RE = re.compile(r"(?:epoch|ep|e)[=_\-]?(\d+)", re.IGNORECASE)
-_NAME_STEP_RE = re.compile(r"(?:global_step|step|iteration|iter)[=_\-]?(\d+)", re.IGNORECASE)
-_NAME_NUM_RE = re.compile(r"(\d+)")
 
 
 # --------------------------------------------------------------------------------------
@@ -125,9 +120,17 @@ def unwrap_model(m):
 
 
 def resolve_factory(model: str | Callable, model_args: dict | None = None) -> Callable[[], Any]:
-    """A zero-argument builder of a fresh ``nn.Module`` from a factory spec or callable."""
+    """A builder of a fresh ``nn.Module`` from a factory spec or callable, called with no
+    argument. For ``"hf"`` / ``"hf:DIR"`` (Hugging Face, :mod:`ibscope.capture.hf`) it takes the
+    checkpoint whose folder's config.json describes the model (ignored for ``hf:DIR``)."""
     import torch.nn as nn
 
+    from ibscope.capture.hf import is_hf_spec
+
+    if is_hf_spec(model):
+        from ibscope.capture import hf
+
+        return hf.factory(model, model_args)
     fn = resolve_object(model, "--model") if isinstance(model, str) else model
     if not callable(fn):
         raise UsageError(f"--model must name a callable (function or class). Got {type(fn).__name__} for {model!r}.")
@@ -304,8 +307,20 @@ def read_checkpoint(path: str | os.PathLike, *, trust_checkpoint: bool = False, 
     allowed = numpy_safe_globals() + resolve_safe_globals(safe_globals)
 
     path = Path(path)
+    if path.is_dir():  # a Hugging Face checkpoint folder
+        w = folder_weights(path)
+        if w is None:
+            raise CheckpointError(f"'{path}' is a folder without model weights (looked for {', '.join(HF_WEIGHT_FILES)}).")
+        return read_checkpoint(w, trust_checkpoint=trust_checkpoint, mmap=mmap, safe_globals=safe_globals)
     if not path.is_file():
         raise CheckpointError(f"Checkpoint file '{path}' not found.")
+    if path.name.endswith(".index.json"):  # sharded weights (save_pretrained): every shard, merged
+        state: dict = {}
+        for shard in index_shards(path):
+            part, _ = extract_state_dict(read_checkpoint(shard, trust_checkpoint=trust_checkpoint, mmap=mmap,
+                                                         safe_globals=safe_globals), shard)
+            state.update(part)
+        return state
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -412,9 +427,19 @@ def _prefix_candidates(keys) -> list[str]:
 
 
 def align_state_dict(state: dict, model_keys: set[str]) -> tuple[dict, dict]:
-    """Normalise checkpoint keys to the model's. Returns (state, info about what was done)."""
+    """Normalise checkpoint keys to the model's. Returns (state, info about what was done).
+
+    1. ``module.`` (DataParallel/DDP) and ``_orig_mod.`` (torch.compile) are stripped;
+    2. an attribute prefix of the checkpoint (a LightningModule's ``model.``) is stripped when
+       the keys under it cover the model's best; keys outside it are dropped;
+    3. a prefix that every key of the model has and the checkpoint lacks (a wrapper module,
+       ``self.model = Inner()``) is added when that makes the keys cover the model's.
+
+    ``info``: ``stripped`` (list), ``prefix`` (stripped attribute prefix), ``dropped`` (keys
+    outside it), ``added`` (prefix added). The strict check of :func:`load_into` still follows.
+    """
     state, stripped = _strip_known_prefixes(state)
-    info: dict[str, Any] = {"stripped": stripped, "prefix": "", "dropped": 0}
+    info: dict[str, Any] = {"stripped": stripped, "prefix": "", "dropped": 0, "added": ""}
     have = set(state)
     if model_keys <= have:
         return state, info
@@ -428,16 +453,89 @@ def align_state_dict(state: dict, model_keys: set[str]) -> tuple[dict, dict]:
         info["prefix"] = best
         info["dropped"] = len(state) - len(sub)
         state = sub
+        have = set(state)
+        if model_keys <= have:
+            return state, info
+    cov0 = len(model_keys & have)
+    add, add_cov = "", cov0
+    for p in _prefix_candidates(model_keys):
+        if all(k.startswith(p) for k in model_keys):
+            cov = len(model_keys & {p + k for k in have})
+            if cov > add_cov:
+                add, add_cov = p, cov
+    if add:  # the model wraps the module the checkpoint was saved from
+        state = {add + k: v for k, v in state.items()}
+        info["added"] = add
     return state, info
 
 
+def describe_alignment(info: dict) -> str:
+    """One line saying which prefixes were stripped or added (empty when none)."""
+    parts = []
+    if info.get("stripped"):
+        parts.append("stripped " + " and ".join(f"'{p}'" for p in info["stripped"]))
+    if info.get("prefix"):
+        parts.append(f"stripped the attribute prefix '{info['prefix']}'"
+                     + (f" (dropping {info['dropped']} key(s) outside it)" if info.get("dropped") else ""))
+    if info.get("added"):
+        parts.append(f"added the prefix '{info['added']}' that every key of the model has (the model wraps the "
+                     "module the checkpoint was saved from)")
+    if info.get("tied"):
+        parts.append(f"filled {len(info['tied'])} tied weight(s) from their twin ({', '.join(info['tied'][:3])})")
+    return "; ".join(parts)
+
+
+def _prefix_relation(missing: list[str], unexpected: list[str]) -> tuple[int, str, str] | None:
+    """(count, prefix, who has it) when many missing keys are unexpected keys with one prefix
+    added ("model") or removed ("checkpoint")."""
+    best = None
+    une, mis = set(unexpected), set(missing)
+    for p in _prefix_candidates(missing):
+        n = len({k[len(p):] for k in missing if k.startswith(p)} & une)
+        if n and (best is None or n > best[0]):
+            best = (n, p, "model")
+    for p in _prefix_candidates(unexpected):
+        n = len({k[len(p):] for k in unexpected if k.startswith(p)} & mis)
+        if n and (best is None or n > best[0]):
+            best = (n, p, "checkpoint")
+    return best
+
+
+def _tied_groups(own: dict) -> dict[str, list[str]]:
+    """Keys of the model's state dict that share one tensor (tied weights, e.g. an LM head and
+    the input embedding): key -> every key of its group."""
+    import torch
+
+    groups: dict[tuple, list[str]] = {}
+    for k, v in own.items():
+        if isinstance(v, torch.Tensor) and v.numel() and v.device.type != "meta":
+            groups.setdefault((v.untyped_storage().data_ptr(), v.storage_offset(), v.dtype, tuple(v.shape),
+                               tuple(v.stride())), []).append(k)
+    return {k: ks for ks in groups.values() if len(ks) > 1 for k in ks}
+
+
 def load_into(model, state: dict, path: str | os.PathLike = "?") -> dict:
-    """Load ``state`` into ``model`` strictly after normalising prefixes. Returns what was done."""
+    """Load ``state`` into ``model`` strictly after normalising prefixes. Returns what was done.
+
+    A key of the model missing from ``state`` is filled from its tied twin (a parameter the
+    model shares between two names, which ``save_pretrained`` stores once); every other
+    missing, unexpected or mis-shaped key is a :class:`CheckpointError` listing them."""
     import torch
 
     own = model.state_dict()
     state, info = align_state_dict(state, set(own))
     missing = sorted(set(own) - set(state))
+    tied = _tied_groups(own) if missing else {}
+    filled = []
+    for k in list(missing):
+        twin = next((o for o in tied.get(k, ()) if o != k and o in state), None)
+        if twin is not None:
+            state = dict(state) if not filled else state
+            state[k] = state[twin]
+            filled.append(k)
+    if filled:
+        info["tied"] = filled
+        missing = [k for k in missing if k not in filled]
     unexpected = sorted(set(state) - set(own))
     shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
               for k in sorted(set(own) & set(state))
@@ -453,11 +551,21 @@ def load_into(model, state: dict, path: str | os.PathLike = "?") -> dict:
             parts.append(f"{len(unexpected)} unexpected key(s): {first(unexpected)}")
         if shapes:
             parts.append(f"{len(shapes)} shape mismatch(es): {first(shapes)}")
-        tried = ", ".join(info["stripped"] + ([info["prefix"]] if info["prefix"] else [])) or "none needed"
+        done = describe_alignment(info) or "none needed"
+        rel = _prefix_relation(missing, unexpected)
+        if rel is not None:
+            n, p, who = rel
+            other = "checkpoint" if who == "model" else "model"
+            hint = (f"{n} key(s) differ only by the prefix '{p}', which the {who}'s keys have and the {other}'s lack, "
+                    f"but not every key does ({len(missing)} missing, {len(unexpected)} unexpected), so it was not "
+                    f"{'added' if who == 'model' else 'stripped'}: the {other} holds more or other modules. Build the "
+                    f"model whose state dict the checkpoint holds (`ibscope layers` lists the model's modules).")
+        else:
+            hint = ("Check --model and --model-args (architecture and sizes) against the run that wrote the "
+                    "checkpoint. ibscope never captures a partly loaded model.")
         raise CheckpointError(
-            f"Checkpoint '{path}' does not match the model: " + "; ".join(parts) + f". Prefixes stripped: {tried}.",
-            hint="Check --model and --model-args (architecture and sizes) against the run that wrote the checkpoint. "
-                 "ibscope never captures a partly loaded model.",
+            f"Checkpoint '{path}' does not match the model: " + "; ".join(parts) + f". Prefixes: {done}.",
+            hint=hint,
         )
     model.load_state_dict(state, strict=True)
     return info
@@ -466,98 +574,35 @@ def load_into(model, state: dict, path: str | os.PathLike = "?") -> dict:
 # --------------------------------------------------------------------------------------
 # discovery and ordering
 # --------------------------------------------------------------------------------------
-@dataclass
-class CheckpointFile:
-    """One checkpoint file with the position it takes in the run."""
-
-    path: Path
-    epoch: int | None = None
-    step: int | None = None
-    source: str = ""  # where epoch/step came from: "file", "name", "position"
-    sha256: str = ""
-    metrics: dict = field(default_factory=dict)
-
-    @property
-    def label(self) -> str:
-        return checkpoint_label(self.epoch, self.step, self.path)
-
-
-def _scalar(v: Any) -> Any:
-    """A one-element tensor or numpy value (``np.float64(0.8)``, ``np.array(3)``) as a Python number."""
-    import numpy as np
-    import torch
-
-    if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.dtype.is_complex:
-        return v.item()
-    if isinstance(v, (np.generic, np.ndarray)) and np.size(v) == 1 and np.asarray(v).dtype.kind in "biuf":
-        return np.asarray(v).reshape(()).item()
-    return v
-
-
-def _as_int(v: Any) -> int | None:
-    v = _scalar(v)
-    if isinstance(v, bool):
-        return None
-    if isinstance(v, int):
-        return int(v)
-    if isinstance(v, float) and v.is_integer():
-        return int(v)
-    if isinstance(v, str) and v.strip().lstrip("-").isdigit():
-        return int(v)
-    return None
-
-
-def _as_float(v: Any) -> float | None:
-    v = _scalar(v)
-    if isinstance(v, bool):
-        return None
-    if isinstance(v, (int, float)) and math.isfinite(float(v)):
-        return float(v)
-    if isinstance(v, str):
-        try:
-            f = float(v)
-        except ValueError:
-            return None
-        return f if math.isfinite(f) else None
-    return None
-
-
-def checkpoint_metadata(obj: Any) -> tuple[int | None, int | None, dict]:
-    """(epoch, step, scalar training metrics) stored in a checkpoint object/metadata dict."""
-    if not isinstance(obj, dict):
-        return None, None, {}
-    epoch = next((e for e in (_as_int(obj.get(k)) for k in _EPOCH_KEYS) if e is not None), None)
-    step = next((s for s in (_as_int(obj.get(k)) for k in _STEP_KEYS) if s is not None), None)
-    metrics: dict[str, float] = {}
-    for k, v in obj.items():
-        if isinstance(k, str) and _METRIC_RE.search(k):
-            f = _as_float(v)
-            if f is not None:
-                metrics[k] = f
-    inner = obj.get("metrics")
-    if isinstance(inner, dict):
-        for k, v in inner.items():
-            f = _as_float(v)
-            if f is not None and isinstance(k, str):
-                metrics[k] = f
-    return epoch, step, metrics
-
-
 def _from_name(path: Path) -> tuple[int | None, int | None]:
-    stem = path.stem
-    e = _NAME_EPOCH_RE.findall(stem)
-    s = _NAME_STEP_RE.findall(stem)
-    epoch = int(e[-1]) if e else None
-    step = int(s[-1]) if s else None
-    if epoch is None and step is None:
-        nums = _NAME_NUM_RE.findall(stem)
-        if nums:
-            epoch = int(nums[-1])
-    return epoch, step
+    """(epoch, step) that a file name says (see :func:`ibscope.capture.series.parse_name`)."""
+    n = parse_name(Path(path).name)
+    return n.epoch, n.step
+
+
+def _dir_checkpoints(p: Path) -> list[Path]:
+    """A directory given as checkpoints: itself when it is a checkpoint folder (weights from
+    save_pretrained / the Trainer); else its ``checkpoint-N`` folders (a Trainer output
+    directory); else its checkpoint files."""
+    subs = [q for q in p.iterdir() if q.is_dir() and re.fullmatch(r"checkpoint-\d+", q.name) and is_checkpoint_folder(q)]
+    if subs:
+        if is_checkpoint_folder(p):
+            log.info("'%s' holds checkpoint-N folders and weights of its own (a final save_model); capturing the "
+                     "checkpoint-N folders (pass '%s' to add the final weights).", p, folder_weights(p))
+        return sorted(subs)
+    if is_checkpoint_folder(p):
+        return [p]
+    found = sorted(q for q in p.iterdir() if q.is_file() and q.suffix in CHECKPOINT_SUFFIXES)
+    if not found:
+        raise UsageError(f"Directory '{p}' holds no checkpoints: no files ending {', '.join(CHECKPOINT_SUFFIXES)}, no "
+                         f"Hugging Face weights ({', '.join(HF_WEIGHT_FILES)}) and no checkpoint-N folders.")
+    return found
 
 
 def list_checkpoint_paths(checkpoints: str | os.PathLike | list) -> list[Path]:
-    """Expand a glob, a directory or a list (of paths/globs) into existing files, deduplicated."""
+    """Expand a glob, a directory or a list (of paths/globs) into existing checkpoints,
+    deduplicated. A Hugging Face checkpoint folder (``checkpoint-400/`` with
+    ``model.safetensors``, ``pytorch_model.bin`` or a sharded index) is one checkpoint."""
     items = [checkpoints] if isinstance(checkpoints, (str, os.PathLike)) else list(checkpoints)
     if not items:
         raise UsageError("No checkpoints given.", hint="Pass a glob ('runs/exp1/*.pt'), a directory or a list of files.")
@@ -566,14 +611,14 @@ def list_checkpoint_paths(checkpoints: str | os.PathLike | list) -> list[Path]:
         s = str(it)
         p = Path(s)
         if p.is_dir():
-            found = sorted(q for q in p.iterdir() if q.is_file() and q.suffix in CHECKPOINT_SUFFIXES)
-            if not found:
-                raise UsageError(f"Directory '{p}' holds no checkpoint files ({', '.join(CHECKPOINT_SUFFIXES)}).")
-            out += found
+            out += _dir_checkpoints(p)
         elif any(c in s for c in "*?["):
-            found = sorted(Path(q) for q in _glob.glob(s, recursive=True) if Path(q).is_file())
+            matched = [Path(q) for q in _glob.glob(s, recursive=True)]
+            found = sorted(q for q in matched if q.is_file() or is_checkpoint_folder(q))
             if not found:
-                raise UsageError(f"The checkpoint pattern '{s}' matched no files.",
+                dirs = [q for q in matched if q.is_dir()]
+                raise UsageError(f"The checkpoint pattern '{s}' matched no files"
+                                 + (f" (only {len(dirs)} folder(s) without model weights, e.g. '{dirs[0]}')." if dirs else "."),
                                  hint="Quote the pattern so your shell does not expand it, and check the directory.")
             out += found
         elif p.is_file():
@@ -589,42 +634,30 @@ def list_checkpoint_paths(checkpoints: str | os.PathLike | list) -> list[Path]:
     return uniq
 
 
-def discover_checkpoints(checkpoints, *, trust_checkpoint: bool = False, safe_globals=None) -> list[CheckpointFile]:
-    """Checkpoint files in run order, each with epoch/step, their source, hash and metrics.
+def discover_checkpoints(checkpoints, *, trust_checkpoint: bool = False, safe_globals=None, order: str = "auto",
+                         warn: bool = True) -> list[CheckpointFile]:
+    """Checkpoints in run order, each with epoch/step, where each came from, hash and metrics.
 
     ``safe_globals``: classes to allow when reading the files, besides the numpy scalar, array
-    and dtype globals allowed by default (see :func:`read_checkpoint`).
-
-    Order key: the ``epoch`` / ``step`` / ``global_step`` stored in the file; else a number in
-    the file name (``epoch=3``, ``ep_3``, ``step-200`` or the last number); else the given
-    order (with a warning).
+    and dtype globals allowed by default (see :func:`read_checkpoint`). Numbers come from the
+    checkpoint's metadata, else its name; the series is ordered by step, else epoch, else name
+    (``order`` forces one of "step", "epoch", "name"). Doubtful series (duplicates, checkpoints
+    without numbers, orders that disagree) are logged as warnings (``warn=False``: not logged);
+    an undecidable order is a :class:`UsageError`. See :mod:`ibscope.capture.series`.
     """
     allowed = resolve_safe_globals(safe_globals)  # a bad name is a usage error before any file is read
-    files: list[CheckpointFile] = []
-    for p in list_checkpoint_paths(checkpoints):
-        if p.suffix == ".safetensors":
-            meta = _safetensors_metadata(p)
-        else:  # memory-mapped: only the small bookkeeping entries are read here
-            meta = read_checkpoint(p, trust_checkpoint=trust_checkpoint, mmap=True, safe_globals=allowed)
-        epoch, step, metrics = checkpoint_metadata(meta)
-        src = "file" if (epoch is not None or step is not None) else ""
-        if not src:
-            epoch, step = _from_name(p)
-            src = "name" if (epoch is not None or step is not None) else ""
-        files.append(CheckpointFile(p, epoch, step, src, file_sha256(p), metrics))
-        del meta
-    if len(files) > 1 and any(not f.source for f in files):
-        names = ", ".join(f.path.name for f in files if not f.source)
-        log.warning("No epoch/step found in or in the name of: %s. Using the given order as the epoch.", names)
-        for i, f in enumerate(files):
-            f.epoch, f.step, f.source = i, None, "position"
-    files.sort(key=lambda f: (f.epoch if f.epoch is not None else -1, f.step if f.step is not None else -1, str(f.path)))
+    files, warns = discover_series(list_checkpoint_paths(checkpoints), trust_checkpoint=trust_checkpoint,
+                                   safe_globals=allowed, order=order)
+    if warn:
+        for w in warns:
+            log.warning("%s", w)
     return files
 
 
 def load_checkpoint_into(model, ckpt: CheckpointFile | str | os.PathLike, *, trust_checkpoint: bool = False,
                          safe_globals=None) -> dict:
-    """Read a checkpoint file and load it strictly into ``model``. Returns what was done.
+    """Read a checkpoint (file or Hugging Face folder) and load it strictly into ``model``.
+    Returns what was done (``state_key``, prefixes ``stripped`` / ``prefix`` / ``added``).
 
     ``safe_globals``: extra classes to allow (see :func:`read_checkpoint`)."""
     path = ckpt.path if isinstance(ckpt, CheckpointFile) else Path(ckpt)

@@ -45,10 +45,16 @@ def register(app: typer.Typer) -> None:
     @guard
     def capture_cmd(
         model: str = typer.Option(..., "--model", "-m", help="Model factory: 'pkg.module:factory' or 'path/to/file.py:factory' "
-                                  "(a function or class returning the nn.Module)."),
-        checkpoints: List[str] = typer.Option(..., "--checkpoints", "-c", help="Checkpoint files: a glob (quote it), a "
-                                              "directory or files; repeatable. Ordered by the epoch/step stored in each "
-                                              "file, else a number in its name."),
+                                  "(a function or class returning the nn.Module); 'hf' builds each checkpoint's Hugging "
+                                  "Face model from its folder's config.json, 'hf:DIR' from DIR's (offline; needs "
+                                  "pip install \"ibscope\\[hf]\")."),
+        checkpoints: List[str] = typer.Option(..., "--checkpoints", "-c", help="Checkpoints: a glob (quote it), a "
+                                              "directory or files; repeatable. A Hugging Face folder (checkpoint-400/ "
+                                              "with model.safetensors, pytorch_model.bin or shards) is one checkpoint. "
+                                              "Epoch and step come from the file's metadata (checkpoint keys, "
+                                              "safetensors metadata, trainer_state.json), else its name (epoch=3-step=120, "
+                                              "step-200, ep12, checkpoint-400); ordered by step, else epoch, else name. "
+                                              "`ibscope checkpoints PATTERN` shows the series."),
         probe: str = typer.Option(..., "--probe", "-p", help="Probe data: .npz (x, y), .h5 (datasets x, y), .pt "
                                   "({'x','y'}) or 'pkg.module:factory' returning a Dataset or (x, y)."),
         layers: List[str] = typer.Option(..., "--layers", "-l", help="Layer selector, repeatable: module path "
@@ -92,6 +98,10 @@ def register(app: typer.Typer) -> None:
         lock_timeout: float = typer.Option(DEFAULT_LOCK_TIMEOUT, "--lock-timeout", help="Seconds to wait while another "
                                            "capture writes the same store, then stop naming it (0: do not wait; "
                                            "-1: wait without limit)."),
+        order: str = typer.Option("auto", "--order", help="Checkpoint order: auto (by step when every checkpoint has "
+                                  "one, else epoch, else name), step, epoch or name."),
+        dry_run: bool = typer.Option(False, "--dry-run", help="Print the checkpoint series (epoch, step and where each "
+                                     "came from) and the layers to capture, then stop: nothing is written."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or tables; warnings only."),
     ) -> None:
         """Run a fixed probe set through every checkpoint and store the chosen layers' activations.
@@ -105,7 +115,11 @@ def register(app: typer.Typer) -> None:
         imported), 4 bad data (checkpoint/key mismatch, classes not allowed for safe loading,
         NaN activations, foreign or corrupt store).
 
-        Example: ibscope capture -m mynet.py:Net -c 'runs/exp1/*.pt' -p probe.npz -l 'type:Linear' -o acts
+        Examples:
+
+          ibscope capture -m mynet.py:Net -c 'runs/exp1/*.pt' -p probe.npz -l 'type:Linear' -o acts
+
+          ibscope capture -m hf -c out/ -p tokens.npz -l 'bert.encoder.layer.*' -r cls -o acts   (a Trainer's checkpoint-N folders)
         """
         setup_logging(quiet)
         from ibscope.capture import capture
@@ -116,7 +130,10 @@ def register(app: typer.Typer) -> None:
             jacobian_samples=jacobian_samples, store_inputs=store_inputs, split=split, run=run, resume=resume,
             overwrite=overwrite, trust_checkpoint=trust_checkpoint, safe_globals=list(safe_globals or []),
             allow_nonfinite=allow_nonfinite, compression=compression, progress=not quiet, lock_timeout=lock_timeout,
+            order=order, dry_run=dry_run,
         )
+        if path is None:  # --dry-run
+            return
         if not quiet:
             from ibscope.store import open_store
 
@@ -124,10 +141,40 @@ def register(app: typer.Typer) -> None:
             console().print(f"[green]Store[/] {path}: {len(st.checkpoints)} checkpoint(s) x {len(st.layers)} layer(s) x "
                             f"{st.n_samples} samples. Next: ibscope estimate {path} -o results.csv")
 
+    @app.command("checkpoints", no_args_is_help=True)
+    @guard
+    def checkpoints_cmd(
+        patterns: List[str] = typer.Argument(..., help="Checkpoints: globs (quote them), directories or files."),
+        order: str = typer.Option("auto", "--order", help="auto (by step when every checkpoint has one, else epoch, "
+                                  "else name), step, epoch or name."),
+        trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="Allow full unpickling (only for files "
+                                              "you trust)."),
+        safe_globals: Optional[List[str]] = typer.Option(None, "--safe-globals", help="Allow one more class "
+                                                         "(module.Class) when reading checkpoints; repeatable."),
+        as_json: bool = typer.Option(False, "--json", help="Print the series as JSON on stdout."),
+    ) -> None:
+        """Show the checkpoint series `ibscope capture -c PATTERN` would capture, in its order.
+
+        For each checkpoint: epoch and step, and where each came from (a key in the checkpoint, a Lightning checkpoint, safetensors metadata, trainer_state.json, or the file name), plus the training metrics found (checkpoint keys, Lightning's ModelCheckpoint state and metrics.csv, trainer_state.json's log history, metric values in file names). Duplicates, checkpoints without numbers and orders that disagree are warnings; an order that cannot be decided is exit code 2. Nothing is loaded into a model and nothing is written.
+
+        Example: ibscope checkpoints 'lightning_logs/version_0/checkpoints/*.ckpt'
+        """
+        setup_logging(False)
+        from ibscope.capture.loading import discover_checkpoints
+        from ibscope.capture.series import series_json, series_table
+
+        ckpts = discover_checkpoints(list(patterns), trust_checkpoint=trust_checkpoint,
+                                     safe_globals=list(safe_globals or []), order=order)
+        if as_json:
+            typer.echo(json.dumps({"order": order, "checkpoints": series_json(ckpts)}, indent=2))
+            return
+        console().print(series_table(ckpts, title=f"{len(ckpts)} checkpoint(s), in capture order"))
+
     @app.command("layers", no_args_is_help=True)
     @guard
     def layers_cmd(
-        model: str = typer.Option(..., "--model", "-m", help="Model factory: 'pkg.module:factory' or 'file.py:factory'."),
+        model: str = typer.Option(..., "--model", "-m", help="Model factory: 'pkg.module:factory' or 'file.py:factory'; "
+                                  "'hf:DIR' (a Hugging Face folder), or 'hf' with --checkpoint FOLDER."),
         probe: str = typer.Option(..., "--probe", "-p", help="Probe data (one batch is run through the model)."),
         checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Load this checkpoint first (strictly)."),
         model_args: Optional[str] = typer.Option(None, "--model-args", help="Factory keyword arguments (JSON/YAML)."),
@@ -156,7 +203,10 @@ def register(app: typer.Typer) -> None:
 
         if batch_size < 1:
             raise UsageError(f"--batch-size must be >= 1. Got {batch_size}.")
-        net = resolve_factory(model, _model_args(model_args))()
+        from ibscope.capture.hf import is_hf_spec
+
+        build = resolve_factory(model, _model_args(model_args))
+        net = build(checkpoint) if is_hf_spec(model) else build()
         if checkpoint is not None:
             load_checkpoint_into(net, checkpoint, trust_checkpoint=trust_checkpoint, safe_globals=safe_globals)
         dev = resolve_device(device)
@@ -208,8 +258,9 @@ def register(app: typer.Typer) -> None:
         from ibscope.store import Store
 
         st = Store(store, skip_bad_shards=skip_bad_shards, warn=False)  # skipped shards are listed below
-        ckpts = [{"index": c.index, "epoch": c.epoch, "step": c.step, "path": c.path, "sha256": c.sha256[:12],
-                  "order_from": c.epoch_source, "metrics": c.metrics, "dtypes": sorted(set(c.dtypes.values())),
+        ckpts = [{"index": c.index, "epoch": c.epoch, "step": c.step, "epoch_exact": c.epoch_exact, "label": c.label,
+                  "path": c.path, "sha256": c.sha256[:12], "order_from": c.epoch_source or c.step_source,
+                  "epoch_source": c.epoch_source, "step_source": c.step_source, "metrics": c.metrics, "dtypes": sorted(set(c.dtypes.values())),
                   "jacobian_layers": len(c.jacobian_layers)} for c in st.checkpoints]
         summary = {
             "store": str(st.dir), "format_version": st.format_version, "ibscope_version": st.attrs.get("ibscope_version"),
@@ -246,7 +297,9 @@ def register(app: typer.Typer) -> None:
         for col in ("#", "epoch", "step", "file", "sha256", "dtype", "jacobian", "metrics"):
             ct.add_column(col)
         for r in ckpts:
-            ct.add_row(str(r["index"]), "" if r["epoch"] is None else str(r["epoch"]), "" if r["step"] is None else str(r["step"]),
+            ep = r["epoch_exact"] if r["epoch_exact"] is not None else r["epoch"]
+            ct.add_row(str(r["index"]), "" if ep is None else (str(int(ep)) if float(ep).is_integer() else f"{ep:g}"),
+                       "" if r["step"] is None else str(r["step"]),
                        Path(r["path"]).name, r["sha256"], ",".join(r["dtypes"]), str(r["jacobian_layers"] or ""),
                        ", ".join(f"{k}={v:.4g}" for k, v in r["metrics"].items()))
         c.print(ct)

@@ -97,20 +97,22 @@ def ood(
         n_bootstrap=bootstrap, seed=seed, device=device, memory_limit=memory_limit, raw_shape=shape,
         out_dir=out, figures=figures, progress=not quiet, skip_bad_shards=skip_bad_shards,
     )
+    from ibscope.ood.runner import ckpt_name
+
+    c = console()
     if not quiet:
         from rich import box
         from rich.table import Table
 
         t = Table(title=f"OOD detection, layer {layer} (higher score = more OOD)", box=box.SIMPLE_HEAD)
-        for col in ("configuration", "ckpt", "OOD set", "AUROC", "FPR95 ID+", "FPR95 OOD+", "flagged"):
-            t.add_column(col, overflow="fold")
+        for col in ("configuration", "checkpoint", "OOD set", "AUROC", "FPR95 ID+", "FPR95 OOD+", "flagged"):
+            t.add_column(col, overflow="fold", no_wrap=col == "checkpoint")
         for r in doc["results"]:
             cfg = r["detector"] + ("" if r["k"] is None else f" k={r['k']}") + f", {r['reduction']}"
-            t.add_row(cfg, str(r["checkpoint"]), r["ood_set"], f"{r['auroc']:.3f}", f"{r['fpr95_id_positive']:.3f}",
-                      f"{r['fpr95_openood']:.3f}", f"{r['flagged_fraction']:.3f}")
-        c = console()
+            t.add_row(cfg, ckpt_name(r["epoch"], r["step"], r["checkpoint"]), r["ood_set"], f"{r['auroc']:.3f}",
+                      f"{r['fpr95_id_positive']:.3f}", f"{r['fpr95_openood']:.3f}", f"{r['flagged_fraction']:.3f}")
         c.print(t)
-        # doc["warnings"] were already logged by run_ood as "Warning: ..." lines
+        # doc["warnings"] were already logged by run_ood as "Warning: ..." lines (once each)
         c.print("FPR95 ID+: OOD accepted at 95% ID accepted (Lee/Sun); FPR95 OOD+: ID flagged at 95% OOD flagged "
                 "(OpenOOD v1.5); flagged: OOD share above the validation threshold.")
         c.print(f"Wrote {Path(out) / JSON_NAME}, {Path(out) / 'ood_scores.h5'} and {len(doc['figures'])} figure(s).")

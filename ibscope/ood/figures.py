@@ -117,6 +117,10 @@ def metric_curve_figure(series: dict[str, tuple[list, list]], xlabel: str, title
     if logx:
         ax.set_xscale("log")
     ax.set_xlabel(xlabel)
+    if xlabel in ("epoch", "step", "checkpoint") and not logx:  # whole numbers on the axis
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(metric.upper() if metric == "auroc" else metric)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7)
@@ -166,8 +170,11 @@ def make_figures(out: Path, results: list[dict], score_store: dict, plot_data: d
         _save(fig, figdir / name)
         paths.append(f"figures/{name}")
 
+    from ibscope.ood.runner import ckpt_name
+
     last_ck = max(r["checkpoint"] for r in results)
     entry = score_store[f"checkpoint_{last_ck}"]
+    last_name = ckpt_name(entry.get("epoch"), entry.get("step"), last_ck)
     configs = list(entry["configs"])
     if len(configs) > MAX_CONFIG_FIGURES:
         warnings_out.append(f"{len(configs)} configurations: histograms and ROC/PR figures drawn for the first "
@@ -176,7 +183,7 @@ def make_figures(out: Path, results: list[dict], score_store: dict, plot_data: d
     for cid in configs[:MAX_CONFIG_FIGURES]:
         sc = entry["configs"][cid]
         sets = {"val": sc["val"], "test": sc["test"], **{n: sc[n] for n in ood_names}}
-        save(config_figure(sets, thresholds[(cid, last_ck)], ood_names, f"{cid} (checkpoint {last_ck})"),
+        save(config_figure(sets, thresholds[(cid, last_ck)], ood_names, f"{cid} ({last_name})"),
              f"scores_{slug(cid)}.png")
 
     last = [r for r in results if r["checkpoint"] == last_ck]
@@ -189,7 +196,7 @@ def make_figures(out: Path, results: list[dict], score_store: dict, plot_data: d
                 rows = sorted((r for r in last if r["detector"] == "knn" and r["reduction"] == red and r["ood_set"] == name),
                               key=lambda r: r["k"])
                 series[f"{red} / {name}"] = ([r["k"] for r in rows], [r["auroc"] for r in rows])
-        save(metric_curve_figure(series, "k (neighbour index)", f"k-NN AUROC vs k (checkpoint {last_ck})", logx=True),
+        save(metric_curve_figure(series, "k (neighbour index)", f"k-NN AUROC vs k ({last_name})", logx=True),
              "auroc_vs_k.png")
     # AUROC vs number of components (pca:N / umap:N with the same prefix)
     groups: dict[tuple, list] = defaultdict(list)
@@ -204,22 +211,34 @@ def make_figures(out: Path, results: list[dict], score_store: dict, plot_data: d
             label = f"{det}{'' if k is None else f' k={k}'} {prefix}{op} / {name}"
             series[label] = ([p[0] for p in pts], [p[1] for p in pts])
     if series:
-        save(metric_curve_figure(series, "number of components", f"AUROC vs components (checkpoint {last_ck})", logx=True),
+        save(metric_curve_figure(series, "number of components", f"AUROC vs components ({last_name})", logx=True),
              "auroc_vs_components.png")
     # AUROC vs checkpoint
     cks = sorted({r["checkpoint"] for r in results})
+    # the time axis: epoch when every checkpoint has a distinct one, else step, else the index
+    tcol = "checkpoint"
+    for col in ("epoch", "step"):
+        vals = {r["checkpoint"]: r[col] for r in results}
+        if all(v is not None for v in vals.values()) and len(set(vals.values())) == len(vals):
+            tcol = col
+            break
     if len(cks) > 1:
         series = {}
         for cid in dict.fromkeys(r["config"] for r in results):
             for name in ood_names:
                 rows = sorted((r for r in results if r["config"] == cid and r["ood_set"] == name), key=lambda r: r["checkpoint"])
-                xs = [r["epoch"] if r["epoch"] is not None else r["checkpoint"] for r in rows]
+                xs = [r[tcol] for r in rows]
                 series[f"{cid} / {name}"] = (xs, [r["auroc"] for r in rows])
-        uses_epoch = all(r["epoch"] is not None for r in results)
-        save(metric_curve_figure(series, "epoch" if uses_epoch else "checkpoint", "AUROC across training"),
+        save(metric_curve_figure(series, tcol, "AUROC across training"),
              "auroc_vs_checkpoint.png")
     if plot_data:
         emb = embedding_2d(plot_data["feats"], seed=seed)
-        save(embedding_figure(emb, f"2-D PCA of the layer features, fitted on the fit split (checkpoint {plot_data['checkpoint']})"),
+        save(embedding_figure(emb, f"2-D PCA of the layer features, fitted on the fit split "
+                                     f"({ckpt_name(*_ep_step(score_store, plot_data['checkpoint']), plot_data['checkpoint'])})"),
              "embedding_2d.png")
     return paths
+
+
+def _ep_step(score_store: dict, ck: int) -> tuple:
+    e = score_store.get(f"checkpoint_{ck}", {})
+    return e.get("epoch"), e.get("step")

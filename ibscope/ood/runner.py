@@ -66,6 +66,16 @@ def _layer_shape(store, layer: str) -> tuple[int, ...] | None:
     return None
 
 
+def ckpt_name(epoch, step, index) -> str:
+    """How OOD output names a checkpoint: "epoch 3", "step 200", "epoch 3 (step 120)", else
+    "checkpoint <index>" (its position in the fit store)."""
+    from ibscope.store import checkpoint_label
+
+    if epoch is None and step is None:
+        return f"checkpoint {index}"
+    return checkpoint_label(epoch, step, "")
+
+
 def _select_checkpoints(store, checkpoint) -> list[int]:
     n = len(store.checkpoints)
     if n == 0:
@@ -257,6 +267,7 @@ def run_ood(
     figures: bool = True,
     progress: bool = True,
     skip_bad_shards: bool = False,
+    log_warnings: bool = True,
 ) -> dict[str, Any]:
     """Score ``ood`` sets against the ID ``test`` set with a grid of detectors and reductions.
 
@@ -266,7 +277,8 @@ def run_ood(
     (e.g. "none", "std+pca:16", "umap:2"); ``ks``: k values for knn. ``checkpoint``: fit-store
     index (-1 = last), list of indices, or "all". ``skip_bad_shards``: leave out shards that are
     truncated, corrupt or foreign (with a warning) instead of raising DataError. Returns the dict
-    written to ``out_dir/ood_metrics.json``.
+    written to ``out_dir/ood_metrics.json``; its ``warnings`` are also logged unless
+    ``log_warnings=False`` (for a caller that shows them itself: each is shown once).
     """
     from ibscope.ood.detectors import DETECTORS, KNNDetector, MahalanobisDetector, parse_bytes, resolve_device
     from ibscope.ood.features import FeaturePipeline, canonical
@@ -408,7 +420,7 @@ def run_ood(
                         results.append(row)
                         if m["auroc"] < 0.5:
                             warnings_out.append(
-                                f"{cid} at checkpoint {ci}: AUROC {m['auroc']:.3f} < 0.5 on '{name}': the OOD set scores "
+                                f"{cid} at {ckpt_name(info.epoch, info.step, ci)}: AUROC {m['auroc']:.3f} < 0.5 on '{name}': the OOD set scores "
                                 "lower (more in-distribution) than the ID test set. Check that the right layer and sets were given.")
                     if bar is not None:
                         bar.advance(task)
@@ -460,8 +472,9 @@ def run_ood(
     write_markdown_report(out, doc)
     doc[SET_KEY] = _set_record(out, [SCORES_NAME, *fig_paths, "report.md", "report.html"])
     write_text_atomic(out / JSON_NAME, json.dumps(_jsonable(doc), indent=1))  # last: the set is complete
-    for w in warnings_out:
-        log.warning(w)
+    if log_warnings:
+        for w in warnings_out:
+            log.warning(w)
     return doc
 
 

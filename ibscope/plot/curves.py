@@ -66,6 +66,11 @@ def set_time_axis(ax, times: np.ndarray, time_col: str, logx: bool | None) -> No
             style.plain_log_ticks(ax.xaxis)
     else:
         ax.set_xlabel(time_col)
+    if time_col in ("epoch", "step", "checkpoint"):  # whole numbers: no 0.5 epochs on the axis
+        from matplotlib.ticker import MaxNLocator
+
+        if ax.get_xscale() == "linear":
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _draw_series(ax, times, value, stderr, *, color, ls, mode, band, gid, has_stderr, saturated=None,
@@ -271,6 +276,6 @@ def _metric_color(name: str, i: int):
 def _metric_axis(unit: str) -> str:
     if unit == "ratio":
         return "accuracy (ratio)"
-    if unit in ("nats", "bits"):
-        return f"loss  [{unit}]"
+    if unit == "loss":
+        return "loss (as logged)"
     return unit
