@@ -194,8 +194,10 @@ def resolve_search(who: str, search: str, *, device, n: int, dims: int, max_tree
     return "tree" if (on_cpu and tree_ok and n >= TREE_MIN_N and dims <= max_tree_dims) else "brute"
 
 
-def _workers() -> int:
-    return max(1, int(torch.get_num_threads()))
+def _workers(n: int = 1 << 30) -> int:
+    """Threads for a cKDTree query over n points: scipy starts its threads on every call, which
+    costs more than it saves below ~20,000 queries."""
+    return max(1, int(torch.get_num_threads())) if n >= 20000 else 1
 
 
 def _strict(r):
@@ -218,9 +220,9 @@ def tree_knn(x, k: int, *, p: float = float("inf"), ref=None):
     x = np.asarray(x, dtype=np.float64)
     if ref is not None:
         r = np.asarray(ref, dtype=np.float64)
-        dist, idx = cKDTree(r).query(x, k, p=p, workers=_workers())
+        dist, idx = cKDTree(r).query(x, k, p=p, workers=_workers(len(x)))
         return dist.reshape(len(x), k), idx.reshape(len(x), k)
-    dist, idx = cKDTree(x).query(x, k + 1, p=p, workers=_workers())
+    dist, idx = cKDTree(x).query(x, k + 1, p=p, workers=_workers(len(x)))
     n = len(x)
     own = idx == np.arange(n)[:, None]
     # rows where the point itself is not among the k+1 returned (more than k duplicates): drop the last
@@ -239,7 +241,7 @@ def tree_count(x, radius, *, p: float = float("inf"), strict: bool = True, tree=
     radius = np.asarray(radius, dtype=np.float64)
     t = tree if tree is not None else cKDTree(x)
     r = _strict(radius) if strict else radius
-    c = t.query_ball_point(x, r, p=p, return_length=True, workers=_workers()).astype(np.int64) - 1
+    c = t.query_ball_point(x, r, p=p, return_length=True, workers=_workers(len(x))).astype(np.int64) - 1
     if strict:
         c[radius <= 0] = 0  # nothing is strictly closer than 0 (the ball of radius 0 holds the point)
     return c

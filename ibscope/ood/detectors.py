@@ -364,7 +364,7 @@ class KNNDetector:
         if self._tree is not None:
             from ibscope.estimators._knn import _workers
 
-            d, _ = self._tree.query(q.cpu().numpy().astype(np.float64), int(self.k), workers=_workers())
+            d, _ = self._tree.query(q.cpu().numpy().astype(np.float64), int(self.k), workers=_workers(q.shape[0]))
             return np.asarray(d, dtype=np.float64).reshape(q.shape[0], -1)[:, -1].copy()
         if self._backend == "faiss":
             faiss = _faiss()
