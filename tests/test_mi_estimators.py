@@ -171,8 +171,11 @@ def test_kde_matches_dense_numpy_reference_including_labels():
 
     var = 0.5
     want = f(t, var) - sum((lab == c).mean() * f(t[lab == c], var) for c in range(3))
-    assert KDE(noise_variance=var).estimate(t, lab).value == pytest.approx(want, abs=1e-10)
-    assert float(kde_terms(torch.from_numpy(t), var, chunk=17).mean()) == pytest.approx(f(t, var), abs=1e-12)
+    # on CPU the estimator uses the float32-distance kernel (< 1e-6 relative, docs/estimators.md)
+    assert KDE(noise_variance=var).estimate(t, lab).value == pytest.approx(want, rel=1e-6)
+    assert float(kde_terms(torch.from_numpy(t), var, chunk=17, precision="float64").mean()) == pytest.approx(
+        f(t, var), abs=1e-12)
+    assert float(kde_terms(torch.from_numpy(t), var, chunk=17).mean()) == pytest.approx(f(t, var), rel=1e-6)
     # adaptive: sigma^2 = c * max|T|^2, so scaling T leaves the value unchanged
     a = AdaptiveKDE().estimate(np.arange(300), t)
     b = AdaptiveKDE().estimate(np.arange(300), 10 * t)

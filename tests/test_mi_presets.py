@@ -36,6 +36,9 @@ from ibscope.estimators import registry
 REPO = Path(__file__).resolve().parents[1]
 LN2 = math.log(2.0)
 TOL = 1e-9
+#: KDE on CPU computes squared distances in float32 (documented < 1e-6 relative on each entropy term;
+#: measured ~4e-9), so I(T;Y), a difference of such terms, gets an absolute tolerance of 1e-8 nats
+KDE_REL, KDE_ABS = 1e-7, 1e-8
 
 
 # --- the demo's activations ----------------------------------------------------------------
@@ -222,7 +225,7 @@ def test_saxe_kde_preset_reproduces_ibsgd(demo):
             ts, ys = t[sub], y[sub]
             for bound in ("upper", "lower"):
                 got = _ibscope(ests[f"kde-{bound}"], ts, ys)
-                assert got == pytest.approx(kde_reference(ts, ys, 1e-3, bound), abs=TOL), (key, name, bound)
+                assert got == pytest.approx(kde_reference(ts, ys, 1e-3, bound), rel=KDE_REL, abs=KDE_ABS), (key, name, bound)
             assert _ibscope(ests["binning"], t, y) == pytest.approx(ibsgd_binning(t, y), abs=TOL), (key, name)
 
 
@@ -241,7 +244,7 @@ def test_chelombiev_preset_reproduces_released_procedure(demo):
                 for bound in ("upper", "lower"):
                     ref = chelombiev_kde(ts, ys, _noise(ts.shape), bound)
                     got = _ibscope(ests[f"chelombiev-kde-{bound}"], ts, ys)
-                    assert got == pytest.approx(ref, abs=TOL), (key, name, bound)
+                    assert got == pytest.approx(ref, rel=KDE_REL, abs=KDE_ABS), (key, name, bound)
 
 
 def test_ibscope_variants_differ_where_documented(demo):

@@ -60,6 +60,7 @@ def ood(
     ridge: float = typer.Option(0.0, "--ridge", help="Explicit ridge for the covariance: eps x mean variance added to the diagonal (0 = none)."),
     normalize: bool = typer.Option(True, "--normalize/--no-normalize", help="L2-normalise features for k-NN (Sun et al.)."),
     backend: str = typer.Option("auto", "--backend", help="k-NN search: torch (exact, chunked, CPU or GPU), faiss (exact, CPU, if installed), auto (= torch)."),
+    search: str = typer.Option("auto", "--search", help="k-NN search: brute (exact brute force), tree (scipy KD-tree, CPU), auto (the tree for <= 8 feature dims on CPU, else brute)."),
     tpr: float = typer.Option(0.95, "--tpr", help="Share of in-distribution validation samples the threshold keeps (and the TPR of the FPR@TPR metrics)."),
     bootstrap: int = typer.Option(200, "--bootstrap", help="Bootstrap replicates for the confidence intervals (0 = none)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the validation hold-out, bootstrap and UMAP."),
@@ -92,7 +93,7 @@ def ood(
         str(fit), str(test), _parse_ood(ood_sets), layer,
         detectors=_split_list(detector) or ["mahalanobis", "knn"], reductions=list(reduce or []) or ["none"], ks=ks,
         val=str(val) if val is not None else None, val_frac=val_frac, checkpoint=chk, covariance=covariance,
-        class_conditional=class_conditional, ridge=ridge, normalize=normalize, backend=backend, tpr=tpr,
+        class_conditional=class_conditional, ridge=ridge, normalize=normalize, backend=backend, search=search, tpr=tpr,
         n_bootstrap=bootstrap, seed=seed, device=device, memory_limit=memory_limit, raw_shape=shape,
         out_dir=out, figures=figures, progress=not quiet, skip_bad_shards=skip_bad_shards,
     )

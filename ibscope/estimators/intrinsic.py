@@ -21,7 +21,10 @@ import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
+
 from ibscope.errors import DataError
+from ibscope.estimators import _knn
 from ibscope.estimators._knn import kth_neighbor_distances
 from ibscope.estimators.base import Estimate, Estimator, as_tensor
 from ibscope.estimators.registry import register
@@ -104,6 +107,24 @@ def knn_distances_exact(x64, k: int, *, candidate_dtype=None):
     return out
 
 
+def knn_distances(x64, k: int, *, search: str = "auto", who: str = "intrinsic dimension"):
+    """(sorted exact distances (n, k) to the k nearest other rows, the search used).
+
+    ``search``: "tree" (scipy's cKDTree, float64 distances from coordinate differences; CPU),
+    "brute" (:func:`knn_distances_exact`, any device) or "auto" (the tree on CPU for at most
+    ``_knn.KNN_TREE_MAX_DIMS`` features and n >= ``_knn.TREE_MIN_N``). Both are exact float64
+    distances; they agree to a few units in the last place (the sums of squares are added in a
+    different order), tested to 1e-12 relative."""
+    import torch
+
+    how = _knn.resolve_search(who, search, device=x64.device, n=x64.shape[0], dims=x64.shape[1],
+                              max_tree_dims=_knn.KNN_TREE_MAX_DIMS)
+    if how == "tree":
+        d, _ = _knn.tree_knn(x64.cpu().numpy(), k, p=2.0)
+        return torch.from_numpy(np.ascontiguousarray(d)), how
+    return knn_distances_exact(x64, k), how
+
+
 class _IDMixin:
     def on_constant(self, *tensors) -> str | None:
         return "undefined"  # one point has no dimension: a DataError, never NaN
@@ -113,7 +134,7 @@ class _IDMixin:
         return "global"
 
     def _neighbors(self, x, k: int):
-        """Exact k-NN distances of the distinct rows; (distances, n_input, n_distinct, removed, d)."""
+        """Exact k-NN distances of the distinct rows; (distances, n_input, n_distinct, removed, d, search)."""
         t = as_tensor(x, name="x", estimator=self, allow_discrete=False)
         import torch
 
@@ -122,7 +143,7 @@ class _IDMixin:
             raise DataError(f"{self.name}: needs at least {k + 2} distinct points; got {n0}.",
                             hint="Use more probe samples (capture --max-samples) or a smaller k.")
         x64 = t.to(torch.float64)
-        dist = knn_distances_exact(x64, k)
+        dist, how = knn_distances(x64, k, search=self.search, who=self.name)
         removed, n = 0, n0
         if bool((dist[:, 0] == 0).any()):  # an exact zero distance means identical rows
             xu, removed = deduplicate(x64, who=self.name, dedupe=self.dedupe)
@@ -131,8 +152,8 @@ class _IDMixin:
                 raise DataError(
                     f"{self.name}: needs at least {k + 2} distinct points; got {n} ({removed} duplicates removed "
                     f"from {n0}).", hint="Use more probe samples (capture --max-samples) or a smaller k.")
-            dist = knn_distances_exact(xu, k)
-        return dist, n0, n, removed, d
+            dist, _ = knn_distances(xu, k, search=how, who=self.name)
+        return dist, n0, n, removed, d, how
 
 
 @register
@@ -149,12 +170,14 @@ class TwoNN(_IDMixin, Estimator):
         older convention starting at 0/N gives different values at small N);
       * "ml": the maximum-likelihood estimate d = (N - 1) / sum_i log mu_i (DADApy
         algorithm='ml'), using all points.
+    ``search``: "auto" | "brute" | "tree", the nearest-neighbour search (same distances).
     Unit: dimensions. Reference: Facco, d'Errico, Rodriguez & Laio 2017, Sci. Rep. 7:12140.
     """
 
     discard_fraction: float = 0.1
     fit: str = "lsq"
     dedupe: bool = True
+    search: str = "auto"
 
     name: ClassVar[str] = "twonn"
     kind: ClassVar[str] = "single"
@@ -166,11 +189,12 @@ class TwoNN(_IDMixin, Estimator):
     def validate(self) -> None:
         self._require(self.fit in ("lsq", "ml"), "fit", "'lsq' or 'ml'", self.fit)
         self._require(0.0 < self.discard_fraction < 1.0, "discard_fraction", "in (0, 1)", self.discard_fraction)
+        _knn.check_search(self.name, self.search)
 
     def estimate(self, x) -> Estimate:
         import torch
 
-        t, n0, n, removed, dim = self._neighbors(x, 2)
+        t, n0, n, removed, dim, how = self._neighbors(x, 2)
         logmu = torch.log(t[:, 1] / t[:, 0])
         if self.fit == "ml":
             s = float(logmu.sum())
@@ -194,7 +218,8 @@ class TwoNN(_IDMixin, Estimator):
             value = float(xs @ ys) / den
             used = keep
         return self._make(value, n=n0, dims=(dim,),
-                          extra={"duplicates_removed": removed, "n_distinct": n, "n_fit": used})
+                          extra={"duplicates_removed": removed, "n_distinct": n, "n_fit": used,
+                                 "search": how})
 
 
 @register
@@ -208,6 +233,7 @@ class MLEIntrinsicDimension(_IDMixin, Estimator):
     1 / mean(1 / d_i), scikit-dimension comb='mle'), "mean" or "median" of the d_i.
     Default k = 20 (scikit-dimension's default). Reproduces scikit-dimension's regression
     fixture (3.341161830518472 for k=20) to 1e-12.
+    ``search``: "auto" | "brute" | "tree", the nearest-neighbour search (same distances).
     Unit: dimensions. Reference: Levina & Bickel 2004, NeurIPS 17.
     """
 
@@ -215,6 +241,7 @@ class MLEIntrinsicDimension(_IDMixin, Estimator):
     aggregate: str = "harmonic"
     unbiased: bool = False
     dedupe: bool = True
+    search: str = "auto"
 
     name: ClassVar[str] = "mle-id"
     kind: ClassVar[str] = "single"
@@ -227,11 +254,12 @@ class MLEIntrinsicDimension(_IDMixin, Estimator):
         self._require(self.k >= (3 if self.unbiased else 2), "k", f">= {3 if self.unbiased else 2}", self.k)
         self._require(self.aggregate in ("harmonic", "mean", "median"), "aggregate", "'harmonic', 'mean' or 'median'",
                       self.aggregate)
+        _knn.check_search(self.name, self.search)
 
     def estimate(self, x) -> Estimate:
         import torch
 
-        t, n0, n, removed, dim = self._neighbors(x, self.k)
+        t, n0, n, removed, dim, how = self._neighbors(x, self.k)
         norm = self.k - (2 if self.unbiased else 1)
         inv = torch.log(t[:, -1:] / t[:, :-1]).sum(1) / norm  # = 1 / d_i
         if self.aggregate == "harmonic":
@@ -251,4 +279,5 @@ class MLEIntrinsicDimension(_IDMixin, Estimator):
                 raise DataError(f"{self.name}: some points have all k-NN distances tied, so their d_i is infinite "
                                 f"and the {self.aggregate} is undefined.", hint="Use aggregate=harmonic.")
         return self._make(value, n=n0, dims=(dim,),
-                          extra={"duplicates_removed": removed, "n_distinct": n, "k": self.k})
+                          extra={"duplicates_removed": removed, "n_distinct": n, "k": self.k,
+                                 "search": how})

@@ -30,7 +30,7 @@ from typing import ClassVar
 import torch
 
 from ibscope.errors import DataError
-from ibscope.estimators import _mi
+from ibscope.estimators import _cpu, _knn, _mi
 from ibscope.estimators._knn import _auto_chunk, count_within, kth_neighbor_distances
 from ibscope.estimators.base import Estimate, Estimator
 from ibscope.estimators.registry import register
@@ -44,17 +44,13 @@ def _block(q: torch.Tensor, r: torch.Tensor, norm: str) -> torch.Tensor:
     return torch.cdist(q, r, p=2.0)  # matmul mode for large blocks
 
 
-def ksg_terms(x: torch.Tensor, y: torch.Tensor, k: int, algorithm: int = 1, norm: str = "max",
-              chunk: int | None = None) -> torch.Tensor:
-    """Per-point KSG terms (float64, shape (N,)); their mean is the estimate in nats."""
+def _counts_torch(x: torch.Tensor, y: torch.Tensor, k: int, algorithm: int, norm: str, chunk: int | None):
+    """(n_x, n_y) per point by chunked brute force in torch (any device)."""
     n = x.shape[0]
     dev = x.device
     chunk = chunk or min(512, _auto_chunk(n, 3, x.element_size()))  # small blocks stay in cache
-    dig = torch.special.digamma
-    out = torch.empty(n, dtype=torch.float64, device=dev)
-    base = float(dig(torch.tensor(float(k), dtype=torch.float64))) + float(dig(torch.tensor(float(n), dtype=torch.float64)))
-    if algorithm == 2:
-        base -= 1.0 / k
+    nxs = torch.empty(n, dtype=torch.int64, device=dev)
+    nys = torch.empty(n, dtype=torch.int64, device=dev)
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
         dx = _block(x[s:e], x, norm)
@@ -69,18 +65,78 @@ def ksg_terms(x: torch.Tensor, y: torch.Tensor, k: int, algorithm: int = 1, norm
             self_in = (eps[:, 0] > 0).to(torch.int32)  # the self-distance 0 counts when 0 < eps
             nx = (dx < eps).sum(dim=1, dtype=torch.int32) - self_in  # int32 sums are ~1.5x faster
             ny = (dy < eps).sum(dim=1, dtype=torch.int32) - self_in
-            t = dig((nx + 1).to(torch.float64)) + dig((ny + 1).to(torch.float64))
         else:
             ex = dx.gather(1, idx).amax(dim=1, keepdim=True)
             ey = dy.gather(1, idx).amax(dim=1, keepdim=True)
             nx = (dx <= ex).sum(dim=1, dtype=torch.int32) - 1
             ny = (dy <= ey).sum(dim=1, dtype=torch.int32) - 1
-            t = dig(nx.to(torch.float64)) + dig(ny.to(torch.float64))
-        out[s:e] = base - t
-    return out
+        nxs[s:e] = nx
+        nys[s:e] = ny
+    return nxs, nys
 
 
-def ross_terms(t: torch.Tensor, labels: torch.Tensor, k: int, norm: str = "max", est_name: str = "ksg") -> torch.Tensor:
+def _counts_tree(x: torch.Tensor, y: torch.Tensor, k: int, algorithm: int):
+    """(n_x, n_y) per point with scipy's cKDTree, max-norm (NPEET's and scikit-learn's algorithm)."""
+    import numpy as np
+
+    xn = x.detach().cpu().to(torch.float64).numpy()
+    yn = y.detach().cpu().to(torch.float64).numpy()
+    inf = float("inf")
+    dist, idx = _knn.tree_knn(np.hstack([xn, yn]), k, p=inf)
+    if algorithm == 1:
+        eps = dist[:, k - 1]
+        nx = _knn.tree_count(xn, eps, p=inf, strict=True)
+        ny = _knn.tree_count(yn, eps, p=inf, strict=True)
+    else:  # extents of the k joint neighbours in each block, counts <= them
+        ex = np.abs(xn[idx] - xn[:, None, :]).max(axis=2).max(axis=1)
+        ey = np.abs(yn[idx] - yn[:, None, :]).max(axis=2).max(axis=1)
+        nx = _knn.tree_count(xn, ex, p=inf, strict=False)
+        ny = _knn.tree_count(yn, ey, p=inf, strict=False)
+    return torch.from_numpy(nx), torch.from_numpy(ny)
+
+
+def _counts_cpu(x: torch.Tensor, y: torch.Tensor, k: int, algorithm: int):
+    """(n_x, n_y) per point by the numba brute-force kernel (CPU, max-norm)."""
+    nx, ny = _cpu.ksg_counts(x.detach().numpy(), y.detach().numpy(), k, algorithm)
+    return torch.from_numpy(nx), torch.from_numpy(ny)
+
+
+def ksg_search(x: torch.Tensor, y: torch.Tensor, norm: str = "max", search: str = "auto", who: str = "ksg") -> str:
+    """The neighbour search KSG uses for these inputs: 'tree' or 'brute' (see _knn.resolve_search)."""
+    return _knn.resolve_search(who, search, device=x.device, n=x.shape[0], dims=x.shape[1] + y.shape[1],
+                               max_tree_dims=_knn.ksg_tree_max_dims(x.shape[0]), tree_ok=(norm == "max"),
+                               why_not="the KD-tree search needs norm='max' (the joint max of two Euclidean "
+                                       "norms is not a metric the tree supports)")
+
+
+def ksg_terms(x: torch.Tensor, y: torch.Tensor, k: int, algorithm: int = 1, norm: str = "max",
+              chunk: int | None = None, search: str = "auto") -> torch.Tensor:
+    """Per-point KSG terms (float64, shape (N,)); their mean is the estimate in nats.
+
+    ``search``: 'auto', 'brute' or 'tree' (see :func:`ksg_search`). Every path yields the same
+    counts n_x, n_y (max-norm distances are exact), hence identical terms; the terms are always
+    computed here, in float64 on ``x``'s device, from those counts."""
+    n = x.shape[0]
+    dev = x.device
+    how = ksg_search(x, y, norm, search)
+    if how == "tree":
+        nx, ny = _counts_tree(x, y, k, algorithm)
+    elif dev.type == "cpu" and norm == "max" and x.dtype in (torch.float32, torch.float64) and _cpu.available() \
+            and chunk is None:
+        nx, ny = _counts_cpu(x, y, k, algorithm)
+    else:
+        nx, ny = _counts_torch(x, y, k, algorithm, norm, chunk)
+    nx, ny = nx.to(dev), ny.to(dev)
+    dig = torch.special.digamma
+    f64 = torch.float64
+    base = float(dig(torch.tensor(float(k), dtype=f64))) + float(dig(torch.tensor(float(n), dtype=f64)))
+    if algorithm == 1:
+        return base - (dig((nx + 1).to(f64)) + dig((ny + 1).to(f64)))
+    return (base - 1.0 / k) - (dig(nx.to(f64)) + dig(ny.to(f64)))
+
+
+def ross_terms(t: torch.Tensor, labels: torch.Tensor, k: int, norm: str = "max", est_name: str = "ksg",
+               search: str = "auto") -> torch.Tensor:
     """Per-point terms of Ross's (2014) continuous-discrete estimator (float64, shape (N,))."""
     n = t.shape[0]
     metric = "max" if norm == "max" else "l2"
@@ -93,11 +149,30 @@ def ross_terms(t: torch.Tensor, labels: torch.Tensor, k: int, norm: str = "max",
             f"at least k+1={k + 1} per class ({len(small)} class(es) are too small).",
             hint="Lower k, merge rare classes, or use 'binning'/'kde' when y is a sample identity.",
         )
+    how = _knn.resolve_search(est_name, search, device=t.device, n=n, dims=t.shape[1],
+                              max_tree_dims=_knn.ksg_tree_max_dims(n), tree_ok=(norm == "max"),
+                              why_not="the KD-tree search needs norm='max'")
+    numba_ok = (how == "brute" and t.device.type == "cpu" and norm == "max" and _cpu.available()
+                and t.dtype in (torch.float32, torch.float64))
     radius = torch.empty(n, dtype=t.dtype, device=t.device)
-    for c in torch.nonzero(counts).reshape(-1).tolist():
-        mask = labels == c
-        radius[mask] = kth_neighbor_distances(t[mask], k, metric=metric)
-    m = count_within(t, radius, metric=metric, strict=True)
+    classes = torch.nonzero(counts).reshape(-1).tolist()
+    if how == "tree" or numba_ok:
+        tn = t.detach().cpu().numpy() if numba_ok else t.detach().cpu().to(torch.float64).numpy()
+        lab = labels.cpu().numpy()
+        rad = tn[:, 0].copy()
+        for c in classes:
+            sel = lab == c
+            if how == "tree":
+                rad[sel] = _knn.tree_knn(tn[sel], k)[0][:, k - 1]
+            else:
+                rad[sel] = _cpu.kth_maxnorm(tn[sel], k)
+        m = _knn.tree_count(tn, rad) if how == "tree" else _cpu.count_maxnorm(tn, rad)
+        m = torch.from_numpy(m).to(t.device)
+    else:
+        for c in classes:
+            mask = labels == c
+            radius[mask] = kth_neighbor_distances(t[mask], k, metric=metric)
+        m = count_within(t, radius, metric=metric, strict=True)
     dig = torch.special.digamma
     f64 = torch.float64
     base = float(dig(torch.tensor(float(n), dtype=f64))) + float(dig(torch.tensor(float(k), dtype=f64)))
@@ -199,6 +274,10 @@ class KSG(Estimator):
     a seeded random order): the MI is unchanged by these increasing maps, and KSG works better
     on Gaussian-like marginals than on skewed or heavy-tailed ones (and becomes invariant to
     any increasing map of any column).
+    ``search`` the neighbour search: "auto" (a KD-tree on CPU with the max-norm where it is
+    faster: joint dims d_x + d_y <= 2 + 1.2 log2(n / 2000), brute force otherwise), "brute" (chunked brute force on the data's device) or
+    "tree" (scipy's cKDTree, CPU, max-norm). Every search gives the same counts, hence the same
+    value; only the time differs (docs/estimate.md, "Speed").
     """
 
     k: int = 3
@@ -209,6 +288,7 @@ class KSG(Estimator):
     norm: str = "max"
     precision: str = "float64"
     copula: bool = False
+    search: str = "auto"
 
     name: ClassVar[str] = "ksg"
     reference: ClassVar[str] = "Kraskov, Stoegbauer & Grassberger 2004, PRE 69:066138; Ross 2014, PLoS ONE 9:e87357"
@@ -225,6 +305,7 @@ class KSG(Estimator):
         _mi.check_choice(self, "norm", self.norm, ("max", "euclidean"))
         _mi.check_choice(self, "precision", self.precision, tuple(_DTYPES))
         self._require(isinstance(self.copula, bool), "copula", "true or false", self.copula)
+        _knn.check_search(self.name, self.search)
 
     def _prep(self, t: torch.Tensor, name: str, salt: int) -> tuple[torch.Tensor, list[int]]:
         if self.copula:
@@ -249,15 +330,19 @@ class KSG(Estimator):
         if split is None:
             cx, dropx = self._prep(tx, "x", 1)
             cy, dropy = self._prep(ty, "y", 2)
-            terms = ksg_terms(cx, cy, self.k, self.algorithm, self.norm)
-            extra.update(dropped_constant_x=dropx, dropped_constant_y=dropy, method=f"KSG-{self.algorithm}")
+            terms = ksg_terms(cx, cy, self.k, self.algorithm, self.norm, search=self.search)
+            extra.update(dropped_constant_x=dropx, dropped_constant_y=dropy, method=f"KSG-{self.algorithm}",
+                         search=ksg_search(cx, cy, self.norm, self.search, self.name))
         else:
             t, lab, swapped = split
             ct, dropt = self._prep(t, "y" if swapped else "x", 1)
             c = _mi.codes(lab)
-            terms = ross_terms(ct, c, self.k, self.norm, self.name)
+            terms = ross_terms(ct, c, self.k, self.norm, self.name, search=self.search)
             cap = _mi.entropy_codes(c)
-            extra.update(dropped_constant=dropt, method="Ross-2014")
+            extra.update(dropped_constant=dropt, method="Ross-2014",
+                         search=_knn.resolve_search(self.name, self.search, device=ct.device, n=ct.shape[0],
+                                                    dims=ct.shape[1], max_tree_dims=_knn.ksg_tree_max_dims(ct.shape[0]),
+                                                    tree_ok=self.norm == "max"))
         value = float(terms.mean())
         stderr = float(terms.std() / math.sqrt(n)) if n > 1 else None
         return self._make(value, n=n, dims=(tx.shape[1], ty.shape[1]), stderr=stderr, cap=cap, extra=extra)

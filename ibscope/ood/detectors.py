@@ -283,6 +283,9 @@ class KNNDetector:
         CPU; needs faiss installed) or "auto" (torch; the choice is recorded).
     device: "auto", "cpu", "cuda:N" or None (None: the input tensor's device).
     dtype: "float32" (default, GEMM precision ~1e-6 relative) or "float64".
+    search: "brute" (exact brute force: torch GEMM + selection, or faiss), "tree" (scipy's
+        cKDTree on the CPU, float64 distances of the features) or "auto" (the tree on CPU for at
+        most 8 feature dims, e.g. after --reduce pca:4, with the torch backend; brute otherwise).
     """
 
     k: int = 50
@@ -291,6 +294,7 @@ class KNNDetector:
     device: str | None = None
     dtype: str = "float32"
     chunk: int | None = None
+    search: str = "auto"
     fitted_: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
 
     name = "knn"
@@ -307,6 +311,12 @@ class KNNDetector:
                              hint="pip install faiss-cpu, or use --backend torch (exact, same results).")
         if self.dtype not in ("float32", "float64"):
             raise UsageError(f"The 'dtype' parameter of knn must be 'float32' or 'float64'. Got {self.dtype!r}.")
+        from ibscope.estimators._knn import check_search
+
+        check_search("knn", self.search)
+        if self.search == "tree" and self.backend == "faiss":
+            raise UsageError("search='tree' and backend='faiss' exclude each other (faiss searches by brute force).",
+                             hint="Use --search tree with --backend auto/torch, or --search brute with faiss.")
 
     def _prep(self, x, name: str, device):
         import torch
@@ -326,9 +336,20 @@ class KNNDetector:
         if backend == "faiss" and ref.device.type != "cpu":
             raise UsageError("The faiss backend runs on CPU here; the features are on " + str(ref.device) + ".",
                              hint="Use --backend torch on GPU (same exact results).")
+        from ibscope.estimators import _knn
+
+        search = _knn.resolve_search("knn", self.search, device=ref.device, n=int(ref.shape[0]), dims=int(ref.shape[1]),
+                                     max_tree_dims=_knn.KNN_TREE_MAX_DIMS, tree_ok=backend != "faiss",
+                                     why_not="backend 'faiss' searches by brute force")
+        self._tree = None
+        if search == "tree":
+            from scipy.spatial import cKDTree
+
+            self._tree = cKDTree(ref.cpu().numpy().astype(np.float64))
         self._ref = ref
         self._backend = backend
         self.fitted_ = {"detector": "knn", "k": int(self.k), "normalize": bool(self.normalize), "backend": backend,
+                        "search": search,
                         "n_fit": int(ref.shape[0]), "dims": int(ref.shape[1]), "device": str(ref.device),
                         "dtype": self.dtype, "distance": "euclidean (k-th neighbour, not squared)"}
         return self
@@ -340,6 +361,11 @@ class KNNDetector:
         q = self._prep(x, "features to score", self._ref.device)
         if q.shape[1] != self._ref.shape[1]:
             raise DataError(f"Features to score have {q.shape[1]} dims; the detector was fitted on {self._ref.shape[1]}.")
+        if self._tree is not None:
+            from ibscope.estimators._knn import _workers
+
+            d, _ = self._tree.query(q.cpu().numpy().astype(np.float64), int(self.k), workers=_workers(q.shape[0]))
+            return np.asarray(d, dtype=np.float64).reshape(q.shape[0], -1)[:, -1].copy()
         if self._backend == "faiss":
             faiss = _faiss()
             d2, _ = faiss.knn(np.ascontiguousarray(q.cpu().numpy(), dtype=np.float32),

@@ -255,6 +255,7 @@ def run_ood(
     ridge: float = 0.0,
     normalize: bool = True,
     backend: str = "auto",
+    search: str = "auto",
     tpr: float = 0.95,
     n_bootstrap: int = 200,
     ci_level: float = 0.95,
@@ -298,7 +299,7 @@ def run_ood(
     ks = sorted({int(k) for k in (ks or (50,))})
     if "knn" in detectors:
         for k in ks:
-            KNNDetector(k=k, normalize=normalize, backend=backend)  # validates k and backend
+            KNNDetector(k=k, normalize=normalize, backend=backend, search=search)  # validates k, backend, search
     MahalanobisDetector(covariance=covariance, ridge=ridge, memory_limit=memory_limit)  # validates options
     if not ood:
         raise UsageError("No OOD set given.", hint="Pass at least one --ood NAME=STORE.")
@@ -388,7 +389,8 @@ def run_ood(
                         device=str(dev))))
                 if "knn" in detectors:
                     for k in ks:
-                        runs.append(("knn", k, KNNDetector(k=k, normalize=normalize, backend=backend, device=str(dev))))
+                        runs.append(("knn", k, KNNDetector(k=k, normalize=normalize, backend=backend, search=search,
+                                                             device=str(dev))))
                 for det_name, k, det in runs:
                     cid = config_id(det_name, red, k)
                     t1 = time.perf_counter()
@@ -443,7 +445,7 @@ def run_ood(
                    for role, st in stores.items()},
         "settings": {"layer": layer, "detectors": detectors, "reductions": reductions, "ks": ks,
                      "checkpoints": ckpts, "covariance": covariance, "class_conditional": class_conditional,
-                     "ridge": ridge, "normalize": normalize, "backend": backend, "tpr": tpr,
+                     "ridge": ridge, "normalize": normalize, "backend": backend, "search": search, "tpr": tpr,
                      "n_bootstrap": n_bootstrap, "ci_level": ci_level, "seed": seed, "device": str(dev),
                      "memory_limit_bytes": mem, "raw_shape": list(shape) if shape else None,
                      "validation": ("separate store" if val is not None else f"random {val_frac:g} of the fit store, held out of the fit"),
