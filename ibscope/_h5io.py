@@ -183,6 +183,16 @@ class GuardedFile:
     def fsync(self) -> None:
         os.fsync(self.fd)
 
+    def sync_data(self) -> None:
+        """Push the data written so far to the disk now (``fdatasync``), so that the final
+        :meth:`fsync` has little left to do. A refusal is recorded like a refused write."""
+        if self._discard:
+            return
+        try:
+            (getattr(os, "fdatasync", None) or os.fsync)(self.fd)
+        except BaseException as exc:  # noqa: BLE001 - reported through error, as for writes
+            self._fail(exc)
+
     def close(self) -> None:
         if self.fd >= 0:
             fd, self.fd = self.fd, -1

@@ -63,6 +63,8 @@ FORMAT = "ibscope-activations"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.h5"
 SHARD_DIR = "checkpoints"
+#: bytes a shard writer appends before it asks the OS to write them to disk (see ShardWriter.append)
+SYNC_BYTES = 8 * 1024 * 1024
 
 
 def _h5py():
@@ -872,6 +874,7 @@ class ShardWriter:
         self._nonfinite: dict[str, int] = {}
         self._ds: dict = {}  # open dataset handles (h5py lookups are slow per batch)
         self._width: dict[str, int] = {}
+        self._unsynced = 0  # bytes appended since the last sync_data()
         self._w: AtomicH5 | None = None
         self.f = None
 
@@ -926,13 +929,20 @@ class ShardWriter:
                 self._absmax[layer] = max(self._absmax[layer], float(np.abs(np.where(fin, batch, 0)).max()))
         ds[r0:r0 + batch.shape[0]] = batch.astype(dtype, copy=False)
         self._rows[layer] = r0 + batch.shape[0]
+        self._unsynced += batch.shape[0] * batch.shape[1] * np.dtype(dtype).itemsize
+        if self._unsynced >= SYNC_BYTES:  # flush to disk as we go: the fsync at the end is short
+            self._unsynced = 0
+            self._w.raw.sync_data()
         self._w.check()
 
     def _create(self, layer: str, d: int, dtype: str):
         n = self.store.n_samples
+        # no chunk cache (1 byte: every chunk is larger): rows are written in whole chunks, so each
+        # write goes (compressed) to the file at once, in the capture's writer thread, instead of
+        # waiting in the cache until the shard is closed
         ds = self.f["acts"].create_dataset(layer, shape=(n, d), dtype=dtype, chunks=(self.chunk_rows(d, dtype), d),
                                            compression=self.store.compression,
-                                           shuffle=self.store.compression is not None)
+                                           shuffle=self.store.compression is not None, rdcc_nbytes=1)
         self._w.check()
         return ds
 
