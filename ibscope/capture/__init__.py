@@ -230,7 +230,7 @@ def capture(
     progress: bool = True,
     sample_seed: int | None = None,
     allow_nonfinite: bool = False,
-    compression: str = "lzf",
+    compression: str = "none",
     max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES,
     jacobian_chunk: int = 16,
     lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT,

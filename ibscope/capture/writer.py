@@ -37,7 +37,10 @@ log = logging.getLogger(__name__)
 
 FLOAT16_MAX = 65504.0
 #: bytes of captured activations that may wait for the writer thread (at least one batch waits)
-MAX_PENDING_BYTES = 64 * 1024 * 1024
+MAX_PENDING_BYTES = 16 * 1024 * 1024
+#: rows of a layer are written in blocks of about this many bytes (whole HDF5 chunks): fewer,
+#: larger writes keep the writer thread's Python work, and so its hold on the GIL, small
+WRITE_BYTES = 4 * 1024 * 1024
 
 _STOP = object()
 
@@ -55,11 +58,12 @@ def batch_stats(arr: np.ndarray) -> tuple[int, float]:
 
 
 class LayerBuffer:
-    """Collects one layer's rows and writes them to the shard in whole HDF5 chunks."""
+    """Collects one layer's rows and writes them to the shard in blocks of whole HDF5 chunks."""
 
     def __init__(self, shard, name: str, dtype: str, d: int):
         self.shard, self.name, self.dtype = shard, name, dtype
-        self.rows = shard.chunk_rows(d, dtype)
+        chunk = shard.chunk_rows(d, dtype)
+        self.rows = chunk * max(1, WRITE_BYTES // max(1, chunk * d * np.dtype(dtype).itemsize))
         self.parts: list[np.ndarray] = []
         self.stats: list[tuple[int, float]] = []
         self.count = 0

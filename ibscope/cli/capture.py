@@ -104,9 +104,11 @@ def register(app: typer.Typer) -> None:
                                                          "numpy scalars, arrays and dtypes are allowed by default."),
         allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Store NaN/inf activations instead of "
                                              "stopping with exit code 4."),
-        compression: str = typer.Option("lzf", "--compression", help="HDF5 compression: lzf (h5py's filter, "
-                                        "with shuffle), gzip (readable by every HDF5 tool, slowest) or none (fastest "
-                                        "writes; float32 activations shrink only ~20-35% with lzf)."),
+        compression: str = typer.Option("none", "--compression", help="HDF5 compression: none (default: the "
+                                        "fastest; capture keeps up with the forward pass), lzf (h5py's filter, with "
+                                        "shuffle: float32 activations shrink ~20-35%, at several times the CPU of "
+                                        "the forward pass on dense layers) or gzip (readable by every HDF5 tool, "
+                                        "smallest, slowest). See docs/capture.md, Performance."),
         lock_timeout: float = typer.Option(DEFAULT_LOCK_TIMEOUT, "--lock-timeout", help="Seconds to wait while another "
                                            "capture writes the same store, then stop naming it (0: do not wait; "
                                            "-1: wait without limit)."),
