@@ -242,7 +242,8 @@ class SlowShard:
         self.rows.setdefault(layer, []).append(np.array(batch))
 
 
-def test_queue_is_bounded_and_rows_arrive_in_order():
+def test_queue_is_bounded_and_rows_arrive_in_order(monkeypatch):
+    monkeypatch.setattr("ibscope.capture.writer.WRITE_BYTES", 0)  # write every whole chunk at once
     shard = SlowShard()
     batch = {"a": torch.arange(64, dtype=torch.float32).reshape(16, 4)}
     nbytes = 16 * 4 * 4
@@ -257,7 +258,8 @@ def test_queue_is_bounded_and_rows_arrive_in_order():
     assert np.array_equal(rows, want)
 
 
-def test_error_in_the_writer_is_raised_in_the_caller_as_the_same_object():
+def test_error_in_the_writer_is_raised_in_the_caller_as_the_same_object(monkeypatch):
+    monkeypatch.setattr("ibscope.capture.writer.WRITE_BYTES", 0)
     shard = SlowShard(delay=0.0, fail_at=3)
     bw = BatchWriter(shard, {"a": 4}, max_pending_bytes=1)
     caught = None
