@@ -592,6 +592,29 @@ class Store:
         parts += [c.sha256.encode() for c in self.checkpoints]
         return sha256_bytes(*parts)
 
+    def summary(self) -> dict:
+        """What the store holds, as plain JSON-able data (``ibscope info``): format, probe set,
+        labels, inputs, capture config, layers with their metadata, complete checkpoints (epoch,
+        step and where they came from, metrics, stored dtypes, Jacobian layers) and the shards
+        skipped as bad. Reads attributes only, no activations."""
+        ckpts = [{"index": c.index, "epoch": c.epoch, "step": c.step, "epoch_exact": c.epoch_exact, "label": c.label,
+                  "path": c.path, "sha256": c.sha256[:12], "order_from": c.epoch_source or c.step_source,
+                  "epoch_source": c.epoch_source, "step_source": c.step_source, "metrics": c.metrics,
+                  "dtypes": sorted(set(c.dtypes.values())), "jacobian_layers": len(c.jacobian_layers)}
+                 for c in self.checkpoints]
+        labels = None
+        if self.labels is not None:
+            classes = len(set(self.labels.reshape(len(self.labels), -1)[:, 0].tolist()))
+            labels = {"dtype": str(self.labels.dtype), "classes": int(classes)}
+        return {
+            "store": str(self.dir), "format_version": self.format_version,
+            "ibscope_version": self.attrs.get("ibscope_version"), "created": self.attrs.get("created"),
+            "n_samples": self.n_samples, "labels": labels,
+            "inputs": [int(s) for s in self.input_shape] if self.has_inputs else None, "config": self.config,
+            "layers": {n: self.layer_meta(n) for n in self.layers}, "checkpoints": ckpts,
+            "skipped": [{"file": b["file"], "reason": b["reason"]} for b in self.skipped],
+        }
+
 
 _MANIFEST_HINT = ("The store's manifest is damaged or was not written by ibscope; re-capture the store "
                   "(`ibscope capture ... --overwrite`).")

@@ -280,7 +280,9 @@ def capture(
     :class:`~ibscope.errors.IOFailure` naming the path; the shard being written is deleted and
     completed checkpoints are kept, so ``resume=True`` continues once the cause is fixed.
     """
-    from ibscope.capture.loading import discover_checkpoints, model_spec_id, resolve_factory, resolve_safe_globals
+    from ibscope.capture.checkpoints import resolve_safe_globals
+    from ibscope.capture.factory import model_spec_id, resolve_factory
+    from ibscope.capture.loading import discover_checkpoints
     from ibscope.capture.probe import load_probe
     from ibscope.store import resolve_store_dir
 
@@ -308,7 +310,7 @@ def capture(
 
     rebuild = None
     if isinstance(model, nn.Module):
-        from ibscope.capture.loading import unwrap_model
+        from ibscope.capture.factory import unwrap_model
 
         template = unwrap_model(model)
         build = (lambda: copy.deepcopy(template))  # noqa: E731
@@ -448,7 +450,7 @@ def _write_store(out, config, pr, meta, inputs, ckpts, targets, reducers, net, d
                  compression, batch_size, dtype, jplan, trust_checkpoint, safe_globals, allow_nonfinite,
                  rebuild=None) -> Path:
     """The writing part of :func:`capture` (run under the store's writer lock)."""
-    from ibscope.capture.loading import describe_alignment, load_checkpoint_into
+    from ibscope.capture.checkpoints import describe_alignment, load_checkpoint_into
     from ibscope.store import StoreWriter
 
     writer = StoreWriter(out, config=config, sample_ids=pr.ids, labels=pr.y, layers=meta, inputs=inputs,

@@ -131,7 +131,7 @@ class Snapshotter:
         written, or None when the store already holds this point."""
         import torch.nn as nn
 
-        from ibscope.capture.loading import unwrap_model
+        from ibscope.capture.factory import unwrap_model
         from ibscope.capture.series import as_float, state_dict_sha256
 
         if not isinstance(model, nn.Module):
