@@ -962,10 +962,12 @@ class ShardWriter:
         n = self.store.n_samples
         # no chunk cache (1 byte: every chunk is larger): rows are written in whole chunks, so each
         # write goes (compressed) to the file at once, in the capture's writer thread, instead of
-        # waiting in the cache until the shard is closed
+        # waiting in the cache until the shard is closed. fletcher32: a checksum per chunk, so that
+        # a chunk damaged on disk is an error when read, with or without compression
         ds = self.f["acts"].create_dataset(layer, shape=(n, d), dtype=dtype, chunks=(self.chunk_rows(d, dtype), d),
                                            compression=self.store.compression,
-                                           shuffle=self.store.compression is not None, rdcc_nbytes=1)
+                                           shuffle=self.store.compression is not None, fletcher32=True,
+                                           rdcc_nbytes=1)
         self._w.check()
         return ds
 

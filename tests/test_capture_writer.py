@@ -84,6 +84,7 @@ def test_stored_values_equal_the_forward_pass_bit_for_bit(runs, compression, dty
         with h5py.File(st.checkpoints[0].shard, "r") as f:
             ds = f[f"acts/{layers[0]}"]
             assert ds.compression == (None if compression == "none" else compression)
+            assert ds.fletcher32  # a checksum per chunk: damage on disk is an error when read
 
 
 def test_default_compression_is_none(runs):
@@ -272,3 +273,35 @@ def test_error_in_the_writer_is_raised_in_the_caller_as_the_same_object(monkeypa
     assert caught is bw.error and caught.message == "disk on fire"
     assert shard.appends == 3  # nothing more was written after the failure
     assert bw._thread is None  # joined
+
+def test_checksum_only_datasets_must_hold_all_their_bytes(tmp_path):
+    """fletcher32 does not shrink data: a checksummed, uncompressed dataset missing chunks is
+    refused before reading, as a plain uncompressed one is."""
+    from ibscope._h5io import check_storage
+
+    with h5py.File(tmp_path / "x.h5", "w") as f:
+        full = f.create_dataset("full", shape=(64, 8), dtype="f4", chunks=(16, 8), fletcher32=True)
+        full[:] = np.ones((64, 8), np.float32)
+        part = f.create_dataset("part", shape=(64, 8), dtype="f4", chunks=(16, 8), fletcher32=True)
+        part[:16] = np.ones((16, 8), np.float32)  # 3 of 4 chunks never written
+        check_storage(full, "'x.h5', dataset 'full'")
+        with pytest.raises(DataError, match="declares shape \\(64, 8\\) .* holds only"):
+            check_storage(part, "'x.h5', dataset 'part'")
+
+
+def test_damaged_chunk_of_a_default_store_is_a_data_error(runs, tmp_path):
+    d, models = runs
+    make, model, x, ck = models["mlp"]
+    out = tmp_path / "acts"
+    capture(make, str(ck), (x, None), ["1"], out, batch_size=BATCH, device="cpu", progress=False)
+    shard = open_store(out).checkpoints[0].shard
+    with h5py.File(shard, "r") as f:
+        info = f["acts/1"].id.get_chunk_info(0)
+    with open(shard, "r+b") as fh:  # flip one byte in the middle of the chunk
+        fh.seek(info.byte_offset + info.size // 2)
+        b = fh.read(1)
+        fh.seek(info.byte_offset + info.size // 2)
+        fh.write(bytes([b[0] ^ 0x10]))
+    with pytest.raises(DataError) as ei:
+        open_store(out).activations(0, "1")
+    assert shard.name in str(ei.value) and "acts/1" in str(ei.value) and "corrupt" in str(ei.value)

@@ -117,6 +117,16 @@ def assert_same_values(a_dir: Path, b_dir: Path) -> None:
             np.testing.assert_array_equal(a.jacobian(ca, layer)[0], b.jacobian(cb, layer)[0])
 
 
+def damage(shard: Path, info) -> None:
+    """Overwrite one stored chunk with random bytes (a chunk damaged on disk). Not all 0xff
+    bytes: Fletcher-32 (the checksum of uncompressed chunks) adds in one's complement, where words
+    0x0000 and 0xffff are equal, so an all-0xff chunk with an all-0xff checksum passes it."""
+    junk = np.random.default_rng(7).integers(0, 256, info.size, dtype=np.uint8).tobytes()
+    with open(shard, "r+b") as fh:
+        fh.seek(info.byte_offset)
+        fh.write(junk)
+
+
 def leftovers(root: Path) -> list[Path]:
     return [p for p in root.rglob("*") if p.name.endswith(".tmp")]
 
@@ -378,9 +388,7 @@ def test_corrupt_chunk_is_a_data_error_naming_shard_and_dataset(run):
     victim = shards(st)[1]
     with h5py.File(victim, "r") as f:
         info = f["acts/fc1"].id.get_chunk_info(0)
-    with open(victim, "r+b") as fh:
-        fh.seek(info.byte_offset)
-        fh.write(b"\xff" * info.size)
+    damage(victim, info)
     got = open_store(st)  # metadata is intact: the check reads no data
     np.testing.assert_array_equal(got.activations(0, "fc1"), open_store(run / "ref").activations(0, "fc1"))
     with pytest.raises(DataError) as ei:
@@ -398,9 +406,7 @@ def test_corrupt_chunk_stops_estimate_then_repair_recomputes_the_cells(run):
     victim = shards(st)[1]
     with h5py.File(victim, "r") as f:
         info = f["acts/fc1"].id.get_chunk_info(0)
-    with open(victim, "r+b") as fh:
-        fh.seek(info.byte_offset)
-        fh.write(b"\xff" * info.size)
+    damage(victim, info)
     out = run / "badchunk_est.csv"
     r = cli("estimate", st, "-o", out, "-e", "binning", "-q")
     assert r.returncode == 4, r.stderr
