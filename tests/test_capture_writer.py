@@ -305,3 +305,30 @@ def test_damaged_chunk_of_a_default_store_is_a_data_error(runs, tmp_path):
     with pytest.raises(DataError) as ei:
         open_store(out).activations(0, "1")
     assert shard.name in str(ei.value) and "acts/1" in str(ei.value) and "corrupt" in str(ei.value)
+
+
+def test_snapshot_of_a_live_model_goes_through_the_writer(tmp_path):
+    """The fast test of ibscope.capture.live (the end-to-end one is slow): two snapshots of a
+    model in training, values equal to its forward pass bit for bit, mode restored, a point
+    already in the store skipped."""
+    from ibscope.capture import snapshot
+
+    torch.manual_seed(0)
+    x = torch.randn(N, 20)
+    np.savez(tmp_path / "probe.npz", x=x.numpy())
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for epoch in range(2):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+        assert snapshot(model, tmp_path / "probe.npz", tmp_path / "acts", layers=["3", "4"], epoch=epoch,
+                        batch_size=BATCH) is not None
+        assert model.training
+    assert snapshot(model, tmp_path / "probe.npz", tmp_path / "acts", layers=["3", "4"], epoch=1,
+                    batch_size=BATCH) is None
+    st = open_store(tmp_path / "acts")
+    assert [c.epoch for c in st.checkpoints] == [0, 1]
+    want = reference(model.eval(), x, ["3", "4"], lambda o: o)
+    for name in ("3", "4"):
+        assert np.array_equal(st.activations(1, name), want[name])

@@ -114,6 +114,7 @@ def test_code_in_a_pickle_is_refused_and_never_run(tmp_path):
     assert not (tmp_path / "pwned").exists()
 
 
+@pytest.mark.slow
 def test_custom_class_refused_once_then_allowed_subprocess(tmp_path):
     (tmp_path / "trainlib.py").write_text(TRAINLIB)
     mods = load_models(tmp_path)

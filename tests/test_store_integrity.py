@@ -171,6 +171,7 @@ FAULT = textwrap.dedent("""
 
 
 # ----------------------------------------------------------------------------- truncated shard
+@pytest.mark.slow
 def test_truncated_shard_is_exit_4_skippable_and_repaired_by_resume(run):
     st = copy_store(run, "trunc")
     victim = shards(st)[1]
@@ -397,6 +398,7 @@ def test_corrupt_chunk_is_a_data_error_naming_shard_and_dataset(run):
     assert f"Delete '{victim}'" in ei.value.hint and "--resume" in ei.value.hint  # the check reads no data
 
 
+@pytest.mark.slow
 def test_corrupt_chunk_stops_estimate_then_repair_recomputes_the_cells(run):
     """A chunk damaged on disk is found only when estimate reads it: exit 4 naming shard and
     dataset, nothing written (not a noted cell: the estimate is not at fault). With
@@ -429,6 +431,7 @@ def test_corrupt_chunk_stops_estimate_then_repair_recomputes_the_cells(run):
     assert all(x["note"] == "" for x in again.values())
 
 
+@pytest.mark.slow
 def test_resume_refuses_to_mix_a_retrained_run_into_the_store(run, tmp_path):
     """Checkpoints retrained in place (same paths and epochs, new weights), or a new file whose
     epoch is already captured: --resume refuses (exit 4) instead of adding a second series."""
@@ -460,6 +463,7 @@ def test_resume_refuses_to_mix_a_retrained_run_into_the_store(run, tmp_path):
     assert r.returncode == 0 and len(shards(store)) == 3
 
 
+@pytest.mark.slow
 def test_resume_of_a_store_moved_with_its_run_folder(run, tmp_path):
     """The run folder (model file, checkpoints, probe, store) copied elsewhere: --resume works from
     the new paths (same file names, same probe data), keeps the store's config, and the repaired
@@ -528,6 +532,7 @@ def full_disk(run: Path, tmp_path: Path):
     yield tmp_path, budgets.clear, budgets
 
 
+@pytest.mark.slow
 def test_disk_full_is_a_clean_error_and_resume_completes(run, tmp_path):
     with full_disk(run, tmp_path) as (disk, free_space, budgets):
         def capture_cli(*extra):
@@ -570,6 +575,7 @@ def test_disk_full_while_writing_the_manifest_leaves_no_store_behind(run, tmp_pa
     assert_same_values(out, run / "ref")
 
 
+@pytest.mark.slow
 def test_io_error_mid_shard_by_fault_injection(run, tmp_path):
     man, shard = _sizes(run)
     out = tmp_path / "acts"
@@ -709,6 +715,7 @@ def test_text_writes_leave_no_tmp_on_failure(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- one writer at a time
+@pytest.mark.slow
 def test_second_capture_into_a_store_is_refused_naming_the_lock(run):
     out = run / "locked"
     shutil.rmtree(out, ignore_errors=True)
