@@ -71,6 +71,7 @@ def test_kill_9_then_resume_matches_fresh_capture(tmp_path):
             np.testing.assert_array_equal(resumed.activations(a, layer), fresh.activations(b, layer))
 
 
+@pytest.mark.slow
 def test_ctrl_c_exits_130_and_keeps_complete_checkpoints(tmp_path):
     mods = load_models(tmp_path)
     x, y = mlp_data(n=64)

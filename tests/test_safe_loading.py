@@ -49,6 +49,7 @@ def numpy_ckpt(tmp_path):
     return tmp_path, net, x
 
 
+@pytest.mark.slow
 def test_numpy_scalar_checkpoint_captures_without_trust_subprocess(numpy_ckpt):
     d, net, x = numpy_ckpt
     r = _cli(d, "capture", "-m", f"{write_models(d)}:MLP", "-c", d / "ep5.pt", "-p", d / "probe.npz", "-l", "fc1",

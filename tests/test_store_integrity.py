@@ -342,6 +342,7 @@ def test_crafted_store_is_exit_4_naming_file_and_attribute(run, name, craft, nam
         assert [Path(s["file"]).name for s in json.loads(res.stdout)["skipped"]] == [named]
 
 
+@pytest.mark.slow
 def test_crafted_huge_shape_refused_by_estimate_under_a_memory_limit(run):
     st = copy_store(run, "crafted_estimate")
     _huge_shape(st)
