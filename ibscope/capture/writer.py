@@ -37,10 +37,10 @@ log = logging.getLogger(__name__)
 
 FLOAT16_MAX = 65504.0
 #: bytes of captured activations that may wait for the writer thread (at least one batch waits)
-MAX_PENDING_BYTES = 16 * 1024 * 1024
+MAX_PENDING_BYTES = 8 * 1024 * 1024
 #: rows of a layer are written in blocks of about this many bytes (whole HDF5 chunks): fewer,
 #: larger writes keep the writer thread's Python work, and so its hold on the GIL, small
-WRITE_BYTES = 4 * 1024 * 1024
+WRITE_BYTES = 2 * 1024 * 1024
 
 _STOP = object()
 
