@@ -41,9 +41,9 @@ def _number(minimum: float | None) -> Callable[[Any], float]:
 
 
 #: a finite number >= 0 (tolerances, margins)
-NonNegative = Annotated[float, BeforeValidator(_number(0.0)), Field(ge=0, allow_inf_nan=False)]
+NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False), BeforeValidator(_number(0.0))]
 #: any finite number (bounds, epochs)
-Finite = Annotated[float, BeforeValidator(_number(None)), Field(allow_inf_nan=False)]
+Finite = Annotated[float, Field(allow_inf_nan=False), BeforeValidator(_number(None))]
 
 
 def _selector(v: Any) -> Any:

@@ -194,8 +194,9 @@ def load_rules(rules: str | os.PathLike | Mapping | Sequence | None) -> dict[str
         data = {"rules": list(data)}
     if not isinstance(data, Mapping):
         raise UsageError(f"{src}: expected a mapping with 'rules:' and/or 'tolerances:'. Got {type(data).__name__}.")
-    _validate(CheckSettings, dict(data), src)
     out = dict(data)
+    src = str(out.pop("_source", src))  # the output of load_rules is accepted again
+    _validate(CheckSettings, out, src)
     out["_source"] = src
     return out
 
