@@ -148,7 +148,7 @@ def _noted(rows: list[dict], shown: int = 20) -> dict | None:
     noted = [r for r in rows if r["value"] is None]
     if not noted:
         return None
-    return {"count": len(noted), "items": [r.get("note") or "(no note)" for r in noted[:shown]],
+    return {"count": len(noted), "lines": [r.get("note") or "(no note)" for r in noted[:shown]],
             "more": max(0, len(noted) - shown)}
 
 
