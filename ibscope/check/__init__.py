@@ -22,7 +22,7 @@ Two kinds of checks, each reported as one test case with the numbers it used:
   within +-10 of 50".
 
 Layout: ``settings`` (the rules file and options as pydantic models), ``curves`` (tables as
-curves), ``baseline``, ``rules`` (one class per rule type), ``report`` (JSON, JUnit, table),
+curves), ``baseline``, ``rules`` (one class per rule type), ``report`` (JSON, table), ``junit``,
 ``run`` (:func:`run_check`).
 
 Public API: :func:`run_check` -> :class:`CheckReport` (``.ok``, ``.failures``,
@@ -34,7 +34,8 @@ such as "dimensions" are compared as they are). ``atol`` is in the comparison un
 """
 
 from ibscope.check.baseline import PointVerdict, compare, point_verdict
-from ibscope.check.report import CHECK_FORMAT, CHECK_VERSION, CaseResult, CheckReport, atomic_write_text, junit_for_error
+from ibscope.check.junit import junit_for_error
+from ibscope.check.report import CHECK_FORMAT, CHECK_VERSION, CaseResult, CheckReport, atomic_write_text
 from ibscope.check.rules import (
     RULE_TYPES, AnyRule, AtLeast, AtMost, Compression, Decreases, Increases, PeakEpoch, Rule, evaluate_rules,
     parse_rule,

@@ -1,5 +1,5 @@
 """What a check found: one :class:`CaseResult` per baseline curve or rule x curve, gathered in a
-:class:`CheckReport` that renders as a rich table, strict JSON and JUnit XML."""
+:class:`CheckReport` that renders as a rich table, strict JSON and JUnit XML (:mod:`ibscope.check.junit`)."""
 
 from __future__ import annotations
 
@@ -73,26 +73,9 @@ class CheckReport:
 
     def to_junit_xml(self, suite_name: str = "ibscope check") -> str:
         """JUnit XML: one <testsuite> per group, one <testcase> per case; failures carry the numbers."""
-        import xml.etree.ElementTree as ET
+        from ibscope.check.junit import report_xml
 
-        counts = self.counts()
-        root = ET.Element("testsuites", name=suite_name, tests=str(counts["cases"]),
-                          failures=str(counts["failed"]), errors="0", time="0")
-        for group in ("baseline", "rules"):
-            cases = [c for c in self.cases if c.group == group]
-            if not cases:
-                continue
-            suite = _suite(root, f"{suite_name}: {group}", tests=len(cases), failures=sum(c.failed for c in cases))
-            for c in cases:
-                tc = ET.SubElement(suite, "testcase", classname=f"ibscope.check.{group}", name=c.name, time="0")
-                body = json.dumps(clean(c.details), indent=2, sort_keys=True, default=json_default)
-                if c.status == "fail":
-                    el = ET.SubElement(tc, "failure", message=c.message, type="regression")
-                    el.text = body
-                else:
-                    out = ET.SubElement(tc, "system-out")
-                    out.text = (f"WARNING: {c.message}\n" if c.status == "warn" else f"{c.message}\n") + body
-        return _xml(root)
+        return report_xml(self, suite_name)
 
     def write_json(self, path: str | os.PathLike) -> Path:
         return atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True, default=json_default) + "\n")
@@ -118,33 +101,6 @@ class CheckReport:
                 continue
             t.add_row(style[c.status], escape(c.name), escape(c.message))
         return t
-
-
-def _suite(root, name: str, *, tests: int, failures: int, errors: int = 0):
-    import xml.etree.ElementTree as ET
-
-    return ET.SubElement(root, "testsuite", name=name, tests=str(tests), failures=str(failures),
-                         errors=str(errors), skipped="0", time="0")
-
-
-def _xml(root) -> str:
-    import xml.etree.ElementTree as ET
-
-    ET.indent(root)
-    return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
-
-
-def junit_for_error(message: str, exit_code: int, suite_name: str = "ibscope check") -> str:
-    """JUnit XML for a check that could not run (unusable input): one test case with an
-    <error>, so that a CI test reporter shows why instead of "no report found"."""
-    import xml.etree.ElementTree as ET
-
-    root = ET.Element("testsuites", name=suite_name, tests="1", failures="0", errors="1", time="0")
-    suite = _suite(root, f"{suite_name}: input", tests=1, failures=0, errors=1)
-    tc = ET.SubElement(suite, "testcase", classname="ibscope.check.input", name="read results, baseline and rules",
-                       time="0")
-    ET.SubElement(tc, "error", message=message, type=f"exit code {exit_code}").text = message
-    return _xml(root)
 
 
 def json_default(o: Any):
