@@ -4,7 +4,8 @@
 orders the checkpoints (epoch/step stored in each file, else a number in its name), loads each
 one safely (``weights_only``) and strictly, runs the fixed probe set through it with forward
 hooks on the selected layers, and streams the (reduced) activations batch by batch into one
-HDF5 shard per checkpoint (see :mod:`ibscope.store`). Optionally it stores, for the first N
+HDF5 shard per checkpoint (see :mod:`ibscope.store`), written by a thread beside the forward
+pass (see :mod:`ibscope.capture.writer`). Optionally it stores, for the first N
 probe samples, the singular values of each layer's Jacobian with respect to the input.
 """
 
