@@ -81,7 +81,7 @@ def hf_runs(tmp_path_factory):
                                                     num_attention_heads=2, intermediate_size=32,
                                                     max_position_embeddings=16, num_labels=2))
     cb = TrainerCapture(str(root / "tokens.npz"), root / "live_bert", ["bert.encoder.layer.*", "classifier"],
-                        reduce={"bert.encoder.layer.*": "cls"}, every_n_steps=2, every_n_epochs=None)
+                        reduce={"bert.encoder.layer.*": "cls"}, every_n_steps=2)  # steps only (the default)
     train(bert, root / "bert", lm=False, callbacks=[cb])
     gpt = GPT2LMHeadModel(GPT2Config(vocab_size=60, n_embd=16, n_layer=2, n_head=2, n_positions=16,
                                      bos_token_id=0, eos_token_id=0))
@@ -112,7 +112,9 @@ def test_hf_trainer_folders_encoder(hf_runs):
             out = ref(x, output_hidden_states=True)
         np.testing.assert_allclose(st.activations(i, "classifier"), out.logits.numpy(), **TOL)
         np.testing.assert_allclose(st.activations(i, "bert.encoder.layer.1"), out.hidden_states[2][:, 0].numpy(), **TOL)
-        # captured during training (TrainerCapture) == captured afterwards from the saved folder
+        # captured during training (TrainerCapture) == captured afterwards from the saved folder,
+        # metrics included: the loss logged at that step, not one logging period earlier
+        assert live.checkpoints[i].metrics["loss"] == st.checkpoints[i].metrics["loss"]
         for layer in st.layers:
             np.testing.assert_allclose(live.activations(i, layer), st.activations(i, layer), **TOL)
 

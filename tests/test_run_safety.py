@@ -278,7 +278,7 @@ def test_second_run_on_one_folder_is_refused_naming_the_lock(toy):
     first = subprocess.Popen([sys.executable, "-m", "ibscope.cli.main", "run", "slow.yaml", "-o", "so", "-q"], cwd=toy,
                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        holder = toy / "so.lock.holder.json"
+        holder = toy / ".so.lock.holder.json"
         t0 = time.time()
         while not holder.exists():  # the first run holds the folder's lock
             assert first.poll() is None and time.time() - t0 < 120, first.communicate()
@@ -291,7 +291,7 @@ def test_second_run_on_one_folder_is_refused_naming_the_lock(toy):
     text = " ".join(second.stderr.split())
     assert second.returncode == 1, second.stderr
     assert f"The run folder '{toy / 'so'}' is being written by process {first.pid}" in text
-    assert f"its lock '{toy / 'so.lock'}'" in text and "--lock-timeout" in text
+    assert f"its lock '{toy / '.so.lock'}'" in text and "--lock-timeout" in text
     assert first.returncode == 0, err
     # the refused run changed nothing: the stamps are the first run's, for its config
     stamp = json.loads((toy / "so" / ".ibscope" / "stages" / "estimate.json").read_text())

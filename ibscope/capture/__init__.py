@@ -274,7 +274,7 @@ def capture(
     A capture that fails before its first checkpoint is stored removes the store it created,
     so the same command (fixed) can simply be run again.
 
-    The whole capture holds the store's writer lock (``OUT.lock`` next to ``OUT``): a second
+    The whole capture holds the store's writer lock (``.OUT.lock`` next to ``OUT``): a second
     capture into the same store waits up to ``lock_timeout`` seconds (negative or None: without
     limit), then stops with :class:`~ibscope._locks.LockTimeout` naming the lock file and its
     holder. A write the system refuses (disk full, read-only, no permission) raises

@@ -122,7 +122,7 @@ def register(app: typer.Typer) -> None:
 
         Writes one HDF5 shard per checkpoint under OUT/checkpoints/ (complete or absent, even after
         a crash) and OUT/manifest.h5 with sample ids, labels and the layer list. One capture
-        writes a store at a time (lock file OUT.lock). --resume also deletes and re-captures
+        writes a store at a time (hidden lock file .OUT.lock next to it). --resume also deletes and re-captures
         shards it finds truncated or corrupt. Exit codes: 0 ok, 1 error (disk full, read-only,
         no permission: the path is named and no partial file is left; store locked by another
         capture), 2 usage (bad option, unknown layer, --safe-globals name that cannot be
