@@ -69,6 +69,7 @@ def expected_keys(rows, store):
 
 
 # ------------------------------------------------------------------------------------------ stale rows
+@pytest.mark.slow
 def test_refresh_after_overwrite_and_new_probe_equals_a_fresh_estimate(tmp_path):
     d = tiny_tanh_run(tmp_path, 96, "tiny_stale_model")
     acts = capture(f"{d / 'tiny.py'}:make", str(d / "ck" / "*.pt"), d / "probe.npz", ["type:Tanh"], d / "acts",
@@ -206,6 +207,7 @@ def dead_store(tmp_path_factory):
     return capture(f"{d / 'relu.py'}:make", str(d / "ck" / "*.pt"), d / "p.npz", ["1"], d / "acts", progress=False)
 
 
+@pytest.mark.slow
 def test_dead_layer_cells_zero_or_noted_healthy_cells_written(dead_store, tmp_path):
     out = tmp_path / "r.csv"
     r = ib("estimate", dead_store, "-o", out, "-e", "ksg", "-e", "twonn", "-e", "binning", "-q")
@@ -249,6 +251,7 @@ def test_dead_layer_cells_zero_or_noted_healthy_cells_written(dead_store, tmp_pa
     assert r.returncode == 0 and len(read_results(tmp_path / "default.csv")) == 3 * 4, r.stderr
 
 
+@pytest.mark.slow
 def test_noted_cells_same_with_jobs_and_api_strict(dead_store, tmp_path):
     one = run_estimate(dead_store, tmp_path / "one.csv", ["ksg", "mle-id"], progress=False)
     two = run_estimate(dead_store, tmp_path / "two.csv", ["ksg", "mle-id"], jobs=2, progress=False)
@@ -292,6 +295,7 @@ def test_checkpoint_without_jacobians_is_one_noted_cell(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ locks
+@pytest.mark.slow
 def test_two_concurrent_estimates_lose_no_rows(two_runs, tmp_path):
     out = tmp_path / "conc.csv"
     acts = two_runs / "acts_a"
@@ -320,6 +324,7 @@ def test_two_concurrent_estimates_lose_no_rows(two_runs, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ misuse
+@pytest.mark.slow
 def test_misuse_is_usage_or_data_error(two_runs, tmp_path):
     acts = two_runs / "acts_a"
     good = tmp_path / "results.csv"
@@ -347,6 +352,7 @@ def test_misuse_is_usage_or_data_error(two_runs, tmp_path):
     assert not (tmp_path / "pf").exists()
 
 
+@pytest.mark.slow
 def test_outputs_under_a_file_are_usage_errors(two_runs, tmp_path):
     """-o below an existing file (or a file where a folder is needed): exit 2 naming both, before
     any work, and nothing written; for estimate, plot, report and capture alike."""

@@ -89,6 +89,7 @@ def hf_runs(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_hf_trainer_folders_encoder(hf_runs):
     from transformers import BertForSequenceClassification
 
@@ -118,6 +119,7 @@ def test_hf_trainer_folders_encoder(hf_runs):
             np.testing.assert_allclose(live.activations(i, layer), st.activations(i, layer), **TOL)
 
 
+@pytest.mark.slow
 def test_hf_decoder_tied_weights_sharded_and_bin(hf_runs, tmp_path):
     from transformers import GPT2LMHeadModel
 
@@ -211,6 +213,7 @@ def lit_run(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_lightning_checkpoints_numbers_metrics_and_values(lit_run):
     root = lit_run
     os.chdir(root)
@@ -263,6 +266,7 @@ def test_logged_loss_is_never_converted(tmp_path):
 
 
 # ----------------------------------------------------------------------------- plain PyTorch
+@pytest.mark.slow
 def test_snapshot_in_a_plain_loop_then_estimate_plot_check_ood(tmp_path, caplog):
     os.chdir(tmp_path)
     torch.manual_seed(0)
