@@ -64,7 +64,8 @@ def register(app: typer.Typer) -> None:
                                          "(layer1.0.conv2), glob (encoder.*, **.fc), re:REGEX, type:Linear, 'output'; "
                                          "suffixes @CALL (reused modules), [0] / ['key'] (tuple/dict element), :in "
                                          "(module input), =ALIAS."),
-        out: Path = typer.Option(..., "--out", "-o", help="Store directory to create (or resume)."),
+        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Store directory to create (or resume); "
+                                           "required except with --dry-run."),
         model_args: Optional[str] = typer.Option(None, "--model-args", help="Keyword arguments for the factory: JSON or "
                                                  "YAML, inline or a .json/.yaml file."),
         reduce: Optional[List[str]] = typer.Option(None, "--reduce", "-r", help="Reduction to (samples, features): auto "
