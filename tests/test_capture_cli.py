@@ -192,3 +192,13 @@ def test_cli_data_errors_exit_4(run_dir):
     (d / "corrupt" / "manifest.h5").write_bytes(b"\x89HDF\r\n\x1a\n truncated")
     _expect(invoke("info", d / "corrupt"), 4, "manifest.h5' is truncated, corrupt or not HDF5")
     _expect(invoke("info", d / "missing"), 4, "Activation store not found")
+
+
+def test_unsafe_alias_is_named_not_an_unknown_layer():
+    from ibscope.capture.selectors import parse_spec
+    from ibscope.errors import UsageError
+
+    assert parse_spec("fc1=fc1_out").alias == "fc1_out" and parse_spec("re:a=b").alias == "b"
+    for raw in ("fc1=../../evil", "fc1=", "fc1=a/b"):
+        with pytest.raises(UsageError, match="is not a valid layer name"):
+            parse_spec(raw)
