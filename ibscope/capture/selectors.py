@@ -218,7 +218,7 @@ def trace_modules(model, x) -> dict[str, ModuleTrace]:
     """
     import torch
 
-    traces = {name: ModuleTrace(name, type(mod).__name__, n_params=sum(p.numel() for p in mod.parameters(recurse=False)))
+    traces = {name: ModuleTrace(name, type(mod).__name__, n_params=sum(p.numel() for p in mod.parameters()))
               for name, mod in model.named_modules()}
     counter = [0]
     handles = []

@@ -229,7 +229,7 @@ def register(app: typer.Typer) -> None:
             it.add_row(e["name"], "x".join(map(str, e["shape"])) or "scalar", e["dtype"], e["passed"], e["role"])
         console().print(it)
         tab = Table(title=f"Modules of {model} (batch of {got['batch']}), in execution order", title_justify="left")
-        for col in ("module", "type", "calls", "output (first call)", "params"):
+        for col in ("module", "type", "calls", "output (first call)", "params (incl. children)"):
             tab.add_column(col)
         for r in rows:
             calls = str(r["calls"]) if r["calls"] != 1 else "1"
