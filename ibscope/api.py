@@ -60,6 +60,7 @@ def mutual_information(x, y, method: str = "ksg", *, null_permutations: int = 0,
     A value within 1 % of its cap (H(Y), log n, log batch) is flagged ``saturated`` and
     warned about: the estimator cannot show more at this n and width (see docs/trust.md).
     """
+    from ibscope.estimators._fast import few_threads, row_codes
     from ibscope.estimators.base import as_tensor
     from ibscope.estimators.nulls import check_settings, with_null
 
@@ -78,18 +79,19 @@ def mutual_information(x, y, method: str = "ksg", *, null_permutations: int = 0,
     est = registry.create(method, **params)
     if est.kind != "pair":
         raise UsageError(f"Estimator '{method}' measures one representation ({est.quantity}); use ibscope.measure().")
-    if discrete_y is not False:
-        import torch
-
-        ty = as_tensor(y, name="y", estimator=method)
-        if discrete_y and ty.is_floating_point():
-            y = torch.unique(ty, dim=0, return_inverse=True)[1].reshape(-1).to(torch.int64)
-        elif discrete_y is None and ty.is_floating_point() and ty.shape[1] == 1 and \
-                as_tensor(x, name="x", estimator=method).is_floating_point():
-            labels = integral_float_labels(ty, "y", f"{method}: ")  # labels saved as 0.0/1.0
-            if labels is not None:
-                y = labels
-    e = with_null(est, x, y, null_permutations, null_seed) if null_permutations else est.estimate(x, y)
+    # a small problem of an estimator whose work is linear in its input runs on one torch thread
+    # (waking the thread pool for each small operation costs more than it saves)
+    with few_threads(_elements(x) + _elements(y), getattr(est, "serial_below", 0)):
+        if discrete_y is not False:
+            ty = as_tensor(y, name="y", estimator=method)
+            if discrete_y and ty.is_floating_point():
+                y = row_codes(ty)  # the rank of each distinct row: torch.unique(dim=0)'s numbering
+            elif discrete_y is None and ty.is_floating_point() and ty.shape[1] == 1 and \
+                    as_tensor(x, name="x", estimator=method).is_floating_point():
+                labels = integral_float_labels(ty, "y", f"{method}: ")  # labels saved as 0.0/1.0
+                if labels is not None:
+                    y = labels
+        e = with_null(est, x, y, null_permutations, null_seed) if null_permutations else est.estimate(x, y)
     if e.saturated:
         warnings.warn(
             f"{method}: the estimate {e.value:.4g} nats is within 1% of its cap {e.cap:.4g} nats (n = {e.n_samples}): "
@@ -99,9 +101,27 @@ def mutual_information(x, y, method: str = "ksg", *, null_permutations: int = 0,
     return e
 
 
+def _elements(a) -> int:
+    """How many numbers ``a`` holds (a tensor, an array, or anything numpy reads)."""
+    if hasattr(a, "numel"):
+        return int(a.numel())
+    size = getattr(a, "size", None)
+    if isinstance(size, int):
+        return size
+    import numpy as np
+
+    try:
+        return int(np.size(a))
+    except Exception:  # unreadable input: the estimator reports it in its own words
+        return 0
+
+
 def measure(x, method: str = "effective-rank", **params: Any) -> Estimate:
     """Compute a single-representation measure (effective rank, intrinsic dimension, ...)."""
     est = registry.create(method, **params)
     if est.kind == "pair":
         raise UsageError(f"Estimator '{method}' needs two variables; use ibscope.mutual_information(x, y, method={method!r}).")
-    return est.estimate(x)
+    from ibscope.estimators._fast import few_threads
+
+    with few_threads(_elements(x), getattr(est, "serial_below", 0)):
+        return est.estimate(x)

