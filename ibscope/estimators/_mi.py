@@ -30,7 +30,12 @@ def codes(t: torch.Tensor) -> torch.Tensor:
 
 def entropy_codes(c: torch.Tensor) -> float:
     """Plug-in (maximum-likelihood) entropy of the symbols ``c`` in nats."""
-    counts = torch.bincount(c).to(torch.float64)
+    return entropy_counts(torch.bincount(c))
+
+
+def entropy_counts(counts: torch.Tensor) -> float:
+    """Plug-in entropy (nats) of the symbol counts ``counts`` (zeros are skipped)."""
+    counts = counts.to(torch.float64)
     counts = counts[counts > 0]
     p = counts / counts.sum()
     return float(-(p * p.log()).sum())
@@ -39,6 +44,29 @@ def entropy_codes(c: torch.Tensor) -> float:
 def joint_codes(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     nb = int(b.max()) + 1
     return codes((a * nb + b).reshape(-1, 1))
+
+
+#: joint codes spread over at most this many values (or 8 n) are counted with a bincount
+_DENSE_JOINT = 1 << 16
+
+
+def joint_entropy(a: torch.Tensor, b: torch.Tensor, ha: float | None = None, hb: float | None = None) -> float:
+    """``entropy_codes(joint_codes(a, b))`` of two symbol sequences (each numbered 0..k-1 with
+    every symbol present, as :func:`codes` numbers them), bit for bit, with less work: the
+    entropy needs only the counts of the pairs, in the order of their codes (a bincount of
+    the raw pair codes when they are dense, a sorted count otherwise). When every symbol of
+    one side occurs once (sample ids), every pair is distinct and H(A, B) is that side's
+    entropy ``ha`` / ``hb`` (the same n counts of 1)."""
+    n = int(a.shape[0])
+    ka, kb = int(a.max()) + 1, int(b.max()) + 1
+    if ka == n and ha is not None:
+        return ha
+    if kb == n and hb is not None:
+        return hb
+    joint = a * kb + b
+    if ka * kb <= max(8 * n, _DENSE_JOINT):
+        return entropy_counts(torch.bincount(joint, minlength=1))
+    return entropy_counts(torch.unique(joint, sorted=True, return_counts=True)[1])
 
 
 def plugin_mi(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:

@@ -23,21 +23,33 @@ code; ``adaptive-binning`` is ibscope's variant of it (see their docstrings for 
 from __future__ import annotations
 
 import abc
+import functools
 import math
 import warnings
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 
 from ibscope.estimators import _fast, _mi
-from ibscope.estimators.base import Estimate, Estimator, is_discrete
+from ibscope.estimators import nulls as _nulls
+from ibscope.estimators.base import Estimate, Estimator, as_tensor, check_pair, is_discrete
+from ibscope.estimators.degenerate import constant_from
 from ibscope.estimators.registry import register
 
 
 #: largest contingency table (symbols of x times symbols of y times permutations) that the
 #: permutation null counts in one bincount; larger ones are counted permutation by permutation
 NULL_TABLE_CELLS = 2 ** 22  # 32 MiB of int64 counts
+
+
+class Side(NamedTuple):
+    """One prepared side of a binning estimate (see :meth:`_BinningMixin.side`)."""
+
+    t: torch.Tensor      # the converted (n, d) input
+    sym: torch.Tensor    # one int64 symbol per row
+    outside: int         # values outside [range_min, range_max]
+    h: float             # plug-in entropy of the symbols, nats
 
 
 class _BinningMixin:
@@ -59,18 +71,50 @@ class _BinningMixin:
 
     @staticmethod
     def _mi_from(ha: float, hb: float, a: torch.Tensor, b: torch.Tensor) -> float:
-        mi = ha + hb - _mi.entropy_codes(_mi.joint_codes(a, b))
+        mi = ha + hb - _mi.joint_entropy(a, b, ha, hb)
         return max(mi, 0.0) if abs(mi) < 1e-12 else mi
 
+    # The estimate is computed from two prepared sides (a converted tensor, its symbols, the
+    # values outside the range, its plug-in entropy). ``estimate`` converts each input once and
+    # applies the rule for constant inputs itself (so the base class does not convert them a
+    # second time); ``ibscope estimate`` prepares the side that is the same for every cell of a
+    # store (the sample ids or the labels) once per store and reuses it (:meth:`estimate_sides`).
+    def side(self, v, name: str = "x") -> Side:
+        """Convert ``v`` as argument ``name`` (``as_tensor``) and bin it: all that the estimate
+        needs of one side, reusable with any other side of the same length and device."""
+        return self._side(as_tensor(v, name=name, estimator=self))
+
+    def _side(self, t: torch.Tensor) -> Side:
+        sym, outside = self._symbols(t)
+        return Side(t, sym, outside, _mi.entropy_codes(sym))
+
     def estimate(self, x, y) -> Estimate:
-        return self._estimate(*self._prepared(x, y))
-
-    def _prepared(self, x, y):
         tx, ty = _mi.pair(self, x, y)
-        (sx, ox), (sy, oy) = self._symbols(tx), self._symbols(ty)
-        return tx, ty, sx, sy, ox, oy, _mi.entropy_codes(sx), _mi.entropy_codes(sy)
+        got = constant_from(self, (tx, ty))
+        if got is not None:
+            return got
+        return self._estimate(self._side(tx), self._side(ty), stacklevel=3)
 
-    def _estimate(self, tx, ty, sx, sy, ox, oy, ha, hb) -> Estimate:
+    estimate._ibscope_degenerate_rule = True  # the rule is applied above, on the converted inputs
+
+    def estimate_sides(self, a: Side, b: Side, null_permutations: int = 0, null_seed: int = 0) -> Estimate:
+        """The estimate of the prepared sides ``a`` (x) and ``b`` (y) (:meth:`side`), with its
+        permutation null when ``null_permutations`` > 0: the same Estimate, warnings and null
+        as ``estimate(x, y)`` and ``with_null(est, x, y, N, seed)``."""
+        tx, ty = check_pair(a.t, b.t, self.name)
+        if ty is not b.t:  # another device: y follows x, as in estimate()
+            b = self._side(ty)
+        got = constant_from(self, (tx, ty))
+        if not null_permutations:
+            return got if got is not None else self._estimate(a, b, stacklevel=3)
+        if got is not None:  # permuting a constant changes nothing: the null is 0
+            return _nulls.attach(self, got, [0.0] * null_permutations, null_permutations, null_seed)
+        perms = _nulls.permutations(int(tx.shape[0]), null_permutations, null_seed)
+        e = self._estimate(a, b, stacklevel=3)
+        return _nulls.attach(self, e, self._null(a.sym, b.sym, a.h, b.h, perms), null_permutations, null_seed)
+
+    def _estimate(self, a: Side, b: Side, stacklevel: int = 4) -> Estimate:
+        tx, ty, sx, sy, ox, oy, ha, hb = a.t, b.t, a.sym, b.sym, a.outside, b.outside, a.h, b.h
         mi = self._mi_from(ha, hb, sx, sy)
         dx, dy = is_discrete(tx), is_discrete(ty)
         cap = None
@@ -88,21 +132,25 @@ class _BinningMixin:
                 warnings.warn(
                     f"{self.name}: n_outside = {o} of {t.numel()} values of '{name}' ({100.0 * o / t.numel():.1f}%) "
                     f"lie outside [range_min, range_max] = [{lo:g}, {hi:g}] and {went} (observed range "
-                    f"[{float(t.min()):.4g}, {float(t.max()):.4g}]).", RuntimeWarning, stacklevel=4)
+                    f"[{float(t.min()):.4g}, {float(t.max()):.4g}]).", RuntimeWarning, stacklevel=stacklevel)
         return self._make(
             mi, n=tx.shape[0], dims=(tx.shape[1], ty.shape[1]), cap=cap,
             extra={"H_x": ha, "H_y": hb, "n_symbols_x": int(sx.max()) + 1,
                    "n_symbols_y": int(sy.max()) + 1, "n_outside": ox + oy},
         )
 
+    def _prepared(self, x, y) -> tuple[Side, Side]:
+        tx, ty = _mi.pair(self, x, y)
+        return self._side(tx), self._side(ty)
+
     def null_values(self, x, y, permutations) -> list[float]:
-        _, _, sx, sy, _, _, ha, hb = self._prepared(x, y)
-        return self._null(sx, sy, ha, hb, permutations)
+        a, b = self._prepared(x, y)
+        return self._null(a.sym, b.sym, a.h, b.h, permutations)
 
     def estimate_and_null(self, x, y, permutations):
         # the bins and both marginal entropies do not depend on the pairing: computed once for both
-        prep = self._prepared(x, y)
-        return self._estimate(*prep), self._null(prep[2], prep[3], prep[6], prep[7], permutations)
+        a, b = self._prepared(x, y)
+        return self._estimate(a, b), self._null(a.sym, b.sym, a.h, b.h, permutations)
 
     def _null(self, sx, sy, ha, hb, permutations) -> list[float]:
         # the joint entropies of all permutations come from one bincount of their contingency
@@ -119,27 +167,55 @@ class _BinningMixin:
         return [max(v, 0.0) if abs(v) < 1e-12 else v for v in (ha + hb - hab).tolist()]
 
 
-def _digitize(edges: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """``torch.searchsorted(edges, t, right=True)`` for float64 edges that are (close to) equally
-    spaced, in O(1) per value: the bin from arithmetic on the exact grid, then one comparison
-    with the real edges on each side. Exact when every edge lies within a quarter of the
-    spacing of its grid point (the estimate is then off by at most one bin, which the two
-    comparisons fix); other edges (float32 rounding wider than the bins) use searchsorted."""
-    m = edges.numel() - 1
-    e = edges.tolist()
-    lo, hi = e[0], e[-1]
-    w = (hi - lo) / m if m > 0 else 0.0
-    grid_ok = m > 0 and w > 0 and all(b > a for a, b in zip(e, e[1:])) and \
-        max(abs(v - (lo + k * w)) for k, v in enumerate(e)) < w / 4
+@functools.lru_cache(maxsize=64)
+def _edge_tables(lo: float, hi: float, n_bins: int, dtype: torch.dtype, device: str):
+    """What binning against IDNNs-style edges needs, computed once per setting: the edges
+    ``linspace(lo, hi, n_bins + 1)`` rounded to float32 (in ``dtype``), and when they lie on an
+    equally spaced grid (every edge within a quarter of the spacing of its grid point), the
+    grid (origin, 1 / spacing) and the edge tables for the arithmetic digitize; else None.
+    Also the exact thresholds of "below lo" and "above hi" for values of ``dtype``."""
+    import numpy as np
+
+    e32 = np.linspace(lo, hi, n_bins + 1).astype(np.float32)
+    e = e32.astype(np.float64).tolist()
+    edges = torch.tensor(e, dtype=dtype, device=device)
+    m = n_bins
+    w = (e[-1] - e[0]) / m
+    grid = None
+    if w > 0 and all(b > a for a, b in zip(e, e[1:])) and max(abs(v - (e[0] + k * w)) for k, v in enumerate(e)) < w / 4:
+        inf = torch.tensor([math.inf], dtype=dtype, device=device)
+        below = torch.cat([-inf, edges, inf])   # below[k] = edges[k - 1]: the lower edge of digitize index k
+        above = torch.cat([edges, inf, inf])    # above[k] = edges[k]: the upper edge of index k
+        grid = (e[0], 1.0 / w, below, above)
+    # v < lo and v > hi for values of ``dtype``: a float32 v is below the float64 lo exactly when
+    # it is below the smallest float32 >= lo (and above hi when above the largest float32 <= hi)
+    if dtype == torch.float32:
+        with np.errstate(over="ignore"):
+            c_lo, c_hi = np.float32(lo), np.float32(hi)
+        if float(c_lo) < lo:
+            c_lo = np.nextafter(c_lo, np.float32(np.inf))
+        if float(c_hi) > hi:
+            c_hi = np.nextafter(c_hi, np.float32(-np.inf))
+        thresholds = (float(c_lo), float(c_hi))
+    else:
+        thresholds = (lo, hi)
+    return edges, grid, thresholds
+
+
+def _digitize(t: torch.Tensor, edges: torch.Tensor, grid) -> torch.Tensor:
+    """``torch.searchsorted(edges, t, right=True)`` (int64) for edges on an equally spaced
+    ``grid`` (:func:`_edge_tables`) in O(1) per value: the index from arithmetic on the grid,
+    then one comparison with the real edge on each side. The arithmetic index is off by at
+    most one (every edge lies within a quarter of the spacing of its grid point), which the two
+    comparisons fix, so the result is exact. Without a grid: searchsorted."""
     t = t.contiguous()
-    if not grid_ok:
+    if grid is None:
         return torch.searchsorted(edges, t, right=True)
-    inf = torch.tensor([math.inf], dtype=edges.dtype, device=edges.device)
-    ext = torch.cat([-inf, edges, inf])  # ext[i] = edges[i - 1]: idx is right when ext[idx] <= v < ext[idx + 1]
-    k = torch.floor((t - lo) / w).clamp_(-1, m).to(torch.int64)
-    k += 1
-    k -= (t < ext[k]).to(torch.int64)
-    k += (t >= ext[k + 1]).to(torch.int64)
+    lo, inv_w, below, above = grid
+    m = edges.numel() - 1
+    k = torch.sub(t, lo).mul_(inv_w).floor_().clamp_(-1, m).to(torch.int64).add_(1)
+    k -= torch.lt(t, below[k]).to(torch.int64)
+    k += torch.ge(t, above[k]).to(torch.int64)
     return k
 
 
@@ -221,17 +297,16 @@ class Binning(_BinningMixin, Estimator):
 
     def _bin_edges(self, t):
         """'separate' / 'idnns': explicit float32 edges linspace(lo, hi, n_bins + 1), digitize semantics."""
-        import numpy as np
-
         lo, hi = float(self.range_min), float(self.range_max)
-        edges = torch.from_numpy(np.linspace(lo, hi, self.n_bins + 1).astype(np.float32).astype(np.float64))
-        t = t.to(torch.float64)
-        outside = int(((t < lo) | (t > hi)).sum())
+        # float32 values compare with the float32 edges exactly as their float64 copies do
+        x = t if t.dtype == torch.float32 else t.to(torch.float64)
+        edges, grid, (c_lo, c_hi) = _edge_tables(lo, hi, self.n_bins, x.dtype, str(x.device))
+        outside = int(torch.lt(x, c_lo).sum()) + int(torch.gt(x, c_hi).sum())
         # idx k: edges[k-1] <= v < edges[k]; 0 below the first edge, n_bins + 1 at or above the last
-        idx = _digitize(edges.to(t.device), t)
+        idx = _digitize(x, edges, grid)
         if self.outside == "idnns":  # bins[0 - 1] = bins[-1]: below the range wraps to the top symbol
-            idx = torch.where(idx == 0, torch.full_like(idx, self.n_bins + 1), idx)
-        return idx.to(torch.int64), outside
+            idx.masked_fill_(idx == 0, self.n_bins + 1)
+        return idx, outside
 
 
 @register
