@@ -82,7 +82,7 @@ def mutual_information(x, y, method: str = "ksg", *, null_permutations: int = 0,
     # a small problem of an estimator whose work is linear in its input runs on one torch thread
     # (waking the thread pool for each small operation costs more than it saves)
     with few_threads(_elements(x) + _elements(y), getattr(est, "serial_below", 0)):
-        if discrete_y is not False:
+        if discrete_y or (discrete_y is None and _may_be_float(y) and _width(y) in (1, None)):
             ty = as_tensor(y, name="y", estimator=method)
             if discrete_y and ty.is_floating_point():
                 y = row_codes(ty)  # the rank of each distinct row: torch.unique(dim=0)'s numbering
@@ -99,6 +99,29 @@ def mutual_information(x, y, method: str = "ksg", *, null_permutations: int = 0,
             f"than information; compare it with a permutation null (null_permutations=10). See {TRUST_DOC}.",
             RuntimeWarning, stacklevel=2)
     return e
+
+
+def _width(a) -> int | None:
+    """The number of columns of a numpy array or tensor ``a`` as (n, d) (1-D: 1), None when not
+    known without converting it."""
+    shape = getattr(a, "shape", None)  # torch.Size is a tuple
+    if not isinstance(shape, tuple):
+        return None
+    if len(shape) == 1:
+        return 1
+    return int(shape[1]) if len(shape) == 2 else None
+
+
+def _may_be_float(a) -> bool:
+    """False when ``a`` is certainly not a float array (an integer or bool numpy array or
+    tensor: nothing to read as labels), True otherwise, without converting or checking it."""
+    dtype = getattr(a, "dtype", None)
+    if dtype is None:
+        return True
+    is_float = getattr(a, "is_floating_point", None)
+    if callable(is_float):  # a tensor
+        return bool(is_float())
+    return getattr(dtype, "kind", "f") in "fc"
 
 
 def _elements(a) -> int:

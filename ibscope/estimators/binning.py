@@ -213,10 +213,11 @@ def _digitize(t: torch.Tensor, edges: torch.Tensor, grid) -> torch.Tensor:
         return torch.searchsorted(edges, t, right=True)
     lo, inv_w, below, above = grid
     m = edges.numel() - 1
-    k = torch.sub(t, lo).mul_(inv_w).floor_().clamp_(-1, m).to(torch.int64).add_(1)
-    k -= torch.lt(t, below[k]).to(torch.int64)
-    k += torch.ge(t, above[k]).to(torch.int64)
-    return k
+    # int32 indices and index_select: the cheapest gather of the edges on CPU
+    k = torch.sub(t, lo).mul_(inv_w).floor_().clamp_(-1, m).to(torch.int32).add_(1)
+    k -= torch.lt(t, below.index_select(0, k.view(-1)).view_as(k)).to(torch.int32)
+    k += torch.ge(t, above.index_select(0, k.view(-1)).view_as(k)).to(torch.int32)
+    return k.to(torch.int64)
 
 
 @register
