@@ -126,3 +126,132 @@ def run_api(acts, y):
         out.append((ibscope.mutual_information(ids, t, "binning", **PARAMS).value,
                     ibscope.mutual_information(t, y, "binning", **PARAMS).value))
     return out
+
+
+def _timed(fn, clock):
+    t0 = clock()
+    out = fn()
+    return clock() - t0, out
+
+
+def _cli(store: Path, out: Path, nulls: int, env: dict) -> tuple[float, float]:
+    """(wall seconds of one `ibscope estimate` process, the cells' wall_time_s from its provenance)."""
+    args = [sys.executable, "-m", "ibscope.cli.main", "estimate", str(store), "-o", str(out), "-e", "binning", "--force",
+            "-q", "--device", "cpu", "--null-permutations", str(nulls), *[a for n in LAYERS for a in ("-l", n)],
+            *[a for k, v in PARAMS.items() for a in ("--param", f"binning.{k}={v}")]]
+    t0 = time.perf_counter()
+    subprocess.run(args, check=True, env=env, stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - t0
+    prov = json.loads(out.with_name(out.stem + ".provenance.json").read_text())
+    return wall, float(prov["wall_time_s"])
+
+
+def _startup(env: dict) -> float:
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "ibscope.cli.main", "--version"], check=True, env=env, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
+def _imports(env: dict) -> float:
+    """Start-up plus the imports of an estimate run (torch, numpy, h5py, the estimate runner)."""
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import ibscope.cli.main, torch, numpy, h5py, ibscope.estimate, "
+                    "ibscope.estimators.binning, ibscope.store"], check=True, env=env)
+    return time.perf_counter() - t0
+
+
+def thread_crossover(repeats: int) -> None:
+    """Binning (IDNNs' setting) at 1 thread and at torch's default, n x d from 10^4 to ~10^7 elements."""
+    import torch
+
+    from ibscope.estimators import registry
+
+    est = registry.create("binning", **PARAMS)
+    default = torch.get_num_threads()
+    rng = np.random.default_rng(0)
+    print(f"\nthreads: binning I(T;Y) (estimator called directly), 1 thread vs {default} (wall medians of {repeats})")
+    print(f"{'n x d':>12} {'1 thread ms':>12} {f'{default} threads ms':>14} {'ratio':>7}")
+    for n, d in ((1000, 10), (4096, 10), (16384, 10), (65536, 10), (262144, 10), (1048576, 10)):
+        t = np.tanh(rng.standard_normal((n, d))).astype(np.float32)
+        y = rng.integers(0, 2, n)
+        times = {1: [], default: []}
+        for _ in range(repeats):
+            for k in times:
+                torch.set_num_threads(k)
+                times[k].append(_timed(lambda: est.estimate(t, y), time.perf_counter)[0])
+        torch.set_num_threads(default)
+        a, b = statistics.median(times[1]), statistics.median(times[default])
+        print(f"{n * (d + 1):>12,} {a * 1e3:>12.2f} {b * 1e3:>14.2f} {b / a:>7.2f}")
+
+
+def main(argv=None) -> int:
+    import warnings
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--store", help="an existing store (default: build the demo-like one in a temporary folder)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--cli-repeats", type=int, default=3)
+    ap.add_argument("--threads", action="store_true", help="also measure 1 thread vs the default per problem size")
+    args = ap.parse_args(argv)
+    warnings.simplefilter("ignore")  # saturation warnings of every cell: the numbers are the point here
+
+    from ibscope.store import open_store
+
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Path(args.store) if args.store else make_store(Path(tmp) / "store")
+        with open_store(store) as st:
+            acts = [np.asarray(st.activations(c, n)) for c in st.checkpoints for n in LAYERS]
+            y = np.asarray(st.labels)
+        cells = len(acts)
+        import torch
+
+        print(f"store {store}: {cells} cells ({cells // len(LAYERS)} checkpoints x {len(LAYERS)} layers), "
+              f"n = {len(y)}; torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs; binning {PARAMS}")
+        run_numpy(acts[:2], y), run_api(acts[:2], y)  # warm-up (imports, caches)
+        wall = {"numpy": [], "api": []}
+        cpu = {"numpy": [], "api": []}
+        ref = got = None
+        for _ in range(args.repeats):  # interleaved: both see the same machine load
+            for name, fn in (("numpy", run_numpy), ("api", run_api)):
+                t0, c0 = time.perf_counter(), time.process_time()
+                out = fn(acts, y)
+                wall[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
+                ref, got = (out, got) if name == "numpy" else (ref, out)
+        diff = max(abs(a - b) for p, q in zip(ref, got) for a, b in zip(p, q))
+        med = {k: statistics.median(v) for k, v in wall.items()}
+        medc = {k: statistics.median(v) for k, v in cpu.items()}
+        print(f"\n{'':24} {'wall s':>8} {'CPU s':>8} {'ms/cell':>8} {'ratio (wall)':>13} {'ratio (CPU)':>12}")
+        for k, label in (("numpy", "(a) numpy loop"), ("api", "(b) ibscope API per cell")):
+            print(f"{label:24} {med[k]:8.3f} {medc[k]:8.3f} {1e3 * med[k] / cells:8.2f} "
+                  f"{med[k] / med['numpy']:13.2f} {medc[k] / medc['numpy']:12.2f}")
+        print(f"largest |API - numpy| over {2 * cells} values: {diff:.1e} nats")
+
+        env = dict(os.environ)
+        starts, imps, runs, cells_s, runs10, cells10 = [], [], [], [], [], []
+        out = Path(tmp) / "r.csv"
+        _startup(env)
+        for _ in range(args.cli_repeats):
+            starts.append(_startup(env))
+            imps.append(_imports(env))
+            w, c = _cli(store, out, 0, env)
+            runs.append(w), cells_s.append(c)
+            w, c = _cli(store, out, 10, env)
+            runs10.append(w), cells10.append(c)
+        s, im, r, c, r10, c10 = (statistics.median(v) for v in (starts, imps, runs, cells_s, runs10, cells10))
+        print(f"\n(c) ibscope estimate (CLI), medians of {args.cli_repeats}:")
+        print(f"  `ibscope --version` (start-up)           {s:7.3f} s")
+        print(f"  start-up + imports of an estimate run    {im:7.3f} s   (torch, numpy, h5py, ibscope.estimate)")
+        print(f"  estimate, --null-permutations 0          {r:7.3f} s   minus start-up {r - s:6.3f} s = "
+              f"{1e3 * (r - s) / cells:6.2f} ms/cell; cells alone (wall_time_s) {1e3 * c / cells:6.2f} ms/cell")
+        print(f"  estimate, default null (10 permutations) {r10:7.3f} s   minus start-up {r10 - s:6.3f} s = "
+              f"{1e3 * (r10 - s) / cells:6.2f} ms/cell; cells alone (wall_time_s) {1e3 * c10 / cells:6.2f} ms/cell")
+        print(f"  estimate minus start-up and imports      {r - im:7.3f} s = {1e3 * (r - im) / cells:6.2f} ms/cell "
+              f"(null 0), {1e3 * (r10 - im) / cells:6.2f} ms/cell (null 10)")
+    if args.threads:
+        thread_crossover(args.repeats)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

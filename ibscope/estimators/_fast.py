@@ -30,17 +30,20 @@ _CODE_LIMIT = 1 << 62
 _DENSE_FACTOR = 8
 
 
-def _compact(c: torch.Tensor) -> tuple[torch.Tensor, int]:
+def _compact(c: torch.Tensor, lo: int | None = None, hi: int | None = None) -> tuple[torch.Tensor, int]:
     """(rank of each value of the int64 1-D tensor ``c`` among its distinct values, #distinct):
-    the inverse of ``torch.unique(c, sorted=True, return_inverse=True)``."""
+    the inverse of ``torch.unique(c, sorted=True, return_inverse=True)``. ``lo``/``hi``: bounds
+    of the values when the caller knows them (saves a pass)."""
     n = c.numel()
-    lo, hi = int(c.min()), int(c.max())
+    if lo is None or hi is None:
+        lo, hi = int(c.min()), int(c.max())
     span = hi - lo + 1
     if span <= max(_DENSE_FACTOR * n, 1 << 16):
         shifted = c - lo if lo else c
         present = torch.bincount(shifted, minlength=span) > 0
-        rank = torch.cumsum(present, 0) - 1
-        return rank[shifted], int(rank[-1]) + 1
+        rank = torch.cumsum(present, 0)
+        rank -= 1
+        return rank.index_select(0, shifted), int(rank[-1]) + 1
     u, inv = torch.unique(c, sorted=True, return_inverse=True)
     return inv.reshape(-1), int(u.numel())
 
@@ -93,7 +96,7 @@ def _mixed_radix(c: torch.Tensor, spans: list[int]) -> tuple[torch.Tensor, int]:
     return acc, k
 
 
-def row_codes(t: torch.Tensor) -> torch.Tensor:
+def row_codes(t: torch.Tensor, spans: list[int] | None = None) -> torch.Tensor:
     """One int64 symbol per row of the (n, d) tensor ``t``: the rank of the row among the
     distinct rows in lexicographic order, exactly ``torch.unique(t, dim=0, return_inverse=True)[1]``
     (equal rows get equal symbols, the first column is the most significant; -0.0 equals 0.0).
@@ -103,13 +106,20 @@ def row_codes(t: torch.Tensor) -> torch.Tensor:
     radix while the product of their ranges fits int64 (one multiply-add pass over a block of
     columns), and the combined code is compacted to ranks (a bincount when dense, a 1-D sort
     otherwise). O(n d) plus at most a few 1-D sorts, on the tensor's device.
+
+    ``spans``: for an integer ``t`` whose column j is known to hold values in [0, spans[j])
+    (bin indices), skips finding each column's range; the symbols are the same.
     """
     if t.ndim == 1:
         t = t.reshape(-1, 1)
     n, d = t.shape
     if n == 0:
         return torch.zeros(0, dtype=torch.int64, device=t.device)
-    if not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool:
+    integer = not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool
+    if integer and spans is not None and len(spans) == d and max(spans) <= _DIRECT_RANGE:
+        acc, k = _mixed_radix(t.to(torch.int64), list(spans))
+        return _compact(acc, 0, k - 1)[0]
+    if integer:
         lo, hi = torch.aminmax(t, dim=0)
         lo_l, hi_l = lo.tolist(), hi.tolist()
         spans = [b - a + 1 for a, b in zip(lo_l, hi_l)]  # Python ints: no overflow
@@ -117,10 +127,12 @@ def row_codes(t: torch.Tensor) -> torch.Tensor:
             c = t.to(torch.int64)
             if any(lo_l):
                 c = c - lo.to(torch.int64)
-            return _compact(_mixed_radix(c, spans)[0])[0]
+            acc, k = _mixed_radix(c, spans)
+            return _compact(acc, 0, k - 1)[0]
     cols = [_column_codes(t[:, j]) for j in range(d)]
     c = torch.stack([cc for cc, _ in cols], dim=1)
-    return _compact(_mixed_radix(c, [k for _, k in cols])[0])[0]
+    acc, k = _mixed_radix(c, [k for _, k in cols])
+    return _compact(acc, 0, k - 1)[0]
 
 
 # ----------------------------------------------------------------------------- threads

@@ -28,15 +28,18 @@ def codes(t: torch.Tensor) -> torch.Tensor:
     return row_codes(t)
 
 
-def entropy_codes(c: torch.Tensor) -> float:
-    """Plug-in (maximum-likelihood) entropy of the symbols ``c`` in nats."""
-    return entropy_counts(torch.bincount(c))
+def entropy_codes(c: torch.Tensor, compact: bool = False) -> float:
+    """Plug-in (maximum-likelihood) entropy of the symbols ``c`` in nats. ``compact``: every
+    symbol 0..max occurs (as :func:`codes` numbers them), so no count is zero."""
+    return entropy_counts(torch.bincount(c), no_zeros=compact)
 
 
-def entropy_counts(counts: torch.Tensor) -> float:
-    """Plug-in entropy (nats) of the symbol counts ``counts`` (zeros are skipped)."""
+def entropy_counts(counts: torch.Tensor, no_zeros: bool = False) -> float:
+    """Plug-in entropy (nats) of the symbol counts ``counts`` (zeros are skipped; ``no_zeros``:
+    the caller knows there are none)."""
     counts = counts.to(torch.float64)
-    counts = counts[counts > 0]
+    if not no_zeros:
+        counts = counts[counts > 0]
     p = counts / counts.sum()
     return float(-(p * p.log()).sum())
 

@@ -67,7 +67,12 @@ class _BinningMixin:
         if is_discrete(t):
             return _mi.codes(t), 0
         b, o = self._bin(t)
-        return _mi.codes(b), o
+        return _fast.row_codes(b, self._bin_spans(t)), o
+
+    def _bin_spans(self, t: torch.Tensor) -> list[int] | None:
+        """[k] * width when every bin index of ``t`` lies in [0, k) by construction (saves
+        finding each column's range), else None."""
+        return None
 
     @staticmethod
     def _mi_from(ha: float, hb: float, a: torch.Tensor, b: torch.Tensor) -> float:
@@ -86,7 +91,7 @@ class _BinningMixin:
 
     def _side(self, t: torch.Tensor) -> Side:
         sym, outside = self._symbols(t)
-        return Side(t, sym, outside, _mi.entropy_codes(sym))
+        return Side(t, sym, outside, _mi.entropy_codes(sym, compact=True))
 
     def estimate(self, x, y) -> Estimate:
         tx, ty = _mi.pair(self, x, y)
@@ -214,7 +219,8 @@ def _digitize(t: torch.Tensor, edges: torch.Tensor, grid) -> torch.Tensor:
     lo, inv_w, below, above = grid
     m = edges.numel() - 1
     # int32 indices and index_select: the cheapest gather of the edges on CPU
-    k = torch.sub(t, lo).mul_(inv_w).floor_().clamp_(-1, m).to(torch.int32).add_(1)
+    # floor((t - lo) / w) + 1 as floor((t - (lo - w)) / w); the rounding either way is fixed below
+    k = torch.sub(t, lo - 1.0 / inv_w).mul_(inv_w).floor_().clamp_(0, m + 1).to(torch.int32)
     k -= torch.lt(t, below.index_select(0, k.view(-1)).view_as(k)).to(torch.int32)
     k += torch.ge(t, above.index_select(0, k.view(-1)).view_as(k)).to(torch.int32)
     return k.to(torch.int64)
@@ -267,6 +273,12 @@ class Binning(_BinningMixin, Estimator):
             self._require(self.range_min is not None and self.bin_width is None, "outside",
                           "'clamp' unless range_min/range_max are given and bin_width is not "
                           "(the other rules are about the edges of a fixed range)", self.outside)
+
+    def _bin_spans(self, t):
+        if self.bin_width is not None:
+            return None
+        # n_bins clamped bins: [0, n_bins); IDNNs-style edges: digitize indices [0, n_bins + 1]
+        return [self.n_bins if self.outside == "clamp" else self.n_bins + 2] * int(t.shape[1])
 
     def _bin(self, t):
         if self.bin_width is not None and self.range_min is None:
