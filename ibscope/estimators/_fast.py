@@ -97,6 +97,11 @@ def _mixed_radix(c: torch.Tensor, spans: list[int]) -> tuple[torch.Tensor, int]:
 
 
 def row_codes(t: torch.Tensor, spans: list[int] | None = None) -> torch.Tensor:
+    """See :func:`row_codes_count` (the symbols only)."""
+    return row_codes_count(t, spans)[0]
+
+
+def row_codes_count(t: torch.Tensor, spans: list[int] | None = None) -> tuple[torch.Tensor, int]:
     """One int64 symbol per row of the (n, d) tensor ``t``: the rank of the row among the
     distinct rows in lexicographic order, exactly ``torch.unique(t, dim=0, return_inverse=True)[1]``
     (equal rows get equal symbols, the first column is the most significant; -0.0 equals 0.0).
@@ -109,30 +114,37 @@ def row_codes(t: torch.Tensor, spans: list[int] | None = None) -> torch.Tensor:
 
     ``spans``: for an integer ``t`` whose column j is known to hold values in [0, spans[j])
     (bin indices), skips finding each column's range; the symbols are the same.
+    Returns (symbols, number of distinct rows).
     """
     if t.ndim == 1:
         t = t.reshape(-1, 1)
     n, d = t.shape
     if n == 0:
-        return torch.zeros(0, dtype=torch.int64, device=t.device)
+        return torch.zeros(0, dtype=torch.int64, device=t.device), 0
     integer = not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool
     if integer and spans is not None and len(spans) == d and max(spans) <= _DIRECT_RANGE:
         acc, k = _mixed_radix(t.to(torch.int64), list(spans))
-        return _compact(acc, 0, k - 1)[0]
+        return _compact(acc, 0, k - 1)
     if integer:
-        lo, hi = torch.aminmax(t, dim=0)
-        lo_l, hi_l = lo.tolist(), hi.tolist()
+        if d == 1:
+            lo, hi = torch.aminmax(t)
+            lo_l, hi_l = [int(lo)], [int(hi)]
+        else:
+            lo, hi = torch.aminmax(t, dim=0)
+            lo_l, hi_l = lo.tolist(), hi.tolist()
         spans = [b - a + 1 for a, b in zip(lo_l, hi_l)]  # Python ints: no overflow
         if max(spans) <= _DIRECT_RANGE:
             c = t.to(torch.int64)
             if any(lo_l):
                 c = c - lo.to(torch.int64)
+            if d == 1:
+                return _compact(c.reshape(-1), 0, spans[0] - 1)
             acc, k = _mixed_radix(c, spans)
-            return _compact(acc, 0, k - 1)[0]
+            return _compact(acc, 0, k - 1)
     cols = [_column_codes(t[:, j]) for j in range(d)]
     c = torch.stack([cc for cc, _ in cols], dim=1)
     acc, k = _mixed_radix(c, [k for _, k in cols])
-    return _compact(acc, 0, k - 1)[0]
+    return _compact(acc, 0, k - 1)
 
 
 # ----------------------------------------------------------------------------- threads

@@ -53,15 +53,18 @@ def joint_codes(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 _DENSE_JOINT = 1 << 16
 
 
-def joint_entropy(a: torch.Tensor, b: torch.Tensor, ha: float | None = None, hb: float | None = None) -> float:
+def joint_entropy(a: torch.Tensor, b: torch.Tensor, ha: float | None = None, hb: float | None = None,
+                  ka: int | None = None, kb: int | None = None) -> float:
     """``entropy_codes(joint_codes(a, b))`` of two symbol sequences (each numbered 0..k-1 with
     every symbol present, as :func:`codes` numbers them), bit for bit, with less work: the
     entropy needs only the counts of the pairs, in the order of their codes (a bincount of
     the raw pair codes when they are dense, a sorted count otherwise). When every symbol of
     one side occurs once (sample ids), every pair is distinct and H(A, B) is that side's
-    entropy ``ha`` / ``hb`` (the same n counts of 1)."""
+    entropy ``ha`` / ``hb`` (the same n counts of 1). ``ka``/``kb``: the numbers of symbols
+    when known."""
     n = int(a.shape[0])
-    ka, kb = int(a.max()) + 1, int(b.max()) + 1
+    ka = int(a.max()) + 1 if ka is None else ka
+    kb = int(b.max()) + 1 if kb is None else kb
     if ka == n and ha is not None:
         return ha
     if kb == n and hb is not None:

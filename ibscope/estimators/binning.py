@@ -50,6 +50,7 @@ class Side(NamedTuple):
     sym: torch.Tensor    # one int64 symbol per row
     outside: int         # values outside [range_min, range_max]
     h: float             # plug-in entropy of the symbols, nats
+    k: int               # number of symbols (they are 0..k-1)
 
 
 class _BinningMixin:
@@ -62,12 +63,13 @@ class _BinningMixin:
     def _bin(self, t: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Bin the activations ``t``: (symbols per row, number of bins) (each concrete estimator defines it)."""
 
-    def _symbols(self, t: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """One symbol per row (codes) and the number of values clamped into an edge bin."""
+    def _symbols(self, t: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        """One symbol per row (codes, numbered 0..k-1), k, and the number of values outside the
+        range."""
         if is_discrete(t):
-            return _mi.codes(t), 0
+            return (*_fast.row_codes_count(t), 0)
         b, o = self._bin(t)
-        return _fast.row_codes(b, self._bin_spans(t)), o
+        return (*_fast.row_codes_count(b, self._bin_spans(t)), o)
 
     def _bin_spans(self, t: torch.Tensor) -> list[int] | None:
         """[k] * width when every bin index of ``t`` lies in [0, k) by construction (saves
@@ -90,8 +92,8 @@ class _BinningMixin:
         return self._side(as_tensor(v, name=name, estimator=self))
 
     def _side(self, t: torch.Tensor) -> Side:
-        sym, outside = self._symbols(t)
-        return Side(t, sym, outside, _mi.entropy_codes(sym, compact=True))
+        sym, k, outside = self._symbols(t)
+        return Side(t, sym, outside, _mi.entropy_codes(sym, compact=True), k)
 
     def estimate(self, x, y) -> Estimate:
         tx, ty = _mi.pair(self, x, y)
@@ -120,7 +122,8 @@ class _BinningMixin:
 
     def _estimate(self, a: Side, b: Side, stacklevel: int = 4) -> Estimate:
         tx, ty, sx, sy, ox, oy, ha, hb = a.t, b.t, a.sym, b.sym, a.outside, b.outside, a.h, b.h
-        mi = self._mi_from(ha, hb, sx, sy)
+        mi = ha + hb - _mi.joint_entropy(sx, sy, ha, hb, a.k, b.k)
+        mi = max(mi, 0.0) if abs(mi) < 1e-12 else mi
         dx, dy = is_discrete(tx), is_discrete(ty)
         cap = None
         if dx != dy:  # the discrete side bounds the information: log n for ids, H(Y) for labels
@@ -140,8 +143,7 @@ class _BinningMixin:
                     f"[{float(t.min()):.4g}, {float(t.max()):.4g}]).", RuntimeWarning, stacklevel=stacklevel)
         return self._make(
             mi, n=tx.shape[0], dims=(tx.shape[1], ty.shape[1]), cap=cap,
-            extra={"H_x": ha, "H_y": hb, "n_symbols_x": int(sx.max()) + 1,
-                   "n_symbols_y": int(sy.max()) + 1, "n_outside": ox + oy},
+            extra={"H_x": ha, "H_y": hb, "n_symbols_x": a.k, "n_symbols_y": b.k, "n_outside": ox + oy},
         )
 
     def _prepared(self, x, y) -> tuple[Side, Side]:
