@@ -334,7 +334,16 @@ def _compute_cell(st, ck, layer: str, specs: list[tuple[str, dict, str | None]],
 
         def sides(quantity, p, a, b):
             null = null_setting(name, quantity, p, n_perm, null_seed)
-            return est.estimate_sides(a(), b(), *((null["permutations"], null["seed"]) if null else ()))
+            if not null:
+                return est.estimate_sides(a(), b())
+            # the permutations depend only on n, N and the seed: drawn once per store
+            from ibscope.estimators.nulls import permutations
+
+            pk = ("permutations", int(meta["n_samples"]), null["permutations"], null["seed"])
+            shared = meta.setdefault("shared_sides", {})
+            if pk not in shared:
+                shared[pk] = permutations(*pk[1:])
+            return est.estimate_sides(a(), b(), null["permutations"], null["seed"], perms=shared[pk])
 
         # a small problem of an estimator whose work is linear in its input runs on one torch
         # thread (waking the thread pool for each small operation costs more than it saves)

@@ -166,10 +166,12 @@ class _BinningMixin:
                     _SIDES.popitem(last=False)
         return side
 
-    def estimate_sides(self, a: Side, b: Side, null_permutations: int = 0, null_seed: int = 0) -> Estimate:
+    def estimate_sides(self, a: Side, b: Side, null_permutations: int = 0, null_seed: int = 0,
+                       perms: list | None = None) -> Estimate:
         """The estimate of the prepared sides ``a`` (x) and ``b`` (y) (:meth:`side`), with its
         permutation null when ``null_permutations`` > 0: the same Estimate, warnings and null
-        as ``estimate(x, y)`` and ``with_null(est, x, y, N, seed)``."""
+        as ``estimate(x, y)`` and ``with_null(est, x, y, N, seed)``. ``perms``: the null's
+        permutations when the caller already drew them (``nulls.permutations(n, N, seed)``)."""
         tx, ty = check_pair(a.t, b.t, self.name)
         if ty is not b.t:  # another device: y follows x, as in estimate()
             b = self._side(ty)
@@ -178,7 +180,8 @@ class _BinningMixin:
             return got if got is not None else self._estimate(a, b, stacklevel=3)
         if got is not None:  # permuting a constant changes nothing: the null is 0
             return _nulls.attach(self, got, [0.0] * null_permutations, null_permutations, null_seed)
-        perms = _nulls.permutations(int(tx.shape[0]), null_permutations, null_seed)
+        if perms is None:
+            perms = _nulls.permutations(int(tx.shape[0]), null_permutations, null_seed)
         e = self._estimate(a, b, stacklevel=3)
         return _nulls.attach(self, e, self._null(a.sym, b.sym, a.h, b.h, perms), null_permutations, null_seed)
 
