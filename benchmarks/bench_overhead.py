@@ -128,48 +128,64 @@ def run_api(acts, y):
     return out
 
 
+def _child_cpu() -> float:
+    """CPU seconds (user + system) of the finished child processes so far."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def _proc(args, env) -> tuple[float, float]:
+    """(wall, CPU) seconds of one child process."""
+    c0, t0 = _child_cpu(), time.perf_counter()
+    subprocess.run(args, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - t0, _child_cpu() - c0
+
+
 def _timed(fn, clock):
     t0 = clock()
     out = fn()
     return clock() - t0, out
 
 
-def _cli(store: Path, out: Path, nulls: int, env: dict) -> tuple[float, float]:
-    """(wall seconds of one `ibscope estimate` process, the cells' wall_time_s from its provenance)."""
+def _cli(store: Path, out: Path, nulls: int, env: dict) -> tuple[float, float, float]:
+    """(wall, CPU seconds of one `ibscope estimate` process, the cells' wall_time_s from its provenance)."""
     args = [sys.executable, "-m", "ibscope.cli.main", "estimate", str(store), "-o", str(out), "-e", "binning", "--force",
             "-q", "--device", "cpu", "--null-permutations", str(nulls), *[a for n in LAYERS for a in ("-l", n)],
             *[a for k, v in PARAMS.items() for a in ("--param", f"binning.{k}={v}")]]
-    t0 = time.perf_counter()
-    subprocess.run(args, check=True, env=env, stdout=subprocess.DEVNULL)
-    wall = time.perf_counter() - t0
+    wall, cpu = _proc(args, env)
     prov = json.loads(out.with_name(out.stem + ".provenance.json").read_text())
-    return wall, float(prov["wall_time_s"])
+    return wall, cpu, float(prov["wall_time_s"])
 
 
-def _startup(env: dict) -> float:
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "ibscope.cli.main", "--version"], check=True, env=env, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - t0
+def _startup(env: dict) -> tuple[float, float]:
+    """`ibscope --version`: Python start-up and the CLI's own imports."""
+    return _proc([sys.executable, "-m", "ibscope.cli.main", "--version"], env)
 
 
-def _imports(env: dict) -> float:
+def _imports(env: dict) -> tuple[float, float]:
     """Start-up plus the imports of an estimate run (torch, numpy, h5py, the estimate runner)."""
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import ibscope.cli.main, torch, numpy, h5py, ibscope.estimate, "
-                    "ibscope.estimators.binning, ibscope.store"], check=True, env=env)
-    return time.perf_counter() - t0
+    return _proc([sys.executable, "-c", "import ibscope.cli.main, torch, numpy, h5py, ibscope.estimate, "
+                  "ibscope.estimators.binning, ibscope.store"], env)
 
 
 def thread_crossover(repeats: int) -> None:
     """Binning (IDNNs' setting) at 1 thread and at torch's default, n x d from 10^4 to ~10^7 elements."""
     import torch
 
-    from ibscope.estimators import registry
+    from ibscope.estimators import binning, registry
 
     est = registry.create("binning", **PARAMS)
+
+    def cold():
+        binning._SIDES.clear()  # no prepared side kept from the previous repeat
+        return est.estimate(t, y)
+
     default = torch.get_num_threads()
     rng = np.random.default_rng(0)
-    print(f"\nthreads: binning I(T;Y) (estimator called directly), 1 thread vs {default} (wall medians of {repeats})")
+    print(f"\nthreads: binning I(T;Y) (estimator called directly, nothing kept between repeats), 1 thread vs "
+          f"{default} (wall medians of {repeats})")
     print(f"{'n x d':>12} {'1 thread ms':>12} {f'{default} threads ms':>14} {'ratio':>7}")
     for n, d in ((1000, 10), (4096, 10), (16384, 10), (65536, 10), (262144, 10), (1048576, 10)):
         t = np.tanh(rng.standard_normal((n, d))).astype(np.float32)
@@ -178,7 +194,7 @@ def thread_crossover(repeats: int) -> None:
         for _ in range(repeats):
             for k in times:
                 torch.set_num_threads(k)
-                times[k].append(_timed(lambda: est.estimate(t, y), time.perf_counter)[0])
+                times[k].append(_timed(cold, time.perf_counter)[0])
         torch.set_num_threads(default)
         a, b = statistics.median(times[1]), statistics.median(times[default])
         print(f"{n * (d + 1):>12,} {a * 1e3:>12.2f} {b * 1e3:>14.2f} {b / a:>7.2f}")
@@ -228,26 +244,25 @@ def main(argv=None) -> int:
         print(f"largest |API - numpy| over {2 * cells} values: {diff:.1e} nats")
 
         env = dict(os.environ)
-        starts, imps, runs, cells_s, runs10, cells10 = [], [], [], [], [], []
         out = Path(tmp) / "r.csv"
         _startup(env)
+        m = {k: [] for k in ("start", "imports", "null0", "null10")}
         for _ in range(args.cli_repeats):
-            starts.append(_startup(env))
-            imps.append(_imports(env))
-            w, c = _cli(store, out, 0, env)
-            runs.append(w), cells_s.append(c)
-            w, c = _cli(store, out, 10, env)
-            runs10.append(w), cells10.append(c)
-        s, im, r, c, r10, c10 = (statistics.median(v) for v in (starts, imps, runs, cells_s, runs10, cells10))
-        print(f"\n(c) ibscope estimate (CLI), medians of {args.cli_repeats}:")
-        print(f"  `ibscope --version` (start-up)           {s:7.3f} s")
-        print(f"  start-up + imports of an estimate run    {im:7.3f} s   (torch, numpy, h5py, ibscope.estimate)")
-        print(f"  estimate, --null-permutations 0          {r:7.3f} s   minus start-up {r - s:6.3f} s = "
-              f"{1e3 * (r - s) / cells:6.2f} ms/cell; cells alone (wall_time_s) {1e3 * c / cells:6.2f} ms/cell")
-        print(f"  estimate, default null (10 permutations) {r10:7.3f} s   minus start-up {r10 - s:6.3f} s = "
-              f"{1e3 * (r10 - s) / cells:6.2f} ms/cell; cells alone (wall_time_s) {1e3 * c10 / cells:6.2f} ms/cell")
-        print(f"  estimate minus start-up and imports      {r - im:7.3f} s = {1e3 * (r - im) / cells:6.2f} ms/cell "
-              f"(null 0), {1e3 * (r10 - im) / cells:6.2f} ms/cell (null 10)")
+            m["start"].append(_startup(env))
+            m["imports"].append(_imports(env))
+            m["null0"].append(_cli(store, out, 0, env))
+            m["null10"].append(_cli(store, out, 10, env))
+        med = {k: [statistics.median(x[i] for x in v) for i in range(len(v[0]))] for k, v in m.items()}
+        print(f"\n(c) ibscope estimate (CLI), medians of {args.cli_repeats} processes:{'':14}wall s    CPU s")
+        print(f"  `ibscope --version` (start-up){'':28}{med['start'][0]:7.3f}  {med['start'][1]:7.3f}")
+        print(f"  start-up + imports (torch, numpy, h5py, ibscope.estimate) {med['imports'][0]:7.3f}  "
+              f"{med['imports'][1]:7.3f}")
+        for k, label in (("null0", "--null-permutations 0"), ("null10", "default null (10 permutations)")):
+            w, c, cells_wall = med[k]
+            print(f"  estimate, {label:31}{'':17}{w:7.3f}  {c:7.3f}")
+            print(f"      per cell, minus start-up and imports: {1e3 * (w - med['imports'][0]) / cells:6.2f} ms wall, "
+                  f"{1e3 * (c - med['imports'][1]) / cells:6.2f} ms CPU; the cells alone (provenance wall_time_s): "
+                  f"{1e3 * cells_wall / cells:6.2f} ms wall")
     if args.threads:
         thread_crossover(args.repeats)
     return 0
