@@ -683,7 +683,7 @@ def run_estimate(
                     if want:
                         cells.append((plan, ck, layer, want))
 
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         interrupted = False
         try:
             _run_cells(cells, specs, dev, new_rows, jobs, progress)
@@ -759,6 +759,8 @@ def run_estimate(
             "noted_cells": len(noted_cells), "noted_cells_computed_now": len(noted_now),
             "first_notes": list(dict.fromkeys(r["note"] for r in noted))[:SUMMARY_NOTES],
             "wall_time_s": round(time.perf_counter() - t0, 3),
+            # CPU seconds of this process over the cells (all its threads; --jobs workers not included)
+            "cpu_time_s": round(time.process_time() - c0, 3),
             "complete": not interrupted,
         }
         if plugin_units:
