@@ -220,9 +220,10 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(args.store) if args.store else make_store(Path(tmp) / "store")
-        with open_store(store) as st:
-            acts = [np.asarray(st.activations(c, n)) for c in st.checkpoints for n in LAYERS]
-            y = np.asarray(st.labels)
+        st = open_store(store)
+        acts = [np.asarray(st.activations(c, n)) for c in st.checkpoints for n in LAYERS]
+        y = np.asarray(st.labels)
+        getattr(st, "close", lambda: None)()  # the shard kept open between reads
         cells = len(acts)
         import torch
 
