@@ -173,7 +173,7 @@ def _imports(env: dict) -> tuple[float, float]:
     """Start-up plus the imports of an estimate run (torch, numpy, h5py, the runner, every registered estimator)."""
     # what a run of `ibscope estimate -e binning` imports (compared with sys.modules after one)
     return _proc([sys.executable, "-c", "import ibscope.cli.main, ibscope.cli.estimate, torch, numpy, h5py, rich.console, "
-                  "pydantic, filelock, zoneinfo, decimal, ibscope.estimate, ibscope.store, ibscope._device, ibscope._order; "
+                  "pydantic, typer._adapters, filelock, zoneinfo, decimal, ibscope.estimate, ibscope.store, ibscope._device, ibscope._order; "
                   "from ibscope.estimators import registry; registry._load()"], env)
 
 
