@@ -1,12 +1,18 @@
 """The estimator contract: frozen dataclasses in, :class:`Estimate` out.
 
-An estimator is a frozen dataclass whose fields are its hyper-parameters, with class
-attributes that describe it, and one method:
+An estimator is a frozen dataclass whose fields are its hyper-parameters (each declares what
+it accepts, see :mod:`ibscope.estimators.params`), with class attributes that describe it,
+and one method whose signature its base class fixes:
 
-* ``kind = "pair"``: ``estimate(x, y) -> Estimate`` (e.g. mutual information I(X;Y));
-* ``kind = "single"``: ``estimate(x) -> Estimate`` (e.g. effective rank of one layer);
-* ``kind = "jacobian"``: ``estimate(s) -> Estimate`` where ``s`` holds per-sample Jacobian
+* :class:`PairEstimator`: ``estimate(x, y) -> Estimate`` (e.g. mutual information I(X;Y));
+* :class:`SingleEstimator`: ``estimate(x) -> Estimate`` (e.g. effective rank of one layer);
+* :class:`JacobianEstimator`: ``estimate(s) -> Estimate`` where ``s`` holds per-sample Jacobian
   singular values ``(n_samples, r)`` as stored by ``ibscope capture --jacobian-samples``.
+
+``kind`` ("pair", "single", "jacobian") is derived from that base (:func:`kind_of`); it is what
+result tables and listings show. Plug-ins written against the older contract (a direct
+subclass of :class:`Estimator` with a ``kind`` class attribute) keep working; the registry warns
+that they should move to a typed base.
 
 Inputs are torch tensors of shape ``(n_samples, n_features)`` (1-D means one feature).
 Integer dtypes mean *discrete* variables (class labels, sample ids); floating dtypes mean
@@ -22,9 +28,16 @@ import functools
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, TypeAlias
 
 from ibscope.errors import DataError, UsageError
+from ibscope.estimators.params import check_params, message
+
+#: what ``estimate`` accepts: a torch tensor, a numpy array or anything ``numpy.asarray`` reads
+#: (nested lists); converted and checked by :func:`as_tensor`
+ArrayLike: TypeAlias = Any
+Kind = Literal["pair", "single", "jacobian"]
+KINDS: tuple[Kind, ...] = ("pair", "single", "jacobian")
 
 NATS = "nats"
 BITS = "bits"
@@ -100,12 +113,24 @@ def is_saturated(value: float | None, cap: float | None) -> bool | None:
     return bool(float(value) >= float(cap) - SATURATION_TOLERANCE * abs(float(cap)))
 
 
+#: typed base -> kind (filled below, once the bases exist)
+_TYPED_BASES: dict[type, Kind] = {}
+
+
 @dataclass(frozen=True)
 class Estimator(abc.ABC):
-    """Base class. Subclasses are ``@dataclass(frozen=True)`` with hyper-parameter fields."""
+    """Base class of every estimator; subclass :class:`PairEstimator`, :class:`SingleEstimator`
+    or :class:`JacobianEstimator`, as a ``@dataclass(frozen=True)`` whose fields are the
+    hyper-parameters (declared with :func:`ibscope.estimators.params.param`).
+
+    ``name`` is the registered name. An instance built through a registry alias
+    (``registry.create("kde-upper")``) carries the alias as its ``name``, so that its estimates,
+    messages and result rows say what the user asked for.
+    """
 
     name: ClassVar[str] = ""
-    kind: ClassVar[str] = "pair"  # "pair" | "single" | "jacobian"
+    #: "pair" | "single" | "jacobian": set by the typed base (see :func:`kind_of`)
+    kind: ClassVar[str] = "pair"
     quantity: ClassVar[str] = "mutual_information"
     unit: ClassVar[str] = NATS
     reference: ClassVar[str] = ""
@@ -114,40 +139,51 @@ class Estimator(abc.ABC):
     x_source: ClassVar[str] = "inputs"
 
     def __post_init__(self) -> None:
-        self.validate()
+        check_params(self, self.name or type(self).__name__)  # the constraints declared on the fields
+        self.validate()  # rules between fields
 
-    def __init_subclass__(cls, **kwargs) -> None:
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # kind follows the typed base; a class that declares another kind is a mistake
+        base_kind = next((k for b, k in _TYPED_BASES.items() if issubclass(cls, b)), None)
+        if base_kind is not None:
+            if "kind" in cls.__dict__ and cls.__dict__["kind"] != base_kind:
+                raise TypeError(f"{cls.__qualname__} subclasses the {base_kind} estimator base but declares "
+                                f"kind = {cls.__dict__['kind']!r}; remove the kind attribute.")
+            cls.kind = base_kind
         # One rule for degenerate inputs, for every estimator (built-in or plug-in): its
         # ``estimate`` is wrapped once so that a constant input (all rows identical) is answered
         # by :func:`ibscope.estimators.degenerate.constant_estimate` according to
         # :meth:`on_constant`, before the estimator's own code runs.
-        super().__init_subclass__(**kwargs)
         fn = getattr(cls, "estimate", None)
         if fn is None or getattr(fn, "__isabstractmethod__", False) or getattr(fn, "_ibscope_degenerate_rule", False):
             return
 
         @functools.wraps(fn)
-        def estimate(self, *tensors, **kw):
+        def estimate(self: Estimator, *tensors: Any, **kw: Any) -> Estimate:
             from ibscope.estimators.degenerate import constant_estimate
 
             if not kw:
                 got = constant_estimate(self, tensors)
                 if got is not None:
                     return got
-            return fn(self, *tensors, **kw)
+            result: Estimate = fn(self, *tensors, **kw)
+            return result
 
-        estimate._ibscope_degenerate_rule = True  # type: ignore[attr-defined]
-        cls.estimate = estimate  # type: ignore[method-assign]
+        estimate._ibscope_degenerate_rule = True  # type: ignore[attr-defined]  # a marker on the function object
+        cls.estimate = estimate  # type: ignore[method-assign]  # wrapped once, at class creation
 
     def validate(self) -> None:
-        """Check hyper-parameters; raise :class:`UsageError` naming the bad one."""
+        """Check rules between hyper-parameters (each field's declared constraint is checked
+        before); raise :class:`UsageError` naming the bad one (:meth:`_require`)."""
 
     def params(self) -> dict[str, Any]:
+        """The hyper-parameters: field name -> value."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     @abc.abstractmethod
-    def estimate(self, *tensors) -> Estimate:
-        """Compute the estimate (see the module docstring for the signature per ``kind``)."""
+    def estimate(self, *tensors: Any, **kw: Any) -> Estimate:
+        """Compute the estimate (the typed bases fix the signature per ``kind``)."""
 
     def scale_invariant(self, arg: str) -> str | None:
         """How the value reacts when input ``arg`` ("x", "y" or "s") is multiplied by c > 0.
@@ -242,8 +278,63 @@ class Estimator(abc.ABC):
         )
 
     def _require(self, cond: bool, param: str, expected: str, got: Any) -> None:
+        """UsageError naming ``param``, what it must be and what it got, unless ``cond``: for
+        rules between fields in :meth:`validate` (one field's rule is declared on the field)."""
         if not cond:
-            raise UsageError(f"The '{param}' parameter of {self.name or type(self).__name__} must be {expected}. Got {got!r} instead.")
+            raise UsageError(message(self.name or type(self).__name__, param, expected, got))
+
+
+@dataclass(frozen=True)
+class PairEstimator(Estimator):
+    """An estimator of a quantity of two variables (mutual information I(X;Y)):
+    ``estimate(x, y)``, rows paired by index."""
+
+    kind: ClassVar[str] = "pair"
+
+    @abc.abstractmethod
+    def estimate(self, x: ArrayLike, y: ArrayLike) -> Estimate:
+        """The estimate for the paired samples ``x`` ``(n, d_x)`` and ``y`` ``(n, d_y)``."""
+
+
+@dataclass(frozen=True)
+class SingleEstimator(Estimator):
+    """A measure of one representation (a rank, a dimension, an entropy): ``estimate(x)``."""
+
+    kind: ClassVar[str] = "single"
+
+    @abc.abstractmethod
+    def estimate(self, x: ArrayLike) -> Estimate:
+        """The measure of the samples ``x`` ``(n, d)``."""
+
+
+@dataclass(frozen=True)
+class JacobianEstimator(Estimator):
+    """A measure of per-sample Jacobian spectra: ``estimate(singular_values)``."""
+
+    kind: ClassVar[str] = "jacobian"
+
+    @abc.abstractmethod
+    def estimate(self, singular_values: ArrayLike) -> Estimate:
+        """The measure of ``singular_values`` ``(n_samples, r)`` (as stored by ``ibscope capture
+        --jacobian-samples``)."""
+
+
+_TYPED_BASES.update({PairEstimator: "pair", SingleEstimator: "single", JacobianEstimator: "jacobian"})
+
+
+def kind_of(cls: type[Estimator] | Estimator) -> Kind:
+    """"pair", "single" or "jacobian": from the typed base, or (older plug-ins that subclass
+    :class:`Estimator` directly) from the ``kind`` class attribute. UsageError for anything else."""
+    c = cls if isinstance(cls, type) else type(cls)
+    for base, kind in _TYPED_BASES.items():
+        if issubclass(c, base):
+            return kind
+    k = getattr(c, "kind", None)
+    for kind in KINDS:
+        if k == kind:
+            return kind
+    raise UsageError(f"Estimator {getattr(c, 'name', '') or c.__qualname__} has kind {k!r}; expected one of "
+                     f"{', '.join(KINDS)}.", hint="Subclass PairEstimator, SingleEstimator or JacobianEstimator.")
 
 
 #: Float inputs whose largest magnitude is above 2**SAFE_EXPONENT (about 3e150) leave float64's
