@@ -236,7 +236,7 @@ class AtomicH5:
             raise
         self.check()
 
-    def __enter__(self) -> "AtomicH5":
+    def __enter__(self) -> AtomicH5:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

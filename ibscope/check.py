@@ -245,7 +245,7 @@ class Tolerance:
     sigma: float | None = None
     fail_on: str = "both"
 
-    def updated(self, spec: Mapping[str, Any], where: str) -> "Tolerance":
+    def updated(self, spec: Mapping[str, Any], where: str) -> Tolerance:
         kw = dict(rtol=self.rtol, atol=self.atol, sigma=self.sigma, fail_on=self.fail_on)
         for k in ("rtol", "atol"):
             if k in spec:

@@ -27,8 +27,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ibscope._version import __version__
 from ibscope._paths import prepare_output
+from ibscope._version import __version__
 from ibscope.errors import DataError, UsageError, io_error
 from ibscope.results import COLUMNS, Results
 
@@ -376,7 +376,7 @@ def _provenance(res: Results, rows: list[dict]) -> str:
     facts += [(k, v) for k, v in _find(prov, lambda k: any(w in k.lower() for w in ("hash", "sha", "store", "version")))
               if k not in ("ibscope_version", "version", "format_version")][:40]
     facts.append(("report made by", f"ibscope {__version__}, "
-                  f"{_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}"))
+                  f"{_dt.datetime.now(_dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}"))
     dl = "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in facts)
     est: dict = {}
     for r in rows:

@@ -147,7 +147,7 @@ class Results:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def filter(self, **conds: Any) -> "Results":
+    def filter(self, **conds: Any) -> Results:
         """Rows whose columns equal the given values (a value may be a list/tuple/set of options)."""
         def ok(r):
             for k, v in conds.items():
@@ -165,7 +165,7 @@ class Results:
             seen.setdefault(r[col], None)
         return list(seen)
 
-    def to_unit(self, unit: str) -> "Results":
+    def to_unit(self, unit: str) -> Results:
         """Convert every information row (nats/bits) to ``unit``; other rows, and training
         metrics whatever their unit, are unchanged."""
         if unit not in INFO_UNITS:

@@ -53,7 +53,7 @@ from typing import Any
 
 import numpy as np
 
-from ibscope._h5io import AtomicH5, Attrs, describe, check_storage, h5_message, is_system_error, os_error_of
+from ibscope._h5io import AtomicH5, Attrs, check_storage, describe, h5_message, is_system_error, os_error_of
 from ibscope._version import __version__
 from ibscope.errors import DataError, ShardError, UsageError, io_error
 
@@ -733,7 +733,7 @@ class StoreWriter:
             raise
 
     @staticmethod
-    def _moved(existing: "Store", config: dict, layers: dict[str, dict], diff: list[str]) -> str | None:
+    def _moved(existing: Store, config: dict, layers: dict[str, dict], diff: list[str]) -> str | None:
         """A store captured from another folder: only the model file's and the probe file's paths
         differ (same file names; the probe hash is already equal). Returns what moved, else None."""
         if not diff or not set(diff) <= {"model", "probe"}:
@@ -847,7 +847,7 @@ class StoreWriter:
         return (None if epoch is None else float(epoch), step) in self._points and (epoch is not None or step is not None)
 
     def checkpoint(self, *, epoch: int | None, step: int | None, path: str, sha256: str,
-                   metrics: dict | None = None) -> "ShardWriter":
+                   metrics: dict | None = None) -> ShardWriter:
         """A shard writer for one checkpoint. ``metrics``: scalar training metrics found in
         the checkpoint (e.g. {"accuracy": 0.93, "loss": 0.2}), kept for plots."""
         return ShardWriter(self, epoch=epoch, step=step, path=path, sha256=sha256, metrics=metrics)
@@ -879,7 +879,7 @@ class ShardWriter:
     def tmp(self) -> Path:
         return self.final.with_name(self.final.name + ".tmp")
 
-    def __enter__(self) -> "ShardWriter":
+    def __enter__(self) -> ShardWriter:
         self.t0 = time.perf_counter()
         self._w = AtomicH5(self.final)
         self.f = self._w.f

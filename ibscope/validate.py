@@ -59,8 +59,14 @@ from ibscope._version import __version__
 from ibscope.errors import DataError, IbscopeError, PluginError, UsageError, unknown_name
 from ibscope.results import INFO_UNITS, Results, read_results
 from ibscope.trust import (
-    SATURATION_TOLERANCE, VALIDATION_COLUMNS, VALIDATION_CSV, VALIDATION_JSON, VALIDATION_PNG, is_saturated,
-    params_key, write_csv_atomic,
+    SATURATION_TOLERANCE,
+    VALIDATION_COLUMNS,
+    VALIDATION_CSV,
+    VALIDATION_JSON,
+    VALIDATION_PNG,
+    is_saturated,
+    params_key,
+    write_csv_atomic,
 )
 
 log = logging.getLogger(__name__)
@@ -511,7 +517,7 @@ class _Ctx:
 
 # ---------------------------------------------------------------------------------- I(T;Y), discrete Y
 def tasks_labels(ctx: _Ctx, families: Sequence[str]) -> list[Task]:
-    key, dev = ctx.key, ctx.device
+    key = ctx.key
     d = key.dims[0]
     priors = key.priors
     k = len(priors)
@@ -932,8 +938,8 @@ def validate_results(results: str | os.PathLike | Results, out_dir: str | os.Pat
     (out / VALIDATION_JSON).unlink(missing_ok=True)
     paths = [write_csv_atomic(out / VALIDATION_CSV, VALIDATION_COLUMNS, rows)]
     if plot and rows:
-        from ibscope.plot.validation import validation_figure
         from ibscope.plot import save_figure
+        from ibscope.plot.validation import validation_figure
 
         fig = validation_figure(rows, unit)
         paths.append(save_figure(fig, out / VALIDATION_PNG, "png", 130, "ibscope validate",

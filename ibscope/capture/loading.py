@@ -28,8 +28,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ibscope.capture.series import (  # noqa: F401 - re-exported: the public names of the loader
-    HF_WEIGHT_FILES, CheckpointFile, as_float as _as_float, as_int as _as_int, checkpoint_metadata, discover_series,
-    folder_weights, index_shards, is_checkpoint_folder, parse_name,
+    HF_WEIGHT_FILES,
+    CheckpointFile,
+    checkpoint_metadata,
+    discover_series,
+    folder_weights,
+    index_shards,
+    is_checkpoint_folder,
+    parse_name,
 )
 from ibscope.errors import CheckpointError, UsageError, did_you_mean
 
@@ -111,7 +117,7 @@ def unwrap_model(m):
     import torch.nn as nn
 
     while True:
-        if hasattr(m, "_orig_mod") and isinstance(getattr(m, "_orig_mod"), nn.Module):
+        if hasattr(m, "_orig_mod") and isinstance(m._orig_mod, nn.Module):
             m = m._orig_mod
         elif isinstance(m, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
             m = m.module

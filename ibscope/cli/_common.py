@@ -29,7 +29,7 @@ def console():
     return _console
 
 
-def error_exit(exc: IbscopeError) -> "typer.Exit":
+def error_exit(exc: IbscopeError) -> typer.Exit:
     from rich.markup import escape
 
     c = console()

@@ -8,8 +8,8 @@ from typing import List, Optional
 
 import typer
 
-from ibscope.cli._common import console, guard, load_mapping, parse_kv
 from ibscope._locks import DEFAULT_LOCK_TIMEOUT
+from ibscope.cli._common import console, guard, load_mapping, parse_kv
 from ibscope.errors import DataError, UsageError, did_you_mean
 from ibscope.estimate import DEFAULT_NULL_PERMUTATIONS
 

@@ -106,7 +106,7 @@ def _save(obj: dict, path: Path) -> None:
 
 
 def train_classifier(
-    model_factory: Callable[[], "torch.nn.Module"],
+    model_factory: Callable[[], torch.nn.Module],
     x_train: np.ndarray,
     y_train: np.ndarray,
     x_test: np.ndarray | None,

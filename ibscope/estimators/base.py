@@ -76,10 +76,13 @@ class Estimate:
     p_value: float | None = None
     saturated: bool | None = None
 
-    def to(self, unit: str) -> "Estimate":
+    def to(self, unit: str) -> Estimate:
         """Return a copy converted to ``unit`` ('nats' or 'bits'); other units unchanged."""
         f = conversion_factor(self.unit, unit)
-        scale = (lambda v: None if v is None else v * f)
+
+        def scale(v: float | None) -> float | None:
+            return None if v is None else v * f
+
         return dataclasses.replace(
             self, value=self.value * f, unit=unit, stderr=scale(self.stderr), cap=scale(self.cap),
             null_mean=scale(self.null_mean), null_std=scale(self.null_std),
@@ -173,7 +176,7 @@ class Estimator(abc.ABC):
         estimate._ibscope_degenerate_rule = True  # type: ignore[attr-defined]  # a marker on the function object
         cls.estimate = estimate  # type: ignore[method-assign]  # wrapped once, at class creation
 
-    def validate(self) -> None:
+    def validate(self) -> None:  # noqa: B027 - an optional hook, empty by default
         """Check rules between hyper-parameters (each field's declared constraint is checked
         before); raise :class:`UsageError` naming the bad one (:meth:`_require`)."""
 
@@ -361,7 +364,7 @@ def _scale_pow2(t, e):
     return t * torch.exp2(-a) * torch.exp2(-(e - a))
 
 
-def _fit_range(t, est: "Estimator", name: str):
+def _fit_range(t, est: Estimator, name: str):
     """Rescale (by powers of two) or refuse values of extreme magnitude; see RESCALE_EXPONENT, SAFE_EXPONENT."""
     import torch
 
@@ -392,7 +395,7 @@ def _fit_range(t, est: "Estimator", name: str):
     return t
 
 
-def as_tensor(a, *, name: str = "x", estimator: "str | Estimator" = "", allow_discrete: bool = True,
+def as_tensor(a, *, name: str = "x", estimator: str | Estimator = "", allow_discrete: bool = True,
               allow_bool: bool = True):
     """Convert numpy/torch/list input to a 2-D torch tensor ``(n, d)`` and validate it.
 

@@ -35,7 +35,6 @@ from ibscope.estimators.base import Estimate, PairEstimator, is_discrete
 from ibscope.estimators.params import Integer, OneOf, Real, param
 from ibscope.estimators.registry import register
 
-
 #: largest contingency table (symbols of x times symbols of y times permutations) that the
 #: permutation null counts in one bincount; larger ones are counted permutation by permutation
 NULL_TABLE_CELLS = 2 ** 22  # 32 MiB of int64 counts

@@ -44,15 +44,15 @@ from ibscope.estimators import _mi
 from ibscope.estimators._knn import kth_neighbor_distances
 from ibscope.estimators._train import training_threads
 from ibscope.estimators.base import Estimate, PairEstimator, is_discrete
-from ibscope.estimators.params import Boolean, Integer, OneOf, Real, param
 from ibscope.estimators.ksg import KSG
+from ibscope.estimators.params import Boolean, Integer, OneOf, Real, param
 from ibscope.estimators.registry import register
 
 COMPRESSORS = ("autoencoder", "pca", "none")
 
 #: trained autoencoder codes by (input fingerprint, settings): in ``ibscope estimate`` X is the same
 #: probe set for every checkpoint x layer, so its autoencoder is trained once (as Butakov et al. do)
-_AE_CACHE: "OrderedDict[tuple, tuple[torch.Tensor, float]]" = OrderedDict()
+_AE_CACHE: OrderedDict[tuple, tuple[torch.Tensor, float]] = OrderedDict()
 _AE_CACHE_SIZE = 4
 
 

@@ -148,7 +148,7 @@ class MahalanobisDetector:
                      "detector, or raise --memory-limit if the machine really has the memory.",
             )
 
-    def fit(self, x, y=None) -> "MahalanobisDetector":
+    def fit(self, x, y=None) -> MahalanobisDetector:
         import torch
 
         dev = resolve_device(self.device) if self.device is not None else None
@@ -326,7 +326,7 @@ class KNNDetector:
             t = t / t.norm(dim=1, keepdim=True).clamp_min(1e-12)
         return t
 
-    def fit(self, x, y=None) -> "KNNDetector":
+    def fit(self, x, y=None) -> KNNDetector:
         dev = resolve_device(self.device) if self.device is not None else None
         ref = self._prep(x, "fit features", dev)
         if self.k > ref.shape[0]:

@@ -282,8 +282,7 @@ def run_ood(
     """
     from ibscope.ood.detectors import DETECTORS, KNNDetector, MahalanobisDetector, parse_bytes, resolve_device
     from ibscope.ood.features import FeaturePipeline, canonical
-    from ibscope.ood.metrics import (METRICS, bootstrap_ci, compute_metrics, flagged_fraction,
-                                     threshold_from_validation)
+    from ibscope.ood.metrics import METRICS, bootstrap_ci, compute_metrics, flagged_fraction, threshold_from_validation
 
     t_start = time.perf_counter()
     # ---- validate options before touching data ---------------------------------------------

@@ -31,8 +31,20 @@ from typing import Any, Callable, Sequence
 from ibscope._paths import inside, prepare_output
 from ibscope.errors import DataError, UsageError, io_error, unknown_name
 from ibscope.plot._data import (
-    METRICS, PAIR, Setting, apply_trust, load_results, pair_settings, parse_band, prepare, rows_of, select,
-    settings, side_note, slug, time_axis,
+    METRICS,
+    PAIR,
+    Setting,
+    apply_trust,
+    load_results,
+    pair_settings,
+    parse_band,
+    prepare,
+    rows_of,
+    select,
+    settings,
+    side_note,
+    slug,
+    time_axis,
 )
 
 log = logging.getLogger(__name__)

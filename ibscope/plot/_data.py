@@ -211,7 +211,7 @@ def apply_trust(res: Results, null: str = "band", validation: Any = None) -> tup
     return Results(out, res.provenance, res.path), info
 
 
-def saturated_points(cube: "Cube") -> np.ndarray:
+def saturated_points(cube: Cube) -> np.ndarray:
     """(times, layers) bool: saturated in at least half the runs that have a flag (NaN-safe)."""
     if cube.saturated is None:
         return np.zeros(cube.value.shape[1:], bool)
@@ -222,7 +222,7 @@ def saturated_points(cube: "Cube") -> np.ndarray:
     return (n > 0) & (hits >= 0.5 * np.maximum(n, 1))
 
 
-def null_interval(cube: "Cube", k: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
+def null_interval(cube: Cube, k: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
     """(times, layers) arrays of null_mean - k*null_std and null_mean + k*null_std (median over runs)."""
     if cube.null_mean is None:
         nan = np.full(cube.value.shape[1:], np.nan)
@@ -234,7 +234,7 @@ def null_interval(cube: "Cube", k: float = 2.0) -> tuple[np.ndarray, np.ndarray]
     return lo, hi
 
 
-def truth_interval(cube: "Cube") -> tuple[np.ndarray, np.ndarray]:
+def truth_interval(cube: Cube) -> tuple[np.ndarray, np.ndarray]:
     """(times, layers) validation error bars (median over runs)."""
     if cube.truth_lo is None:
         nan = np.full(cube.value.shape[1:], np.nan)
@@ -276,7 +276,7 @@ class Setting:
     params_json: str = "{}"
 
     @classmethod
-    def of(cls, row: dict) -> "Setting":
+    def of(cls, row: dict) -> Setting:
         params = {k: v for k, v in (row.get("params") or {}).items() if k not in SIDE_KEYS}
         return cls(row["estimator"], json.dumps(params, sort_keys=True, default=str))
 

@@ -20,7 +20,16 @@ from matplotlib.patches import Patch
 
 from ibscope.plot import style
 from ibscope.plot._data import (
-    METRICS, SUBTRACTED, Setting, cap_label, cubes, layer_order, null_interval, rows_of, saturated_points, summarize,
+    METRICS,
+    SUBTRACTED,
+    Setting,
+    cap_label,
+    cubes,
+    layer_order,
+    null_interval,
+    rows_of,
+    saturated_points,
+    summarize,
     truth_interval,
 )
 

@@ -27,7 +27,17 @@ from matplotlib.lines import Line2D
 from ibscope.errors import DataError
 from ibscope.plot import style
 from ibscope.plot._data import (
-    IXT, ITY, PAIR, SUBTRACTED, Cube, cap_label, cubes, layer_order, null_interval, saturated_points, summarize,
+    ITY,
+    IXT,
+    PAIR,
+    SUBTRACTED,
+    Cube,
+    cap_label,
+    cubes,
+    layer_order,
+    null_interval,
+    saturated_points,
+    summarize,
     truth_interval,
 )
 
