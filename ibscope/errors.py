@@ -122,7 +122,7 @@ _IO_HINTS = {
 }
 
 
-def io_error(exc: OSError, path: str | None = None, action: str = "writing") -> IOFailure:
+def io_error(exc: OSError, path: str | os.PathLike[str] | None = None, action: str = "writing") -> IOFailure:
     """Turn an :class:`OSError` into an :class:`IOFailure` naming the path and the OS error.
 
     ``"No space left on device (ENOSPC) while writing '/data/acts/checkpoints/...h5'."``

@@ -28,10 +28,13 @@ import functools
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, TypeAlias
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeAlias
 
 from ibscope.errors import DataError, UsageError
 from ibscope.estimators.params import check_params, message
+
+if TYPE_CHECKING:
+    import torch
 
 #: what ``estimate`` accepts: a torch tensor, a numpy array or anything ``numpy.asarray`` reads
 #: (nested lists); converted and checked by :func:`as_tensor`
@@ -167,7 +170,7 @@ class Estimator(abc.ABC):
             from ibscope.estimators.degenerate import constant_estimate
 
             if not kw:
-                got = constant_estimate(self, tensors)
+                got: Estimate | None = constant_estimate(self, tensors)
                 if got is not None:
                     return got
             result: Estimate = fn(self, *tensors, **kw)
@@ -202,7 +205,7 @@ class Estimator(abc.ABC):
         """
         return None
 
-    def on_constant(self, *tensors) -> str | None:
+    def on_constant(self, *tensors: torch.Tensor) -> str | None:
         """What this estimator gives when an input is constant (all rows identical).
 
         Called with the converted input tensors (``(x, y)`` for a pair estimator, ``(x,)`` for a
@@ -228,7 +231,7 @@ class Estimator(abc.ABC):
             return "H(Y)" if quantity == "I(T;Y)" else "log n"
         return "its maximum"
 
-    def null_values(self, x, y, permutations) -> list[float]:
+    def null_values(self, x: torch.Tensor, y: torch.Tensor, permutations: list[torch.Tensor]) -> list[float]:
         """The estimate on ``(x, y[p])`` for every permutation ``p`` (int64 tensors of length n).
 
         ``x`` and ``y`` are the converted tensors. The default re-estimates N times; estimators
@@ -238,7 +241,8 @@ class Estimator(abc.ABC):
         """
         return [float(self.estimate(x, y[p.to(y.device)]).value) for p in permutations]
 
-    def estimate_and_null(self, x, y, permutations) -> tuple[Estimate, list[float]]:
+    def estimate_and_null(self, x: torch.Tensor, y: torch.Tensor,
+                          permutations: list[torch.Tensor]) -> tuple[Estimate, list[float]]:
         """The estimate of ``(x, y)`` and :meth:`null_values` for ``permutations``, in one call.
 
         The default calls both; estimators override it when the estimate and the null share
@@ -250,7 +254,7 @@ class Estimator(abc.ABC):
             warnings.simplefilter("ignore")
             return e, self.null_values(x, y, permutations)
 
-    def _constant_cap(self, *tensors) -> float | None:
+    def _constant_cap(self, *tensors: torch.Tensor) -> float | None:
         """The cap of the estimate when an input is constant (see :meth:`on_constant`).
 
         Pair estimators: the plug-in entropy of the discrete side (log n for sample ids, H(Y)
@@ -265,7 +269,7 @@ class Estimator(abc.ABC):
         return min(hs) if hs else None
 
     # helpers for subclasses -------------------------------------------------------------
-    def _make(self, value: float, *, n: int, dims: tuple[int, ...], **kw) -> Estimate:
+    def _make(self, value: float, *, n: int, dims: tuple[int, ...], **kw: Any) -> Estimate:
         if math.isnan(float(value)):  # never hand back a silent NaN
             raise DataError(f"{self.name}: the computation gave NaN on {int(n)} finite samples of dims "
                             f"{tuple(int(d) for d in dims)}; no value can be reported.",
@@ -354,7 +358,7 @@ _NON_NUMERIC = {"U": "strings", "S": "byte strings", "O": "Python objects", "M":
                 "V": "structured records", "c": "complex numbers"}
 
 
-def _scale_pow2(t, e):
+def _scale_pow2(t: torch.Tensor, e: torch.Tensor | float) -> torch.Tensor:
     """``t * 2**-e`` exactly (``e`` a float tensor broadcast over columns, or a number), in two
     halves so that no factor overflows."""
     import torch
@@ -364,7 +368,7 @@ def _scale_pow2(t, e):
     return t * torch.exp2(-a) * torch.exp2(-(e - a))
 
 
-def _fit_range(t, est: Estimator, name: str):
+def _fit_range(t: torch.Tensor, est: Estimator, name: str) -> torch.Tensor:
     """Rescale (by powers of two) or refuse values of extreme magnitude; see RESCALE_EXPONENT, SAFE_EXPONENT."""
     import torch
 
@@ -395,8 +399,8 @@ def _fit_range(t, est: Estimator, name: str):
     return t
 
 
-def as_tensor(a, *, name: str = "x", estimator: str | Estimator = "", allow_discrete: bool = True,
-              allow_bool: bool = True):
+def as_tensor(a: ArrayLike, *, name: str = "x", estimator: str | Estimator = "", allow_discrete: bool = True,
+              allow_bool: bool = True) -> torch.Tensor:
     """Convert numpy/torch/list input to a 2-D torch tensor ``(n, d)`` and validate it.
 
     The one place where every built-in estimator's input is checked. 1-D input becomes
@@ -415,7 +419,7 @@ def as_tensor(a, *, name: str = "x", estimator: str | Estimator = "", allow_disc
     who = f"{ename}: " if ename else ""
     expected = "a numeric array (float, integer or bool)" if allow_bool else "a numeric array (float or integer)"
 
-    def non_numeric(dtype, kind: str) -> DataError:
+    def non_numeric(dtype: Any, kind: str) -> DataError:
         what = _NON_NUMERIC.get(kind, "a non-numeric type")
         hint = (f"Encode categories as integer codes first, e.g. codes = np.unique({name}, return_inverse=True)[1]."
                 if kind in "USO" else "Convert to float or integer values first.")
@@ -475,12 +479,12 @@ def as_tensor(a, *, name: str = "x", estimator: str | Estimator = "", allow_disc
     return t
 
 
-def is_discrete(t) -> bool:
+def is_discrete(t: torch.Tensor) -> bool:
     """True for integer tensors (labels, ids): the library's marker of a discrete variable."""
     return not t.is_floating_point()
 
 
-def check_pair(x, y, estimator: str):
+def check_pair(x: torch.Tensor, y: torch.Tensor, estimator: str) -> tuple[torch.Tensor, torch.Tensor]:
     if x.shape[0] != y.shape[0]:
         raise DataError(f"{estimator}: x and y must have the same number of samples. Got {x.shape[0]} and {y.shape[0]}.")
     if x.device != y.device:

@@ -100,7 +100,7 @@ def check_parameters(est: Any) -> list[str]:
     return checked
 
 
-def _sample(kind: str, n: int, seed: int, x_source: str = "inputs"):
+def _sample(kind: str, n: int, seed: int, x_source: str = "inputs") -> tuple[np.ndarray[Any, Any], ...]:
     rng = np.random.default_rng(seed)
     if kind == "jacobian":
         s = np.sort(np.abs(rng.standard_normal((n, 4))), axis=1)[:, ::-1].copy()
@@ -136,9 +136,10 @@ def check_estimator(est: Any, *, n: int = 300, rtol: float = 1e-6, seed: int = 0
         return ok
 
     cls = est if isinstance(est, type) else type(est)
-    if not check("subclass", isinstance(cls, type) and issubclass(cls, Estimator),
-                 f"{cls!r} is not a subclass of ibscope.estimators.base.Estimator"):
+    if not issubclass(cls, Estimator):
+        check("subclass", False, f"{cls!r} is not a subclass of ibscope.estimators.base.Estimator")
         raise ConformanceError(f"Estimator {cls!r} fails the conformance check:\n  - " + "\n  - ".join(failures))
+    check("subclass", True)
     label = getattr(cls, "name", "") or cls.__qualname__
     params = cls.__dict__.get("__dataclass_params__")  # set by the decorator on this very class
     check("frozen dataclass", dataclasses.is_dataclass(cls) and bool(params and params.frozen),
@@ -205,9 +206,9 @@ def check_estimator(est: Any, *, n: int = 300, rtol: float = 1e-6, seed: int = 0
             except Exception as exc:  # noqa: BLE001
                 check("numpy and torch agree", False, f"torch input failed: {type(exc).__name__}: {exc}")
             try:
-                again = inst.estimate(*data)
-                check("deterministic", math.isclose(again.value, out.value, rel_tol=rtol, abs_tol=rtol),
-                      f"first call {out.value!r}, second {again.value!r}")
+                repeat = inst.estimate(*data)
+                check("deterministic", math.isclose(repeat.value, out.value, rel_tol=rtol, abs_tol=rtol),
+                      f"first call {out.value!r}, second {repeat.value!r}")
             except Exception as exc:  # noqa: BLE001
                 check("deterministic", False, f"{type(exc).__name__}: {exc}")
     bad = [a.copy() for a in data]

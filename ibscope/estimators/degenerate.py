@@ -26,18 +26,25 @@ from __future__ import annotations
 
 import warnings
 
+from typing import TYPE_CHECKING, Any
+
 from ibscope.errors import DataError, IbscopeError
+
+if TYPE_CHECKING:
+    import torch
+
+    from ibscope.estimators.base import Estimate, Estimator
 
 #: where the rule is documented (named in warnings and errors)
 DOC = "docs/estimators.md#degenerate-inputs"
 
 
-def is_constant(t) -> bool:
+def is_constant(t: torch.Tensor) -> bool:
     """True when the 2-D tensor ``t`` has at least two rows and all of them are identical."""
     return t.shape[0] >= 2 and bool((t == t[:1]).all())
 
 
-def constant_estimate(est, args: tuple):
+def constant_estimate(est: Estimator, args: tuple[Any, ...]) -> Estimate | None:
     """The estimate of ``est`` for ``args`` when one of them is constant, else None.
 
     Returns an :class:`~ibscope.estimators.base.Estimate` with value 0 (``on_constant`` says

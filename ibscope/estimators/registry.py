@@ -208,7 +208,7 @@ def coerce_param(cls: type[Estimator], key: str, value: Any) -> Any:
             return tuple(float(v) for v in value.split(","))
     except ValueError:
         raise UsageError(
-            f"The '{key}' parameter of {cls.name} must be of type {typ.__name__}. Got {value!r} instead."
+            f"The '{key}' parameter of {cls.name} must be of type {typ.__name__ if typ else 'str'}. Got {value!r} instead."
         ) from None
     return value
 
