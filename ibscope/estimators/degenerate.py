@@ -25,7 +25,6 @@ estimator; ``tests/test_trust_core.py`` checks every registered estimator agains
 from __future__ import annotations
 
 import warnings
-
 from typing import TYPE_CHECKING, Any
 
 from ibscope.errors import DataError, IbscopeError

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 import warnings
-
 from typing import TYPE_CHECKING, Any
 
 from ibscope.errors import UsageError
