@@ -328,6 +328,15 @@ class JacobianEstimator(Estimator):
 
 _TYPED_BASES.update({PairEstimator: "pair", SingleEstimator: "single", JacobianEstimator: "jacobian"})
 
+# Bases for the mixins that estimator modules share between their classes (_KDEMixin ...): to the
+# type checker a mixin is an estimator of its kind (so self.name, self._make type-check); at run
+# time a plain object, so that each class's MRO stays mixin -> typed base -> Estimator.
+if TYPE_CHECKING:
+    PairMixinBase = PairEstimator
+    SingleMixinBase = SingleEstimator
+else:
+    PairMixinBase = SingleMixinBase = object
+
 
 def kind_of(cls: type[Estimator] | Estimator) -> Kind:
     """"pair", "single" or "jacobian": from the typed base, or (older plug-ins that subclass

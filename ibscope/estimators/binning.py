@@ -31,7 +31,7 @@ from typing import ClassVar
 import torch
 
 from ibscope.estimators import _mi
-from ibscope.estimators.base import Estimate, PairEstimator, is_discrete
+from ibscope.estimators.base import Estimate, PairEstimator, PairMixinBase, is_discrete
 from ibscope.estimators.params import Integer, OneOf, Real, param
 from ibscope.estimators.registry import register
 
@@ -40,7 +40,7 @@ from ibscope.estimators.registry import register
 NULL_TABLE_CELLS = 2 ** 22  # 32 MiB of int64 counts
 
 
-class _BinningMixin:
+class _BinningMixin(PairMixinBase):
     x_source: ClassVar[str] = "identity"
 
     @abc.abstractmethod

@@ -19,14 +19,14 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
 from ibscope.errors import DataError
 from ibscope.estimators import _knn
 from ibscope.estimators._knn import kth_neighbor_distances
-from ibscope.estimators.base import Estimate, SingleEstimator, as_tensor
+from ibscope.estimators.base import Estimate, SingleEstimator, SingleMixinBase, as_tensor
 from ibscope.estimators.params import Boolean, Integer, OneOf, Real, param
 from ibscope.estimators.registry import register
 
@@ -126,7 +126,11 @@ def knn_distances(x64, k: int, *, search: str = "auto", who: str = "intrinsic di
     return knn_distances_exact(x64, k), how
 
 
-class _IDMixin:
+class _IDMixin(SingleMixinBase):
+    if TYPE_CHECKING:
+        search: str
+        dedupe: bool
+
     def on_constant(self, *tensors) -> str | None:
         return "undefined"  # one point has no dimension: a DataError, never NaN
 

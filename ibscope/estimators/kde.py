@@ -24,7 +24,7 @@ import torch
 from ibscope.errors import UsageError
 from ibscope.estimators import _mi
 from ibscope.estimators._knn import _auto_chunk, pairwise
-from ibscope.estimators.base import Estimate, PairEstimator
+from ibscope.estimators.base import Estimate, PairEstimator, PairMixinBase
 from ibscope.estimators.params import Boolean, Integer, OneOf, Real, param
 from ibscope.estimators.registry import register, register_alias
 
@@ -130,7 +130,7 @@ def kde_pass(t: torch.Tensor, variance: float, label_sets: list[torch.Tensor],
 BOUND = OneOf("upper", "lower")
 
 
-class _KDEMixin:
+class _KDEMixin(PairMixinBase):
     x_source: ClassVar[str] = "identity"
     bound: str = "upper"
 

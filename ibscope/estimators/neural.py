@@ -31,14 +31,14 @@ import abc
 import math
 import warnings
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
 from ibscope.errors import DataError
 from ibscope.estimators import _mi
 from ibscope.estimators._train import training_threads
-from ibscope.estimators.base import Estimate, PairEstimator, is_discrete
+from ibscope.estimators.base import Estimate, PairEstimator, PairMixinBase, is_discrete
 from ibscope.estimators.params import Integer, OneOf, Real, param
 from ibscope.estimators.registry import register
 
@@ -98,8 +98,21 @@ def js_bound(scores: torch.Tensor) -> torch.Tensor:
     return (-sp(-scores.diagonal())).mean() - sp(_offdiag(scores)).mean()
 
 
-class _NeuralMixin:
+class _NeuralMixin(PairMixinBase):
     """Shared training loop; a subclass defines the training loss and the reported bound."""
+
+    if TYPE_CHECKING:  # the fields of _NeuralFields, which every subclass also has
+        steps: int
+        batch_size: int
+        lr: float
+        hidden: int
+        embed: int
+        critic: str
+        test_fraction: float
+        val_fraction: float
+        eval_every: int
+        patience: int
+        seed: int
 
     x_source: ClassVar[str] = "inputs"
 

@@ -22,7 +22,7 @@ from typing import ClassVar
 
 from ibscope.errors import DataError
 from ibscope.estimators._linalg import Spectrum, rank_tolerance, renyi_entropy, spectrum
-from ibscope.estimators.base import Estimate, SingleEstimator, as_tensor
+from ibscope.estimators.base import Estimate, SingleEstimator, SingleMixinBase, as_tensor
 from ibscope.estimators.params import Boolean, Integer, OneOf, Real, param
 from ibscope.estimators.registry import register
 
@@ -30,7 +30,7 @@ DIMENSIONS = "dimensions"
 EXPONENT = "exponent"
 
 
-class _SpectralMixin:
+class _SpectralMixin(SingleMixinBase):
     """Shared input handling: validate, compute the spectrum, handle the all-zero case.
 
     Every spectral measure describes one representation, in dimensions unless it says otherwise."""
