@@ -171,6 +171,7 @@ class Binning(_BinningMixin, PairEstimator):
             return self._bin_edges(t)
         t = t.to(torch.float64)
         if self.range_min is not None:
+            assert self.range_max is not None  # validate(): given together
             lo, hi = float(self.range_min), float(self.range_max)
             outside = int(((t < lo) | (t > hi)).sum())
         else:
@@ -191,6 +192,7 @@ class Binning(_BinningMixin, PairEstimator):
         """'separate' / 'idnns': explicit float32 edges linspace(lo, hi, n_bins + 1), digitize semantics."""
         import numpy as np
 
+        assert self.range_min is not None and self.range_max is not None  # validate(): outside needs the range
         lo, hi = float(self.range_min), float(self.range_max)
         edges = torch.from_numpy(np.linspace(lo, hi, self.n_bins + 1).astype(np.float32).astype(np.float64))
         t = t.to(torch.float64)

@@ -62,8 +62,8 @@ def kde_terms(t: torch.Tensor, variance: float, chunk: int | None = None, precis
         if t.device.type != "cpu":
             raise ValueError("kde_terms: precision='float32' is the CPU kernel; use 'float64' on other devices.")
         tc = t.to(torch.float64)
-        tc = (tc - tc.mean(0)).numpy()  # centred: smaller coordinates, smaller rounding to float32
-        lse = _cpu.kde_log_sums(tc, 0.5 / variance, chunk=chunk or 1024)
+        centred = (tc - tc.mean(0)).numpy()  # smaller coordinates, smaller rounding to float32
+        lse = _cpu.kde_log_sums(centred, 0.5 / variance, chunk=chunk or 1024)
         return torch.from_numpy(math.log(n) - lse)
     t = t.to(torch.float64)
     chunk = chunk or _auto_chunk(n, 1, 8)
