@@ -160,7 +160,7 @@ def test_errors_have_messages_and_exit_codes(run_dir, tmp_path):
         (["estimate", d / "acts", "-o", out, "-e", "ksg", "--param", "ksg.k=zero"], 2,
          "The 'k' parameter of ksg must be of type int. Got 'zero' instead."),
         (["estimate", d / "acts", "-o", out, "-e", "ksg", "--param", "ksg.k=0"], 2,
-         "The 'k' parameter of ksg must be >= 1. Got 0 instead."),
+         "The 'k' parameter of ksg must be an integer >= 1. Got 0 instead."),
         (["estimate", d / "acts", "-o", out, "--layer", "fc9"], 2, "Unknown layer 'fc9'"),
         (["estimate", d / "acts", "-o", out, "--x-source", "ids"], 2, "--x-source must be one of"),
         (["estimate", d / "acts", "-o", out, "-c", tmp_path / "none.yaml"], 2, "Config file not found"),
