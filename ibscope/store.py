@@ -194,7 +194,7 @@ def _open_h5(path: Path, *, label: str, kind: str = "unreadable"):
         err = os_error_of(exc)
         if err is not None and err.errno == errno.ENOENT:
             raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(path)) from None
-        if is_system_error(exc):
+        if err is not None and is_system_error(exc):
             raise io_error(err, path, "reading") from None
         raise BadShard(kind, f"{label + ' ' if label else ''}truncated, corrupt or not HDF5 "
                              f"({h5_message(exc)})") from None
@@ -325,8 +325,9 @@ class Store:
         try:
             obj = f.get(key)
         except Exception as exc:  # noqa: BLE001
-            if is_system_error(exc):
-                raise io_error(os_error_of(exc), f.filename, "reading") from None
+            err = os_error_of(exc)
+            if err is not None and is_system_error(exc):
+                raise io_error(err, f.filename, "reading") from None
             raise DataError(f"{label}: '{key}' cannot be read ({h5_message(exc)}).") from None
         if obj is None:
             raise DataError(f"{label} has no dataset '{key}'.")
@@ -341,8 +342,9 @@ class Store:
         try:
             return ds[sel]
         except Exception as exc:  # noqa: BLE001
-            if is_system_error(exc):
-                raise io_error(os_error_of(exc), ds.file.filename, "reading") from None
+            err = os_error_of(exc)
+            if err is not None and is_system_error(exc):
+                raise io_error(err, ds.file.filename, "reading") from None
             raise DataError(f"{label} cannot be read ({h5_message(exc)}); the file is corrupt.",
                             hint=hint or _SHARD_HINT) from None
 
@@ -369,7 +371,7 @@ class Store:
             raise DataError(f"{exc.message}.", hint=_MANIFEST_HINT) from None
         with f:
             ds = self._dataset(f, "probe/inputs", label)
-            width = math.prod(self.input_shape)
+            width = math.prod(self.input_shape or ())  # has_inputs: the manifest gives the shape
             if ds.shape != (self.n_samples, width):
                 raise DataError(f"{label}: dataset 'probe/inputs' has shape {ds.shape}; expected "
                                 f"({self.n_samples}, {width}).", hint=_MANIFEST_HINT)
@@ -404,9 +406,9 @@ class Store:
             raise self._bad_shards_error(bad, len(infos))
         self.skipped = bad
         for b in bad if self._warn else ():
-            key = (b["file"], b["reason"])
-            if key not in _WARNED:
-                _WARNED.add(key)
+            seen = (b["file"], b["reason"])
+            if seen not in _WARNED:
+                _WARNED.add(seen)
                 log.warning("Skipping bad shard '%s': %s.", b["file"], b["reason"])
         from ibscope._order import sort_series
 
@@ -873,7 +875,14 @@ class ShardWriter:
         self._ds: dict = {}  # open dataset handles (h5py lookups are slow per batch)
         self._width: dict[str, int] = {}
         self._w: AtomicH5 | None = None
-        self.f = None
+        self.f: Any = None  # the open h5py.File while writing (h5py is untyped)
+
+    @property
+    def w(self) -> AtomicH5:
+        """The atomic file being written (inside the with-block)."""
+        if self._w is None:
+            raise RuntimeError("ShardWriter is used outside its with-block")
+        return self._w
 
     @property
     def tmp(self) -> Path:
@@ -926,14 +935,14 @@ class ShardWriter:
                 self._absmax[layer] = max(self._absmax[layer], float(np.abs(np.where(fin, batch, 0)).max()))
         ds[r0:r0 + batch.shape[0]] = batch.astype(dtype, copy=False)
         self._rows[layer] = r0 + batch.shape[0]
-        self._w.check()
+        self.w.check()
 
     def _create(self, layer: str, d: int, dtype: str):
         n = self.store.n_samples
         ds = self.f["acts"].create_dataset(layer, shape=(n, d), dtype=dtype, chunks=(self.chunk_rows(d, dtype), d),
                                            compression=self.store.compression,
                                            shuffle=self.store.compression is not None)
-        self._w.check()
+        self.w.check()
         return ds
 
     def chunk_rows(self, d: int, dtype: str = "float32") -> int:
@@ -952,18 +961,18 @@ class ShardWriter:
         ds = self._ds[layer] = self._create(layer, d, dtype)
         ds[: kept.shape[0]] = kept
         ds.attrs["dtype_fallback"] = str(np.dtype(dtype))
-        self._w.check()
+        self.w.check()
 
     def mark_fallback(self, layer: str, dtype: str = "float32") -> None:
         """Record on ``layer``'s dataset that float16 overflowed and ``dtype`` was used."""
         self.f["acts"][layer].attrs["dtype_fallback"] = dtype
-        self._w.check()
+        self.w.check()
 
     def set_jacobian(self, layer: str, singular_values: np.ndarray, rows: np.ndarray) -> None:
         g = self.f.require_group("jacobian")
         ds = g.create_dataset(layer, data=np.asarray(singular_values, dtype=np.float32))
         ds.attrs["rows"] = np.asarray(rows, dtype=np.int64)
-        self._w.check()
+        self.w.check()
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
@@ -1004,5 +1013,5 @@ class ShardWriter:
         self.f.attrs["wall_time_s"] = time.perf_counter() - self.t0
         self.f.attrs["complete"] = True
         self._ds.clear()
-        self._w.commit()
+        self.w.commit()
         self.store.written += 1
