@@ -63,7 +63,7 @@ class FigureJob:
     kind: str
     name: str
     caption: str
-    make: Callable[..., Any]
+    make: Callable[..., Any] | None  # None: an animation, written from meta
     meta: dict = field(default_factory=dict)
 
 
@@ -310,8 +310,10 @@ def plot_results(results: Any, out_dir: str | os.PathLike | None = None, *, kind
             m = job.meta
             path = out / f"{job.name}.{anim_fmt}"
             animate_plane(m["rows"], path, title=m["title"], time_col=m["time_col"], metric_rows=m["metric_rows"],
-                          mode=m["mode"], band=m["band"], fmt=anim_fmt, fps=fps, dpi=min(dpi, 110))
+                          mode=m["mode"], band=m["band"], fmt=anim_fmt,  # type: ignore[arg-type]  # set for animation jobs
+                          fps=fps, dpi=min(dpi, 110))
         else:
+            assert job.make is not None  # only animations are written from meta
             fig = job.make()
             path = save_figure(fig, out / f"{job.name}.{fmt}", fmt, dpi, job.caption.split(":")[0], job.caption)
         written.append(path)

@@ -178,7 +178,7 @@ def apply_trust(res: Results, null: str = "band", validation: Any = None) -> tup
         vrows = read_validation(validation) if isinstance(validation, (str, os.PathLike)) else list(validation)
         units = {r["unit"] for r in res.rows if r["unit"] in INFO_UNITS}
         ranges = validation_tasks(vrows, next(iter(units)) if units else "nats")
-    info = {"null_rows": 0, "subtracted": 0, "without_null": 0, "saturated": 0, "validated": 0,
+    info: dict[str, Any] = {"null_rows": 0, "subtracted": 0, "without_null": 0, "saturated": 0, "validated": 0,
             "not_validated": 0, "null_mode": null}
     out = []
     for r in res.rows:
@@ -227,6 +227,7 @@ def null_interval(cube: Cube, k: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
     if cube.null_mean is None:
         nan = np.full(cube.value.shape[1:], np.nan)
         return nan, nan
+    assert cube.null_std is not None  # set together with null_mean
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         lo = np.nanmedian(cube.null_mean - k * cube.null_std, axis=0)
@@ -239,6 +240,7 @@ def truth_interval(cube: Cube) -> tuple[np.ndarray, np.ndarray]:
     if cube.truth_lo is None:
         nan = np.full(cube.value.shape[1:], np.nan)
         return nan, nan
+    assert cube.truth_hi is not None  # set together with truth_lo
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         return np.nanmedian(cube.truth_lo, axis=0), np.nanmedian(cube.truth_hi, axis=0)
