@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import typer
 
@@ -88,7 +88,7 @@ def register(app: typer.Typer) -> None:
             bar.update(state["task"], completed=done, total=total, description=label)
 
         t0 = time.perf_counter()
-        kw = dict(repeats=repeats, seed=seed, max_n=max_n, max_widths=max_widths, families=task or None,
+        kw: dict[str, Any] = dict(repeats=repeats, seed=seed, max_n=max_n, max_widths=max_widths, families=task or None,
                   estimators=estimator or None,
                   quantities=quantity or None, device=device, use_store=not no_store, progress=cb, unit=unit)
         if bar is not None:

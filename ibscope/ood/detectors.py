@@ -140,10 +140,11 @@ class MahalanobisDetector:
     def check_memory(self, d: int) -> None:
         """Refuse before allocating a covariance that would not fit in ``memory_limit``."""
         need = 3 * d * d * 8
-        if need > self.memory_limit:
+        limit = int(self.memory_limit)  # bytes: parsed in __post_init__
+        if need > limit:
             raise UsageError(
                 f"Mahalanobis on {d} features needs about {need / 2**30:.1f} GiB for the {d} x {d} covariance "
-                f"(float64, with its Cholesky factor and workspace); the memory limit is {self.memory_limit / 2**30:.1f} GiB.",
+                f"(float64, with its Cholesky factor and workspace); the memory limit is {limit / 2**30:.1f} GiB.",
                 hint="Reduce the features first (e.g. --reduce pca:64, --reduce avgpool for conv maps), use the knn "
                      "detector, or raise --memory-limit if the machine really has the memory.",
             )
