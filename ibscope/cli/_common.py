@@ -18,14 +18,38 @@ from ibscope.errors import IbscopeError, UsageError
 
 _console = None
 
+#: width of tables and wrapped text when the output is not a terminal (a CI log, a file) and COLUMNS is not
+#: set: rich would use 80 and cut tables; a log has no width, so use at least this
+OFF_TERMINAL_WIDTH = 120
+
+
+def _console_class():
+    from rich.console import Console, ConsoleDimensions
+
+    class _Console(Console):
+        """A Console whose width off a terminal is max(detected, OFF_TERMINAL_WIDTH) unless COLUMNS says."""
+
+        @property
+        def size(self) -> ConsoleDimensions:
+            size = super().size
+            if self._width is None and not self.is_terminal and not (self._environ.get("COLUMNS") or "").isdigit():
+                return ConsoleDimensions(max(size.width, OFF_TERMINAL_WIDTH), size.height)
+            return size
+
+        @size.setter
+        def size(self, new_size) -> None:
+            Console.size.fset(self, new_size)  # type: ignore[attr-defined]  # rich's property (typed as an overload)
+
+    return _Console
+
 
 def console():
-    """A rich console on stderr (progress, tables, warnings never go to stdout)."""
+    """A rich console on stderr (progress, tables, warnings never go to stdout).
+
+    Width: the terminal's; COLUMNS when set; otherwise (not a terminal) at least OFF_TERMINAL_WIDTH."""
     global _console
     if _console is None:
-        from rich.console import Console
-
-        _console = Console(stderr=True, highlight=False, emoji=False)
+        _console = _console_class()(stderr=True, highlight=False, emoji=False)
     return _console
 
 
