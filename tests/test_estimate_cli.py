@@ -209,6 +209,10 @@ def test_estimators_listing():
                  "compressed", "infonce", "renyi"):
         assert rows[name]["kind"] == "pair" and rows[name]["unit"] == "nats" and rows[name]["reference"]
     assert rows["ksg"]["params"]["k"] == 3 and rows["binning"]["x_source"] == "identity"
+    # an alias lists its own name with its pinned bound; every parameter says what it accepts
+    assert rows["kde-lower"]["params"]["bound"] == "lower" and rows["kde-lower"]["fixed"] == {"bound": "lower"}
+    assert rows["kde"]["params"]["bound"] == "upper" and rows["kde"]["fixed"] == {}
+    assert rows["ksg"]["constraints"]["k"] == "an integer >= 1" and rows["twonn"]["kind"] == "single"
     res = invoke("estimators", "--kind", "pair")
     assert res.exit_code == 0 and "kde-upper" in res.output and "Kraskov" in res.output
     res = invoke("estimators", "--kind", "pairs")
