@@ -59,11 +59,13 @@ class Constraint:
 
 
 def _is_int(v: Any) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+    t = type(v)
+    return t is int or (t is not bool and t is not float and isinstance(v, numbers.Integral))
 
 
 def _is_real(v: Any) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+    t = type(v)
+    return t is float or t is int or (t is not bool and isinstance(v, numbers.Real))
 
 
 @dataclass(frozen=True)
@@ -237,14 +239,24 @@ def param(default: T, constraint: Constraint, *, optional: bool = False) -> T:
 def constraints(cls_or_obj: Any) -> dict[str, Constraint]:
     """Field name -> declared constraint of an estimator class or instance (fields without one
     are left out: plug-ins that check their parameters in ``validate()`` have none)."""
-    if not dataclasses.is_dataclass(cls_or_obj):
-        return {}
-    out: dict[str, Constraint] = {}
-    for f in dataclasses.fields(cls_or_obj):
-        c = f.metadata.get(METADATA_KEY) if isinstance(f.metadata, Mapping) else None
-        if isinstance(c, Constraint):
-            out[f.name] = c
-    return out
+    return dict(_table(cls_or_obj if isinstance(cls_or_obj, type) else type(cls_or_obj)))
+
+
+_TABLES: dict[type, dict[str, Constraint]] = {}
+
+
+def _table(cls: type) -> dict[str, Constraint]:
+    """:func:`constraints` of a class, computed once (a dataclass's fields do not change)."""
+    table = _TABLES.get(cls)
+    if table is None:
+        table = {}
+        if dataclasses.is_dataclass(cls):
+            for f in dataclasses.fields(cls):
+                c = f.metadata.get(METADATA_KEY) if isinstance(f.metadata, Mapping) else None
+                if isinstance(c, Constraint):
+                    table[f.name] = c
+        _TABLES[cls] = table
+    return table
 
 
 def message(owner: str, name: str, expected: str, got: Any) -> str:
@@ -262,4 +274,7 @@ def check_values(values: Mapping[str, Any], table: Mapping[str, Constraint], own
 
 def check_params(est: Any, owner: str) -> None:
     """Check every declared field of the estimator ``est``; UsageError naming the first bad one."""
-    check_values({f.name: getattr(est, f.name) for f in dataclasses.fields(est)}, constraints(est), owner)
+    for name, c in _table(type(est)).items():
+        value = getattr(est, name)
+        if not c.accepts(value):
+            raise UsageError(message(owner, name, c.describe(), value))

@@ -19,6 +19,7 @@ DeprecationWarning.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import importlib.util
 import warnings
@@ -173,9 +174,15 @@ def get(name: str) -> type[Estimator]:
     return _REGISTRY[name]
 
 
+@functools.cache
+def _fields(cls: type[Estimator]) -> dict[str, dataclasses.Field[Any]]:
+    """Name -> field of an estimator class (computed once per class)."""
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
 def coerce_param(cls: type[Estimator], key: str, value: Any) -> Any:
     """Convert a string value (from the CLI) to the type of field ``key`` of ``cls``."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = _fields(cls)
     if key not in fields:
         raise UsageError(
             f"Estimator '{cls.name}' has no parameter '{key}'.{did_you_mean(key, fields)}",
