@@ -79,6 +79,9 @@ def test_messages_say_parameter_expected_and_got():
             registry.build(name, kw)
         assert str(ei.value).splitlines()[0] == msg
         assert ei.value.exit_code == 2
+    # 'name' is a parameter like any other for create (the estimator's name is positional-only)
+    with pytest.raises(UsageError, match="Estimator 'ksg' has no parameter 'name'"):
+        registry.create("ksg", name="other")
     # the CLI's strings are still converted first (--param k=7), then checked
     assert registry.create("ksg", k="7").k == 7
     with pytest.raises(UsageError, match="The 'k' parameter of ksg must be an integer >= 1. Got 0 instead."):

@@ -220,7 +220,7 @@ def coerce_param(cls: type[Estimator], key: str, value: Any) -> Any:
     return value
 
 
-def create(name: str, **params: Any) -> Estimator:
+def create(name: str, /, **params: Any) -> Estimator:
     """Instantiate estimator ``name`` with ``params`` (strings are converted to field types).
 
     For an alias, the pinned parameters are added (giving one of them another value is a
