@@ -231,6 +231,7 @@ def _compute_cell(st, ck, layer: str, specs: list[tuple[str, dict, str | None]],
     import torch
 
     from ibscope.estimators import registry
+    from ibscope.estimators._fast import few_threads
 
     rows: list[dict] = []
     common = dict(run=meta["run"], split=meta["split"], checkpoint=ck.index, epoch=ck.epoch, step=ck.step,
@@ -246,6 +247,7 @@ def _compute_cell(st, ck, layer: str, specs: list[tuple[str, dict, str | None]],
             t = torch.from_numpy(np.ascontiguousarray(a)).to(device)
         return t
 
+    cell_sides: dict = {}  # the layer's prepared side per estimator setting (see `sided` below)
     where = f"layer '{layer}', checkpoint {ck.index} ({ck.label})"
     T = "T"
     n_perm, null_seed = meta.get("null_permutations", 0), meta.get("null_seed", 0)
@@ -310,33 +312,91 @@ def _compute_cell(st, ck, layer: str, specs: list[tuple[str, dict, str | None]],
 
             return with_null(est, a(), b(), null["permutations"], null["seed"])
 
-        for quantity, p in _quantities(cls, params, xs, st.labels is not None):
-            if want is not None and (name, quantity) not in want:
-                continue
-            if cls.kind == "pair" and quantity == "I(X;T)":
-                if xs == "identity":
-                    xv = torch.from_numpy(np.asarray(st.sample_ids, dtype=np.int64)).to(device)
-                    xname = "X (the sample ids)"
-                else:
-                    xv = meta["inputs"].to(device)
-                    xname = "X (the probe inputs)"
-                emit(quantity, p, lambda: pair(quantity, p, lambda: xv, acts), {"x": xname, "y": T})
-            elif cls.kind == "pair":
-                lab = np.asarray(st.labels)
-                as_int = lab.dtype.kind in "iub" or meta.get("labels_read") == FLOAT_LABELS_AS_INT
-                yv = torch.from_numpy(lab.astype(np.int64) if as_int else lab.astype(np.float64))
-                emit(quantity, p, lambda: pair(quantity, p, acts, lambda: yv.to(device)),
-                     {"x": T, "y": "Y (the labels)"})
-            elif cls.kind == "single":
-                emit(quantity, p, lambda: est.estimate(acts()), {"x": T})
-            elif cls.kind == "jacobian":
-                from ibscope.estimators.local_rank import jacobian_from_store
+        # Estimators that prepare each side apart (the binning family: ``side`` and
+        # ``estimate_sides``) share work: the side that is the same in every cell of the store
+        # (the sample ids, the labels) is prepared once per store (kept in ``meta``), the
+        # layer's side once per cell for both of its rows. Same rows as ``pair``.
+        sided = callable(getattr(est, "estimate_sides", None)) and callable(getattr(est, "side", None))
+        skey = (name, json.dumps(params, sort_keys=True, default=str), device)
 
-                emit(quantity, p, lambda: est.estimate(jacobian_from_store(st, ck, layer).to(device)),
-                     {"x": "the Jacobian spectra"})
-            else:
-                raise PluginError(f"Estimator '{name}' has kind {cls.kind!r}; expected 'pair', 'single' or 'jacobian'.")
+        def store_side(what, value, argname):
+            shared = meta.setdefault("shared_sides", {})
+            k = (*skey, what)
+            if k not in shared:
+                shared[k] = est.side(value(), argname)
+            return shared[k]
+
+        def layer_side(argname):
+            k = ("layer", *skey)
+            if k not in cell_sides:
+                cell_sides[k] = est.side(acts(), argname)  # not kept on failure: each row says why
+            return cell_sides[k]
+
+        def sides(quantity, p, a, b):
+            null = null_setting(name, quantity, p, n_perm, null_seed)
+            if not null:
+                return est.estimate_sides(a(), b())
+            # the permutations depend only on n, N and the seed: drawn once per store
+            from ibscope.estimators.nulls import permutations
+
+            pk = ("permutations", int(meta["n_samples"]), null["permutations"], null["seed"])
+            shared = meta.setdefault("shared_sides", {})
+            if pk not in shared:
+                shared[pk] = permutations(*pk[1:])
+            return est.estimate_sides(a(), b(), null["permutations"], null["seed"], perms=shared[pk])
+
+        # a small problem of an estimator whose work is linear in its input runs on one torch
+        # thread (waking the thread pool for each small operation costs more than it saves)
+        with few_threads(_cell_elements(st, layer, xs, meta), getattr(cls, "serial_below", 0)):
+            for quantity, p in _quantities(cls, params, xs, st.labels is not None):
+                if want is not None and (name, quantity) not in want:
+                    continue
+                if cls.kind == "pair" and quantity == "I(X;T)":
+                    if xs == "identity":
+                        xv = lambda: torch.from_numpy(np.asarray(st.sample_ids, dtype=np.int64)).to(device)  # noqa: E731
+                        xname = "X (the sample ids)"
+                    else:
+                        xv = lambda: meta["inputs"].to(device)  # noqa: E731
+                        xname = "X (the probe inputs)"
+                    if sided:
+                        fn = lambda: sides(quantity, p, lambda: store_side(xs, xv, "x"),  # noqa: E731
+                                           lambda: layer_side("y"))
+                    else:
+                        fn = lambda: pair(quantity, p, xv, acts)  # noqa: E731
+                    emit(quantity, p, fn, {"x": xname, "y": T})
+                elif cls.kind == "pair":
+                    def yv():
+                        lab = np.asarray(st.labels)
+                        as_int = lab.dtype.kind in "iub" or meta.get("labels_read") == FLOAT_LABELS_AS_INT
+                        return torch.from_numpy(lab.astype(np.int64) if as_int else lab.astype(np.float64)).to(device)
+                    if sided:
+                        fn = lambda: sides(quantity, p, lambda: layer_side("x"),  # noqa: E731
+                                           lambda: store_side("labels", yv, "y"))
+                    else:
+                        fn = lambda: pair(quantity, p, acts, yv)  # noqa: E731
+                    emit(quantity, p, fn, {"x": T, "y": "Y (the labels)"})
+                elif cls.kind == "single":
+                    emit(quantity, p, lambda: est.estimate(acts()), {"x": T})
+                elif cls.kind == "jacobian":
+                    from ibscope.estimators.local_rank import jacobian_from_store
+
+                    emit(quantity, p, lambda: est.estimate(jacobian_from_store(st, ck, layer).to(device)),
+                         {"x": "the Jacobian spectra"})
+                else:
+                    raise PluginError(f"Estimator '{name}' has kind {cls.kind!r}; expected 'pair', 'single' or 'jacobian'.")
     return rows
+
+
+def _cell_elements(st, layer: str, xs: str | None, meta: dict) -> int:
+    """How many numbers one estimate of the cell reads: the layer's and the other side's
+    (the ids or labels: one column; the probe inputs: their width); unknown: "many"."""
+    dims = st.layer_meta(layer).get("dims")
+    if not isinstance(dims, int):
+        return 1 << 62
+    other = 1
+    if xs == "inputs" and meta.get("inputs") is not None:
+        other = max(1, int(meta["inputs"].shape[1]))
+    return int(meta["n_samples"]) * (dims + other)
 
 
 _WORKER: dict = {}
@@ -656,12 +716,17 @@ def run_estimate(
                     if want:
                         cells.append((plan, ck, layer, want))
 
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         interrupted = False
         try:
             _run_cells(cells, specs, dev, new_rows, jobs, progress)
         except KeyboardInterrupt:
             interrupted = True
+        finally:
+            for plan in plans:  # the shard each store kept open between reads
+                close = getattr(plan.st, "close", None)
+                if callable(close):
+                    close()
         fresh = {_cell_key(r) for r in new_rows}
         # stale rows this run does not recompute (a stale metrics row: the checkpoint no longer logs it)
         dropped_stale = [r for r in stale if _cell_key(r) not in planned and r["estimator"] != METRICS]
@@ -727,6 +792,8 @@ def run_estimate(
             "noted_cells": len(noted_cells), "noted_cells_computed_now": len(noted_now),
             "first_notes": list(dict.fromkeys(r["note"] for r in noted))[:SUMMARY_NOTES],
             "wall_time_s": round(time.perf_counter() - t0, 3),
+            # CPU seconds of this process over the cells (all its threads; --jobs workers not included)
+            "cpu_time_s": round(time.process_time() - c0, 3),
             "complete": not interrupted,
         }
         if plugin_units:

@@ -45,6 +45,7 @@ import logging
 import math
 import os
 import re
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -215,6 +216,8 @@ class Store:
     """
 
     def __init__(self, path: str | os.PathLike, *, skip_bad_shards: bool = False, warn: bool = True):
+        self._held: tuple[Path, Any] | None = None  # (path, open h5py.File) of the shard read last; see _shard
+        self._held_lock = threading.RLock()
         self.dir = resolve_store_dir(path)
         self.skip_bad_shards = bool(skip_bad_shards)
         self._warn = warn
@@ -542,6 +545,51 @@ class Store:
         except BadShard as exc:
             raise DataError(f"{exc.message}.", hint=_SHARD_HINT) from None
 
+    # One shard is kept open between reads: reading every layer of a checkpoint (as
+    # ``ibscope estimate`` does, layer after layer) opens its shard once, not once per layer.
+    # It is closed when another shard is read, on a failed read, by close() and on leaving a
+    # ``with store:`` block. Shards are never modified once under their final name.
+    @contextmanager
+    def _shard(self, c: CheckpointInfo):
+        with self._held_lock:
+            held = self._held
+            if held is not None and held[0] == c.shard:
+                f = held[1]
+            else:
+                self.close()
+                f = self._open_shard(c)
+                self._held = (c.shard, f)
+            try:
+                yield f
+            except BaseException:
+                self.close()  # a read failed: the next one opens the shard afresh
+                raise
+
+    def close(self) -> None:
+        """Close the shard kept open between reads (if any). The store stays usable."""
+        held, self._held = self._held, None
+        if held is not None:
+            try:
+                held[1].close()
+            except Exception:  # noqa: BLE001 - closing a file that is already unusable
+                pass
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_held"] = None  # open files and locks do not travel
+        state.pop("_held_lock", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._held_lock = threading.RLock()
+
     def activations(self, ckpt: CheckpointInfo | int, layer: str) -> np.ndarray:
         """The (n_samples, n_features) activations of ``layer`` at ``ckpt``. A shard found damaged
         on reading raises :class:`~ibscope.errors.ShardError` (exit code 4) naming it."""
@@ -551,7 +599,7 @@ class Store:
     def _activations(self, ckpt: CheckpointInfo | int, layer: str) -> np.ndarray:
         c = self._ckpt(ckpt)
         dims = self.layer_meta(layer).get("dims")
-        with self._open_shard(c) as f:
+        with self._shard(c) as f:
             key = f"acts/{layer}"
             label = f"Shard '{c.shard}', dataset '{key}'"
             if key not in f:
@@ -571,7 +619,7 @@ class Store:
 
     def _jacobian(self, ckpt: CheckpointInfo | int, layer: str) -> tuple[np.ndarray, np.ndarray] | None:
         c = self._ckpt(ckpt)
-        with self._open_shard(c) as f:
+        with self._shard(c) as f:
             key = f"jacobian/{layer}"
             if key not in f:
                 return None

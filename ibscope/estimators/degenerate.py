@@ -25,6 +25,7 @@ estimator; ``tests/test_trust_core.py`` checks every registered estimator agains
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ibscope.errors import DataError, IbscopeError
@@ -63,6 +64,16 @@ def constant_estimate(est: Estimator, args: tuple[Any, ...]) -> Estimate | None:
         return None  # the estimator reports bad input in its own words
     if len(ts) == 2 and ts[0].shape[0] != ts[1].shape[0]:
         return None
+    got: Estimate | None = constant_from(est, ts, stacklevel=4)
+    return got
+
+
+def constant_from(est: Estimator, ts: Sequence[torch.Tensor], *, stacklevel: int = 3) -> Estimate | None:
+    """:func:`constant_estimate` for inputs already converted by ``as_tensor`` (with the same
+    ``name`` and ``allow_discrete``) and of equal length: for estimators that convert their
+    inputs once and apply the rule themselves. ``stacklevel`` of the warning: 3 names the
+    caller of the function that calls this one."""
+    names = ("x", "y")
     const = [names[i] for i, t in enumerate(ts) if is_constant(t)]
     if not const:
         return None
@@ -83,5 +94,5 @@ def constant_estimate(est: Estimator, args: tuple[Any, ...]) -> Estimate | None:
     dims = tuple(int(t.shape[1]) for t in ts)
     warnings.warn(
         f"{est.name}: {which} is constant (all {n} rows identical): the value is 0 exactly by ibscope's rule "
-        f"for degenerate inputs ({DOC}).", RuntimeWarning, stacklevel=3)
+        f"for degenerate inputs ({DOC}).", RuntimeWarning, stacklevel=stacklevel)
     return est._make(0.0, n=n, dims=dims, cap=cap, extra={"constant": const})
