@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from ibscope._device import resolve_device
 from ibscope._locks import DEFAULT_LOCK_TIMEOUT, check_timeout, writer_lock
 from ibscope._paths import check_parents
 from ibscope._version import __version__
@@ -61,13 +62,6 @@ SUMMARY_NOTES = 5
 
 
 # ----------------------------------------------------------------------------- helpers
-def resolve_device(device: str | None) -> str:
-    """'auto' -> 'cuda' if available else 'cpu'; 'cpu' / 'cuda' / 'cuda:N' validated (as a string)."""
-    from ibscope._device import resolve_device as _resolve
-
-    return str(_resolve(device))
-
-
 def metric_unit(name: str) -> str:
     """The unit of a training metric's rows: "ratio" for accuracies (and F1, AUC, precision,
     recall), "loss" for losses (numbers as logged: the base of the logarithm is the training
@@ -482,7 +476,7 @@ def run_estimate(
     lock_timeout = check_timeout(lock_timeout)
     out = Path(out)
     _check_out(out)
-    dev = resolve_device(device)
+    dev = str(resolve_device(device))
     if jobs > 1 and dev != "cpu":
         raise UsageError(f"--jobs {jobs} runs CPU worker processes; it cannot be combined with --device {dev}.",
                          hint="Use --jobs 1 on a GPU (the GPU parallelises each estimate), or --device cpu.")

@@ -351,6 +351,27 @@ class Store:
     def n_samples(self) -> int:
         return int(self.sample_ids.shape[0])
 
+    def summary(self) -> dict[str, Any]:
+        """What the store holds, as plain JSON-able data (``ibscope info``): format, probe set,
+        labels, inputs, capture config, layers, complete checkpoints and skipped shards."""
+        ckpts = [{"index": c.index, "epoch": c.epoch, "step": c.step, "epoch_exact": c.epoch_exact, "label": c.label,
+                  "path": c.path, "sha256": c.sha256[:12], "order_from": c.epoch_source or c.step_source,
+                  "epoch_source": c.epoch_source, "step_source": c.step_source, "metrics": c.metrics,
+                  "dtypes": sorted(set(c.dtypes.values())), "jacobian_layers": len(c.jacobian_layers)}
+                 for c in self.checkpoints]
+        labels = None
+        if self.labels is not None:
+            first = self.labels.reshape(len(self.labels), -1)[:, 0].tolist()
+            labels = {"dtype": str(self.labels.dtype), "classes": int(len(set(first)))}
+        return {
+            "store": str(self.dir), "format_version": self.format_version,
+            "ibscope_version": self.attrs.get("ibscope_version"), "created": self.attrs.get("created"),
+            "n_samples": self.n_samples, "labels": labels,
+            "inputs": [int(s) for s in self.input_shape] if self.has_inputs else None, "config": self.config,
+            "layers": {n: self.layer_meta(n) for n in self.layers}, "checkpoints": ckpts,
+            "skipped": [{"file": b["file"], "reason": b["reason"]} for b in self.skipped],
+        }
+
     def layer_meta(self, name: str) -> dict:
         if name not in self._layer_meta:
             from ibscope.errors import unknown_name

@@ -21,6 +21,7 @@ import importlib.util
 import logging
 import os
 import pickle
+import pkgutil
 import re
 import sys
 import zipfile
@@ -82,10 +83,12 @@ def resolve_object(spec: str, what: str = "--model") -> Any:
         mod = _import_file(path)
     else:
         try:
-            mod = importlib.import_module(mod_part)
-        except ImportError as exc:
+            return pkgutil.resolve_name(f"{mod_part}:{attr}")
+        except (ImportError, ValueError) as exc:  # ValueError: not a dotted module name
             raise UsageError(f"{what}: cannot import module '{mod_part}': {exc}.",
                              hint="Install the package, or pass a file path 'path/to/file.py:factory'.") from None
+        except AttributeError:  # the module imported: name the missing attribute below, with a did-you-mean
+            mod = importlib.import_module(mod_part)
     obj = mod
     for part in attr.split("."):
         if not hasattr(obj, part):

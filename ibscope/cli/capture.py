@@ -207,34 +207,12 @@ def register(app: typer.Typer) -> None:
         selector; tuple/dict outputs need an element ('[0]', "['last_hidden_state']").
         """
         setup_logging(True)
-        import torch
+        from ibscope.capture.inspect import inspect_layers
 
-        from ibscope.capture import plan_layers, resolve_device
-        from ibscope.capture.loading import load_checkpoint_into, resolve_factory
-        from ibscope.capture.probe import check_forward_accepts, load_probe
-        from ibscope.capture.selectors import trace_modules
-
-        if batch_size < 1:
-            raise UsageError(f"--batch-size must be >= 1. Got {batch_size}.")
-        from ibscope.capture.hf import is_hf_spec
-
-        build = resolve_factory(model, _model_args(model_args))
-        net = build(checkpoint) if is_hf_spec(model) else build()
-        if checkpoint is not None:
-            load_checkpoint_into(net, checkpoint, trust_checkpoint=trust_checkpoint, safe_globals=safe_globals)
-        dev = resolve_device(device)
-        net.to(dev).eval()
-        pr = load_probe(probe, max_samples=batch_size)
-        check_forward_accepts(net, pr)
-        x = pr.batch(0, pr.n, dev)
-        traces = trace_modules(net, x)
-        plan = None
-        if layers:
-            with torch.no_grad():
-                _, _, plan, _ = plan_layers(net, x, list(layers), _parse_reduce(reduce))
-        rows = [{"name": t.name or "(model)", "type": t.type, "calls": t.calls, "output": t.outputs[0] if t.outputs else "",
-                 "params": t.n_params} for t in traces.values()]
-        inputs = pr.describe_inputs()
+        found = inspect_layers(model, probe, checkpoint=checkpoint, model_args=_model_args(model_args), layers=layers,
+                               reduce=_parse_reduce(reduce), batch_size=batch_size, device=device,
+                               trust_checkpoint=trust_checkpoint, safe_globals=safe_globals)
+        inputs, rows, plan = found["inputs"], found["modules"], found["selected"]
         if as_json:
             typer.echo(json.dumps({"inputs": inputs, "modules": rows, "selected": plan}, indent=2))
             return
@@ -246,7 +224,7 @@ def register(app: typer.Typer) -> None:
         for e in inputs:
             it.add_row(e["name"], "x".join(map(str, e["shape"])) or "scalar", e["dtype"], e["passed"], e["role"])
         console().print(it)
-        tab = Table(title=f"Modules of {model} (batch of {x.n}), in execution order", title_justify="left")
+        tab = Table(title=f"Modules of {model} (batch of {found['batch']}), in execution order", title_justify="left")
         for col in ("module", "type", "calls", "output (first call)", "params"):
             tab.add_column(col)
         for r in rows:
@@ -280,19 +258,8 @@ def register(app: typer.Typer) -> None:
         from ibscope.store import Store
 
         st = Store(store, skip_bad_shards=skip_bad_shards, warn=False)  # skipped shards are listed below
-        ckpts = [{"index": c.index, "epoch": c.epoch, "step": c.step, "epoch_exact": c.epoch_exact, "label": c.label,
-                  "path": c.path, "sha256": c.sha256[:12], "order_from": c.epoch_source or c.step_source,
-                  "epoch_source": c.epoch_source, "step_source": c.step_source, "metrics": c.metrics, "dtypes": sorted(set(c.dtypes.values())),
-                  "jacobian_layers": len(c.jacobian_layers)} for c in st.checkpoints]
-        summary = {
-            "store": str(st.dir), "format_version": st.format_version, "ibscope_version": st.attrs.get("ibscope_version"),
-            "created": st.attrs.get("created"), "n_samples": st.n_samples,
-            "labels": None if st.labels is None else {"dtype": str(st.labels.dtype),
-                                                      "classes": int(len(set(st.labels.reshape(len(st.labels), -1)[:, 0].tolist())))},
-            "inputs": [int(s) for s in st.input_shape] if st.has_inputs else None, "config": st.config,
-            "layers": {n: st.layer_meta(n) for n in st.layers}, "checkpoints": ckpts,
-            "skipped": [{"file": b["file"], "reason": b["reason"]} for b in st.skipped],
-        }
+        summary = st.summary()
+        ckpts = summary["checkpoints"]
         if as_json:
             typer.echo(json.dumps(summary, indent=2, default=str))
             return

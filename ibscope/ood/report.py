@@ -6,6 +6,8 @@ import html
 from pathlib import Path
 from typing import Any, Mapping
 
+from ibscope._atomic import write_text_atomic
+
 COLUMNS = [("config", "configuration"), ("checkpoint", "ckpt"), ("epoch", "epoch"), ("ood_set", "OOD set"),
            ("auroc", "AUROC"), ("aupr_in", "AUPR-In"), ("aupr_out", "AUPR-Out"),
            ("fpr95_id_positive", "FPR95 (ID pos., Lee/Sun)"), ("fpr95_openood", "FPR95 (OOD pos., OpenOOD v1.5)"),
@@ -24,12 +26,6 @@ def _fmt(row: Mapping[str, Any], key: str) -> str:
             s += f" [{lo:.3f}, {hi:.3f}]"
         return s
     return str(v)
-
-
-def _atomic(path: Path, text: str) -> None:
-    from ibscope._atomic import write_text_atomic
-
-    write_text_atomic(path, text)
 
 
 def write_markdown_report(out: Path, doc: Mapping[str, Any]) -> tuple[Path, Path]:
@@ -53,7 +49,7 @@ def write_markdown_report(out: Path, doc: Mapping[str, Any]) -> tuple[Path, Path
     figs = ["", "## Figures", ""] + [f"![{f}]({f})" for f in doc["figures"]]
     md = "\n".join(head + ["## Metrics", ""] + table + warn + figs) + "\n"
     md_path = out / "report.md"
-    _atomic(md_path, md)
+    write_text_atomic(md_path, md)
 
     e = html.escape
     th = "".join(f"<th>{e(t)}</th>" for _, t in COLUMNS)
@@ -71,5 +67,5 @@ def write_markdown_report(out: Path, doc: Mapping[str, Any]) -> tuple[Path, Path
         + f"<h2>Figures</h2>{imgs}</body></html>\n"
     )
     html_path = out / "report.html"
-    _atomic(html_path, page)
+    write_text_atomic(html_path, page)
     return md_path, html_path

@@ -284,7 +284,8 @@ def run_ood(
     ``reporter``: an :class:`ibscope.reporting.Reporter` that shows the progress over the grid
     (``None``: silent; ``progress=False`` turns its progress off).
     """
-    from ibscope.ood.detectors import DETECTORS, KNNDetector, MahalanobisDetector, parse_bytes, resolve_device
+    from ibscope._device import resolve_device
+    from ibscope.ood.detectors import DETECTORS, KNNDetector, MahalanobisDetector, parse_bytes
     from ibscope.ood.features import FeaturePipeline, canonical
     from ibscope.ood.metrics import (METRICS, bootstrap_ci, compute_metrics, flagged_fraction,
                                      threshold_from_validation)
