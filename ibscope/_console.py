@@ -1,5 +1,5 @@
 """The one rich Console of the process: stderr (progress, tables and warnings never go to stdout),
-no emoji codes, no automatic highlighting. Used by the CLI (``ibscope.cli._common.console``) and by
+no emoji codes, no automatic highlighting. Used by the CLI (its ``_common.console``) and by
 the few library displays that still draw their own (capture's plan and progress)."""
 
 from __future__ import annotations

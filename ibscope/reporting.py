@@ -4,7 +4,7 @@ Library functions that take a long time accept ``reporter: Reporter | None``. Th
 text (:meth:`Reporter.info`, :meth:`Reporter.warning`) and open progress tasks
 (:meth:`Reporter.task`); they never print and never import a console library. ``None`` means
 :class:`NullReporter`: the Python API is silent (its warnings still go through :mod:`warnings`).
-The command line passes its rich implementation (``ibscope.cli._common.RichReporter``);
+The command line passes its rich implementation (``RichReporter`` of the CLI package);
 scripts and notebooks can pass :class:`LoggingReporter`.
 """
 

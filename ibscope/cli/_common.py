@@ -63,6 +63,20 @@ class RichReporter:
             yield _RichTask(bar, bar.add_task("", total=total))
 
 
+@contextlib.contextmanager
+def progress_callback(quiet: bool, what: str):
+    """A library ``callback(done, total, name)`` feeding a progress bar of the CLI's reporter;
+    ``None`` with --quiet."""
+    if quiet:
+        yield None
+        return
+    with RichReporter().task(what) as task:
+        def cb(done: int, total: int, name) -> None:
+            task.update(completed=done, total=total, note=str(getattr(name, "name", name)))
+
+        yield cb
+
+
 def reporter(quiet: bool = False):
     """The reporter of a command: rich on stderr, or ``None`` (silent) with --quiet."""
     return None if quiet else RichReporter()
