@@ -216,6 +216,7 @@ class _Where:
         self.meta: list = []
         self.siblings: list[str] = list(model.model_fields)
         self.dynamic = False  # the path went through a user-named key ({name: ...} mappings)
+        self.in_mapping = False  # the location is a value of such a mapping
         for name in names:
             core, _, _ = _unwrap(self.ann)
             sub = _model_of(core)
@@ -226,9 +227,10 @@ class _Where:
                     return
                 self.field = sub.model_fields[name]
                 self.ann, self.meta = self.field.annotation, list(self.field.metadata)
+                self.in_mapping = False
             elif (typing.get_origin(core) or core) is dict and len(typing.get_args(core)) == 2:
                 self.ann, self.meta = typing.get_args(core)[1], []
-                self.dynamic = True
+                self.dynamic = self.in_mapping = True
             else:
                 return
         last = _model_of(self.ann)
@@ -240,6 +242,8 @@ class _Where:
         return _WORDS.get(k, f"a {k}")
 
     def nullable(self) -> bool:
+        if self.in_mapping:  # a value in a {name: value} mapping: "null" is not a choice worth naming
+            return True
         return _unwrap(self.ann)[2] and not (self.field is not None and self.field.is_required())
 
     def choices(self) -> list[str]:
@@ -262,7 +266,9 @@ _OPS = {"greater_than_equal": ("ge", ">="), "greater_than": ("gt", ">"), "less_t
 def usage_error(exc: ValidationError, model: type[BaseModel], raw: Any, source: str, *, prefix: str = "",
                 preset: bool = False) -> IbscopeError:
     """The first of pydantic's errors (unknown keys first) as a UsageError for the user."""
-    errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
+    # unknown keys first, then broken constraints (within a union: the member's rule that applies), then types
+    errors = sorted(exc.errors(), key=lambda e: (e["type"] != "extra_forbidden",
+                                                 e["type"].endswith(("_type", "_parsing"))))
     e = errors[0]
     cause = (e.get("ctx") or {}).get("error")
     if isinstance(cause, IbscopeError):  # a rule of a model validator: its own message
