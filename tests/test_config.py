@@ -195,3 +195,26 @@ def test_pipeline_modules_stay_small():
     sizes = {p.name: len(p.read_text().splitlines()) for p in (ROOT / "ibscope" / "pipeline").glob("*.py")}
     assert set(sizes) >= {"__init__.py", "config.py", "loading.py", "runner.py", "context.py", "stages.py"}
     assert max(sizes.values()) <= 600, sizes
+
+
+def test_rich_reporter_of_the_cli():
+    import io
+
+    from rich.console import Console
+
+    from ibscope.cli._common import RichReporter, progress_callback
+    from ibscope.reporting import LoggingReporter, NullReporter, Reporter, is_silent
+
+    buf = io.StringIO()
+    rep = RichReporter(Console(file=buf, width=100, force_terminal=False))
+    assert isinstance(rep, Reporter) and isinstance(NullReporter(), Reporter) and isinstance(LoggingReporter(), Reporter)
+    assert is_silent(None) and is_silent(NullReporter()) and not is_silent(rep)
+    rep.info("> estimate (its config changed) [not markup]")
+    rep.warning("  binning: 3 cell(s) saturated")
+    with rep.task("figures", 3) as t:
+        t.advance(note="a.png")
+        t.update(completed=3, total=3, note="c.png")
+    assert buf.getvalue().splitlines()[:2] == ["> estimate (its config changed) [not markup]",
+                                               "  binning: 3 cell(s) saturated"]
+    with progress_callback(True, "plot") as cb:
+        assert cb is None  # --quiet: no callback, no bar
