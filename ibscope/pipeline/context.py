@@ -117,6 +117,8 @@ class RunContext:
                 raise unknown_name("stage", s, STAGES)
         resolve_device(self.device)  # fail on a bad or unavailable --device before any work
         resolve_device(cfg.train.device if cfg.train else "cpu")
+        if cfg.estimate.device is not None:
+            resolve_device(cfg.estimate.device)
         self.check_paths()
         self.runner = StageRunner(self.out, force=force, only=only, reporter=self.reporter, base=base)
         self.result = PipelineResult(cfg.name or "run", self.out, cfg, self.runner.status)
