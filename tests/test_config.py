@@ -218,3 +218,12 @@ def test_rich_reporter_of_the_cli():
                                                "  binning: 3 cell(s) saturated"]
     with progress_callback(True, "plot") as cb:
         assert cb is None  # --quiet: no callback, no bar
+
+
+def test_bad_estimate_device_fails_before_any_work(tmp_path):
+    from ibscope.pipeline import Pipeline
+
+    cfg, base, _ = load_config({**MINIMAL, "estimate": {"device": "gpu"}})
+    with pytest.raises(UsageError, match="--device expects auto, cpu or cuda:N. Got 'gpu'"):
+        Pipeline(cfg, base, tmp_path / "o")
+    assert not (tmp_path / "o").exists()
