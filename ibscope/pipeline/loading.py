@@ -16,7 +16,7 @@ import os
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence, Union
+from typing import Any, Literal, Mapping, Sequence, TypeVar, Union
 
 from pydantic import BaseModel, ValidationError
 
@@ -152,8 +152,11 @@ def load_estimate_preset(path: str | os.PathLike) -> EstimateSection:
     return validate(EstimateSection, data, str(p), prefix="estimate" if nested else "", preset=True)
 
 
-def validate(model: type[BaseModel], raw: Any, source: str, *, context: dict | None = None, prefix: str = "",
-             preset: bool = False) -> Any:
+M = TypeVar("M", bound=BaseModel)
+
+
+def validate(model: type[M], raw: Any, source: str, *, context: dict | None = None, prefix: str = "",
+             preset: bool = False) -> M:
     """``model.model_validate(raw)``, its first error as a UsageError (see :func:`usage_error`)."""
     try:
         return model.model_validate(raw, context=context)
