@@ -266,7 +266,7 @@ class StageRunner:
                                      hint="Run without --only first.")
                 outputs = [self.out / p for p in stamp.get("outputs", [])]
                 reason = f"not selected by --only, though not up to date: {reason}"
-            self.digests[st.name] = self.read_stamp(st.name)["digest"]
+            self.digests[st.name] = (self.read_stamp(st.name) or {})["digest"]
             self.status.append(StageStatus(st.name, "skipped", 0.0, outputs, reason))
             self.reporter.info(f"- {st.label or st.name}: skipped ({reason})")
             return outputs

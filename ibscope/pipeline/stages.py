@@ -165,15 +165,17 @@ def capture(ctx: RunContext) -> dict[str, Path]:
     def run() -> list[Path]:
         from ibscope.capture import capture as capture_store
 
-        out = []
+        out: list[Path] = []
         for n in names:
             ctx.reporter.info(f"  capture probe set '{n}' ({probes[n].name})")
-            out.append(capture_store(factory, src, str(probes[n]), cap.layers, stores[n], model_args=cfg.model.args,
+            store = capture_store(factory, src, str(probes[n]), cap.layers, stores[n], model_args=cfg.model.args,
                                      reduce=cap.reduce, max_samples=cap.max_samples, sample_seed=cap.sample_seed,
                                      batch_size=cap.batch_size, device=ctx.device, dtype=cap.dtype,
                                      jacobian_samples=cap.jacobian_samples, split=n, run=ctx.name, overwrite=True,
-                                     progress=ctx.progress, safe_globals=list(cap.safe_globals)))
-        return [Path(p) for p in out]
+                                     progress=ctx.progress, safe_globals=list(cap.safe_globals))
+            assert store is not None  # None only for a dry run
+            out.append(Path(store))
+        return out
 
     inputs = [*ck_inputs, *(probes[n] for n in names), *ctx.factory_inputs()]
     ctx.runner(Stage("capture", stage_cfg, inputs, ["data", "train"], run, label=f"capture ({ctx.name})"))
