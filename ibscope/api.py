@@ -27,12 +27,17 @@ def integral_float_labels(t, name: str = "y", who: str = ""):
         return None
     if not bool((t == torch.round(t)).all()) or float(t.abs().max()) >= 2.0 ** 62:
         return None
+    from ibscope._labels import MIN_PER_CLASS, integral_values_are_classes
+
     vals = torch.unique(t)
+    if not integral_values_are_classes(int(vals.numel()), int(t.shape[0])):
+        return None  # a rounded continuous target (fewer than MIN_PER_CLASS samples per value): stays continuous
     shown = ", ".join(f"{float(v):g}" for v in vals[:5]) + (", ..." if vals.numel() > 5 else "")
     warnings.warn(
         f"{who}'{name}' holds floats ({str(t.dtype).replace('torch.', '')}) with only integer values "
         f"({vals.numel()} distinct: {shown}); they are read as discrete class labels (int64), the same classes as "
-        "integer labels.", RuntimeWarning, stacklevel=3)
+        f"integer labels (integer-valued floats with more than n/{MIN_PER_CLASS} distinct values stay continuous). "
+        "For a continuous target pass discrete_y=False.", RuntimeWarning, stacklevel=3)
     return t.to(torch.int64)
 
 

@@ -79,7 +79,11 @@ def within_null(row: dict, k: float = 2.0) -> bool | None:
     criterion: with N permutations p cannot go below 1/(N + 1), which is 0.09 for N = 10."""
     if not has_null(row) or row.get("value") is None:
         return None
-    return bool(row["value"] <= row["null_mean"] + k * row["null_std"])
+    # the same tie tolerance as the p-value (a value equal to its null up to rounding is inside)
+    from ibscope.estimators.nulls import TIE_TOLERANCE
+
+    tol = TIE_TOLERANCE * max(1.0, abs(row["null_mean"]))
+    return bool(row["value"] <= row["null_mean"] + k * row["null_std"] + tol)
 
 
 def params_key(params: Any) -> str:

@@ -171,9 +171,25 @@ def plan_keys(res: Results, *, estimators: Sequence[str] | None = None,
     rows = [r for r in res.rows if r["estimator"] != "metrics"]
     if estimators:
         have = {r["estimator"] for r in rows}
+        checkable = sorted({r["estimator"] for r in rows if r["quantity"] in PAIR and r["unit"] in INFO_UNITS})
         for e in estimators:
             if e not in have:
-                raise unknown_name("estimator", e, have)
+                from ibscope.errors import did_you_mean
+
+                known = e in registry.available()
+                raise UsageError(
+                    f"Estimator '{e}' is not in this results table"
+                    + (" (it is a registered estimator, but the table has no rows of it)." if known else ".")
+                    + did_you_mean(e, checkable),
+                    hint="validate re-runs the information estimators of the table: "
+                         + (", ".join(checkable) if checkable else "(none in this table)")
+                         + ". Estimate with it first (`ibscope estimate STORE -e NAME -o RESULTS`).")
+            if e not in checkable:
+                raise UsageError(
+                    f"Estimator '{e}' measures no information (I(X;T) or I(T;Y)) in this table; validate checks "
+                    "information estimates against tasks with a known mutual information.",
+                    hint="Estimators validate can check in this table: "
+                         + (", ".join(checkable) if checkable else "(none)") + ".")
         rows = [r for r in rows if r["estimator"] in estimators]
     if quantities:
         for q in quantities:

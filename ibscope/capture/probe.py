@@ -307,10 +307,15 @@ def _float_labels(y: np.ndarray) -> np.ndarray:
                     and float(np.abs(y).max()) < 2.0 ** 62)
     if not integral:
         return y.astype(np.float32)
+    from ibscope._labels import MIN_PER_CLASS, integral_values_are_classes
+
     vals = np.unique(y)
+    if not integral_values_are_classes(int(vals.size), int(y.shape[0])):
+        return y.astype(np.float32)  # a rounded continuous target (fewer than MIN_PER_CLASS samples per value)
     shown = ", ".join(f"{v:g}" for v in vals[:5]) + (", ..." if vals.size > 5 else "")
     warnings.warn(f"The probe labels are floats ({y.dtype}) with only integer values ({vals.size} distinct: {shown}); "
-                  "they are stored as int64 class labels, so that every estimator treats them as discrete classes. "
+                  "they are stored as int64 class labels, so that every estimator treats them as discrete classes "
+                  f"(integer-valued floats with more than n/{MIN_PER_CLASS} distinct values stay continuous). "
                   "Save them as integers to silence this.", RuntimeWarning, stacklevel=3)
     return y.astype(np.int64)
 

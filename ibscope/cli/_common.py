@@ -15,11 +15,12 @@ from typing import Any, Callable
 
 import typer
 
-from ibscope._console import console
+from ibscope._console import OFF_TERMINAL_WIDTH, console
 from ibscope._options import parse_kv
 from ibscope.errors import IbscopeError, UsageError
 
-__all__ = ["console", "RichReporter", "reporter", "guard", "error_exit", "parse_kv", "load_mapping", "setup_logging"]
+__all__ = ["console", "OFF_TERMINAL_WIDTH", "RichReporter", "reporter", "progress_callback", "guard", "error_exit",
+           "parse_kv", "load_mapping", "setup_logging"]
 
 
 class _RichTask:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Literal, Optional
 
 import typer
 
@@ -47,7 +47,7 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("cpu", "--device", help="Where the estimators run: cpu, cuda, cuda:N or auto."),
         no_store: bool = typer.Option(False, "--no-store", help="Do not read the activation store named in the "
                                                                 "results' provenance (no layer-matched tasks)."),
-        unit: str = typer.Option("bits", "--unit", "-u", help="Unit of the figure and the summary (the CSV is in nats)."),
+        unit: Literal["nats", "bits"] = typer.Option("bits", "--unit", "-u", help="Unit of the figure and the summary (the CSV is in nats)."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary."),
     ) -> None:
         """Run each estimator of RESULTS on synthetic tasks whose answer is known, at the same n and dims.
