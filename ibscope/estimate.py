@@ -555,8 +555,38 @@ def run_estimate(
         existing: list[dict] = []
         old_prov: dict = {}
         if out.exists() and out.stat().st_size > 0:  # an empty file (e.g. made by `touch`) is an empty table
-            old = read_results(out, allow_empty=True)
+            try:
+                old = read_results(out, allow_empty=True)
+            except DataError as exc:
+                # estimate merges into the file: rows it cannot read (other stores' among them) would be lost
+                raise DataError(
+                    f"The existing results file '{out}' cannot be read, so this run cannot merge into it: "
+                    f"{exc.message}",
+                    hint=f"ibscope estimate keeps the rows of other stores in the file and never overwrites a table it "
+                         f"cannot read (not even with --force). Move it aside (mv '{out}' '{out}.bad') or delete it "
+                         "and run again, or write to another file with -o.") from None
             existing, old_prov = old.rows, old.provenance or {}
+
+        # -------------------------------------------------------- another store under the same run/split
+        prior = [e for src in [old_prov, *(x for x in old_prov.get("parts") or [] if isinstance(x, dict))]
+                 for e in (src.get("stores") or []) if isinstance(e, dict)]
+        had = {(r["run"], r["split"]) for r in existing}
+        for p_ in plans:
+            if (p_.run, p_.split) not in had:
+                continue
+            before = {str(e.get("path")) for e in prior if (e.get("run"), e.get("split")) == (p_.run, p_.split)
+                      and e.get("path")}
+            here = {str(p_.path), str(Path(p_.path).resolve())}
+            moved = [b for b in before if b not in here and str(Path(b).resolve()) not in here]
+            # a store moved with its run folder keeps its config and probe: not another store
+            same = [e for e in prior if (e.get("run"), e.get("split")) == (p_.run, p_.split)
+                    and e.get("config_hash") == p_.st.config_hash and e.get("probe_hash") == p_.st.probe_hash]
+            if before and len(moved) == len(before) and not same:
+                warnings.warn(
+                    f"The rows of run '{p_.run}', split '{p_.split}' in '{out}' came from the store "
+                    f"'{sorted(moved)[0]}'; this run's store '{p_.path}' has the same run and split, so its rows "
+                    "replace them. To keep both, capture with different --run or --split names (or write to "
+                    "another results file).", RuntimeWarning, stacklevel=2)
 
         # -------------------------------------------------------- sort the existing rows
         others: list[dict] = []          # rows of stores not given in this run: kept as they are
@@ -580,7 +610,10 @@ def run_estimate(
                                                   null_seed),
                                 labels=plan.meta["labels_read"] if r["quantity"] == "I(T;Y)" else None)
             if r.get("key") == want_key:
-                valid[_cell_key(r)] = r
+                # the same content; its place in the series may have moved (a checkpoint captured in between
+                # by `capture --resume`): the kept row takes the store's current index
+                li = plan.meta["layer_index"].get(r["layer"]) if r["layer"] != "-" else r.get("layer_index")
+                valid[_cell_key(r)] = dict(r, checkpoint=ck.index, epoch=ck.epoch, step=ck.step, layer_index=li)
             else:
                 stale.append(r)
 

@@ -239,7 +239,7 @@ def _read_one(p: Path, allow_empty: bool) -> tuple[list[dict], dict | None]:
         this["table_matches"] = False
         warnings.warn(f"The provenance '{provenance_path(p)}' does not describe '{p}' as it is now: the table was "
                       f"changed after ibscope wrote it, or a write was interrupted. Treat its provenance with care; "
-                      f"`ibscope estimate` rewrites both.", stacklevel=3)
+                      f"`ibscope estimate` into it rewrites both (when the table itself can be read).", stacklevel=3)
     rows: list[dict] = []
     try:
         reader = csv.DictReader(io.StringIO(text, newline=""))

@@ -63,6 +63,8 @@ FORMAT = "ibscope-activations"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.h5"
 SHARD_DIR = "checkpoints"
+#: bytes a shard writer appends before it asks the OS to write them to disk (see ShardWriter.append)
+SYNC_BYTES = 8 * 1024 * 1024
 
 
 def _h5py():
@@ -351,27 +353,6 @@ class Store:
     def n_samples(self) -> int:
         return int(self.sample_ids.shape[0])
 
-    def summary(self) -> dict[str, Any]:
-        """What the store holds, as plain JSON-able data (``ibscope info``): format, probe set,
-        labels, inputs, capture config, layers, complete checkpoints and skipped shards."""
-        ckpts = [{"index": c.index, "epoch": c.epoch, "step": c.step, "epoch_exact": c.epoch_exact, "label": c.label,
-                  "path": c.path, "sha256": c.sha256[:12], "order_from": c.epoch_source or c.step_source,
-                  "epoch_source": c.epoch_source, "step_source": c.step_source, "metrics": c.metrics,
-                  "dtypes": sorted(set(c.dtypes.values())), "jacobian_layers": len(c.jacobian_layers)}
-                 for c in self.checkpoints]
-        labels = None
-        if self.labels is not None:
-            first = self.labels.reshape(len(self.labels), -1)[:, 0].tolist()
-            labels = {"dtype": str(self.labels.dtype), "classes": int(len(set(first)))}
-        return {
-            "store": str(self.dir), "format_version": self.format_version,
-            "ibscope_version": self.attrs.get("ibscope_version"), "created": self.attrs.get("created"),
-            "n_samples": self.n_samples, "labels": labels,
-            "inputs": [int(s) for s in self.input_shape] if self.has_inputs else None, "config": self.config,
-            "layers": {n: self.layer_meta(n) for n in self.layers}, "checkpoints": ckpts,
-            "skipped": [{"file": b["file"], "reason": b["reason"]} for b in self.skipped],
-        }
-
     def layer_meta(self, name: str) -> dict:
         if name not in self._layer_meta:
             from ibscope.errors import unknown_name
@@ -610,6 +591,29 @@ class Store:
         parts = [self.config_hash.encode(), self.probe_hash.encode()]
         parts += [c.sha256.encode() for c in self.checkpoints]
         return sha256_bytes(*parts)
+
+    def summary(self) -> dict:
+        """What the store holds, as plain JSON-able data (``ibscope info``): format, probe set,
+        labels, inputs, capture config, layers with their metadata, complete checkpoints (epoch,
+        step and where they came from, metrics, stored dtypes, Jacobian layers) and the shards
+        skipped as bad. Reads attributes only, no activations."""
+        ckpts = [{"index": c.index, "epoch": c.epoch, "step": c.step, "epoch_exact": c.epoch_exact, "label": c.label,
+                  "path": c.path, "sha256": c.sha256[:12], "order_from": c.epoch_source or c.step_source,
+                  "epoch_source": c.epoch_source, "step_source": c.step_source, "metrics": c.metrics,
+                  "dtypes": sorted(set(c.dtypes.values())), "jacobian_layers": len(c.jacobian_layers)}
+                 for c in self.checkpoints]
+        labels = None
+        if self.labels is not None:
+            classes = len(set(self.labels.reshape(len(self.labels), -1)[:, 0].tolist()))
+            labels = {"dtype": str(self.labels.dtype), "classes": int(classes)}
+        return {
+            "store": str(self.dir), "format_version": self.format_version,
+            "ibscope_version": self.attrs.get("ibscope_version"), "created": self.attrs.get("created"),
+            "n_samples": self.n_samples, "labels": labels,
+            "inputs": [int(s) for s in self.input_shape] if self.has_inputs else None, "config": self.config,
+            "layers": {n: self.layer_meta(n) for n in self.layers}, "checkpoints": ckpts,
+            "skipped": [{"file": b["file"], "reason": b["reason"]} for b in self.skipped],
+        }
 
 
 _MANIFEST_HINT = ("The store's manifest is damaged or was not written by ibscope; re-capture the store "
@@ -893,6 +897,7 @@ class ShardWriter:
         self._nonfinite: dict[str, int] = {}
         self._ds: dict = {}  # open dataset handles (h5py lookups are slow per batch)
         self._width: dict[str, int] = {}
+        self._unsynced = 0  # bytes appended since the last sync_data()
         self._w: AtomicH5 | None = None
         self.f = None
 
@@ -947,13 +952,22 @@ class ShardWriter:
                 self._absmax[layer] = max(self._absmax[layer], float(np.abs(np.where(fin, batch, 0)).max()))
         ds[r0:r0 + batch.shape[0]] = batch.astype(dtype, copy=False)
         self._rows[layer] = r0 + batch.shape[0]
+        self._unsynced += batch.shape[0] * batch.shape[1] * np.dtype(dtype).itemsize
+        if self._unsynced >= SYNC_BYTES:  # flush to disk as we go: the fsync at the end is short
+            self._unsynced = 0
+            self._w.raw.sync_data()
         self._w.check()
 
     def _create(self, layer: str, d: int, dtype: str):
         n = self.store.n_samples
+        # no chunk cache (1 byte: every chunk is larger): rows are written in whole chunks, so each
+        # write goes (compressed) to the file at once, in the capture's writer thread, instead of
+        # waiting in the cache until the shard is closed. fletcher32: a checksum per chunk, so that
+        # a chunk damaged on disk is an error when read, with or without compression
         ds = self.f["acts"].create_dataset(layer, shape=(n, d), dtype=dtype, chunks=(self.chunk_rows(d, dtype), d),
                                            compression=self.store.compression,
-                                           shuffle=self.store.compression is not None)
+                                           shuffle=self.store.compression is not None, fletcher32=True,
+                                           rdcc_nbytes=1)
         self._w.check()
         return ds
 

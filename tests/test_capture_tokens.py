@@ -477,6 +477,7 @@ def test_jacobians_refused_for_token_ids_before_any_work(tmp_path, mods):
     assert not (tmp_path / "a").exists()
 
 
+@pytest.mark.slow
 def test_hugging_face_bert_with_padding(tmp_path):
     transformers = pytest.importorskip("transformers")
     cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,

@@ -60,6 +60,7 @@ def curves(tmp_path_factory):
     return {a: _curves(a, d) for a in ("tanh", "relu")}
 
 
+@pytest.mark.slow
 def test_tanh_deep_layers_fit_then_compress(curves):
     epochs, ixt, _, _, _ = curves["tanh"]
     assert list(epochs) == [0, 1, 2, 6, 13, 31, 72, 170, 400]
@@ -74,6 +75,7 @@ def test_tanh_deep_layers_fit_then_compress(curves):
     assert hidden4[-1] < hidden4.max() - 0.3  # the layer before also compresses (less)
 
 
+@pytest.mark.slow
 def test_relu_does_not_compress_comparably(curves):
     _, tanh, _, _, _ = curves["tanh"]
     _, relu, _, _, _ = curves["relu"]
@@ -86,6 +88,7 @@ def test_relu_does_not_compress_comparably(curves):
         assert relu[:, layer].max() - relu[-1, layer] < 0.5
 
 
+@pytest.mark.slow
 def test_every_estimate_respects_the_caps(curves):
     for activation in ("tanh", "relu"):
         _, ixt, ity, caps, y = curves[activation]

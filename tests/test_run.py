@@ -158,7 +158,7 @@ def test_issue11_keys_defaults_values_and_cli(tmp_path):
     assert res.exit_code == 2 and "--safe-globals expects 'module.Class' names" in " ".join(res.output.split())
     res = CliRunner().invoke(app, ["run", str(p), "-o", str(tmp_path / "o"), "--lock-timeout", "nan", "-q"])
     assert res.exit_code == 2 and "--lock-timeout must be a number of seconds. Got NaN." in res.output
-    assert not (tmp_path / "o").exists() and not (tmp_path / "o.lock").exists()  # nothing written on a usage error
+    assert not (tmp_path / "o").exists() and not (tmp_path / ".o.lock").exists()  # nothing written on a usage error
     res = CliRunner().invoke(app, ["run", "--help"], env={"COLUMNS": "200"})
     for flag in ("--strict", "--skip-bad-shards", "--safe-globals", "--lock-timeout"):
         assert flag in res.output

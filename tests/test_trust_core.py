@@ -127,6 +127,7 @@ def test_nulls_are_reproducible_under_a_seed():
     assert all(torch.equal(p, q) for p, q in zip(permutations(50, 3, 1), permutations(50, 3, 1)))
 
 
+@pytest.mark.slow
 def test_shared_work_nulls_equal_re_estimation():
     """Every estimator that shares work between the estimate and its null (binning, KDE, KSG,
     gaussian, renyi, compressed) gives the same null as re-estimating each permuted pair."""
@@ -464,6 +465,7 @@ def store(tmp_path_factory):
     return _store(d / "acts", y, acts, inputs=x, epochs=(1, 2, 3))
 
 
+@pytest.mark.slow
 def test_cli_fills_null_and_saturation_columns(store, tmp_path):
     out = tmp_path / "r.csv"
     r = ib("estimate", store, "-o", out, "-e", "binning", "-e", "ksg", "-e", "effective-rank", "--null-permutations",
@@ -531,6 +533,7 @@ def test_help_explains_the_options():
         assert want in text, want
 
 
+@pytest.mark.slow
 def test_config_keys(tmp_path, store):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("estimators: [binning]\nnull_permutations: 3\nnull_seed: 2\n")

@@ -300,6 +300,7 @@ def test_report_cli_validation_option_and_errors(tmp_path):
         write_report(p, tmp_path / "c.html", validation=p)
 
 
+@pytest.mark.slow
 def test_real_table_without_nulls_plots_and_reports(tmp_path):
     d = tiny_tanh_run(tmp_path, 120, "tiny_trust_model")
     runner = CliRunner()

@@ -107,6 +107,7 @@ def test_mixture_mi_matches_quadrature_and_is_invariant():
     assert v == pytest.approx(-(0.3 * math.log(0.3) + 0.7 * math.log(0.7)), abs=1e-9) and se < 1e-9
 
 
+@pytest.mark.slow
 def test_noisy_mi_limits_and_gaussian_closed_form():
     v, se = noisy_mi(np.array([[0.0], [10.0]]), np.array([0.5, 0.5]), 1e-3, 2000, 0)
     assert v == pytest.approx(math.log(2), abs=1e-9)  # separated by 300 sd: the channel loses nothing

@@ -4,7 +4,8 @@
 orders the checkpoints (epoch/step stored in each file, else a number in its name), loads each
 one safely (``weights_only``) and strictly, runs the fixed probe set through it with forward
 hooks on the selected layers, and streams the (reduced) activations batch by batch into one
-HDF5 shard per checkpoint (see :mod:`ibscope.store`). Optionally it stores, for the first N
+HDF5 shard per checkpoint (see :mod:`ibscope.store`), written by a thread beside the forward
+pass (see :mod:`ibscope.capture.writer`). Optionally it stores, for the first N
 probe samples, the singular values of each layer's Jacobian with respect to the input.
 """
 
@@ -32,7 +33,6 @@ log = logging.getLogger(__name__)
 __all__ = ["capture", "snapshot", "Snapshotter", "resolve_device", "plan_layers", "DEFAULT_MAX_INPUT_BYTES"]
 
 DEFAULT_MAX_INPUT_BYTES = 256 * 1024 * 1024  # probe inputs above this are not copied into the store
-FLOAT16_MAX = 65504.0
 
 
 def _reduce_for(name: str, module: str, reduce: Any) -> str:
@@ -125,61 +125,6 @@ def plan_layers(model, x, layers, reduce=None):
         if getattr(r, "is_nested", False):
             meta[t.name]["nested"] = True
     return targets, reducers, meta, traces
-
-
-def _stats(arr: np.ndarray) -> tuple[int, float]:
-    """(non-finite count, max |finite value|): two passes (min, max) when all values are finite,
-    since NaN and inf propagate to the minimum or maximum."""
-    if not arr.size:
-        return 0, 0.0
-    lo, hi = float(arr.min()), float(arr.max())
-    if np.isfinite(lo) and np.isfinite(hi):
-        return 0, max(-lo, hi)
-    fin = np.isfinite(arr)
-    return int(arr.size - fin.sum()), float(np.abs(arr[fin]).max()) if fin.any() else 0.0
-
-
-class _Buffer:
-    """Collects one layer's rows and writes them to the shard in whole HDF5 chunks."""
-
-    def __init__(self, shard, name: str, dtype: str, d: int):
-        self.shard, self.name, self.dtype = shard, name, dtype
-        self.rows = shard.chunk_rows(d, dtype)
-        self.parts: list[np.ndarray] = []
-        self.stats: list[tuple[int, float]] = []
-        self.count = 0
-        self.promoted = False
-
-    def add(self, arr: np.ndarray, stats: tuple[int, float]) -> None:
-        self.parts.append(arr)
-        self.stats.append(stats)
-        self.count += arr.shape[0]
-        if self.count >= self.rows:
-            self.flush(whole_chunks=True)
-
-    def flush(self, whole_chunks: bool = False) -> None:
-        if not self.parts:
-            return
-        block = np.concatenate(self.parts) if len(self.parts) > 1 else self.parts[0]
-        k = (block.shape[0] // self.rows) * self.rows if whole_chunks else block.shape[0]
-        head, tail = block[:k], block[k:]
-        # the stats of the parts cover head and tail together: exact when the tail is empty, an
-        # upper bound otherwise (absmax is only used as a summary and for the float16 check)
-        nonfinite = sum(st[0] for st in self.stats) if not tail.shape[0] else None
-        absmax = max(st[1] for st in self.stats)
-        if head.shape[0]:
-            if self.dtype == "float16" and not self.promoted and absmax >= FLOAT16_MAX:
-                log.warning("Layer '%s': values reach %.3g, beyond float16's range; storing this layer as float32 "
-                            "in this checkpoint.", self.name, absmax)
-                self.shard.promote(self.name, "float32")
-                self.dtype, self.promoted = "float32", True
-            stats = None if nonfinite is None else (nonfinite, absmax)
-            self.shard.append(self.name, head, dtype=self.dtype, stats=stats)
-            if self.promoted:
-                self.shard.mark_fallback(self.name, "float32")
-        self.parts = [tail] if tail.shape[0] else []
-        self.stats = [_stats(tail)] if tail.shape[0] else []
-        self.count = tail.shape[0]
 
 
 class _Interrupts:
@@ -286,7 +231,7 @@ def capture(
     progress: bool = True,
     sample_seed: int | None = None,
     allow_nonfinite: bool = False,
-    compression: str = "lzf",
+    compression: str = "none",
     max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES,
     jacobian_chunk: int = 16,
     lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT,
@@ -329,14 +274,16 @@ def capture(
     A capture that fails before its first checkpoint is stored removes the store it created,
     so the same command (fixed) can simply be run again.
 
-    The whole capture holds the store's writer lock (``OUT.lock`` next to ``OUT``): a second
+    The whole capture holds the store's writer lock (``.OUT.lock`` next to ``OUT``): a second
     capture into the same store waits up to ``lock_timeout`` seconds (negative or None: without
     limit), then stops with :class:`~ibscope._locks.LockTimeout` naming the lock file and its
     holder. A write the system refuses (disk full, read-only, no permission) raises
     :class:`~ibscope.errors.IOFailure` naming the path; the shard being written is deleted and
     completed checkpoints are kept, so ``resume=True`` continues once the cause is fixed.
     """
-    from ibscope.capture.loading import discover_checkpoints, model_spec_id, resolve_factory, resolve_safe_globals
+    from ibscope.capture.checkpoints import resolve_safe_globals
+    from ibscope.capture.factory import model_spec_id, resolve_factory
+    from ibscope.capture.loading import discover_checkpoints
     from ibscope.capture.probe import load_probe
     from ibscope.store import resolve_store_dir
 
@@ -364,7 +311,7 @@ def capture(
 
     rebuild = None
     if isinstance(model, nn.Module):
-        from ibscope.capture.loading import unwrap_model
+        from ibscope.capture.factory import unwrap_model
 
         template = unwrap_model(model)
         build = (lambda: copy.deepcopy(template))  # noqa: E731
@@ -504,7 +451,7 @@ def _write_store(out, config, pr, meta, inputs, ckpts, targets, reducers, net, d
                  compression, batch_size, dtype, jplan, trust_checkpoint, safe_globals, allow_nonfinite,
                  rebuild=None) -> Path:
     """The writing part of :func:`capture` (run under the store's writer lock)."""
-    from ibscope.capture.loading import describe_alignment, load_checkpoint_into
+    from ibscope.capture.checkpoints import describe_alignment, load_checkpoint_into
     from ibscope.store import StoreWriter
 
     writer = StoreWriter(out, config=config, sample_ids=pr.ids, labels=pr.y, layers=meta, inputs=inputs,
@@ -586,33 +533,12 @@ def _torch_version() -> str:
 
 def _capture_into(shard, net, pr, targets, reducers, meta, *, dev, batch_size, dtype, allow_nonfinite, where,
                   stop=None, advance=None) -> None:
-    """Run the probe set through ``net`` batch by batch and write each layer's rows into ``shard``."""
-    import torch
+    """Run the probe set through ``net`` batch by batch and write each layer's rows into ``shard``
+    (the writes run off the forward path: see :mod:`ibscope.capture.writer`)."""
+    from ibscope.capture.writer import run_probe
 
-    from ibscope.capture.hooks import CaptureEngine
-
-    bufs = {t.name: _Buffer(shard, t.name, dtype, meta[t.name]["dims"]) for t in targets}
-    with torch.no_grad(), CaptureEngine(net, targets, reducers) as eng:
-        for b0 in range(0, pr.n, int(batch_size)):
-            if stop is not None:
-                stop.check()
-            xb = pr.batch(b0, b0 + int(batch_size), dev)
-            outs = eng.run(xb)
-            for name, r in outs.items():
-                arr = r.numpy() if (r.dtype == torch.float32 and r.device.type == "cpu") else \
-                    r.float().cpu().numpy()
-                st = _stats(arr)
-                if st[0] and not allow_nonfinite:
-                    raise DataError(
-                        f"Layer '{name}' has {st[0]} non-finite value(s) (NaN/inf) at checkpoint "
-                        f"{where}, probe rows {b0}..{b0 + arr.shape[0] - 1}.",
-                        hint="The run may have diverged at this checkpoint. Pass --allow-nonfinite to "
-                             "store them anyway (estimators will refuse them).")
-                bufs[name].add(arr, st)
-            if advance is not None:
-                advance()
-    for b in bufs.values():
-        b.flush()
+    run_probe(shard, net, pr, targets, reducers, meta, dev=dev, batch_size=batch_size, dtype=dtype,
+              allow_nonfinite=allow_nonfinite, where=where, stop=stop, advance=advance)
 
 
 def _store_jacobians(net, targets, reducers, pr, jplan, dev, shard, tick=None, stop=None) -> None:

@@ -260,7 +260,7 @@ def _read_source(probe: Any, max_samples: int | None, sample_seed: int | None):
             raise DataError(f"Probe file '{s}' holds a {type(obj).__name__}; expected a dict with 'x' (and 'y') or (x, y).")
         raise UsageError(f"Probe file '{s}' has an unsupported extension '{suffix}'. Use .npz, .h5 or .pt, or a factory.")
     if ":" in s:
-        from ibscope.capture.loading import model_spec_id, resolve_object
+        from ibscope.capture.factory import model_spec_id, resolve_object
 
         fn = resolve_object(s, "--probe")
         try:

@@ -104,9 +104,11 @@ def register(app: typer.Typer) -> None:
                                                          "numpy scalars, arrays and dtypes are allowed by default."),
         allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Store NaN/inf activations instead of "
                                              "stopping with exit code 4."),
-        compression: str = typer.Option("lzf", "--compression", help="HDF5 compression: lzf (h5py's filter, "
-                                        "with shuffle), gzip (readable by every HDF5 tool, slowest) or none (fastest "
-                                        "writes; float32 activations shrink only ~20-35% with lzf)."),
+        compression: str = typer.Option("none", "--compression", help="HDF5 compression: none (default: the "
+                                        "fastest; capture keeps up with the forward pass), lzf (h5py's filter, with "
+                                        "shuffle: float32 activations shrink ~20-35%, at several times the CPU of "
+                                        "the forward pass on dense layers) or gzip (readable by every HDF5 tool, "
+                                        "smallest, slowest). See docs/capture.md, Performance."),
         lock_timeout: float = typer.Option(DEFAULT_LOCK_TIMEOUT, "--lock-timeout", help="Seconds to wait while another "
                                            "capture writes the same store, then stop naming it (0: do not wait; "
                                            "-1: wait without limit)."),
@@ -120,7 +122,7 @@ def register(app: typer.Typer) -> None:
 
         Writes one HDF5 shard per checkpoint under OUT/checkpoints/ (complete or absent, even after
         a crash) and OUT/manifest.h5 with sample ids, labels and the layer list. One capture
-        writes a store at a time (lock file OUT.lock). --resume also deletes and re-captures
+        writes a store at a time (hidden lock file .OUT.lock next to it). --resume also deletes and re-captures
         shards it finds truncated or corrupt. Exit codes: 0 ok, 1 error (disk full, read-only,
         no permission: the path is named and no partial file is left; store locked by another
         capture), 2 usage (bad option, unknown layer, --safe-globals name that cannot be
@@ -149,9 +151,9 @@ def register(app: typer.Typer) -> None:
         if not quiet:
             from ibscope.store import open_store
 
-            st = open_store(path)
-            console().print(f"[green]Store[/] {path}: {len(st.checkpoints)} checkpoint(s) x {len(st.layers)} layer(s) x "
-                            f"{st.n_samples} samples. Next: ibscope estimate {path} -o results.csv")
+            got = open_store(path).summary()
+            console().print(f"[green]Store[/] {path}: {len(got['checkpoints'])} checkpoint(s) x {len(got['layers'])} "
+                            f"layer(s) x {got['n_samples']} samples. Next: ibscope estimate {path} -o results.csv")
 
     @app.command("checkpoints", no_args_is_help=True)
     @guard
@@ -209,10 +211,11 @@ def register(app: typer.Typer) -> None:
         setup_logging(True)
         from ibscope.capture.inspect import inspect_layers
 
-        found = inspect_layers(model, probe, checkpoint=checkpoint, model_args=_model_args(model_args), layers=layers,
-                               reduce=_parse_reduce(reduce), batch_size=batch_size, device=device,
-                               trust_checkpoint=trust_checkpoint, safe_globals=safe_globals)
-        inputs, rows, plan = found["inputs"], found["modules"], found["selected"]
+        got = inspect_layers(model, probe, checkpoint=checkpoint, model_args=_model_args(model_args),
+                             layers=list(layers) if layers else None, reduce=_parse_reduce(reduce),
+                             batch_size=batch_size, device=device, trust_checkpoint=trust_checkpoint,
+                             safe_globals=safe_globals)
+        inputs, rows, plan = got["inputs"], got["modules"], got["selected"]
         if as_json:
             typer.echo(json.dumps({"inputs": inputs, "modules": rows, "selected": plan}, indent=2))
             return
@@ -224,7 +227,7 @@ def register(app: typer.Typer) -> None:
         for e in inputs:
             it.add_row(e["name"], "x".join(map(str, e["shape"])) or "scalar", e["dtype"], e["passed"], e["role"])
         console().print(it)
-        tab = Table(title=f"Modules of {model} (batch of {found['batch']}), in execution order", title_justify="left")
+        tab = Table(title=f"Modules of {model} (batch of {got['batch']}), in execution order", title_justify="left")
         for col in ("module", "type", "calls", "output (first call)", "params"):
             tab.add_column(col)
         for r in rows:
@@ -257,9 +260,8 @@ def register(app: typer.Typer) -> None:
         """
         from ibscope.store import Store
 
-        st = Store(store, skip_bad_shards=skip_bad_shards, warn=False)  # skipped shards are listed below
-        summary = st.summary()
-        ckpts = summary["checkpoints"]
+        summary = Store(store, skip_bad_shards=skip_bad_shards, warn=False).summary()  # skipped shards listed below
+        ckpts, skipped = summary["checkpoints"], summary["skipped"]
         if as_json:
             typer.echo(json.dumps(summary, indent=2, default=str))
             return
@@ -267,18 +269,18 @@ def register(app: typer.Typer) -> None:
         from rich.table import Table
 
         c = console()
-        cfg = st.config
-        c.print(f"[bold]{st.dir}[/]  format v{st.format_version}, ibscope {summary['ibscope_version']}, created {summary['created']}")
+        cfg = summary["config"]
+        c.print(f"[bold]{summary['store']}[/]  format v{summary['format_version']}, ibscope {summary['ibscope_version']}, "
+                f"created {summary['created']}")
         c.print(f"run={cfg.get('run')} split={cfg.get('split')} model={cfg.get('model')} dtype={cfg.get('dtype')}")
-        lab = summary["labels"]
-        c.print(f"probe: {st.n_samples} samples from {cfg.get('probe')}; labels: "
+        lab, inp = summary["labels"], summary["inputs"]
+        c.print(f"probe: {summary['n_samples']} samples from {cfg.get('probe')}; labels: "
                 f"{'none' if lab is None else str(lab['classes']) + ' distinct (' + lab['dtype'] + ')'}; inputs: "
-                f"{'not stored' if not st.has_inputs else 'x'.join(map(str, st.input_shape))}")
+                f"{'not stored' if inp is None else 'x'.join(map(str, inp))}")
         lt = Table(title="Layers", title_justify="left")
         for col in ("#", "layer", "type", "reduction", "raw shape", "dims"):
             lt.add_column(col)
-        for i, n in enumerate(st.layers):
-            m = st.layer_meta(n)
+        for i, (n, m) in enumerate(summary["layers"].items()):
             lt.add_row(str(i), n, str(m.get("type", "")), str(m.get("reduction", "")),
                        "x".join(map(str, m.get("raw_shape") or [])), str(m.get("dims", "")))
         c.print(lt)
@@ -292,8 +294,8 @@ def register(app: typer.Typer) -> None:
                        Path(r["path"]).name, r["sha256"], ",".join(r["dtypes"]), str(r["jacobian_layers"] or ""),
                        ", ".join(f"{k}={v:.4g}" for k, v in r["metrics"].items()))
         c.print(ct)
-        if st.skipped:
-            c.print(f"[bold yellow]Skipped {len(st.skipped)} bad shard(s)[/] (--skip-bad-shards); "
+        if skipped:
+            c.print(f"[bold yellow]Skipped {len(skipped)} bad shard(s)[/] (--skip-bad-shards); "
                     "`ibscope capture ... --resume` re-captures truncated or corrupt ones:")
-            for b in st.skipped:
+            for b in skipped:
                 c.print(f"  {escape(b['file'])}: {escape(b['reason'])}", soft_wrap=True)

@@ -116,7 +116,7 @@ def train(ctx: RunContext) -> list[Path]:
 
     def run() -> list[Path]:
         from ibscope._device import resolve_device
-        from ibscope.capture.loading import resolve_factory
+        from ibscope.capture.factory import resolve_factory
         from ibscope.demo.train import train_classifier
 
         assert train_p is not None  # the config's validator requires data.train or a task
