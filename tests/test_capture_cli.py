@@ -81,6 +81,9 @@ def test_library_inspect_layers_and_store_summary_are_what_the_cli_prints(run_di
                          layers=["act"], batch_size=3)
     assert got["batch"] == 3 and [m["name"] for m in got["modules"]] == ["fc1", "act", "fc2", "(model)"]
     assert got["modules"][0]["output"] == "Tensor[3, 10] float32" and got["modules"][0]["params"] == 12 * 10 + 10
+    # a container counts its children's parameters (the whole model here: fc1 + fc2)
+    by = {m["name"]: m["params"] for m in got["modules"]}
+    assert by["(model)"] == by["fc1"] + by["fc2"] > 0 and by["act"] == 0
     assert got["selected"]["act"]["dims"] == 10 and got["selected"]["act"]["reduction"] == "none"
     res = invoke("layers", "-m", f"{write_models(d)}:MLP", "-p", d / "probe.npz", "--checkpoint",
                  d / "ck" / "epoch_002.pt", "-l", "act", "-b", "3", "--json")
@@ -192,3 +195,13 @@ def test_cli_data_errors_exit_4(run_dir):
     (d / "corrupt" / "manifest.h5").write_bytes(b"\x89HDF\r\n\x1a\n truncated")
     _expect(invoke("info", d / "corrupt"), 4, "manifest.h5' is truncated, corrupt or not HDF5")
     _expect(invoke("info", d / "missing"), 4, "Activation store not found")
+
+
+def test_unsafe_alias_is_named_not_an_unknown_layer():
+    from ibscope.capture.selectors import parse_spec
+    from ibscope.errors import UsageError
+
+    assert parse_spec("fc1=fc1_out").alias == "fc1_out" and parse_spec("re:a=b").alias == "b"
+    for raw in ("fc1=../../evil", "fc1=", "fc1=a/b"):
+        with pytest.raises(UsageError, match="is not a valid layer name"):
+            parse_spec(raw)

@@ -255,7 +255,7 @@ def test_logged_loss_is_never_converted(tmp_path):
     run_cli("estimate", store, "-o", tmp_path / "r.csv", "-e", "effective-rank", "-q")
     run_cli("report", tmp_path / "r.csv", "-o", tmp_path / "r.html", "-q")
     html = (tmp_path / "r.html").read_text()
-    assert "<td class='l'>loss [loss]</td><td>0.595</td><td>0.280</td>" in html and "0.858" not in html
+    assert '<td class="l">loss [loss]</td><td>0.595</td><td>0.280</td>' in html and "0.858" not in html
     from ibscope.plot import figures
 
     (job,) = [j for j in figures(str(tmp_path / "r.csv"), kinds=["metrics"])]

@@ -163,6 +163,8 @@ def test_null_subtract_and_off(tmp_path):
                                                                          for ci in (1, 2)], rtol=1e-12)
     assert fig.axes[0].get_ylabel() == "I(T;Y) − null mean  [bits]"
     assert not [a for ax in fig.axes for a in ax.get_children() if (a.get_gid() or "").endswith(":null")]
+    # no cap line (H(Y)) on an axis of subtracted values
+    assert not [a for ax in fig.axes for a in ax.get_children() if (a.get_gid() or "").startswith("cap")]
     assert "null mean subtracted from 5 estimate(s); 1 without a null drawn as estimated" in jobs[0].caption
     plane = job(p, "info-plane", null="subtract")
     (snap,) = by_gid(plane, "snapshot:99.0")

@@ -212,7 +212,7 @@ def capture(
     checkpoints,
     probe,
     layers: list[str] | str,
-    out: str | os.PathLike,
+    out: str | os.PathLike | None,
     *,
     model_args: dict | None = None,
     reduce: str | dict | None = None,
@@ -300,8 +300,11 @@ def capture(
                          hint="--resume keeps what was captured; --overwrite starts again from nothing.")
     allowed = resolve_safe_globals(safe_globals)  # a name that cannot be imported: usage error before any work
     check_timeout(lock_timeout)
-    out = Path(out)
-    _check_out_dir(out, resume, overwrite)
+    if out is None and not dry_run:
+        raise UsageError("capture needs an output store: pass --out DIR (only --dry-run can go without it).")
+    out = Path(out) if out is not None else None
+    if out is not None:
+        _check_out_dir(out, resume, overwrite)
     dev = resolve_device(device)
     console = _console() if progress else None
 
@@ -348,9 +351,10 @@ def capture(
     if jacobian_samples:
         jplan = _plan_jacobians(net, targets, reducers, meta, pr, int(jacobian_samples), dev, jacobian_method,
                                 jac_budget, int(jacobian_chunk))
-        if console is not None or dry_run:
-            (console or _console()).print(jplan.summary())
-        log.info("%s", jplan.summary())
+        if console is not None or dry_run:  # shown once; plain text ('[fc1 10, act 10]' is no rich markup)
+            (console or _console()).print(jplan.summary(), markup=False, highlight=False)
+        else:
+            log.info("%s", jplan.summary())
     if dry_run:
         _show_layers(meta, console or _console())
         return None

@@ -333,16 +333,16 @@ def _check_mask(mask, n: int, inputs: dict) -> None:
         raise DataError(f"Probe array '{MASK_KEY}' must hold 0 (padding) and 1 (real token) only; it holds {shown}.",
                         hint="A float mask of additive -inf/0 values or True-means-padding masks are not attention "
                              "masks: convert them, e.g. attention_mask = (pad_mask == 0).astype(int).")
-    empty = torch.nonzero((mask != 0).sum(1) == 0).reshape(-1)
-    if len(empty):
-        rows = ", ".join(str(int(i)) for i in empty[:8]) + (" ..." if len(empty) > 8 else "")
-        raise DataError(f"Probe rows {rows} have no real token ({MASK_KEY} is all 0): a sequence reduction has "
-                        "nothing to average or pick there.", hint="Drop these rows from the probe set.")
     for k, v in inputs.items():
         if k != MASK_KEY and v.ndim >= 2 and v.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8) \
                 and v.shape[1] != mask.shape[1]:
             raise DataError(f"Probe arrays '{k}' {tuple(v.shape)} and '{MASK_KEY}' {tuple(mask.shape)} differ in length: "
                             "the mask needs one entry per token.")
+    empty = torch.nonzero((mask != 0).sum(1) == 0).reshape(-1)
+    if len(empty):
+        rows = ", ".join(str(int(i)) for i in empty[:8]) + (" ..." if len(empty) > 8 else "")
+        raise DataError(f"Probe rows {rows} have no real token ({MASK_KEY} is all 0): a sequence reduction has "
+                        "nothing to average or pick there.", hint="Drop these rows from the probe set.")
 
 
 def load_probe(probe: Any, *, max_samples: int | None = None, sample_seed: int | None = None) -> Probe:

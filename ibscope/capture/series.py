@@ -351,7 +351,12 @@ def describe_checkpoint(p: Path, *, trust_checkpoint: bool = False, safe_globals
         elif not nn_.bare and float(nn_.epoch) != epoch_exact:
             notes.append(f"'{p}': the name says epoch {nn_.epoch} but the {SOURCE_NAMES[e_src]} says "
                          f"{_fmt_num(epoch_exact)}; using {_fmt_num(epoch_exact)}")
-    if nn_.step is not None:
+    named_hf = nn_.step is not None and (_HF_STEP_NAME.search(p.name) or (
+        not p.is_dir() and _HF_STEP_NAME.search(p.parent.name)))
+    if nn_.step is not None and step is None and named_hf and ts is None and epoch is not None \
+            and e_src not in ("", "name", "name-number") and nn_.step == epoch:
+        pass  # timm-style 'checkpoint-12.pth.tar' holding {'epoch': 12}: the number is the epoch, the step unknown
+    elif nn_.step is not None:
         if step is None:
             step, s_src = nn_.step, "name"
         elif nn_.step != step:

@@ -64,7 +64,8 @@ def register(app: typer.Typer) -> None:
                                          "(layer1.0.conv2), glob (encoder.*, **.fc), re:REGEX, type:Linear, 'output'; "
                                          "suffixes @CALL (reused modules), [0] / ['key'] (tuple/dict element), :in "
                                          "(module input), =ALIAS."),
-        out: Path = typer.Option(..., "--out", "-o", help="Store directory to create (or resume)."),
+        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Store directory to create (or resume); "
+                                           "required except with --dry-run."),
         model_args: Optional[str] = typer.Option(None, "--model-args", help="Keyword arguments for the factory: JSON or "
                                                  "YAML, inline or a .json/.yaml file."),
         reduce: Optional[List[str]] = typer.Option(None, "--reduce", "-r", help="Reduction to (samples, features): auto "
@@ -228,7 +229,7 @@ def register(app: typer.Typer) -> None:
             it.add_row(e["name"], "x".join(map(str, e["shape"])) or "scalar", e["dtype"], e["passed"], e["role"])
         console().print(it)
         tab = Table(title=f"Modules of {model} (batch of {got['batch']}), in execution order", title_justify="left")
-        for col in ("module", "type", "calls", "output (first call)", "params"):
+        for col in ("module", "type", "calls", "output (first call)", "params (incl. children)"):
             tab.add_column(col)
         for r in rows:
             calls = str(r["calls"]) if r["calls"] != 1 else "1"

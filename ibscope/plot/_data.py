@@ -208,6 +208,9 @@ def apply_trust(res: Results, null: str = "band", validation: Any = None) -> tup
                 r[TRUTH_LO], r[TRUTH_HI] = iv[0] + shift, iv[1] + shift
                 info["validated"] += 1
         out.append(r)
+    # value - null_mean has no cap: no cap line (at H(Y), log n) on an axis of subtracted values
+    subtracted_q = {(r["quantity"], r["estimator"]) for r in out if r.get(SUBTRACTED)}
+    out = [dict(r, cap=None) if (r["quantity"], r["estimator"]) in subtracted_q else r for r in out]
     return Results(out, res.provenance, res.path), info
 
 
