@@ -26,9 +26,10 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from ibscope._atomic import write_text_atomic
 from ibscope._paths import prepare_output
 from ibscope._version import __version__
-from ibscope.errors import DataError, UsageError, io_error
+from ibscope.errors import DataError, UsageError
 from ibscope.results import COLUMNS, Results
 
 log = logging.getLogger(__name__)
@@ -166,9 +167,9 @@ def _csv_link(rows: list[dict], name: str) -> dict:
 # Can these numbers be trusted?
 
 def _conv(v: float | None, src: str, unit: str) -> float | None:
-    if v is None or src == unit or src not in ("nats", "bits") or unit not in ("nats", "bits"):
-        return v
-    return v / math.log(2) if unit == "bits" else v * math.log(2)
+    from ibscope.units import convert
+
+    return convert(v, src, unit)
 
 
 def trust_counts(rows: list[dict]) -> dict:
@@ -424,7 +425,8 @@ def write_report(results: Any, out_html: str | os.PathLike | None = None, *, ood
     """
     from ibscope.plot import figures as plan_figures
     from ibscope.plot import load_results, save_figure
-    from ibscope.plot._data import prepare, time_axis
+    from ibscope.plot._data import prepare
+    from ibscope.results import time_axis
 
     if max_columns < 2:
         raise UsageError(f"max_columns must be >= 2. Got {max_columns}.")
@@ -484,15 +486,8 @@ def write_report(results: Any, out_html: str | os.PathLike | None = None, *, ood
                   ood=_ood_section(ood_doc) if ood_doc is not None else None,
                   provenance=_provenance(res, conv.rows))
     prepare_output(out, folder=False, what="report")
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
-        tmp.write_text(page, encoding="utf-8")
-        os.replace(tmp, out)
-    except OSError as exc:  # disk full, read-only, ...: name the report, leave no temporary file
-        raise io_error(exc, str(out), "writing the report") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    # disk full, read-only, ...: an error naming the report, and no temporary file left
+    write_text_atomic(out, page, tmp=out.with_name(f".{out.name}.tmp"), action="writing the report")
     if callback is not None:
         callback(total, total, out.name)
     return out

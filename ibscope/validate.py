@@ -68,6 +68,7 @@ from ibscope.trust import (
     params_key,
     write_csv_atomic,
 )
+from ibscope.units import conversion_factor
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +218,7 @@ def plan_keys(res: Results, *, estimators: Sequence[str] | None = None,
     hy: dict[tuple, float] = {}
     for r in valued:
         if r["quantity"] == "I(T;Y)" and r["estimator"] in HY_CAP_ESTIMATORS and r["cap"] is not None:
-            f = math.log(2) if r["unit"] == "bits" else 1.0
+            f = conversion_factor(r["unit"], "nats")
             hy.setdefault((r["run"], r["split"]), r["cap"] * f)
     stores = _store_paths(res.provenance or {})
     groups: dict[tuple, list[dict]] = {}
@@ -236,7 +237,7 @@ def plan_keys(res: Results, *, estimators: Sequence[str] | None = None,
         except IbscopeError as exc:
             notes.append(f"{est}: not validated ({exc.message})")
             continue
-        factors = [math.log(2) if r["unit"] == "bits" else 1.0 for r in grp]
+        factors = [conversion_factor(r["unit"], "nats") for r in grp]
         vals = [r["value"] * fi for r, fi in zip(grp, factors)]
         caps = [r["cap"] * fi for r, fi in zip(grp, factors) if r["cap"] is not None]
         dims = _dims(dtext)
@@ -989,7 +990,7 @@ def validate_results(results: str | os.PathLike | Results, out_dir: str | os.Pat
 
 def summary_lines(run: ValidationRun, unit: str = "bits") -> list[str]:
     """One line per (estimator setting, quantity): the largest |bias| and where; then the notes."""
-    f = 1 / math.log(2) if unit == "bits" else 1.0
+    f = conversion_factor("nats", unit)
     worst: dict[tuple, dict] = {}
     for r in run.rows:
         if r.get("bias") is None:

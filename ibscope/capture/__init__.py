@@ -165,9 +165,9 @@ class _Interrupts:
 
 
 def _console():
-    from rich.console import Console
+    from ibscope._console import console
 
-    return Console(stderr=True, highlight=False, emoji=False)
+    return console()  # the process's one Console (the CLI's too)
 
 
 def show_plan(ckpts, console=None) -> None:

@@ -32,6 +32,10 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeAlias
 
 from ibscope.errors import DataError, UsageError
 from ibscope.estimators.params import check_params, message
+from ibscope.units import BITS as BITS  # re-exported: ibscope.estimators.base keeps its names
+from ibscope.units import LN2 as LN2
+from ibscope.units import NATS as NATS
+from ibscope.units import conversion_factor as conversion_factor
 
 if TYPE_CHECKING:
     import torch
@@ -41,10 +45,6 @@ if TYPE_CHECKING:
 ArrayLike: TypeAlias = Any
 Kind = Literal["pair", "single", "jacobian"]
 KINDS: tuple[Kind, ...] = ("pair", "single", "jacobian")
-
-NATS = "nats"
-BITS = "bits"
-LN2 = math.log(2.0)
 
 
 @dataclass(frozen=True)
@@ -93,17 +93,6 @@ class Estimate:
 
     def __float__(self) -> float:
         return float(self.value)
-
-
-def conversion_factor(src: str, dst: str) -> float:
-    """Multiplicative factor from unit ``src`` to unit ``dst`` (nats <-> bits)."""
-    if src == dst:
-        return 1.0
-    if src == NATS and dst == BITS:
-        return 1.0 / LN2
-    if src == BITS and dst == NATS:
-        return LN2
-    raise UsageError(f"Cannot convert from unit '{src}' to '{dst}'. Expected 'nats' or 'bits'.")
 
 
 #: an estimate is *saturated* when it lies within this fraction of its cap
