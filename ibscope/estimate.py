@@ -45,10 +45,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from ibscope._device import resolve_device
 from ibscope._locks import DEFAULT_LOCK_TIMEOUT, check_timeout, writer_lock
 from ibscope._paths import check_parents
 from ibscope._version import __version__
 from ibscope.errors import DataError, IbscopeError, PluginError, ShardError, UsageError, unknown_name
+from ibscope.reporting import NullReporter, Reporter, Task, reporter_or_null
 from ibscope.results import KNOWN_UNITS, Results, make_row, read_results, write_results
 
 log = logging.getLogger(__name__)
@@ -60,13 +62,6 @@ SUMMARY_NOTES = 5
 
 
 # ----------------------------------------------------------------------------- helpers
-def resolve_device(device: str | None) -> str:
-    """'auto' -> 'cuda' if available else 'cpu'; 'cpu' / 'cuda' / 'cuda:N' validated (as a string)."""
-    from ibscope._device import resolve_device as _resolve
-
-    return str(_resolve(device))
-
-
 def metric_unit(name: str) -> str:
     """The unit of a training metric's rows: "ratio" for accuracies (and F1, AUC, precision,
     recall), "loss" for losses (numbers as logged: the base of the logarithm is the training
@@ -253,7 +248,7 @@ def _compute_cell(st, ck, layer: str, specs: list[tuple[str, dict, str | None]],
     n_perm, null_seed = meta.get("null_permutations", 0), meta.get("null_seed", 0)
     for name, params, xs in specs:
         cls = registry.get(name)
-        est = cls(**params)
+        est = registry.create(name, **params)  # an alias (kde-upper) keeps its name on the instance
         plugin = registry.source(name) != "ibscope"
         code = meta["code"][name]
 
@@ -497,6 +492,7 @@ def run_estimate(
     lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT,
     null_permutations: int = DEFAULT_NULL_PERMUTATIONS,
     null_seed: int = 0,
+    reporter: Reporter | None = None,
 ) -> Results:
     """Estimate every checkpoint x layer of ``stores`` with ``estimators``; write ``out``.
 
@@ -513,6 +509,8 @@ def run_estimate(
     ``null_permutations``: N permutations of the null for I(T;Y) rows and I(X;T) rows with
     X = the inputs (:func:`null_setting`; 0: none), seeded by ``null_seed``; they fill the
     columns null_mean, null_std and p_value. Every row with a cap gets ``saturated``.
+    ``reporter``: an :class:`ibscope.reporting.Reporter` that shows the progress over cells
+    (``None``: silent; ``progress=False`` turns its progress off).
 
     Returns the full results table (rows kept from an existing ``out`` plus new ones). Its
     provenance holds ``noted_cells``, ``first_notes``, ``rows_dropped_stale`` and
@@ -538,7 +536,7 @@ def run_estimate(
     lock_timeout = check_timeout(lock_timeout)
     out = Path(out)
     _check_out(out)
-    dev = resolve_device(device)
+    dev = str(resolve_device(device))
     if jobs > 1 and dev != "cpu":
         raise UsageError(f"--jobs {jobs} runs CPU worker processes; it cannot be combined with --device {dev}.",
                          hint="Use --jobs 1 on a GPU (the GPU parallelises each estimate), or --device cpu.")
@@ -719,7 +717,7 @@ def run_estimate(
         t0, c0 = time.perf_counter(), time.process_time()
         interrupted = False
         try:
-            _run_cells(cells, specs, dev, new_rows, jobs, progress)
+            _run_cells(cells, specs, dev, new_rows, jobs, reporter_or_null(reporter) if progress else None)
         except KeyboardInterrupt:
             interrupted = True
         finally:
@@ -902,40 +900,28 @@ def summary_lines(res: Results, *, strict: bool = False) -> list[str]:
     return out
 
 
-def _run_cells(cells: list, specs: list, dev: str, sink: list, jobs: int, progress: bool) -> None:
+def _run_cells(cells: list, specs: list, dev: str, sink: list, jobs: int, reporter: Reporter | None) -> None:
     if not cells:
         return
-    bar = None
-    if progress:
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    with (reporter or NullReporter()).task("estimate", len(cells)) as bar:
+        _run_cells_with(cells, specs, dev, sink, jobs, bar)
 
-        bar = Progress(TextColumn("estimate"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                       TextColumn("{task.description}"), console=Console(stderr=True, emoji=False), transient=False)
-        bar.start()
-        task = bar.add_task("", total=len(cells))
-    try:
-        if jobs == 1:
-            for plan, ck, layer, want in cells:
-                if bar:
-                    bar.update(task, description=f"ckpt {ck.index} {layer}")
-                sink.extend(_compute_cell(plan.st, ck, layer, specs, dev, want, plan.meta))
-                if bar:
-                    bar.advance(task)
-        else:
-            import multiprocessing as mp
-            from concurrent.futures import ProcessPoolExecutor
 
-            threads = max(1, (os.cpu_count() or 1) // jobs)
-            ctx = mp.get_context("spawn")
-            light = [(str(plan.path), ck, layer, specs, dev, want, dict(plan.meta, inputs=None))
-                     for plan, ck, layer, want in cells]  # inputs are read by each worker
-            with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init,
-                                     initargs=(threads,)) as pool:
-                for rows in pool.map(_worker, light):
-                    sink.extend(rows)
-                    if bar:
-                        bar.advance(task)
-    finally:
-        if bar:
-            bar.stop()
+def _run_cells_with(cells: list, specs: list, dev: str, sink: list, jobs: int, bar: Task) -> None:
+    if jobs == 1:
+        for plan, ck, layer, want in cells:
+            sink.extend(_compute_cell(plan.st, ck, layer, specs, dev, want, plan.meta))
+            bar.advance(note=f"ckpt {ck.index} {layer}")
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        ctx = mp.get_context("spawn")
+        light = [(str(plan.path), ck, layer, specs, dev, want, dict(plan.meta, inputs=None))
+                 for plan, ck, layer, want in cells]  # inputs are read by each worker
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init,
+                                 initargs=(threads,)) as pool:
+            for rows in pool.map(_worker, light):
+                sink.extend(rows)
+                bar.advance()

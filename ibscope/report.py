@@ -26,9 +26,10 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ibscope._version import __version__
+from ibscope._atomic import write_text_atomic
 from ibscope._paths import prepare_output
-from ibscope.errors import DataError, UsageError, io_error
+from ibscope._version import __version__
+from ibscope.errors import DataError, UsageError
 from ibscope.results import COLUMNS, Results
 
 log = logging.getLogger(__name__)
@@ -166,9 +167,9 @@ def _csv_link(rows: list[dict], name: str) -> dict:
 # Can these numbers be trusted?
 
 def _conv(v: float | None, src: str, unit: str) -> float | None:
-    if v is None or src == unit or src not in ("nats", "bits") or unit not in ("nats", "bits"):
-        return v
-    return v / math.log(2) if unit == "bits" else v * math.log(2)
+    from ibscope.units import convert
+
+    return convert(v, src, unit)
 
 
 def trust_counts(rows: list[dict]) -> dict:
@@ -296,7 +297,7 @@ def _provenance(res: Results, rows: list[dict]) -> dict:
     facts += [(k, v) for k, v in _find(prov, lambda k: any(w in k.lower() for w in ("hash", "sha", "store", "version")))
               if k not in ("ibscope_version", "version", "format_version")][:40]
     facts.append(("report made by", f"ibscope {__version__}, "
-                  f"{_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}"))
+                  f"{_dt.datetime.now(_dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}"))
     est: dict = {}
     for r in rows:
         if r["estimator"] == METRICS:
@@ -377,7 +378,7 @@ def _ood_section(doc: dict) -> dict:
     settings = prov.get("settings") or {}
     from markupsafe import Markup
 
-    intro = []
+    intro: list[str] = []  # Markup (a str) where it holds HTML
     if doc.get("layer"):
         intro.append(Markup("layer <b>{}</b>").format(doc["layer"]))
     if "tpr" in settings:
@@ -386,7 +387,7 @@ def _ood_section(doc: dict) -> dict:
     figs = doc.get("figures") or []
     if isinstance(figs, dict):
         figs = list(figs.values())
-    fig_list = []
+    fig_list: list[dict[str, Any]] = []
     for f in figs:
         fp = Path(f) if Path(f).is_absolute() else base / f
         mime = {".png": "image/png", ".svg": "image/svg+xml", ".jpg": "image/jpeg", ".gif": "image/gif"}.get(
@@ -424,7 +425,8 @@ def write_report(results: Any, out_html: str | os.PathLike | None = None, *, ood
     """
     from ibscope.plot import figures as plan_figures
     from ibscope.plot import load_results, save_figure
-    from ibscope.plot._data import prepare, time_axis
+    from ibscope.plot._data import prepare
+    from ibscope.results import time_axis
 
     if max_columns < 2:
         raise UsageError(f"max_columns must be >= 2. Got {max_columns}.")
@@ -452,6 +454,7 @@ def write_report(results: Any, out_html: str | os.PathLike | None = None, *, ood
         if have is not None and src_mtime is not None and have.exists() and have.stat().st_mtime >= src_mtime:
             data = have.read_bytes()  # drawn by `ibscope plot` from these results: reuse, do not redraw
         else:
+            assert job.make is not None  # report jobs are figures, never animations
             fig = job.make()
             data = _png(fig, dpi)
             if have is not None:
@@ -483,15 +486,8 @@ def write_report(results: Any, out_html: str | os.PathLike | None = None, *, ood
                   ood=_ood_section(ood_doc) if ood_doc is not None else None,
                   provenance=_provenance(res, conv.rows))
     prepare_output(out, folder=False, what="report")
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
-        tmp.write_text(page, encoding="utf-8")
-        os.replace(tmp, out)
-    except OSError as exc:  # disk full, read-only, ...: name the report, leave no temporary file
-        raise io_error(exc, str(out), "writing the report") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    # disk full, read-only, ...: an error naming the report, and no temporary file left
+    write_text_atomic(out, page, tmp=out.with_name(f".{out.name}.tmp"), action="writing the report")
     if callback is not None:
         callback(total, total, out.name)
     return out

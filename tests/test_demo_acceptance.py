@@ -20,7 +20,7 @@ from ibscope.demo.models import ib_net
 from ibscope.demo.tasks import label_entropy, train_test_split, twelve_bit_task
 from ibscope.demo.train import train_classifier
 from ibscope.estimators import registry
-from ibscope.pipeline import _train_config, load_config
+from ibscope.pipeline import load_config
 
 LN2 = math.log(2)
 
@@ -30,8 +30,8 @@ def _curves(activation, tmp_path):
     x, y = twelve_bit_task()
     tr, te = train_test_split()
     paths = train_classifier(lambda: ib_net(activation), x[tr], y[tr], x[te], y[te], tmp_path / activation,
-                             _train_config(cfg))
-    est = registry.create("binning", **cfg["estimate"]["params"]["binning"])
+                             cfg.train_config())
+    est = registry.create("binning", **cfg.estimate.params["binning"])
     ids = torch.arange(len(x))
     labels = torch.as_tensor(y)
     net = ib_net(activation)

@@ -546,9 +546,9 @@ def test_config_keys(tmp_path, store):
 
     minimal = {"model": {"factory": "ibscope.demo.models:ib_net"}, "data": {"task": "twelve-bit"}, "train": {"epochs": 5}}
     cfg, _, _ = load_config(minimal)
-    assert cfg["estimate"]["null_permutations"] is None and cfg["estimate"]["null_seed"] is None
+    assert cfg.estimate.null_permutations is None and cfg.estimate.null_seed is None
     cfg, _, _ = load_config({**minimal, "estimate": {"null_permutations": 0, "null_seed": 4}})
-    assert cfg["estimate"]["null_permutations"] == 0 and cfg["estimate"]["null_seed"] == 4
+    assert cfg.estimate.null_permutations == 0 and cfg.estimate.null_seed == 4
     with pytest.raises(UsageError, match="'estimate.null_permutations' must be >= 0"):
         load_config({**minimal, "estimate": {"null_permutations": -2}})
 

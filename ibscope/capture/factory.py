@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import pkgutil
 import re
 import sys
 from pathlib import Path
@@ -64,10 +65,12 @@ def resolve_object(spec: str, what: str = "--model") -> Any:
         mod = _import_file(path)
     else:
         try:
-            mod = importlib.import_module(mod_part)
-        except ImportError as exc:
+            return pkgutil.resolve_name(f"{mod_part}:{attr}")
+        except (ImportError, ValueError) as exc:  # ValueError: not a dotted module name
             raise UsageError(f"{what}: cannot import module '{mod_part}': {exc}.",
                              hint="Install the package, or pass a file path 'path/to/file.py:factory'.") from None
+        except AttributeError:  # the module imported: name the missing attribute below, with a did-you-mean
+            mod = importlib.import_module(mod_part)
     obj = mod
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -93,7 +96,7 @@ def unwrap_model(m):
     import torch.nn as nn
 
     while True:
-        if hasattr(m, "_orig_mod") and isinstance(getattr(m, "_orig_mod"), nn.Module):
+        if hasattr(m, "_orig_mod") and isinstance(m._orig_mod, nn.Module):
             m = m._orig_mod
         elif isinstance(m, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
             m = m.module

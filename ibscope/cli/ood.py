@@ -7,22 +7,13 @@ from typing import List, Literal, Optional
 
 import typer
 
-from ibscope.cli._common import console, guard, setup_logging
+from ibscope.cli._common import console, guard, parse_kv, reporter, setup_logging
 from ibscope.errors import UsageError
 
 
 def _parse_ood(items: list[str]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for it in items or []:
-        if "=" not in it:
-            raise UsageError(f"--ood expects NAME=STORE. Got {it!r}.", hint="e.g. --ood noise=stores/noise")
-        name, path = (s.strip() for s in it.split("=", 1))
-        if not name or not path:
-            raise UsageError(f"--ood expects NAME=STORE with both parts non-empty. Got {it!r}.")
-        if name in out:
-            raise UsageError(f"OOD set name {name!r} is given twice.")
-        out[name] = path
-    return out
+    return parse_kv(items, "--ood", form="NAME=STORE", example="noise=stores/noise", nonempty=True,
+                    unique="OOD set name")
 
 
 def _split_list(values: list[str] | None) -> list[str]:
@@ -95,7 +86,7 @@ def ood(
         val=str(val) if val is not None else None, val_frac=val_frac, checkpoint=chk, covariance=covariance,
         class_conditional=class_conditional, ridge=ridge, normalize=normalize, backend=backend, search=search, tpr=tpr,
         n_bootstrap=bootstrap, seed=seed, device=device, memory_limit=memory_limit, raw_shape=shape,
-        out_dir=out, figures=figures, progress=not quiet, skip_bad_shards=skip_bad_shards,
+        out_dir=out, figures=figures, progress=not quiet, reporter=reporter(quiet), skip_bad_shards=skip_bad_shards,
     )
     from ibscope.ood.runner import ckpt_name
 

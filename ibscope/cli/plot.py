@@ -8,34 +8,17 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import List, Literal, Optional
+from typing import Any, List, Literal, Optional
 
 import typer
 
 from ibscope.cli._common import console, guard, setup_logging
+from ibscope.cli._common import progress_callback as _progress
 
 _KINDS_HELP = ("info-plane (snapshot view: a line per checkpoint across layers), trajectory (a line per layer "
                "across checkpoints), estimators (one panel per estimator setting, identical axes), curves "
                "(each quantity against epoch), metrics (accuracy/loss), animation (GIF/MP4). Repeatable. "
                "Default: every kind the results support except the animation.")
-
-
-def _progress(quiet: bool, what: str):
-    """A rich progress bar on stderr fed by the library's callback(done, total, name)."""
-    if quiet:
-        return None, None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-    bar = Progress(TextColumn(f"[bold]{what}[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
-                   console=console(), transient=True)
-    state: dict = {}
-
-    def cb(done: int, total: int, name) -> None:
-        if "task" not in state:
-            state["task"] = bar.add_task("", total=total)
-        bar.update(state["task"], completed=done, total=total, description=str(getattr(name, "name", name)))
-
-    return bar, cb
 
 
 def _bool_or_auto(value: str, what: str) -> Optional[bool]:
@@ -119,16 +102,12 @@ def register(app: typer.Typer) -> None:
         from ibscope.plot import plot_results
 
         setup_logging(quiet=quiet)
-        bar, cb = _progress(quiet, "plot")
-        kw = dict(kinds=kind or None, unit=unit, fmt=fmt, quantities=quantity, estimators=estimator, splits=split,
+        kw: dict[str, Any] = dict(kinds=kind or None, unit=unit, fmt=fmt, quantities=quantity, estimators=estimator, splits=split,
                   runs=run, layers=layer, runs_mode=runs, band=band, logx=_bool_or_auto(logx, "--logx"),
                   dpi=dpi, animate=animate, animation_format=animation_format, fps=fps, null=null,
-                  validation=validation, callback=cb)
-        if bar is not None:
-            with bar:
-                paths = plot_results([str(p) for p in results], out, **kw)
-        else:
-            paths = plot_results([str(p) for p in results], out, **kw)
+                  validation=validation)
+        with _progress(quiet, "plot") as cb:
+            paths = plot_results([str(p) for p in results], out, callback=cb, **kw)
         if not quiet:
             c = console()
             folder = paths[0].parent if paths else out
@@ -181,16 +160,12 @@ def register(app: typer.Typer) -> None:
         from ibscope.report import write_report
 
         setup_logging(quiet=quiet)
-        bar, cb = _progress(quiet, "report")
-        kw = dict(ood=ood, figures_dir=figures_dir, unit=unit, title=title, kinds=kind or None, runs_mode=runs,
-                  max_columns=max_columns, validation=validation, null=null, callback=cb)
+        kw: dict[str, Any] = dict(ood=ood, figures_dir=figures_dir, unit=unit, title=title, kinds=kind or None, runs_mode=runs,
+                  max_columns=max_columns, validation=validation, null=null)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            if bar is not None:
-                with bar:
-                    path = write_report([str(p) for p in results], out, **kw)
-            else:
-                path = write_report([str(p) for p in results], out, **kw)
+            with _progress(quiet, "report") as cb:
+                path = write_report([str(p) for p in results], out, callback=cb, **kw)
         for w in caught:  # e.g. an OOD figure listed in the JSON but missing: said, not hidden
             console().print(f"[yellow]Warning:[/] {w.message}", soft_wrap=True)
         if not quiet:

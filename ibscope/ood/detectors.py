@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from ibscope._device import resolve_device
 from ibscope.errors import DataError, UsageError
 
 log = logging.getLogger(__name__)
@@ -31,13 +32,6 @@ DETECTORS = ("mahalanobis", "knn")
 COVARIANCES = ("auto", "empirical", "ledoit-wolf")
 KNN_BACKENDS = ("auto", "torch", "faiss")
 DEFAULT_MEMORY_LIMIT = 4 * 2**30
-
-
-def resolve_device(device=None):
-    """'auto' -> cuda if available else cpu; 'cpu' / 'cuda:N' checked (the capture module's rules)."""
-    from ibscope._device import resolve_device as _resolve
-
-    return _resolve(device)
 
 
 def parse_bytes(text: str | int | float) -> int:
@@ -140,15 +134,16 @@ class MahalanobisDetector:
     def check_memory(self, d: int) -> None:
         """Refuse before allocating a covariance that would not fit in ``memory_limit``."""
         need = 3 * d * d * 8
-        if need > self.memory_limit:
+        limit = int(self.memory_limit)  # bytes: parsed in __post_init__
+        if need > limit:
             raise UsageError(
                 f"Mahalanobis on {d} features needs about {need / 2**30:.1f} GiB for the {d} x {d} covariance "
-                f"(float64, with its Cholesky factor and workspace); the memory limit is {self.memory_limit / 2**30:.1f} GiB.",
+                f"(float64, with its Cholesky factor and workspace); the memory limit is {limit / 2**30:.1f} GiB.",
                 hint="Reduce the features first (e.g. --reduce pca:64, --reduce avgpool for conv maps), use the knn "
                      "detector, or raise --memory-limit if the machine really has the memory.",
             )
 
-    def fit(self, x, y=None) -> "MahalanobisDetector":
+    def fit(self, x, y=None) -> MahalanobisDetector:
         import torch
 
         dev = resolve_device(self.device) if self.device is not None else None
@@ -326,7 +321,7 @@ class KNNDetector:
             t = t / t.norm(dim=1, keepdim=True).clamp_min(1e-12)
         return t
 
-    def fit(self, x, y=None) -> "KNNDetector":
+    def fit(self, x, y=None) -> KNNDetector:
         dev = resolve_device(self.device) if self.device is not None else None
         ref = self._prep(x, "fit features", dev)
         if self.k > ref.shape[0]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
+from ibscope._atomic import write_text_atomic
+
 COLUMNS = [("config", "configuration"), ("checkpoint", "ckpt"), ("epoch", "epoch"), ("ood_set", "OOD set"),
            ("auroc", "AUROC"), ("aupr_in", "AUPR-In"), ("aupr_out", "AUPR-Out"),
            ("fpr95_id_positive", "FPR95 (ID pos., Lee/Sun)"), ("fpr95_openood", "FPR95 (OOD pos., OpenOOD v1.5)"),
@@ -23,12 +25,6 @@ def _fmt(row: Mapping[str, Any], key: str) -> str:
             s += f" [{lo:.3f}, {hi:.3f}]"
         return s
     return str(v)
-
-
-def _atomic(path: Path, text: str) -> None:
-    from ibscope._atomic import write_text_atomic
-
-    write_text_atomic(path, text)
 
 
 def write_markdown_report(out: Path, doc: Mapping[str, Any]) -> tuple[Path, Path]:
@@ -52,7 +48,7 @@ def write_markdown_report(out: Path, doc: Mapping[str, Any]) -> tuple[Path, Path
         "figures": list(doc["figures"]),
     }
     md_path = out / "report.md"
-    _atomic(md_path, render("ood/report.md.j2", **context))
+    write_text_atomic(md_path, render("ood/report.md.j2", **context))
     html_path = out / "report.html"
-    _atomic(html_path, render("ood/report.html.j2", **context))
+    write_text_atomic(html_path, render("ood/report.html.j2", **context))
     return md_path, html_path

@@ -12,11 +12,12 @@ import shutil
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import matplotlib
 import numpy as np
 
+from ibscope._atomic import atomic_path
 from ibscope.errors import UsageError
 from ibscope.plot import style
 from ibscope.plot._data import METRICS, cubes, summarize
@@ -24,6 +25,9 @@ from ibscope.plot.curves import _metric_axis, _metric_color, _metric_order, set_
 from ibscope.plot.info_plane import _limits, draw_caps, make_panels
 
 ANIMATION_FORMATS = ("auto", "gif", "mp4")
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def resolve_format(fmt: str) -> str:
@@ -43,7 +47,7 @@ def resolve_format(fmt: str) -> str:
 class Animation:
     """A figure, the artists that change between frames, and ``update(i)`` to set frame i."""
 
-    fig: object
+    fig: Figure
     moving: list
     update: Callable[[int], None]
     n_frames: int
@@ -138,24 +142,19 @@ def animate_plane(rows: Sequence[dict], out: str | os.PathLike, *, title: str, t
     anim = build_animation(rows, title=title, time_col=time_col, metric_rows=metric_rows, mode=mode, band=band)
     fig = anim.fig
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")
-    try:
-        with style.context():
-            if fmt == "gif":
-                _write_gif_blitted(fig, anim.moving, anim.update, anim.n_frames, tmp, fps=fps, dpi=dpi)
-            else:
-                fig.canvas.draw()  # settle the constrained layout once, then freeze it
-                fig.set_layout_engine("none")
-                writer = FFMpegWriter(fps=fps)
-                # one draw per frame; no tight bbox (frames must keep one size)
-                with matplotlib.rc_context({"savefig.bbox": None}), writer.saving(fig, str(tmp), dpi):
-                    for i in range(anim.n_frames):
-                        anim.update(i)
-                        writer.grab_frame()
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(out, out.with_name(f".{out.stem}.tmp{out.suffix}"), "writing the animation") as tmp, \
+            style.context():
+        if fmt == "gif":
+            _write_gif_blitted(fig, anim.moving, anim.update, anim.n_frames, tmp, fps=fps, dpi=dpi)
+        else:
+            fig.canvas.draw()  # settle the constrained layout once, then freeze it
+            fig.set_layout_engine("none")
+            writer = FFMpegWriter(fps=fps)  # type: ignore[arg-type]  # matplotlib's stub says int; ffmpeg takes 2.5
+            # one draw per frame; no tight bbox (frames must keep one size)
+            with matplotlib.rc_context({"savefig.bbox": None}), writer.saving(fig, str(tmp), dpi):
+                for i in range(anim.n_frames):
+                    anim.update(i)
+                    writer.grab_frame()
     return out
 
 
