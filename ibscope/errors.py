@@ -143,3 +143,10 @@ def io_error(exc: OSError, path: str | None = None, action: str = "writing") -> 
     if code is None and text and text not in msg:
         msg += f" ({text})"
     return IOFailure(msg, hint=_IO_HINTS.get(name))
+
+
+class ClusterError(IbscopeError):
+    """The work could not be run where it was sent: a Dask scheduler that cannot be reached or
+    has no worker, a worker that cannot see a store or model file (exit code 1)."""
+
+    exit_code = EXIT_ERROR
