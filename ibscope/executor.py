@@ -471,7 +471,7 @@ class DaskExecutor(Executor):
                                      resources={GPU: 1} if want_gpu else None)
             futs[fut] = (i, want_gpu)
         try:
-            for fut in as_completed(list(futs)):
+            for fut in as_completed(list(futs), loop=self.client.loop):
                 i, g = futs[fut]
                 value, who, dev = fut.result()
                 yield self._count(Outcome(i, value, who, dev), g)
