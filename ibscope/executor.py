@@ -120,12 +120,12 @@ def redact_address(address: str | None) -> str | None:
     """A scheduler address without credentials: user:password@, query and fragment removed."""
     if not address:
         return address
+    if "://" not in str(address):
+        return str(address).rsplit("@", 1)[-1].split("?", 1)[0]
     try:
         parts = urlsplit(str(address))
     except ValueError:
         return "<unparseable address>"
-    if not parts.scheme:
-        return str(address).rsplit("@", 1)[-1]
     host = parts.netloc.rsplit("@", 1)[-1]
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
@@ -272,15 +272,21 @@ def _this_worker() -> tuple[str, int | None]:
     return f"Dask worker {w.address}" + (f" ('{name}')" if name else "") + f" on {socket.gethostname()}", nthreads
 
 
-def remote_call(fn: Callable, payload: Any, requested_device: str, gpu: bool) -> tuple[Any, str, str]:
-    """What a Dask worker runs for one piece: limit threads once (cores // the worker's
-    threads), choose the device, run ``fn``, and return (value, worker, device). ibscope
-    errors come back with the worker's name in their message."""
+def remote_call(fn: Callable, payload: Any, requested_device: str, gpu: bool,
+                host_threads: dict | None = None) -> tuple[Any, str, str]:
+    """What a Dask worker runs for one piece: limit the compute threads of this worker process
+    to its share of the host's cores (cores // the task threads of all workers on this host,
+    ``host_threads`` as the client saw the cluster; else cores // this worker's threads), choose
+    the device, run ``fn``, and return (value, worker, device). ibscope errors come back with
+    the worker's name in their message."""
     who, nthreads = _this_worker()
-    if nthreads and "threads" not in _worker_threads:
-        with _lock:
-            if "threads" not in _worker_threads:
-                _worker_threads["threads"] = limit_threads(threads_per_worker(nthreads))
+    if nthreads:
+        share = (host_threads or {}).get(_host_of_this_worker()) or nthreads
+        want = threads_per_worker(share)
+        if _worker_threads.get("threads") != want:
+            with _lock:
+                if _worker_threads.get("threads") != want:
+                    _worker_threads["threads"] = limit_threads(want)
     cuda = False
     if requested_device in (None, "", "auto") and gpu:
         import torch
@@ -296,6 +302,15 @@ def remote_call(fn: Callable, payload: Any, requested_device: str, gpu: bool) ->
 
 
 _lock = threading.Lock()
+
+
+def _host_of_this_worker() -> str | None:
+    try:
+        from distributed import get_worker
+
+        return urlsplit(get_worker().address).hostname
+    except (ImportError, ValueError):
+        return None
 
 
 # ----------------------------------------------------------------------------- executors
@@ -405,8 +420,9 @@ class DaskExecutor(Executor):
 
     name = "dask"
 
-    def __init__(self, spec: EngineSpec, device: str = "auto", *, timeout: float = CONNECT_TIMEOUT) -> None:
+    def __init__(self, spec: EngineSpec, device: str = "auto", *, timeout: float | None = None) -> None:
         super().__init__()
+        timeout = CONNECT_TIMEOUT if timeout is None else timeout
         try:
             import distributed  # noqa: F401
         except ImportError:
@@ -418,18 +434,14 @@ class DaskExecutor(Executor):
         self.device = device or "auto"
         where = spec.scheduler_file or spec.scheduler
         self.address = None
+        _probe_tcp(spec, timeout)  # a refused connection: a clear error at once, before any Client exists
         try:
             if spec.scheduler_file:
                 self.client = Client(scheduler_file=spec.scheduler_file, timeout=timeout, set_as_default=False)
             else:
                 self.client = Client(spec.scheduler, timeout=timeout, set_as_default=False)
         except (OSError, TimeoutError, ValueError) as exc:
-            raise ClusterError(
-                f"Could not reach the Dask scheduler {'in ' if spec.scheduler_file else 'at '}"
-                f"'{redact_address(where)}' ({spec.source}) within {timeout:g} s: {type(exc).__name__}: "
-                f"{redact_address(str(exc)) if '://' in str(exc) and ' ' not in str(exc) else exc}",
-                hint="Start it with `dask scheduler` (and workers with `dask worker ADDRESS`), check the address, "
-                     "or run locally without --scheduler.") from None
+            raise _unreachable(spec, timeout, exc) from None
         self.address = self.client.scheduler.address
         try:
             self.client.wait_for_workers(1, timeout=timeout)
@@ -445,8 +457,17 @@ class DaskExecutor(Executor):
         """{address: {"resources": {...}, "nthreads": n, "name": ...}} of the cluster now."""
         info = self.client.scheduler_info(n_workers=-1) if _accepts_n_workers(self.client) else \
             self.client.scheduler_info()
-        return {a: {"resources": dict(w.get("resources") or {}), "nthreads": w.get("nthreads"), "name": w.get("name")}
+        return {a: {"resources": dict(w.get("resources") or {}), "nthreads": w.get("nthreads"), "name": w.get("name"),
+                    "host": urlsplit(a).hostname}
                 for a, w in (info.get("workers") or {}).items()}
+
+    def host_threads(self) -> dict[str, int]:
+        """{host: task threads of all workers on it}: each worker limits its compute threads to
+        its share of the host's cores."""
+        out: dict[str, int] = {}
+        for w in self.workers().values():
+            out[w["host"]] = out.get(w["host"], 0) + int(w["nthreads"] or 1)
+        return out
 
     def gpu_workers(self) -> list[str]:
         return [a for a, w in self.workers().items() if float(w["resources"].get(GPU, 0) or 0) >= 1]
@@ -461,13 +482,14 @@ class DaskExecutor(Executor):
                              hint="Start GPU workers with `dask worker ADDRESS --resources GPU=1`, or use --device "
                                   "auto (GPU-capable work goes to GPU workers when there are any).")
         run_id = uuid.uuid4().hex[:8]
+        shares = self.host_threads()
         futs = {}
         for i, p in enumerate(pieces):
             want_gpu = p.gpu and (bool(gpus) or self.device.startswith("cuda"))
             if self.device.startswith("cuda"):
                 want_gpu = True  # an explicit cuda device: every piece needs a GPU worker
             key = f"ibscope-{_slug(p.label) or 'piece'}-{run_id}-{i}"
-            fut = self.client.submit(remote_call, p.fn, p.payload, self.device, want_gpu, key=key, pure=False,
+            fut = self.client.submit(remote_call, p.fn, p.payload, self.device, want_gpu, shares, key=key, pure=False,
                                      resources={GPU: 1} if want_gpu else None)
             futs[fut] = (i, want_gpu)
         try:
@@ -500,6 +522,49 @@ class DaskExecutor(Executor):
             self.client.close()
         except Exception:  # closing a client whose scheduler is gone: nothing left to do
             pass
+
+
+def _scrub(text: str) -> str:
+    """``text`` without credentials of the form user:password@ (in addresses quoted by errors)."""
+    import re
+
+    return re.sub(r"[^\s/'\"@]+@", "", str(text))
+
+
+def _unreachable(spec: EngineSpec, timeout: float, exc: BaseException) -> ClusterError:
+    where = spec.scheduler_file or spec.scheduler
+    return ClusterError(
+        f"Could not reach the Dask scheduler {'named in ' if spec.scheduler_file else 'at '}"
+        f"'{redact_address(where)}' ({spec.source}) within {timeout:g} s: {type(exc).__name__}: {_scrub(exc)}",
+        hint="Start it with `dask scheduler` (and workers with `dask worker ADDRESS`), check the address, "
+             "or run locally without --scheduler.")
+
+
+def _probe_tcp(spec: EngineSpec, timeout: float) -> None:
+    """Open and close a TCP connection to a tcp:// scheduler (from the address or the scheduler
+    file): a scheduler that is not there is a :class:`ClusterError` at once."""
+    import json
+
+    addr = spec.scheduler
+    if spec.scheduler_file:
+        try:
+            with open(spec.scheduler_file) as f:
+                addr = json.load(f).get("address")
+        except (OSError, ValueError, AttributeError) as exc:
+            raise ClusterError(f"Could not read the Dask scheduler file '{spec.scheduler_file}': {exc}",
+                               hint="Pass the JSON file written by `dask scheduler --scheduler-file FILE`.") from None
+    addr = redact_address(str(addr or ""))
+    if addr.startswith("tcp://"):
+        addr = addr[len("tcp://"):]
+    elif "://" in addr:
+        return  # tls://, ucx://, inproc://: left to Dask
+    host, _, port = addr.rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=min(timeout, 10.0)).close()
+    except OSError as exc:
+        raise _unreachable(spec, timeout, exc) from None
 
 
 def _accepts_n_workers(client) -> bool:
