@@ -132,6 +132,9 @@ SCHEMA: dict[str, Any] = {
         "null_permutations": F("int", None, "permutations of the null of I(T;Y) (and of I(X;T) with X = the "
                                             "inputs); null = ibscope estimate's default (10), 0 = none"),
         "null_seed": F("int", None, "seed of the null's permutations (null = 0)"),
+        "scheduler": F("str", None, "Dask scheduler address (tcp://HOST:PORT) to run the cells on; null = local "
+                                    "(or $DASK_SCHEDULER_ADDRESS); see docs/scaling.md"),
+        "scheduler_file": F("str", None, "Dask scheduler file (instead of scheduler)"),
     },
     "plot": {
         "enabled": F("bool", True, "draw figures", nullable=False),
@@ -1113,7 +1116,8 @@ class Pipeline:
             extra = {"skip_bad_shards": bool(cfg["skip_bad_shards"]),
                      **({"null_permutations": est["null_permutations"]} if est["null_permutations"] is not None
                         else {}),
-                     **({"null_seed": est["null_seed"]} if est["null_seed"] is not None else {})}
+                     **({"null_seed": est["null_seed"]} if est["null_seed"] is not None else {}),
+                     "scheduler": est["scheduler"], "scheduler_file": est["scheduler_file"]}
 
             def tell(res) -> None:  # noted cells, saturated cells, dropped rows: the same summary as `ibscope estimate`
                 from rich.markup import escape
@@ -1149,7 +1153,8 @@ class Pipeline:
             return [results, provenance_path(results)]
 
         # `strict` changes no output (it is checked at the end of the run): toggling it re-runs nothing
-        stage_est = {k: v for k, v in est.items() if k != "strict"}
+        # nor does where the cells run (the results are the same locally and on a cluster)
+        stage_est = {k: v for k, v in est.items() if k not in ("strict", "scheduler", "scheduler_file")}
         self.runner(Stage("estimate", {"estimate": stage_est, "probes": names, "groups": [[list(g), e] for g, e in groups.items()],
                                        "skip_bad_shards": cfg["skip_bad_shards"]},
                           [stores[n] for n in used], ["capture"], run, label=f"estimate ({cfg['name']})"))

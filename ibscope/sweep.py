@@ -14,7 +14,10 @@ as the median over the seeds with a band (the 25th-75th percentiles), as ``ibsco
 ``ibscope report`` do for several results files. ``OUT/sweep.json`` lists every run with its
 status, folder, results and report.
 
-This module only calls the pipeline's public entry points (``load_config``, ``run_pipeline``).
+Within a run everything stays where the run is: its estimate cells run in that process
+(``estimate.scheduler`` is set to "local"), so a run on a cluster worker never waits for cells
+queued behind it on the same cluster. This module only calls the pipeline's public entry points
+(``load_config``, ``deep_merge``, ``run_pipeline``).
 """
 
 from __future__ import annotations
@@ -109,7 +112,11 @@ def _run_task(p: dict, device: str) -> dict:
     from ibscope.pipeline import run_pipeline
 
     t0 = time.perf_counter()
-    over = dict(p["overrides"] or {})
+    from ibscope.pipeline import deep_merge
+
+    # the sweep spreads the runs; each run's cells stay where the run is (a run on a cluster worker
+    # that waited for cells on the same cluster could hold the very threads they need)
+    over = deep_merge(dict(p["overrides"] or {}), {"estimate": {"scheduler": "local", "scheduler_file": None}})
     over["name"] = p["name"]
     if p["seed"] is not None:
         over["seed"] = p["seed"]

@@ -254,3 +254,24 @@ def test_killing_a_worker_mid_estimate_gives_complete_identical_results(cluster,
     eng = got["res"].provenance["engine"]
     assert eng["tasks"] == 8 * 3 * 2 and eng["workers"] == 3 and eng["workers_at_end"] == 2
     assert got["res"].provenance["complete"] is True
+
+
+@pytest.mark.slow
+def test_sweep_on_the_cluster(cluster, tmp_path):
+    from test_sweep import tiny_config
+
+    from ibscope.results import read_results
+
+    cfg = tiny_config(tmp_path, "tanh", train={"epochs": 6, "checkpoints": 1})
+    res = invoke("sweep", cfg, "--seeds", "0-1", "-o", tmp_path / "sw", "--until", "estimate", "--scheduler",
+                 cluster["address"], "-q")
+    assert res.exit_code == 0, res.output
+    doc = json.loads((tmp_path / "sw" / "sweep.json").read_text())
+    assert doc["engine"]["engine"] == "dask" and doc["engine"]["tasks"] == 2
+    assert [r["status"] for r in doc["runs"]] == ["ok", "ok"]
+    # runs are GPU work (training, capture): they went to the worker that declares a GPU
+    assert all(cluster["workers"]["B"] in r["worker"] for r in doc["runs"]), doc["runs"]
+    for r in doc["runs"]:
+        assert read_results(r["results"]).unique("run") == [r["name"]]
+    html = (tmp_path / "sw" / "tanh_report.html").read_text()
+    assert "tanh: 2 seeds, median and 25-75 % band" in html
