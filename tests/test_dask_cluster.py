@@ -26,13 +26,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from capture_support import load_models, mlp_data, save_probe, train_checkpoints, write_models
+from capture_support import load_models, mlp_data, save_probe, synthetic_store as _store, train_checkpoints, write_models
 
 distributed = pytest.importorskip("distributed", reason="dask[distributed] is not installed (pip install ibscope[dask])")
 
 from ibscope.cli.main import app  # noqa: E402
 from ibscope.estimate import run_estimate  # noqa: E402
-from ibscope.store import StoreWriter, open_store  # noqa: E402
+from ibscope.store import open_store  # noqa: E402
 
 START_TIMEOUT = 90.0
 
@@ -97,25 +97,6 @@ def cluster(tmp_path_factory):
             _stop(p, signal.SIGKILL)
         _stop(procs[0])
         log.close()
-
-
-def _store(path: Path, n_ck=6, n=200, seed=0) -> Path:
-    """A real store written by StoreWriter: n_ck checkpoints x 3 layers of ``n`` samples, labels and inputs."""
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, 5)).astype(np.float32)
-    y = (x[:, 0] > 0).astype(np.int64)
-    dims = {"fc1": 6, "fc2": 4, "out": 2}
-    w = StoreWriter(path, config={"run": "r", "split": "probe", "model": "synthetic"}, sample_ids=np.arange(n),
-                    labels=y, layers={k: {"dims": v} for k, v in dims.items()}, inputs=x, compression="none")
-    for e in range(n_ck):
-        with w.checkpoint(epoch=e, step=None, path=f"ck{e}.pt", sha256=f"{e:064x}",
-                          metrics={"accuracy": 0.5 + e / 100}) as sh:
-            h = x
-            for k, dk in dims.items():
-                m = rng.normal(size=(h.shape[1], dk)).astype(np.float32) * (1 + e / 3)
-                h = np.tanh(h @ m).astype(np.float32)
-                sh.append(k, h)
-    return path
 
 
 def _rows(path: Path) -> list[dict]:

@@ -142,7 +142,7 @@ def test_redact_address_drops_credentials():
 
 def test_scheduler_without_dask_says_how_to_install(tmp_path, monkeypatch):
     from ibscope.cli.main import app
-    from test_dask_cluster import _store
+    from capture_support import synthetic_store as _store
 
     st = _store(tmp_path / "acts", n_ck=1, n=40)
     monkeypatch.setitem(sys.modules, "distributed", None)  # import distributed -> ImportError
@@ -160,7 +160,7 @@ def test_unreachable_scheduler_is_a_clear_error(tmp_path, monkeypatch):
     import socket
 
     from ibscope.cli.main import app
-    from test_dask_cluster import _store
+    from capture_support import synthetic_store as _store
 
     st = _store(tmp_path / "acts", n_ck=1, n=40)
     with socket.socket() as s:  # a free port with nothing listening

@@ -710,7 +710,11 @@ def _capture_task(p: dict, device: str) -> dict:
         raise ClusterError(f"{who} read other probe data from {p['probe']!r} than the capture was planned with.",
                            hint="The workers must see the same probe file as this machine (same path, same content).")
     model = p["model"]
-    if is_hf_spec(model):
+    if isinstance(model, torch.nn.Module):  # an nn.Module given to capture(): this task's own copy
+        from ibscope.capture.loading import unwrap_model
+
+        net = copy.deepcopy(unwrap_model(model))
+    elif is_hf_spec(model):
         from ibscope.capture import hf
 
         net = hf.factory(model, p["model_args"])(ck.path)
