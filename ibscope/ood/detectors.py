@@ -306,9 +306,6 @@ class KNNDetector:
             from ibscope.errors import unknown_name
 
             raise unknown_name("k-NN backend", str(self.backend), KNN_BACKENDS)
-        if self.backend == "faiss" and _faiss() is None:
-            raise UsageError("The faiss k-NN backend was requested but faiss is not installed.",
-                             hint="pip install faiss-cpu, or use --backend torch (exact, same results).")
         if self.dtype not in ("float32", "float64"):
             raise UsageError(f"The 'dtype' parameter of knn must be 'float32' or 'float64'. Got {self.dtype!r}.")
         from ibscope.estimators._knn import check_search
@@ -317,6 +314,9 @@ class KNNDetector:
         if self.search == "tree" and self.backend == "faiss":
             raise UsageError("search='tree' and backend='faiss' exclude each other (faiss searches by brute force).",
                              hint="Use --search tree with --backend auto/torch, or --search brute with faiss.")
+        if self.backend == "faiss" and _faiss() is None:
+            raise UsageError("The faiss k-NN backend was requested but faiss is not installed.",
+                             hint="pip install faiss-cpu, or use --backend torch (exact, same results).")
 
     def _prep(self, x, name: str, device):
         import torch
