@@ -6,9 +6,11 @@ permutation null, so that the time is the cells' own work), --force each time. E
 same store, same process:
 
   * local-1  -- ``--jobs 1``: every cell in this process (torch's default threads);
+  * local-1/1t -- the same with torch limited to 1 thread (what each --jobs 2 worker gets on
+                2 cores): tells the parallel speed-up from the end of thread oversubscription;
   * local-2  -- ``--jobs 2``: two spawned worker processes, cores // 2 threads each (the pool's
-                start-up, incl. importing torch in each worker, is part of the time; it is also
-                measured alone, on the small job, and the ratio without it is printed);
+                start-up, incl. importing torch in each worker, is part of the time; a --jobs 2
+                run of the small job, nearly all start-up, is printed too);
   * dask-1   -- a real `dask scheduler` + 1 `dask worker --nthreads 1` on 127.0.0.1 (started
                 once, warm: the first, untimed run imports torch on the worker);
   * dask-2   -- the same with 2 workers (each limited to its share of the cores).
@@ -145,6 +147,14 @@ def main() -> None:
     run(small, tmp / "warm.csv", "binning", jobs=2)
     pool_start = time.perf_counter() - t0  # nearly all of it: spawning 2 workers that import torch
     res["local-1"] = timed(big, args.estimator, "local-1", jobs=1)
+    import torch
+
+    default_threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what each of the two --jobs 2 workers gets on 2 cores
+    try:
+        res["local-1/1t"] = timed(big, args.estimator, "local-1-1t", jobs=1)
+    finally:
+        torch.set_num_threads(default_threads)
     res["local-2"] = timed(big, args.estimator, "local-2", jobs=2)
     small_local = timed(small, "binning", "small-local", jobs=1)
     small_dask = None
@@ -166,8 +176,9 @@ def main() -> None:
         print(f"{k:<9} {t:9.2f} {1000 * t / cells:12.1f}  {', '.join(f'{x:.2f}' for x in times):<18} {vals == ref}")
     print("\nratios (higher = faster with more workers):")
     print(f"  --jobs 2 speed-up   local-1 / local-2 = {res['local-1'][0] / res['local-2'][0]:.2f}x")
-    print(f"  --jobs 2 without the pool's start-up ({pool_start:.2f} s, measured on a 8-cell binning job): "
-          f"local-1 / (local-2 - start-up) = {res['local-1'][0] / max(1e-9, res['local-2'][0] - pool_start):.2f}x")
+    print(f"  --jobs 2 vs one 1-thread process    local-1/1t / local-2 = {res['local-1/1t'][0] / res['local-2'][0]:.2f}x")
+    print(f"  (a --jobs 2 run on an 8-cell binning job took {pool_start:.2f} s: nearly all of it the pool's start-up, "
+          f"two spawned workers importing torch)")
     if "dask-2" in res:
         print(f"  Dask 2 workers      dask-1 / dask-2   = {res['dask-1'][0] / res['dask-2'][0]:.2f}x")
         print(f"  Dask-1 vs local-1   local-1 / dask-1  = {res['local-1'][0] / res['dask-1'][0]:.2f}x")
