@@ -13,7 +13,9 @@ same store, same process:
                 run of the small job, nearly all start-up, is printed too);
   * dask-1   -- a real `dask scheduler` + 1 `dask worker --nthreads 1` on 127.0.0.1 (started
                 once, warm: the first, untimed run imports torch on the worker);
-  * dask-2   -- the same with 2 workers (each limited to its share of the cores).
+  * dask-1/1t -- 1 worker limited to 1 thread (IBSCOPE_WORKER_THREADS=1);
+  * dask-2   -- the same with 2 workers (each limited to its share of the cores: 1 thread).
+                dask-1/1t / dask-2 is the parallel speed-up alone: warm workers, same threads.
 
 Each time is a median of --repeats. Ratios: local-1 / local-2 (the --jobs 2 speed-up),
 dask-1 / dask-2, and the Dask overhead on a small job (--small: 4 checkpoints x 2 layers,
@@ -70,12 +72,14 @@ def values(path: Path) -> list:
 class Cluster:
     """A `dask scheduler` and ``k`` `dask worker --nthreads 1` processes on 127.0.0.1."""
 
-    def __init__(self, k: int, d: Path):
+    def __init__(self, k: int, d: Path, threads: int | None = None):
         self.d = d
-        self.file = d / f"scheduler-{k}.json"
-        self.log = open(d / f"dask-{k}.log", "w")
+        self.file = d / f"scheduler-{k}-{threads}.json"
+        self.log = open(d / f"dask-{k}-{threads}.log", "w")
         env = dict(os.environ)
         env.pop("DASK_SCHEDULER_ADDRESS", None)
+        if threads:
+            env["IBSCOPE_WORKER_THREADS"] = str(threads)
         self.procs = [subprocess.Popen([sys.executable, "-m", "dask", "scheduler", "--host", "127.0.0.1", "--port", "0",
                                         "--no-dashboard", "--scheduler-file", str(self.file)], stdout=self.log,
                                        stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=d)]
@@ -159,12 +163,15 @@ def main() -> None:
     small_local = timed(small, "binning", "small-local", jobs=1)
     small_dask = None
     if not args.skip_dask:
-        for k in (1, 2):
-            cl = Cluster(k, tmp)
+        for k, threads in ((1, None), (1, 1), (2, None)):
+            cl = Cluster(k, tmp, threads)
+            tag = f"dask-{k}" + ("/1t" if threads else "")
             try:
                 run(small, tmp / "warm.csv", "binning", scheduler=cl.address)  # imports on the workers, untimed
                 run(big, tmp / "warm.csv", args.estimator, scheduler=cl.address)
-                res[f"dask-{k}"] = timed(big, args.estimator, f"dask-{k}", scheduler=cl.address)
+                res[tag] = timed(big, args.estimator, tag.replace("/", "-"), scheduler=cl.address)
+                if threads:
+                    continue
                 if k == 1:
                     small_dask = timed(small, "binning", "small-dask", scheduler=cl.address)
             finally:
@@ -181,6 +188,8 @@ def main() -> None:
           f"two spawned workers importing torch)")
     if "dask-2" in res:
         print(f"  Dask 2 workers      dask-1 / dask-2   = {res['dask-1'][0] / res['dask-2'][0]:.2f}x")
+        print(f"  Dask 2 workers vs 1 worker of 1 thread (warm, same threads per worker): dask-1/1t / dask-2 = "
+              f"{res['dask-1/1t'][0] / res['dask-2'][0]:.2f}x")
         print(f"  Dask-1 vs local-1   local-1 / dask-1  = {res['local-1'][0] / res['dask-1'][0]:.2f}x")
     if small_dask is not None:
         print(f"small job (4 x 2 cells, binning, n = 200): local {small_local[0]:.3f} s, Dask 1 worker "

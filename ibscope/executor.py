@@ -72,8 +72,23 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+#: environment variable that sets the compute threads of every worker (local pool or Dask worker)
+ENV_THREADS = "IBSCOPE_WORKER_THREADS"
+
+
 def threads_per_worker(workers: int, cores: int | None = None) -> int:
-    """Threads each of ``workers`` processes may use so that workers x threads <= cores (>= 1)."""
+    """Threads each of ``workers`` processes may use so that workers x threads <= cores (>= 1);
+    ``IBSCOPE_WORKER_THREADS`` (a positive integer) overrides it, e.g. 1 for many tiny cells,
+    where thread start-up costs more than it saves."""
+    forced = os.environ.get(ENV_THREADS, "").strip()
+    if forced:
+        try:
+            n = int(forced)
+        except ValueError:
+            raise UsageError(f"{ENV_THREADS} must be a positive integer. Got {forced!r}.") from None
+        if n < 1:
+            raise UsageError(f"{ENV_THREADS} must be a positive integer. Got {forced!r}.")
+        return n
     return max(1, (cores or available_cores()) // max(1, int(workers)))
 
 

@@ -48,6 +48,17 @@ def test_threads_per_worker_never_oversubscribe():
     assert ex.threads_per_worker(2, 2) == 1 and ex.threads_per_worker(1, 8) == 8 and ex.threads_per_worker(3, 8) == 2
 
 
+def test_worker_threads_env_override(monkeypatch):
+    monkeypatch.setenv(ex.ENV_THREADS, "1")
+    assert ex.threads_per_worker(1, 8) == 1 and ex.LocalPool(2).threads == 1
+    monkeypatch.setenv(ex.ENV_THREADS, "3")
+    assert ex.threads_per_worker(2, 2) == 3
+    for bad in ("0", "two"):
+        monkeypatch.setenv(ex.ENV_THREADS, bad)
+        with pytest.raises(UsageError, match=f"IBSCOPE_WORKER_THREADS must be a positive integer. Got '{bad}'"):
+            ex.threads_per_worker(2, 2)
+
+
 def _threads(payload, device):
     import torch
 
