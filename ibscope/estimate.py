@@ -397,8 +397,11 @@ def _worker_store(path: str, content_hash: str, skip_bad_shards: bool, needs_inp
 
 def _cell_task(payload: dict, device: str) -> list[dict]:
     """One piece of an estimate: the rows of one (store, checkpoint, layer) cell, or of the
-    estimators of it in ``payload["specs"]``. In this process the payload carries the open
-    store; elsewhere its path, which the worker opens itself (once per store)."""
+    estimators of it in ``payload["specs"]``; or of several such cells (``payload["cells"]``,
+    the layers of one checkpoint sent to a cluster as one task). In this process the payload
+    carries the open store; elsewhere its path, which the worker opens itself (once per store)."""
+    if "cells" in payload:
+        return [row for cell in payload["cells"] for row in _cell_task(cell, device)]
     meta = payload["meta"]
     st, inputs = payload.get("st"), meta.get("inputs")
     if st is None:
@@ -887,7 +890,28 @@ def _pieces(engine, cells: list, specs: list) -> list:
             label = f"{plan.run}/{plan.split} ckpt {ck.index} {layer}"
             pieces.append(Piece(_cell_task, dict(base, specs=group, want=gw),
                                 gpu=any(gpu_of[g[0]] for g in group), label=label))
+    if engine.name == "dask":
+        pieces = _by_checkpoint(pieces)
     return pieces
+
+
+def _by_checkpoint(pieces: list) -> list:
+    """On a cluster, the pieces of one store and checkpoint (its layers) with the same GPU need
+    become one task: fewer round trips through the scheduler (each costs milliseconds, more on a
+    busy machine), while a lost worker still costs only the checkpoints it held."""
+    from ibscope.executor import Piece
+
+    groups: dict[tuple, list] = {}
+    for p in pieces:
+        groups.setdefault((p.payload["path"], p.payload["ck"].index, p.gpu), []).append(p)
+    out = []
+    for (_, _, gpu), ps in groups.items():
+        if len(ps) == 1:
+            out.append(ps[0])
+            continue
+        label = ps[0].label.rsplit(" ", 1)[0] + f" ({len(ps)} layers)"
+        out.append(Piece(_cell_task, {"cells": [p.payload for p in ps]}, gpu=gpu, label=label))
+    return out
 
 
 def _run_cells(engine, cells: list, specs: list, sink: list, progress: bool) -> None:

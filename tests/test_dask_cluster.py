@@ -132,10 +132,11 @@ def test_estimate_scheduler_same_as_local_and_gpu_cells_on_gpu_worker(cluster, t
     eng = _provenance(tmp_path / "dask.csv")["engine"]
     assert eng["engine"] == "dask" and eng["scheduler"] == cluster["address"] and eng["source"] == "--scheduler"
     assert eng["workers"] == 2 and eng["gpu_workers"] == 1
-    # 4 checkpoints x 3 layers; each cell split into its kde piece (GPU-capable) and its binning piece
-    assert eng["tasks"] == 24 and sum(eng["tasks_by_worker"].values()) == 24
+    # 4 checkpoints x 3 layers; each cell split into its kde piece (GPU-capable) and its binning piece,
+    # the pieces of one checkpoint sent as one task per kind: 4 x 2 tasks
+    assert eng["tasks"] == 8 and sum(eng["tasks_by_worker"].values()) == 8
     gpu = eng["gpu_tasks_by_worker"]
-    assert sum(gpu.values()) == 12 and all(cluster["workers"]["B"] in w for w in gpu), gpu
+    assert sum(gpu.values()) == 4 and all(cluster["workers"]["B"] in w for w in gpu), gpu
     assert _provenance(tmp_path / "local.csv")["engine"]["engine"] == "in-process"
 
     # --scheduler-file, and an unchanged result is kept (nothing recomputed, nothing submitted)
@@ -233,7 +234,7 @@ def test_killing_a_worker_mid_estimate_gives_complete_identical_results(cluster,
     assert "exc" not in got, got.get("exc")
     _same_rows(tmp_path / "local.csv", tmp_path / "dask.csv")
     eng = got["res"].provenance["engine"]
-    assert eng["tasks"] == 8 * 3 * 2 and eng["workers"] == 3 and eng["workers_at_end"] == 2
+    assert eng["tasks"] == 8 * 2 and eng["workers"] == 3 and eng["workers_at_end"] == 2
     assert got["res"].provenance["complete"] is True
 
 

@@ -135,13 +135,18 @@ def test_cells_split_by_gpu_capability_on_a_cluster_with_gpu_workers():
 
     specs = [("binning", {}, "identity"), ("kde", {}, "identity")]
     want = {("binning", "I(X;T)"), ("kde", "I(X;T)"), ("kde", "I(T;Y)")}
-    cells = [(Plan, Ck, "fc1", want)]
+    cells = [(Plan, Ck, "fc1", want), (Plan, Ck, "fc2", want)]
     two = _pieces(Fake(["tcp://gpu:1"]), cells, specs)
-    assert [(p.gpu, [s[0] for s in p.payload["specs"]], sorted(p.payload["want"])) for p in two] == [
-        (True, ["kde"], [("kde", "I(T;Y)"), ("kde", "I(X;T)")]), (False, ["binning"], [("binning", "I(X;T)")])]
-    one = _pieces(Fake([]), cells, specs)
-    assert len(one) == 1 and one[0].gpu and one[0].payload["want"] == want
-    assert two[0].payload["path"] == os.path.abspath("acts") and "st" not in two[0].payload
+    # per checkpoint, one task of its layers' GPU pieces and one of their CPU pieces
+    assert [(p.gpu, [(c["layer"], [s[0] for s in c["specs"]], sorted(c["want"])) for c in p.payload["cells"]])
+            for p in two] == [
+        (True, [("fc1", ["kde"], [("kde", "I(T;Y)"), ("kde", "I(X;T)")]),
+                ("fc2", ["kde"], [("kde", "I(T;Y)"), ("kde", "I(X;T)")])]),
+        (False, [("fc1", ["binning"], [("binning", "I(X;T)")]), ("fc2", ["binning"], [("binning", "I(X;T)")])])]
+    one = _pieces(Fake([]), cells[:1], specs)
+    assert len(one) == 1 and one[0].gpu and one[0].payload["want"] == want and one[0].payload["layer"] == "fc1"
+    cell = two[0].payload["cells"][0]
+    assert cell["path"] == os.path.abspath("acts") and cell["content_hash"] == "h" and "st" not in cell
 
 
 def test_redact_address_drops_credentials():
