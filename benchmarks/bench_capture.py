@@ -1,24 +1,31 @@
 """Capture throughput and peak memory against a plain forward pass over the same data.
 
-For an MLP and a small CNN (same model, same batch size, CPU):
+For an MLP and a small CNN (same model, same batch size, CPU), in one run:
 
 * ``forward``  - plain ``model(x)`` over the probe set under ``torch.no_grad()`` (the floor);
 * ``hooks``    - the same with ibscope's hook engine (copy + reduce), nothing written;
-* ``capture_none`` / ``capture_lzf`` - ``ibscope.capture.capture()`` end to end for one
-                 checkpoint: build the model, hash and load the checkpoint, dry run, hooks, float32
-                 HDF5 shard (uncompressed / lzf+shuffle, the default), fsync, rename;
+* ``default``  - ``ibscope.capture.capture()`` end to end for one checkpoint with its default
+                 settings: build the model, hash and load the checkpoint, dry run, hooks, writer
+                 thread, float32 HDF5 shard, fsync, rename;
+* ``none`` / ``lzf`` / ``gzip`` - the same with each ``compression`` (``default`` is one of them:
+                 the figures show why);
 * ``naive``    - the ad-hoc peer: hooks appending ``output.detach().clone()`` to lists in RAM,
                  ``torch.cat`` and ``np.savez`` at the end (what research repos usually do).
 
-Then the same with a probe set ``--scale`` (10) times larger, to show that capture's extra memory
-stays flat (bounded by batch x layer width) while the naive peer's grows with the probe set.
-Each (model, size) runs in its own process; every mode is warmed up on one batch first. Times
-are medians over
-``--repeats`` runs; memory is peak RSS above the RSS before the runs (the probe tensor is
-allocated before, so it is not counted), measured with /proc/self/clear_refs and VmHWM.
+Then ``forward``, ``default`` and ``naive`` again with a probe set ``--scale`` (10) times
+larger, to show that capture's extra memory stays flat (bounded by the writer queue and one
+HDF5 chunk per layer) while the naive peer's grows with the probe set.
 
-    python benchmarks/bench_capture.py                 # default: n=2048 MLP, n=512 CNN, x10, 3 repeats
-    python benchmarks/bench_capture.py --n-mlp 20000 --n-cnn 4000 --repeats 7
+Each (model, size) runs in its own process; every mode is warmed up on one batch first. Times
+are medians over ``--repeats`` runs. Besides wall time the benchmark reports CPU seconds of the
+calling thread (``main cpu``: the forward path; on a machine with a free core this is what the
+wall time approaches) and of the whole process (``total cpu``: forward path plus writer thread),
+because on a loaded machine wall time mostly measures the other processes. Memory is peak RSS
+above the RSS before the run (the probe tensor is allocated before, so it is not counted),
+measured with /proc/self/clear_refs and VmHWM.
+
+    python benchmarks/bench_capture.py                 # default: n=10000 MLP, n=2000 CNN, x10, 3 repeats
+    python benchmarks/bench_capture.py --n-mlp 2000 --n-cnn 500 --scale 4 --repeats 3   # quicker
 """
 
 from __future__ import annotations
@@ -72,18 +79,22 @@ def _reset_peak() -> bool:
         return False
 
 
-def measure(fn, repeats: int):
-    """(median seconds, max extra peak MiB) of ``fn()`` over ``repeats`` runs."""
-    times, peaks = [], []
+def measure(fn, repeats: int) -> dict:
+    """Medians over ``repeats`` runs of ``fn()``: wall seconds, CPU seconds of this thread and of
+    the process; and the largest extra peak RSS (MiB)."""
+    wall, main, total, peaks = [], [], [], []
     for _ in range(repeats):
         gc.collect()
         base = _rss_kib("VmRSS")
         ok = _reset_peak()
-        t0 = time.perf_counter()
+        c0, p0, t0 = time.thread_time(), time.process_time(), time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t0)
+        wall.append(time.perf_counter() - t0)
+        main.append(time.thread_time() - c0)
+        total.append(time.process_time() - p0)
         peaks.append((_rss_kib("VmHWM") - base) / 1024 if ok else float("nan"))
-    return statistics.median(times), max(peaks)
+    med = statistics.median
+    return {"s": med(wall), "main_cpu": med(main), "cpu": med(total), "mib": max(peaks)}
 
 
 def plain_forward(model, x):
@@ -118,11 +129,12 @@ def naive_peer(model, x, names, out: Path):
             h.remove()
 
 
-MODES = ("forward", "hooks", "capture_none", "capture_lzf", "naive")
+MODES = ("forward", "hooks", "default", "none", "lzf", "gzip", "naive")
+BIG_MODES = ("forward", "default", "naive")
 
 
-def worker(kind: str, n: int, repeats: int, tmp: Path) -> dict:
-    """All modes of one (model, n) in a fresh process; each warmed up on one batch first."""
+def worker(kind: str, n: int, repeats: int, tmp: Path, modes: tuple) -> dict:
+    """The given modes of one (model, n) in a fresh process; each warmed up on one batch first."""
     import json
 
     from ibscope.capture import capture
@@ -134,29 +146,31 @@ def worker(kind: str, n: int, repeats: int, tmp: Path) -> dict:
     x = data(n)
     names = [nm for nm, m in model.named_modules() if isinstance(m, nn.ReLU)] + [layers[1]]
     counter = [0]
+    last: dict[str, Path] = {}
 
-    def cap(xx, compression):
+    def cap(xx, compression, mode):
         counter[0] += 1
-        out = tmp / f"store_{kind}_{n}_{compression}_{counter[0]}"
+        out = last[mode] = tmp / f"store_{kind}_{n}_{mode}_{counter[0]}"
+        opts = {} if compression is None else {"compression": compression}
         capture(f"{Path(__file__).resolve()}:make_{kind}", str(ck), (xx, None), layers, out, batch_size=BATCH,
-                device="cpu", store_inputs=False, progress=False, compression=compression)
-        return out
+                device="cpu", store_inputs=False, progress=False, **opts)
 
     fns = {"forward": lambda xx: plain_forward(model, xx), "hooks": lambda xx: hooks_only(model, xx, layers),
-           "capture_none": lambda xx: cap(xx, "none"), "capture_lzf": lambda xx: cap(xx, "lzf"),
+           "default": lambda xx: cap(xx, None, "default"), "none": lambda xx: cap(xx, "none", "none"),
+           "lzf": lambda xx: cap(xx, "lzf", "lzf"), "gzip": lambda xx: cap(xx, "gzip", "gzip"),
            "naive": lambda xx: naive_peer(model, xx, names, tmp / f"naive_{kind}_{n}.npz")}
     row = {"model": kind, "n": n}
-    for mode in MODES:
+    for mode in modes:
         fns[mode](x[:BATCH])  # warm-up: imports, allocator, first-call costs
-        row[f"{mode}_s"], row[f"{mode}_mib"] = measure(lambda: fns[mode](x), repeats)
-        if mode.startswith("capture"):
-            last = tmp / f"store_{kind}_{n}_{mode[8:]}_{counter[0]}"
-            row[f"{mode}_store_mib"] = sum(p.stat().st_size for p in last.rglob("*.h5")) / 2**20
+        for k, v in measure(lambda: fns[mode](x), repeats).items():
+            row[f"{mode}_{k}"] = v
+        if mode in last:
+            row[f"{mode}_store_mib"] = sum(p.stat().st_size for p in last[mode].rglob("*.h5")) / 2**20
     print(json.dumps(row))
     return row
 
 
-def run_one(kind: str, n: int, repeats: int, tmp: Path, threads: int) -> dict:
+def run_one(kind: str, n: int, repeats: int, tmp: Path, threads: int, modes: tuple) -> dict:
     import json
     import subprocess
 
@@ -164,46 +178,64 @@ def run_one(kind: str, n: int, repeats: int, tmp: Path, threads: int) -> dict:
     torch.manual_seed(0)
     torch.save({"epoch": 1, "state_dict": make().state_dict()}, tmp / f"{kind}_epoch1.pt")
     res = subprocess.run([sys.executable, __file__, "--threads", str(threads), "--worker", kind, str(n), str(repeats),
-                          str(tmp)], capture_output=True, text=True, check=True)
+                          str(tmp), ",".join(modes)], capture_output=True, text=True, check=True)
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def _line(r: dict, modes: tuple) -> str:
+    f, fc = r["forward_s"], r["forward_main_cpu"]
+    parts = []
+    for m in modes:
+        store = f", {r[m + '_store_mib']:.1f} MiB file" if m + "_store_mib" in r else ""
+        parts.append(f"  {m:8s} {r[m + '_s'] * 1e3:8.1f} ms {r[m + '_s'] / f:5.2f}x | main cpu {r[m + '_main_cpu'] * 1e3:7.1f} ms "
+                     f"{r[m + '_main_cpu'] / fc:5.2f}x | total cpu {r[m + '_cpu'] * 1e3:7.1f} ms {r[m + '_cpu'] / fc:5.2f}x"
+                     f" | extra peak {r[m + '_mib']:6.1f} MiB{store}")
+    return f"{r['model']} n={r['n']}: wall ms, wall/forward | CPU ms of the calling thread, /forward's | " \
+           f"CPU ms of the process, /forward's | memory\n" + "\n".join(parts)
+
+
 def main(argv=None) -> int:
+    import os
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n-mlp", type=int, default=2048, help="probe samples for the MLP (784-512-256-128-10)")
-    ap.add_argument("--n-cnn", type=int, default=512, help="probe samples for the CNN (3x32x32 input)")
+    ap.add_argument("--n-mlp", type=int, default=10000, help="probe samples for the MLP (784-512-256-128-10)")
+    ap.add_argument("--n-cnn", type=int, default=2000, help="probe samples for the CNN (3x32x32 input)")
     ap.add_argument("--scale", type=int, default=10, help="factor for the large-probe run")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads in every measured process "
                     "(1 by default: on a shared machine, spinning OpenMP threads make timings erratic)")
-    ap.add_argument("--worker", nargs=4, metavar=("KIND", "N", "REPEATS", "DIR"), help=argparse.SUPPRESS)
+    ap.add_argument("--models", default="mlp,cnn", help="comma-separated: mlp, cnn")
+    ap.add_argument("--worker", nargs=5, metavar=("KIND", "N", "REPEATS", "DIR", "MODES"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
-        kind, n, repeats, d = a.worker
+        kind, n, repeats, d, modes = a.worker
         torch.set_num_threads(a.threads)
-        worker(kind, int(n), int(repeats), Path(d))
+        worker(kind, int(n), int(repeats), Path(d), tuple(modes.split(",")))
         return 0
-    rows = []
+    from ibscope.capture import capture
+    import inspect
+
+    default = inspect.signature(capture).parameters["compression"].default
+    rows = {}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        for kind, n in (("mlp", a.n_mlp), ("cnn", a.n_cnn)):
-            for scale in (1, a.scale):
-                rows.append(run_one(kind, n * scale, a.repeats, tmp, a.threads))
-                r = rows[-1]
-                f = r["forward_s"]
-                print(f"{r['model']:4s} n={r['n']:6d} | forward {f * 1e3:7.1f} ms | "
-                      + " | ".join(f"{m} {r[m + '_s'] * 1e3:7.1f} ms ({r[m + '_s'] / f:.2f}x)" for m in MODES[1:])
-                      + " | extra peak MiB: " + ", ".join(f"{m} {r[m + '_mib']:.1f}" for m in MODES)
-                      + f" | store MiB: none {r['capture_none_store_mib']:.1f}, lzf {r['capture_lzf_store_mib']:.1f}",
-                      flush=True)
-    print(f"\nmedians of {a.repeats} runs, torch {torch.__version__}, {a.threads} thread(s), batch {BATCH}")
-    for kind in ("mlp", "cnn"):
-        small, big = [r for r in rows if r["model"] == kind]
-        for m in ("capture_none", "capture_lzf"):
-            print(f"{kind}: {m}/forward {small[m + '_s'] / small['forward_s']:.2f}x (n={small['n']}), "
-                  f"{big[m + '_s'] / big['forward_s']:.2f}x (n={big['n']}); extra peak memory at x{a.scale} probe: "
-                  f"{small[m + '_mib']:.1f} -> {big[m + '_mib']:.1f} MiB")
-        print(f"{kind}: naive RAM peer extra peak memory {small['naive_mib']:.1f} -> {big['naive_mib']:.1f} MiB")
+        for kind in a.models.split(","):
+            n = a.n_mlp if kind == "mlp" else a.n_cnn
+            for scale, modes in ((1, MODES), (a.scale, BIG_MODES)):
+                r = rows[(kind, scale)] = run_one(kind, n * scale, a.repeats, tmp, a.threads, modes)
+                print(_line(r, modes), flush=True)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"\nmedians of {a.repeats} runs, torch {torch.__version__}, {a.threads} torch thread(s), batch {BATCH}, "
+          f"{os.cpu_count()} CPUs, load average {load:.1f} at the end; default compression: {default}")
+    for kind in a.models.split(","):
+        small, big = rows[(kind, 1)], rows[(kind, a.scale)]
+        print(f"{kind}: default/forward wall {small['default_s'] / small['forward_s']:.2f}x (n={small['n']}), "
+              f"{big['default_s'] / big['forward_s']:.2f}x (n={big['n']}); main-thread cpu "
+              f"{small['default_main_cpu'] / small['forward_main_cpu']:.2f}x, "
+              f"{big['default_main_cpu'] / big['forward_main_cpu']:.2f}x; naive/forward wall "
+              f"{small['naive_s'] / small['forward_s']:.2f}x")
+        print(f"{kind}: extra peak memory n={small['n']} -> n={big['n']}: default {small['default_mib']:.1f} -> "
+              f"{big['default_mib']:.1f} MiB, naive {small['naive_mib']:.1f} -> {big['naive_mib']:.1f} MiB")
     return 0
 
 

@@ -17,9 +17,11 @@ from ibscope.errors import IbscopeError, io_error
 
 
 @contextmanager
-def atomic_path(target: str | os.PathLike, tmp: str | os.PathLike | None = None) -> Iterator[Path]:
+def atomic_path(target: str | os.PathLike, tmp: str | os.PathLike | None = None,
+                action: str = "writing") -> Iterator[Path]:
     """Yield a temporary path (default ``TARGET.tmp``) to write; on a clean exit it replaces
-    ``target``; on any exception it is deleted. OSError is re-raised as IOFailure naming ``target``."""
+    ``target``; on any exception it is deleted. OSError is re-raised as IOFailure naming ``target``
+    (and ``action``, e.g. "writing the report")."""
     target = Path(target)
     tmp = Path(tmp) if tmp is not None else target.with_name(target.name + ".tmp")
     try:
@@ -31,15 +33,15 @@ def atomic_path(target: str | os.PathLike, tmp: str | os.PathLike | None = None)
         except OSError:
             pass
         if isinstance(exc, OSError) and not isinstance(exc, IbscopeError):
-            raise io_error(exc, target, "writing") from None
+            raise io_error(exc, target, action) from None
         raise
 
 
 def write_text_atomic(target: str | os.PathLike, text: str, encoding: str = "utf-8",
-                      tmp: str | os.PathLike | None = None) -> Path:
+                      tmp: str | os.PathLike | None = None, action: str = "writing") -> Path:
     """Write ``text`` to ``target`` whole or not at all (see :func:`atomic_path`)."""
     target = Path(target)
-    with atomic_path(target, tmp) as t:
+    with atomic_path(target, tmp, action) as t:
         with open(t, "w", encoding=encoding) as f:
             f.write(text)
             f.flush()

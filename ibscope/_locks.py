@@ -6,8 +6,8 @@ for as long as it writes. A second writer waits up to ``timeout`` seconds and th
 with the first and never loses its rows. Readers take no lock and are never blocked (every
 file ibscope writes is renamed into place whole, so a reader sees the old or the new version).
 
-The lock file sits next to its target (``results.csv`` -> ``results.csv.lock``, store ``acts/``
--> ``acts.lock``), so it survives ``--overwrite`` replacing the target. Next to it, while the
+The lock file sits next to its target, hidden (``results.csv`` -> ``.results.csv.lock``, store
+``acts/`` -> ``.acts.lock``: a user's glob such as ``acts*`` does not pick it up), so it survives ``--overwrite`` replacing the target. Next to it, while the
 lock is held, ``<lock>.holder.json`` records who holds it (pid, host, command, since). The
 locks are ``fcntl``/``flock`` locks (the ``filelock`` package): the operating system releases
 them when the holder dies, even on ``kill -9``, so a crashed run never leaves a stale lock.
@@ -39,9 +39,9 @@ class LockTimeout(IbscopeError):
 
 
 def lock_path_for(target: str | os.PathLike) -> Path:
-    """The lock file of ``target`` (a file or a folder): a sibling named ``<name>.lock``."""
+    """The lock file of ``target`` (a file or a folder): a hidden sibling named ``.<name>.lock``."""
     t = Path(os.path.abspath(target))
-    return t.with_name(t.name + ".lock")
+    return t.with_name("." + t.name + ".lock")
 
 
 def check_timeout(timeout: float | None) -> float:

@@ -27,12 +27,17 @@ def integral_float_labels(t, name: str = "y", who: str = ""):
         return None
     if not bool((t == torch.round(t)).all()) or float(t.abs().max()) >= 2.0 ** 62:
         return None
+    from ibscope._labels import MIN_PER_CLASS, integral_values_are_classes
+
     vals = torch.unique(t)
+    if not integral_values_are_classes(int(vals.numel()), int(t.shape[0])):
+        return None  # a rounded continuous target (fewer than MIN_PER_CLASS samples per value): stays continuous
     shown = ", ".join(f"{float(v):g}" for v in vals[:5]) + (", ..." if vals.numel() > 5 else "")
     warnings.warn(
         f"{who}'{name}' holds floats ({str(t.dtype).replace('torch.', '')}) with only integer values "
         f"({vals.numel()} distinct: {shown}); they are read as discrete class labels (int64), the same classes as "
-        "integer labels.", RuntimeWarning, stacklevel=3)
+        f"integer labels (integer-valued floats with more than n/{MIN_PER_CLASS} distinct values stay continuous). "
+        "For a continuous target pass discrete_y=False.", RuntimeWarning, stacklevel=3)
     return t.to(torch.int64)
 
 
@@ -59,7 +64,15 @@ def mutual_information(x, y, method: str = "ksg", *, null_permutations: int = 0,
 
     A value within 1 % of its cap (H(Y), log n, log batch) is flagged ``saturated`` and
     warned about: the estimator cannot show more at this n and width (see docs/trust.md).
+
+    Speed (docs/estimate.md, "Speed"): an estimator whose work is linear in its input (the
+    binning family) runs a problem of fewer than ``ibscope.estimators._fast.SERIAL_ELEMENTS``
+    numbers on one torch thread (restored afterwards); the binning family keeps the prepared
+    side (bins, symbols, entropy) of the last few inputs of up to 4 MiB, keyed by a SHA-256 of
+    their bytes, so I(X;T) and I(T;Y) of one layer bin it once, and the ids and labels are
+    prepared once for all layers. Values are the same as without.
     """
+    from ibscope.estimators._fast import few_threads, row_codes
     from ibscope.estimators.base import as_tensor
     from ibscope.estimators.nulls import check_settings, with_null
 
@@ -78,18 +91,19 @@ def mutual_information(x, y, method: str = "ksg", *, null_permutations: int = 0,
     est = registry.create(method, **params)
     if est.kind != "pair":
         raise UsageError(f"Estimator '{method}' measures one representation ({est.quantity}); use ibscope.measure().")
-    if discrete_y is not False:
-        import torch
-
-        ty = as_tensor(y, name="y", estimator=method)
-        if discrete_y and ty.is_floating_point():
-            y = torch.unique(ty, dim=0, return_inverse=True)[1].reshape(-1).to(torch.int64)
-        elif discrete_y is None and ty.is_floating_point() and ty.shape[1] == 1 and \
-                as_tensor(x, name="x", estimator=method).is_floating_point():
-            labels = integral_float_labels(ty, "y", f"{method}: ")  # labels saved as 0.0/1.0
-            if labels is not None:
-                y = labels
-    e = with_null(est, x, y, null_permutations, null_seed) if null_permutations else est.estimate(x, y)
+    # a small problem of an estimator whose work is linear in its input runs on one torch thread
+    # (waking the thread pool for each small operation costs more than it saves)
+    with few_threads(_elements(x) + _elements(y), getattr(est, "serial_below", 0)):
+        if discrete_y or (discrete_y is None and _may_be_float(y) and _width(y) in (1, None)):
+            ty = as_tensor(y, name="y", estimator=method)
+            if discrete_y and ty.is_floating_point():
+                y = row_codes(ty)  # the rank of each distinct row: torch.unique(dim=0)'s numbering
+            elif discrete_y is None and ty.is_floating_point() and ty.shape[1] == 1 and \
+                    as_tensor(x, name="x", estimator=method).is_floating_point():
+                labels = integral_float_labels(ty, "y", f"{method}: ")  # labels saved as 0.0/1.0
+                if labels is not None:
+                    y = labels
+        e = with_null(est, x, y, null_permutations, null_seed) if null_permutations else est.estimate(x, y)
     if e.saturated:
         warnings.warn(
             f"{method}: the estimate {e.value:.4g} nats is within 1% of its cap {e.cap:.4g} nats (n = {e.n_samples}): "
@@ -99,9 +113,50 @@ def mutual_information(x, y, method: str = "ksg", *, null_permutations: int = 0,
     return e
 
 
+def _width(a) -> int | None:
+    """The number of columns of a numpy array or tensor ``a`` as (n, d) (1-D: 1), None when not
+    known without converting it."""
+    shape = getattr(a, "shape", None)  # torch.Size is a tuple
+    if not isinstance(shape, tuple):
+        return None
+    if len(shape) == 1:
+        return 1
+    return int(shape[1]) if len(shape) == 2 else None
+
+
+def _may_be_float(a) -> bool:
+    """False when ``a`` is certainly not a float array (an integer or bool numpy array or
+    tensor: nothing to read as labels), True otherwise, without converting or checking it."""
+    dtype = getattr(a, "dtype", None)
+    if dtype is None:
+        return True
+    is_float = getattr(a, "is_floating_point", None)
+    if callable(is_float):  # a tensor
+        return bool(is_float())
+    return getattr(dtype, "kind", "f") in "fc"
+
+
+def _elements(a) -> int:
+    """How many numbers ``a`` holds (a tensor, an array, or anything numpy reads)."""
+    if hasattr(a, "numel"):
+        return int(a.numel())
+    size = getattr(a, "size", None)
+    if isinstance(size, int):
+        return size
+    import numpy as np
+
+    try:
+        return int(np.size(a))
+    except Exception:  # unreadable input: the estimator reports it in its own words
+        return 0
+
+
 def measure(x, method: str = "effective-rank", **params: Any) -> Estimate:
     """Compute a single-representation measure (effective rank, intrinsic dimension, ...)."""
     est = registry.create(method, **params)
     if est.kind == "pair":
         raise UsageError(f"Estimator '{method}' needs two variables; use ibscope.mutual_information(x, y, method={method!r}).")
-    return est.estimate(x)
+    from ibscope.estimators._fast import few_threads
+
+    with few_threads(_elements(x), getattr(est, "serial_below", 0)):
+        return est.estimate(x)

@@ -114,7 +114,7 @@ class IOFailure(IbscopeError):
 
 _IO_HINTS = {
     "ENOSPC": "Free some space (or choose another output location), then re-run the same command; completed work "
-              "is kept (`ibscope capture --resume` continues a capture).",
+              "is kept.",
     "EDQUOT": "Free some space within your quota (or choose another --out), then re-run.",
     "EROFS": "The file system is read-only: choose a writable output location.",
     "EACCES": "You have no permission there: choose another output location or fix its permissions.",
@@ -142,7 +142,11 @@ def io_error(exc: OSError, path: str | None = None, action: str = "writing") -> 
     msg = f"{reason}{f' ({name})' if name else ''} while {action}" + (f" '{where}'" if where else "") + "."
     if code is None and text and text not in msg:
         msg += f" ({text})"
-    return IOFailure(msg, hint=_IO_HINTS.get(name))
+    hint = _IO_HINTS.get(name)
+    wp = os.path.basename(os.path.dirname(str(where))) if where else ""
+    if name == "ENOSPC" and where and (wp == "checkpoints" or os.path.basename(str(where)).startswith("manifest.h5")):
+        hint += " `ibscope capture --resume` continues a capture from its last complete checkpoint."
+    return IOFailure(msg, hint=hint)
 
 
 class ClusterError(IbscopeError):

@@ -47,10 +47,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from ibscope._device import resolve_device
 from ibscope._locks import DEFAULT_LOCK_TIMEOUT, check_timeout, writer_lock
 from ibscope._paths import check_parents
 from ibscope._version import __version__
 from ibscope.errors import ClusterError, DataError, IbscopeError, PluginError, ShardError, UsageError, unknown_name
+from ibscope.reporting import NullReporter, Reporter, reporter_or_null
 from ibscope.results import KNOWN_UNITS, Results, make_row, read_results, write_results
 
 log = logging.getLogger(__name__)
@@ -62,13 +64,6 @@ SUMMARY_NOTES = 5
 
 
 # ----------------------------------------------------------------------------- helpers
-def resolve_device(device: str | None) -> str:
-    """'auto' -> 'cuda' if available else 'cpu'; 'cpu' / 'cuda' / 'cuda:N' validated (as a string)."""
-    from ibscope._device import resolve_device as _resolve
-
-    return str(_resolve(device))
-
-
 def metric_unit(name: str) -> str:
     """The unit of a training metric's rows: "ratio" for accuracies (and F1, AUC, precision,
     recall), "loss" for losses (numbers as logged: the base of the logarithm is the training
@@ -233,6 +228,7 @@ def _compute_cell(st, ck, layer: str, specs: list[tuple[str, dict, str | None]],
     import torch
 
     from ibscope.estimators import registry
+    from ibscope.estimators._fast import few_threads
 
     rows: list[dict] = []
     common = dict(run=meta["run"], split=meta["split"], checkpoint=ck.index, epoch=ck.epoch, step=ck.step,
@@ -248,6 +244,7 @@ def _compute_cell(st, ck, layer: str, specs: list[tuple[str, dict, str | None]],
             t = torch.from_numpy(np.ascontiguousarray(a)).to(device)
         return t
 
+    cell_sides: dict = {}  # the layer's prepared side per estimator setting (see `sided` below)
     where = f"layer '{layer}', checkpoint {ck.index} ({ck.label})"
     T = "T"
     n_perm, null_seed = meta.get("null_permutations", 0), meta.get("null_seed", 0)
@@ -312,33 +309,91 @@ def _compute_cell(st, ck, layer: str, specs: list[tuple[str, dict, str | None]],
 
             return with_null(est, a(), b(), null["permutations"], null["seed"])
 
-        for quantity, p in _quantities(cls, params, xs, st.labels is not None):
-            if want is not None and (name, quantity) not in want:
-                continue
-            if cls.kind == "pair" and quantity == "I(X;T)":
-                if xs == "identity":
-                    xv = torch.from_numpy(np.asarray(st.sample_ids, dtype=np.int64)).to(device)
-                    xname = "X (the sample ids)"
-                else:
-                    xv = meta["inputs"].to(device)
-                    xname = "X (the probe inputs)"
-                emit(quantity, p, lambda: pair(quantity, p, lambda: xv, acts), {"x": xname, "y": T})
-            elif cls.kind == "pair":
-                lab = np.asarray(st.labels)
-                as_int = lab.dtype.kind in "iub" or meta.get("labels_read") == FLOAT_LABELS_AS_INT
-                yv = torch.from_numpy(lab.astype(np.int64) if as_int else lab.astype(np.float64))
-                emit(quantity, p, lambda: pair(quantity, p, acts, lambda: yv.to(device)),
-                     {"x": T, "y": "Y (the labels)"})
-            elif cls.kind == "single":
-                emit(quantity, p, lambda: est.estimate(acts()), {"x": T})
-            elif cls.kind == "jacobian":
-                from ibscope.estimators.local_rank import jacobian_from_store
+        # Estimators that prepare each side apart (the binning family: ``side`` and
+        # ``estimate_sides``) share work: the side that is the same in every cell of the store
+        # (the sample ids, the labels) is prepared once per store (kept in ``meta``), the
+        # layer's side once per cell for both of its rows. Same rows as ``pair``.
+        sided = callable(getattr(est, "estimate_sides", None)) and callable(getattr(est, "side", None))
+        skey = (name, json.dumps(params, sort_keys=True, default=str), device)
 
-                emit(quantity, p, lambda: est.estimate(jacobian_from_store(st, ck, layer).to(device)),
-                     {"x": "the Jacobian spectra"})
-            else:
-                raise PluginError(f"Estimator '{name}' has kind {cls.kind!r}; expected 'pair', 'single' or 'jacobian'.")
+        def store_side(what, value, argname):
+            shared = meta.setdefault("shared_sides", {})
+            k = (*skey, what)
+            if k not in shared:
+                shared[k] = est.side(value(), argname)
+            return shared[k]
+
+        def layer_side(argname):
+            k = ("layer", *skey)
+            if k not in cell_sides:
+                cell_sides[k] = est.side(acts(), argname)  # not kept on failure: each row says why
+            return cell_sides[k]
+
+        def sides(quantity, p, a, b):
+            null = null_setting(name, quantity, p, n_perm, null_seed)
+            if not null:
+                return est.estimate_sides(a(), b())
+            # the permutations depend only on n, N and the seed: drawn once per store
+            from ibscope.estimators.nulls import permutations
+
+            pk = ("permutations", int(meta["n_samples"]), null["permutations"], null["seed"])
+            shared = meta.setdefault("shared_sides", {})
+            if pk not in shared:
+                shared[pk] = permutations(*pk[1:])
+            return est.estimate_sides(a(), b(), null["permutations"], null["seed"], perms=shared[pk])
+
+        # a small problem of an estimator whose work is linear in its input runs on one torch
+        # thread (waking the thread pool for each small operation costs more than it saves)
+        with few_threads(_cell_elements(st, layer, xs, meta), getattr(cls, "serial_below", 0)):
+            for quantity, p in _quantities(cls, params, xs, st.labels is not None):
+                if want is not None and (name, quantity) not in want:
+                    continue
+                if cls.kind == "pair" and quantity == "I(X;T)":
+                    if xs == "identity":
+                        xv = lambda: torch.from_numpy(np.asarray(st.sample_ids, dtype=np.int64)).to(device)  # noqa: E731
+                        xname = "X (the sample ids)"
+                    else:
+                        xv = lambda: meta["inputs"].to(device)  # noqa: E731
+                        xname = "X (the probe inputs)"
+                    if sided:
+                        fn = lambda: sides(quantity, p, lambda: store_side(xs, xv, "x"),  # noqa: E731
+                                           lambda: layer_side("y"))
+                    else:
+                        fn = lambda: pair(quantity, p, xv, acts)  # noqa: E731
+                    emit(quantity, p, fn, {"x": xname, "y": T})
+                elif cls.kind == "pair":
+                    def yv():
+                        lab = np.asarray(st.labels)
+                        as_int = lab.dtype.kind in "iub" or meta.get("labels_read") == FLOAT_LABELS_AS_INT
+                        return torch.from_numpy(lab.astype(np.int64) if as_int else lab.astype(np.float64)).to(device)
+                    if sided:
+                        fn = lambda: sides(quantity, p, lambda: layer_side("x"),  # noqa: E731
+                                           lambda: store_side("labels", yv, "y"))
+                    else:
+                        fn = lambda: pair(quantity, p, acts, yv)  # noqa: E731
+                    emit(quantity, p, fn, {"x": T, "y": "Y (the labels)"})
+                elif cls.kind == "single":
+                    emit(quantity, p, lambda: est.estimate(acts()), {"x": T})
+                elif cls.kind == "jacobian":
+                    from ibscope.estimators.local_rank import jacobian_from_store
+
+                    emit(quantity, p, lambda: est.estimate(jacobian_from_store(st, ck, layer).to(device)),
+                         {"x": "the Jacobian spectra"})
+                else:
+                    raise PluginError(f"Estimator '{name}' has kind {cls.kind!r}; expected 'pair', 'single' or 'jacobian'.")
     return rows
+
+
+def _cell_elements(st, layer: str, xs: str | None, meta: dict) -> int:
+    """How many numbers one estimate of the cell reads: the layer's and the other side's
+    (the ids or labels: one column; the probe inputs: their width); unknown: "many"."""
+    dims = st.layer_meta(layer).get("dims")
+    if not isinstance(dims, int):
+        return 1 << 62
+    other = 1
+    if xs == "inputs" and meta.get("inputs") is not None:
+        other = max(1, int(meta["inputs"].shape[1]))
+    return int(meta["n_samples"]) * (dims + other)
 
 
 def _open(path, skip_bad_shards: bool):
@@ -486,6 +541,7 @@ def run_estimate(
     null_seed: int = 0,
     scheduler: str | None = None,
     scheduler_file: str | os.PathLike | None = None,
+    reporter: Reporter | None = None,
 ) -> Results:
     """Estimate every checkpoint x layer of ``stores`` with ``estimators``; write ``out``.
 
@@ -502,6 +558,8 @@ def run_estimate(
     ``null_permutations``: N permutations of the null for I(T;Y) rows and I(X;T) rows with
     X = the inputs (:func:`null_setting`; 0: none), seeded by ``null_seed``; they fill the
     columns null_mean, null_std and p_value. Every row with a cap gets ``saturated``.
+    ``reporter``: an :class:`ibscope.reporting.Reporter` that shows the progress over cells
+    (``None``: silent; ``progress=False`` turns its progress off).
 
     Where the cells run (:mod:`ibscope.executor`): in this process (``jobs=1``), in ``jobs``
     local worker processes of ``cores // jobs`` threads each, or on a Dask cluster
@@ -538,7 +596,7 @@ def run_estimate(
     lock_timeout = check_timeout(lock_timeout)
     out = Path(out)
     _check_out(out)
-    dev = remote_device(device) if engine_spec.remote else resolve_device(device)
+    dev = remote_device(device) if engine_spec.remote else str(resolve_device(device))
     if jobs > 1 and dev != "cpu":
         raise UsageError(f"--jobs {jobs} runs CPU worker processes; it cannot be combined with --device {dev}.",
                          hint="Use --jobs 1 on a GPU (the GPU parallelises each estimate), or --device cpu.")
@@ -617,8 +675,38 @@ def run_estimate(
         existing: list[dict] = []
         old_prov: dict = {}
         if out.exists() and out.stat().st_size > 0:  # an empty file (e.g. made by `touch`) is an empty table
-            old = read_results(out, allow_empty=True)
+            try:
+                old = read_results(out, allow_empty=True)
+            except DataError as exc:
+                # estimate merges into the file: rows it cannot read (other stores' among them) would be lost
+                raise DataError(
+                    f"The existing results file '{out}' cannot be read, so this run cannot merge into it: "
+                    f"{exc.message}",
+                    hint=f"ibscope estimate keeps the rows of other stores in the file and never overwrites a table it "
+                         f"cannot read (not even with --force). Move it aside (mv '{out}' '{out}.bad') or delete it "
+                         "and run again, or write to another file with -o.") from None
             existing, old_prov = old.rows, old.provenance or {}
+
+        # -------------------------------------------------------- another store under the same run/split
+        prior = [e for src in [old_prov, *(x for x in old_prov.get("parts") or [] if isinstance(x, dict))]
+                 for e in (src.get("stores") or []) if isinstance(e, dict)]
+        had = {(r["run"], r["split"]) for r in existing}
+        for p_ in plans:
+            if (p_.run, p_.split) not in had:
+                continue
+            before = {str(e.get("path")) for e in prior if (e.get("run"), e.get("split")) == (p_.run, p_.split)
+                      and e.get("path")}
+            here = {str(p_.path), str(Path(p_.path).resolve())}
+            moved = [b for b in before if b not in here and str(Path(b).resolve()) not in here]
+            # a store moved with its run folder keeps its config and probe: not another store
+            same = [e for e in prior if (e.get("run"), e.get("split")) == (p_.run, p_.split)
+                    and e.get("config_hash") == p_.st.config_hash and e.get("probe_hash") == p_.st.probe_hash]
+            if before and len(moved) == len(before) and not same:
+                warnings.warn(
+                    f"The rows of run '{p_.run}', split '{p_.split}' in '{out}' came from the store "
+                    f"'{sorted(moved)[0]}'; this run's store '{p_.path}' has the same run and split, so its rows "
+                    "replace them. To keep both, capture with different --run or --split names (or write to "
+                    "another results file).", RuntimeWarning, stacklevel=2)
 
         # -------------------------------------------------------- sort the existing rows
         others: list[dict] = []          # rows of stores not given in this run: kept as they are
@@ -642,7 +730,10 @@ def run_estimate(
                                                   null_seed),
                                 labels=plan.meta["labels_read"] if r["quantity"] == "I(T;Y)" else None)
             if r.get("key") == want_key:
-                valid[_cell_key(r)] = r
+                # the same content; its place in the series may have moved (a checkpoint captured in between
+                # by `capture --resume`): the kept row takes the store's current index
+                li = plan.meta["layer_index"].get(r["layer"]) if r["layer"] != "-" else r.get("layer_index")
+                valid[_cell_key(r)] = dict(r, checkpoint=ck.index, epoch=ck.epoch, step=ck.step, layer_index=li)
             else:
                 stale.append(r)
 
@@ -683,12 +774,17 @@ def run_estimate(
                     if want:
                         cells.append((plan, ck, layer, want))
 
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         interrupted = False
         try:
-            _run_cells(engine, cells, specs, new_rows, progress)
+            _run_cells(engine, cells, specs, new_rows, reporter_or_null(reporter) if progress else None)
         except KeyboardInterrupt:
             interrupted = True
+        finally:
+            for plan in plans:  # the shard each store kept open between reads
+                close = getattr(plan.st, "close", None)
+                if callable(close):
+                    close()
         fresh = {_cell_key(r) for r in new_rows}
         # stale rows this run does not recompute (a stale metrics row: the checkpoint no longer logs it)
         dropped_stale = [r for r in stale if _cell_key(r) not in planned and r["estimator"] != METRICS]
@@ -755,6 +851,8 @@ def run_estimate(
             "noted_cells": len(noted_cells), "noted_cells_computed_now": len(noted_now),
             "first_notes": list(dict.fromkeys(r["note"] for r in noted))[:SUMMARY_NOTES],
             "wall_time_s": round(time.perf_counter() - t0, 3),
+            # CPU seconds of this process over the cells (all its threads; --jobs workers not included)
+            "cpu_time_s": round(time.process_time() - c0, 3),
             "complete": not interrupted,
         }
         if plugin_units:
@@ -914,26 +1012,13 @@ def _by_checkpoint(pieces: list) -> list:
     return out
 
 
-def _run_cells(engine, cells: list, specs: list, sink: list, progress: bool) -> None:
+def _run_cells(engine, cells: list, specs: list, sink: list, reporter: Reporter | None) -> None:
     """Run ``cells`` on ``engine`` and add their rows to ``sink`` as they come back (a Ctrl-C
     keeps what came back so far)."""
     if not cells:
         return
     pieces = _pieces(engine, cells, specs)
-    bar = None
-    if progress:
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        bar = Progress(TextColumn("estimate"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                       TextColumn("{task.description}"), console=Console(stderr=True, emoji=False), transient=False)
-        bar.start()
-        task = bar.add_task("", total=len(pieces))
-    try:
+    with (reporter or NullReporter()).task("estimate", len(pieces)) as bar:
         for outcome in engine.run(pieces):
             sink.extend(outcome.value)
-            if bar:
-                bar.update(task, advance=1, description=pieces[outcome.index].label)
-    finally:
-        if bar:
-            bar.stop()
+            bar.advance(note=pieces[outcome.index].label)

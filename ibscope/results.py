@@ -54,14 +54,14 @@ import csv
 import hashlib
 import io
 import json
-import math
 import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from ibscope.errors import DataError, UsageError, io_error
+from ibscope.units import INFO_UNITS, conversion_factor
 
 RESULTS_FORMAT = "ibscope-results"
 RESULTS_VERSION = 1
@@ -70,7 +70,6 @@ COLUMNS = [
     "value", "unit", "stderr", "cap", "n_samples", "dims", "params",
     "null_mean", "null_std", "p_value", "saturated", "key", "note",
 ]
-INFO_UNITS = ("nats", "bits")
 #: the estimator name of training-metric rows (layer "-")
 METRICS = "metrics"
 #: every unit ibscope writes: information (nats, bits), the geometry measures' "dimensions"
@@ -174,7 +173,7 @@ class Results:
         for r in self.rows:
             r = dict(r)
             if r["unit"] in INFO_UNITS and r["unit"] != unit and r.get("estimator") != METRICS:
-                f = math.log(2) if r["unit"] == "bits" else 1 / math.log(2)
+                f = conversion_factor(r["unit"], unit)
                 for c in VALUE_COLUMNS:
                     if r.get(c) is not None:
                         r[c] = r[c] * f
@@ -240,7 +239,7 @@ def _read_one(p: Path, allow_empty: bool) -> tuple[list[dict], dict | None]:
         this["table_matches"] = False
         warnings.warn(f"The provenance '{provenance_path(p)}' does not describe '{p}' as it is now: the table was "
                       f"changed after ibscope wrote it, or a write was interrupted. Treat its provenance with care; "
-                      f"`ibscope estimate` rewrites both.", stacklevel=3)
+                      f"`ibscope estimate` into it rewrites both (when the table itself can be read).", stacklevel=3)
     rows: list[dict] = []
     try:
         reader = csv.DictReader(io.StringIO(text, newline=""))
@@ -340,3 +339,28 @@ def write_results(path: str | os.PathLike, rows: Iterable[dict], provenance: dic
             except OSError:
                 pass
     return p
+
+
+def time_axis(rows: Sequence[dict]) -> str:
+    """The column to put on the time axis: epoch if every row has one and epochs tell checkpoints
+    apart (within a run and split), else step under the same rule, else the checkpoint index.
+    One rule for ``plot`` and ``report`` (and any reader that aligns rows over training time)."""
+    for col in ("epoch", "step"):
+        if not all(r[col] is not None for r in rows):
+            continue
+        seen: dict[tuple, Any] = {}
+        ok = True
+        for r in rows:
+            key = (r["run"], r["split"], r[col])
+            ck = r["checkpoint"]
+            if ck is None:
+                continue
+            if seen.setdefault(key, ck) != ck:
+                ok = False
+                break
+        if ok:
+            return col
+    if any(r["checkpoint"] is None for r in rows):
+        raise DataError("Some rows have no epoch, step or checkpoint; they cannot be placed on a time axis.",
+                        hint="Results written by `ibscope estimate` always carry a checkpoint index.")
+    return "checkpoint"

@@ -45,6 +45,7 @@ import logging
 import math
 import os
 import re
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -63,6 +64,8 @@ FORMAT = "ibscope-activations"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.h5"
 SHARD_DIR = "checkpoints"
+#: bytes a shard writer appends before it asks the OS to write them to disk (see ShardWriter.append)
+SYNC_BYTES = 8 * 1024 * 1024
 
 
 def _h5py():
@@ -213,6 +216,8 @@ class Store:
     """
 
     def __init__(self, path: str | os.PathLike, *, skip_bad_shards: bool = False, warn: bool = True):
+        self._held = None  # (path, open h5py.File) of the shard read last; see _shard
+        self._held_lock = threading.RLock()
         self.dir = resolve_store_dir(path)
         self.skip_bad_shards = bool(skip_bad_shards)
         self._warn = warn
@@ -538,6 +543,51 @@ class Store:
         except BadShard as exc:
             raise DataError(f"{exc.message}.", hint=_SHARD_HINT) from None
 
+    # One shard is kept open between reads: reading every layer of a checkpoint (as
+    # ``ibscope estimate`` does, layer after layer) opens its shard once, not once per layer.
+    # It is closed when another shard is read, on a failed read, by close() and on leaving a
+    # ``with store:`` block. Shards are never modified once under their final name.
+    @contextmanager
+    def _shard(self, c: CheckpointInfo):
+        with self._held_lock:
+            held = self._held
+            if held is not None and held[0] == c.shard:
+                f = held[1]
+            else:
+                self.close()
+                f = self._open_shard(c)
+                self._held = (c.shard, f)
+            try:
+                yield f
+            except BaseException:
+                self.close()  # a read failed: the next one opens the shard afresh
+                raise
+
+    def close(self) -> None:
+        """Close the shard kept open between reads (if any). The store stays usable."""
+        held, self._held = self._held, None
+        if held is not None:
+            try:
+                held[1].close()
+            except Exception:  # noqa: BLE001 - closing a file that is already unusable
+                pass
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_held"] = None  # open files and locks do not travel
+        state.pop("_held_lock", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._held_lock = threading.RLock()
+
     def activations(self, ckpt: CheckpointInfo | int, layer: str) -> np.ndarray:
         """The (n_samples, n_features) activations of ``layer`` at ``ckpt``. A shard found damaged
         on reading raises :class:`~ibscope.errors.ShardError` (exit code 4) naming it."""
@@ -547,7 +597,7 @@ class Store:
     def _activations(self, ckpt: CheckpointInfo | int, layer: str) -> np.ndarray:
         c = self._ckpt(ckpt)
         dims = self.layer_meta(layer).get("dims")
-        with self._open_shard(c) as f:
+        with self._shard(c) as f:
             key = f"acts/{layer}"
             label = f"Shard '{c.shard}', dataset '{key}'"
             if key not in f:
@@ -567,7 +617,7 @@ class Store:
 
     def _jacobian(self, ckpt: CheckpointInfo | int, layer: str) -> tuple[np.ndarray, np.ndarray] | None:
         c = self._ckpt(ckpt)
-        with self._open_shard(c) as f:
+        with self._shard(c) as f:
             key = f"jacobian/{layer}"
             if key not in f:
                 return None
@@ -589,6 +639,29 @@ class Store:
         parts = [self.config_hash.encode(), self.probe_hash.encode()]
         parts += [c.sha256.encode() for c in self.checkpoints]
         return sha256_bytes(*parts)
+
+    def summary(self) -> dict:
+        """What the store holds, as plain JSON-able data (``ibscope info``): format, probe set,
+        labels, inputs, capture config, layers with their metadata, complete checkpoints (epoch,
+        step and where they came from, metrics, stored dtypes, Jacobian layers) and the shards
+        skipped as bad. Reads attributes only, no activations."""
+        ckpts = [{"index": c.index, "epoch": c.epoch, "step": c.step, "epoch_exact": c.epoch_exact, "label": c.label,
+                  "path": c.path, "sha256": c.sha256[:12], "order_from": c.epoch_source or c.step_source,
+                  "epoch_source": c.epoch_source, "step_source": c.step_source, "metrics": c.metrics,
+                  "dtypes": sorted(set(c.dtypes.values())), "jacobian_layers": len(c.jacobian_layers)}
+                 for c in self.checkpoints]
+        labels = None
+        if self.labels is not None:
+            classes = len(set(self.labels.reshape(len(self.labels), -1)[:, 0].tolist()))
+            labels = {"dtype": str(self.labels.dtype), "classes": int(classes)}
+        return {
+            "store": str(self.dir), "format_version": self.format_version,
+            "ibscope_version": self.attrs.get("ibscope_version"), "created": self.attrs.get("created"),
+            "n_samples": self.n_samples, "labels": labels,
+            "inputs": [int(s) for s in self.input_shape] if self.has_inputs else None, "config": self.config,
+            "layers": {n: self.layer_meta(n) for n in self.layers}, "checkpoints": ckpts,
+            "skipped": [{"file": b["file"], "reason": b["reason"]} for b in self.skipped],
+        }
 
 
 _MANIFEST_HINT = ("The store's manifest is damaged or was not written by ibscope; re-capture the store "
@@ -888,6 +961,7 @@ class ShardWriter:
         self._nonfinite: dict[str, int] = {}
         self._ds: dict = {}  # open dataset handles (h5py lookups are slow per batch)
         self._width: dict[str, int] = {}
+        self._unsynced = 0  # bytes appended since the last sync_data()
         self._w: AtomicH5 | None = None
         self.f = None
 
@@ -942,13 +1016,22 @@ class ShardWriter:
                 self._absmax[layer] = max(self._absmax[layer], float(np.abs(np.where(fin, batch, 0)).max()))
         ds[r0:r0 + batch.shape[0]] = batch.astype(dtype, copy=False)
         self._rows[layer] = r0 + batch.shape[0]
+        self._unsynced += batch.shape[0] * batch.shape[1] * np.dtype(dtype).itemsize
+        if self._unsynced >= SYNC_BYTES:  # flush to disk as we go: the fsync at the end is short
+            self._unsynced = 0
+            self._w.raw.sync_data()
         self._w.check()
 
     def _create(self, layer: str, d: int, dtype: str):
         n = self.store.n_samples
+        # no chunk cache (1 byte: every chunk is larger): rows are written in whole chunks, so each
+        # write goes (compressed) to the file at once, in the capture's writer thread, instead of
+        # waiting in the cache until the shard is closed. fletcher32: a checksum per chunk, so that
+        # a chunk damaged on disk is an error when read, with or without compression
         ds = self.f["acts"].create_dataset(layer, shape=(n, d), dtype=dtype, chunks=(self.chunk_rows(d, dtype), d),
                                            compression=self.store.compression,
-                                           shuffle=self.store.compression is not None)
+                                           shuffle=self.store.compression is not None, fletcher32=True,
+                                           rdcc_nbytes=1)
         self._w.check()
         return ds
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ibscope.errors import DataError, UsageError
+from ibscope.units import conversion_factor
 
 #: an estimate within this fraction of its cap is "saturated": the estimator cannot show more
 SATURATION_TOLERANCE = 0.01
@@ -78,7 +79,11 @@ def within_null(row: dict, k: float = 2.0) -> bool | None:
     criterion: with N permutations p cannot go below 1/(N + 1), which is 0.09 for N = 10."""
     if not has_null(row) or row.get("value") is None:
         return None
-    return bool(row["value"] <= row["null_mean"] + k * row["null_std"])
+    # the same tie tolerance as the p-value (a value equal to its null up to rounding is inside)
+    from ibscope.estimators.nulls import TIE_TOLERANCE
+
+    tol = TIE_TOLERANCE * max(1.0, abs(row["null_mean"]))
+    return bool(row["value"] <= row["null_mean"] + k * row["null_std"] + tol)
 
 
 def params_key(params: Any) -> str:
@@ -162,9 +167,7 @@ def validation_tasks(vrows: Iterable[dict], unit: str = "nats") -> dict[tuple, l
         b, e = r.get("bias"), r.get("mean_estimate")
         if b is None or e is None or not (math.isfinite(b) and math.isfinite(e)):
             continue
-        f = 1.0
-        if r.get("unit", "nats") != unit:
-            f = 1 / math.log(2) if unit == "bits" else math.log(2)
+        f = conversion_factor(r.get("unit", "nats"), unit)
         out.setdefault(validation_key(r), []).append((e * f, b * f, (r.get("sd") or 0.0) * f))
     return out
 

@@ -58,6 +58,7 @@ import numpy as np
 from ibscope._version import __version__
 from ibscope.errors import DataError, IbscopeError, PluginError, UsageError, unknown_name
 from ibscope.results import INFO_UNITS, Results, read_results
+from ibscope.units import conversion_factor
 from ibscope.trust import (
     SATURATION_TOLERANCE, VALIDATION_COLUMNS, VALIDATION_CSV, VALIDATION_JSON, VALIDATION_PNG, is_saturated,
     params_key, write_csv_atomic,
@@ -170,9 +171,25 @@ def plan_keys(res: Results, *, estimators: Sequence[str] | None = None,
     rows = [r for r in res.rows if r["estimator"] != "metrics"]
     if estimators:
         have = {r["estimator"] for r in rows}
+        checkable = sorted({r["estimator"] for r in rows if r["quantity"] in PAIR and r["unit"] in INFO_UNITS})
         for e in estimators:
             if e not in have:
-                raise unknown_name("estimator", e, have)
+                from ibscope.errors import did_you_mean
+
+                known = e in registry.available()
+                raise UsageError(
+                    f"Estimator '{e}' is not in this results table"
+                    + (" (it is a registered estimator, but the table has no rows of it)." if known else ".")
+                    + did_you_mean(e, checkable),
+                    hint="validate re-runs the information estimators of the table: "
+                         + (", ".join(checkable) if checkable else "(none in this table)")
+                         + ". Estimate with it first (`ibscope estimate STORE -e NAME -o RESULTS`).")
+            if e not in checkable:
+                raise UsageError(
+                    f"Estimator '{e}' measures no information (I(X;T) or I(T;Y)) in this table; validate checks "
+                    "information estimates against tasks with a known mutual information.",
+                    hint="Estimators validate can check in this table: "
+                         + (", ".join(checkable) if checkable else "(none)") + ".")
         rows = [r for r in rows if r["estimator"] in estimators]
     if quantities:
         for q in quantities:
@@ -195,7 +212,7 @@ def plan_keys(res: Results, *, estimators: Sequence[str] | None = None,
     hy: dict[tuple, float] = {}
     for r in valued:
         if r["quantity"] == "I(T;Y)" and r["estimator"] in HY_CAP_ESTIMATORS and r["cap"] is not None:
-            f = math.log(2) if r["unit"] == "bits" else 1.0
+            f = conversion_factor(r["unit"], "nats")
             hy.setdefault((r["run"], r["split"]), r["cap"] * f)
     stores = _store_paths(res.provenance or {})
     groups: dict[tuple, list[dict]] = {}
@@ -214,7 +231,7 @@ def plan_keys(res: Results, *, estimators: Sequence[str] | None = None,
         except IbscopeError as exc:
             notes.append(f"{est}: not validated ({exc.message})")
             continue
-        f = [math.log(2) if r["unit"] == "bits" else 1.0 for r in grp]
+        f = [conversion_factor(r["unit"], "nats") for r in grp]
         vals = [r["value"] * fi for r, fi in zip(grp, f)]
         caps = [r["cap"] * fi for r, fi in zip(grp, f) if r["cap"] is not None]
         key = Key(est, json.loads(pk), q, n, _dims(dtext), dtext, vals, caps,
@@ -958,7 +975,7 @@ def validate_results(results: str | os.PathLike | Results, out_dir: str | os.Pat
 
 def summary_lines(run: ValidationRun, unit: str = "bits") -> list[str]:
     """One line per (estimator setting, quantity): the largest |bias| and where; then the notes."""
-    f = 1 / math.log(2) if unit == "bits" else 1.0
+    f = conversion_factor("nats", unit)
     worst: dict[tuple, dict] = {}
     for r in run.rows:
         if r.get("bias") is None:

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from capture_support import load_models, mlp_data, save_probe, train_checkpoints, write_models
 from ibscope.cli.main import app
+from ibscope.errors import UsageError
 from ibscope.store import open_store
 
 
@@ -66,6 +67,33 @@ def test_cli_capture_info_and_layers(run_dir):
     st2 = open_store(d / "acts2")
     assert st2.layer_meta("fc1")["reduction"] == "rp:4" and st2.activations(0, "fc1").shape == (10, 4)
     assert len(st2.sample_ids) == 10 and not np.array_equal(st2.sample_ids, np.arange(10))
+
+
+def test_library_inspect_layers_and_store_summary_are_what_the_cli_prints(run_dir):
+    """The CLI only prints: `layers --json` is ibscope.capture.inspect.inspect_layers and `info
+    --json` is Store.summary()."""
+    from ibscope.capture.inspect import inspect_layers
+    from ibscope.store import Store
+
+    d = run_dir
+    assert invoke(*base(d)).exit_code == 0
+    got = inspect_layers(f"{write_models(d)}:MLP", str(d / "probe.npz"), checkpoint=d / "ck" / "epoch_002.pt",
+                         layers=["act"], batch_size=3)
+    assert got["batch"] == 3 and [m["name"] for m in got["modules"]] == ["fc1", "act", "fc2", "(model)"]
+    assert got["modules"][0]["output"] == "Tensor[3, 10] float32" and got["modules"][0]["params"] == 12 * 10 + 10
+    # a container counts its children's parameters (the whole model here: fc1 + fc2)
+    by = {m["name"]: m["params"] for m in got["modules"]}
+    assert by["(model)"] == by["fc1"] + by["fc2"] > 0 and by["act"] == 0
+    assert got["selected"]["act"]["dims"] == 10 and got["selected"]["act"]["reduction"] == "none"
+    res = invoke("layers", "-m", f"{write_models(d)}:MLP", "-p", d / "probe.npz", "--checkpoint",
+                 d / "ck" / "epoch_002.pt", "-l", "act", "-b", "3", "--json")
+    assert json.loads(res.output) == {k: got[k] for k in ("inputs", "modules", "selected")}
+    summary = Store(d / "acts").summary()
+    assert summary["n_samples"] == 32 and summary["labels"] == {"dtype": "int64", "classes": 2}
+    assert [c["epoch"] for c in summary["checkpoints"]] == [0, 2] and summary["skipped"] == []
+    assert json.loads(invoke("info", d / "acts", "--json").output) == json.loads(json.dumps(summary, default=str))
+    with pytest.raises(UsageError, match="--batch-size must be >= 1. Got 0"):
+        inspect_layers(f"{write_models(d)}:MLP", str(d / "probe.npz"), batch_size=0)
 
 
 def test_cli_layers_shows_reuse(tmp_path):
@@ -167,3 +195,13 @@ def test_cli_data_errors_exit_4(run_dir):
     (d / "corrupt" / "manifest.h5").write_bytes(b"\x89HDF\r\n\x1a\n truncated")
     _expect(invoke("info", d / "corrupt"), 4, "manifest.h5' is truncated, corrupt or not HDF5")
     _expect(invoke("info", d / "missing"), 4, "Activation store not found")
+
+
+def test_unsafe_alias_is_named_not_an_unknown_layer():
+    from ibscope.capture.selectors import parse_spec
+    from ibscope.errors import UsageError
+
+    assert parse_spec("fc1=fc1_out").alias == "fc1_out" and parse_spec("re:a=b").alias == "b"
+    for raw in ("fc1=../../evil", "fc1=", "fc1=a/b"):
+        with pytest.raises(UsageError, match="is not a valid layer name"):
+            parse_spec(raw)

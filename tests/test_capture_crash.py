@@ -11,6 +11,7 @@ import time
 
 import h5py
 import numpy as np
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -22,6 +23,7 @@ from ibscope.store import open_store
 N_CKPT = 6
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_matches_fresh_capture(tmp_path):
     mods = load_models(tmp_path)
     x, y = mlp_data(n=64)
@@ -69,6 +71,7 @@ def test_kill_9_then_resume_matches_fresh_capture(tmp_path):
             np.testing.assert_array_equal(resumed.activations(a, layer), fresh.activations(b, layer))
 
 
+@pytest.mark.slow
 def test_ctrl_c_exits_130_and_keeps_complete_checkpoints(tmp_path):
     mods = load_models(tmp_path)
     x, y = mlp_data(n=64)

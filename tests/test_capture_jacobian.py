@@ -186,6 +186,7 @@ MEMORY_SCRIPT = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_peak_memory_stays_within_the_budget(tmp_path, resnet_mod):
     """Peak resident anonymous memory above the warmed-up process (sampled every 2 ms), in a fresh

@@ -391,6 +391,12 @@ def test_probe_arrays_must_fit_forward_and_masks_are_checked(tmp_path, mods):
     np.savez(tmp_path / "short.npz", input_ids=p["input_ids"], attention_mask=p["attention_mask"][:, :5])
     with pytest.raises(DataError, match="differ in length"):
         load_probe(str(tmp_path / "short.npz"))
+    # a left-padded mask cut short has all-0 rows: the length is named first, not "no real token"
+    left = np.zeros_like(p["attention_mask"])
+    left[:, -3:] = 1
+    np.savez(tmp_path / "left_short.npz", input_ids=p["input_ids"], attention_mask=left[:, :5])
+    with pytest.raises(DataError, match="differ in length"):
+        load_probe(str(tmp_path / "left_short.npz"))
     np.savez(tmp_path / "rows.npz", input_ids=p["input_ids"], attention_mask=p["attention_mask"][:5])
     with pytest.raises(DataError, match="different numbers of samples: 'input_ids' 8, 'attention_mask' 5"):
         load_probe(str(tmp_path / "rows.npz"))
@@ -477,6 +483,7 @@ def test_jacobians_refused_for_token_ids_before_any_work(tmp_path, mods):
     assert not (tmp_path / "a").exists()
 
 
+@pytest.mark.slow
 def test_hugging_face_bert_with_padding(tmp_path):
     transformers = pytest.importorskip("transformers")
     cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,

@@ -20,7 +20,7 @@ from ibscope.demo.models import ib_net
 from ibscope.demo.tasks import label_entropy, train_test_split, twelve_bit_task
 from ibscope.demo.train import train_classifier
 from ibscope.estimators import registry
-from ibscope.pipeline import _train_config, load_config
+from ibscope.pipeline import load_config
 
 LN2 = math.log(2)
 
@@ -30,8 +30,8 @@ def _curves(activation, tmp_path):
     x, y = twelve_bit_task()
     tr, te = train_test_split()
     paths = train_classifier(lambda: ib_net(activation), x[tr], y[tr], x[te], y[te], tmp_path / activation,
-                             _train_config(cfg))
-    est = registry.create("binning", **cfg["estimate"]["params"]["binning"])
+                             cfg.train_config())
+    est = registry.create("binning", **cfg.estimate.params["binning"])
     ids = torch.arange(len(x))
     labels = torch.as_tensor(y)
     net = ib_net(activation)
@@ -60,6 +60,7 @@ def curves(tmp_path_factory):
     return {a: _curves(a, d) for a in ("tanh", "relu")}
 
 
+@pytest.mark.slow
 def test_tanh_deep_layers_fit_then_compress(curves):
     epochs, ixt, _, _, _ = curves["tanh"]
     assert list(epochs) == [0, 1, 2, 6, 13, 31, 72, 170, 400]
@@ -74,6 +75,7 @@ def test_tanh_deep_layers_fit_then_compress(curves):
     assert hidden4[-1] < hidden4.max() - 0.3  # the layer before also compresses (less)
 
 
+@pytest.mark.slow
 def test_relu_does_not_compress_comparably(curves):
     _, tanh, _, _, _ = curves["tanh"]
     _, relu, _, _, _ = curves["relu"]
@@ -86,6 +88,7 @@ def test_relu_does_not_compress_comparably(curves):
         assert relu[:, layer].max() - relu[-1, layer] < 0.5
 
 
+@pytest.mark.slow
 def test_every_estimate_respects_the_caps(curves):
     for activation in ("tanh", "relu"):
         _, ixt, ity, caps, y = curves[activation]

@@ -39,6 +39,7 @@ def run_dir(tmp_path_factory):
     return d
 
 
+@pytest.mark.slow
 def test_estimate_end_to_end(run_dir, tmp_path):
     d = run_dir
     out = tmp_path / "r.csv"
@@ -98,6 +99,7 @@ def test_estimate_end_to_end(run_dir, tmp_path):
     assert len(read_results(out).filter(estimator="binning", layer="3")) == 3 * 2 * 2
 
 
+@pytest.mark.slow
 def test_presets_and_pipeline_config(run_dir, tmp_path):
     d = run_dir
     for preset, names in [("saxe-kde", {"kde-upper", "kde-lower", "binning"}),

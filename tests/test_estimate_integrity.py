@@ -69,6 +69,7 @@ def expected_keys(rows, store):
 
 
 # ------------------------------------------------------------------------------------------ stale rows
+@pytest.mark.slow
 def test_refresh_after_overwrite_and_new_probe_equals_a_fresh_estimate(tmp_path):
     d = tiny_tanh_run(tmp_path, 96, "tiny_stale_model")
     acts = capture(f"{d / 'tiny.py'}:make", str(d / "ck" / "*.pt"), d / "probe.npz", ["type:Tanh"], d / "acts",
@@ -206,6 +207,7 @@ def dead_store(tmp_path_factory):
     return capture(f"{d / 'relu.py'}:make", str(d / "ck" / "*.pt"), d / "p.npz", ["1"], d / "acts", progress=False)
 
 
+@pytest.mark.slow
 def test_dead_layer_cells_zero_or_noted_healthy_cells_written(dead_store, tmp_path):
     out = tmp_path / "r.csv"
     r = ib("estimate", dead_store, "-o", out, "-e", "ksg", "-e", "twonn", "-e", "binning", "-q")
@@ -249,6 +251,7 @@ def test_dead_layer_cells_zero_or_noted_healthy_cells_written(dead_store, tmp_pa
     assert r.returncode == 0 and len(read_results(tmp_path / "default.csv")) == 3 * 4, r.stderr
 
 
+@pytest.mark.slow
 def test_noted_cells_same_with_jobs_and_api_strict(dead_store, tmp_path):
     one = run_estimate(dead_store, tmp_path / "one.csv", ["ksg", "mle-id"], progress=False)
     two = run_estimate(dead_store, tmp_path / "two.csv", ["ksg", "mle-id"], jobs=2, progress=False)
@@ -292,6 +295,7 @@ def test_checkpoint_without_jacobians_is_one_noted_cell(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ locks
+@pytest.mark.slow
 def test_two_concurrent_estimates_lose_no_rows(two_runs, tmp_path):
     out = tmp_path / "conc.csv"
     acts = two_runs / "acts_a"
@@ -320,6 +324,7 @@ def test_two_concurrent_estimates_lose_no_rows(two_runs, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ misuse
+@pytest.mark.slow
 def test_misuse_is_usage_or_data_error(two_runs, tmp_path):
     acts = two_runs / "acts_a"
     good = tmp_path / "results.csv"
@@ -347,6 +352,7 @@ def test_misuse_is_usage_or_data_error(two_runs, tmp_path):
     assert not (tmp_path / "pf").exists()
 
 
+@pytest.mark.slow
 def test_outputs_under_a_file_are_usage_errors(two_runs, tmp_path):
     """-o below an existing file (or a file where a folder is needed): exit 2 naming both, before
     any work, and nothing written; for estimate, plot, report and capture alike."""
@@ -528,3 +534,67 @@ def test_plugin_estimator_notes_units_and_crashes(two_runs, tmp_path, monkeypatc
     with pytest.raises(PluginError, match="plug-in estimator 'test-flaky' failed on flakiness: RuntimeError: boom") as ei:
         run_estimate(acts, tmp_path / "crash.csv", ["test-flaky"], {"test-flaky": {"mode": "crash"}}, progress=False)
     assert ei.value.exit_code == 5 and not (tmp_path / "crash.csv").exists()
+
+
+# ------------------------------------------------------------------------------------------ kept rows, other stores
+def test_kept_rows_take_the_store_current_checkpoint_index(tmp_path):
+    """A checkpoint captured in between (capture --resume) shifts the indices of later ones: kept
+    rows must take the store's current index, so the table equals a fresh estimate."""
+    d = tiny_tanh_run(tmp_path, 64, "tiny_index_model")
+    mk = f"{d / 'tiny.py'}:make"
+    acts = capture(mk, [str(d / "ck" / "e0.pt"), str(d / "ck" / "e2.pt")], d / "probe.npz", ["type:Tanh"],
+                   d / "acts", progress=False)
+    run_estimate(acts, d / "r.csv", ["binning"], progress=False, null_permutations=0)
+    capture(mk, str(d / "ck" / "*.pt"), d / "probe.npz", ["type:Tanh"], d / "acts", progress=False, resume=True)
+    again = run_estimate(acts, d / "r.csv", ["binning"], progress=False, null_permutations=0)
+    fresh = run_estimate(acts, d / "fresh.csv", ["binning"], progress=False, null_permutations=0)
+
+    def ident(rows):
+        return sorted((r["checkpoint"], r["epoch"], r["layer"], r["layer_index"], r["quantity"], r["value"])
+                      for r in rows)
+
+    assert ident(again.rows) == ident(fresh.rows)
+    assert sorted({(r["checkpoint"], r["epoch"]) for r in again.rows}) == [(0, 0), (1, 1), (2, 2)]
+
+
+def test_another_store_with_the_same_run_and_split_is_named(tmp_path):
+    d = tiny_tanh_run(tmp_path, 64, "tiny_other_store_model")
+    mk = f"{d / 'tiny.py'}:make"
+    a = capture(mk, str(d / "ck" / "*.pt"), d / "probe.npz", ["type:Tanh"], d / "a", progress=False, run="r")
+    b = capture(mk, str(d / "ck" / "e1.pt"), d / "probe.npz", ["1"], d / "b", progress=False, run="r")
+    run_estimate(a, d / "mix.csv", ["binning"], progress=False, null_permutations=0)
+    with pytest.warns(RuntimeWarning, match=r"came from the store '.*a'; this run's store '.*b' has the same run "
+                                            r"and split, so its rows replace them"):
+        run_estimate(b, d / "mix.csv", ["binning"], progress=False, null_permutations=0)
+    # the same store again (or moved with its folder): no such warning
+    shutil.move(str(b), str(d / "b2"))
+    with warnings_recorded() as said:
+        run_estimate(d / "b2", d / "mix.csv", ["binning"], progress=False, null_permutations=0)
+    assert not [w for w in said if "came from the store" in str(w.message)]
+
+
+def test_unreadable_results_file_is_named_with_the_way_out(tmp_path):
+    d = tiny_tanh_run(tmp_path, 64, "tiny_unreadable_model")
+    acts = capture(f"{d / 'tiny.py'}:make", str(d / "ck" / "*.pt"), d / "probe.npz", ["type:Tanh"], d / "acts",
+                   progress=False)
+    run_estimate(acts, d / "r.csv", ["binning"], progress=False, null_permutations=0)
+    text = (d / "r.csv").read_text()
+    (d / "r.csv").write_text(text[: len(text) // 2])
+    r = ib("estimate", acts, "-o", d / "r.csv", "-e", "binning", "--force", "-q")
+    assert r.returncode == 4
+    msg = flat(r.stderr)
+    assert "cannot be read, so this run cannot merge into it" in msg and "Move it aside" in msg
+    assert (d / "r.csv").read_text() == text[: len(text) // 2]  # left as it was
+
+
+class warnings_recorded:
+    def __enter__(self):
+        import warnings
+
+        self._cm = warnings.catch_warnings(record=True)
+        got = self._cm.__enter__()
+        warnings.simplefilter("always")
+        return got
+
+    def __exit__(self, *exc):
+        return self._cm.__exit__(*exc)

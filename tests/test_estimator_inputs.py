@@ -127,6 +127,7 @@ def test_scale_invariant_estimators_rescale_extreme_inputs(name, params):
         assert _value(name, params, x * scale) == pytest.approx(ref, rel=1e-6, abs=1e-9), scale
 
 
+@pytest.mark.slow
 def test_fuzz_min_values_near_float64_max():
     """cases/store_and_runs/fuzz_min.py: renyi raised a torch linear-algebra error, twonn and mle-id gave NaN."""
     e = 2.0 ** -1023

@@ -81,7 +81,7 @@ def hf_runs(tmp_path_factory):
                                                     num_attention_heads=2, intermediate_size=32,
                                                     max_position_embeddings=16, num_labels=2))
     cb = TrainerCapture(str(root / "tokens.npz"), root / "live_bert", ["bert.encoder.layer.*", "classifier"],
-                        reduce={"bert.encoder.layer.*": "cls"}, every_n_steps=2, every_n_epochs=None)
+                        reduce={"bert.encoder.layer.*": "cls"}, every_n_steps=2)  # steps only (the default)
     train(bert, root / "bert", lm=False, callbacks=[cb])
     gpt = GPT2LMHeadModel(GPT2Config(vocab_size=60, n_embd=16, n_layer=2, n_head=2, n_positions=16,
                                      bos_token_id=0, eos_token_id=0))
@@ -89,6 +89,7 @@ def hf_runs(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_hf_trainer_folders_encoder(hf_runs):
     from transformers import BertForSequenceClassification
 
@@ -111,11 +112,14 @@ def test_hf_trainer_folders_encoder(hf_runs):
             out = ref(x, output_hidden_states=True)
         np.testing.assert_allclose(st.activations(i, "classifier"), out.logits.numpy(), **TOL)
         np.testing.assert_allclose(st.activations(i, "bert.encoder.layer.1"), out.hidden_states[2][:, 0].numpy(), **TOL)
-        # captured during training (TrainerCapture) == captured afterwards from the saved folder
+        # captured during training (TrainerCapture) == captured afterwards from the saved folder,
+        # metrics included: the loss logged at that step, not one logging period earlier
+        assert live.checkpoints[i].metrics["loss"] == st.checkpoints[i].metrics["loss"]
         for layer in st.layers:
             np.testing.assert_allclose(live.activations(i, layer), st.activations(i, layer), **TOL)
 
 
+@pytest.mark.slow
 def test_hf_decoder_tied_weights_sharded_and_bin(hf_runs, tmp_path):
     from transformers import GPT2LMHeadModel
 
@@ -209,6 +213,7 @@ def lit_run(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_lightning_checkpoints_numbers_metrics_and_values(lit_run):
     root = lit_run
     os.chdir(root)
@@ -250,7 +255,7 @@ def test_logged_loss_is_never_converted(tmp_path):
     run_cli("estimate", store, "-o", tmp_path / "r.csv", "-e", "effective-rank", "-q")
     run_cli("report", tmp_path / "r.csv", "-o", tmp_path / "r.html", "-q")
     html = (tmp_path / "r.html").read_text()
-    assert "<td class='l'>loss [loss]</td><td>0.595</td><td>0.280</td>" in html and "0.858" not in html
+    assert '<td class="l">loss [loss]</td><td>0.595</td><td>0.280</td>' in html and "0.858" not in html
     from ibscope.plot import figures
 
     (job,) = [j for j in figures(str(tmp_path / "r.csv"), kinds=["metrics"])]
@@ -261,6 +266,7 @@ def test_logged_loss_is_never_converted(tmp_path):
 
 
 # ----------------------------------------------------------------------------- plain PyTorch
+@pytest.mark.slow
 def test_snapshot_in_a_plain_loop_then_estimate_plot_check_ood(tmp_path, caplog):
     os.chdir(tmp_path)
     torch.manual_seed(0)

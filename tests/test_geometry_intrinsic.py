@@ -212,6 +212,7 @@ def test_errors():
         assert info["quantity"] == "intrinsic_dimension" and info["unit"] == "dimensions" and info["reference"]
 
 
+@pytest.mark.slow
 @settings(max_examples=15, deadline=None)
 @given(n=st.integers(25, 80), d=st.integers(2, 6), seed=st.integers(0, 2**31 - 1))
 def test_invariant_to_rotation_permutation_translation_scale(n, d, seed):

@@ -87,6 +87,7 @@ def test_rankme_epsilon_bias_is_opt_in():
     assert ibscope.measure(x, "effective-rank", eps=1e-7).value == pytest.approx(64.005, abs=5e-4)
 
 
+@pytest.mark.slow
 def test_published_reference_values_reptrix():
     # reptrix tests pin 613.4726 (RankMe, covariance eigenvalues, eps 1e-7) and alpha 0.148936
     # (ranks 11..100) for torch.manual_seed(0); torch.randn(1000, 1024). reptrix runs sklearn PCA
@@ -209,6 +210,7 @@ def test_renyi_order_chain_and_helper():
     assert h[3] == pytest.approx(-math.log(float((p * p).sum())))
 
 
+@pytest.mark.slow
 @settings(max_examples=20, deadline=None)
 @given(n=st.integers(6, 40), d=st.integers(2, 10), seed=st.integers(0, 2**31 - 1))
 def test_invariant_to_rotation_permutation_and_scale(n, d, seed):

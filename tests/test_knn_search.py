@@ -47,6 +47,7 @@ def test_ksg_counts_identical_across_searches(dims, algorithm, quantised):
     assert ref[0].dtype == torch.int64
 
 
+@pytest.mark.slow
 @needs_numba
 def test_numba_ksg_float32_matches_torch_float32():
     x, y = _data(600, 3, 4, seed=3)

@@ -89,8 +89,8 @@ def test_check_timeout():
 
 
 def test_io_error_names_path_and_errno():
-    e = io_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), "/x/y.h5")
-    assert str(e).startswith("No space left on device (ENOSPC) while writing '/x/y.h5'.")
+    e = io_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), "/x/checkpoints/y.h5")
+    assert str(e).startswith("No space left on device (ENOSPC) while writing '/x/checkpoints/y.h5'.")
     assert "--resume" in e.hint
     # h5py reports errno inside its message
     h5 = OSError("Can't write data (file write failed: time = x, filename = 'a.h5', errno = 28, "
@@ -98,3 +98,11 @@ def test_io_error_names_path_and_errno():
     assert str(io_error(h5, "a.h5")).startswith("No space left on device (ENOSPC) while writing 'a.h5'.")
     ro = io_error(OSError(errno.EROFS, "Read-only file system", "/ro/f"))
     assert "(EROFS)" in ro.message and "'/ro/f'" in ro.message and "read-only" in ro.hint
+
+
+def test_enospc_hint_names_capture_resume_only_for_a_store():
+    e = io_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), "/d/acts/checkpoints/ckpt_000003.h5.tmp")
+    assert "capture --resume" in e.hint
+    for other in ("/d/results.csv", "/d/ood/ood_scores.h5", "/d/fig.png"):
+        e = io_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), other)
+        assert "capture" not in e.hint and "Free some space" in e.hint

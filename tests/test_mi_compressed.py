@@ -37,6 +37,7 @@ def blob_images(z, size=16, width=0.12):
     return (gx[:, :, None] * gy[:, None, :]).reshape(len(z), -1)
 
 
+@pytest.mark.slow
 def test_images_of_latents_autoencoder_keeps_the_information():
     # I = 1 nat between 2-dim latents, each rendered as a 256-pixel image. Autoencoders to 2 dims
     # (the latents' dimension) recover most of it (measured 0.86-0.91 for 400-2000 training

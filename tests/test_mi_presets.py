@@ -196,6 +196,7 @@ def _ibscope(est, t, y):
 
 # --- the fidelity tests -----------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_shwartz_ziv_tishby_preset_reproduces_idnns(demo):
     _, y, acts = demo
     (est,) = _preset("shwartz-ziv-tishby-binning").values()
@@ -214,6 +215,7 @@ def test_shwartz_ziv_tishby_preset_reproduces_idnns(demo):
     assert abs(_ibscope(old, t, y)[0] - idnns_binning(t, y)[0]) > 0.05
 
 
+@pytest.mark.slow
 def test_saxe_kde_preset_reproduces_ibsgd(demo):
     _, y, acts = demo
     ests = _preset("saxe-kde")
@@ -229,6 +231,7 @@ def test_saxe_kde_preset_reproduces_ibsgd(demo):
             assert _ibscope(ests["binning"], t, y) == pytest.approx(ibsgd_binning(t, y), abs=TOL), (key, name)
 
 
+@pytest.mark.slow
 def test_chelombiev_preset_reproduces_released_procedure(demo):
     _, y, acts = demo
     ests = _preset("chelombiev-adaptive")
@@ -247,6 +250,7 @@ def test_chelombiev_preset_reproduces_released_procedure(demo):
                     assert got == pytest.approx(ref, rel=KDE_REL, abs=KDE_ABS), (key, name, bound)
 
 
+@pytest.mark.slow
 def test_ibscope_variants_differ_where_documented(demo):
     _, y, acts = demo
     ids = np.arange(len(y))

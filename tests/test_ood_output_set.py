@@ -84,6 +84,7 @@ def _report(s, ood, html):
     return _run([sys.executable, "-m", "ibscope.cli.main", "report", s["results"], "--ood", str(ood), "-o", str(html)])
 
 
+@pytest.mark.slow
 def test_killed_between_outputs_leaves_no_half_set_and_rerun_works(stores, tmp_path):
     s = stores
     out = tmp_path / "ood_out"
@@ -145,6 +146,7 @@ def test_mixed_or_changed_set_is_refused(stores, tmp_path):
         write_report(s["results"], tmp_path / "r.html", ood=out / JSON_NAME)
 
 
+@pytest.mark.slow
 def test_out_that_is_a_file_is_a_usage_error(stores, tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("x\n")

@@ -54,6 +54,7 @@ def _cli(args: list) -> "object":
     return runner.invoke(app, ["ood", *[str(a) for a in args]])
 
 
+@pytest.mark.slow
 def test_cli_grid_writes_metrics_scores_figures_and_report(gauss_stores, tmp_path):
     p = gauss_stores
     out = tmp_path / "out"
@@ -261,6 +262,7 @@ def _mlp():
     return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 5))
 
 
+@pytest.mark.slow
 def test_digits_model_held_out_classes_and_transformed_digits(tmp_path):
     import torch
     from sklearn.datasets import load_digits

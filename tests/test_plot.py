@@ -325,9 +325,9 @@ def test_cli_errors_have_messages_and_exit_codes(tmp_path, monkeypatch):
     r = _cli(["plot", str(good), "--unit", "bytes"])
     assert r.exit_code == 2 and "--unit must be one of nats, bits" in r.output
     r = _cli(["plot", str(good), "--format", "jpg"])
-    assert r.exit_code == 2 and "Unknown figure format 'jpg'" in r.output
+    assert r.exit_code == 2 and "--format must be one of png, svg, pdf. Got 'jpg'." in r.output
     r = _cli(["plot", str(good), "--runs", "mean"])
-    assert r.exit_code == 2 and "--runs must be 'median' or 'all'" in r.output
+    assert r.exit_code == 2 and "--runs must be one of median, all. Got 'mean'." in r.output
     r = _cli(["plot", str(good), "--logx", "maybe"])
     assert r.exit_code == 2 and "--logx must be auto, on or off" in r.output
     r = _cli(["plot", str(good), "--animate", "--fps", "0", "-o", str(tmp_path / "o4")])

@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from ibscope.cli.main import app
 from ibscope.errors import UsageError
-from ibscope.pipeline import (PACKAGED_CONFIGS, SCHEMA, Stage, StageRunner, deep_merge, describe_schema, load_config,
-                              parse_overrides)
+from ibscope.pipeline import (PACKAGED_CONFIGS, RunConfig, Stage, StageRunner, deep_merge, describe_schema,
+                              load_config, parse_overrides)
 
 ROOT = Path(__file__).resolve().parents[1]
 MINIMAL = {"model": {"factory": "ibscope.demo.models:ib_net"}, "data": {"task": "twelve-bit"}, "train": {"epochs": 5}}
@@ -31,21 +31,22 @@ def test_packaged_configs_validate_and_match_repo_copies(name):
     repo, pkg = ROOT / "configs" / f"{name}.yaml", PACKAGED_CONFIGS / f"{name}.yaml"
     assert repo.read_text() == pkg.read_text()  # ibscope/configs/ is the installed copy of configs/
     cfg, base, _ = load_config(repo)
-    assert base == repo.parent and cfg["name"] == {"demo-tanh": "tanh", "demo-relu": "relu"}.get(name, name)
+    assert base == repo.parent and cfg.name == {"demo-tanh": "tanh", "demo-relu": "relu"}.get(name, name)
     quick, _, _ = load_config(name, quick=True)  # by packaged name, with the quick overrides
-    assert quick["train"]["epochs"] < cfg["train"]["epochs"]
-    assert quick["estimate"] == cfg["estimate"]  # quick shortens training (and may subsample), same estimators
+    assert quick.train.epochs < cfg.train.epochs
+    assert quick.estimate == cfg.estimate  # quick shortens training (and may subsample), same estimators
 
 
 def test_defaults_and_normalisation(tmp_path):
     cfg, _, _ = load_config(write(tmp_path, {**MINIMAL, "capture": {"layers": "hidden1"}, "train": {"lr": "1e-2"}}))
-    assert cfg["name"] == "cfg" and cfg["seed"] == 0 and cfg["device"] == "auto"
-    assert cfg["capture"]["layers"] == ["hidden1"]  # one string becomes a list
-    assert cfg["train"]["lr"] == 0.01 and cfg["train"]["epochs"] == 3000  # YAML's "1e-2" string read as a number
-    assert cfg["ood"] is None and cfg["check"] is None
-    assert cfg["plot"]["unit"] == "bits" and cfg["report"]["enabled"] is True
+    assert cfg.name == "cfg" and cfg.seed == 0 and cfg.device == "auto"
+    assert cfg.capture.layers == ["hidden1"]  # one string becomes a list
+    assert cfg.train.lr == 0.01 and cfg.train.epochs == 3000  # YAML's "1e-2" string read as a number
+    assert cfg.ood is None and cfg.check is None
+    assert cfg.plot.unit == "bits" and cfg.report.enabled is True
+    assert cfg.estimate.estimators == ["binning", "ksg"]  # the documented default of `ibscope estimate` too
     text = describe_schema()
-    for key in SCHEMA:
+    for key in RunConfig.model_fields:
         assert f"{key}:" in text
 
 
@@ -59,7 +60,7 @@ def test_defaults_and_normalisation(tmp_path):
     ({"data": {"task": "twelve-bit"}, "train": {}}, "missing required key 'model.factory'"),
     ({**MINIMAL, "checkpoints": "ck/*.pt"}, "'train:' and 'checkpoints:' exclude each other."),
     ({"model": {"factory": "m:f"}, "data": {"task": "twelve-bit"}}, "give either a 'train:' recipe or 'checkpoints:'"),
-    ({**MINIMAL, "train": {"lr": -1.0}}, "train.lr must be > 0. Got -1.0."),
+    ({**MINIMAL, "train": {"lr": -1.0}}, "'train.lr' must be > 0. Got -1.0."),
     ({**MINIMAL, "data": {"task": "twelve-bit", "options": {"train_frac": 0.5}}},
      "unknown key 'data.options.train_frac'. Did you mean 'train_fraction'?"),
     ({**MINIMAL, "estimate": {"estimators": ["binning"], "params": {"kde": {"noise_variance": 0.1}}}},
@@ -67,7 +68,7 @@ def test_defaults_and_normalisation(tmp_path):
     ({**MINIMAL, "estimate": {"estimators": ["kde-upper"], "probes_for": {"kde-uper": "all"}}},
      "'estimate.probes_for' names 'kde-uper', which is not a registered estimator. Did you mean"),
     ({**MINIMAL, "data": {"task": "twelve-bit", "subsets": {"s": {"probe": "all", "n": 0}}}},
-     "'data.subsets.s.n' must be an integer >= 1. Got 0."),
+     "'data.subsets.s.n' must be >= 1. Got 0."),
     ({**MINIMAL, "data": {"task": "twelve-bit", "subsets": {"s": {"probe": "all", "n": 5, "sede": 1}}}},
      "unknown key 'data.subsets.s.sede'. Did you mean 'seed'?"),
     ({**MINIMAL, "quick": {"train": {"epohcs": 3}}}, "unknown config key 'quick.train.epohcs'. Did you mean 'epochs'?"),
@@ -123,7 +124,11 @@ def test_cli_missing_config_and_bad_stage(tmp_path):
     assert res.exit_code == 2 and "--device expects auto, cpu or cuda:N. Got 'gpu'" in res.output
     assert not (tmp_path / "o" / "checkpoints").exists()  # rejected before training
     res = CliRunner().invoke(app, ["run", "--show-schema"])
-    assert res.exit_code == 0 and "jacobian_samples: int" in res.output
+    assert res.exit_code == 0
+    schema = json.loads(res.output)  # RunConfig.model_json_schema()
+    capture = schema["$defs"]["CaptureSection"]["properties"]
+    assert capture["jacobian_samples"]["type"] == "integer" and capture["jacobian_samples"]["minimum"] == 0
+    assert schema["additionalProperties"] is False and "model" in schema["required"]
     res = CliRunner().invoke(app, ["run"])
     assert res.exit_code == 2 and "Missing the run config" in res.output
 
@@ -132,7 +137,7 @@ def test_packaged_name_wins_over_a_folder_of_that_name(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "digits").mkdir()  # e.g. the output folder of an earlier run
     cfg, base, source = load_config("digits")
-    assert cfg["name"] == "digits" and Path(source) == PACKAGED_CONFIGS / "digits.yaml"
+    assert cfg.name == "digits" and Path(source) == PACKAGED_CONFIGS / "digits.yaml"
     (tmp_path / "runs.d").mkdir()
     with pytest.raises(UsageError, match="is a folder; `ibscope run` expects a YAML file"):
         load_config(tmp_path / "runs.d")
@@ -140,11 +145,11 @@ def test_packaged_name_wins_over_a_folder_of_that_name(tmp_path, monkeypatch):
 
 def test_issue11_keys_defaults_values_and_cli(tmp_path):
     cfg, _, _ = load_config(MINIMAL)
-    assert cfg["estimate"]["strict"] is False and cfg["skip_bad_shards"] is False and cfg["capture"]["safe_globals"] == []
+    assert cfg.estimate.strict is False and cfg.skip_bad_shards is False and cfg.capture.safe_globals == []
     cfg, _, _ = load_config({**MINIMAL, "skip_bad_shards": True, "estimate": {"strict": True},
                              "capture": {"safe_globals": "numpy.core.multiarray.scalar"}})
-    assert cfg["estimate"]["strict"] is True and cfg["skip_bad_shards"] is True
-    assert cfg["capture"]["safe_globals"] == ["numpy.core.multiarray.scalar"]  # one string becomes a list
+    assert cfg.estimate.strict is True and cfg.skip_bad_shards is True
+    assert cfg.capture.safe_globals == ["numpy.core.multiarray.scalar"]  # one string becomes a list
     text = describe_schema()
     assert "skip_bad_shards: bool (default False)" in text and "strict: bool (default False)" in text
     assert "safe_globals: strlist" in text
@@ -153,7 +158,7 @@ def test_issue11_keys_defaults_values_and_cli(tmp_path):
     assert res.exit_code == 2 and "--safe-globals expects 'module.Class' names" in " ".join(res.output.split())
     res = CliRunner().invoke(app, ["run", str(p), "-o", str(tmp_path / "o"), "--lock-timeout", "nan", "-q"])
     assert res.exit_code == 2 and "--lock-timeout must be a number of seconds. Got NaN." in res.output
-    assert not (tmp_path / "o").exists() and not (tmp_path / "o.lock").exists()  # nothing written on a usage error
+    assert not (tmp_path / "o").exists() and not (tmp_path / ".o.lock").exists()  # nothing written on a usage error
     res = CliRunner().invoke(app, ["run", "--help"], env={"COLUMNS": "200"})
     for flag in ("--strict", "--skip-bad-shards", "--safe-globals", "--lock-timeout"):
         assert flag in res.output
@@ -161,7 +166,7 @@ def test_issue11_keys_defaults_values_and_cli(tmp_path):
 
 def test_default_run_name_from_an_unsafe_file_name_is_made_safe(tmp_path):
     cfg, _, _ = load_config(write(tmp_path, MINIMAL, name="my run (v2).yaml"))
-    assert cfg["name"] == "my_run_v2"
+    assert cfg.name == "my_run_v2"
 
 
 def test_overrides_and_merge():
@@ -169,7 +174,7 @@ def test_overrides_and_merge():
     assert o == {"train": {"epochs": 500}, "plot": {"unit": "nats"}, "capture": {"layers": ["hidden1", "output"]}, "name": "x"}
     assert deep_merge({"a": {"b": 1, "c": 2}, "d": [1]}, {"a": {"b": 3}, "d": [2]}) == {"a": {"b": 3, "c": 2}, "d": [2]}
     cfg, _, _ = load_config(MINIMAL, overrides=o)
-    assert cfg["train"]["epochs"] == 500 and cfg["capture"]["layers"] == ["hidden1", "output"]
+    assert cfg.train.epochs == 500 and cfg.capture.layers == ["hidden1", "output"]
 
 
 # ---------------------------------------------------------------------------- stage skipping

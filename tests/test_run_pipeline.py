@@ -38,6 +38,7 @@ def tiny(tmp_path_factory):
     return d, p, res.output
 
 
+@pytest.mark.slow
 def test_first_run_writes_every_stage(tiny):
     d, _, output = tiny
     out = d / "out"
@@ -85,6 +86,7 @@ def run_summary(out):
     return {p.stem: json.loads(p.read_text())["finished"] for p in (out / ".ibscope" / "stages").glob("*.json")}
 
 
+@pytest.mark.slow
 def test_reruns_only_what_changed(tiny):
     d, p, _ = tiny
     before = run_summary(d / "out")
@@ -109,6 +111,7 @@ def test_reruns_only_what_changed(tiny):
     assert before["train"] == run_summary(d / "out")["train"]  # training never re-ran
 
 
+@pytest.mark.slow
 def test_existing_checkpoints_user_model_file_and_probe(tiny, tmp_path):
     d, _, _ = tiny
     (tmp_path / "mynet.py").write_text("from ibscope.demo.models import ib_net\n\ndef build():\n    return ib_net('tanh')\n")
@@ -143,6 +146,7 @@ def test_bad_training_data_is_a_data_error(tmp_path):
     assert r.exit_code == 4 and "y must hold integer class labels" in r.output
 
 
+@pytest.mark.slow
 def test_digits_example_with_ood(tmp_path):
     res = run_pipeline("digits", out=tmp_path / "digits", progress=False, quiet=True, overrides={
         "train": {"epochs": 8, "checkpoints": 2},
@@ -161,6 +165,7 @@ def test_digits_example_with_ood(tmp_path):
     assert "heldout" in (tmp_path / "digits" / "report.html").read_text()
 
 
+@pytest.mark.slow
 def test_demo_runs_both_networks_and_compares_them(tmp_path):
     from ibscope.pipeline import run_demo
 

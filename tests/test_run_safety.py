@@ -114,6 +114,7 @@ def tree(root: Path) -> set[str]:
 
 
 # ---------------------------------------------------------------------------- sound stamps
+@pytest.mark.slow
 def test_factory_file_edit_reruns_capture_and_everything_after(toy):
     r = ibscope("run", "sane.yaml", "-o", "so", cwd=toy)
     assert r.returncode == 0, r.stderr
@@ -136,6 +137,7 @@ def test_factory_file_edit_reruns_capture_and_everything_after(toy):
     assert open_store(toy / "so" / "stores" / "p").activations(0, "act").min() == 0.0  # captured with ReLU
 
 
+@pytest.mark.slow
 def test_truncated_results_rerun_estimate_and_plot_then_succeeds(toy):
     r = ibscope("run", "sane.yaml", "-o", "so", cwd=toy)
     assert r.returncode == 0, r.stderr
@@ -265,6 +267,7 @@ SLOW_NET = TOY_NET + textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_second_run_on_one_folder_is_refused_naming_the_lock(toy):
     (toy / "slow.py").write_text(SLOW_NET)
     cfg = {**SANE, "model": {"factory": "slow.py:SlowNet"}, "capture": {"layers": ["fc1"]},
@@ -275,7 +278,7 @@ def test_second_run_on_one_folder_is_refused_naming_the_lock(toy):
     first = subprocess.Popen([sys.executable, "-m", "ibscope.cli.main", "run", "slow.yaml", "-o", "so", "-q"], cwd=toy,
                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        holder = toy / "so.lock.holder.json"
+        holder = toy / ".so.lock.holder.json"
         t0 = time.time()
         while not holder.exists():  # the first run holds the folder's lock
             assert first.poll() is None and time.time() - t0 < 120, first.communicate()
@@ -288,7 +291,7 @@ def test_second_run_on_one_folder_is_refused_naming_the_lock(toy):
     text = " ".join(second.stderr.split())
     assert second.returncode == 1, second.stderr
     assert f"The run folder '{toy / 'so'}' is being written by process {first.pid}" in text
-    assert f"its lock '{toy / 'so.lock'}'" in text and "--lock-timeout" in text
+    assert f"its lock '{toy / '.so.lock'}'" in text and "--lock-timeout" in text
     assert first.returncode == 0, err
     # the refused run changed nothing: the stamps are the first run's, for its config
     stamp = json.loads((toy / "so" / ".ibscope" / "stages" / "estimate.json").read_text())
@@ -371,6 +374,7 @@ def test_strict_skip_bad_shards_and_safe_globals_reach_the_stages(toy, monkeypat
                     "run_ood": [{"skip_bad_shards": False}]}
 
 
+@pytest.mark.slow
 def test_strict_run_writes_every_stage_then_exits_4_and_toggling_it_reruns_nothing(toy):
     """A ReLU layer dead at one checkpoint: twonn cannot define an intrinsic dimension there (a
     noted row). `ibscope run --strict` still writes the figures and the report, then exits 4 naming

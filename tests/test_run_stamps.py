@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-import ibscope.pipeline as pipeline
+import ibscope.pipeline.runner as pipeline_runner
 from ibscope._version import __version__
 from ibscope.errors import UsageError
 from ibscope.pipeline import STAMP_FORMAT, Stage, StageRunner, factory_source
@@ -32,8 +32,17 @@ class Setup:
         self.calls: list[str] = []
         self.said: list[str] = []
 
+    # the runner's reporter (ibscope.reporting.Reporter): messages recorded, no progress tasks used
+    def info(self, msg: str) -> None:
+        self.said.append(msg)
+
+    warning = info
+
+    def task(self, label, total=None):
+        raise AssertionError("the stage runner opens no progress task")
+
     def run(self, force: bool = False) -> list[tuple[str, str, str]]:
-        r = StageRunner(self.root, force=force, say=self.said.append)
+        r = StageRunner(self.root, force=force, reporter=self)
 
         def run_a():
             self.calls.append("a")
@@ -90,7 +99,8 @@ def test_deleted_input_is_detected(setup):
     setup.src.unlink()
     with pytest.raises(FileNotFoundError):  # the stage runs again (and here fails reading it)
         setup.run()
-    assert setup.calls == ["a", "b", "a"] and "> a[/] [dim](input input.txt was deleted)" in setup.said[-1]
+    assert setup.calls == ["a", "b", "a"] and setup.said[-1] == "> a (input input.txt was deleted)"
+    assert "- a: skipped (up to date)" in setup.said and "  done in " in setup.said[1][:10]
     assert not (setup.root / ".ibscope" / "stages" / "a.json").exists()  # a failed stage leaves no stamp
 
 
@@ -152,7 +162,7 @@ def test_unchanged_files_are_not_read_again(setup, monkeypatch):
         opened.append(os.path.basename(str(file)))
         return builtins.open(file, *a, **kw)
 
-    monkeypatch.setattr(pipeline, "open", spy, raising=False)  # the hashing code's open()
+    monkeypatch.setattr(pipeline_runner, "open", spy, raising=False)  # the hashing code's open()
     assert [x[1] for x in setup.run()] == ["skipped", "skipped"]
     assert opened == []  # same (size, mtime_ns) as in the stamps: no file hashed again
     os.utime(setup.src, ns=(1, 1))  # touched, same bytes: hashed once, still up to date

@@ -49,6 +49,7 @@ def numpy_ckpt(tmp_path):
     return tmp_path, net, x
 
 
+@pytest.mark.slow
 def test_numpy_scalar_checkpoint_captures_without_trust_subprocess(numpy_ckpt):
     d, net, x = numpy_ckpt
     r = _cli(d, "capture", "-m", f"{write_models(d)}:MLP", "-c", d / "ep5.pt", "-p", d / "probe.npz", "-l", "fc1",
@@ -114,6 +115,7 @@ def test_code_in_a_pickle_is_refused_and_never_run(tmp_path):
     assert not (tmp_path / "pwned").exists()
 
 
+@pytest.mark.slow
 def test_custom_class_refused_once_then_allowed_subprocess(tmp_path):
     (tmp_path / "trainlib.py").write_text(TRAINLIB)
     mods = load_models(tmp_path)

@@ -77,6 +77,25 @@ def test_step_named_files_get_steps_not_epochs(tiny):
     assert st.checkpoints[0].label == "step 8"
 
 
+def test_timm_style_checkpoint_names_holding_the_epoch(tiny):
+    """timm writes checkpoint-{epoch}.pth.tar with an 'epoch' key: the number is the epoch, the step
+    unknown (not step = epoch)."""
+    d = tiny / "timm"
+    d.mkdir()
+    for e in (0, 1, 2):
+        torch.save({"epoch": e, "state_dict": net().state_dict()}, d / f"checkpoint-{e}.pth.tar")
+    store = capture(f"{tiny}/tiny.py:net", str(d / "*.pth.tar"), str(tiny / "probe.npz"), ["0"], tiny / "acts_t",
+                    progress=False)
+    st = open_store(store)
+    assert [(c.epoch, c.step) for c in st.checkpoints] == [(0, None), (1, None), (2, None)]
+    assert {(c.epoch_source, c.step_source) for c in st.checkpoints} == {("checkpoint", "")}
+    # a file whose epoch key differs from the name's number keeps the name's step
+    torch.save({"epoch": 1, "state_dict": net().state_dict()}, d / "checkpoint-400.pth.tar")
+    store = capture(f"{tiny}/tiny.py:net", str(d / "checkpoint-400.pth.tar"), str(tiny / "probe.npz"), ["0"],
+                    tiny / "acts_u", progress=False)
+    assert [(c.epoch, c.step) for c in open_store(store).checkpoints] == [(1, 400)]
+
+
 def test_lightning_file_names_without_keys(tiny):
     """repro_02 (b): epoch=0-step=120.ckpt holding a plain state dict is epoch 0, step 120 (not epoch 120)."""
     d = tiny / "b"
@@ -199,6 +218,18 @@ def test_checkpoints_command_and_dry_run(tiny):
                                    "-l", "0", "-o", str(tiny / "acts"), "--dry-run"])
     assert res.exit_code == 0, res.output
     assert "file name" in res.output and "dry run" in res.output and not (tiny / "acts").exists()
+    # the Jacobian plan: shown once, with its layer list (no rich markup eats '[0 16, 2 2]')
+    res = CliRunner().invoke(app, ["capture", "-m", f"{tiny}/tiny.py:net", "-c", str(d), "-p", str(tiny / "probe.npz"),
+                                   "-l", "0", "-l", "2", "--jacobian-samples", "2", "-o", str(tiny / "acts"),
+                                   "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert res.output.count("vjp/jvp passes") == 1 and "[0 16, 2 2]" in " ".join(res.output.split())
+    # --dry-run needs no --out; a real capture does
+    args = ["capture", "-m", f"{tiny}/tiny.py:net", "-c", str(d), "-p", str(tiny / "probe.npz"), "-l", "0"]
+    res = CliRunner().invoke(app, [*args, "--dry-run"])
+    assert res.exit_code == 0 and "dry run" in res.output, res.output
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2 and "--out" in res.output
     torch.save(net().state_dict(), d / "ep3.pt")  # an epoch only: the series still orders by epoch
     res = CliRunner().invoke(app, ["checkpoints", str(d), "--json"])
     assert [c["path"][-6:] for c in json.loads(res.stdout)["checkpoints"]][-1] == "ep3.pt"

@@ -127,6 +127,7 @@ def test_nulls_are_reproducible_under_a_seed():
     assert all(torch.equal(p, q) for p, q in zip(permutations(50, 3, 1), permutations(50, 3, 1)))
 
 
+@pytest.mark.slow
 def test_shared_work_nulls_equal_re_estimation():
     """Every estimator that shares work between the estimate and its null (binning, KDE, KSG,
     gaussian, renyi, compressed) gives the same null as re-estimating each permuted pair."""
@@ -241,7 +242,7 @@ def test_saturation_rule_and_caps():
     x, y, _ = gaussian_pair(64, 1, 0.9, seed=0)
     e = est.estimate(x, y)
     assert e.cap == pytest.approx(math.log(8)) and e.saturated == (e.value >= 0.99 * math.log(8))
-    assert est.cap_name("I(T;Y)") == "log batch"
+    assert est.cap_name("I(X;T)") == "log batch" and est.cap_name("I(T;Y)") == "min(log batch, H(Y))"
     assert registry.create("binning").cap_name("I(X;T)") == "log n"
     assert registry.create("binning").cap_name("I(T;Y)") == "H(Y)"
     # the flag is for information: a rank at the layer's width is a fact about the layer, not a limit
@@ -464,6 +465,7 @@ def store(tmp_path_factory):
     return _store(d / "acts", y, acts, inputs=x, epochs=(1, 2, 3))
 
 
+@pytest.mark.slow
 def test_cli_fills_null_and_saturation_columns(store, tmp_path):
     out = tmp_path / "r.csv"
     r = ib("estimate", store, "-o", out, "-e", "binning", "-e", "ksg", "-e", "effective-rank", "--null-permutations",
@@ -531,6 +533,7 @@ def test_help_explains_the_options():
         assert want in text, want
 
 
+@pytest.mark.slow
 def test_config_keys(tmp_path, store):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("estimators: [binning]\nnull_permutations: 3\nnull_seed: 2\n")
@@ -543,9 +546,9 @@ def test_config_keys(tmp_path, store):
 
     minimal = {"model": {"factory": "ibscope.demo.models:ib_net"}, "data": {"task": "twelve-bit"}, "train": {"epochs": 5}}
     cfg, _, _ = load_config(minimal)
-    assert cfg["estimate"]["null_permutations"] is None and cfg["estimate"]["null_seed"] is None
+    assert cfg.estimate.null_permutations is None and cfg.estimate.null_seed is None
     cfg, _, _ = load_config({**minimal, "estimate": {"null_permutations": 0, "null_seed": 4}})
-    assert cfg["estimate"]["null_permutations"] == 0 and cfg["estimate"]["null_seed"] == 4
+    assert cfg.estimate.null_permutations == 0 and cfg.estimate.null_seed == 4
     with pytest.raises(UsageError, match="'estimate.null_permutations' must be >= 0"):
         load_config({**minimal, "estimate": {"null_permutations": -2}})
 
@@ -565,3 +568,51 @@ def test_nulls_on_cuda_match_cpu():
         gpu = quiet(ibscope.mutual_information, t.cuda(), y.cuda(), method=m, null_permutations=5)
         assert (gpu.value, gpu.null_mean, gpu.p_value) == pytest.approx((cpu.value, cpu.null_mean, cpu.p_value),
                                                                          abs=1e-6), m
+
+
+def test_rounded_continuous_target_stays_continuous():
+    """Integer-valued floats with more distinct values than n / 5 are a rounded continuous
+    target, not classes: KSG (not Ross) reads them, and the result is close to the continuous one."""
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((2000, 1))
+    y = np.round(100 * (x + 0.5 * rng.standard_normal((2000, 1))))
+    assert np.unique(y).size > 2000 / 5
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        got = ibscope.mutual_information(x, y, method="ksg")
+    assert not [w for w in said if "class labels" in str(w.message)]
+    ref = quiet(ibscope.mutual_information, x, y, method="ksg", discrete_y=False)
+    assert got.value == ref.value and got.extra["method"] == "KSG-1"
+    # closed form for the unrounded pair: -0.5 log(1 - rho^2), rho^2 = 1 / 1.25; rounding to 1/100 loses little
+    assert got.value == pytest.approx(-0.5 * np.log(1 - 1 / 1.25), abs=0.05)
+    # few distinct values per sample count: still classes
+    with pytest.warns(RuntimeWarning, match="read as discrete class labels"):
+        ibscope.mutual_information(x, np.round(np.clip(x, -2, 2)), method="binning")
+
+
+def test_infonce_cap_with_class_labels_is_min_of_log_batch_and_entropy():
+    from ibscope.estimators import registry
+
+    rng = np.random.default_rng(4)
+    t = rng.standard_normal((900, 2)).astype(np.float32)
+    y = (t[:, 0] > 0).astype(np.int64)
+    e = quiet(ibscope.mutual_information, t, y, method="infonce", batch_size=32, steps=60, eval_every=20)
+    p = np.bincount(y) / y.size
+    h = float(-(p * np.log(p)).sum())
+    assert h < np.log(32)
+    assert e.cap == pytest.approx(h, abs=1e-12)
+    assert registry.get("infonce")().cap_name("I(T;Y)") == "min(log batch, H(Y))"
+    # continuous pair: log batch
+    e2 = quiet(ibscope.mutual_information, t[:, :1], t[:, 1:], method="infonce", batch_size=32, steps=60,
+               eval_every=20)
+    assert e2.cap == pytest.approx(np.log(32), abs=1e-12)
+
+
+def test_within_null_counts_a_value_equal_to_its_null_up_to_rounding():
+    from ibscope.trust import within_null
+
+    row = {"value": 0.6931300143240229, "null_mean": 0.6931300143240193, "null_std": 0.0, "p_value": 1.0}
+    assert within_null(row) is True
+    assert within_null(dict(row, value=0.6931300143240193 + 1e-6)) is False
+    assert within_null(dict(row, value=0.70, null_std=0.01)) is True
+    assert within_null(dict(row, value=0.72, null_std=0.01)) is False

@@ -163,6 +163,8 @@ def test_null_subtract_and_off(tmp_path):
                                                                          for ci in (1, 2)], rtol=1e-12)
     assert fig.axes[0].get_ylabel() == "I(T;Y) − null mean  [bits]"
     assert not [a for ax in fig.axes for a in ax.get_children() if (a.get_gid() or "").endswith(":null")]
+    # no cap line (H(Y)) on an axis of subtracted values
+    assert not [a for ax in fig.axes for a in ax.get_children() if (a.get_gid() or "").startswith("cap")]
     assert "null mean subtracted from 5 estimate(s); 1 without a null drawn as estimated" in jobs[0].caption
     plane = job(p, "info-plane", null="subtract")
     (snap,) = by_gid(plane, "snapshot:99.0")
@@ -300,6 +302,7 @@ def test_report_cli_validation_option_and_errors(tmp_path):
         write_report(p, tmp_path / "c.html", validation=p)
 
 
+@pytest.mark.slow
 def test_real_table_without_nulls_plots_and_reports(tmp_path):
     d = tiny_tanh_run(tmp_path, 120, "tiny_trust_model")
     runner = CliRunner()

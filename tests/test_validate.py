@@ -107,6 +107,7 @@ def test_mixture_mi_matches_quadrature_and_is_invariant():
     assert v == pytest.approx(-(0.3 * math.log(0.3) + 0.7 * math.log(0.7)), abs=1e-9) and se < 1e-9
 
 
+@pytest.mark.slow
 def test_noisy_mi_limits_and_gaussian_closed_form():
     v, se = noisy_mi(np.array([[0.0], [10.0]]), np.array([0.5, 0.5]), 1e-3, 2000, 0)
     assert v == pytest.approx(math.log(2), abs=1e-9)  # separated by 300 sd: the channel loses nothing
@@ -258,7 +259,10 @@ def test_errors_have_exit_codes(real_table, tmp_path):
     r = invoke("validate", real_table / "results.csv", "-o", tmp_path / "v", "--task", "gausian")
     assert r.exit_code == 2 and "Did you mean 'gaussian'" in r.output
     r = invoke("validate", real_table / "results.csv", "-o", tmp_path / "v", "-e", "kde")
-    assert r.exit_code == 2 and "Unknown estimator" in r.output
+    assert r.exit_code == 2 and "'kde' is not in this results table" in r.output
+    # a registered estimator the table lacks is named as such, not as unknown
+    r = invoke("validate", real_table / "results.csv", "-o", tmp_path / "v", "-e", "gcmi")
+    assert r.exit_code == 2 and "registered estimator, but the table has no rows of it" in r.output
     only_geometry = write_results(tmp_path / "geo.csv", [make_row(
         layer="l", estimator="effective-rank", quantity="effective_rank", value=3.0, unit="dimensions",
         n_samples=10, dims="4")])

@@ -31,6 +31,7 @@ class LightningCapture(Callback):
     capture (``"net"``: layer names as in the plain model, ``net.0`` becomes ``0``); default
     the LightningModule itself. ``options``: settings of :class:`ibscope.capture.Snapshotter`
     (``reduce``, ``batch_size``, ``dtype``, ``jacobian_samples``, ``split``, ``run`` ...).
+    ``every_n_epochs`` defaults to 1 when ``every_n_steps`` is not given, else to None (steps only).
 
     Example::
 
@@ -38,11 +39,13 @@ class LightningCapture(Callback):
                             layers=["type:Linear"], module="net")])
     """
 
-    def __init__(self, probe, store: str | os.PathLike, layers, *, every_n_epochs: int | None = 1,
+    def __init__(self, probe, store: str | os.PathLike, layers, *, every_n_epochs: int | None | str = "default",
                  every_n_steps: int | None = None, module: str | None = None, **options: Any):
         from ibscope.capture.live import Snapshotter
 
         super().__init__()
+        if every_n_epochs == "default":  # steps given alone: steps only
+            every_n_epochs = 1 if every_n_steps is None else None
         self.every_n_epochs, self.every_n_steps = check_every(every_n_epochs, every_n_steps)
         self.module = module
         self.snapshotter = Snapshotter(probe, store, layers, **options)

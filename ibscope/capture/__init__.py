@@ -4,7 +4,8 @@
 orders the checkpoints (epoch/step stored in each file, else a number in its name), loads each
 one safely (``weights_only``) and strictly, runs the fixed probe set through it with forward
 hooks on the selected layers, and streams the (reduced) activations batch by batch into one
-HDF5 shard per checkpoint (see :mod:`ibscope.store`). Optionally it stores, for the first N
+HDF5 shard per checkpoint (see :mod:`ibscope.store`), written by a thread beside the forward
+pass (see :mod:`ibscope.capture.writer`). Optionally it stores, for the first N
 probe samples, the singular values of each layer's Jacobian with respect to the input.
 """
 
@@ -32,7 +33,6 @@ log = logging.getLogger(__name__)
 __all__ = ["capture", "snapshot", "Snapshotter", "resolve_device", "plan_layers", "DEFAULT_MAX_INPUT_BYTES"]
 
 DEFAULT_MAX_INPUT_BYTES = 256 * 1024 * 1024  # probe inputs above this are not copied into the store
-FLOAT16_MAX = 65504.0
 
 
 def _reduce_for(name: str, module: str, reduce: Any) -> str:
@@ -127,61 +127,6 @@ def plan_layers(model, x, layers, reduce=None):
     return targets, reducers, meta, traces
 
 
-def _stats(arr: np.ndarray) -> tuple[int, float]:
-    """(non-finite count, max |finite value|): two passes (min, max) when all values are finite,
-    since NaN and inf propagate to the minimum or maximum."""
-    if not arr.size:
-        return 0, 0.0
-    lo, hi = float(arr.min()), float(arr.max())
-    if np.isfinite(lo) and np.isfinite(hi):
-        return 0, max(-lo, hi)
-    fin = np.isfinite(arr)
-    return int(arr.size - fin.sum()), float(np.abs(arr[fin]).max()) if fin.any() else 0.0
-
-
-class _Buffer:
-    """Collects one layer's rows and writes them to the shard in whole HDF5 chunks."""
-
-    def __init__(self, shard, name: str, dtype: str, d: int):
-        self.shard, self.name, self.dtype = shard, name, dtype
-        self.rows = shard.chunk_rows(d, dtype)
-        self.parts: list[np.ndarray] = []
-        self.stats: list[tuple[int, float]] = []
-        self.count = 0
-        self.promoted = False
-
-    def add(self, arr: np.ndarray, stats: tuple[int, float]) -> None:
-        self.parts.append(arr)
-        self.stats.append(stats)
-        self.count += arr.shape[0]
-        if self.count >= self.rows:
-            self.flush(whole_chunks=True)
-
-    def flush(self, whole_chunks: bool = False) -> None:
-        if not self.parts:
-            return
-        block = np.concatenate(self.parts) if len(self.parts) > 1 else self.parts[0]
-        k = (block.shape[0] // self.rows) * self.rows if whole_chunks else block.shape[0]
-        head, tail = block[:k], block[k:]
-        # the stats of the parts cover head and tail together: exact when the tail is empty, an
-        # upper bound otherwise (absmax is only used as a summary and for the float16 check)
-        nonfinite = sum(st[0] for st in self.stats) if not tail.shape[0] else None
-        absmax = max(st[1] for st in self.stats)
-        if head.shape[0]:
-            if self.dtype == "float16" and not self.promoted and absmax >= FLOAT16_MAX:
-                log.warning("Layer '%s': values reach %.3g, beyond float16's range; storing this layer as float32 "
-                            "in this checkpoint.", self.name, absmax)
-                self.shard.promote(self.name, "float32")
-                self.dtype, self.promoted = "float32", True
-            stats = None if nonfinite is None else (nonfinite, absmax)
-            self.shard.append(self.name, head, dtype=self.dtype, stats=stats)
-            if self.promoted:
-                self.shard.mark_fallback(self.name, "float32")
-        self.parts = [tail] if tail.shape[0] else []
-        self.stats = [_stats(tail)] if tail.shape[0] else []
-        self.count = tail.shape[0]
-
-
 class _Interrupts:
     """Ctrl-C during a capture stops it at the next batch boundary (a KeyboardInterrupt raised
     there, where the shard being written is discarded cleanly) rather than at an arbitrary
@@ -214,9 +159,9 @@ class _Interrupts:
 
 
 def _console():
-    from rich.console import Console
+    from ibscope._console import console
 
-    return Console(stderr=True, highlight=False, emoji=False)
+    return console()  # the process's one Console (the CLI's too)
 
 
 def show_plan(ckpts, console=None) -> None:
@@ -267,7 +212,7 @@ def capture(
     checkpoints,
     probe,
     layers: list[str] | str,
-    out: str | os.PathLike,
+    out: str | os.PathLike | None,
     *,
     model_args: dict | None = None,
     reduce: str | dict | None = None,
@@ -286,7 +231,7 @@ def capture(
     progress: bool = True,
     sample_seed: int | None = None,
     allow_nonfinite: bool = False,
-    compression: str = "lzf",
+    compression: str = "none",
     max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES,
     jacobian_chunk: int = 16,
     lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT,
@@ -331,7 +276,7 @@ def capture(
     A capture that fails before its first checkpoint is stored removes the store it created,
     so the same command (fixed) can simply be run again.
 
-    The whole capture holds the store's writer lock (``OUT.lock`` next to ``OUT``): a second
+    The whole capture holds the store's writer lock (``.OUT.lock`` next to ``OUT``): a second
     capture into the same store waits up to ``lock_timeout`` seconds (negative or None: without
     limit), then stops with :class:`~ibscope._locks.LockTimeout` naming the lock file and its
     holder. A write the system refuses (disk full, read-only, no permission) raises
@@ -346,7 +291,9 @@ def capture(
     shards at the end; ``resume`` works the same. Workers started with ``--resources GPU=1``
     get the tasks (on ``cuda`` when ``device`` is "auto").
     """
-    from ibscope.capture.loading import discover_checkpoints, model_spec_id, resolve_factory, resolve_safe_globals
+    from ibscope.capture.checkpoints import resolve_safe_globals
+    from ibscope.capture.factory import model_spec_id, resolve_factory
+    from ibscope.capture.loading import discover_checkpoints
     from ibscope.capture.probe import load_probe
     from ibscope.store import resolve_store_dir
 
@@ -366,8 +313,11 @@ def capture(
     from ibscope.executor import remote_device, resolve_engine
 
     engine = resolve_engine(1, scheduler, scheduler_file)
-    out = Path(out)
-    _check_out_dir(out, resume, overwrite)
+    if out is None and not dry_run:
+        raise UsageError("capture needs an output store: pass --out DIR (only --dry-run can go without it).")
+    out = Path(out) if out is not None else None
+    if out is not None:
+        _check_out_dir(out, resume, overwrite)
     # on a cluster this process only plans (on its CPU); the workers capture on their devices
     dev = resolve_device("cpu") if engine.remote and not dry_run else resolve_device(device)
     worker_device = remote_device(device) if engine.remote else None
@@ -379,7 +329,7 @@ def capture(
 
     rebuild = None
     if isinstance(model, nn.Module):
-        from ibscope.capture.loading import unwrap_model
+        from ibscope.capture.factory import unwrap_model
 
         template = unwrap_model(model)
         build = (lambda: copy.deepcopy(template))  # noqa: E731
@@ -416,9 +366,10 @@ def capture(
     if jacobian_samples:
         jplan = _plan_jacobians(net, targets, reducers, meta, pr, int(jacobian_samples), dev, jacobian_method,
                                 jac_budget, int(jacobian_chunk))
-        if console is not None or dry_run:
-            (console or _console()).print(jplan.summary())
-        log.info("%s", jplan.summary())
+        if console is not None or dry_run:  # shown once; plain text ('[fc1 10, act 10]' is no rich markup)
+            (console or _console()).print(jplan.summary(), markup=False, highlight=False)
+        else:
+            log.info("%s", jplan.summary())
     if dry_run:
         _show_layers(meta, console or _console())
         return None
@@ -528,7 +479,7 @@ def _write_store(out, config, pr, meta, inputs, ckpts, targets, reducers, net, d
                  compression, batch_size, dtype, jplan, trust_checkpoint, safe_globals, allow_nonfinite,
                  rebuild=None) -> Path:
     """The writing part of :func:`capture` (run under the store's writer lock)."""
-    from ibscope.capture.loading import describe_alignment, load_checkpoint_into
+    from ibscope.capture.checkpoints import describe_alignment, load_checkpoint_into
     from ibscope.store import StoreWriter
 
     writer = StoreWriter(out, config=config, sample_ids=pr.ids, labels=pr.y, layers=meta, inputs=inputs,
@@ -689,7 +640,8 @@ def _capture_task(p: dict, device: str) -> dict:
     import torch
 
     from ibscope.capture.hf import is_hf_spec
-    from ibscope.capture.loading import describe_alignment, load_checkpoint_into, resolve_factory, resolve_safe_globals
+    from ibscope.capture.checkpoints import describe_alignment, load_checkpoint_into, resolve_safe_globals
+    from ibscope.capture.factory import resolve_factory
     from ibscope.errors import ClusterError
     from ibscope.executor import _this_worker
     from ibscope.store import MANIFEST, StoreWriter, probe_hash
@@ -711,7 +663,7 @@ def _capture_task(p: dict, device: str) -> dict:
                            hint="The workers must see the same probe file as this machine (same path, same content).")
     model = p["model"]
     if isinstance(model, torch.nn.Module):  # an nn.Module given to capture(): this task's own copy
-        from ibscope.capture.loading import unwrap_model
+        from ibscope.capture.factory import unwrap_model
 
         net = copy.deepcopy(unwrap_model(model))
     elif is_hf_spec(model):
@@ -755,33 +707,12 @@ def _torch_version() -> str:
 
 def _capture_into(shard, net, pr, targets, reducers, meta, *, dev, batch_size, dtype, allow_nonfinite, where,
                   stop=None, advance=None) -> None:
-    """Run the probe set through ``net`` batch by batch and write each layer's rows into ``shard``."""
-    import torch
+    """Run the probe set through ``net`` batch by batch and write each layer's rows into ``shard``
+    (the writes run off the forward path: see :mod:`ibscope.capture.writer`)."""
+    from ibscope.capture.writer import run_probe
 
-    from ibscope.capture.hooks import CaptureEngine
-
-    bufs = {t.name: _Buffer(shard, t.name, dtype, meta[t.name]["dims"]) for t in targets}
-    with torch.no_grad(), CaptureEngine(net, targets, reducers) as eng:
-        for b0 in range(0, pr.n, int(batch_size)):
-            if stop is not None:
-                stop.check()
-            xb = pr.batch(b0, b0 + int(batch_size), dev)
-            outs = eng.run(xb)
-            for name, r in outs.items():
-                arr = r.numpy() if (r.dtype == torch.float32 and r.device.type == "cpu") else \
-                    r.float().cpu().numpy()
-                st = _stats(arr)
-                if st[0] and not allow_nonfinite:
-                    raise DataError(
-                        f"Layer '{name}' has {st[0]} non-finite value(s) (NaN/inf) at checkpoint "
-                        f"{where}, probe rows {b0}..{b0 + arr.shape[0] - 1}.",
-                        hint="The run may have diverged at this checkpoint. Pass --allow-nonfinite to "
-                             "store them anyway (estimators will refuse them).")
-                bufs[name].add(arr, st)
-            if advance is not None:
-                advance()
-    for b in bufs.values():
-        b.flush()
+    run_probe(shard, net, pr, targets, reducers, meta, dev=dev, batch_size=batch_size, dtype=dtype,
+              allow_nonfinite=allow_nonfinite, where=where, stop=stop, advance=advance)
 
 
 def _store_jacobians(net, targets, reducers, pr, jplan, dev, shard, tick=None, stop=None) -> None:

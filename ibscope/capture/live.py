@@ -47,7 +47,7 @@ class Snapshotter:
     def __init__(self, probe, store: str | os.PathLike, layers: list[str] | str, *, reduce=None,
                  max_samples: int | None = None, sample_seed: int | None = None, batch_size: int = 256,
                  device: str | None = None, dtype: str = "float32", jacobian_samples: int = 0,
-                 store_inputs: bool = True, split: str = "probe", run: str = "run", compression: str = "lzf",
+                 store_inputs: bool = True, split: str = "probe", run: str = "run", compression: str = "none",
                  allow_nonfinite: bool = False, lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT,
                  jacobian_method: str = "exact", jacobian_memory: int | str | None = "auto"):
         from ibscope.capture import DEFAULT_MAX_INPUT_BYTES
@@ -131,7 +131,7 @@ class Snapshotter:
         written, or None when the store already holds this point."""
         import torch.nn as nn
 
-        from ibscope.capture.loading import unwrap_model
+        from ibscope.capture.factory import unwrap_model
         from ibscope.capture.series import as_float, state_dict_sha256
 
         if not isinstance(model, nn.Module):

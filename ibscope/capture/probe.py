@@ -260,7 +260,7 @@ def _read_source(probe: Any, max_samples: int | None, sample_seed: int | None):
             raise DataError(f"Probe file '{s}' holds a {type(obj).__name__}; expected a dict with 'x' (and 'y') or (x, y).")
         raise UsageError(f"Probe file '{s}' has an unsupported extension '{suffix}'. Use .npz, .h5 or .pt, or a factory.")
     if ":" in s:
-        from ibscope.capture.loading import model_spec_id, resolve_object
+        from ibscope.capture.factory import model_spec_id, resolve_object
 
         fn = resolve_object(s, "--probe")
         try:
@@ -307,10 +307,15 @@ def _float_labels(y: np.ndarray) -> np.ndarray:
                     and float(np.abs(y).max()) < 2.0 ** 62)
     if not integral:
         return y.astype(np.float32)
+    from ibscope._labels import MIN_PER_CLASS, integral_values_are_classes
+
     vals = np.unique(y)
+    if not integral_values_are_classes(int(vals.size), int(y.shape[0])):
+        return y.astype(np.float32)  # a rounded continuous target (fewer than MIN_PER_CLASS samples per value)
     shown = ", ".join(f"{v:g}" for v in vals[:5]) + (", ..." if vals.size > 5 else "")
     warnings.warn(f"The probe labels are floats ({y.dtype}) with only integer values ({vals.size} distinct: {shown}); "
-                  "they are stored as int64 class labels, so that every estimator treats them as discrete classes. "
+                  "they are stored as int64 class labels, so that every estimator treats them as discrete classes "
+                  f"(integer-valued floats with more than n/{MIN_PER_CLASS} distinct values stay continuous). "
                   "Save them as integers to silence this.", RuntimeWarning, stacklevel=3)
     return y.astype(np.int64)
 
@@ -328,16 +333,16 @@ def _check_mask(mask, n: int, inputs: dict) -> None:
         raise DataError(f"Probe array '{MASK_KEY}' must hold 0 (padding) and 1 (real token) only; it holds {shown}.",
                         hint="A float mask of additive -inf/0 values or True-means-padding masks are not attention "
                              "masks: convert them, e.g. attention_mask = (pad_mask == 0).astype(int).")
-    empty = torch.nonzero((mask != 0).sum(1) == 0).reshape(-1)
-    if len(empty):
-        rows = ", ".join(str(int(i)) for i in empty[:8]) + (" ..." if len(empty) > 8 else "")
-        raise DataError(f"Probe rows {rows} have no real token ({MASK_KEY} is all 0): a sequence reduction has "
-                        "nothing to average or pick there.", hint="Drop these rows from the probe set.")
     for k, v in inputs.items():
         if k != MASK_KEY and v.ndim >= 2 and v.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8) \
                 and v.shape[1] != mask.shape[1]:
             raise DataError(f"Probe arrays '{k}' {tuple(v.shape)} and '{MASK_KEY}' {tuple(mask.shape)} differ in length: "
                             "the mask needs one entry per token.")
+    empty = torch.nonzero((mask != 0).sum(1) == 0).reshape(-1)
+    if len(empty):
+        rows = ", ".join(str(int(i)) for i in empty[:8]) + (" ..." if len(empty) > 8 else "")
+        raise DataError(f"Probe rows {rows} have no real token ({MASK_KEY} is all 0): a sequence reduction has "
+                        "nothing to average or pick there.", hint="Drop these rows from the probe set.")
 
 
 def load_probe(probe: Any, *, max_samples: int | None = None, sample_seed: int | None = None) -> Probe:

@@ -64,6 +64,11 @@ def parse_spec(raw: str) -> LayerSpec:
     m = re.search(r"=([A-Za-z_][\w.\-@]*)$", s)
     if m:
         alias, s = m.group(1), s[: m.start()]
+    elif re.match(r"^[^=\[\]'\"]+=[^=]*$", s) and not s.startswith(("re:", "type:")):
+        bad = s.split("=", 1)[1]
+        raise UsageError(f"Layer selector {raw!r}: the alias {bad!r} is not a valid layer name; expected a name of "
+                         "letters, digits, '_', '.', '-' or '@' that starts with a letter or '_'.",
+                         hint=f"e.g. '{s.split('=', 1)[0]}=fc1_out'.")
     io = "out"
     if s.endswith(":in") or s.endswith(":out"):
         s, io = s.rsplit(":", 1)
@@ -213,7 +218,7 @@ def trace_modules(model, x) -> dict[str, ModuleTrace]:
     """
     import torch
 
-    traces = {name: ModuleTrace(name, type(mod).__name__, n_params=sum(p.numel() for p in mod.parameters(recurse=False)))
+    traces = {name: ModuleTrace(name, type(mod).__name__, n_params=sum(p.numel() for p in mod.parameters()))
               for name, mod in model.named_modules()}
     counter = [0]
     handles = []

@@ -31,17 +31,19 @@ checkpoint's step).
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ibscope._order import natural_key, sort_series
+from ibscope.capture.trainlogs import (  # noqa: F401 - re-exported (callbacks and tests import them from here)
+    LOGGED_METRIC_RE, TRAINER_STATE, as_float, as_int, csv_metrics, history_metrics, lightning_log_file,
+    read_trainer_state,
+)
 from ibscope.errors import CheckpointError, UsageError
 
 log = logging.getLogger(__name__)
@@ -65,9 +67,6 @@ _EPOCH_KEYS = ("epoch", "current_epoch")
 _STEP_KEYS = ("global_step", "step", "iteration", "iter")
 #: keys of a checkpoint dict that are training metrics
 METRIC_RE = re.compile(r"(^|_)(acc|accuracy|loss|error|err|nll|ce)(_|$)", re.IGNORECASE)
-#: names logged by a training framework (CSVLogger, trainer_state.json) kept as metrics
-LOGGED_METRIC_RE = re.compile(r"(acc|accuracy|loss|error|err|nll|f1|auroc|auc|precision|recall|perplexity|ppl|"
-                              r"mse|mae|rmse|top1|top5)", re.IGNORECASE)
 
 _B = r"(?<![A-Za-z0-9])"  # a word boundary that treats "_", "-", "=", "." as separators
 _EPOCH_NAME = re.compile(_B + r"(?:epochs|epoch|ep|e)[=_\-]?(\d+)(?![0-9])", re.IGNORECASE)
@@ -79,7 +78,6 @@ _BARE = re.compile(r"(?<![0-9.])(\d+)(?![0-9])")
 #: files that make a folder one Hugging Face checkpoint, in the order they are looked for
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                    "pytorch_model.bin.index.json")
-TRAINER_STATE = "trainer_state.json"
 
 
 @dataclass
@@ -137,50 +135,6 @@ class CheckpointFile:
         if s:
             parts.append(f"step: {SOURCE_NAMES.get(s, s)}")
         return "; ".join(parts) or "none (ordered by name)"
-
-
-# ------------------------------------------------------------------------------ numbers
-def _scalar(v: Any) -> Any:
-    """A one-element tensor or numpy value as a Python number."""
-    import numpy as np
-
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a dependency
-        torch = None
-    if torch is not None and isinstance(v, torch.Tensor) and v.numel() == 1 and not v.dtype.is_complex:
-        return v.item()
-    if isinstance(v, (np.generic, np.ndarray)) and np.size(v) == 1 and np.asarray(v).dtype.kind in "biuf":
-        return np.asarray(v).reshape(()).item()
-    return v
-
-
-def as_int(v: Any) -> int | None:
-    v = _scalar(v)
-    if isinstance(v, bool):
-        return None
-    if isinstance(v, int):
-        return int(v)
-    if isinstance(v, float) and math.isfinite(v) and v.is_integer():
-        return int(v)
-    if isinstance(v, str) and v.strip().lstrip("-").isdigit():
-        return int(v)
-    return None
-
-
-def as_float(v: Any) -> float | None:
-    v = _scalar(v)
-    if isinstance(v, bool):
-        return None
-    if isinstance(v, (int, float)) and math.isfinite(float(v)):
-        return float(v)
-    if isinstance(v, str):
-        try:
-            f = float(v)
-        except ValueError:
-            return None
-        return f if math.isfinite(f) else None
-    return None
 
 
 def checkpoint_metadata(obj: Any) -> tuple[int | None, int | None, dict]:
@@ -341,94 +295,10 @@ def folder_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def read_trainer_state(folder: Path) -> dict | None:
-    """``trainer_state.json`` of a Hugging Face Trainer checkpoint folder, or None."""
-    p = folder / TRAINER_STATE
-    if not p.is_file():
-        return None
-    try:
-        doc = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        log.warning("Ignoring '%s': not readable JSON (%s).", p, exc)
-        return None
-    return doc if isinstance(doc, dict) else None
-
-
-def history_metrics(history: Any, step: int | None) -> dict:
-    """From a Trainer ``log_history``: each metric's last value logged at or before ``step``."""
-    out: dict[str, float] = {}
-    if not isinstance(history, list):
-        return out
-    entries = [e for e in history if isinstance(e, dict)]
-    entries.sort(key=lambda e: as_float(e.get("step")) or 0.0)
-    for e in entries:
-        s = as_float(e.get("step"))
-        if step is not None and s is not None and s > step:
-            continue
-        for k, v in e.items():
-            if k in ("step", "epoch") or not isinstance(k, str) or not LOGGED_METRIC_RE.search(k):
-                continue
-            if k.endswith(("_runtime", "_per_second")) or k in ("total_flos",):
-                continue
-            f = as_float(v)
-            if f is not None:
-                out[k] = f
-    return out
-
-
-_CSV_CACHE: dict[str, tuple[float, list[dict]]] = {}
-
-
-def _csv_rows(p: Path) -> list[dict]:
-    st = p.stat()
-    hit = _CSV_CACHE.get(str(p))
-    if hit is not None and hit[0] == st.st_mtime:
-        return hit[1]
-    try:
-        with open(p, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        log.warning("Ignoring '%s': not a readable CSV file (%s).", p, exc)
-        rows = []
-    _CSV_CACHE[str(p)] = (st.st_mtime, rows)
-    return rows
-
-
-def lightning_log_file(path: Path) -> Path | None:
-    """A Lightning ``CSVLogger`` file (``metrics.csv``) next to the checkpoint or one folder up
-    (``version_0/checkpoints/x.ckpt`` -> ``version_0/metrics.csv``)."""
-    for d in (path.parent, path.parent.parent):
-        p = d / "metrics.csv"
-        if p.is_file():
-            return p
-    return None
-
-
-def csv_metrics(p: Path, epoch: int | None, step: int | None) -> dict:
-    """Each metric column's last value logged at or before the checkpoint (by step, else epoch)."""
-    out: dict[str, float] = {}
-    if step is None and epoch is None:
-        return out
-    for row in _csv_rows(p):
-        s, e = as_float(row.get("step")), as_float(row.get("epoch"))
-        if step is not None and s is not None:
-            if s > step:
-                continue
-        elif epoch is not None and e is not None and e > epoch:
-            continue
-        for k, v in row.items():
-            if k in ("step", "epoch") or not isinstance(k, str) or not LOGGED_METRIC_RE.search(k):
-                continue
-            f = as_float(v) if v not in (None, "") else None
-            if f is not None:
-                out[k] = f
-    return out
-
-
 # ------------------------------------------------------------------------------ discovery
 def describe_checkpoint(p: Path, *, trust_checkpoint: bool = False, safe_globals=None) -> CheckpointFile:
     """Epoch, step (with their sources), hash and training metrics of one checkpoint."""
-    from ibscope.capture.loading import _safetensors_metadata, read_checkpoint
+    from ibscope.capture.checkpoints import _safetensors_metadata, read_checkpoint
 
     ck = CheckpointFile(p)
     notes: list[str] = []
@@ -481,7 +351,12 @@ def describe_checkpoint(p: Path, *, trust_checkpoint: bool = False, safe_globals
         elif not nn_.bare and float(nn_.epoch) != epoch_exact:
             notes.append(f"'{p}': the name says epoch {nn_.epoch} but the {SOURCE_NAMES[e_src]} says "
                          f"{_fmt_num(epoch_exact)}; using {_fmt_num(epoch_exact)}")
-    if nn_.step is not None:
+    named_hf = nn_.step is not None and (_HF_STEP_NAME.search(p.name) or (
+        not p.is_dir() and _HF_STEP_NAME.search(p.parent.name)))
+    if nn_.step is not None and step is None and named_hf and ts is None and epoch is not None \
+            and e_src not in ("", "name", "name-number") and nn_.step == epoch:
+        pass  # timm-style 'checkpoint-12.pth.tar' holding {'epoch': 12}: the number is the epoch, the step unknown
+    elif nn_.step is not None:
         if step is None:
             step, s_src = nn_.step, "name"
         elif nn_.step != step:

@@ -5,6 +5,7 @@ Nothing here imports torch: ``ibscope --help`` must stay fast.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -14,19 +15,72 @@ from typing import Any, Callable
 
 import typer
 
+from ibscope._console import OFF_TERMINAL_WIDTH, console
+from ibscope._options import parse_kv
 from ibscope.errors import IbscopeError, UsageError
 
-_console = None
+__all__ = ["console", "OFF_TERMINAL_WIDTH", "RichReporter", "reporter", "progress_callback", "guard", "error_exit",
+           "parse_kv", "load_mapping", "setup_logging"]
 
 
-def console():
-    """A rich console on stderr (progress, tables, warnings never go to stdout)."""
-    global _console
-    if _console is None:
-        from rich.console import Console
+class _RichTask:
+    def __init__(self, bar, tid):
+        self.bar, self.tid = bar, tid
 
-        _console = Console(stderr=True, highlight=False, emoji=False)
-    return _console
+    def advance(self, n: int = 1, *, note: str = "") -> None:
+        self.bar.update(self.tid, advance=n, **({"description": note} if note else {}))
+
+    def update(self, *, completed: int, total: int | None = None, note: str = "") -> None:
+        self.bar.update(self.tid, completed=completed, **({"total": total} if total is not None else {}),
+                        **({"description": note} if note else {}))
+
+
+class RichReporter:
+    """The CLI's :class:`ibscope.reporting.Reporter`: messages and progress bars on the one stderr console."""
+
+    silent = False
+
+    def __init__(self, con=None):
+        self.console = con or console()
+
+    def info(self, msg: str) -> None:
+        from rich.text import Text
+
+        style = "bold cyan" if msg.startswith("> ") else "dim" if msg.startswith("- ") else ""
+        self.console.print(Text(msg, style=style), soft_wrap=True)
+
+    def warning(self, msg: str) -> None:
+        from rich.text import Text
+
+        self.console.print(Text(msg, style="yellow"), soft_wrap=True)
+
+    @contextlib.contextmanager
+    def task(self, label: str, total: int | None = None):
+        from rich.markup import escape
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        with Progress(TextColumn(escape(label)), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+                      TimeElapsedColumn(), console=self.console, transient=True) as bar:
+            yield _RichTask(bar, bar.add_task("", total=total))
+
+
+@contextlib.contextmanager
+def progress_callback(quiet: bool, what: str):
+    """A library ``callback(done, total, name)`` feeding a progress bar of the CLI's reporter;
+    ``None`` with --quiet."""
+    if quiet:
+        yield None
+        return
+    with RichReporter().task(what) as task:
+        def cb(done: int, total: int, name) -> None:
+            task.update(completed=done, total=total, note=str(getattr(name, "name", name)))
+
+        yield cb
+
+
+def reporter(quiet: bool = False):
+    """The reporter of a command: rich on stderr, or ``None`` (silent) with --quiet."""
+    return None if quiet else RichReporter()
 
 
 def error_exit(exc: IbscopeError) -> "typer.Exit":
@@ -94,17 +148,6 @@ def guard(fn: Callable) -> Callable:
             )) from None
 
     return wrapper
-
-
-def parse_kv(items: list[str] | None, what: str = "--param") -> dict[str, str]:
-    """Parse ``key=value`` strings; UsageError naming the bad one."""
-    out: dict[str, str] = {}
-    for it in items or []:
-        if "=" not in it:
-            raise UsageError(f"{what} expects KEY=VALUE. Got {it!r}.")
-        k, v = it.split("=", 1)
-        out[k.strip()] = v.strip()
-    return out
 
 
 def load_mapping(text_or_path: str | None, what: str) -> dict[str, Any]:

@@ -64,7 +64,8 @@ def register(app: typer.Typer) -> None:
                                          "(layer1.0.conv2), glob (encoder.*, **.fc), re:REGEX, type:Linear, 'output'; "
                                          "suffixes @CALL (reused modules), [0] / ['key'] (tuple/dict element), :in "
                                          "(module input), =ALIAS."),
-        out: Path = typer.Option(..., "--out", "-o", help="Store directory to create (or resume)."),
+        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Store directory to create (or resume); "
+                                           "required except with --dry-run."),
         model_args: Optional[str] = typer.Option(None, "--model-args", help="Keyword arguments for the factory: JSON or "
                                                  "YAML, inline or a .json/.yaml file."),
         reduce: Optional[List[str]] = typer.Option(None, "--reduce", "-r", help="Reduction to (samples, features): auto "
@@ -104,9 +105,11 @@ def register(app: typer.Typer) -> None:
                                                          "numpy scalars, arrays and dtypes are allowed by default."),
         allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Store NaN/inf activations instead of "
                                              "stopping with exit code 4."),
-        compression: str = typer.Option("lzf", "--compression", help="HDF5 compression: lzf (h5py's filter, "
-                                        "with shuffle), gzip (readable by every HDF5 tool, slowest) or none (fastest "
-                                        "writes; float32 activations shrink only ~20-35% with lzf)."),
+        compression: str = typer.Option("none", "--compression", help="HDF5 compression: none (default: the "
+                                        "fastest; capture keeps up with the forward pass), lzf (h5py's filter, with "
+                                        "shuffle: float32 activations shrink ~20-35%, at several times the CPU of "
+                                        "the forward pass on dense layers) or gzip (readable by every HDF5 tool, "
+                                        "smallest, slowest). See docs/capture.md, Performance."),
         lock_timeout: float = typer.Option(DEFAULT_LOCK_TIMEOUT, "--lock-timeout", help="Seconds to wait while another "
                                            "capture writes the same store, then stop naming it (0: do not wait; "
                                            "-1: wait without limit)."),
@@ -130,7 +133,7 @@ def register(app: typer.Typer) -> None:
 
         Writes one HDF5 shard per checkpoint under OUT/checkpoints/ (complete or absent, even after
         a crash) and OUT/manifest.h5 with sample ids, labels and the layer list. One capture
-        writes a store at a time (lock file OUT.lock). --resume also deletes and re-captures
+        writes a store at a time (hidden lock file .OUT.lock next to it). --resume also deletes and re-captures
         shards it finds truncated or corrupt. Exit codes: 0 ok, 1 error (disk full, read-only,
         no permission: the path is named and no partial file is left; store locked by another
         capture), 2 usage (bad option, unknown layer, --safe-globals name that cannot be
@@ -160,9 +163,9 @@ def register(app: typer.Typer) -> None:
         if not quiet:
             from ibscope.store import open_store
 
-            st = open_store(path)
-            console().print(f"[green]Store[/] {path}: {len(st.checkpoints)} checkpoint(s) x {len(st.layers)} layer(s) x "
-                            f"{st.n_samples} samples. Next: ibscope estimate {path} -o results.csv")
+            got = open_store(path).summary()
+            console().print(f"[green]Store[/] {path}: {len(got['checkpoints'])} checkpoint(s) x {len(got['layers'])} "
+                            f"layer(s) x {got['n_samples']} samples. Next: ibscope estimate {path} -o results.csv")
 
     @app.command("checkpoints", no_args_is_help=True)
     @guard
@@ -218,34 +221,13 @@ def register(app: typer.Typer) -> None:
         selector; tuple/dict outputs need an element ('[0]', "['last_hidden_state']").
         """
         setup_logging(True)
-        import torch
+        from ibscope.capture.inspect import inspect_layers
 
-        from ibscope.capture import plan_layers, resolve_device
-        from ibscope.capture.loading import load_checkpoint_into, resolve_factory
-        from ibscope.capture.probe import check_forward_accepts, load_probe
-        from ibscope.capture.selectors import trace_modules
-
-        if batch_size < 1:
-            raise UsageError(f"--batch-size must be >= 1. Got {batch_size}.")
-        from ibscope.capture.hf import is_hf_spec
-
-        build = resolve_factory(model, _model_args(model_args))
-        net = build(checkpoint) if is_hf_spec(model) else build()
-        if checkpoint is not None:
-            load_checkpoint_into(net, checkpoint, trust_checkpoint=trust_checkpoint, safe_globals=safe_globals)
-        dev = resolve_device(device)
-        net.to(dev).eval()
-        pr = load_probe(probe, max_samples=batch_size)
-        check_forward_accepts(net, pr)
-        x = pr.batch(0, pr.n, dev)
-        traces = trace_modules(net, x)
-        plan = None
-        if layers:
-            with torch.no_grad():
-                _, _, plan, _ = plan_layers(net, x, list(layers), _parse_reduce(reduce))
-        rows = [{"name": t.name or "(model)", "type": t.type, "calls": t.calls, "output": t.outputs[0] if t.outputs else "",
-                 "params": t.n_params} for t in traces.values()]
-        inputs = pr.describe_inputs()
+        got = inspect_layers(model, probe, checkpoint=checkpoint, model_args=_model_args(model_args),
+                             layers=list(layers) if layers else None, reduce=_parse_reduce(reduce),
+                             batch_size=batch_size, device=device, trust_checkpoint=trust_checkpoint,
+                             safe_globals=safe_globals)
+        inputs, rows, plan = got["inputs"], got["modules"], got["selected"]
         if as_json:
             typer.echo(json.dumps({"inputs": inputs, "modules": rows, "selected": plan}, indent=2))
             return
@@ -257,8 +239,8 @@ def register(app: typer.Typer) -> None:
         for e in inputs:
             it.add_row(e["name"], "x".join(map(str, e["shape"])) or "scalar", e["dtype"], e["passed"], e["role"])
         console().print(it)
-        tab = Table(title=f"Modules of {model} (batch of {x.n}), in execution order", title_justify="left")
-        for col in ("module", "type", "calls", "output (first call)", "params"):
+        tab = Table(title=f"Modules of {model} (batch of {got['batch']}), in execution order", title_justify="left")
+        for col in ("module", "type", "calls", "output (first call)", "params (incl. children)"):
             tab.add_column(col)
         for r in rows:
             calls = str(r["calls"]) if r["calls"] != 1 else "1"
@@ -290,20 +272,8 @@ def register(app: typer.Typer) -> None:
         """
         from ibscope.store import Store
 
-        st = Store(store, skip_bad_shards=skip_bad_shards, warn=False)  # skipped shards are listed below
-        ckpts = [{"index": c.index, "epoch": c.epoch, "step": c.step, "epoch_exact": c.epoch_exact, "label": c.label,
-                  "path": c.path, "sha256": c.sha256[:12], "order_from": c.epoch_source or c.step_source,
-                  "epoch_source": c.epoch_source, "step_source": c.step_source, "metrics": c.metrics, "dtypes": sorted(set(c.dtypes.values())),
-                  "jacobian_layers": len(c.jacobian_layers)} for c in st.checkpoints]
-        summary = {
-            "store": str(st.dir), "format_version": st.format_version, "ibscope_version": st.attrs.get("ibscope_version"),
-            "created": st.attrs.get("created"), "n_samples": st.n_samples,
-            "labels": None if st.labels is None else {"dtype": str(st.labels.dtype),
-                                                      "classes": int(len(set(st.labels.reshape(len(st.labels), -1)[:, 0].tolist())))},
-            "inputs": [int(s) for s in st.input_shape] if st.has_inputs else None, "config": st.config,
-            "layers": {n: st.layer_meta(n) for n in st.layers}, "checkpoints": ckpts,
-            "skipped": [{"file": b["file"], "reason": b["reason"]} for b in st.skipped],
-        }
+        summary = Store(store, skip_bad_shards=skip_bad_shards, warn=False).summary()  # skipped shards listed below
+        ckpts, skipped = summary["checkpoints"], summary["skipped"]
         if as_json:
             typer.echo(json.dumps(summary, indent=2, default=str))
             return
@@ -311,18 +281,18 @@ def register(app: typer.Typer) -> None:
         from rich.table import Table
 
         c = console()
-        cfg = st.config
-        c.print(f"[bold]{st.dir}[/]  format v{st.format_version}, ibscope {summary['ibscope_version']}, created {summary['created']}")
+        cfg = summary["config"]
+        c.print(f"[bold]{summary['store']}[/]  format v{summary['format_version']}, ibscope {summary['ibscope_version']}, "
+                f"created {summary['created']}")
         c.print(f"run={cfg.get('run')} split={cfg.get('split')} model={cfg.get('model')} dtype={cfg.get('dtype')}")
-        lab = summary["labels"]
-        c.print(f"probe: {st.n_samples} samples from {cfg.get('probe')}; labels: "
+        lab, inp = summary["labels"], summary["inputs"]
+        c.print(f"probe: {summary['n_samples']} samples from {cfg.get('probe')}; labels: "
                 f"{'none' if lab is None else str(lab['classes']) + ' distinct (' + lab['dtype'] + ')'}; inputs: "
-                f"{'not stored' if not st.has_inputs else 'x'.join(map(str, st.input_shape))}")
+                f"{'not stored' if inp is None else 'x'.join(map(str, inp))}")
         lt = Table(title="Layers", title_justify="left")
         for col in ("#", "layer", "type", "reduction", "raw shape", "dims"):
             lt.add_column(col)
-        for i, n in enumerate(st.layers):
-            m = st.layer_meta(n)
+        for i, (n, m) in enumerate(summary["layers"].items()):
             lt.add_row(str(i), n, str(m.get("type", "")), str(m.get("reduction", "")),
                        "x".join(map(str, m.get("raw_shape") or [])), str(m.get("dims", "")))
         c.print(lt)
@@ -336,8 +306,8 @@ def register(app: typer.Typer) -> None:
                        Path(r["path"]).name, r["sha256"], ",".join(r["dtypes"]), str(r["jacobian_layers"] or ""),
                        ", ".join(f"{k}={v:.4g}" for k, v in r["metrics"].items()))
         c.print(ct)
-        if st.skipped:
-            c.print(f"[bold yellow]Skipped {len(st.skipped)} bad shard(s)[/] (--skip-bad-shards); "
+        if skipped:
+            c.print(f"[bold yellow]Skipped {len(skipped)} bad shard(s)[/] (--skip-bad-shards); "
                     "`ibscope capture ... --resume` re-captures truncated or corrupt ones:")
-            for b in st.skipped:
+            for b in skipped:
                 c.print(f"  {escape(b['file'])}: {escape(b['reason'])}", soft_wrap=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Literal, Optional
 
 import typer
 
@@ -44,13 +44,15 @@ def register(app: typer.Typer) -> None:
             None, "--tol", help="Per-curve tolerance: SELECTOR:key=value[,key=value]; SELECTOR is a quantity or "
                                 "estimator name (glob ok) or FIELD=PATTERN; keys rtol, atol, sigma, fail_on "
                                 "(both|decrease|increase). E.g. --tol 'I(T;Y):rtol=0.05,fail_on=decrease'. Repeatable."),
-        unit: Optional[str] = typer.Option(None, "--unit", help="Unit in which information is compared: nats or bits (default nats)."),
-        missing: Optional[str] = typer.Option(
-            None, "--missing", help="A baseline curve or point absent from the results: fail, warn or ignore (default fail)."),
-        extra: Optional[str] = typer.Option(
-            None, "--extra", help="A curve or point not in the baseline: fail, warn or ignore (default warn)."),
-        align: Optional[str] = typer.Option(
-            None, "--align", help="Align curves on epoch, step or checkpoint; auto picks the first that every row has (default auto)."),
+        unit: Optional[Literal["nats", "bits"]] = typer.Option(
+            None, "--unit", help="Unit in which information is compared (default nats)."),
+        missing: Optional[Literal["fail", "warn", "ignore"]] = typer.Option(
+            None, "--missing", help="A baseline curve or point absent from the results (default fail)."),
+        extra: Optional[Literal["fail", "warn", "ignore"]] = typer.Option(
+            None, "--extra", help="A curve or point not in the baseline (default warn)."),
+        align: Optional[Literal["auto", "epoch", "step", "checkpoint"]] = typer.Option(
+            None, "--align", help="The x axis the curves are aligned on; auto picks the first of epoch, step, checkpoint "
+                                  "that every row has (default auto)."),
         seeds: Optional[bool] = typer.Option(
             None, "--seeds/--no-seeds", help="Pool runs as seeds (compare means; spread gives sigma). "
                                              "Default: pool when --sigma is set and the baseline holds several runs."),

@@ -8,69 +8,10 @@ from typing import List, Optional
 
 import typer
 
-from ibscope.cli._common import console, guard, load_mapping, parse_kv
 from ibscope._locks import DEFAULT_LOCK_TIMEOUT
-from ibscope.errors import DataError, UsageError, did_you_mean
+from ibscope.cli._common import console, guard, parse_kv, reporter
+from ibscope.errors import DataError, UsageError
 from ibscope.estimate import DEFAULT_NULL_PERMUTATIONS
-
-CONFIG_KEYS = ("estimators", "params", "x_source", "device", "jobs", "layers", "out", "null_permutations", "null_seed",
-               "description", "reference", "scheduler", "scheduler_file")
-#: keys of a pipeline config's `estimate:` section that only `ibscope run` uses
-PIPELINE_ONLY = ("probes",)
-
-
-def read_config(path: Path) -> dict:
-    """Read an estimate preset (YAML/JSON). A pipeline config's `estimate:` section also works."""
-    if not path.exists():
-        packaged = Path(__file__).resolve().parents[1] / "configs" / (path.name if path.suffix else path.name + ".yaml")
-        if str(path) == path.name and packaged.exists():  # a bare preset name: the installed copy
-            path = packaged
-        else:
-            names = sorted(p.stem for p in packaged.parent.glob("*.yaml"))
-            raise UsageError(f"Config file not found: '{path}'.{did_you_mean(path.stem, names)}",
-                             hint="Pass a YAML file, or a preset name: " + ", ".join(names))
-    cfg = load_mapping(str(path), "--config")
-    nested = isinstance(cfg.get("estimate"), dict)
-    if nested:
-        cfg = {k: v for k, v in cfg["estimate"].items() if k not in PIPELINE_ONLY}
-    for key in cfg:
-        if key not in CONFIG_KEYS:
-            raise UsageError(f"Unknown key '{key}' in config '{path}'.{did_you_mean(key, CONFIG_KEYS)}",
-                             hint="Valid keys: " + ", ".join(CONFIG_KEYS))
-    names: list[str] = []
-    params: dict = {}
-    raw = cfg.get("estimators") or []
-    if isinstance(raw, str):
-        raw = [raw]
-    if isinstance(raw, dict):
-        raw = [{k: v} for k, v in raw.items()]
-    if not isinstance(raw, list):
-        raise UsageError(f"'estimators' in '{path}' must be a list of names. Got {type(raw).__name__}.")
-    for item in raw:
-        if isinstance(item, str):
-            names.append(item)
-        elif isinstance(item, dict) and len(item) == 1:
-            (name, p), = item.items()
-            names.append(str(name))
-            if p:
-                if not isinstance(p, dict):
-                    raise UsageError(f"Parameters of '{name}' in '{path}' must be a mapping. Got {p!r}.")
-                params.setdefault(str(name), {}).update(p)
-        else:
-            raise UsageError(f"Each entry of 'estimators' in '{path}' must be a name or {{name: {{param: value}}}}. "
-                             f"Got {item!r}.")
-    extra = cfg.get("params") or {}
-    if not isinstance(extra, dict) or not all(isinstance(v, dict) or v is None for v in extra.values()):
-        raise UsageError(f"'params' in '{path}' must map estimator names to {{param: value}}. Got {extra!r}.")
-    for name, p in extra.items():
-        params.setdefault(str(name), {}).update(p or {})
-    layers = cfg.get("layers")
-    if isinstance(layers, str):
-        layers = [layers]
-    return {"estimators": names, "params": params, "x_source": cfg.get("x_source"), "device": cfg.get("device"),
-            "jobs": cfg.get("jobs"), "layers": layers, "out": cfg.get("out"),
-            "null_permutations": cfg.get("null_permutations"), "null_seed": cfg.get("null_seed"),
-            "scheduler": cfg.get("scheduler"), "scheduler_file": cfg.get("scheduler_file")}
 
 
 def parse_params(items: list[str] | None) -> dict[str, dict[str, str]]:
@@ -103,7 +44,8 @@ def register(app) -> None:
         param: Optional[List[str]] = typer.Option(None, "--param", metavar="NAME.KEY=VALUE",
                                                   help="Estimator parameter (repeatable), e.g. binning.n_bins=30."),
         config: Optional[Path] = typer.Option(None, "-c", "--config", help="YAML preset (e.g. configs/saxe-kde.yaml): "
-                                              "estimators, params, x_source, layers, device, jobs. Options given on "
+                                              "estimators, params, x_source, layers, device, jobs, null_permutations, null_seed, "
+                                              "strict, out. Options given on "
                                               "the command line win."),
         device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (default auto)."),
         jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="CPU worker processes over (checkpoint, layer) "
@@ -171,17 +113,16 @@ def register(app) -> None:
 
         On a Dask cluster: ibscope estimate acts/ -o results.csv --scheduler tcp://HOST:8786 (docs/scaling.md)
         """
-        cfg = read_config(config) if config else {"estimators": [], "params": {}}
-        cli_params = parse_params(param)
-        if estimator:
-            names = list(estimator)
-            params = {k: v for k, v in (cfg.get("params") or {}).items() if k in names}
-        else:
-            names = cfg.get("estimators") or ["binning", "ksg"]
-            params = dict(cfg.get("params") or {})
-        for name, p in cli_params.items():
+        from ibscope.pipeline import EstimateSection, load_estimate_preset
+
+        preset = load_estimate_preset(config) if config else EstimateSection()
+        names = list(estimator) if estimator else list(preset.estimators)
+        # -e picks estimators (the preset's parameters of other ones are not used); without -e, parameters
+        # of an estimator the preset does not list are an error of run_estimate
+        params = preset.params_of(names if estimator else preset.params)
+        for name, p in parse_params(param).items():
             params.setdefault(name, {}).update(p)
-        out_path = out or (Path(cfg["out"]) if cfg.get("out") else Path("results.csv"))
+        out_path = out or Path(preset.out or "results.csv")
         from ibscope.estimate import run_estimate, summary_lines
 
         c = console()
@@ -193,19 +134,20 @@ def register(app) -> None:
             warnings.showwarning = show
             res = run_estimate(
                 stores, out_path, names, params,
-                device=device or cfg.get("device") or "auto", force=force,
-                jobs=jobs if jobs is not None else (cfg.get("jobs") if cfg.get("jobs") is not None else 1),
-                x_source=x_source or cfg.get("x_source"), layers=list(layer) if layer else cfg.get("layers"),
-                progress=not quiet, strict=False, skip_bad_shards=skip_bad_shards, lock_timeout=lock_timeout,
-                null_permutations=_first(null_permutations, cfg.get("null_permutations"), DEFAULT_NULL_PERMUTATIONS),
-                null_seed=_first(null_seed, cfg.get("null_seed"), 0),
-                scheduler=scheduler if scheduler is not None or scheduler_file is not None else cfg.get("scheduler"),
+                device=device or preset.device or "auto", force=force,
+                jobs=jobs if jobs is not None else preset.jobs,
+                x_source=x_source or preset.x_source, layers=list(layer) if layer else preset.layers,
+                progress=not quiet, reporter=reporter(quiet), strict=False, skip_bad_shards=skip_bad_shards,
+                lock_timeout=lock_timeout,
+                null_permutations=_first(null_permutations, preset.null_permutations, DEFAULT_NULL_PERMUTATIONS),
+                null_seed=_first(null_seed, preset.null_seed, 0),
+                scheduler=scheduler if scheduler is not None or scheduler_file is not None else preset.scheduler,
                 scheduler_file=scheduler_file if scheduler is not None or scheduler_file is not None
-                else cfg.get("scheduler_file"),
+                else preset.scheduler_file,
             )
         prov = res.provenance
         # skipped shards were named once when the store was opened (and are listed in the provenance)
-        for line in summary_lines(res, strict=strict):
+        for line in summary_lines(res, strict=strict or preset.strict):
             c.print(line, markup=False, soft_wrap=True)
         eng = prov.get("engine") or {}
         if not quiet and eng.get("engine") == "dask":
@@ -214,7 +156,7 @@ def register(app) -> None:
         if not quiet:
             c.print(f"Wrote {len(res)} rows ({prov.get('cells_computed', 0)} cell(s) computed, "
                     f"{prov.get('rows_kept_from_existing', 0)} row(s) kept) to {out_path}", markup=False)
-        if strict and prov.get("noted_cells"):
+        if (strict or preset.strict) and prov.get("noted_cells"):
             raise DataError(f"--strict: {prov['noted_cells']} cell(s) could not be estimated (listed above); "
                             f"the results were written to {out_path} with those cells noted.")
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import typer
 
 from ibscope._version import __version__
+from ibscope.cli._help import IbscopeGroup, polish_app
 
 app = typer.Typer(
+    cls=IbscopeGroup,
     name="ibscope",
     help=(
         "Information planes, representation geometry and OOD reports for your own PyTorch runs.\n\n"
@@ -39,6 +41,7 @@ def _register_all() -> None:
 
     for mod in (run, sweep, capture, estimate, plot, validate, ood, check):
         mod.register(app)
+    polish_app(app)  # help re-flowed, no <bool> on flags, choice errors with a did-you-mean (cli/_help.py)
 
 
 _register_all()

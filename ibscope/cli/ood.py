@@ -3,26 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Literal, Optional
 
 import typer
 
-from ibscope.cli._common import console, guard, setup_logging
+from ibscope.cli._common import console, guard, parse_kv, reporter, setup_logging
 from ibscope.errors import UsageError
 
 
 def _parse_ood(items: list[str]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for it in items or []:
-        if "=" not in it:
-            raise UsageError(f"--ood expects NAME=STORE. Got {it!r}.", hint="e.g. --ood noise=stores/noise")
-        name, path = (s.strip() for s in it.split("=", 1))
-        if not name or not path:
-            raise UsageError(f"--ood expects NAME=STORE with both parts non-empty. Got {it!r}.")
-        if name in out:
-            raise UsageError(f"OOD set name {name!r} is given twice.")
-        out[name] = path
-    return out
+    return parse_kv(items, "--ood", form="NAME=STORE", example="noise=stores/noise", nonempty=True,
+                    unique="OOD set name")
 
 
 def _split_list(values: list[str] | None) -> list[str]:
@@ -55,12 +46,12 @@ def ood(
     val: Optional[Path] = typer.Option(None, "--val", help="Store of in-distribution validation data for the threshold. Default: hold out --val-frac of --fit."),
     val_frac: float = typer.Option(0.2, "--val-frac", help="Share of --fit held out (not fitted) to set the threshold when no --val is given."),
     checkpoint: str = typer.Option("-1", "--checkpoint", "-c", help="Checkpoint index in the fit store (-1 = last), a comma list, or 'all'."),
-    covariance: str = typer.Option("auto", "--covariance", help="Mahalanobis covariance: empirical (MLE), ledoit-wolf (shrinkage), or auto (ledoit-wolf when n_fit < 10 x dims)."),
+    covariance: Literal["auto", "empirical", "ledoit-wolf"] = typer.Option("auto", "--covariance", help="Mahalanobis covariance: empirical (MLE), ledoit-wolf (shrinkage), or auto (ledoit-wolf when n_fit < 10 x dims)."),
     class_conditional: bool = typer.Option(False, "--class-conditional/--single-gaussian", help="Mahalanobis with one mean per class and a shared covariance (Lee et al.; needs labels) or one Gaussian (Woodland et al.)."),
     ridge: float = typer.Option(0.0, "--ridge", help="Explicit ridge for the covariance: eps x mean variance added to the diagonal (0 = none)."),
     normalize: bool = typer.Option(True, "--normalize/--no-normalize", help="L2-normalise features for k-NN (Sun et al.)."),
-    backend: str = typer.Option("auto", "--backend", help="k-NN search: torch (exact, chunked, CPU or GPU), faiss (exact, CPU, if installed), auto (= torch)."),
-    search: str = typer.Option("auto", "--search", help="k-NN search: brute (exact brute force), tree (scipy KD-tree, CPU), auto (the tree for <= 8 feature dims on CPU, else brute)."),
+    backend: Literal["auto", "torch", "faiss"] = typer.Option("auto", "--backend", help="k-NN search: torch (exact, chunked, CPU or GPU), faiss (exact, CPU, if installed), auto (= torch)."),
+    search: Literal["auto", "brute", "tree"] = typer.Option("auto", "--search", help="k-NN search: brute (exact brute force), tree (scipy KD-tree, CPU), auto (the tree for <= 8 feature dims on CPU, else brute)."),
     tpr: float = typer.Option(0.95, "--tpr", help="Share of in-distribution validation samples the threshold keeps (and the TPR of the FPR@TPR metrics)."),
     bootstrap: int = typer.Option(200, "--bootstrap", help="Bootstrap replicates for the confidence intervals (0 = none)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the validation hold-out, bootstrap and UMAP."),
@@ -95,7 +86,7 @@ def ood(
         val=str(val) if val is not None else None, val_frac=val_frac, checkpoint=chk, covariance=covariance,
         class_conditional=class_conditional, ridge=ridge, normalize=normalize, backend=backend, search=search, tpr=tpr,
         n_bootstrap=bootstrap, seed=seed, device=device, memory_limit=memory_limit, raw_shape=shape,
-        out_dir=out, figures=figures, progress=not quiet, skip_bad_shards=skip_bad_shards,
+        out_dir=out, figures=figures, progress=not quiet, reporter=reporter(quiet), skip_bad_shards=skip_bad_shards,
     )
     from ibscope.ood.runner import ckpt_name
 

@@ -8,34 +8,17 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Literal, Optional
 
 import typer
 
 from ibscope.cli._common import console, guard, setup_logging
+from ibscope.cli._common import progress_callback as _progress
 
 _KINDS_HELP = ("info-plane (snapshot view: a line per checkpoint across layers), trajectory (a line per layer "
                "across checkpoints), estimators (one panel per estimator setting, identical axes), curves "
                "(each quantity against epoch), metrics (accuracy/loss), animation (GIF/MP4). Repeatable. "
                "Default: every kind the results support except the animation.")
-
-
-def _progress(quiet: bool, what: str):
-    """A rich progress bar on stderr fed by the library's callback(done, total, name)."""
-    if quiet:
-        return None, None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-    bar = Progress(TextColumn(f"[bold]{what}[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
-                   console=console(), transient=True)
-    state: dict = {}
-
-    def cb(done: int, total: int, name) -> None:
-        if "task" not in state:
-            state["task"] = bar.add_task("", total=total)
-        bar.update(state["task"], completed=done, total=total, description=str(getattr(name, "name", name)))
-
-    return bar, cb
 
 
 def _bool_or_auto(value: str, what: str) -> Optional[bool]:
@@ -74,15 +57,15 @@ def register(app: typer.Typer) -> None:
         out: Optional[Path] = typer.Option(
             None, "--out", "-o", help="Folder for the figures. \\[default: <results stem>_plots/ next to the results]"),
         kind: Optional[List[str]] = typer.Option(None, "--kind", "-k", help=_KINDS_HELP),
-        unit: str = typer.Option("bits", "--unit", "-u", help="Unit of information on the axes: bits or nats."),
-        fmt: str = typer.Option("png", "--format", "-f", help="Figure file format: png, svg or pdf."),
+        unit: Literal["nats", "bits"] = typer.Option("bits", "--unit", "-u", help="Unit of information on the axes."),
+        fmt: Literal["png", "svg", "pdf"] = typer.Option("png", "--format", "-f", help="Figure file format."),
         quantity: Optional[List[str]] = typer.Option(
             None, "--quantity", help="Only these quantities, e.g. 'I(X;T)', effective_rank. Repeatable."),
         estimator: Optional[List[str]] = typer.Option(None, "--estimator", "-e", help="Only these estimators. Repeatable."),
         split: Optional[List[str]] = typer.Option(None, "--split", "-s", help="Only these probe splits (e.g. train, test)."),
         run: Optional[List[str]] = typer.Option(None, "--run", "-r", help="Only these runs / seeds. Repeatable."),
         layer: Optional[List[str]] = typer.Option(None, "--layer", "-l", help="Only these layers. Repeatable."),
-        runs: str = typer.Option(
+        runs: Literal["median", "all"] = typer.Option(
             "median", "--runs", help="Several runs: 'median' (median line, inter-quantile band/bars) or 'all' "
                                      "(every run faint, median bold)."),
         band: str = typer.Option("25:75", "--band", help="Percentiles LO:HI of the band across runs."),
@@ -91,11 +74,11 @@ def register(app: typer.Typer) -> None:
                                    "Epochs starting at 0 use a symlog axis (linear below 1)."),
         animate: bool = typer.Option(False, "--animate", help="Also write an animation of the plane over epochs "
                                                               "(epoch counter; accuracy/loss panel when present)."),
-        animation_format: str = typer.Option(
+        animation_format: Literal["auto", "gif", "mp4"] = typer.Option(
             "auto", "--animation-format", help="gif, mp4 (needs ffmpeg on PATH) or auto (mp4 when ffmpeg is found)."),
         fps: float = typer.Option(2.0, "--fps", help="Frames (checkpoints) per second of the animation."),
         dpi: int = typer.Option(150, "--dpi", help="Resolution of raster figures."),
-        null: str = typer.Option(
+        null: Literal["band", "subtract", "off"] = typer.Option(
             "band", "--null", help="Permutation nulls in the table (columns null_mean, null_std): 'band' draws "
                                    "null_mean ± 2·null_std per layer, hatched (chance level; an estimate inside it "
                                    "is not distinguishable from chance); 'subtract' plots value − null_mean; 'off' "
@@ -119,16 +102,12 @@ def register(app: typer.Typer) -> None:
         from ibscope.plot import plot_results
 
         setup_logging(quiet=quiet)
-        bar, cb = _progress(quiet, "plot")
         kw = dict(kinds=kind or None, unit=unit, fmt=fmt, quantities=quantity, estimators=estimator, splits=split,
                   runs=run, layers=layer, runs_mode=runs, band=band, logx=_bool_or_auto(logx, "--logx"),
                   dpi=dpi, animate=animate, animation_format=animation_format, fps=fps, null=null,
-                  validation=validation, callback=cb)
-        if bar is not None:
-            with bar:
-                paths = plot_results([str(p) for p in results], out, **kw)
-        else:
-            paths = plot_results([str(p) for p in results], out, **kw)
+                  validation=validation)
+        with _progress(quiet, "plot") as cb:
+            paths = plot_results([str(p) for p in results], out, callback=cb, **kw)
         if not quiet:
             c = console()
             folder = paths[0].parent if paths else out
@@ -153,10 +132,11 @@ def register(app: typer.Typer) -> None:
             None, "--out", "-o", help="HTML file to write. \\[default: <results stem>_report.html next to the results]"),
         ood: Optional[Path] = typer.Option(
             None, "--ood", help="ood_metrics.json (or its folder) written by `ibscope ood`: adds the OOD section."),
-        unit: str = typer.Option("bits", "--unit", "-u", help="Unit of information in figures and tables: bits or nats."),
+        unit: Literal["nats", "bits"] = typer.Option("bits", "--unit", "-u", help="Unit of information in figures and tables."),
         kind: Optional[List[str]] = typer.Option(
             None, "--kind", "-k", help="Figure kinds to include (as in `ibscope plot`, without animation)."),
-        runs: str = typer.Option("median", "--runs", help="Several runs: 'median' (with band) or 'all' (each faint)."),
+        runs: Literal["median", "all"] = typer.Option(
+            "median", "--runs", help="Several runs: 'median' (with band) or 'all' (each faint)."),
         figures_dir: Optional[Path] = typer.Option(
             None, "--figures-dir", help="Folder of PNGs from `ibscope plot` on the same results: those newer than "
                                         "the results are embedded as they are, the others drawn and saved there."),
@@ -166,8 +146,8 @@ def register(app: typer.Typer) -> None:
         validation: Optional[Path] = typer.Option(
             None, "--validation", help="Folder (or validation.csv) written by `ibscope validate`: its table of "
                                        "biases and its figure go into the section 'Can these numbers be trusted?'."),
-        null: str = typer.Option("band", "--null", help="How figures show permutation nulls: band, subtract or off "
-                                                        "(as in `ibscope plot`)."),
+        null: Literal["band", "subtract", "off"] = typer.Option(
+            "band", "--null", help="How figures show permutation nulls (as in `ibscope plot`)."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no final message."),
     ) -> None:
         """Write one self-contained HTML report: planes, curves, tables of numbers, provenance, OOD.
@@ -180,16 +160,12 @@ def register(app: typer.Typer) -> None:
         from ibscope.report import write_report
 
         setup_logging(quiet=quiet)
-        bar, cb = _progress(quiet, "report")
         kw = dict(ood=ood, figures_dir=figures_dir, unit=unit, title=title, kinds=kind or None, runs_mode=runs,
-                  max_columns=max_columns, validation=validation, null=null, callback=cb)
+                  max_columns=max_columns, validation=validation, null=null)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            if bar is not None:
-                with bar:
-                    path = write_report([str(p) for p in results], out, **kw)
-            else:
-                path = write_report([str(p) for p in results], out, **kw)
+            with _progress(quiet, "report") as cb:
+                path = write_report([str(p) for p in results], out, callback=cb, **kw)
         for w in caught:  # e.g. an OOD figure listed in the JSON but missing: said, not hidden
             console().print(f"[yellow]Warning:[/] {w.message}", soft_wrap=True)
         if not quiet:

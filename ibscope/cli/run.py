@@ -8,9 +8,9 @@ from typing import List, Optional
 import typer
 
 from ibscope._locks import DEFAULT_LOCK_TIMEOUT as LOCK_TIMEOUT  # a light module: --help stays fast
-from ibscope.cli._common import console, guard, setup_logging
+from ibscope.cli._common import console, guard, reporter, setup_logging
 
-STAGE_NAMES = "data, train, capture, estimate, plot, ood, report, check"
+STAGE_NAMES = "data, train, capture, estimate, plot, ood, report, check"  # ibscope.pipeline.STAGES (kept light)
 
 
 def _summary(res, title: str) -> None:
@@ -40,7 +40,7 @@ def register(app: typer.Typer) -> None:
         skip_bad_shards: bool = typer.Option(False, "--skip-bad-shards", help="estimate and ood skip corrupt, foreign or partial shards and list them, instead of exit 4 (config: skip_bad_shards)."),
         safe_globals: Optional[List[str]] = typer.Option(None, "--safe-globals", metavar="MODULE.CLASS", help="Allow this class in checkpoints loaded with weights_only (repeatable; added to capture.safe_globals)."),
         lock_timeout: float = typer.Option(LOCK_TIMEOUT, "--lock-timeout", metavar="SECONDS", help="Wait this long for another run writing the same output folder, then stop (0: at once; -1: no limit)."),
-        show_schema: bool = typer.Option(False, "--show-schema", help="Print every config key with its type and default, then exit."),
+        show_schema: bool = typer.Option(False, "--show-schema", help="Print the config's JSON Schema (every key with its type, default, constraints and description), then exit."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display; only errors."),
     ) -> None:
         """Run the pipeline of one YAML config: data -> train -> capture -> estimate -> plot -> ood -> report -> check.
@@ -49,10 +49,12 @@ def register(app: typer.Typer) -> None:
 
         Example: ibscope run configs/demo-tanh.yaml -o runs/tanh --quick
         """
-        from ibscope.pipeline import describe_schema, parse_overrides, run_pipeline
+        from ibscope.pipeline import RunConfig, parse_overrides, run_pipeline
 
         if show_schema:
-            typer.echo(describe_schema())
+            import json
+
+            typer.echo(json.dumps(RunConfig.model_json_schema(), indent=2))
             raise typer.Exit()
         if config is None:
             from ibscope.errors import UsageError
@@ -62,7 +64,8 @@ def register(app: typer.Typer) -> None:
         setup_logging(quiet=True)
         res = run_pipeline(config, out=out, quick=quick, overrides=parse_overrides(set_), force=force, only=only,
                            until=until, device=device, progress=not quiet, quiet=quiet, strict=strict,
-                           skip_bad_shards=skip_bad_shards, safe_globals=safe_globals or (), lock_timeout=lock_timeout)
+                           skip_bad_shards=skip_bad_shards, safe_globals=safe_globals or (), lock_timeout=lock_timeout,
+                           reporter=reporter(quiet))
         if not quiet:
             _summary(res, f"ibscope run: {res.name}")
             c = console()
@@ -92,11 +95,11 @@ def register(app: typer.Typer) -> None:
 
         Example: ibscope demo --out ibscope-demo
         """
-        from ibscope.pipeline import run_demo
+        from ibscope.demo.run import run_demo
 
         setup_logging(quiet=True)
         res = run_demo(out, quick=quick, force=force, device=device, progress=not quiet, quiet=quiet,
-                       lock_timeout=lock_timeout)
+                       lock_timeout=lock_timeout, reporter=reporter(quiet))
         c = console()
         if not quiet:
             for name, r in res.runs.items():

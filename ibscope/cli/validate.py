@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Literal, Optional
 
 import typer
 
-from ibscope.cli._common import console, guard, setup_logging
+from ibscope.cli._common import console, guard, progress_callback, setup_logging
 
 
 def register(app: typer.Typer) -> None:
@@ -47,7 +47,7 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("cpu", "--device", help="Where the estimators run: cpu, cuda, cuda:N or auto."),
         no_store: bool = typer.Option(False, "--no-store", help="Do not read the activation store named in the "
                                                                 "results' provenance (no layer-matched tasks)."),
-        unit: str = typer.Option("bits", "--unit", "-u", help="Unit of the figure and the summary (the CSV is in nats)."),
+        unit: Literal["nats", "bits"] = typer.Option("bits", "--unit", "-u", help="Unit of the figure and the summary (the CSV is in nats)."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary."),
     ) -> None:
         """Run each estimator of RESULTS on synthetic tasks whose answer is known, at the same n and dims.
@@ -72,30 +72,12 @@ def register(app: typer.Typer) -> None:
             raise UsageError(f"--unit must be bits or nats. Got {unit!r}.")
         setup_logging(quiet=quiet)
         c = console()
-        bar = None
-        state: dict = {}
-        if not quiet:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            bar = Progress(TextColumn("[bold]validate[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                           TextColumn("{task.description}"), console=c, transient=True)
-
-        def cb(done: int, total: int, label: str) -> None:
-            if bar is None:
-                return
-            if "task" not in state:
-                state["task"] = bar.add_task("", total=total)
-            bar.update(state["task"], completed=done, total=total, description=label)
-
         t0 = time.perf_counter()
         kw = dict(repeats=repeats, seed=seed, max_n=max_n, max_widths=max_widths, families=task or None,
                   estimators=estimator or None,
-                  quantities=quantity or None, device=device, use_store=not no_store, progress=cb, unit=unit)
-        if bar is not None:
-            with bar:
-                run = validate_results(results, out, **kw)
-        else:
-            run = validate_results(results, out, **kw)
+                  quantities=quantity or None, device=device, use_store=not no_store, unit=unit)
+        with progress_callback(quiet, "validate") as cb:
+            run = validate_results(results, out, progress=cb, **kw)
         if not quiet:
             c.print(f"Validated {len({(r['estimator'], str(r['params']), r['quantity'], r['dims']) for r in run.rows})}"
                     f" estimate setting(s) on {len(run.rows)} task(s) in {time.perf_counter() - t0:.1f} s "

@@ -4,6 +4,7 @@
 * :mod:`ibscope.demo.models` - ``ib_net`` (12-10-7-5-4-3-2, tanh/ReLU) and ``digits_mlp``.
 * :mod:`ibscope.demo.train` - deterministic training with log-spaced canonical checkpoints.
 * :mod:`ibscope.demo.digits` - scikit-learn's digits with held-out and transformed OOD sets.
+* :mod:`ibscope.demo.run` - ``ibscope demo``: the tanh and ReLU runs and their side-by-side planes.
 
-The pipeline that runs them is :mod:`ibscope.pipeline` (``ibscope run`` / ``ibscope demo``).
+The pipeline that runs them is :mod:`ibscope.pipeline` (``ibscope run``).
 """

@@ -10,6 +10,7 @@ import warnings
 import torch
 
 from ibscope.errors import DataError, UsageError
+from ibscope.estimators._fast import row_codes
 from ibscope.estimators.base import as_tensor, check_pair, is_discrete
 
 
@@ -21,18 +22,24 @@ def pair(est, x, y):
 
 
 def codes(t: torch.Tensor) -> torch.Tensor:
-    """One int64 symbol per row of a discrete (n, d) tensor (equal rows -> equal symbol)."""
-    if t.shape[1] == 1:
-        _, inv = torch.unique(t[:, 0], return_inverse=True)
-    else:
-        _, inv = torch.unique(t, dim=0, return_inverse=True)
-    return inv.reshape(-1).to(torch.int64)
+    """One int64 symbol per row of a discrete (n, d) tensor (equal rows -> equal symbol): the
+    rank of the row among the distinct rows, as ``torch.unique(t, dim=0, return_inverse=True)``
+    numbers them, computed by :func:`ibscope.estimators._fast.row_codes` (~40x faster)."""
+    return row_codes(t)
 
 
-def entropy_codes(c: torch.Tensor) -> float:
-    """Plug-in (maximum-likelihood) entropy of the symbols ``c`` in nats."""
-    counts = torch.bincount(c).to(torch.float64)
-    counts = counts[counts > 0]
+def entropy_codes(c: torch.Tensor, compact: bool = False) -> float:
+    """Plug-in (maximum-likelihood) entropy of the symbols ``c`` in nats. ``compact``: every
+    symbol 0..max occurs (as :func:`codes` numbers them), so no count is zero."""
+    return entropy_counts(torch.bincount(c), no_zeros=compact)
+
+
+def entropy_counts(counts: torch.Tensor, no_zeros: bool = False) -> float:
+    """Plug-in entropy (nats) of the symbol counts ``counts`` (zeros are skipped; ``no_zeros``:
+    the caller knows there are none)."""
+    counts = counts.to(torch.float64)
+    if not no_zeros:
+        counts = counts[counts > 0]
     p = counts / counts.sum()
     return float(-(p * p.log()).sum())
 
@@ -40,6 +47,32 @@ def entropy_codes(c: torch.Tensor) -> float:
 def joint_codes(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     nb = int(b.max()) + 1
     return codes((a * nb + b).reshape(-1, 1))
+
+
+#: joint codes spread over at most this many values (or 8 n) are counted with a bincount
+_DENSE_JOINT = 1 << 16
+
+
+def joint_entropy(a: torch.Tensor, b: torch.Tensor, ha: float | None = None, hb: float | None = None,
+                  ka: int | None = None, kb: int | None = None) -> float:
+    """``entropy_codes(joint_codes(a, b))`` of two symbol sequences (each numbered 0..k-1 with
+    every symbol present, as :func:`codes` numbers them), bit for bit, with less work: the
+    entropy needs only the counts of the pairs, in the order of their codes (a bincount of
+    the raw pair codes when they are dense, a sorted count otherwise). When every symbol of
+    one side occurs once (sample ids), every pair is distinct and H(A, B) is that side's
+    entropy ``ha`` / ``hb`` (the same n counts of 1). ``ka``/``kb``: the numbers of symbols
+    when known."""
+    n = int(a.shape[0])
+    ka = int(a.max()) + 1 if ka is None else ka
+    kb = int(b.max()) + 1 if kb is None else kb
+    if ka == n and ha is not None:
+        return ha
+    if kb == n and hb is not None:
+        return hb
+    joint = a * kb + b
+    if ka * kb <= max(8 * n, _DENSE_JOINT):
+        return entropy_counts(torch.bincount(joint, minlength=1))
+    return entropy_counts(torch.unique(joint, sorted=True, return_counts=True)[1])
 
 
 def plugin_mi(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:

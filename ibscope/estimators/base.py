@@ -26,9 +26,7 @@ from typing import Any, ClassVar
 
 from ibscope.errors import DataError, UsageError
 
-NATS = "nats"
-BITS = "bits"
-LN2 = math.log(2.0)
+from ibscope.units import BITS, LN2, NATS, conversion_factor  # noqa: F401 - re-exported (ibscope.estimators.base)
 
 
 @dataclass(frozen=True)
@@ -74,17 +72,6 @@ class Estimate:
 
     def __float__(self) -> float:
         return float(self.value)
-
-
-def conversion_factor(src: str, dst: str) -> float:
-    """Multiplicative factor from unit ``src`` to unit ``dst`` (nats <-> bits)."""
-    if src == dst:
-        return 1.0
-    if src == NATS and dst == BITS:
-        return 1.0 / LN2
-    if src == BITS and dst == NATS:
-        return LN2
-    raise UsageError(f"Cannot convert from unit '{src}' to '{dst}'. Expected 'nats' or 'bits'.")
 
 
 #: an estimate is *saturated* when it lies within this fraction of its cap

@@ -23,15 +23,21 @@ code; ``adaptive-binning`` is ibscope's variant of it (see their docstrings for 
 from __future__ import annotations
 
 import abc
+import collections
+import functools
+import hashlib
 import math
+import threading
 import warnings
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 
-from ibscope.estimators import _mi
-from ibscope.estimators.base import Estimate, Estimator, is_discrete
+from ibscope.estimators import _fast, _mi
+from ibscope.estimators import nulls as _nulls
+from ibscope.estimators.base import Estimate, Estimator, as_tensor, check_pair, is_discrete
+from ibscope.estimators.degenerate import constant_from
 from ibscope.estimators.registry import register
 
 
@@ -40,35 +46,149 @@ from ibscope.estimators.registry import register
 NULL_TABLE_CELLS = 2 ** 22  # 32 MiB of int64 counts
 
 
+class Side(NamedTuple):
+    """One prepared side of a binning estimate (see :meth:`_BinningMixin.side`)."""
+
+    t: torch.Tensor      # the converted (n, d) input
+    sym: torch.Tensor    # one int64 symbol per row
+    outside: int         # values outside [range_min, range_max]
+    h: float             # plug-in entropy of the symbols, nats
+    k: int               # number of symbols (they are 0..k-1)
+
+
+#: prepared sides kept for reuse by ``estimate`` (inputs of at most SIDE_CACHE_BYTES each)
+SIDE_CACHE_ENTRIES = 8
+SIDE_CACHE_BYTES = 1 << 22  # 4 MiB: hashing costs ~0.5 ms per MiB, far less than binning it
+_SIDES: collections.OrderedDict = collections.OrderedDict()
+_SIDE_LOCK = threading.Lock()
+
+
+def _side_key(est, v):
+    """A key for the prepared side of ``v``: the estimator's class and parameters, and the
+    dtype, shape and SHA-256 of the bytes of a numpy array or CPU tensor of a numeric dtype of
+    at most SIDE_CACHE_BYTES; None for anything else (not cached). Equal bytes, dtype and
+    shape convert and bin to the same side, so a hit gives what a fresh computation gives."""
+    import numpy as np
+
+    if isinstance(v, torch.Tensor):
+        if v.device.type != "cpu" or v.dtype in (torch.bfloat16, torch.complex32) or v.is_complex():
+            return None
+        kind, dtype = "torch", str(v.dtype)
+        try:
+            arr = v.detach().resolve_conj().resolve_neg().numpy()
+        except (TypeError, RuntimeError):
+            return None
+    elif isinstance(v, np.ndarray):
+        kind, dtype, arr = "numpy", v.dtype.str, v
+    else:
+        return None
+    if arr.dtype.kind not in "biuf" or arr.nbytes > SIDE_CACHE_BYTES or arr.ndim > 2:
+        return None
+    arr = np.ascontiguousarray(arr)
+    digest = hashlib.sha256(memoryview(arr).cast("B")).digest() if arr.size else b""
+    params = tuple(sorted((k, repr(val)) for k, val in est.params().items()))
+    return type(est), params, kind, dtype, tuple(arr.shape), digest
+
+
 class _BinningMixin:
     x_source: ClassVar[str] = "identity"
+    #: work linear in the input: problems with fewer elements than this run on one torch thread
+    #: (``ibscope.mutual_information`` / ``ibscope estimate``; see ibscope.estimators._fast.few_threads)
+    serial_below: ClassVar[int] = _fast.SERIAL_ELEMENTS
 
     @abc.abstractmethod
     def _bin(self, t: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Bin the activations ``t``: (symbols per row, number of bins) (each concrete estimator defines it)."""
 
-    def _symbols(self, t: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """One symbol per row (codes) and the number of values clamped into an edge bin."""
+    def _symbols(self, t: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        """One symbol per row (codes, numbered 0..k-1), k, and the number of values outside the
+        range."""
         if is_discrete(t):
-            return _mi.codes(t), 0
+            return (*_fast.row_codes_count(t), 0)
         b, o = self._bin(t)
-        return _mi.codes(b), o
+        return (*_fast.row_codes_count(b, self._bin_spans(t)), o)
+
+    def _bin_spans(self, t: torch.Tensor) -> list[int] | None:
+        """[k] * width when every bin index of ``t`` lies in [0, k) by construction (saves
+        finding each column's range), else None."""
+        return None
 
     @staticmethod
     def _mi_from(ha: float, hb: float, a: torch.Tensor, b: torch.Tensor) -> float:
-        mi = ha + hb - _mi.entropy_codes(_mi.joint_codes(a, b))
+        mi = ha + hb - _mi.joint_entropy(a, b, ha, hb)
         return max(mi, 0.0) if abs(mi) < 1e-12 else mi
 
+    # The estimate is computed from two prepared sides (a converted tensor, its symbols, the
+    # values outside the range, its plug-in entropy). ``estimate`` converts each input once and
+    # applies the rule for constant inputs itself (so the base class does not convert them a
+    # second time); ``ibscope estimate`` prepares the side that is the same for every cell of a
+    # store (the sample ids or the labels) once per store and reuses it (:meth:`estimate_sides`).
+    def side(self, v, name: str = "x") -> Side:
+        """Convert ``v`` as argument ``name`` (``as_tensor``) and bin it: all that the estimate
+        needs of one side, reusable with any other side of the same length and device."""
+        return self._side(as_tensor(v, name=name, estimator=self))
+
+    def _side(self, t: torch.Tensor) -> Side:
+        sym, k, outside = self._symbols(t)
+        return Side(t, sym, outside, _mi.entropy_codes(sym, compact=True), k)
+
     def estimate(self, x, y) -> Estimate:
-        return self._estimate(*self._prepared(x, y))
+        a, b = self._cached_side(x, "x"), self._cached_side(y, "y")
+        tx, ty = check_pair(a.t, b.t, self.name)
+        if ty is not b.t:  # y follows x's device
+            b = self._side(ty)
+        got = constant_from(self, (tx, ty))
+        if got is not None:
+            return got
+        return self._estimate(a, b, stacklevel=3)
 
-    def _prepared(self, x, y):
-        tx, ty = _mi.pair(self, x, y)
-        (sx, ox), (sy, oy) = self._symbols(tx), self._symbols(ty)
-        return tx, ty, sx, sy, ox, oy, _mi.entropy_codes(sx), _mi.entropy_codes(sy)
+    estimate._ibscope_degenerate_rule = True  # the rule is applied above, on the converted inputs
 
-    def _estimate(self, tx, ty, sx, sy, ox, oy, ha, hb) -> Estimate:
-        mi = self._mi_from(ha, hb, sx, sy)
+    def _cached_side(self, v, name: str) -> Side:
+        """:meth:`side` of ``v``, reusing the side of an input with the same bytes (see
+        :func:`_side_key`): a notebook that computes I(X;T) and I(T;Y) of a layer with the same
+        ids and labels in every cell bins the layer once and the ids and labels once."""
+        key = _side_key(self, v)
+        if key is not None:
+            with _SIDE_LOCK:
+                got = _SIDES.get(key)
+                if got is not None:
+                    _SIDES.move_to_end(key)
+                    return got
+        side = self.side(v, name)
+        if key is not None:
+            # a private copy: the converted tensor may share memory with the caller's array,
+            # which may be changed in place after this call
+            kept = side._replace(t=side.t.clone())
+            with _SIDE_LOCK:
+                _SIDES[key] = kept
+                while len(_SIDES) > SIDE_CACHE_ENTRIES:
+                    _SIDES.popitem(last=False)
+        return side
+
+    def estimate_sides(self, a: Side, b: Side, null_permutations: int = 0, null_seed: int = 0,
+                       perms: list | None = None) -> Estimate:
+        """The estimate of the prepared sides ``a`` (x) and ``b`` (y) (:meth:`side`), with its
+        permutation null when ``null_permutations`` > 0: the same Estimate, warnings and null
+        as ``estimate(x, y)`` and ``with_null(est, x, y, N, seed)``. ``perms``: the null's
+        permutations when the caller already drew them (``nulls.permutations(n, N, seed)``)."""
+        tx, ty = check_pair(a.t, b.t, self.name)
+        if ty is not b.t:  # another device: y follows x, as in estimate()
+            b = self._side(ty)
+        got = constant_from(self, (tx, ty))
+        if not null_permutations:
+            return got if got is not None else self._estimate(a, b, stacklevel=3)
+        if got is not None:  # permuting a constant changes nothing: the null is 0
+            return _nulls.attach(self, got, [0.0] * null_permutations, null_permutations, null_seed)
+        if perms is None:
+            perms = _nulls.permutations(int(tx.shape[0]), null_permutations, null_seed)
+        e = self._estimate(a, b, stacklevel=3)
+        return _nulls.attach(self, e, self._null(a.sym, b.sym, a.h, b.h, perms), null_permutations, null_seed)
+
+    def _estimate(self, a: Side, b: Side, stacklevel: int = 4) -> Estimate:
+        tx, ty, sx, sy, ox, oy, ha, hb = a.t, b.t, a.sym, b.sym, a.outside, b.outside, a.h, b.h
+        mi = ha + hb - _mi.joint_entropy(sx, sy, ha, hb, a.k, b.k)
+        mi = max(mi, 0.0) if abs(mi) < 1e-12 else mi
         dx, dy = is_discrete(tx), is_discrete(ty)
         cap = None
         if dx != dy:  # the discrete side bounds the information: log n for ids, H(Y) for labels
@@ -85,21 +205,24 @@ class _BinningMixin:
                 warnings.warn(
                     f"{self.name}: n_outside = {o} of {t.numel()} values of '{name}' ({100.0 * o / t.numel():.1f}%) "
                     f"lie outside [range_min, range_max] = [{lo:g}, {hi:g}] and {went} (observed range "
-                    f"[{float(t.min()):.4g}, {float(t.max()):.4g}]).", RuntimeWarning, stacklevel=4)
+                    f"[{float(t.min()):.4g}, {float(t.max()):.4g}]).", RuntimeWarning, stacklevel=stacklevel)
         return self._make(
             mi, n=tx.shape[0], dims=(tx.shape[1], ty.shape[1]), cap=cap,
-            extra={"H_x": ha, "H_y": hb, "n_symbols_x": int(sx.max()) + 1,
-                   "n_symbols_y": int(sy.max()) + 1, "n_outside": ox + oy},
+            extra={"H_x": ha, "H_y": hb, "n_symbols_x": a.k, "n_symbols_y": b.k, "n_outside": ox + oy},
         )
 
+    def _prepared(self, x, y) -> tuple[Side, Side]:
+        tx, ty = _mi.pair(self, x, y)
+        return self._side(tx), self._side(ty)
+
     def null_values(self, x, y, permutations) -> list[float]:
-        _, _, sx, sy, _, _, ha, hb = self._prepared(x, y)
-        return self._null(sx, sy, ha, hb, permutations)
+        a, b = self._prepared(x, y)
+        return self._null(a.sym, b.sym, a.h, b.h, permutations)
 
     def estimate_and_null(self, x, y, permutations):
         # the bins and both marginal entropies do not depend on the pairing: computed once for both
-        prep = self._prepared(x, y)
-        return self._estimate(*prep), self._null(prep[2], prep[3], prep[6], prep[7], permutations)
+        a, b = self._prepared(x, y)
+        return self._estimate(a, b), self._null(a.sym, b.sym, a.h, b.h, permutations)
 
     def _null(self, sx, sy, ha, hb, permutations) -> list[float]:
         # the joint entropies of all permutations come from one bincount of their contingency
@@ -114,6 +237,60 @@ class _BinningMixin:
         counts = counts.reshape(len(permutations), cells)
         hab = math.log(n) - torch.special.xlogy(counts, counts).sum(dim=1) / n
         return [max(v, 0.0) if abs(v) < 1e-12 else v for v in (ha + hb - hab).tolist()]
+
+
+@functools.lru_cache(maxsize=64)
+def _edge_tables(lo: float, hi: float, n_bins: int, dtype: torch.dtype, device: str):
+    """What binning against IDNNs-style edges needs, computed once per setting: the edges
+    ``linspace(lo, hi, n_bins + 1)`` rounded to float32 (in ``dtype``), and when they lie on an
+    equally spaced grid (every edge within a quarter of the spacing of its grid point), the
+    grid (origin, 1 / spacing) and the edge tables for the arithmetic digitize; else None.
+    Also the exact thresholds of "below lo" and "above hi" for values of ``dtype``."""
+    import numpy as np
+
+    e32 = np.linspace(lo, hi, n_bins + 1).astype(np.float32)
+    e = e32.astype(np.float64).tolist()
+    edges = torch.tensor(e, dtype=dtype, device=device)
+    m = n_bins
+    w = (e[-1] - e[0]) / m
+    grid = None
+    if w > 0 and all(b > a for a, b in zip(e, e[1:])) and max(abs(v - (e[0] + k * w)) for k, v in enumerate(e)) < w / 4:
+        inf = torch.tensor([math.inf], dtype=dtype, device=device)
+        below = torch.cat([-inf, edges, inf])   # below[k] = edges[k - 1]: the lower edge of digitize index k
+        above = torch.cat([edges, inf, inf])    # above[k] = edges[k]: the upper edge of index k
+        grid = (e[0], 1.0 / w, below, above)
+    # v < lo and v > hi for values of ``dtype``: a float32 v is below the float64 lo exactly when
+    # it is below the smallest float32 >= lo (and above hi when above the largest float32 <= hi)
+    if dtype == torch.float32:
+        with np.errstate(over="ignore"):
+            c_lo, c_hi = np.float32(lo), np.float32(hi)
+        if float(c_lo) < lo:
+            c_lo = np.nextafter(c_lo, np.float32(np.inf))
+        if float(c_hi) > hi:
+            c_hi = np.nextafter(c_hi, np.float32(-np.inf))
+        thresholds = (float(c_lo), float(c_hi))
+    else:
+        thresholds = (lo, hi)
+    return edges, grid, thresholds
+
+
+def _digitize(t: torch.Tensor, edges: torch.Tensor, grid) -> torch.Tensor:
+    """``torch.searchsorted(edges, t, right=True)`` (int64) for edges on an equally spaced
+    ``grid`` (:func:`_edge_tables`) in O(1) per value: the index from arithmetic on the grid,
+    then one comparison with the real edge on each side. The arithmetic index is off by at
+    most one (every edge lies within a quarter of the spacing of its grid point), which the two
+    comparisons fix, so the result is exact. Without a grid: searchsorted."""
+    t = t.contiguous()
+    if grid is None:
+        return torch.searchsorted(edges, t, right=True)
+    lo, inv_w, below, above = grid
+    m = edges.numel() - 1
+    # int32 indices and index_select: the cheapest gather of the edges on CPU
+    # floor((t - lo) / w) + 1 as floor((t - (lo - w)) / w); the rounding either way is fixed below
+    k = torch.sub(t, lo - 1.0 / inv_w).mul_(inv_w).floor_().clamp_(0, m + 1).to(torch.int32)
+    k -= torch.lt(t, below.index_select(0, k.view(-1)).view_as(k)).to(torch.int32)
+    k += torch.ge(t, above.index_select(0, k.view(-1)).view_as(k)).to(torch.int32)
+    return k.to(torch.int64)
 
 
 @register
@@ -164,6 +341,12 @@ class Binning(_BinningMixin, Estimator):
                           "'clamp' unless range_min/range_max are given and bin_width is not "
                           "(the other rules are about the edges of a fixed range)", self.outside)
 
+    def _bin_spans(self, t):
+        if self.bin_width is not None:
+            return None
+        # n_bins clamped bins: [0, n_bins); IDNNs-style edges: digitize indices [0, n_bins + 1]
+        return [self.n_bins if self.outside == "clamp" else self.n_bins + 2] * int(t.shape[1])
+
     def _bin(self, t):
         if self.bin_width is not None and self.range_min is None:
             # ibsgd: np.floor(d / binsize) with d float32 divides in float32. The float64 quotient
@@ -194,17 +377,16 @@ class Binning(_BinningMixin, Estimator):
 
     def _bin_edges(self, t):
         """'separate' / 'idnns': explicit float32 edges linspace(lo, hi, n_bins + 1), digitize semantics."""
-        import numpy as np
-
         lo, hi = float(self.range_min), float(self.range_max)
-        edges = torch.from_numpy(np.linspace(lo, hi, self.n_bins + 1).astype(np.float32).astype(np.float64))
-        t = t.to(torch.float64)
-        outside = int(((t < lo) | (t > hi)).sum())
+        # float32 values compare with the float32 edges exactly as their float64 copies do
+        x = t if t.dtype == torch.float32 else t.to(torch.float64)
+        edges, grid, (c_lo, c_hi) = _edge_tables(lo, hi, self.n_bins, x.dtype, str(x.device))
+        outside = int(torch.lt(x, c_lo).sum()) + int(torch.gt(x, c_hi).sum())
         # idx k: edges[k-1] <= v < edges[k]; 0 below the first edge, n_bins + 1 at or above the last
-        idx = torch.searchsorted(edges.to(t.device), t.contiguous(), right=True)
+        idx = _digitize(x, edges, grid)
         if self.outside == "idnns":  # bins[0 - 1] = bins[-1]: below the range wraps to the top symbol
-            idx = torch.where(idx == 0, torch.full_like(idx, self.n_bins + 1), idx)
-        return idx.to(torch.int64), outside
+            idx.masked_fill_(idx == 0, self.n_bins + 1)
+        return idx, outside
 
 
 @register

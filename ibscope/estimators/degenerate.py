@@ -57,6 +57,15 @@ def constant_estimate(est, args: tuple):
         return None  # the estimator reports bad input in its own words
     if len(ts) == 2 and ts[0].shape[0] != ts[1].shape[0]:
         return None
+    return constant_from(est, ts, stacklevel=4)
+
+
+def constant_from(est, ts, *, stacklevel: int = 3):
+    """:func:`constant_estimate` for inputs already converted by ``as_tensor`` (with the same
+    ``name`` and ``allow_discrete``) and of equal length: for estimators that convert their
+    inputs once and apply the rule themselves. ``stacklevel`` of the warning: 3 names the
+    caller of the function that calls this one."""
+    names = ("x", "y")
     const = [names[i] for i, t in enumerate(ts) if is_constant(t)]
     if not const:
         return None
@@ -77,5 +86,5 @@ def constant_estimate(est, args: tuple):
     dims = tuple(int(t.shape[1]) for t in ts)
     warnings.warn(
         f"{est.name}: {which} is constant (all {n} rows identical): the value is 0 exactly by ibscope's rule "
-        f"for degenerate inputs ({DOC}).", RuntimeWarning, stacklevel=3)
+        f"for degenerate inputs ({DOC}).", RuntimeWarning, stacklevel=stacklevel)
     return est._make(0.0, n=n, dims=dims, cap=cap, extra={"constant": const})

@@ -142,7 +142,9 @@ class _NeuralMixin:
         return self._cap()
 
     def cap_name(self, quantity: str) -> str:
-        return "log batch" if self._cap() is not None else "its cap"
+        if self._cap() is None:
+            return "its cap"
+        return "min(log batch, H(Y))" if quantity == "I(T;Y)" else "log batch"
 
     # shared machinery ----------------------------------------------------------------------------
     def _features(self, t: torch.Tensor, name: str) -> torch.Tensor:
@@ -239,7 +241,12 @@ class _NeuralMixin:
                     ">= 0); try more samples, a smaller critic, or a k-NN estimator.")
             extra["note"] = note
             warnings.warn(note, RuntimeWarning, stacklevel=2)
-        return self._make(value, n=n, dims=(tx.shape[1], ty.shape[1]), stderr=stderr, cap=self._cap(), extra=extra)
+        cap = self._cap()
+        if cap is not None:  # a discrete side bounds the MI by its entropy: the tighter cap is the one to flag
+            for t in (tx, ty):
+                if is_discrete(t):
+                    cap = min(cap, _mi.entropy_codes(_mi.codes(t)))
+        return self._make(value, n=n, dims=(tx.shape[1], ty.shape[1]), stderr=stderr, cap=cap, extra=extra)
 
 
 _COMMON_DOC = """

@@ -67,8 +67,6 @@ def with_null(est, x, y, null_permutations: int, seed: int = 0, estimate=None):
     nothing; see :mod:`ibscope.estimators.degenerate`). The estimator's warnings are given
     once, by the estimate; the permuted estimates are computed silently.
     """
-    import dataclasses
-
     from ibscope.estimators.base import as_tensor, check_pair
 
     null_permutations, seed = check_settings(null_permutations, seed)
@@ -92,7 +90,15 @@ def with_null(est, x, y, null_permutations: int, seed: int = 0, estimate=None):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 nulls = est.null_values(tx, ty, perms)
-        nulls = [float(v) for v in nulls]
+    return attach(est, e, nulls, null_permutations, seed)
+
+
+def attach(est, e, nulls: list[float], null_permutations: int, seed: int):
+    """``e`` with the null of the values ``nulls`` (one per permutation): null_mean, null_std,
+    p_value and the settings in ``extra``, as :func:`with_null` returns it."""
+    import dataclasses
+
+    nulls = [float(v) for v in nulls]
     if len(nulls) != null_permutations or not all(math.isfinite(v) for v in nulls):
         raise RuntimeError(f"{est.name}.null_values returned {len(nulls)} value(s) for {null_permutations} "
                            f"permutations, or a non-finite value: {nulls[:5]}")

@@ -14,6 +14,7 @@ it never stops the built-ins from working.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import importlib.util
 import warnings
@@ -110,9 +111,15 @@ def get(name: str) -> type:
     return _REGISTRY[name]
 
 
+@functools.lru_cache(maxsize=None)
+def _fields(cls: type) -> dict:
+    """{name: field} of an estimator class (classes do not change their fields)."""
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
 def coerce_param(cls: type, key: str, value: Any) -> Any:
     """Convert a string value (from the CLI) to the type of field ``key`` of ``cls``."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = _fields(cls)
     if key not in fields:
         raise UsageError(
             f"Estimator '{cls.name}' has no parameter '{key}'.{did_you_mean(key, fields)}",

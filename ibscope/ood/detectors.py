@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from ibscope._device import resolve_device
 from ibscope.errors import DataError, UsageError
 
 log = logging.getLogger(__name__)
@@ -31,13 +32,6 @@ DETECTORS = ("mahalanobis", "knn")
 COVARIANCES = ("auto", "empirical", "ledoit-wolf")
 KNN_BACKENDS = ("auto", "torch", "faiss")
 DEFAULT_MEMORY_LIMIT = 4 * 2**30
-
-
-def resolve_device(device=None):
-    """'auto' -> cuda if available else cpu; 'cpu' / 'cuda:N' checked (the capture module's rules)."""
-    from ibscope._device import resolve_device as _resolve
-
-    return _resolve(device)
 
 
 def parse_bytes(text: str | int | float) -> int:

@@ -31,6 +31,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ibscope._atomic import write_text_atomic
+from ibscope.reporting import NullReporter, Reporter, reporter_or_null
 from ibscope._version import __version__
 from ibscope.errors import DataError, UsageError
 
@@ -268,6 +269,7 @@ def run_ood(
     progress: bool = True,
     skip_bad_shards: bool = False,
     log_warnings: bool = True,
+    reporter: Reporter | None = None,
 ) -> dict[str, Any]:
     """Score ``ood`` sets against the ID ``test`` set with a grid of detectors and reductions.
 
@@ -279,8 +281,11 @@ def run_ood(
     truncated, corrupt or foreign (with a warning) instead of raising DataError. Returns the dict
     written to ``out_dir/ood_metrics.json``; its ``warnings`` are also logged unless
     ``log_warnings=False`` (for a caller that shows them itself: each is shown once).
+    ``reporter``: an :class:`ibscope.reporting.Reporter` that shows the progress over the grid
+    (``None``: silent; ``progress=False`` turns its progress off).
     """
-    from ibscope.ood.detectors import DETECTORS, KNNDetector, MahalanobisDetector, parse_bytes, resolve_device
+    from ibscope._device import resolve_device
+    from ibscope.ood.detectors import DETECTORS, KNNDetector, MahalanobisDetector, parse_bytes
     from ibscope.ood.features import FeaturePipeline, canonical
     from ibscope.ood.metrics import (METRICS, bootstrap_ci, compute_metrics, flagged_fraction,
                                      threshold_from_validation)
@@ -352,9 +357,7 @@ def run_ood(
     plot_data: dict[str, Any] = {}
     n_configs = len(reductions) * (("mahalanobis" in detectors) + len(ks) * ("knn" in detectors))
     total = len(ckpts) * n_configs
-    progress_ctx = _progress(progress, total)
-    with progress_ctx as bar:
-        task = bar.add_task("ood", total=total) if bar is not None else None
+    with (reporter_or_null(reporter) if progress else NullReporter()).task("OOD grid", total) as bar:
         for ci in ckpts:
             info = fit_store.checkpoints[ci]
             feats: dict[str, np.ndarray] = {}
@@ -422,8 +425,7 @@ def run_ood(
                             warnings_out.append(
                                 f"{cid} at {ckpt_name(info.epoch, info.step, ci)}: AUROC {m['auroc']:.3f} < 0.5 on '{name}': the OOD set scores "
                                 "lower (more in-distribution) than the ID test set. Check that the right layer and sets were given.")
-                    if bar is not None:
-                        bar.advance(task)
+                    bar.advance()
             if ci == ckpts[-1]:
                 plot_data = {"feats": {r: feats[r] for r in ["fit", "test", *ood_names]}, "checkpoint": ci}
 
@@ -491,25 +493,6 @@ def _jsonable(o):
     if isinstance(o, np.ndarray):
         return _jsonable(o.tolist())
     return o
-
-
-class _NullProgress:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
-
-
-def _progress(enabled: bool, total: int):
-    if not enabled:
-        return _NullProgress()
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from ibscope.cli._common import console
-
-    return Progress(TextColumn("OOD grid"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                    TimeElapsedColumn(), console=console(), transient=True)
 
 
 def _write_scores(path: Path, score_store: dict, layer: str) -> None:

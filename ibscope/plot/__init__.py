@@ -28,8 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from ibscope._atomic import atomic_path
 from ibscope._paths import inside, prepare_output
-from ibscope.errors import DataError, UsageError, io_error, unknown_name
+from ibscope.errors import DataError, UsageError, unknown_name
 from ibscope.plot._data import (
     METRICS, PAIR, Setting, apply_trust, load_results, pair_settings, parse_band, prepare, rows_of, select,
     settings, side_note, slug, time_axis,
@@ -243,16 +244,10 @@ def _bind(fn: Callable, *args, **kwargs) -> Callable[[], Any]:
 def save_figure(fig, path: Path, fmt: str, dpi: int, title: str, description: str) -> Path:
     """Save atomically (temporary file + rename) with title/description metadata."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.{fmt}")
     md = {"Title": title, "Subject" if fmt == "pdf" else "Description": description}
-    try:
+    # disk full, read-only, ...: an error naming the figure, and no temporary file left
+    with atomic_path(path, path.with_name(f".{path.stem}.tmp.{fmt}"), "writing the figure") as tmp:
         fig.savefig(tmp, format=fmt, dpi=dpi, metadata=md)
-        os.replace(tmp, path)
-    except OSError as exc:  # disk full, read-only, ...: name the figure, leave no temporary file
-        raise io_error(exc, str(path), "writing the figure") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

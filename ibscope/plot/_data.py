@@ -28,7 +28,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from ibscope.errors import DataError, UsageError, unknown_name
-from ibscope.results import INFO_UNITS, Results, read_results
+from ibscope.results import INFO_UNITS, Results, read_results, time_axis  # noqa: F401 - time_axis re-exported
 from ibscope.trust import check_null_mode, has_null, is_saturated, validation_key, validation_tasks
 from ibscope.trust import truth_interval as truth_interval_of
 
@@ -208,6 +208,9 @@ def apply_trust(res: Results, null: str = "band", validation: Any = None) -> tup
                 r[TRUTH_LO], r[TRUTH_HI] = iv[0] + shift, iv[1] + shift
                 info["validated"] += 1
         out.append(r)
+    # value - null_mean has no cap: no cap line (at H(Y), log n) on an axis of subtracted values
+    subtracted_q = {(r["quantity"], r["estimator"]) for r in out if r.get(SUBTRACTED)}
+    out = [dict(r, cap=None) if (r["quantity"], r["estimator"]) in subtracted_q else r for r in out]
     return Results(out, res.provenance, res.path), info
 
 
@@ -242,30 +245,6 @@ def truth_interval(cube: "Cube") -> tuple[np.ndarray, np.ndarray]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         return np.nanmedian(cube.truth_lo, axis=0), np.nanmedian(cube.truth_hi, axis=0)
-
-
-def time_axis(rows: Sequence[dict]) -> str:
-    """The column to put on the time axis: epoch if every row has one and epochs tell checkpoints
-    apart, else step under the same rule, else the checkpoint index."""
-    for col in ("epoch", "step"):
-        if not all(r[col] is not None for r in rows):
-            continue
-        seen: dict[tuple, Any] = {}
-        ok = True
-        for r in rows:
-            key = (r["run"], r["split"], r[col])
-            ck = r["checkpoint"]
-            if ck is None:
-                continue
-            if seen.setdefault(key, ck) != ck:
-                ok = False
-                break
-        if ok:
-            return col
-    if any(r["checkpoint"] is None for r in rows):
-        raise DataError("Some rows have no epoch, step or checkpoint; they cannot be placed on a time axis.",
-                        hint="Results written by `ibscope estimate` always carry a checkpoint index.")
-    return "checkpoint"
 
 
 @dataclass(frozen=True, order=True)

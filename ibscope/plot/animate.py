@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 import matplotlib
 import numpy as np
 
+from ibscope._atomic import atomic_path
 from ibscope.errors import UsageError
 from ibscope.plot import style
 from ibscope.plot._data import METRICS, cubes, summarize
@@ -138,24 +139,19 @@ def animate_plane(rows: Sequence[dict], out: str | os.PathLike, *, title: str, t
     anim = build_animation(rows, title=title, time_col=time_col, metric_rows=metric_rows, mode=mode, band=band)
     fig = anim.fig
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")
-    try:
-        with style.context():
-            if fmt == "gif":
-                _write_gif_blitted(fig, anim.moving, anim.update, anim.n_frames, tmp, fps=fps, dpi=dpi)
-            else:
-                fig.canvas.draw()  # settle the constrained layout once, then freeze it
-                fig.set_layout_engine("none")
-                writer = FFMpegWriter(fps=fps)
-                # one draw per frame; no tight bbox (frames must keep one size)
-                with matplotlib.rc_context({"savefig.bbox": None}), writer.saving(fig, str(tmp), dpi):
-                    for i in range(anim.n_frames):
-                        anim.update(i)
-                        writer.grab_frame()
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(out, out.with_name(f".{out.stem}.tmp{out.suffix}"), "writing the animation") as tmp, \
+            style.context():
+        if fmt == "gif":
+            _write_gif_blitted(fig, anim.moving, anim.update, anim.n_frames, tmp, fps=fps, dpi=dpi)
+        else:
+            fig.canvas.draw()  # settle the constrained layout once, then freeze it
+            fig.set_layout_engine("none")
+            writer = FFMpegWriter(fps=fps)
+            # one draw per frame; no tight bbox (frames must keep one size)
+            with matplotlib.rc_context({"savefig.bbox": None}), writer.saving(fig, str(tmp), dpi):
+                for i in range(anim.n_frames):
+                    anim.update(i)
+                    writer.grab_frame()
     return out
 
 

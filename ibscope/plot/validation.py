@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from ibscope.plot import style
+from ibscope.units import conversion_factor
 
 QUANTITY_COLORS = {"I(X;T)": "#1f77b4", "I(T;Y)": "#d62728"}
 FAMILY_MARKERS = {"gaussian": "o", "mixture": "s", "discrete-layer": "D", "embedding": "^", "layer": "*"}
@@ -29,7 +30,7 @@ def _setting(r: dict) -> str:
 
 def validation_figure(rows: Sequence[dict], unit: str = "bits") -> Figure:
     """Mean estimate against truth; rows as written to validation.csv (values in nats)."""
-    f = 1 / math.log(2) if unit == "bits" else 1.0
+    f = conversion_factor("nats", unit)
     done = [r for r in rows if r.get("bias") is not None]
     settings = list(dict.fromkeys(_setting(r) for r in done)) or ["(no task ran)"]
     n = len(settings)

@@ -1,0 +1,348 @@
+"""Config files to typed models: packaged-config lookup, YAML reading, ``--set`` overrides, and
+pydantic's validation errors as ibscope :class:`~ibscope.errors.UsageError` (exit 2) naming the
+key's location, what was expected and what was got, with a did-you-mean.
+
+* :func:`load_config`: an ``ibscope run`` config -> :class:`~ibscope.pipeline.config.RunConfig`.
+* :func:`load_estimate_preset`: an ``ibscope estimate --config`` preset (or the ``estimate:``
+  section of a run config) -> :class:`~ibscope.pipeline.config.EstimateSection`.
+* :func:`describe_schema`: the run config's keys with kinds, defaults and descriptions as text;
+  ``RunConfig.model_json_schema()`` is the machine-readable form (``ibscope run --show-schema``).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence, TypeVar, Union
+
+from pydantic import BaseModel, ValidationError
+
+from ibscope.errors import IbscopeError, UsageError, did_you_mean
+from ibscope.pipeline.config import EstimateSection, Kind, RunConfig
+
+PACKAGED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+_WORDS = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false", "dict": "a mapping",
+          "list": "a list", "strlist": "a string or a list of strings", "paths": "a path, glob or list of paths",
+          "any": "any value", "section": "a mapping"}
+
+
+# ----------------------------------------------------------------------------------- files
+def packaged_configs() -> list[str]:
+    """Names of the configs installed with ibscope (``ibscope/configs/*.yaml``)."""
+    return sorted(q.stem for q in PACKAGED_CONFIGS.glob("*.yaml"))
+
+
+def find_config(config: str | os.PathLike, *, command: str, hint: str) -> Path:
+    """The file a config argument names: a file, else a packaged config of that bare name.
+
+    A packaged name wins over a folder of that name (e.g. an earlier run's output folder).
+    """
+    p = Path(config)
+    if p.is_file():
+        return p
+    if str(config) == p.name:  # a bare name: the installed copy
+        q = PACKAGED_CONFIGS / (p.name if p.suffix in (".yaml", ".yml") else f"{p.name}.yaml")
+        if q.is_file():
+            return q
+    if p.is_dir():
+        raise UsageError(f"'{config}' is a folder; `{command}` expects a YAML file.")
+    avail = packaged_configs()
+    raise UsageError(f"Config file not found: '{config}'.{did_you_mean(p.stem, avail)}",
+                     hint=f"{hint}: {', '.join(avail)}" if avail else None)
+
+
+def read_mapping(p: Path, *, command: str, empty: str | None) -> dict:
+    """A YAML (or JSON) file holding a mapping. ``empty``: the message for an empty file (None: ``{}``)."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise UsageError(f"'{p}' is not valid YAML: {exc}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"'{p}' is not a text file; `{command}` expects a YAML file.") from None
+    if raw is None:
+        if empty is not None:
+            raise UsageError(f"'{p}' is {empty}")
+        return {}
+    if not isinstance(raw, dict):
+        raise UsageError(f"'{p}' must hold a YAML mapping (key: value). Got {type(raw).__name__}.")
+    return raw
+
+
+def deep_merge(base: dict, over: Mapping) -> dict:
+    """``base`` updated recursively with ``over`` (mappings merge, everything else replaces)."""
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def parse_overrides(items: Sequence[str] | None) -> dict:
+    """``["train.epochs=500", "plot.unit=nats"]`` -> nested dict (values parsed as YAML)."""
+    import yaml
+
+    from ibscope._options import parse_kv
+
+    out: dict = {}
+    for k, v in parse_kv(items, "--set", form="KEY.PATH=VALUE", example="train.epochs=500", strip=False).items():
+        try:
+            val = yaml.safe_load(v)
+        except yaml.YAMLError:
+            val = v
+        node = out
+        parts = [p for p in k.strip().split(".") if p]
+        if not parts:
+            raise UsageError(f"--set expects KEY.PATH=VALUE. Got {k + '=' + v!r}.")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise UsageError(f"--set {k + '=' + v!r} conflicts with an earlier --set of '{p}'.")
+        node[parts[-1]] = val
+    return out
+
+
+# ----------------------------------------------------------------------------------- models
+def load_config(config: str | os.PathLike | Mapping, *, quick: bool = False, overrides: Mapping | None = None,
+                base_dir: str | os.PathLike | None = None) -> tuple[RunConfig, Path, str]:
+    """Read and validate a run config. Returns (the config, base folder, source label).
+
+    ``config``: a YAML file, the name of a packaged config (``demo-tanh``), or a mapping.
+    ``quick`` merges the config's ``quick:`` section; ``overrides`` (``--set``) are merged last.
+    """
+    if isinstance(config, Mapping):
+        raw = copy.deepcopy(dict(config))
+        base = Path(base_dir or ".").resolve()
+        source, stem = "config", "run"
+    else:
+        p = find_config(config, command="ibscope run", hint="Packaged configs")
+        raw = read_mapping(p, command="ibscope run", empty="empty; a run config needs at least a 'model:' section.")
+        base = Path(base_dir).resolve() if base_dir else p.resolve().parent
+        source, stem = str(p), p.stem
+    quick_section = raw.get("quick") or {}
+    if not isinstance(quick_section, dict):
+        raise UsageError(f"{source}: 'quick' must be a mapping of overrides. Got {quick_section!r}.")
+    if quick:
+        raw = deep_merge(raw, quick_section)
+    if overrides:
+        raw = deep_merge(raw, overrides)
+    cfg = validate(RunConfig, raw, source, context={"stem": stem})
+    _known_keys(quick_section, RunConfig, "quick", source)  # quick overrides must be valid keys, even when not applied
+    return cfg, base, source
+
+
+def load_estimate_preset(path: str | os.PathLike) -> EstimateSection:
+    """An ``ibscope estimate --config`` preset (YAML or JSON; a bare name reads the packaged copy).
+
+    The ``estimate:`` section of an ``ibscope run`` config works too (its other sections are not
+    read). A key set to null takes its default.
+    """
+    p = find_config(path, command="ibscope estimate --config", hint="Pass a YAML file, or a preset name")
+    raw = read_mapping(p, command="ibscope estimate --config", empty=None)
+    nested = isinstance(raw.get("estimate"), dict)
+    data = raw["estimate"] if nested else raw
+    data = {k: v for k, v in data.items() if v is not None}
+    return validate(EstimateSection, data, str(p), prefix="estimate" if nested else "", preset=True)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def validate(model: type[M], raw: Any, source: str, *, context: dict | None = None, prefix: str = "",
+             preset: bool = False) -> M:
+    """``model.model_validate(raw)``, its first error as a UsageError (see :func:`usage_error`)."""
+    try:
+        return model.model_validate(raw, context=context)
+    except ValidationError as exc:
+        raise usage_error(exc, model, raw, source, prefix=prefix, preset=preset) from None
+
+
+# ----------------------------------------------------------------------------------- errors
+def _is_tag(part: Any) -> bool:
+    """Union-member and validator tags that pydantic puts into an error's location."""
+    return isinstance(part, str) and ("[" in part or part.startswith("function-")
+                                      or part in ("str", "int", "float", "bool", "list", "dict", "none"))
+
+
+def _unwrap(ann: Any) -> tuple[Any, list, bool]:
+    """(core type, Annotated metadata, None allowed) of an annotation."""
+    meta: list = []
+    nullable = False
+    while True:
+        if typing.get_origin(ann) is typing.Annotated:
+            meta += list(ann.__metadata__)
+            ann = ann.__origin__
+            continue
+        if typing.get_origin(ann) in (Union, types.UnionType):
+            args = [a for a in typing.get_args(ann) if a is not type(None)]
+            nullable = nullable or len(args) < len(typing.get_args(ann))
+            if len(args) == 1:
+                ann = args[0]
+                continue
+        return ann, meta, nullable
+
+
+def _model_of(ann: Any) -> type[BaseModel] | None:
+    core, _, _ = _unwrap(ann)
+    return core if isinstance(core, type) and issubclass(core, BaseModel) else None
+
+
+def _kind(ann: Any, meta: Sequence = ()) -> str:
+    core, inner, _ = _unwrap(ann)
+    for m in [*meta, *inner]:
+        if isinstance(m, Kind):
+            return str(m)
+    if _model_of(core) is not None:
+        return "section"
+    origin = typing.get_origin(core) or core
+    if origin is Literal:
+        return "str"
+    for t, name in ((bool, "bool"), (int, "int"), (float, "float"), (str, "str"), (dict, "dict"), (list, "list")):
+        if origin is t:
+            return name
+    return "any"
+
+
+class _Where:
+    """What a location in the raw config refers to (walked through the models)."""
+
+    def __init__(self, model: type[BaseModel], names: Sequence[Any]):
+        self.field = None  # FieldInfo of the last named field
+        self.ann: Any = model
+        self.meta: list = []
+        self.siblings: list[str] = list(model.model_fields)
+        self.dynamic = False  # the path went through a user-named key ({name: ...} mappings)
+        self.in_mapping = False  # the location is a value of such a mapping
+        for name in names:
+            core, _, _ = _unwrap(self.ann)
+            sub = _model_of(core)
+            if sub is not None:
+                self.siblings = list(sub.model_fields)
+                if name not in sub.model_fields:
+                    self.field = None
+                    return
+                self.field = sub.model_fields[name]
+                self.ann, self.meta = self.field.annotation, list(self.field.metadata)
+                self.in_mapping = False
+            elif (typing.get_origin(core) or core) is dict and len(typing.get_args(core)) == 2:
+                self.ann, self.meta = typing.get_args(core)[1], []
+                self.dynamic = self.in_mapping = True
+            else:
+                return
+        last = _model_of(self.ann)
+        if last is not None:  # the location is a section: its keys are the choices
+            self.siblings = list(last.model_fields)
+
+    def word(self) -> str:
+        k = _kind(self.ann, self.meta)
+        return _WORDS.get(k, f"a {k}")
+
+    def nullable(self) -> bool:
+        if self.in_mapping:  # a value in a {name: value} mapping: "null" is not a choice worth naming
+            return True
+        return _unwrap(self.ann)[2] and not (self.field is not None and self.field.is_required())
+
+    def choices(self) -> list[str]:
+        core, _, _ = _unwrap(self.ann)
+        return [str(a) for a in typing.get_args(core)] if typing.get_origin(core) is Literal else []
+
+
+def _value_at(raw: Any, names: Sequence[Any]) -> Any:
+    for n in names:
+        if not isinstance(raw, Mapping) or n not in raw:
+            return None
+        raw = raw[n]
+    return raw
+
+
+_OPS = {"greater_than_equal": ("ge", ">="), "greater_than": ("gt", ">"), "less_than_equal": ("le", "<="),
+        "less_than": ("lt", "<")}
+
+
+def usage_error(exc: ValidationError, model: type[BaseModel], raw: Any, source: str, *, prefix: str = "",
+                preset: bool = False) -> IbscopeError:
+    """The first of pydantic's errors (unknown keys first) as a UsageError for the user."""
+    # unknown keys first, then broken constraints (within a union: the member's rule that applies), then types
+    errors = sorted(exc.errors(), key=lambda e: (e["type"] != "extra_forbidden",
+                                                 e["type"].endswith(("_type", "_parsing"))))
+    e = errors[0]
+    cause = (e.get("ctx") or {}).get("error")
+    if isinstance(cause, IbscopeError):  # a rule of a model validator: its own message
+        return type(cause)(f"{source}: {cause.message}", hint=cause.hint)
+    loc = [p for p in e["loc"] if not _is_tag(p)]
+    names = []
+    for p in loc:  # a list item's error is reported on the list
+        if isinstance(p, int) and not isinstance(p, bool):
+            break
+        names.append(p)
+    shown = ".".join(str(n) for n in ([prefix] if prefix else []) + names)
+    value = _value_at(raw, names)
+    t = e["type"]
+    if t == "extra_forbidden":
+        where = _Where(model, names[:-1])
+        key = str(names[-1])
+        parent = shown.rpartition(".")[0]
+        if preset and not where.dynamic and not parent:
+            return UsageError(f"Unknown key '{key}' in config '{source}'.{did_you_mean(key, where.siblings, n=1)}",
+                              hint="Valid keys: " + ", ".join(where.siblings))
+        what = "unknown key" if where.dynamic else "unknown config key"
+        return UsageError(f"{source}: {what} '{shown}'.{did_you_mean(key, where.siblings, n=1)}",
+                          hint=f"Valid keys{' in ' + parent if parent else ''}: {', '.join(where.siblings)}. "
+                               f"See `ibscope run --show-schema` or docs/demo.md.")
+    where = _Where(model, names)
+    doc = where.field.description if where.field is not None and where.field.description else ""
+    hint = f"{shown}: {doc}" if doc else None
+    if t == "missing":
+        return UsageError(f"{source}: missing required key '{shown}'" + (f" ({doc})." if doc else "."))
+    if t == "literal_error":
+        ch = where.choices()
+        return UsageError(f"{source}: '{shown}' must be one of {', '.join(ch)}. Got {value!r}."
+                          f"{did_you_mean(str(value), ch)}", hint=hint)
+    if t in _OPS:
+        key, op = _OPS[t]
+        limit = e["ctx"][key]
+        limit = f"{limit:g}" if isinstance(limit, float) else limit
+        return UsageError(f"{source}: '{shown}' must be {op} {limit}. Got {value!r}.", hint=hint)
+    if t == "too_short":
+        if names and names[-1] == "estimators":
+            return UsageError(f"{source}: '{shown}' is empty; name at least one estimator.", hint=hint)
+        return UsageError(f"{source}: '{shown}' must not be empty. Got {value!r}.", hint=hint)
+    if t in ("model_type", "model_attributes_type", "dict_type") and where.word() == "a mapping":
+        return UsageError(f"{source}: '{shown}' must be a mapping. Got {type(value).__name__}: {value!r}.", hint=hint)
+    null = "" if where.nullable() else " (not null)"
+    return UsageError(f"{source}: '{shown}' must be {where.word()}{null}. Got {value!r}.", hint=hint)
+
+
+def _known_keys(raw: Mapping, model: type[BaseModel], where: str, source: str) -> None:
+    """Only the keys of ``model`` (recursively; ``quick`` itself excluded), values not checked."""
+    for k, v in raw.items():
+        if k not in model.model_fields or (model is RunConfig and k == "quick"):
+            raise UsageError(f"{source}: unknown config key '{where}.{k}'.{did_you_mean(str(k), model.model_fields)}")
+        sub = _model_of(model.model_fields[k].annotation)
+        if sub is not None and isinstance(v, Mapping):
+            _known_keys(v, sub, f"{where}.{k}", source)
+
+
+# ----------------------------------------------------------------------------------- schema text
+def describe_schema(model: type[BaseModel] = RunConfig, indent: int = 0) -> str:
+    """The config keys with kinds, defaults and documentation, as indented text."""
+    lines = []
+    pad = "  " * indent
+    for k, f in model.model_fields.items():
+        sub = _model_of(f.annotation)
+        if sub is not None:
+            lines.append(f"{pad}{k}:" + (f"  # {f.description}" if f.description else ""))
+            lines.append(describe_schema(sub, indent + 1))
+            continue
+        req = " [required]" if f.is_required() else ""
+        default = None if f.is_required() else f.get_default(call_default_factory=True)
+        d = "" if default in (None, {}, "") else f" (default {default!r})"
+        lines.append(f"{pad}{k}: {_kind(f.annotation, f.metadata)}{req}{d} - {f.description or ''}")
+    return "\n".join(lines)

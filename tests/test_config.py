@@ -1,0 +1,229 @@
+"""The typed configs (ibscope.pipeline.config): one EstimateSection for run configs and estimate
+presets, pydantic errors as UsageErrors with location and did-you-mean, the schema; and the shared
+helpers of the same change (units, KEY=VALUE parsing, the reporter boundary, layering)."""
+
+import ast
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ibscope.errors import UsageError
+from ibscope.pipeline import (DEFAULT_ESTIMATORS, EstimateSection, RunConfig, StageRunner, describe_schema,
+                              load_config, load_estimate_preset)
+from ibscope.pipeline.runner import Stage
+
+ROOT = Path(__file__).resolve().parents[1]
+MINIMAL = {"model": {"factory": "ibscope.demo.models:ib_net"}, "data": {"task": "twelve-bit"}, "train": {"epochs": 5}}
+
+
+# ---------------------------------------------------------------------------- presets
+@pytest.mark.parametrize("name, estimators, params, x_source", [
+    ("saxe-kde", ["kde-upper", "kde-lower", "binning"],
+     {"kde-upper": {"noise_variance": 0.001}, "kde-lower": {"noise_variance": 0.001}, "binning": {"bin_width": 0.07}},
+     "identity"),
+    ("shwartz-ziv-tishby-binning", ["binning"],
+     {"binning": {"n_bins": 29, "range_min": -1.0, "range_max": 1.0, "outside": "idnns"}}, "identity"),
+    ("ibscope-adaptive", ["adaptive-binning", "adaptive-kde-upper", "adaptive-kde-lower"],
+     {"adaptive-binning": {"n_bins": 30}, "adaptive-kde-upper": {"relative_variance": 0.001, "scale": "max"},
+      "adaptive-kde-lower": {"relative_variance": 0.001, "scale": "max"}}, "identity"),
+    ("butakov-compressed", ["compressed"],
+     {"compressed": {"latent_dim": 4, "compressor_x": "autoencoder", "compressor_y": "pca", "mi_step": "ksg",
+                     "k": 5}}, "inputs"),
+])
+def test_packaged_presets_read_into_the_shared_section(name, estimators, params, x_source):
+    for src in (name, ROOT / "configs" / f"{name}.yaml"):  # a bare name reads the installed copy
+        p = load_estimate_preset(src)
+        assert isinstance(p, EstimateSection)
+        assert p.estimators == estimators and p.params == params and p.x_source == x_source
+        assert p.jobs == 1 and p.strict is False and p.layers is None and p.null_permutations is None
+        assert p.description and p.reference
+
+
+def test_preset_forms_and_defaults(tmp_path):
+    f = tmp_path / "p.yaml"
+    # {name: params} entries and a params: key for the same estimator: the params: key wins per parameter
+    f.write_text("estimators:\n  - binning: {n_bins: 10, bin_width: null}\n  - ksg\n"
+                 "params: {binning: {n_bins: 20}, ksg: {k: 5}}\nlayers: fc1\njobs: null\n")
+    p = load_estimate_preset(f)
+    assert p.estimators == ["binning", "ksg"] and p.layers == ["fc1"] and p.jobs == 1  # null: the default
+    assert p.params == {"binning": {"n_bins": 20, "bin_width": None}, "ksg": {"k": 5}}
+    f.write_text("estimators: {kde-upper: {noise_variance: 0.01}}\n")  # a mapping of name -> params
+    assert load_estimate_preset(f).params == {"kde-upper": {"noise_variance": 0.01}}
+    f.write_text("")  # an empty preset: the documented default estimators
+    assert load_estimate_preset(f).estimators == list(DEFAULT_ESTIMATORS) == ["binning", "ksg"]
+    # the estimate: section of a run config, its pipeline-only keys accepted (and unused by a preset)
+    f.write_text(yaml.safe_dump({**MINIMAL, "estimate": {"estimators": ["binning"], "probes": ["all"],
+                                                         "probes_for": {"binning": "all"}}}))
+    p = load_estimate_preset(f)
+    assert p.estimators == ["binning"] and p.probes == ["all"] and p.probes_for == {"binning": "all"}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("estimator: [ksg]\n", "Unknown key 'estimator' in config '{f}'. Did you mean 'estimators'?"),
+    ("estimators: [binning]\nx_source: ids\n", "{f}: 'x_source' must be one of identity, inputs. Got 'ids'."),
+    ("estimators: [binning]\njobs: 0\n", "{f}: 'jobs' must be >= 1. Got 0."),
+    ("estimators: [binning]\njobs: true\n", "{f}: 'jobs' must be an integer (not null). Got True."),
+    ("estimators: []\n", "{f}: 'estimators' is empty; name at least one estimator."),
+    ("estimators: [{a: 1, b: 2}]\n", "Each entry of 'estimators' must be a name or {name: {param: value}}."),
+    ("estimate: {estimators: [binning], strict: maybe}\n", "{f}: 'estimate.strict' must be true or false"),
+    ("- a list\n", "must hold a YAML mapping (key: value). Got list."),
+])
+def test_bad_presets_are_usage_errors(tmp_path, text, message):
+    f = tmp_path / "bad.yaml"
+    f.write_text(text)
+    with pytest.raises(UsageError) as err:
+        load_estimate_preset(f)
+    assert message.replace("{f}", str(f)) in str(err.value)
+
+
+def test_missing_preset_names_the_packaged_ones(tmp_path):
+    with pytest.raises(UsageError, match="Config file not found: 'saxe-kd'. Did you mean 'saxe-kde'") as err:
+        load_estimate_preset("saxe-kd")
+    assert "butakov-compressed" in err.value.hint
+    with pytest.raises(UsageError, match="is a folder"):
+        load_estimate_preset(tmp_path)
+
+
+# ---------------------------------------------------------------------------- run config
+def test_one_estimate_section_in_run_configs():
+    cfg, _, _ = load_config(MINIMAL)
+    assert isinstance(cfg.estimate, EstimateSection) and cfg.estimate.estimators == ["binning", "ksg"]
+    # the preset form works in a run config too; params of the entry become estimate.params
+    cfg, _, _ = load_config({**MINIMAL, "estimate": {"estimators": [{"binning": {"n_bins": 7}}, "kde-upper"],
+                                                      "x_source": "inputs", "layers": "hidden1"}})
+    assert cfg.estimate.estimators == ["binning", "kde-upper"] and cfg.estimate.params == {"binning": {"n_bins": 7}}
+    assert cfg.estimate.x_source == "inputs" and cfg.estimate.layers == ["hidden1"]
+    with pytest.raises(UsageError, match="'estimate.out' is a key of `ibscope estimate` presets"):
+        load_config({**MINIMAL, "estimate": {"out": "r.csv"}})
+
+
+@pytest.mark.parametrize("cfg, message", [
+    ({**MINIMAL, "train": 5}, "'train' must be a mapping. Got int: 5."),
+    ({**MINIMAL, "checkpoints": None, "train": {"epochs": 10, "checkpoint_epochs": [0, 20]}},
+     "train.checkpoint_epochs must lie in [0, epochs=10]. Got [20]."),
+    ({**MINIMAL, "train": {"optimizer": "adamw"}}, "'train.optimizer' must be one of adam, sgd. Got 'adamw'. Did you mean 'adam'?"),
+    ({**MINIMAL, "capture": {"batch_size": 0}}, "'capture.batch_size' must be >= 1. Got 0."),
+    ({**MINIMAL, "capture": {"jacobian_samples": -1}}, "'capture.jacobian_samples' must be >= 0. Got -1."),
+    ({**MINIMAL, "estimate": {"jobs": 1.5}}, "'estimate.jobs' must be an integer (not null). Got 1.5."),
+    ({**MINIMAL, "estimate": {"probes_for": {"binning": []}}}, "'estimate.probes_for.binning' must not be empty."),
+    ({**MINIMAL, "estimate": {"probes_for": {"binning": 3}}},
+     "'estimate.probes_for.binning' must be a probe set name or a list of them. Got 3."),
+    ({**MINIMAL, "data": {"task": "twelve-bit", "subsets": {"s": {"n": 5}}}}, "missing required key 'data.subsets.s.probe'"),
+    ({**MINIMAL, "checkpoints": 5, "train": None}, "'checkpoints' must be a path, glob or list of paths. Got 5."),
+    ({**MINIMAL, "ood": {"fit": "a", "test": "b", "ood": "c", "layer": "l", "detector": ["knn"]}},
+     "unknown config key 'ood.detector'. Did you mean 'detectors'?"),
+])
+def test_more_bad_run_configs(cfg, message):
+    with pytest.raises(UsageError) as err:
+        load_config(cfg)
+    assert message in str(err.value)
+
+
+def test_typed_values_and_a_json_schema():
+    cfg, _, _ = load_config({**MINIMAL, "train": {"lr": 1, "weight_decay": "1e-4", "epochs": 7},
+                             "data": {"task": "twelve-bit", "subsets": {"s": {"probe": "all", "n": 5}}}})
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float) and cfg.train.weight_decay == 1e-4
+    assert cfg.data.subsets["s"].seed == 0 and cfg.data.model_dump()["subsets"] == {"s": {"probe": "all", "n": 5}}
+    tc = cfg.train_config()
+    assert (tc.epochs, tc.lr, tc.seed, tc.optimizer) == (7, 1.0, 0, "adam")
+    schema = RunConfig.model_json_schema()
+    defs = schema["$defs"]
+    assert all(d.get("additionalProperties") is False for k, d in defs.items() if k.endswith("Section"))
+    assert defs["TrainSection"]["properties"]["lr"]["exclusiveMinimum"] == 0
+    assert defs["PlotSection"]["properties"]["unit"]["enum"] == ["bits", "nats"]
+    assert defs["EstimateSection"]["properties"]["estimators"]["description"].startswith("registered estimator")
+    json.dumps(schema)  # plain JSON
+    text = describe_schema()
+    assert "factory: str [required] - 'pkg.module:factory'" in text and "Undefined" not in text
+    assert "estimators: strlist (default ['binning', 'ksg'])" in text
+
+
+# ---------------------------------------------------------------------------- helpers of the same change
+def test_units_conversion():
+    from ibscope.estimators.base import conversion_factor as old_name
+    from ibscope.units import conversion_factor, convert
+
+    assert old_name is conversion_factor
+    assert conversion_factor("nats", "bits") == 1 / math.log(2) and conversion_factor("bits", "nats") == math.log(2)
+    assert conversion_factor("dims", "dims") == 1.0
+    assert convert(math.log(2), "nats", "bits") == pytest.approx(1.0, abs=1e-15)
+    assert convert(None, "nats", "bits") is None and convert(3.0, "dims", "bits") == 3.0
+    with pytest.raises(UsageError, match="Cannot convert from unit 'dims' to 'bits'"):
+        conversion_factor("dims", "bits")
+
+
+def test_parse_kv():
+    from ibscope._options import parse_kv
+
+    assert parse_kv([" a = 1", "b.c=x=y", "a=2"]) == {"a": "2", "b.c": "x=y"}
+    with pytest.raises(UsageError, match=r"--ood expects NAME=STORE. Got 'x'\.") as err:
+        parse_kv(["x"], "--ood", form="NAME=STORE", example="noise=stores/noise")
+    assert err.value.hint == "Example: --ood noise=stores/noise"
+    with pytest.raises(UsageError, match="with both parts non-empty"):
+        parse_kv(["a="], "--ood", form="NAME=STORE", nonempty=True)
+    with pytest.raises(UsageError, match="OOD set name 'a' is given twice"):
+        parse_kv(["a=1", "a=2"], "--ood", unique="OOD set name")
+
+
+def test_stage_runner_is_silent_without_a_reporter(tmp_path, capsys):
+    out = tmp_path / "x.out"
+    StageRunner(tmp_path)(Stage("x", {}, [], [], lambda: [out.write_text("1") and out]))
+    assert out.read_text() == "1"
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""
+
+
+def test_the_library_never_imports_the_cli():
+    """Outside ibscope/cli/, no module imports ibscope.cli (the CLI imports the library, not back)."""
+    pkg = ROOT / "ibscope"
+    offenders = []
+    for path in pkg.rglob("*.py"):
+        if path.relative_to(pkg).parts[0] == "cli":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{path.relative_to(ROOT)}:{node.lineno} {n}" for n in names
+                          if n == "ibscope.cli" or n.startswith("ibscope.cli.")]
+    assert offenders == []
+
+
+def test_pipeline_modules_stay_small():
+    sizes = {p.name: len(p.read_text().splitlines()) for p in (ROOT / "ibscope" / "pipeline").glob("*.py")}
+    assert set(sizes) >= {"__init__.py", "config.py", "loading.py", "runner.py", "context.py", "stages.py"}
+    assert max(sizes.values()) <= 600, sizes
+
+
+def test_rich_reporter_of_the_cli():
+    import io
+
+    from rich.console import Console
+
+    from ibscope.cli._common import RichReporter, progress_callback
+    from ibscope.reporting import LoggingReporter, NullReporter, Reporter, is_silent
+
+    buf = io.StringIO()
+    rep = RichReporter(Console(file=buf, width=100, force_terminal=False))
+    assert isinstance(rep, Reporter) and isinstance(NullReporter(), Reporter) and isinstance(LoggingReporter(), Reporter)
+    assert is_silent(None) and is_silent(NullReporter()) and not is_silent(rep)
+    rep.info("> estimate (its config changed) [not markup]")
+    rep.warning("  binning: 3 cell(s) saturated")
+    with rep.task("figures", 3) as t:
+        t.advance(note="a.png")
+        t.update(completed=3, total=3, note="c.png")
+    assert buf.getvalue().splitlines()[:2] == ["> estimate (its config changed) [not markup]",
+                                               "  binning: 3 cell(s) saturated"]
+    with progress_callback(True, "plot") as cb:
+        assert cb is None  # --quiet: no callback, no bar
+
+
+def test_bad_estimate_device_fails_before_any_work(tmp_path):
+    from ibscope.pipeline import Pipeline
+
+    cfg, base, _ = load_config({**MINIMAL, "estimate": {"device": "gpu"}})
+    with pytest.raises(UsageError, match="--device expects auto, cpu or cuda:N. Got 'gpu'"):
+        Pipeline(cfg, base, tmp_path / "o")
+    assert not (tmp_path / "o").exists()
