@@ -96,7 +96,7 @@ def plan_sweep(configs: Sequence[str | os.PathLike], out: Path, *, seeds: Sequen
     for c in configs:
         spec = str(Path(c).resolve()) if Path(c).exists() else str(c)  # a packaged name stays a name
         cfg, _, _ = load_config(spec, quick=quick, overrides=dict(overrides or {}))
-        exp = str(cfg["name"])
+        exp = str(cfg.name)
         if exp in seen:
             raise UsageError(f"The configs '{seen[exp]}' and '{c}' both have the name '{exp}'; their runs would "
                              f"share folders.", hint="Give each experiment its own 'name:' (or --set name=...).")
