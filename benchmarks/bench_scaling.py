@@ -146,9 +146,9 @@ def main() -> None:
         return statistics.median(times), values(out), times
 
     res = {}
-    run(small, tmp / "warm.csv", args.estimator, jobs=1)  # numba's JIT and first imports, untimed
+    run(small, tmp / "warm-small.csv", args.estimator, jobs=1)  # numba's JIT and first imports, untimed
     t0 = time.perf_counter()
-    run(small, tmp / "warm.csv", "binning", jobs=2)
+    run(small, tmp / "warm-pool.csv", "binning", jobs=2)
     pool_start = time.perf_counter() - t0  # nearly all of it: spawning 2 workers that import torch
     res["local-1"] = timed(big, args.estimator, "local-1", jobs=1)
     import torch
@@ -167,8 +167,8 @@ def main() -> None:
             cl = Cluster(k, tmp, threads)
             tag = f"dask-{k}" + ("/1t" if threads else "")
             try:
-                run(small, tmp / "warm.csv", "binning", scheduler=cl.address)  # imports on the workers, untimed
-                run(big, tmp / "warm.csv", args.estimator, scheduler=cl.address)
+                run(small, tmp / "warm-small.csv", "binning", scheduler=cl.address)  # imports on the workers, untimed
+                run(big, tmp / "warm-big.csv", args.estimator, scheduler=cl.address)
                 res[tag] = timed(big, args.estimator, tag.replace("/", "-"), scheduler=cl.address)
                 if threads:
                     continue
