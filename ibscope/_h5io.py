@@ -21,6 +21,7 @@ the file really holds before anything is allocated for it.
 
 from __future__ import annotations
 
+import builtins
 import errno as _errno
 import json
 import math
@@ -233,8 +234,8 @@ class AtomicH5:
         self.final = Path(final)
         self.tmp = self.final.with_name(self.final.name + ".tmp")
         self.what = what
-        self.f = None
-        self.raw = None
+        self.f: Any = None  # the h5py.File (h5py is untyped)
+        self.raw: GuardedFile | None = None
         try:
             self.tmp.unlink(missing_ok=True)
             self.raw = GuardedFile(self.tmp)
@@ -247,7 +248,7 @@ class AtomicH5:
             raise
         self.check()
 
-    def __enter__(self) -> "AtomicH5":
+    def __enter__(self) -> AtomicH5:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -277,6 +278,7 @@ class AtomicH5:
             raise
         self.check()
         try:
+            assert self.raw is not None  # opened in __init__
             self.raw.fsync()
             self.raw.close()
             os.replace(self.tmp, self.final)
@@ -397,7 +399,7 @@ class Attrs:
             raise DataError(f"{self.where(key)} must be a string; got {describe(v)}.")
         return str(v)
 
-    def int(self, key: str, default: Any = _MISSING, *, minimum: int | None = None) -> Any:
+    def int(self, key: builtins.str, default: Any = _MISSING, *, minimum: builtins.int | None = None) -> Any:
         v = self.raw(key, default)
         if v is default and default is not self._MISSING:
             return v
@@ -410,7 +412,7 @@ class Attrs:
             raise DataError(f"{self.where(key)} must be >= {minimum}; got {v}.")
         return v
 
-    def float(self, key: str, default: Any = _MISSING) -> Any:
+    def float(self, key: builtins.str, default: Any = _MISSING) -> Any:
         v = self.raw(key, default)
         if v is default and default is not self._MISSING:
             return v
@@ -420,7 +422,7 @@ class Attrs:
             raise DataError(f"{self.where(key)} must be a number; got {describe(v)}.")
         return float(v)
 
-    def bool(self, key: str, default: Any = _MISSING) -> Any:
+    def bool(self, key: builtins.str, default: Any = _MISSING) -> Any:
         v = self.raw(key, default)
         if v is default and default is not self._MISSING:
             return v
@@ -432,7 +434,7 @@ class Attrs:
             return bool(v)
         raise DataError(f"{self.where(key)} must be true or false; got {describe(v)}.")
 
-    def int_array(self, key: str, *, ndim: int = 1, max_len: int | None = None) -> np.ndarray:
+    def int_array(self, key: builtins.str, *, ndim: builtins.int = 1, max_len: builtins.int | None = None) -> np.ndarray:
         v = self.raw(key)
         if not isinstance(v, np.ndarray) or v.ndim != ndim or v.dtype.kind not in "iu":
             raise DataError(f"{self.where(key)} must be a {ndim}-D integer array; got {describe(v)}.")
@@ -440,7 +442,7 @@ class Attrs:
             raise DataError(f"{self.where(key)} has {v.size} entries; at most {max_len} expected.")
         return v
 
-    def json(self, key: str, default: Any = _MISSING, *, kind: type | tuple = dict) -> Any:
+    def json(self, key: builtins.str, default: Any = _MISSING, *, kind: type | tuple = dict) -> Any:
         text = self.str(key, default)
         if text is default and default is not self._MISSING:
             return default
@@ -473,7 +475,7 @@ def check_storage(ds, label: str) -> None:
                         f"holds only {_size(stored)} of its data; it is truncated or crafted.")
 
 
-def _size(n: int) -> str:
+def _size(n: float) -> str:
     for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
             return f"{n} bytes" if unit == "bytes" else f"{n:.1f} {unit}"

@@ -39,6 +39,7 @@ def sort_series(items: Iterable[T], epoch: Callable[[T], float | None], step: Ca
     def num(v):
         return (0, v) if v is not None else (1, 0)
 
+    key: Callable[[T], tuple[object, ...]]
     if mode == "step":
         key = lambda i: (num(step(i)), num(epoch(i)), natural_key(name(i)))  # noqa: E731
     elif mode == "epoch":

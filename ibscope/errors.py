@@ -122,7 +122,7 @@ _IO_HINTS = {
 }
 
 
-def io_error(exc: OSError, path: str | None = None, action: str = "writing") -> IOFailure:
+def io_error(exc: OSError, path: str | os.PathLike[str] | None = None, action: str = "writing") -> IOFailure:
     """Turn an :class:`OSError` into an :class:`IOFailure` naming the path and the OS error.
 
     ``"No space left on device (ENOSPC) while writing '/data/acts/checkpoints/...h5'."``
@@ -145,7 +145,7 @@ def io_error(exc: OSError, path: str | None = None, action: str = "writing") -> 
     hint = _IO_HINTS.get(name)
     wp = os.path.basename(os.path.dirname(str(where))) if where else ""
     if name == "ENOSPC" and where and (wp == "checkpoints" or os.path.basename(str(where)).startswith("manifest.h5")):
-        hint += " `ibscope capture --resume` continues a capture from its last complete checkpoint."
+        hint = (hint + " " if hint else "") + "`ibscope capture --resume` continues a capture from its last complete checkpoint."
     return IOFailure(msg, hint=hint)
 
 

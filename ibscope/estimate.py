@@ -250,7 +250,7 @@ def _compute_cell(st, ck, layer: str, specs: list[tuple[str, dict, str | None]],
     n_perm, null_seed = meta.get("null_permutations", 0), meta.get("null_seed", 0)
     for name, params, xs in specs:
         cls = registry.get(name)
-        est = cls(**params)
+        est = registry.create(name, **params)  # an alias (kde-upper) keeps its name on the instance
         plugin = registry.source(name) != "ibscope"
         code = meta["code"][name]
 

@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ibscope._atomic import write_text_atomic
-from ibscope._version import __version__
 from ibscope._paths import prepare_output
+from ibscope._version import __version__
 from ibscope.errors import DataError, UsageError
 from ibscope.results import COLUMNS, Results
 
@@ -297,7 +297,7 @@ def _provenance(res: Results, rows: list[dict]) -> dict:
     facts += [(k, v) for k, v in _find(prov, lambda k: any(w in k.lower() for w in ("hash", "sha", "store", "version")))
               if k not in ("ibscope_version", "version", "format_version")][:40]
     facts.append(("report made by", f"ibscope {__version__}, "
-                  f"{_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}"))
+                  f"{_dt.datetime.now(_dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}"))
     est: dict = {}
     for r in rows:
         if r["estimator"] == METRICS:
@@ -378,7 +378,7 @@ def _ood_section(doc: dict) -> dict:
     settings = prov.get("settings") or {}
     from markupsafe import Markup
 
-    intro = []
+    intro: list[str] = []  # Markup (a str) where it holds HTML
     if doc.get("layer"):
         intro.append(Markup("layer <b>{}</b>").format(doc["layer"]))
     if "tpr" in settings:
@@ -387,7 +387,7 @@ def _ood_section(doc: dict) -> dict:
     figs = doc.get("figures") or []
     if isinstance(figs, dict):
         figs = list(figs.values())
-    fig_list = []
+    fig_list: list[dict[str, Any]] = []
     for f in figs:
         fp = Path(f) if Path(f).is_absolute() else base / f
         mime = {".png": "image/png", ".svg": "image/svg+xml", ".jpg": "image/jpeg", ".gif": "image/gif"}.get(
@@ -454,6 +454,7 @@ def write_report(results: Any, out_html: str | os.PathLike | None = None, *, ood
         if have is not None and src_mtime is not None and have.exists() and have.stat().st_mtime >= src_mtime:
             data = have.read_bytes()  # drawn by `ibscope plot` from these results: reuse, do not redraw
         else:
+            assert job.make is not None  # report jobs are figures, never animations
             fig = job.make()
             data = _png(fig, dpi)
             if have is not None:

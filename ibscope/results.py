@@ -61,7 +61,8 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from ibscope.errors import DataError, UsageError, io_error
-from ibscope.units import INFO_UNITS, conversion_factor
+from ibscope.units import INFO_UNITS as INFO_UNITS  # re-exported: ibscope.results.INFO_UNITS
+from ibscope.units import conversion_factor
 
 RESULTS_FORMAT = "ibscope-results"
 RESULTS_VERSION = 1
@@ -88,7 +89,7 @@ _BOOL = {"saturated"}
 VALUE_COLUMNS = ("value", "stderr", "cap", "null_mean", "null_std")
 
 
-def provenance_path(path: str | os.PathLike) -> Path:
+def provenance_path(path: str | os.PathLike[str]) -> Path:
     p = Path(path)
     return p.with_name(p.stem + ".provenance.json")
 
@@ -146,9 +147,9 @@ class Results:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def filter(self, **conds: Any) -> "Results":
+    def filter(self, **conds: Any) -> Results:
         """Rows whose columns equal the given values (a value may be a list/tuple/set of options)."""
-        def ok(r):
+        def ok(r: dict[str, Any]) -> bool:
             for k, v in conds.items():
                 if isinstance(v, (list, tuple, set)):
                     if r.get(k) not in v:
@@ -158,13 +159,13 @@ class Results:
             return True
         return Results([r for r in self.rows if ok(r)], self.provenance, self.path)
 
-    def unique(self, col: str) -> list:
-        seen: dict = {}
+    def unique(self, col: str) -> list[Any]:
+        seen: dict[Any, None] = {}
         for r in self.rows:
             seen.setdefault(r[col], None)
         return list(seen)
 
-    def to_unit(self, unit: str) -> "Results":
+    def to_unit(self, unit: str) -> Results:
         """Convert every information row (nats/bits) to ``unit``; other rows, and training
         metrics whatever their unit, are unchanged."""
         if unit not in INFO_UNITS:
@@ -202,7 +203,7 @@ def _not_a_table(p: Path, why: str) -> DataError:
                      hint="Pass the CSV written by `ibscope estimate` (e.g. results.csv).")
 
 
-def _read_provenance(p: Path) -> dict | None:
+def _read_provenance(p: Path) -> dict[str, Any] | None:
     pp = provenance_path(p)
     if not pp.exists():
         return None
@@ -217,7 +218,7 @@ def _read_provenance(p: Path) -> dict | None:
     return this
 
 
-def _read_one(p: Path, allow_empty: bool) -> tuple[list[dict], dict | None]:
+def _read_one(p: Path, allow_empty: bool) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     if not p.exists():
         raise DataError(f"Results file not found: '{p}'.", hint="Create it with `ibscope estimate STORE -o results.csv`.")
     if p.is_dir():
@@ -236,11 +237,12 @@ def _read_one(p: Path, allow_empty: bool) -> tuple[list[dict], dict | None]:
         raise _not_a_table(p, f"it contains NUL bytes (offset {text.index(chr(0))}): a binary file, not CSV text")
     want = (this or {}).get("table_sha256")
     if want and hashlib.sha256(text.encode("utf-8")).hexdigest() != want:
+        assert this is not None  # want came from it
         this["table_matches"] = False
         warnings.warn(f"The provenance '{provenance_path(p)}' does not describe '{p}' as it is now: the table was "
                       f"changed after ibscope wrote it, or a write was interrupted. Treat its provenance with care; "
                       f"`ibscope estimate` into it rewrites both (when the table itself can be read).", stacklevel=3)
-    rows: list[dict] = []
+    rows: list[dict[str, Any]] = []
     try:
         reader = csv.DictReader(io.StringIO(text, newline=""))
         header = reader.fieldnames or []
@@ -276,7 +278,7 @@ def _read_one(p: Path, allow_empty: bool) -> tuple[list[dict], dict | None]:
     return rows, this
 
 
-def read_results(paths: str | os.PathLike | Iterable[str | os.PathLike], *, allow_empty: bool = False) -> Results:
+def read_results(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]], *, allow_empty: bool = False) -> Results:
     """Read one results CSV (or several, concatenated). Raises DataError on a bad table.
 
     ``allow_empty``: accept a table with a header and no rows (``ibscope estimate`` merging
@@ -284,8 +286,8 @@ def read_results(paths: str | os.PathLike | Iterable[str | os.PathLike], *, allo
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
-    rows: list[dict] = []
-    prov: dict = {}
+    rows: list[dict[str, Any]] = []
+    prov: dict[str, Any] = {}
     first: Path | None = None
     for path in paths:
         p = Path(path)
@@ -300,7 +302,7 @@ def read_results(paths: str | os.PathLike | Iterable[str | os.PathLike], *, allo
     return Results(rows, prov, first)
 
 
-def write_results(path: str | os.PathLike, rows: Iterable[dict], provenance: dict | None = None) -> Path:
+def write_results(path: str | os.PathLike[str], rows: Iterable[dict[str, Any]], provenance: dict[str, Any] | None = None) -> Path:
     """Write rows atomically (tmp file + rename) and the provenance sidecar.
 
     Both files are written in full under temporary names first; a failure (disk full, ...)
@@ -341,14 +343,14 @@ def write_results(path: str | os.PathLike, rows: Iterable[dict], provenance: dic
     return p
 
 
-def time_axis(rows: Sequence[dict]) -> str:
+def time_axis(rows: Sequence[dict[str, Any]]) -> str:
     """The column to put on the time axis: epoch if every row has one and epochs tell checkpoints
     apart (within a run and split), else step under the same rule, else the checkpoint index.
     One rule for ``plot`` and ``report`` (and any reader that aligns rows over training time)."""
     for col in ("epoch", "step"):
         if not all(r[col] is not None for r in rows):
             continue
-        seen: dict[tuple, Any] = {}
+        seen: dict[tuple[Any, ...], Any] = {}
         ok = True
         for r in rows:
             key = (r["run"], r["split"], r[col])

@@ -54,7 +54,7 @@ from typing import Any
 
 import numpy as np
 
-from ibscope._h5io import AtomicH5, Attrs, describe, check_storage, h5_message, is_system_error, os_error_of
+from ibscope._h5io import AtomicH5, Attrs, check_storage, describe, h5_message, is_system_error, os_error_of
 from ibscope._version import __version__
 from ibscope.errors import DataError, ShardError, UsageError, io_error
 
@@ -197,7 +197,7 @@ def _open_h5(path: Path, *, label: str, kind: str = "unreadable"):
         err = os_error_of(exc)
         if err is not None and err.errno == errno.ENOENT:
             raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(path)) from None
-        if is_system_error(exc):
+        if err is not None and is_system_error(exc):
             raise io_error(err, path, "reading") from None
         raise BadShard(kind, f"{label + ' ' if label else ''}truncated, corrupt or not HDF5 "
                              f"({h5_message(exc)})") from None
@@ -216,7 +216,7 @@ class Store:
     """
 
     def __init__(self, path: str | os.PathLike, *, skip_bad_shards: bool = False, warn: bool = True):
-        self._held = None  # (path, open h5py.File) of the shard read last; see _shard
+        self._held: tuple[Path, Any] | None = None  # (path, open h5py.File) of the shard read last; see _shard
         self._held_lock = threading.RLock()
         self.dir = resolve_store_dir(path)
         self.skip_bad_shards = bool(skip_bad_shards)
@@ -330,8 +330,9 @@ class Store:
         try:
             obj = f.get(key)
         except Exception as exc:  # noqa: BLE001
-            if is_system_error(exc):
-                raise io_error(os_error_of(exc), f.filename, "reading") from None
+            err = os_error_of(exc)
+            if err is not None and is_system_error(exc):
+                raise io_error(err, f.filename, "reading") from None
             raise DataError(f"{label}: '{key}' cannot be read ({h5_message(exc)}).") from None
         if obj is None:
             raise DataError(f"{label} has no dataset '{key}'.")
@@ -346,8 +347,9 @@ class Store:
         try:
             return ds[sel]
         except Exception as exc:  # noqa: BLE001
-            if is_system_error(exc):
-                raise io_error(os_error_of(exc), ds.file.filename, "reading") from None
+            err = os_error_of(exc)
+            if err is not None and is_system_error(exc):
+                raise io_error(err, ds.file.filename, "reading") from None
             raise DataError(f"{label} cannot be read ({h5_message(exc)}); the file is corrupt.",
                             hint=hint or _SHARD_HINT) from None
 
@@ -374,7 +376,7 @@ class Store:
             raise DataError(f"{exc.message}.", hint=_MANIFEST_HINT) from None
         with f:
             ds = self._dataset(f, "probe/inputs", label)
-            width = math.prod(self.input_shape)
+            width = math.prod(self.input_shape or ())  # has_inputs: the manifest gives the shape
             if ds.shape != (self.n_samples, width):
                 raise DataError(f"{label}: dataset 'probe/inputs' has shape {ds.shape}; expected "
                                 f"({self.n_samples}, {width}).", hint=_MANIFEST_HINT)
@@ -409,9 +411,9 @@ class Store:
             raise self._bad_shards_error(bad, len(infos))
         self.skipped = bad
         for b in bad if self._warn else ():
-            key = (b["file"], b["reason"])
-            if key not in _WARNED:
-                _WARNED.add(key)
+            seen = (b["file"], b["reason"])
+            if seen not in _WARNED:
+                _WARNED.add(seen)
                 log.warning("Skipping bad shard '%s': %s.", b["file"], b["reason"])
         from ibscope._order import sort_series
 
@@ -572,7 +574,7 @@ class Store:
             except Exception:  # noqa: BLE001 - closing a file that is already unusable
                 pass
 
-    def __enter__(self) -> "Store":
+    def __enter__(self) -> Store:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -658,7 +660,7 @@ class Store:
             "store": str(self.dir), "format_version": self.format_version,
             "ibscope_version": self.attrs.get("ibscope_version"), "created": self.attrs.get("created"),
             "n_samples": self.n_samples, "labels": labels,
-            "inputs": [int(s) for s in self.input_shape] if self.has_inputs else None, "config": self.config,
+            "inputs": [int(s) for s in self.input_shape or ()] if self.has_inputs else None, "config": self.config,
             "layers": {n: self.layer_meta(n) for n in self.layers}, "checkpoints": ckpts,
             "skipped": [{"file": b["file"], "reason": b["reason"]} for b in self.skipped],
         }
@@ -822,7 +824,7 @@ class StoreWriter:
         return self
 
     @staticmethod
-    def _moved(existing: "Store", config: dict, layers: dict[str, dict], diff: list[str]) -> str | None:
+    def _moved(existing: Store, config: dict, layers: dict[str, dict], diff: list[str]) -> str | None:
         """A store captured from another folder: only the model file's and the probe file's paths
         differ (same file names; the probe hash is already equal). Returns what moved, else None."""
         if not diff or not set(diff) <= {"model", "probe"}:
@@ -936,7 +938,7 @@ class StoreWriter:
         return (None if epoch is None else float(epoch), step) in self._points and (epoch is not None or step is not None)
 
     def checkpoint(self, *, epoch: int | None, step: int | None, path: str, sha256: str,
-                   metrics: dict | None = None) -> "ShardWriter":
+                   metrics: dict | None = None) -> ShardWriter:
         """A shard writer for one checkpoint. ``metrics``: scalar training metrics found in
         the checkpoint (e.g. {"accuracy": 0.93, "loss": 0.2}), kept for plots."""
         return ShardWriter(self, epoch=epoch, step=step, path=path, sha256=sha256, metrics=metrics)
@@ -963,13 +965,20 @@ class ShardWriter:
         self._width: dict[str, int] = {}
         self._unsynced = 0  # bytes appended since the last sync_data()
         self._w: AtomicH5 | None = None
-        self.f = None
+        self.f: Any = None  # the open h5py.File while writing (h5py is untyped)
+
+    @property
+    def w(self) -> AtomicH5:
+        """The atomic file being written (inside the with-block)."""
+        if self._w is None:
+            raise RuntimeError("ShardWriter is used outside its with-block")
+        return self._w
 
     @property
     def tmp(self) -> Path:
         return self.final.with_name(self.final.name + ".tmp")
 
-    def __enter__(self) -> "ShardWriter":
+    def __enter__(self) -> ShardWriter:
         self.t0 = time.perf_counter()
         self._w = AtomicH5(self.final)
         self.f = self._w.f
@@ -1019,8 +1028,10 @@ class ShardWriter:
         self._unsynced += batch.shape[0] * batch.shape[1] * np.dtype(dtype).itemsize
         if self._unsynced >= SYNC_BYTES:  # flush to disk as we go: the fsync at the end is short
             self._unsynced = 0
-            self._w.raw.sync_data()
-        self._w.check()
+            raw = self.w.raw
+            if raw is not None:  # the open shard's file (set while writing)
+                raw.sync_data()
+        self.w.check()
 
     def _create(self, layer: str, d: int, dtype: str):
         n = self.store.n_samples
@@ -1032,7 +1043,7 @@ class ShardWriter:
                                            compression=self.store.compression,
                                            shuffle=self.store.compression is not None, fletcher32=True,
                                            rdcc_nbytes=1)
-        self._w.check()
+        self.w.check()
         return ds
 
     def chunk_rows(self, d: int, dtype: str = "float32") -> int:
@@ -1051,18 +1062,18 @@ class ShardWriter:
         ds = self._ds[layer] = self._create(layer, d, dtype)
         ds[: kept.shape[0]] = kept
         ds.attrs["dtype_fallback"] = str(np.dtype(dtype))
-        self._w.check()
+        self.w.check()
 
     def mark_fallback(self, layer: str, dtype: str = "float32") -> None:
         """Record on ``layer``'s dataset that float16 overflowed and ``dtype`` was used."""
         self.f["acts"][layer].attrs["dtype_fallback"] = dtype
-        self._w.check()
+        self.w.check()
 
     def set_jacobian(self, layer: str, singular_values: np.ndarray, rows: np.ndarray) -> None:
         g = self.f.require_group("jacobian")
         ds = g.create_dataset(layer, data=np.asarray(singular_values, dtype=np.float32))
         ds.attrs["rows"] = np.asarray(rows, dtype=np.int64)
-        self._w.check()
+        self.w.check()
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
@@ -1103,5 +1114,5 @@ class ShardWriter:
         self.f.attrs["wall_time_s"] = time.perf_counter() - self.t0
         self.f.attrs["complete"] = True
         self._ds.clear()
-        self._w.commit()
+        self.w.commit()
         self.store.written += 1

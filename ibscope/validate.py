@@ -58,11 +58,17 @@ import numpy as np
 from ibscope._version import __version__
 from ibscope.errors import DataError, IbscopeError, PluginError, UsageError, unknown_name
 from ibscope.results import INFO_UNITS, Results, read_results
-from ibscope.units import conversion_factor
 from ibscope.trust import (
-    SATURATION_TOLERANCE, VALIDATION_COLUMNS, VALIDATION_CSV, VALIDATION_JSON, VALIDATION_PNG, is_saturated,
-    params_key, write_csv_atomic,
+    SATURATION_TOLERANCE,
+    VALIDATION_COLUMNS,
+    VALIDATION_CSV,
+    VALIDATION_JSON,
+    VALIDATION_PNG,
+    is_saturated,
+    params_key,
+    write_csv_atomic,
 )
+from ibscope.units import conversion_factor
 
 log = logging.getLogger(__name__)
 
@@ -231,10 +237,12 @@ def plan_keys(res: Results, *, estimators: Sequence[str] | None = None,
         except IbscopeError as exc:
             notes.append(f"{est}: not validated ({exc.message})")
             continue
-        f = [conversion_factor(r["unit"], "nats") for r in grp]
-        vals = [r["value"] * fi for r, fi in zip(grp, f)]
-        caps = [r["cap"] * fi for r, fi in zip(grp, f) if r["cap"] is not None]
-        key = Key(est, json.loads(pk), q, n, _dims(dtext), dtext, vals, caps,
+        factors = [conversion_factor(r["unit"], "nats") for r in grp]
+        vals = [r["value"] * fi for r, fi in zip(grp, factors)]
+        caps = [r["cap"] * fi for r, fi in zip(grp, factors) if r["cap"] is not None]
+        dims = _dims(dtext)
+        assert dims is not None  # rows without dims were left out above
+        key = Key(est, json.loads(pk), q, n, dims, dtext, vals, caps,
                   any(bool(is_saturated(r)) for r in grp))
         key.x_source = key.params.get("x_source") if q == "I(X;T)" else None
         if q == "I(X;T)" and key.x_source is None:
@@ -246,7 +254,7 @@ def plan_keys(res: Results, *, estimators: Sequence[str] | None = None,
         if q == "I(T;Y)":
             h = hy.get((last["run"], last["split"]))
             key.y_discrete = h is not None and key.dims[1] == 1
-            if key.y_discrete:
+            if key.y_discrete and h is not None:
                 key.priors = _priors_from_entropy(h)
         keys.append(key)
     keys.sort(key=lambda k: (k.estimator, params_key(k.params), PAIR.index(k.quantity), k.n, k.dims))
@@ -420,6 +428,11 @@ def gaussian_mi(cov_x: np.ndarray, b: np.ndarray, cov_e: np.ndarray) -> float:
     return 0.5 * (np.linalg.slogdet(s)[1] - np.linalg.slogdet(cov_e)[1])
 
 
+def _known(value: float) -> Callable[[dict], tuple[float, float]]:
+    """The truth of a task that does not depend on the estimate: (value, no Monte Carlo error)."""
+    return lambda extra: (value, 0.0)
+
+
 # ============================================================================================ tasks
 @dataclass
 class Task:
@@ -528,9 +541,10 @@ class _Ctx:
 
 # ---------------------------------------------------------------------------------- I(T;Y), discrete Y
 def tasks_labels(ctx: _Ctx, families: Sequence[str]) -> list[Task]:
-    key, dev = ctx.key, ctx.device
+    key = ctx.key
     d = key.dims[0]
     priors = key.priors
+    assert priors is not None  # keys of I(T;Y) with discrete labels carry the label priors
     k = len(priors)
     hy = float(-(priors * np.log(priors)).sum())
     rng0 = np.random.default_rng(ctx.seed + 17)
@@ -571,16 +585,16 @@ def tasks_labels(ctx: _Ctx, families: Sequence[str]) -> list[Task]:
         target = target_levels(key, 0.95 * hy)[1]
         s = _tune_separation(nu_m, priors, target, ctx.seed)
 
-        def draw(rng, n, s=s):
+        def draw_emb(rng, n, s=s):
             y = _labels(rng, n, priors)
             z = s * nu_m[y] + rng.standard_normal((n, m))
             return c * np.tanh(z @ w.T + bias), y
 
-        def truth(extra, s=s):
+        def truth_emb(extra, s=s):
             return mixture_mi(s * nu_m, 1.0, priors, MC_MIXTURE, ctx.seed + 1)
 
-        out.append(Task(f"embedding ({m}-D class mixture, tanh into {d} units)", "embedding", "mid", "I(T;Y)", draw,
-                        truth, note=("truth without the KDE noise (an upper bound on the KDE target)"
+        out.append(Task(f"embedding ({m}-D class mixture, tanh into {d} units)", "embedding", "mid", "I(T;Y)", draw_emb,
+                        truth_emb, note=("truth without the KDE noise (an upper bound on the KDE target)"
                                      if ctx.kde else "")))
     if "layer" in families and ctx.layer is not None and ctx.layer.get("class_means") is not None:
         mu = ctx.layer["class_means"]
@@ -588,16 +602,17 @@ def tasks_labels(ctx: _Ctx, families: Sequence[str]) -> list[Task]:
         lp = ctx.layer["priors"]
         lc = np.linalg.cholesky(cov)
 
-        def draw(rng, n):
+        def draw_layer(rng, n):
             y = _labels(rng, n, lp)
             return mu[y] + rng.standard_normal((n, d)) @ lc.T, y
 
-        def truth(extra):
+        def truth_layer(extra):
             v = var_of(extra)
             return mixture_mi(mu, cov + v * np.eye(d), lp, MC_MIXTURE, ctx.seed + 1)
 
         ref = ctx.layer["ref"]
-        out.append(Task(f"layer ({ref}: class means, within-class covariance)", "layer", "-", truth_name, draw, truth))
+        out.append(Task(f"layer ({ref}: class means, within-class covariance)", "layer", "-", truth_name, draw_layer,
+                        truth_layer))
     return out
 
 
@@ -713,9 +728,9 @@ def tasks_continuous(ctx: _Ctx, families: Sequence[str]) -> list[Task]:
                 v[:, :r] = rho * u[:, :r] + math.sqrt(1 - rho * rho) * v[:, :r]
                 return sa * (u @ qa), sb * (v @ qb)
 
-            truth = -0.5 * r * math.log(1 - rho * rho)
+            value = -0.5 * r * math.log(1 - rho * rho)
             out.append(Task(f"gaussian {name} ({r} correlated pairs, ρ = {rho:.3g}, rotated)", "gaussian", name,
-                            key.quantity, draw, lambda extra, t=truth: (t, 0.0)))
+                            key.quantity, draw, _known(value)))
     if "embedding" in families:
         m = min(2, da, db)
         target = target_levels(key, None)[1]
@@ -726,26 +741,26 @@ def tasks_continuous(ctx: _Ctx, families: Sequence[str]) -> list[Task]:
         wb = wb / np.linalg.norm(wb, axis=0, keepdims=True) * 1.2
         ba, bb = 0.3 * rng0.standard_normal(da), 0.3 * rng0.standard_normal(db)
 
-        def draw(rng, n):
+        def draw_emb(rng, n):
             z1 = rng.standard_normal((n, m))
             z2 = rho * z1 + math.sqrt(1 - rho * rho) * rng.standard_normal((n, m))
             return sa * np.tanh(z1 @ wa.T + ba), sb * np.tanh(z2 @ wb.T + bb)
 
-        truth = -0.5 * m * math.log(1 - rho * rho)
+        value = -0.5 * m * math.log(1 - rho * rho)
         out.append(Task(f"embedding ({m}-D latent Gaussians, tanh into {da} and {db} units)", "embedding", "mid",
-                        key.quantity, draw, lambda extra, t=truth: (t, 0.0)))
+                        key.quantity, draw_emb, _known(value)))
     if ("layer" in families and key.quantity == "I(X;T)" and ctx.layer is not None
             and ctx.layer.get("lin_b") is not None):
         cx, bm, ce, mx = ctx.layer["x_cov"], ctx.layer["lin_b"], ctx.layer["lin_cov_e"], ctx.layer["x_mean"]
         lx, le = np.linalg.cholesky(cx), np.linalg.cholesky(ce)
 
-        def draw(rng, n):
+        def draw_lin(rng, n):
             x = mx + rng.standard_normal((n, da)) @ lx.T
             return x, x @ bm.T + rng.standard_normal((n, db)) @ le.T
 
-        truth = gaussian_mi(cx, bm, ce)
+        value = gaussian_mi(cx, bm, ce)
         out.append(Task(f"layer ({ctx.layer['ref']} linearised on its inputs: T = B X + E)", "layer", "-",
-                        "I(X;T)", draw, lambda extra, t=truth: (t, 0.0)))
+                        "I(X;T)", draw_lin, _known(value)))
     return out
 
 
@@ -949,8 +964,8 @@ def validate_results(results: str | os.PathLike | Results, out_dir: str | os.Pat
     (out / VALIDATION_JSON).unlink(missing_ok=True)
     paths = [write_csv_atomic(out / VALIDATION_CSV, VALIDATION_COLUMNS, rows)]
     if plot and rows:
-        from ibscope.plot.validation import validation_figure
         from ibscope.plot import save_figure
+        from ibscope.plot.validation import validation_figure
 
         fig = validation_figure(rows, unit)
         paths.append(save_figure(fig, out / VALIDATION_PNG, "png", 130, "ibscope validate",

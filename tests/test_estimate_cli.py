@@ -162,7 +162,7 @@ def test_errors_have_messages_and_exit_codes(run_dir, tmp_path):
         (["estimate", d / "acts", "-o", out, "-e", "ksg", "--param", "ksg.k=zero"], 2,
          "The 'k' parameter of ksg must be of type int. Got 'zero' instead."),
         (["estimate", d / "acts", "-o", out, "-e", "ksg", "--param", "ksg.k=0"], 2,
-         "The 'k' parameter of ksg must be >= 1. Got 0 instead."),
+         "The 'k' parameter of ksg must be an integer >= 1. Got 0 instead."),
         (["estimate", d / "acts", "-o", out, "--layer", "fc9"], 2, "Unknown layer 'fc9'"),
         (["estimate", d / "acts", "-o", out, "--x-source", "ids"], 2, "--x-source must be one of"),
         (["estimate", d / "acts", "-o", out, "-c", tmp_path / "none.yaml"], 2, "Config file not found"),
@@ -211,6 +211,10 @@ def test_estimators_listing():
                  "compressed", "infonce", "renyi"):
         assert rows[name]["kind"] == "pair" and rows[name]["unit"] == "nats" and rows[name]["reference"]
     assert rows["ksg"]["params"]["k"] == 3 and rows["binning"]["x_source"] == "identity"
+    # an alias lists its own name with its pinned bound; every parameter says what it accepts
+    assert rows["kde-lower"]["params"]["bound"] == "lower" and rows["kde-lower"]["fixed"] == {"bound": "lower"}
+    assert rows["kde"]["params"]["bound"] == "upper" and rows["kde"]["fixed"] == {}
+    assert rows["ksg"]["constraints"]["k"] == "an integer >= 1" and rows["twonn"]["kind"] == "single"
     res = invoke("estimators", "--kind", "pair")
     assert res.exit_code == 0 and "kde-upper" in res.output and "Kraskov" in res.output
     res = invoke("estimators", "--kind", "pairs")

@@ -156,7 +156,7 @@ def test_invariant_to_rotation_and_permutation(n, d, seed):
 def test_errors():
     with pytest.raises(UsageError, match="'kernel' parameter of matrix-entropy must be 'gaussian' or 'linear'"):
         ibscope.measure(np.zeros((4, 2)), "matrix-entropy", kernel="rbf")
-    with pytest.raises(UsageError, match="'sigma' parameter of matrix-entropy must be > 0"):
+    with pytest.raises(UsageError, match="'sigma' parameter of matrix-entropy must be a finite number > 0 or None. Got -1.0"):
         ibscope.measure(np.zeros((4, 2)), "matrix-entropy", sigma=-1.0)
     with pytest.raises(UsageError, match="'eps_sq' parameter of coding-rate must be a finite number > 0"):
         ibscope.measure(np.zeros((4, 2)), "coding-rate", eps_sq=0.0)

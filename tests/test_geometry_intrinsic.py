@@ -199,9 +199,11 @@ def test_errors():
         ibscope.measure(np.ones((30, 3)), "mle-id")
     with pytest.raises(DataError, match="needs at least 7 distinct points; got 6"):
         ibscope.measure(np.random.RandomState(0).randn(6, 2), "mle-id", k=5)
-    with pytest.raises(UsageError, match="'k' parameter of mle-id must be >= 2. Got 1"):
+    with pytest.raises(UsageError, match="'k' parameter of mle-id must be an integer >= 2. Got 1"):
         ibscope.measure(np.zeros((5, 2)), "mle-id", k=1)
-    with pytest.raises(UsageError, match="'discard_fraction' parameter of twonn must be in \\(0, 1\\)"):
+    with pytest.raises(UsageError, match="'k' parameter of mle-id must be an integer >= 3 with unbiased=true. Got 2"):
+        ibscope.measure(np.zeros((5, 2)), "mle-id", k=2, unbiased=True)
+    with pytest.raises(UsageError, match="'discard_fraction' parameter of twonn must be a finite number in \\(0, 1\\)"):
         ibscope.measure(np.zeros((5, 2)), "twonn", discard_fraction=0.0)
     with pytest.raises(UsageError, match="'aggregate' parameter"):
         ibscope.measure(np.zeros((5, 2)), "mle-id", aggregate="geometric")

@@ -114,7 +114,7 @@ def test_errors():
         ibscope.measure(torch.tensor([[1.0, -0.5]]), "local-rank")
     with pytest.raises(UsageError, match="'rtol' parameter of local-rank must be > 0 when atol is 0"):
         LocalRank(rtol=0.0)
-    with pytest.raises(UsageError, match="'atol' parameter of local-rank must be >= 0"):
+    with pytest.raises(UsageError, match="'atol' parameter of local-rank must be a finite number >= 0"):
         LocalRank(atol=-1.0)
     with pytest.raises(DataError, match=r"shape \(n, m, d\)"):
         jacobian_spectra(torch.ones(3, 4))

@@ -257,7 +257,7 @@ def test_integer_input_is_treated_as_float():
 
 @pytest.mark.parametrize("name,params,match", [
     ("effective-rank", {"convention": "raw"}, "'convention' parameter of effective-rank must be 'cov' or 'sv'"),
-    ("pca-dim", {"fraction": 1.5}, "'fraction' parameter of pca-dim must be in \\(0, 1\\]"),
+    ("pca-dim", {"fraction": 1.5}, "'fraction' parameter of pca-dim must be a finite number in \\(0, 1\\]"),
     ("alpha-req", {"fit_start": 50, "fit_end": 51}, "'fit_end' parameter of alpha-req must be >= fit_start \\+ 2"),
     ("numerical-rank", {"rtol": 0.0}, "'rtol' parameter of numerical-rank must be > 0 when atol is 0"),
     ("effective-rank", {"eps": -1.0}, "'eps' parameter"),

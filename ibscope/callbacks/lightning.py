@@ -11,7 +11,7 @@ try:
     from lightning.pytorch.callbacks import Callback
 except ImportError:  # the older package name
     try:
-        from pytorch_lightning.callbacks import Callback
+        from pytorch_lightning.callbacks import Callback  # type: ignore[assignment]  # same API, older package
     except ImportError:
         raise UsageError("ibscope.callbacks.LightningCapture needs Lightning, which is not installed.",
                          hint='Install it with: pip install "ibscope[lightning]"') from None

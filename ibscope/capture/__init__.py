@@ -14,18 +14,17 @@ from __future__ import annotations
 import copy
 import logging
 import os
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from contextlib import ExitStack
-
 from ibscope._device import resolve_device
-from ibscope.capture.jacobian import frozen_parameters, jacobian_spectra, parse_memory, parse_method, plan_jacobians
-from ibscope.capture.probe import check_forward_accepts
 from ibscope._locks import DEFAULT_LOCK_TIMEOUT, check_timeout, lock_path_for, writer_lock
 from ibscope._paths import check_parents
+from ibscope.capture.jacobian import frozen_parameters, jacobian_spectra, parse_memory, parse_method, plan_jacobians
+from ibscope.capture.probe import check_forward_accepts
 from ibscope.errors import DataError, UsageError, io_error
 
 log = logging.getLogger(__name__)
@@ -77,8 +76,15 @@ def plan_layers(model, x, layers, reduce=None):
     last); all layers whose reduction does not fit are named in one UsageError. With an
     ``attention_mask`` in ``x``, last/first/mean reduce over real tokens.
     """
-    from ibscope.capture.hooks import (CaptureEngine, Problem, Reducer, check_reduction, layout_of, raw_shape_of,
-                                       reduction_error)
+    from ibscope.capture.hooks import (
+        CaptureEngine,
+        Problem,
+        Reducer,
+        check_reduction,
+        layout_of,
+        raw_shape_of,
+        reduction_error,
+    )
     from ibscope.capture.probe import ModelInput
     from ibscope.capture.selectors import resolve_layers, trace_modules
 
@@ -132,7 +138,7 @@ class _Interrupts:
     there, where the shard being written is discarded cleanly) rather than at an arbitrary
     bytecode, where it may land in a finalizer and be swallowed. A second Ctrl-C stops at once."""
 
-    def __enter__(self) -> "_Interrupts":
+    def __enter__(self) -> _Interrupts:
         import signal
         import threading
 

@@ -96,7 +96,7 @@ def unwrap_model(m):
     import torch.nn as nn
 
     while True:
-        if hasattr(m, "_orig_mod") and isinstance(getattr(m, "_orig_mod"), nn.Module):
+        if hasattr(m, "_orig_mod") and isinstance(m._orig_mod, nn.Module):
             m = m._orig_mod
         elif isinstance(m, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
             m = m.module

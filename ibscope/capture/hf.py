@@ -100,7 +100,7 @@ def build_model(folder: Path, overrides: dict | None = None):
     try:
         model = cls(config)
     except Exception as exc:  # noqa: BLE001
-        raise CheckpointError(f"Building {name} from '{folder / 'config.json'}' failed: {type(exc).__name__}: {exc}")
+        raise CheckpointError(f"Building {name} from '{folder / 'config.json'}' failed: {type(exc).__name__}: {exc}") from None
     return model.eval()
 
 

@@ -43,8 +43,8 @@ import zlib
 from dataclasses import dataclass
 from typing import Any
 
-from ibscope.errors import DataError, UsageError
 from ibscope.capture.selectors import Target, describe
+from ibscope.errors import DataError, UsageError
 
 REDUCTIONS = ("auto", "none", "flatten", "gap", "avg", "gmp", "max", "rp:K", "last", "first", "cls", "mean")
 _ALIASES = {"avg": "gap", "max": "gmp", "cls": "first"}
@@ -256,8 +256,8 @@ def reduction_error(problems: list, all_targets: list | None = None) -> UsageErr
         keys = _reduce_keys(ps, all_targets)
         why = ps[0].why
 
-        def opt(op: str) -> str:
-            return " ".join(f"--reduce '{k}={op}'" for k in keys)
+        def opt(op: str) -> str:  # called within this iteration only
+            return " ".join(f"--reduce '{k}={op}'" for k in keys)  # noqa: B023
 
         if kind == "choose" and ps[0].layout == "sequence":
             msgs.append(f"{layers} output{'' if many else 's'} sequences {shape} (positions x features"
@@ -468,7 +468,7 @@ class CaptureEngine:
             groups.setdefault((t.module, t.io), _Group(modules[t.module], t.io, [])).targets.append(t)
         self.groups = groups
 
-    def __enter__(self) -> "CaptureEngine":
+    def __enter__(self) -> CaptureEngine:
         for key, g in self.groups.items():
             if g.io == "out":
                 h = g.module.register_forward_hook(self._make_hook(key, g, output=True))

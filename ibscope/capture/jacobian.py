@@ -348,7 +348,7 @@ def _exact_block(f: Callable, xs, kws: dict, lp: LayerPlan, d_in: int, tick: Cal
     out = []
     for i in range(xs.shape[0]):
         kwi = {k: v[i] for k, v in kws.items()}
-        _, vjp_fn = vjp(lambda v: f(v, kwi), xs[i])
+        _, vjp_fn = vjp(lambda v: f(v, kwi), xs[i])  # noqa: B023 - used within this iteration
         jm = torch.empty(d, d_in, dtype=torch.float32, device=xs.device)
         for r0 in range(0, d, lp.rows_per_pass):
             k = min(lp.rows_per_pass, d - r0)
@@ -371,7 +371,6 @@ def _sketch_one(f: Callable, x1, kw1: dict, lp: LayerPlan, d_in: int, seed: int,
     step = lp.rows_per_pass
     fl = (lambda v: f(v, kw1))  # noqa: E731
     out, vjp_fn = vjp(fl, x1)
-    d = int(out.shape[0])
 
     def j_times(v):  # (d_in, c) -> (d, c), forward mode
         cols = []

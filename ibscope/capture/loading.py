@@ -23,14 +23,35 @@ import re
 from pathlib import Path
 
 from ibscope.capture.checkpoints import (  # noqa: F401 - re-exported: the public names of the loader
-    STATE_KEYS, _describe_unpickle_failure, _global_name, _import_global, _looks_like_torch_file, _prefix_candidates,
-    _prefix_relation, _safetensors_metadata, _strip_known_prefixes, _tied_groups, align_state_dict, describe_alignment,
-    extract_state_dict, load_checkpoint_into, load_into, numpy_safe_globals, read_checkpoint, resolve_safe_globals,
+    STATE_KEYS,
+    _describe_unpickle_failure,
+    _global_name,
+    _import_global,
+    _looks_like_torch_file,
+    _prefix_candidates,
+    _prefix_relation,
+    _safetensors_metadata,
+    _strip_known_prefixes,
+    _tied_groups,
+    align_state_dict,
+    describe_alignment,
+    extract_state_dict,
+    load_checkpoint_into,
+    load_into,
+    numpy_safe_globals,
+    read_checkpoint,
+    resolve_safe_globals,
 )
 from ibscope.capture.factory import _import_file, model_spec_id, resolve_factory, resolve_object, unwrap_model  # noqa: F401
 from ibscope.capture.series import (  # noqa: F401 - re-exported: the public names of the loader
-    HF_WEIGHT_FILES, CheckpointFile, as_float as _as_float, as_int as _as_int, checkpoint_metadata, discover_series,
-    folder_weights, index_shards, is_checkpoint_folder, parse_name,
+    HF_WEIGHT_FILES,
+    CheckpointFile,
+    checkpoint_metadata,
+    discover_series,
+    folder_weights,
+    index_shards,
+    is_checkpoint_folder,
+    parse_name,
 )
 from ibscope.errors import UsageError
 

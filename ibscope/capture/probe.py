@@ -30,7 +30,6 @@ import numpy as np
 
 from ibscope.errors import DataError, UsageError
 
-
 RESERVED = ("y", "ids")  # labels and sample ids: never passed to the model
 POSITIONAL = "x"  # passed as the first positional argument; every other input array by keyword
 MASK_KEY = "attention_mask"  # 1 = real token, 0 = padding (Hugging Face convention)
@@ -51,7 +50,7 @@ class ModelInput:
     primary: str
 
     @classmethod
-    def of(cls, x) -> "ModelInput":
+    def of(cls, x) -> ModelInput:
         """Wrap a plain tensor (passed positionally) or return a ModelInput as is."""
         if isinstance(x, ModelInput):
             return x
@@ -79,13 +78,13 @@ class ModelInput:
         args = (self.tensors[POSITIONAL],) if POSITIONAL in self.tensors else ()
         return model(*args, **{k: v for k, v in self.tensors.items() if k != POSITIONAL})
 
-    def rows(self, start: int, stop: int) -> "ModelInput":
+    def rows(self, start: int, stop: int) -> ModelInput:
         return ModelInput({k: v[start:stop] for k, v in self.tensors.items()}, self.primary)
 
-    def to(self, device, non_blocking: bool = False) -> "ModelInput":
+    def to(self, device, non_blocking: bool = False) -> ModelInput:
         return ModelInput({k: v.to(device, non_blocking=non_blocking) for k, v in self.tensors.items()}, self.primary)
 
-    def replace(self, name: str, value) -> "ModelInput":
+    def replace(self, name: str, value) -> ModelInput:
         t = dict(self.tensors)
         t[name] = value
         return ModelInput(t, self.primary)
@@ -404,7 +403,7 @@ def load_probe(probe: Any, *, max_samples: int | None = None, sample_seed: int |
     return Probe(inputs=inputs, y=y, ids=np.ascontiguousarray(ids, dtype=np.int64), source=source, primary=primary)
 
 
-def check_forward_accepts(model, probe: "Probe | ModelInput") -> None:
+def check_forward_accepts(model, probe: Probe | ModelInput) -> None:
     """Refuse, before any work, probe arrays that ``model.forward`` cannot take.
 
     ``x`` needs a positional parameter; every other array a parameter of its name (or

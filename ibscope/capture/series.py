@@ -41,7 +41,13 @@ from typing import Any
 
 from ibscope._order import natural_key, sort_series
 from ibscope.capture.trainlogs import (  # noqa: F401 - re-exported (callbacks and tests import them from here)
-    LOGGED_METRIC_RE, TRAINER_STATE, as_float, as_int, csv_metrics, history_metrics, lightning_log_file,
+    LOGGED_METRIC_RE,
+    TRAINER_STATE,
+    as_float,
+    as_int,
+    csv_metrics,
+    history_metrics,
+    lightning_log_file,
     read_trainer_state,
 )
 from ibscope.errors import CheckpointError, UsageError

@@ -134,7 +134,7 @@ class BatchWriter:
         self._slots = 0
 
     # -- the forward loop's side ---------------------------------------------------------------
-    def __enter__(self) -> "BatchWriter":
+    def __enter__(self) -> BatchWriter:
         if self.background:
             self._q = queue.Queue()
             self._thread = threading.Thread(target=self._run, name="ibscope-capture-writer", daemon=True)

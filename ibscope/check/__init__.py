@@ -37,13 +37,33 @@ from ibscope.check.baseline import PointVerdict, compare, point_verdict
 from ibscope.check.junit import junit_for_error
 from ibscope.check.report import CHECK_FORMAT, CHECK_VERSION, CaseResult, CheckReport, atomic_write_text
 from ibscope.check.rules import (
-    RULE_TYPES, AnyRule, AtLeast, AtMost, Compression, Decreases, Increases, PeakEpoch, Rule, evaluate_rules,
+    RULE_TYPES,
+    AnyRule,
+    AtLeast,
+    AtMost,
+    Compression,
+    Decreases,
+    Increases,
+    PeakEpoch,
+    Rule,
+    evaluate_rules,
     parse_rule,
 )
 from ibscope.check.run import run_check, write_baseline
 from ibscope.check.settings import (
-    AXES, CURVE_FIELDS, DEFAULT_ATOL, DEFAULT_RTOL, FAIL_ON, POLICIES, CheckSettings, Tolerance, ToleranceEntry,
-    ToleranceOverride, load_rules, parse_tol_flag, parse_tolerance_entry,
+    AXES,
+    CURVE_FIELDS,
+    DEFAULT_ATOL,
+    DEFAULT_RTOL,
+    FAIL_ON,
+    POLICIES,
+    CheckSettings,
+    Tolerance,
+    ToleranceEntry,
+    ToleranceOverride,
+    load_rules,
+    parse_tol_flag,
+    parse_tolerance_entry,
 )
 
 __all__ = [

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Annotated, Any, Callable, Literal, Union
+from typing import Annotated, Any, Callable, Literal
 
 from pydantic import BaseModel, BeforeValidator, Field, ValidationError
 from pydantic_core import PydanticCustomError
@@ -79,9 +79,9 @@ def _curve_point(allow_peak: bool) -> Callable[[Any], Any]:
 
 
 #: where on a curve: 'start', 'end' or an x value (epoch/step/checkpoint; the nearest point is used)
-At = Annotated[Union[Literal["start", "end"], float], BeforeValidator(_curve_point(False))]
+At = Annotated[Literal["start", "end"] | float, BeforeValidator(_curve_point(False))]
 #: as :data:`At`, or 'peak' (the curve's maximum)
-From = Annotated[Union[Literal["start", "end", "peak"], float], BeforeValidator(_curve_point(True))]
+From = Annotated[Literal["start", "end", "peak"] | float, BeforeValidator(_curve_point(True))]
 
 
 def _keys(model: type[BaseModel]) -> list[str]:

@@ -28,7 +28,7 @@ def _xml(root: ET.Element) -> str:
     return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
 
 
-def report_xml(report: "CheckReport", suite_name: str = "ibscope check") -> str:
+def report_xml(report: CheckReport, suite_name: str = "ibscope check") -> str:
     """One <testsuite> per group (baseline, rules), one <testcase> per case; a failure carries the
     message and the case's numbers (JSON); passes and warnings carry them as system-out."""
     counts = report.counts()

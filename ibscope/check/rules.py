@@ -22,7 +22,7 @@ import fnmatch
 import math
 import warnings
 from collections import defaultdict
-from typing import Annotated, Any, ClassVar, Literal, Mapping, Optional, Sequence, Union
+from typing import Annotated, Any, ClassVar, Literal, Mapping, Optional, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
@@ -55,7 +55,7 @@ class Rule(BaseModel):
     name: Optional[str] = Field(None, description="Label of the test case (default: generated from the rule).")
     run: Optional[Selector] = Field(None, description="Run name or glob.")
     split: Optional[Selector] = Field(None, description="Split name or glob.")
-    layer: Optional[Union[int, str]] = Field(
+    layer: Optional[int | str] = Field(
         None, description="Layer name or glob, 'first', 'last' or a position (negative from the end); "
                           "default: every layer.")
     estimator: Optional[Selector] = Field(None, description="Estimator name or glob.")
@@ -322,7 +322,7 @@ RULE_TYPES: dict[str, type[Rule]] = {
 }
 
 #: any rule, told apart by ``type`` (for JSON Schema and typed configs)
-AnyRule = Annotated[Union[Compression, Decreases, Increases, AtLeast, AtMost, PeakEpoch], Field(discriminator="type")]
+AnyRule = Annotated[Compression | Decreases | Increases | AtLeast | AtMost | PeakEpoch, Field(discriminator="type")]
 
 
 def parse_rule(spec: Any, index: int) -> Rule:

@@ -16,7 +16,13 @@ from ibscope.check.curves import as_results, in_unit, noted, resolve_axis, sourc
 from ibscope.check.report import CheckReport
 from ibscope.check.rules import evaluate_rules, parse_rule
 from ibscope.check.settings import (
-    DEFAULT_ATOL, DEFAULT_RTOL, Tolerance, ToleranceOverride, load_rules, parse_tol_flag, parse_tolerance_entry,
+    DEFAULT_ATOL,
+    DEFAULT_RTOL,
+    Tolerance,
+    ToleranceOverride,
+    load_rules,
+    parse_tol_flag,
+    parse_tolerance_entry,
     resolve_settings,
 )
 from ibscope.errors import UsageError

@@ -90,10 +90,10 @@ class Tolerance:
     sigma: float | None = None
     fail_on: str = "both"
 
-    def updated(self, spec: Mapping[str, Any], where: str) -> "Tolerance":
+    def updated(self, spec: Mapping[str, Any], where: str) -> Tolerance:
         """This tolerance with the keys of ``spec`` (validated) replacing its own."""
         vals = _validate(ToleranceValues, dict(spec), where)
-        kw = dict(rtol=self.rtol, atol=self.atol, sigma=self.sigma, fail_on=self.fail_on)
+        kw: dict[str, Any] = dict(rtol=self.rtol, atol=self.atol, sigma=self.sigma, fail_on=self.fail_on)
         kw.update({k: getattr(vals, k) for k in vals.model_fields_set})
         if kw["rtol"] is None or kw["atol"] is None or kw["fail_on"] is None:
             raise UsageError(f"{where}: rtol, atol and fail_on cannot be null.")

@@ -83,7 +83,7 @@ def reporter(quiet: bool = False):
     return None if quiet else RichReporter()
 
 
-def error_exit(exc: IbscopeError) -> "typer.Exit":
+def error_exit(exc: IbscopeError) -> typer.Exit:
     from rich.markup import escape
 
     c = console()

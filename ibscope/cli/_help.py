@@ -27,7 +27,7 @@ from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 try:  # typer >= 0.20 vendors click as typer._click
     from typer._click.exceptions import BadParameter, UsageError
 except ImportError:  # pragma: no cover - older typer on real click
-    from click.exceptions import BadParameter, UsageError  # type: ignore[no-redef]
+    from click.exceptions import BadParameter, UsageError  # type: ignore[assignment]  # the same classes, unvendored
 
 _TYPE_WORDS = {"Path": "path", "str": "str", "int": "int", "float": "float"}
 

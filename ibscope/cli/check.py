@@ -76,11 +76,8 @@ def register(app: typer.Typer) -> None:
 
         from rich.markup import escape
 
-        from ibscope.check import run_check
-        from ibscope.errors import RegressionFound
-
-        from ibscope.check import atomic_write_text, junit_for_error
-        from ibscope.errors import IbscopeError
+        from ibscope.check import atomic_write_text, junit_for_error, run_check
+        from ibscope.errors import IbscopeError, RegressionFound
 
         setup_logging(quiet=quiet)
         try:

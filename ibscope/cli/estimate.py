@@ -177,7 +177,7 @@ def register(app) -> None:
         for name, cls in registry.available().items():
             if kind and cls.kind != kind:
                 continue
-            d = registry.describe(cls)
+            d = registry.describe(name)  # by name: an alias (kde-upper) shows its own name and pinned bound
             d["x_source"] = cls.x_source if cls.kind == "pair" else None
             rows.append(d)
         broken = registry.plugin_errors()

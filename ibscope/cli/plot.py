@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import List, Literal, Optional
+from typing import Any, List, Literal, Optional
 
 import typer
 
@@ -102,7 +102,7 @@ def register(app: typer.Typer) -> None:
         from ibscope.plot import plot_results
 
         setup_logging(quiet=quiet)
-        kw = dict(kinds=kind or None, unit=unit, fmt=fmt, quantities=quantity, estimators=estimator, splits=split,
+        kw: dict[str, Any] = dict(kinds=kind or None, unit=unit, fmt=fmt, quantities=quantity, estimators=estimator, splits=split,
                   runs=run, layers=layer, runs_mode=runs, band=band, logx=_bool_or_auto(logx, "--logx"),
                   dpi=dpi, animate=animate, animation_format=animation_format, fps=fps, null=null,
                   validation=validation)
@@ -160,7 +160,7 @@ def register(app: typer.Typer) -> None:
         from ibscope.report import write_report
 
         setup_logging(quiet=quiet)
-        kw = dict(ood=ood, figures_dir=figures_dir, unit=unit, title=title, kinds=kind or None, runs_mode=runs,
+        kw: dict[str, Any] = dict(ood=ood, figures_dir=figures_dir, unit=unit, title=title, kinds=kind or None, runs_mode=runs,
                   max_columns=max_columns, validation=validation, null=null)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

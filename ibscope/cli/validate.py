@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Literal, Optional
+from typing import Any, List, Literal, Optional
 
 import typer
 
@@ -73,7 +73,7 @@ def register(app: typer.Typer) -> None:
         setup_logging(quiet=quiet)
         c = console()
         t0 = time.perf_counter()
-        kw = dict(repeats=repeats, seed=seed, max_n=max_n, max_widths=max_widths, families=task or None,
+        kw: dict[str, Any] = dict(repeats=repeats, seed=seed, max_n=max_n, max_widths=max_widths, families=task or None,
                   estimators=estimator or None,
                   quantities=quantity or None, device=device, use_store=not no_store, unit=unit)
         with progress_callback(quiet, "validate") as cb:

@@ -106,7 +106,7 @@ def _save(obj: dict, path: Path) -> None:
 
 
 def train_classifier(
-    model_factory: Callable[[], "torch.nn.Module"],
+    model_factory: Callable[[], torch.nn.Module],
     x_train: np.ndarray,
     y_train: np.ndarray,
     x_test: np.ndarray | None,
@@ -145,6 +145,7 @@ def train_classifier(
         xv = torch.as_tensor(np.asarray(x_test), dtype=torch.float32, device=dev)
         yv = torch.as_tensor(np.asarray(y_test), dtype=torch.int64, device=dev)
     params = model.parameters()
+    opt: torch.optim.Optimizer
     if cfg.optimizer == "adam":
         opt = torch.optim.Adam(params, lr=float(cfg.lr), weight_decay=float(cfg.weight_decay))
     else:
@@ -173,6 +174,7 @@ def train_classifier(
 
     def loop() -> None:
         for epoch in range(1, epochs + 1):
+            batches: list[torch.Tensor | None]
             if bs == n:
                 batches = [None]
             else:

@@ -28,7 +28,7 @@ import numpy as np
 _ROWS_PER_TASK = 16
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def available() -> bool:
     """True when numba can be imported (it ships with ibscope's umap-learn dependency)."""
     try:
@@ -47,7 +47,7 @@ def _threads() -> int:
     return nt
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _kernels():
     """Compile (or load from numba's cache) the kernels once per process."""
     from numba import njit, prange

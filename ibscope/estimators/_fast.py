@@ -93,6 +93,7 @@ def _mixed_radix(c: torch.Tensor, spans: list[int]) -> tuple[torch.Tensor, int]:
             acc = acc * kb + block
             k *= kb
         j = e
+    assert acc is not None  # at least one column
     return acc, k
 
 

@@ -63,7 +63,7 @@ def kth_neighbor_distances(
     indices (int64, same shape) of those neighbours in ``ref``.
     """
     same = ref is None
-    r = x if same else ref
+    r = x if ref is None else ref
     m, n = x.shape[0], r.shape[0]
     kk = k + (1 if (same and exclude_self) else 0)
     if kk > n:
@@ -82,7 +82,7 @@ def kth_neighbor_distances(
         if fast:
             from ibscope.estimators import _cpu
 
-            if gemm:
+            if rn is not None:  # the GEMM forms
                 d = torch.addmm(rn, x[s:e], r.T, alpha=-2.0)
             else:
                 d = pairwise(x[s:e], r, metric)
@@ -171,7 +171,7 @@ def check_search(who: str, search) -> None:
                          hint="'auto' picks a KD-tree at small dimensions on CPU and brute force otherwise.")
 
 
-def resolve_search(who: str, search: str, *, device, n: int, dims: int, max_tree_dims: int,
+def resolve_search(who: str, search: str, *, device, n: int, dims: int, max_tree_dims: float,
                    tree_ok: bool = True, why_not: str = "") -> str:
     """'tree' or 'brute' for a search over ``n`` points of ``dims`` coordinates on ``device``.
 

@@ -1,12 +1,18 @@
 """The estimator contract: frozen dataclasses in, :class:`Estimate` out.
 
-An estimator is a frozen dataclass whose fields are its hyper-parameters, with class
-attributes that describe it, and one method:
+An estimator is a frozen dataclass whose fields are its hyper-parameters (each declares what
+it accepts, see :mod:`ibscope.estimators.params`), with class attributes that describe it,
+and one method whose signature its base class fixes:
 
-* ``kind = "pair"``: ``estimate(x, y) -> Estimate`` (e.g. mutual information I(X;Y));
-* ``kind = "single"``: ``estimate(x) -> Estimate`` (e.g. effective rank of one layer);
-* ``kind = "jacobian"``: ``estimate(s) -> Estimate`` where ``s`` holds per-sample Jacobian
+* :class:`PairEstimator`: ``estimate(x, y) -> Estimate`` (e.g. mutual information I(X;Y));
+* :class:`SingleEstimator`: ``estimate(x) -> Estimate`` (e.g. effective rank of one layer);
+* :class:`JacobianEstimator`: ``estimate(s) -> Estimate`` where ``s`` holds per-sample Jacobian
   singular values ``(n_samples, r)`` as stored by ``ibscope capture --jacobian-samples``.
+
+``kind`` ("pair", "single", "jacobian") is derived from that base (:func:`kind_of`); it is what
+result tables and listings show. Plug-ins written against the older contract (a direct
+subclass of :class:`Estimator` with a ``kind`` class attribute) keep working; the registry warns
+that they should move to a typed base.
 
 Inputs are torch tensors of shape ``(n_samples, n_features)`` (1-D means one feature).
 Integer dtypes mean *discrete* variables (class labels, sample ids); floating dtypes mean
@@ -22,11 +28,23 @@ import functools
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeAlias
 
 from ibscope.errors import DataError, UsageError
+from ibscope.estimators.params import check_params, message
+from ibscope.units import BITS as BITS  # re-exported: ibscope.estimators.base keeps its names
+from ibscope.units import LN2 as LN2
+from ibscope.units import NATS as NATS
+from ibscope.units import conversion_factor as conversion_factor
 
-from ibscope.units import BITS, LN2, NATS, conversion_factor  # noqa: F401 - re-exported (ibscope.estimators.base)
+if TYPE_CHECKING:
+    import torch
+
+#: what ``estimate`` accepts: a torch tensor, a numpy array or anything ``numpy.asarray`` reads
+#: (nested lists); converted and checked by :func:`as_tensor`
+ArrayLike: TypeAlias = Any
+Kind = Literal["pair", "single", "jacobian"]
+KINDS: tuple[Kind, ...] = ("pair", "single", "jacobian")
 
 
 @dataclass(frozen=True)
@@ -61,10 +79,13 @@ class Estimate:
     p_value: float | None = None
     saturated: bool | None = None
 
-    def to(self, unit: str) -> "Estimate":
+    def to(self, unit: str) -> Estimate:
         """Return a copy converted to ``unit`` ('nats' or 'bits'); other units unchanged."""
         f = conversion_factor(self.unit, unit)
-        scale = (lambda v: None if v is None else v * f)
+
+        def scale(v: float | None) -> float | None:
+            return None if v is None else v * f
+
         return dataclasses.replace(
             self, value=self.value * f, unit=unit, stderr=scale(self.stderr), cap=scale(self.cap),
             null_mean=scale(self.null_mean), null_std=scale(self.null_std),
@@ -87,12 +108,24 @@ def is_saturated(value: float | None, cap: float | None) -> bool | None:
     return bool(float(value) >= float(cap) - SATURATION_TOLERANCE * abs(float(cap)))
 
 
+#: typed base -> kind (filled below, once the bases exist)
+_TYPED_BASES: dict[type, Kind] = {}
+
+
 @dataclass(frozen=True)
 class Estimator(abc.ABC):
-    """Base class. Subclasses are ``@dataclass(frozen=True)`` with hyper-parameter fields."""
+    """Base class of every estimator; subclass :class:`PairEstimator`, :class:`SingleEstimator`
+    or :class:`JacobianEstimator`, as a ``@dataclass(frozen=True)`` whose fields are the
+    hyper-parameters (declared with :func:`ibscope.estimators.params.param`).
+
+    ``name`` is the registered name. An instance built through a registry alias
+    (``registry.create("kde-upper")``) carries the alias as its ``name``, so that its estimates,
+    messages and result rows say what the user asked for.
+    """
 
     name: ClassVar[str] = ""
-    kind: ClassVar[str] = "pair"  # "pair" | "single" | "jacobian"
+    #: "pair" | "single" | "jacobian": set by the typed base (see :func:`kind_of`)
+    kind: ClassVar[str] = "pair"
     quantity: ClassVar[str] = "mutual_information"
     unit: ClassVar[str] = NATS
     reference: ClassVar[str] = ""
@@ -101,40 +134,51 @@ class Estimator(abc.ABC):
     x_source: ClassVar[str] = "inputs"
 
     def __post_init__(self) -> None:
-        self.validate()
+        check_params(self, self.name or type(self).__name__)  # the constraints declared on the fields
+        self.validate()  # rules between fields
 
-    def __init_subclass__(cls, **kwargs) -> None:
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # kind follows the typed base; a class that declares another kind is a mistake
+        base_kind = next((k for b, k in _TYPED_BASES.items() if issubclass(cls, b)), None)
+        if base_kind is not None:
+            if "kind" in cls.__dict__ and cls.__dict__["kind"] != base_kind:
+                raise TypeError(f"{cls.__qualname__} subclasses the {base_kind} estimator base but declares "
+                                f"kind = {cls.__dict__['kind']!r}; remove the kind attribute.")
+            cls.kind = base_kind
         # One rule for degenerate inputs, for every estimator (built-in or plug-in): its
         # ``estimate`` is wrapped once so that a constant input (all rows identical) is answered
         # by :func:`ibscope.estimators.degenerate.constant_estimate` according to
         # :meth:`on_constant`, before the estimator's own code runs.
-        super().__init_subclass__(**kwargs)
         fn = getattr(cls, "estimate", None)
         if fn is None or getattr(fn, "__isabstractmethod__", False) or getattr(fn, "_ibscope_degenerate_rule", False):
             return
 
         @functools.wraps(fn)
-        def estimate(self, *tensors, **kw):
+        def estimate(self: Estimator, *tensors: Any, **kw: Any) -> Estimate:
             from ibscope.estimators.degenerate import constant_estimate
 
             if not kw:
-                got = constant_estimate(self, tensors)
+                got: Estimate | None = constant_estimate(self, tensors)
                 if got is not None:
                     return got
-            return fn(self, *tensors, **kw)
+            result: Estimate = fn(self, *tensors, **kw)
+            return result
 
-        estimate._ibscope_degenerate_rule = True  # type: ignore[attr-defined]
-        cls.estimate = estimate  # type: ignore[method-assign]
+        estimate._ibscope_degenerate_rule = True  # type: ignore[attr-defined]  # a marker on the function object
+        cls.estimate = estimate  # type: ignore[method-assign]  # wrapped once, at class creation
 
-    def validate(self) -> None:
-        """Check hyper-parameters; raise :class:`UsageError` naming the bad one."""
+    def validate(self) -> None:  # noqa: B027 - an optional hook, empty by default
+        """Check rules between hyper-parameters (each field's declared constraint is checked
+        before); raise :class:`UsageError` naming the bad one (:meth:`_require`)."""
 
     def params(self) -> dict[str, Any]:
+        """The hyper-parameters: field name -> value."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     @abc.abstractmethod
-    def estimate(self, *tensors) -> Estimate:
-        """Compute the estimate (see the module docstring for the signature per ``kind``)."""
+    def estimate(self, *tensors: Any, **kw: Any) -> Estimate:
+        """Compute the estimate (the typed bases fix the signature per ``kind``)."""
 
     def scale_invariant(self, arg: str) -> str | None:
         """How the value reacts when input ``arg`` ("x", "y" or "s") is multiplied by c > 0.
@@ -150,7 +194,7 @@ class Estimator(abc.ABC):
         """
         return None
 
-    def on_constant(self, *tensors) -> str | None:
+    def on_constant(self, *tensors: torch.Tensor) -> str | None:
         """What this estimator gives when an input is constant (all rows identical).
 
         Called with the converted input tensors (``(x, y)`` for a pair estimator, ``(x,)`` for a
@@ -176,7 +220,7 @@ class Estimator(abc.ABC):
             return "H(Y)" if quantity == "I(T;Y)" else "log n"
         return "its maximum"
 
-    def null_values(self, x, y, permutations) -> list[float]:
+    def null_values(self, x: torch.Tensor, y: torch.Tensor, permutations: list[torch.Tensor]) -> list[float]:
         """The estimate on ``(x, y[p])`` for every permutation ``p`` (int64 tensors of length n).
 
         ``x`` and ``y`` are the converted tensors. The default re-estimates N times; estimators
@@ -186,7 +230,8 @@ class Estimator(abc.ABC):
         """
         return [float(self.estimate(x, y[p.to(y.device)]).value) for p in permutations]
 
-    def estimate_and_null(self, x, y, permutations) -> tuple[Estimate, list[float]]:
+    def estimate_and_null(self, x: torch.Tensor, y: torch.Tensor,
+                          permutations: list[torch.Tensor]) -> tuple[Estimate, list[float]]:
         """The estimate of ``(x, y)`` and :meth:`null_values` for ``permutations``, in one call.
 
         The default calls both; estimators override it when the estimate and the null share
@@ -198,7 +243,7 @@ class Estimator(abc.ABC):
             warnings.simplefilter("ignore")
             return e, self.null_values(x, y, permutations)
 
-    def _constant_cap(self, *tensors) -> float | None:
+    def _constant_cap(self, *tensors: torch.Tensor) -> float | None:
         """The cap of the estimate when an input is constant (see :meth:`on_constant`).
 
         Pair estimators: the plug-in entropy of the discrete side (log n for sample ids, H(Y)
@@ -213,7 +258,7 @@ class Estimator(abc.ABC):
         return min(hs) if hs else None
 
     # helpers for subclasses -------------------------------------------------------------
-    def _make(self, value: float, *, n: int, dims: tuple[int, ...], **kw) -> Estimate:
+    def _make(self, value: float, *, n: int, dims: tuple[int, ...], **kw: Any) -> Estimate:
         if math.isnan(float(value)):  # never hand back a silent NaN
             raise DataError(f"{self.name}: the computation gave NaN on {int(n)} finite samples of dims "
                             f"{tuple(int(d) for d in dims)}; no value can be reported.",
@@ -229,8 +274,72 @@ class Estimator(abc.ABC):
         )
 
     def _require(self, cond: bool, param: str, expected: str, got: Any) -> None:
+        """UsageError naming ``param``, what it must be and what it got, unless ``cond``: for
+        rules between fields in :meth:`validate` (one field's rule is declared on the field)."""
         if not cond:
-            raise UsageError(f"The '{param}' parameter of {self.name or type(self).__name__} must be {expected}. Got {got!r} instead.")
+            raise UsageError(message(self.name or type(self).__name__, param, expected, got))
+
+
+@dataclass(frozen=True)
+class PairEstimator(Estimator):
+    """An estimator of a quantity of two variables (mutual information I(X;Y)):
+    ``estimate(x, y)``, rows paired by index."""
+
+    kind: ClassVar[str] = "pair"
+
+    @abc.abstractmethod
+    def estimate(self, x: ArrayLike, y: ArrayLike) -> Estimate:
+        """The estimate for the paired samples ``x`` ``(n, d_x)`` and ``y`` ``(n, d_y)``."""
+
+
+@dataclass(frozen=True)
+class SingleEstimator(Estimator):
+    """A measure of one representation (a rank, a dimension, an entropy): ``estimate(x)``."""
+
+    kind: ClassVar[str] = "single"
+
+    @abc.abstractmethod
+    def estimate(self, x: ArrayLike) -> Estimate:
+        """The measure of the samples ``x`` ``(n, d)``."""
+
+
+@dataclass(frozen=True)
+class JacobianEstimator(Estimator):
+    """A measure of per-sample Jacobian spectra: ``estimate(singular_values)``."""
+
+    kind: ClassVar[str] = "jacobian"
+
+    @abc.abstractmethod
+    def estimate(self, singular_values: ArrayLike) -> Estimate:
+        """The measure of ``singular_values`` ``(n_samples, r)`` (as stored by ``ibscope capture
+        --jacobian-samples``)."""
+
+
+_TYPED_BASES.update({PairEstimator: "pair", SingleEstimator: "single", JacobianEstimator: "jacobian"})
+
+# Bases for the mixins that estimator modules share between their classes (_KDEMixin ...): to the
+# type checker a mixin is an estimator of its kind (so self.name, self._make type-check); at run
+# time a plain object, so that each class's MRO stays mixin -> typed base -> Estimator.
+if TYPE_CHECKING:
+    PairMixinBase = PairEstimator
+    SingleMixinBase = SingleEstimator
+else:
+    PairMixinBase = SingleMixinBase = object
+
+
+def kind_of(cls: type[Estimator] | Estimator) -> Kind:
+    """"pair", "single" or "jacobian": from the typed base, or (older plug-ins that subclass
+    :class:`Estimator` directly) from the ``kind`` class attribute. UsageError for anything else."""
+    c = cls if isinstance(cls, type) else type(cls)
+    for base, kind in _TYPED_BASES.items():
+        if issubclass(c, base):
+            return kind
+    k = getattr(c, "kind", None)
+    for kind in KINDS:
+        if k == kind:
+            return kind
+    raise UsageError(f"Estimator {getattr(c, 'name', '') or c.__qualname__} has kind {k!r}; expected one of "
+                     f"{', '.join(KINDS)}.", hint="Subclass PairEstimator, SingleEstimator or JacobianEstimator.")
 
 
 #: Float inputs whose largest magnitude is above 2**SAFE_EXPONENT (about 3e150) leave float64's
@@ -247,7 +356,7 @@ _NON_NUMERIC = {"U": "strings", "S": "byte strings", "O": "Python objects", "M":
                 "V": "structured records", "c": "complex numbers"}
 
 
-def _scale_pow2(t, e):
+def _scale_pow2(t: torch.Tensor, e: torch.Tensor | float) -> torch.Tensor:
     """``t * 2**-e`` exactly (``e`` a float tensor broadcast over columns, or a number), in two
     halves so that no factor overflows."""
     import torch
@@ -257,7 +366,7 @@ def _scale_pow2(t, e):
     return t * torch.exp2(-a) * torch.exp2(-(e - a))
 
 
-def _fit_range(t, est: "Estimator", name: str):
+def _fit_range(t: torch.Tensor, est: Estimator, name: str) -> torch.Tensor:
     """Rescale (by powers of two) or refuse values of extreme magnitude; see RESCALE_EXPONENT, SAFE_EXPONENT."""
     import torch
 
@@ -288,8 +397,8 @@ def _fit_range(t, est: "Estimator", name: str):
     return t
 
 
-def as_tensor(a, *, name: str = "x", estimator: "str | Estimator" = "", allow_discrete: bool = True,
-              allow_bool: bool = True):
+def as_tensor(a: ArrayLike, *, name: str = "x", estimator: str | Estimator = "", allow_discrete: bool = True,
+              allow_bool: bool = True) -> torch.Tensor:
     """Convert numpy/torch/list input to a 2-D torch tensor ``(n, d)`` and validate it.
 
     The one place where every built-in estimator's input is checked. 1-D input becomes
@@ -308,7 +417,7 @@ def as_tensor(a, *, name: str = "x", estimator: "str | Estimator" = "", allow_di
     who = f"{ename}: " if ename else ""
     expected = "a numeric array (float, integer or bool)" if allow_bool else "a numeric array (float or integer)"
 
-    def non_numeric(dtype, kind: str) -> DataError:
+    def non_numeric(dtype: Any, kind: str) -> DataError:
         what = _NON_NUMERIC.get(kind, "a non-numeric type")
         hint = (f"Encode categories as integer codes first, e.g. codes = np.unique({name}, return_inverse=True)[1]."
                 if kind in "USO" else "Convert to float or integer values first.")
@@ -368,12 +477,12 @@ def as_tensor(a, *, name: str = "x", estimator: "str | Estimator" = "", allow_di
     return t
 
 
-def is_discrete(t) -> bool:
+def is_discrete(t: torch.Tensor) -> bool:
     """True for integer tensors (labels, ids): the library's marker of a discrete variable."""
     return not t.is_floating_point()
 
 
-def check_pair(x, y, estimator: str):
+def check_pair(x: torch.Tensor, y: torch.Tensor, estimator: str) -> tuple[torch.Tensor, torch.Tensor]:
     if x.shape[0] != y.shape[0]:
         raise DataError(f"{estimator}: x and y must have the same number of samples. Got {x.shape[0]} and {y.shape[0]}.")
     if x.device != y.device:

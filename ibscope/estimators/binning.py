@@ -36,10 +36,10 @@ import torch
 
 from ibscope.estimators import _fast, _mi
 from ibscope.estimators import nulls as _nulls
-from ibscope.estimators.base import Estimate, Estimator, as_tensor, check_pair, is_discrete
+from ibscope.estimators.base import Estimate, PairEstimator, PairMixinBase, as_tensor, check_pair, is_discrete
 from ibscope.estimators.degenerate import constant_from
+from ibscope.estimators.params import Integer, OneOf, Real, param
 from ibscope.estimators.registry import register
-
 
 #: largest contingency table (symbols of x times symbols of y times permutations) that the
 #: permutation null counts in one bincount; larger ones are counted permutation by permutation
@@ -85,12 +85,12 @@ def _side_key(est, v):
     if arr.dtype.kind not in "biuf" or arr.nbytes > SIDE_CACHE_BYTES or arr.ndim > 2:
         return None
     arr = np.ascontiguousarray(arr)
-    digest = hashlib.sha256(memoryview(arr).cast("B")).digest() if arr.size else b""
+    digest = hashlib.sha256(arr.data.cast("B")).digest() if arr.size else b""
     params = tuple(sorted((k, repr(val)) for k, val in est.params().items()))
     return type(est), params, kind, dtype, tuple(arr.shape), digest
 
 
-class _BinningMixin:
+class _BinningMixin(PairMixinBase):
     x_source: ClassVar[str] = "identity"
     #: work linear in the input: problems with fewer elements than this run on one torch thread
     #: (``ibscope.mutual_information`` / ``ibscope estimate``; see ibscope.estimators._fast.few_threads)
@@ -142,7 +142,7 @@ class _BinningMixin:
             return got
         return self._estimate(a, b, stacklevel=3)
 
-    estimate._ibscope_degenerate_rule = True  # the rule is applied above, on the converted inputs
+    estimate._ibscope_degenerate_rule = True  # type: ignore[attr-defined]  # the rule is applied above, on the converted inputs
 
     def _cached_side(self, v, name: str) -> Side:
         """:meth:`side` of ``v``, reusing the side of an input with the same bytes (see
@@ -295,7 +295,7 @@ def _digitize(t: torch.Tensor, edges: torch.Tensor, grid) -> torch.Tensor:
 
 @register
 @dataclass(frozen=True)
-class Binning(_BinningMixin, Estimator):
+class Binning(_BinningMixin, PairEstimator):
     """Fixed-width binning, plug-in entropies (Shwartz-Ziv & Tishby 2017; Saxe et al. 2018).
 
     ``n_bins`` equal-width bins over [range_min, range_max] (default: the layer's own minimum
@@ -312,11 +312,11 @@ class Binning(_BinningMixin, Estimator):
     and n_bins (not bin_width). I(X;T) on n distinct inputs equals H(T_binned) <= log n (the cap).
     """
 
-    n_bins: int = 30
-    bin_width: float | None = None
-    range_min: float | None = None
-    range_max: float | None = None
-    outside: str = "clamp"
+    n_bins: int = param(30, Integer(ge=1))
+    bin_width: float | None = param(None, Real(gt=0), optional=True)
+    range_min: float | None = param(None, Real(), optional=True)
+    range_max: float | None = param(None, Real(), optional=True)
+    outside: str = param("clamp", OneOf("clamp", "separate", "idnns"))
 
     name: ClassVar[str] = "binning"
     reference: ClassVar[str] = "Shwartz-Ziv & Tishby 2017, arXiv:1703.00810"
@@ -326,16 +326,11 @@ class Binning(_BinningMixin, Estimator):
         return "global" if self.bin_width is None and self.range_min is None else None
 
     def validate(self) -> None:
-        self._require(isinstance(self.n_bins, int) and not isinstance(self.n_bins, bool) and self.n_bins >= 1,
-                      "n_bins", "an integer >= 1", self.n_bins)
-        self._require(self.bin_width is None or (isinstance(self.bin_width, (int, float)) and self.bin_width > 0),
-                      "bin_width", "a number > 0 (or None)", self.bin_width)
         self._require((self.range_min is None) == (self.range_max is None), "range_min/range_max",
                       "given together (or both None)", (self.range_min, self.range_max))
-        if self.range_min is not None:
+        if self.range_min is not None and self.range_max is not None:
             self._require(float(self.range_min) < float(self.range_max), "range_min", "smaller than range_max",
                           (self.range_min, self.range_max))
-        _mi.check_choice(self, "outside", self.outside, ("clamp", "separate", "idnns"))
         if self.outside != "clamp":
             self._require(self.range_min is not None and self.bin_width is None, "outside",
                           "'clamp' unless range_min/range_max are given and bin_width is not "
@@ -359,6 +354,7 @@ class Binning(_BinningMixin, Estimator):
             return self._bin_edges(t)
         t = t.to(torch.float64)
         if self.range_min is not None:
+            assert self.range_max is not None  # validate(): given together
             lo, hi = float(self.range_min), float(self.range_max)
             outside = int(((t < lo) | (t > hi)).sum())
         else:
@@ -377,6 +373,7 @@ class Binning(_BinningMixin, Estimator):
 
     def _bin_edges(self, t):
         """'separate' / 'idnns': explicit float32 edges linspace(lo, hi, n_bins + 1), digitize semantics."""
+        assert self.range_min is not None and self.range_max is not None  # validate(): outside needs the range
         lo, hi = float(self.range_min), float(self.range_max)
         # float32 values compare with the float32 edges exactly as their float64 copies do
         x = t if t.dtype == torch.float32 else t.to(torch.float64)
@@ -391,7 +388,7 @@ class Binning(_BinningMixin, Estimator):
 
 @register
 @dataclass(frozen=True)
-class AdaptiveBinning(_BinningMixin, Estimator):
+class AdaptiveBinning(_BinningMixin, PairEstimator):
     """Equal-mass binning per layer and checkpoint (ibscope's variant of Chelombiev et al.'s EBAB).
 
     The sorted unique values u of the variable (all units pooled) give the n_bins - 1 inner
@@ -403,7 +400,7 @@ class AdaptiveBinning(_BinningMixin, Estimator):
     lower edge. Up to ~0.16 bits apart on ReLU layers.
     """
 
-    n_bins: int = 30
+    n_bins: int = param(30, Integer(ge=1))
 
     name: ClassVar[str] = "adaptive-binning"
     reference: ClassVar[str] = ("ibscope variant of the entropy-based adaptive binning of Chelombiev, Houghton & "
@@ -412,10 +409,6 @@ class AdaptiveBinning(_BinningMixin, Estimator):
     def scale_invariant(self, arg: str) -> str | None:
         # equal-mass edges from the pooled sorted values
         return "global"
-
-    def validate(self) -> None:
-        self._require(isinstance(self.n_bins, int) and not isinstance(self.n_bins, bool) and self.n_bins >= 1,
-                      "n_bins", "an integer >= 1", self.n_bins)
 
     def _bin(self, t):
         u = torch.unique(t.reshape(-1))  # sorted
@@ -432,7 +425,7 @@ TANH_LOW = -1.000001
 
 @register
 @dataclass(frozen=True)
-class ChelombievBinning(_BinningMixin, Estimator):
+class ChelombievBinning(_BinningMixin, PairEstimator):
     """Entropy-based adaptive binning (EBAB) as in Chelombiev et al.'s released code.
 
     Per call (layer and checkpoint), with u the sorted unique values of the layer (all units
@@ -446,18 +439,13 @@ class ChelombievBinning(_BinningMixin, Estimator):
     default) picks 0 when the layer has no negative value and -1.000001 otherwise.
     """
 
-    n_bins: int = 30
-    low: float | None = None
+    n_bins: int = param(30, Integer(ge=1))
+    #: None: 0 for non-negative layers, -1.000001 otherwise
+    low: float | None = param(None, Real(), optional=True)
 
     name: ClassVar[str] = "chelombiev-binning"
     reference: ClassVar[str] = ("Chelombiev, Houghton & O'Donnell 2019, Adaptive estimators show information "
                                 "compression in deep neural networks, ICLR (code: ivansche/adaptive_estimators)")
-
-    def validate(self) -> None:
-        self._require(isinstance(self.n_bins, int) and not isinstance(self.n_bins, bool) and self.n_bins >= 1,
-                      "n_bins", "an integer >= 1", self.n_bins)
-        self._require(self.low is None or (isinstance(self.low, (int, float)) and not isinstance(self.low, bool)),
-                      "low", "a number (or None: 0 for non-negative layers, -1.000001 otherwise)", self.low)
 
     def _bin(self, t):
         import numpy as np

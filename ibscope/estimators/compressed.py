@@ -43,15 +43,16 @@ from ibscope.errors import DataError
 from ibscope.estimators import _mi
 from ibscope.estimators._knn import kth_neighbor_distances
 from ibscope.estimators._train import training_threads
-from ibscope.estimators.base import Estimate, Estimator, is_discrete
+from ibscope.estimators.base import Estimate, PairEstimator, is_discrete
 from ibscope.estimators.ksg import KSG
+from ibscope.estimators.params import Boolean, Integer, OneOf, Real, param
 from ibscope.estimators.registry import register
 
 COMPRESSORS = ("autoencoder", "pca", "none")
 
 #: trained autoencoder codes by (input fingerprint, settings): in ``ibscope estimate`` X is the same
 #: probe set for every checkpoint x layer, so its autoencoder is trained once (as Butakov et al. do)
-_AE_CACHE: "OrderedDict[tuple, tuple[torch.Tensor, float]]" = OrderedDict()
+_AE_CACHE: OrderedDict[tuple, tuple[torch.Tensor, float]] = OrderedDict()
 _AE_CACHE_SIZE = 4
 
 
@@ -173,7 +174,7 @@ def kl_entropy(t: torch.Tensor, k: int = 5, *, jitter: float = 1e-10, seed: int 
 
 @register
 @dataclass(frozen=True)
-class Compressed(Estimator):
+class Compressed(PairEstimator):
     """Butakov et al.'s lossy-compression MI: compress each side (autoencoder / PCA), then estimate.
 
     ``compressor_x`` (default "autoencoder") and ``compressor_y`` (default "pca") to
@@ -186,16 +187,16 @@ class Compressed(Estimator):
     processing; extra has the latent dims and reconstruction errors.
     """
 
-    latent_dim: int = 4
-    compressor_x: str = "autoencoder"
-    compressor_y: str = "pca"
-    mi_step: str = "ksg"
-    k: int = 5
-    standardize: bool = False
-    ae_hidden: int = 128
-    ae_steps: int = 2000
-    ae_lr: float = 3e-3
-    seed: int = 0
+    latent_dim: int = param(4, Integer(ge=1))
+    compressor_x: str = param("autoencoder", OneOf(*COMPRESSORS))
+    compressor_y: str = param("pca", OneOf(*COMPRESSORS))
+    mi_step: str = param("ksg", OneOf("kl", "ksg"))
+    k: int = param(5, Integer(ge=1))
+    standardize: bool = param(False, Boolean())
+    ae_hidden: int = param(128, Integer(ge=1))
+    ae_steps: int = param(2000, Integer(ge=1))
+    ae_lr: float = param(3e-3, Real(gt=0))
+    seed: int = param(0, Integer())
 
     name: ClassVar[str] = "compressed"
     reference: ClassVar[str] = ("Butakov, Tolmachev, Malanchuk, Neopryatnaya, Frolov & Andreev 2024, Information "
@@ -206,17 +207,6 @@ class Compressed(Estimator):
     def scale_invariant(self, arg: str) -> str | None:
         # each side is divided by one factor (its RMS), or z-scored per column with standardize
         return "column" if self.standardize else "global"
-
-    def validate(self) -> None:
-        for p in ("latent_dim", "k", "ae_hidden", "ae_steps"):
-            v = getattr(self, p)
-            self._require(isinstance(v, int) and not isinstance(v, bool) and v >= 1, p, "an integer >= 1", v)
-        _mi.check_choice(self, "compressor_x", self.compressor_x, COMPRESSORS)
-        _mi.check_choice(self, "compressor_y", self.compressor_y, COMPRESSORS)
-        _mi.check_choice(self, "mi_step", self.mi_step, ("kl", "ksg"))
-        self._require(isinstance(self.ae_lr, (int, float)) and self.ae_lr > 0, "ae_lr", "a number > 0", self.ae_lr)
-        self._require(isinstance(self.seed, int) and not isinstance(self.seed, bool), "seed", "an integer", self.seed)
-        self._require(isinstance(self.standardize, bool), "standardize", "true or false", self.standardize)
 
     def _reduce(self, t: torch.Tensor, name: str, how: str, salt: int, extra: dict) -> torch.Tensor:
         if is_discrete(t):

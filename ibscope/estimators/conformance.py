@@ -13,10 +13,14 @@ The synthetic data: kind "pair" with ``x_source="inputs"`` gets two correlated G
 blocks; with ``x_source="identity"`` (plug-in estimators) integer labels and a continuous
 block; "single" a low-rank cloud; "jacobian" sorted positive spectra.
 
-1. is a frozen dataclass subclassing :class:`~ibscope.estimators.base.Estimator`, with a
+1. is a frozen dataclass subclassing :class:`~ibscope.estimators.base.Estimator` (one of its
+   typed bases: ``PairEstimator``, ``SingleEstimator``, ``JacobianEstimator``), with a
    non-empty ``name``, a ``kind`` in {"pair", "single", "jacobian"}, a ``quantity``, a ``unit``,
    an ``x_source`` in {"identity", "inputs"} and a ``reference`` string;
 2. can be described by the registry (``describe``) and rebuilt from its own ``params()``;
+   every parameter constraint declared on its fields (:func:`ibscope.estimators.params.param`)
+   refuses the values that break it with a :class:`~ibscope.errors.UsageError` naming the
+   parameter, what it must be and what it got (:func:`check_parameters`);
 3. returns an :class:`~ibscope.estimators.base.Estimate` whose ``estimator``, ``unit``,
    ``quantity`` (for kind "pair": the class's), ``params`` and ``n_samples`` match, with a
    finite float ``value``;
@@ -36,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from ibscope.errors import DataError, PluginError
+from ibscope.errors import DataError, PluginError, UsageError
 
 KINDS = ("pair", "single", "jacobian")
 
@@ -45,7 +49,58 @@ class ConformanceError(PluginError):
     """An estimator does not follow the ibscope estimator contract."""
 
 
-def _sample(kind: str, n: int, seed: int, x_source: str = "inputs"):
+def check_parameters(est: Any) -> list[str]:
+    """Build the estimator with each invalid value of each declared parameter constraint.
+
+    ``est``: a class (its defaults are the base) or an instance (its parameters are; an
+    instance made by ``registry.create`` from an alias keeps the alias's pinned values and its
+    name). Every invalid value listed by the field's constraint
+    (:meth:`~ibscope.estimators.params.Constraint.invalid`) must raise a
+    :class:`~ibscope.errors.UsageError` whose message names the parameter (``'k'``), says what it
+    must be (the constraint's description) and shows the value it got (its ``repr``).
+    Returns one line per value checked ("k=0"); raises :class:`ConformanceError` listing the
+    values that were accepted or refused without saying so.
+    """
+    from ibscope.estimators.params import constraints
+    from ibscope.estimators.registry import aliases, build
+
+    cls = est if isinstance(est, type) else type(est)
+    base = cls().params() if isinstance(est, type) else est.params()
+    name = getattr(est, "name", "") or cls.__qualname__
+    alias = name != getattr(cls, "name", name)
+    pinned = aliases()[name].fixed if alias and name in aliases() else {}
+    checked: list[str] = []
+    failures: list[str] = []
+    for field, c in constraints(cls).items():
+        if field in pinned:  # the alias fixes it: any other value is refused by create (tested apart)
+            continue
+        for bad in c.invalid():
+            values = {**base, field: bad}
+            try:
+                if alias:
+                    build(name, values)
+                else:
+                    cls(**values)
+            except UsageError as exc:
+                msg = str(exc)
+                missing = [part for part in (f"'{field}'", c.describe(), repr(bad), name) if part not in msg]
+                if missing:
+                    failures.append(f"{field}={bad!r}: the message lacks {missing}: {msg!r}")
+                else:
+                    checked.append(f"{field}={bad!r}")
+            except Exception as exc:  # noqa: BLE001 - a conformance report, not a crash
+                failures.append(f"{field}={bad!r}: raised {type(exc).__name__} instead of UsageError: {exc}")
+            else:
+                failures.append(f"{field}={bad!r}: accepted; the field declares {c.describe()}")
+    if failures:
+        raise ConformanceError(f"Estimator '{name}' fails {len(failures)} parameter check(s):\n  - "
+                               + "\n  - ".join(failures),
+                               hint="Declare each field with param(default, constraint) and check rules between "
+                                    "fields in validate() with self._require(...).")
+    return checked
+
+
+def _sample(kind: str, n: int, seed: int, x_source: str = "inputs") -> tuple[np.ndarray[Any, Any], ...]:
     rng = np.random.default_rng(seed)
     if kind == "jacobian":
         s = np.sort(np.abs(rng.standard_normal((n, 4))), axis=1)[:, ::-1].copy()
@@ -81,9 +136,10 @@ def check_estimator(est: Any, *, n: int = 300, rtol: float = 1e-6, seed: int = 0
         return ok
 
     cls = est if isinstance(est, type) else type(est)
-    if not check("subclass", isinstance(cls, type) and issubclass(cls, Estimator),
-                 f"{cls!r} is not a subclass of ibscope.estimators.base.Estimator"):
+    if not issubclass(cls, Estimator):
+        check("subclass", False, f"{cls!r} is not a subclass of ibscope.estimators.base.Estimator")
         raise ConformanceError(f"Estimator {cls!r} fails the conformance check:\n  - " + "\n  - ".join(failures))
+    check("subclass", True)
     label = getattr(cls, "name", "") or cls.__qualname__
     params = cls.__dict__.get("__dataclass_params__")  # set by the decorator on this very class
     check("frozen dataclass", dataclasses.is_dataclass(cls) and bool(params and params.frozen),
@@ -119,6 +175,11 @@ def check_estimator(est: Any, *, n: int = 300, rtol: float = 1e-6, seed: int = 0
             check("immutable", False, f"assigning .{f0} succeeded; the dataclass is not frozen")
         except dataclasses.FrozenInstanceError:
             check("immutable", True)
+    try:
+        check_parameters(inst)
+        check("parameter constraints", True)
+    except ConformanceError as exc:
+        check("parameter constraints", False, exc.message)
 
     data = _sample(cls.kind if cls.kind in KINDS else "pair", n, seed, cls.x_source)
     out = None
@@ -130,7 +191,7 @@ def check_estimator(est: Any, *, n: int = 300, rtol: float = 1e-6, seed: int = 0
         check("returns Estimate", isinstance(out, Estimate), f"got {type(out).__name__}")
         if isinstance(out, Estimate):
             check("value is a finite float", isinstance(out.value, float) and math.isfinite(out.value), repr(out.value))
-            check("estimator name", out.estimator == cls.name, f"Estimate.estimator={out.estimator!r}, name={cls.name!r}")
+            check("estimator name", out.estimator == inst.name, f"Estimate.estimator={out.estimator!r}, name={inst.name!r}")
             check("unit", out.unit == cls.unit, f"Estimate.unit={out.unit!r}, class unit={cls.unit!r}")
             if cls.kind == "pair":
                 check("quantity", out.quantity == cls.quantity, f"Estimate.quantity={out.quantity!r}, class={cls.quantity!r}")
@@ -145,9 +206,9 @@ def check_estimator(est: Any, *, n: int = 300, rtol: float = 1e-6, seed: int = 0
             except Exception as exc:  # noqa: BLE001
                 check("numpy and torch agree", False, f"torch input failed: {type(exc).__name__}: {exc}")
             try:
-                again = inst.estimate(*data)
-                check("deterministic", math.isclose(again.value, out.value, rel_tol=rtol, abs_tol=rtol),
-                      f"first call {out.value!r}, second {again.value!r}")
+                repeat = inst.estimate(*data)
+                check("deterministic", math.isclose(repeat.value, out.value, rel_tol=rtol, abs_tol=rtol),
+                      f"first call {out.value!r}, second {repeat.value!r}")
             except Exception as exc:  # noqa: BLE001
                 check("deterministic", False, f"{type(exc).__name__}: {exc}")
     bad = [a.copy() for a in data]

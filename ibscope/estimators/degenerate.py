@@ -25,19 +25,26 @@ estimator; ``tests/test_trust_core.py`` checks every registered estimator agains
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from ibscope.errors import DataError, IbscopeError
+
+if TYPE_CHECKING:
+    import torch
+
+    from ibscope.estimators.base import Estimate, Estimator
 
 #: where the rule is documented (named in warnings and errors)
 DOC = "docs/estimators.md#degenerate-inputs"
 
 
-def is_constant(t) -> bool:
+def is_constant(t: torch.Tensor) -> bool:
     """True when the 2-D tensor ``t`` has at least two rows and all of them are identical."""
     return t.shape[0] >= 2 and bool((t == t[:1]).all())
 
 
-def constant_estimate(est, args: tuple):
+def constant_estimate(est: Estimator, args: tuple[Any, ...]) -> Estimate | None:
     """The estimate of ``est`` for ``args`` when one of them is constant, else None.
 
     Returns an :class:`~ibscope.estimators.base.Estimate` with value 0 (``on_constant`` says
@@ -57,10 +64,11 @@ def constant_estimate(est, args: tuple):
         return None  # the estimator reports bad input in its own words
     if len(ts) == 2 and ts[0].shape[0] != ts[1].shape[0]:
         return None
-    return constant_from(est, ts, stacklevel=4)
+    got: Estimate | None = constant_from(est, ts, stacklevel=4)
+    return got
 
 
-def constant_from(est, ts, *, stacklevel: int = 3):
+def constant_from(est: Estimator, ts: Sequence[torch.Tensor], *, stacklevel: int = 3) -> Estimate | None:
     """:func:`constant_estimate` for inputs already converted by ``as_tensor`` (with the same
     ``name`` and ``allow_discrete``) and of equal length: for estimators that convert their
     inputs once and apply the rule themselves. ``stacklevel`` of the warning: 3 names the

@@ -13,7 +13,8 @@ from typing import ClassVar
 from ibscope.errors import DataError
 from ibscope.estimators._knn import pairwise
 from ibscope.estimators._linalg import renyi_entropy, second_moment, spectrum
-from ibscope.estimators.base import NATS, Estimate, Estimator, as_tensor
+from ibscope.estimators.base import NATS, Estimate, SingleEstimator, as_tensor
+from ibscope.estimators.params import Boolean, Integer, OneOf, Real, param
 from ibscope.estimators.registry import register
 
 #: rows of the n x n kernel matrix filled per block
@@ -53,7 +54,7 @@ def kernel_width(x64, rule: str, gamma: float, sqdist=None) -> float:
 
 @register
 @dataclass(frozen=True)
-class MatrixEntropy(Estimator):
+class MatrixEntropy(SingleEstimator):
     """Matrix-based Renyi alpha-entropy of one representation (nats).
 
     Definition: S_alpha(A) = 1/(1 - alpha) * log sum_i lambda_i(A)^alpha, with A = K / tr K
@@ -73,15 +74,15 @@ class MatrixEntropy(Estimator):
     Unit: nats. Reference: Sanchez Giraldo, Rao & Principe 2015, IEEE Trans. Inf. Theory 61(1).
     """
 
-    alpha: float = 1.01
-    kernel: str = "gaussian"
-    sigma: float | None = None
-    sigma_rule: str = "silverman"
-    gamma: float = 0.8
-    max_samples: int = 10000
+    alpha: float = param(1.01, Real(ge=0))
+    kernel: str = param("gaussian", OneOf("gaussian", "linear"))
+    #: None: from sigma_rule
+    sigma: float | None = param(None, Real(gt=0), optional=True)
+    sigma_rule: str = param("silverman", OneOf("silverman", "median"))
+    gamma: float = param(0.8, Real(gt=0))
+    max_samples: int = param(10000, Integer(ge=2))
 
     name: ClassVar[str] = "matrix-entropy"
-    kind: ClassVar[str] = "single"
     quantity: ClassVar[str] = "matrix_entropy"
     unit: ClassVar[str] = NATS
     reference: ClassVar[str] = ("Sanchez Giraldo, Rao & Principe 2015, Measures of entropy from data using infinitely "
@@ -100,16 +101,6 @@ class MatrixEntropy(Estimator):
     def scale_invariant(self, arg: str) -> str | None:
         # rule-based widths (silverman, median) scale with the data; the linear kernel row-normalises
         return "global" if self.kernel == "linear" or self.sigma is None else None
-
-    def validate(self) -> None:
-        self._require(self.alpha >= 0 and math.isfinite(self.alpha), "alpha", "a finite number >= 0", self.alpha)
-        self._require(self.kernel in ("gaussian", "linear"), "kernel", "'gaussian' or 'linear'", self.kernel)
-        self._require(self.sigma is None or (isinstance(self.sigma, (int, float)) and self.sigma > 0), "sigma",
-                      "> 0 (or None for sigma_rule)", self.sigma)
-        self._require(self.sigma_rule in ("silverman", "median"), "sigma_rule", "'silverman' or 'median'",
-                      self.sigma_rule)
-        self._require(self.gamma > 0, "gamma", "> 0", self.gamma)
-        self._require(self.max_samples >= 2, "max_samples", ">= 2", self.max_samples)
 
     def estimate(self, x) -> Estimate:
         import torch
@@ -161,7 +152,7 @@ class MatrixEntropy(Estimator):
 
 @register
 @dataclass(frozen=True)
-class CodingRate(Estimator):
+class CodingRate(SingleEstimator):
     """Coding rate R(Z, eps) of MCR^2: bits-per-sample to code Z up to distortion eps (nats).
 
     Definition: R(Z, eps) = 1/2 logdet(I_d + d / (m eps^2) Z^T Z) for m samples (rows of
@@ -176,11 +167,10 @@ class CodingRate(Estimator):
     representations via the principle of maximal coding rate reduction, NeurIPS 33.
     """
 
-    eps_sq: float = 0.5
-    normalize: bool = True
+    eps_sq: float = param(0.5, Real(gt=0))
+    normalize: bool = param(True, Boolean())
 
     name: ClassVar[str] = "coding-rate"
-    kind: ClassVar[str] = "single"
     quantity: ClassVar[str] = "coding_rate"
     unit: ClassVar[str] = NATS
     reference: ClassVar[str] = ("Yu, Chan, You, Song & Ma 2020, Learning Diverse and Discriminative Representations via "
@@ -189,9 +179,6 @@ class CodingRate(Estimator):
     def scale_invariant(self, arg: str) -> str | None:
         # rows are L2-normalised first when normalize
         return "global" if self.normalize else None
-
-    def validate(self) -> None:
-        self._require(self.eps_sq > 0 and math.isfinite(self.eps_sq), "eps_sq", "a finite number > 0", self.eps_sq)
 
     def estimate(self, x) -> Estimate:
         import torch

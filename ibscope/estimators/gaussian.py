@@ -15,7 +15,8 @@ import torch
 
 from ibscope.errors import DataError
 from ibscope.estimators import _mi
-from ibscope.estimators.base import Estimate, Estimator, is_discrete
+from ibscope.estimators.base import Estimate, PairEstimator, is_discrete
+from ibscope.estimators.params import Real, param
 from ibscope.estimators.registry import register
 
 
@@ -32,14 +33,14 @@ def _logdet(est, m: torch.Tensor, what: str) -> float:
 
 @register
 @dataclass(frozen=True)
-class Gaussian(Estimator):
+class Gaussian(PairEstimator):
     """Closed-form Gaussian MI from the correlation matrix (exact for Gaussian data).
 
     ``ridge`` is added to the diagonal of every correlation matrix (0 = exact). Constant
     columns are dropped; discrete inputs are one-hot encoded.
     """
 
-    ridge: float = 0.0
+    ridge: float = param(0.0, Real(ge=0))
 
     name: ClassVar[str] = "gaussian"
     reference: ClassVar[str] = "Cover & Thomas 2006, eq. 8.56 (Gaussian channel); canonical correlations"
@@ -48,9 +49,6 @@ class Gaussian(Estimator):
     def scale_invariant(self, arg: str) -> str | None:
         # correlations only
         return "column"
-
-    def validate(self) -> None:
-        self._require(isinstance(self.ridge, (int, float)) and self.ridge >= 0, "ridge", "a number >= 0", self.ridge)
 
     def _cols(self, t: torch.Tensor, name: str) -> torch.Tensor:
         discrete = is_discrete(t)

@@ -33,7 +33,8 @@ import torch
 
 from ibscope.errors import DataError
 from ibscope.estimators import _mi
-from ibscope.estimators.base import Estimate, Estimator
+from ibscope.estimators.base import Estimate, PairEstimator
+from ibscope.estimators.params import Boolean, Integer, param
 from ibscope.estimators.registry import register
 
 REFERENCE = ("Ince, Giordano, Kayser, Rousselet, Gross & Schyns 2017, A statistical framework for neuroimaging "
@@ -67,7 +68,7 @@ def _half_logdet(est, c: torch.Tensor, what: str) -> float:
 
 @register
 @dataclass(frozen=True)
-class GCMI(Estimator):
+class GCMI(PairEstimator):
     """Gaussian-copula MI: rank-normalise each column, then the Gaussian MI of the normal scores.
 
     Continuous-continuous and continuous-discrete (the paper's model-based form). Exact for a
@@ -77,8 +78,8 @@ class GCMI(Estimator):
     ``seed`` breaks tied values in a random order. Constant columns are dropped.
     """
 
-    bias_correction: bool = True
-    seed: int = 0
+    bias_correction: bool = param(True, Boolean())
+    seed: int = param(0, Integer())
 
     name: ClassVar[str] = "gcmi"
     reference: ClassVar[str] = REFERENCE
@@ -87,10 +88,6 @@ class GCMI(Estimator):
     def scale_invariant(self, arg: str) -> str | None:
         # ranks only
         return "column"
-
-    def validate(self) -> None:
-        self._require(isinstance(self.bias_correction, bool), "bias_correction", "true or false", self.bias_correction)
-        self._require(isinstance(self.seed, int) and not isinstance(self.seed, bool), "seed", "an integer", self.seed)
 
     def on_constant(self, *tensors) -> str | None:
         # I = 0 for a constant side; two discrete sides stay a usage error

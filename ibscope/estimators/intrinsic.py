@@ -19,14 +19,15 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
 from ibscope.errors import DataError
 from ibscope.estimators import _knn
 from ibscope.estimators._knn import kth_neighbor_distances
-from ibscope.estimators.base import Estimate, Estimator, as_tensor
+from ibscope.estimators.base import Estimate, SingleEstimator, SingleMixinBase, as_tensor
+from ibscope.estimators.params import Boolean, Integer, OneOf, Real, param
 from ibscope.estimators.registry import register
 
 #: extra candidates fetched by the fast (GEMM) distance pass before exact re-ranking
@@ -125,7 +126,11 @@ def knn_distances(x64, k: int, *, search: str = "auto", who: str = "intrinsic di
     return knn_distances_exact(x64, k), how
 
 
-class _IDMixin:
+class _IDMixin(SingleMixinBase):
+    if TYPE_CHECKING:
+        search: str
+        dedupe: bool
+
     def on_constant(self, *tensors) -> str | None:
         return "undefined"  # one point has no dimension: a DataError, never NaN
 
@@ -158,7 +163,7 @@ class _IDMixin:
 
 @register
 @dataclass(frozen=True)
-class TwoNN(_IDMixin, Estimator):
+class TwoNN(_IDMixin, SingleEstimator):
     """TwoNN intrinsic dimension from the ratio of 2nd to 1st nearest-neighbour distances.
 
     Definition: mu_i = r2(i) / r1(i) follows a Pareto law F(mu) = 1 - mu^(-d) on a
@@ -174,22 +179,16 @@ class TwoNN(_IDMixin, Estimator):
     Unit: dimensions. Reference: Facco, d'Errico, Rodriguez & Laio 2017, Sci. Rep. 7:12140.
     """
 
-    discard_fraction: float = 0.1
-    fit: str = "lsq"
-    dedupe: bool = True
-    search: str = "auto"
+    discard_fraction: float = param(0.1, Real(gt=0, lt=1))
+    fit: str = param("lsq", OneOf("lsq", "ml"))
+    dedupe: bool = param(True, Boolean())
+    search: str = param("auto", OneOf(*_knn.SEARCHES))
 
     name: ClassVar[str] = "twonn"
-    kind: ClassVar[str] = "single"
     quantity: ClassVar[str] = "intrinsic_dimension"
     unit: ClassVar[str] = "dimensions"
     reference: ClassVar[str] = ("Facco, d'Errico, Rodriguez & Laio 2017, Estimating the intrinsic dimension of datasets "
                                 "by a minimal neighborhood information, Sci. Rep. 7:12140")
-
-    def validate(self) -> None:
-        self._require(self.fit in ("lsq", "ml"), "fit", "'lsq' or 'ml'", self.fit)
-        self._require(0.0 < self.discard_fraction < 1.0, "discard_fraction", "in (0, 1)", self.discard_fraction)
-        _knn.check_search(self.name, self.search)
 
     def estimate(self, x) -> Estimate:
         import torch
@@ -224,7 +223,7 @@ class TwoNN(_IDMixin, Estimator):
 
 @register
 @dataclass(frozen=True)
-class MLEIntrinsicDimension(_IDMixin, Estimator):
+class MLEIntrinsicDimension(_IDMixin, SingleEstimator):
     """MLE intrinsic dimension (Levina-Bickel) from the k nearest-neighbour distances.
 
     Definition: per point, d_i = (k - 1) / sum_{j<k} log(T_k(i) / T_j(i)), T_j = distance
@@ -237,24 +236,20 @@ class MLEIntrinsicDimension(_IDMixin, Estimator):
     Unit: dimensions. Reference: Levina & Bickel 2004, NeurIPS 17.
     """
 
-    k: int = 20
-    aggregate: str = "harmonic"
-    unbiased: bool = False
-    dedupe: bool = True
-    search: str = "auto"
+    k: int = param(20, Integer(ge=2))
+    aggregate: str = param("harmonic", OneOf("harmonic", "mean", "median"))
+    unbiased: bool = param(False, Boolean())
+    dedupe: bool = param(True, Boolean())
+    search: str = param("auto", OneOf(*_knn.SEARCHES))
 
     name: ClassVar[str] = "mle-id"
-    kind: ClassVar[str] = "single"
     quantity: ClassVar[str] = "intrinsic_dimension"
     unit: ClassVar[str] = "dimensions"
     reference: ClassVar[str] = ("Levina & Bickel 2004, Maximum likelihood estimation of intrinsic dimension, NeurIPS 17; "
                                 "MacKay & Ghahramani 2005 (harmonic aggregation)")
 
     def validate(self) -> None:
-        self._require(self.k >= (3 if self.unbiased else 2), "k", f">= {3 if self.unbiased else 2}", self.k)
-        self._require(self.aggregate in ("harmonic", "mean", "median"), "aggregate", "'harmonic', 'mean' or 'median'",
-                      self.aggregate)
-        _knn.check_search(self.name, self.search)
+        self._require(self.k >= 3 or not self.unbiased, "k", "an integer >= 3 with unbiased=true", self.k)
 
     def estimate(self, x) -> Estimate:
         import torch

@@ -24,8 +24,9 @@ import torch
 from ibscope.errors import UsageError
 from ibscope.estimators import _mi
 from ibscope.estimators._knn import _auto_chunk, pairwise
-from ibscope.estimators.base import Estimate, Estimator
-from ibscope.estimators.registry import register
+from ibscope.estimators.base import Estimate, PairEstimator, PairMixinBase
+from ibscope.estimators.params import Boolean, Integer, OneOf, Real, param
+from ibscope.estimators.registry import register, register_alias
 
 REFERENCE = "Kolchinsky & Tracey 2017, Entropy 19(7):361; Saxe et al. 2018, ICLR"
 
@@ -61,8 +62,8 @@ def kde_terms(t: torch.Tensor, variance: float, chunk: int | None = None, precis
         if t.device.type != "cpu":
             raise ValueError("kde_terms: precision='float32' is the CPU kernel; use 'float64' on other devices.")
         tc = t.to(torch.float64)
-        tc = (tc - tc.mean(0)).numpy()  # centred: smaller coordinates, smaller rounding to float32
-        lse = _cpu.kde_log_sums(tc, 0.5 / variance, chunk=chunk or 1024)
+        centred = (tc - tc.mean(0)).numpy()  # smaller coordinates, smaller rounding to float32
+        lse = _cpu.kde_log_sums(centred, 0.5 / variance, chunk=chunk or 1024)
         return torch.from_numpy(math.log(n) - lse)
     t = t.to(torch.float64)
     chunk = chunk or _auto_chunk(n, 1, 8)
@@ -125,7 +126,11 @@ def kde_pass(t: torch.Tensor, variance: float, label_sets: list[torch.Tensor],
     return terms, ([] if labs is None else (cond / n).tolist())
 
 
-class _KDEMixin:
+#: the two Kolchinsky-Tracey bounds: KL ("upper") and Bhattacharyya ("lower")
+BOUND = OneOf("upper", "lower")
+
+
+class _KDEMixin(PairMixinBase):
     x_source: ClassVar[str] = "identity"
     bound: str = "upper"
 
@@ -184,13 +189,9 @@ class _KDEMixin:
         return e, ([h] * len(permutations) if unique else [h - v for v in conds[1:]])
 
 
-def _check_bound(est) -> None:
-    _mi.check_choice(est, "bound", est.bound, ("upper", "lower"))
-
-
 @register
 @dataclass(frozen=True)
-class KDE(_KDEMixin, Estimator):
+class KDE(_KDEMixin, PairEstimator):
     """KDE pairwise-distance bound on I with Gaussian noise of variance sigma^2 (Saxe et al.).
 
     ``bound="upper"`` (KL) or ``"lower"`` (Bhattacharyya); ``noise_variance`` = sigma^2 in the
@@ -198,16 +199,11 @@ class KDE(_KDEMixin, Estimator):
     I(X;T) for n distinct inputs lies in [0, log n] (the cap).
     """
 
-    noise_variance: float = 1e-3
-    bound: str = "upper"
+    noise_variance: float = param(1e-3, Real(gt=0))
+    bound: str = param("upper", BOUND)
 
     name: ClassVar[str] = "kde"
     reference: ClassVar[str] = REFERENCE
-
-    def validate(self) -> None:
-        self._require(isinstance(self.noise_variance, (int, float)) and self.noise_variance > 0,
-                      "noise_variance", "a number > 0", self.noise_variance)
-        _check_bound(self)
 
     def _variance(self, t):
         return float(self.noise_variance)
@@ -215,35 +211,7 @@ class KDE(_KDEMixin, Estimator):
 
 @register
 @dataclass(frozen=True)
-class KDEUpper(KDE):
-    """KDE upper bound (KL pairwise distance) on I with noise variance sigma^2 (Saxe et al.)."""
-
-    name: ClassVar[str] = "kde-upper"
-
-    def _bound(self) -> str:
-        return "upper"
-
-    def validate(self) -> None:
-        super().validate()
-        self._require(self.bound == "upper", "bound", "'upper' for kde-upper (use kde-lower)", self.bound)
-
-
-@register
-@dataclass(frozen=True)
-class KDELower(KDE):
-    """KDE lower bound (Bhattacharyya pairwise distance) on I with noise variance sigma^2."""
-
-    bound: str = "lower"
-    name: ClassVar[str] = "kde-lower"
-
-    def validate(self) -> None:
-        super().validate()
-        self._require(self.bound == "lower", "bound", "'lower' for kde-lower (use kde-upper)", self.bound)
-
-
-@register
-@dataclass(frozen=True)
-class AdaptiveKDE(_KDEMixin, Estimator):
+class AdaptiveKDE(_KDEMixin, PairEstimator):
     """ibscope's adaptive KDE bound: sigma^2 scaled to each layer's activity.
 
     sigma^2 = relative_variance * s^2, with s = max |T| (``scale="max"``, the layer's range)
@@ -255,9 +223,9 @@ class AdaptiveKDE(_KDEMixin, Estimator):
     several bits on the same layer (docs/estimators.md has measured examples).
     """
 
-    relative_variance: float = 1e-3
-    scale: str = "max"
-    bound: str = "upper"
+    relative_variance: float = param(1e-3, Real(gt=0))
+    scale: str = param("max", OneOf("max", "std"))
+    bound: str = param("upper", BOUND)
 
     name: ClassVar[str] = "adaptive-kde"
     reference: ClassVar[str] = ("ibscope variant (sigma^2 proportional to the layer's scale), after Chelombiev, "
@@ -268,12 +236,6 @@ class AdaptiveKDE(_KDEMixin, Estimator):
         # sigma^2 follows the layer's own scale (max |T| or its std)
         return "global"
 
-    def validate(self) -> None:
-        self._require(isinstance(self.relative_variance, (int, float)) and self.relative_variance > 0,
-                      "relative_variance", "a number > 0", self.relative_variance)
-        _mi.check_choice(self, "scale", self.scale, ("max", "std"))
-        _check_bound(self)
-
     def _variance(self, t):
         s = float(t.abs().max()) if self.scale == "max" else float(t.std(dim=0).mean()) if t.shape[0] > 1 else 0.0
         if s == 0.0:
@@ -283,32 +245,7 @@ class AdaptiveKDE(_KDEMixin, Estimator):
 
 @register
 @dataclass(frozen=True)
-class AdaptiveKDEUpper(AdaptiveKDE):
-    """Adaptive KDE upper bound (sigma^2 scaled to the layer's activity)."""
-
-    name: ClassVar[str] = "adaptive-kde-upper"
-
-    def validate(self) -> None:
-        super().validate()
-        self._require(self.bound == "upper", "bound", "'upper' for adaptive-kde-upper", self.bound)
-
-
-@register
-@dataclass(frozen=True)
-class AdaptiveKDELower(AdaptiveKDE):
-    """Adaptive KDE lower bound (sigma^2 scaled to the layer's activity)."""
-
-    bound: str = "lower"
-    name: ClassVar[str] = "adaptive-kde-lower"
-
-    def validate(self) -> None:
-        super().validate()
-        self._require(self.bound == "lower", "bound", "'lower' for adaptive-kde-lower", self.bound)
-
-
-@register
-@dataclass(frozen=True)
-class ChelombievKDE(_KDEMixin, Estimator):
+class ChelombievKDE(_KDEMixin, PairEstimator):
     """KDE bound as in Chelombiev et al.'s released code: fixed sigma^2 on |T + noise|.
 
     Procedure of ``calc_kde_info_for_layer`` (ivansche/adaptive_estimators): one draw of
@@ -321,23 +258,15 @@ class ChelombievKDE(_KDEMixin, Estimator):
     works (identical for two). Their code reports bits; ibscope nats.
     """
 
-    noise_variance: float = 0.01
-    perturbation_std: float = 0.01
-    absolute: bool = True
-    seed: int = 0
-    bound: str = "upper"
+    noise_variance: float = param(0.01, Real(gt=0))
+    perturbation_std: float = param(0.01, Real(ge=0))
+    absolute: bool = param(True, Boolean())
+    seed: int = param(0, Integer())
+    bound: str = param("upper", BOUND)
 
     name: ClassVar[str] = "chelombiev-kde"
     reference: ClassVar[str] = ("Chelombiev, Houghton & O'Donnell 2019, ICLR (code: ivansche/adaptive_estimators, "
                                 "calc_kde_info_for_layer); " + REFERENCE)
-
-    def validate(self) -> None:
-        self._require(isinstance(self.noise_variance, (int, float)) and self.noise_variance > 0,
-                      "noise_variance", "a number > 0", self.noise_variance)
-        self._require(isinstance(self.perturbation_std, (int, float)) and self.perturbation_std >= 0,
-                      "perturbation_std", "a number >= 0", self.perturbation_std)
-        self._require(isinstance(self.seed, int) and not isinstance(self.seed, bool), "seed", "an integer", self.seed)
-        _check_bound(self)
 
     def _prepare(self, t):
         if self.perturbation_std > 0:
@@ -350,26 +279,16 @@ class ChelombievKDE(_KDEMixin, Estimator):
         return float(self.noise_variance)
 
 
-@register
-@dataclass(frozen=True)
-class ChelombievKDEUpper(ChelombievKDE):
-    """Chelombiev et al.'s released KDE procedure, KL upper bound (fixed sigma^2 on |T + noise|)."""
-
-    name: ClassVar[str] = "chelombiev-kde-upper"
-
-    def validate(self) -> None:
-        super().validate()
-        self._require(self.bound == "upper", "bound", "'upper' for chelombiev-kde-upper", self.bound)
-
-
-@register
-@dataclass(frozen=True)
-class ChelombievKDELower(ChelombievKDE):
-    """Chelombiev et al.'s released KDE procedure, Bhattacharyya lower bound."""
-
-    bound: str = "lower"
-    name: ClassVar[str] = "chelombiev-kde-lower"
-
-    def validate(self) -> None:
-        super().validate()
-        self._require(self.bound == "lower", "bound", "'lower' for chelombiev-kde-lower", self.bound)
+# the bound pinned in the name: registry aliases (results keep these names in their 'estimator' column)
+register_alias("kde-upper", KDE, bound="upper",
+               summary="KDE upper bound (KL pairwise distance) on I with noise variance sigma^2 (Saxe et al.).")
+register_alias("kde-lower", KDE, bound="lower",
+               summary="KDE lower bound (Bhattacharyya pairwise distance) on I with noise variance sigma^2.")
+register_alias("adaptive-kde-upper", AdaptiveKDE, bound="upper",
+               summary="Adaptive KDE upper bound (sigma^2 scaled to the layer's activity).")
+register_alias("adaptive-kde-lower", AdaptiveKDE, bound="lower",
+               summary="Adaptive KDE lower bound (sigma^2 scaled to the layer's activity).")
+register_alias("chelombiev-kde-upper", ChelombievKDE, bound="upper",
+               summary="Chelombiev et al.'s released KDE procedure, KL upper bound (fixed sigma^2 on |T + noise|).")
+register_alias("chelombiev-kde-lower", ChelombievKDE, bound="lower",
+               summary="Chelombiev et al.'s released KDE procedure, Bhattacharyya lower bound.")

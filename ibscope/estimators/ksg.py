@@ -32,7 +32,8 @@ import torch
 from ibscope.errors import DataError
 from ibscope.estimators import _cpu, _knn, _mi
 from ibscope.estimators._knn import _auto_chunk, count_within, kth_neighbor_distances
-from ibscope.estimators.base import Estimate, Estimator
+from ibscope.estimators.base import Estimate, PairEstimator
+from ibscope.estimators.params import Boolean, Integer, OneOf, Real, param
 from ibscope.estimators.registry import register
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -262,7 +263,7 @@ def ross_null_terms(t: torch.Tensor, label_sets: list[torch.Tensor], k: int, nor
 
 @register
 @dataclass(frozen=True)
-class KSG(Estimator):
+class KSG(PairEstimator):
     """Kraskov k-NN mutual information (KSG-1, or KSG-2), Ross (2014) for discrete y.
 
     ``k`` neighbours (Kraskov: 3-10; small k for high MI); ``algorithm`` 1 or 2; ``standardize``
@@ -280,15 +281,15 @@ class KSG(Estimator):
     value; only the time differs (docs/estimate.md, "Speed").
     """
 
-    k: int = 3
-    algorithm: int = 1
-    standardize: bool = True
-    jitter: float = 1e-10
-    seed: int = 0
-    norm: str = "max"
-    precision: str = "float64"
-    copula: bool = False
-    search: str = "auto"
+    k: int = param(3, Integer(ge=1))
+    algorithm: int = param(1, OneOf(1, 2))
+    standardize: bool = param(True, Boolean())
+    jitter: float = param(1e-10, Real(ge=0))
+    seed: int = param(0, Integer())
+    norm: str = param("max", OneOf("max", "euclidean"))
+    precision: str = param("float64", OneOf(*_DTYPES))
+    copula: bool = param(False, Boolean())
+    search: str = param("auto", OneOf(*_knn.SEARCHES))
 
     name: ClassVar[str] = "ksg"
     reference: ClassVar[str] = "Kraskov, Stoegbauer & Grassberger 2004, PRE 69:066138; Ross 2014, PLoS ONE 9:e87357"
@@ -297,15 +298,6 @@ class KSG(Estimator):
     def scale_invariant(self, arg: str) -> str | None:
         # every column is z-scored (or rank-Gaussianised) first; without that the joint max-norm mixes scales
         return "column" if (self.standardize or self.copula) else None
-
-    def validate(self) -> None:
-        self._require(isinstance(self.k, int) and not isinstance(self.k, bool) and self.k >= 1, "k", ">= 1", self.k)
-        self._require(self.algorithm in (1, 2), "algorithm", "1 or 2", self.algorithm)
-        self._require(isinstance(self.jitter, (int, float)) and self.jitter >= 0, "jitter", "a number >= 0", self.jitter)
-        _mi.check_choice(self, "norm", self.norm, ("max", "euclidean"))
-        _mi.check_choice(self, "precision", self.precision, tuple(_DTYPES))
-        self._require(isinstance(self.copula, bool), "copula", "true or false", self.copula)
-        _knn.check_search(self.name, self.search)
 
     def _prep(self, t: torch.Tensor, name: str, salt: int) -> tuple[torch.Tensor, list[int]]:
         if self.copula:

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ibscope.errors import DataError
-from ibscope.estimators.base import Estimate, Estimator, as_tensor
+from ibscope.estimators.base import Estimate, JacobianEstimator, as_tensor
+from ibscope.estimators.params import Real, param
 from ibscope.estimators.registry import register
 
 #: quantiles of the per-sample rank distribution reported in ``Estimate.extra``
@@ -62,7 +63,7 @@ def jacobian_spectra(jacobians):
 
 @register
 @dataclass(frozen=True)
-class LocalRank(Estimator):
+class LocalRank(JacobianEstimator):
     """Local rank: mean over samples of the numerical rank of the layer's Jacobian.
 
     Definition: LR = E_x[ rank J(x) ], J(x) = d z / d x the Jacobian of the layer output z
@@ -77,11 +78,10 @@ class LocalRank(Estimator):
     Input: s of shape (n_samples, r) per-sample singular values (any order, >= 0).
     """
 
-    rtol: float = 1e-3
-    atol: float = 0.0
+    rtol: float = param(1e-3, Real(ge=0, lt=1))
+    atol: float = param(0.0, Real(ge=0))
 
     name: ClassVar[str] = "local-rank"
-    kind: ClassVar[str] = "jacobian"
     quantity: ClassVar[str] = "local_rank"
     unit: ClassVar[str] = "dimensions"
     reference: ClassVar[str] = ("Patel & Shwartz-Ziv 2024, Learning to Compress: Local Rank and Information "
@@ -95,8 +95,6 @@ class LocalRank(Estimator):
         return "global" if self.atol == 0 else None
 
     def validate(self) -> None:
-        self._require(0.0 <= self.rtol < 1.0, "rtol", "in [0, 1)", self.rtol)
-        self._require(self.atol >= 0.0, "atol", ">= 0", self.atol)
         self._require(self.rtol > 0.0 or self.atol > 0.0, "rtol", "> 0 when atol is 0 (no threshold at all)",
                       self.rtol)
 

@@ -31,14 +31,15 @@ import abc
 import math
 import warnings
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
 from ibscope.errors import DataError
 from ibscope.estimators import _mi
 from ibscope.estimators._train import training_threads
-from ibscope.estimators.base import Estimate, Estimator, is_discrete
+from ibscope.estimators.base import Estimate, PairEstimator, PairMixinBase, is_discrete
+from ibscope.estimators.params import Integer, OneOf, Real, param
 from ibscope.estimators.registry import register
 
 NEURAL_REFERENCE_POOLE = "Poole, Ozair, van den Oord, Alemi & Tucker 2019, On variational bounds of MI, ICML"
@@ -97,8 +98,21 @@ def js_bound(scores: torch.Tensor) -> torch.Tensor:
     return (-sp(-scores.diagonal())).mean() - sp(_offdiag(scores)).mean()
 
 
-class _NeuralMixin:
+class _NeuralMixin(PairMixinBase):
     """Shared training loop; a subclass defines the training loss and the reported bound."""
+
+    if TYPE_CHECKING:  # the fields of _NeuralFields, which every subclass also has
+        steps: int
+        batch_size: int
+        lr: float
+        hidden: int
+        embed: int
+        critic: str
+        test_fraction: float
+        val_fraction: float
+        eval_every: int
+        patience: int
+        seed: int
 
     x_source: ClassVar[str] = "inputs"
 
@@ -106,20 +120,10 @@ class _NeuralMixin:
         # continuous inputs are z-scored per column before the critic sees them
         return "column"
 
-    def _check_common(self) -> None:
-        for p in ("steps", "batch_size", "hidden", "embed", "eval_every", "patience"):
-            v = getattr(self, p)
-            self._require(isinstance(v, int) and not isinstance(v, bool) and v >= 1, p, "an integer >= 1", v)
-        self._require(self.batch_size >= 2, "batch_size", ">= 2", self.batch_size)
-        self._require(isinstance(self.lr, (int, float)) and self.lr > 0, "lr", "a number > 0", self.lr)
-        _mi.check_choice(self, "critic", self.critic, ("separable", "concat"))
-        for p in ("test_fraction", "val_fraction"):
-            v = getattr(self, p)
-            self._require(isinstance(v, (int, float)) and 0 < v < 1, p, "strictly between 0 and 1", v)
+    def validate(self) -> None:
         self._require(self.test_fraction + self.val_fraction < 1, "val_fraction",
                       f"< 1 - test_fraction = {1 - self.test_fraction:g} (a training split must remain)",
                       self.val_fraction)
-        self._require(isinstance(self.seed, int) and not isinstance(self.seed, bool), "seed", "an integer", self.seed)
 
     # what differs between the bounds -----------------------------------------------------------
     @abc.abstractmethod
@@ -262,22 +266,22 @@ _COMMON_DOC = """
 
 @dataclass(frozen=True)
 class _NeuralFields:
-    steps: int = 2000
-    batch_size: int = 128
-    lr: float = 1e-3
-    hidden: int = 64
-    embed: int = 32
-    critic: str = "separable"
-    test_fraction: float = 0.3
-    val_fraction: float = 0.2
-    eval_every: int = 25
-    patience: int = 8
-    seed: int = 0
+    steps: int = param(2000, Integer(ge=1))
+    batch_size: int = param(128, Integer(ge=2))
+    lr: float = param(1e-3, Real(gt=0))
+    hidden: int = param(64, Integer(ge=1))
+    embed: int = param(32, Integer(ge=1))
+    critic: str = param("separable", OneOf("separable", "concat"))
+    test_fraction: float = param(0.3, Real(gt=0, lt=1))
+    val_fraction: float = param(0.2, Real(gt=0, lt=1))
+    eval_every: int = param(25, Integer(ge=1))
+    patience: int = param(8, Integer(ge=1))
+    seed: int = param(0, Integer())
 
 
 @register
 @dataclass(frozen=True)
-class InfoNCE(_NeuralMixin, Estimator, _NeuralFields):
+class InfoNCE(_NeuralMixin, PairEstimator, _NeuralFields):
     """InfoNCE lower bound on I, early-stopped on a validation split, reported on a test split.
 
     Bound: log B + mean_i [F_ii - log sum_j exp F_ij] for batches of B = ``batch_size``; it can
@@ -286,9 +290,6 @@ class InfoNCE(_NeuralMixin, Estimator, _NeuralFields):
 
     name: ClassVar[str] = "infonce"
     reference: ClassVar[str] = "van den Oord, Li & Vinyals 2018, arXiv:1807.03748; " + NEURAL_REFERENCE_POOLE
-
-    def validate(self) -> None:
-        self._check_common()
 
     def _loss(self, scores, state):
         return -infonce_bound(scores)
@@ -302,7 +303,7 @@ class InfoNCE(_NeuralMixin, Estimator, _NeuralFields):
 
 @register
 @dataclass(frozen=True)
-class MINE(_NeuralMixin, Estimator, _NeuralFields):
+class MINE(_NeuralMixin, PairEstimator, _NeuralFields):
     """MINE: the Donsker-Varadhan bound with the moving-average gradient correction.
 
     Bound: E_P[f] - log E_Q[exp f], E_Q over the off-diagonal pairs of each batch (the test
@@ -311,16 +312,11 @@ class MINE(_NeuralMixin, Estimator, _NeuralFields):
     its denominator, which removes the bias of the mini-batch estimate (Belghazi et al. sec. 3.2).
     """
 
-    ema_decay: float = 0.99
+    ema_decay: float = param(0.99, Real(ge=0, lt=1))
 
     name: ClassVar[str] = "mine"
     reference: ClassVar[str] = ("Belghazi, Baratin, Rajeswar, Ozair, Bengio, Courville & Hjelm 2018, Mutual "
                                 "Information Neural Estimation, ICML")
-
-    def validate(self) -> None:
-        self._check_common()
-        self._require(isinstance(self.ema_decay, (int, float)) and 0 <= self.ema_decay < 1, "ema_decay",
-                      "in [0, 1)", self.ema_decay)
 
     def _loss(self, scores, state):
         off = _offdiag(scores)
@@ -340,7 +336,7 @@ class MINE(_NeuralMixin, Estimator, _NeuralFields):
 
 @register
 @dataclass(frozen=True)
-class SMILE(_NeuralMixin, Estimator, _NeuralFields):
+class SMILE(_NeuralMixin, PairEstimator, _NeuralFields):
     """SMILE: trained with the Jensen-Shannon objective, reported as the clipped DV bound.
 
     Bound: E_P[f] - log E_Q[exp clip(f, -tau, tau)], tau = ``clip`` (Song & Ermon use 1 and 5;
@@ -348,15 +344,11 @@ class SMILE(_NeuralMixin, Estimator, _NeuralFields):
     stable at high MI where DV/NWJ gradients have exponential variance.
     """
 
-    clip: float = 5.0
+    clip: float = param(5.0, Real(gt=0))
 
     name: ClassVar[str] = "smile"
     reference: ClassVar[str] = ("Song & Ermon 2020, Understanding the limitations of variational mutual information "
                                 "estimators, ICLR")
-
-    def validate(self) -> None:
-        self._check_common()
-        self._require(isinstance(self.clip, (int, float)) and self.clip > 0, "clip", "a number > 0", self.clip)
 
     def _loss(self, scores, state):
         return -js_bound(scores)

@@ -25,14 +25,20 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import TYPE_CHECKING, Any
 
 from ibscope.errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
+
+    from ibscope.estimators.base import ArrayLike, Estimate, Estimator
 
 #: null values within this relative distance of the value count as >= it (ties from round-off)
 TIE_TOLERANCE = 1e-9
 
 
-def check_settings(null_permutations, seed) -> tuple[int, int]:
+def check_settings(null_permutations: Any, seed: Any) -> tuple[int, int]:
     """Validate N (an integer >= 0) and the seed (an integer); UsageError naming the bad one."""
     if isinstance(null_permutations, bool) or not isinstance(null_permutations, int) or null_permutations < 0:
         raise UsageError(f"null_permutations must be an integer >= 0 (0 = no null). Got {null_permutations!r}.")
@@ -41,7 +47,7 @@ def check_settings(null_permutations, seed) -> tuple[int, int]:
     return null_permutations, seed
 
 
-def permutations(n: int, count: int, seed: int) -> list:
+def permutations(n: int, count: int, seed: int) -> list[torch.Tensor]:
     """``count`` seeded permutations of ``range(n)`` (int64 CPU tensors)."""
     import torch
 
@@ -59,7 +65,8 @@ def summarize(value: float, nulls: list[float]) -> tuple[float, float | None, fl
     return mean, std, (1 + above) / (n + 1)
 
 
-def with_null(est, x, y, null_permutations: int, seed: int = 0, estimate=None):
+def with_null(est: Estimator, x: ArrayLike, y: ArrayLike, null_permutations: int, seed: int = 0,
+              estimate: Estimate | None = None) -> Estimate:
     """``est.estimate(x, y)`` with its permutation null (see the module docstring).
 
     ``estimate``: the estimate of (x, y) when already computed. Returns it unchanged when
@@ -93,7 +100,7 @@ def with_null(est, x, y, null_permutations: int, seed: int = 0, estimate=None):
     return attach(est, e, nulls, null_permutations, seed)
 
 
-def attach(est, e, nulls: list[float], null_permutations: int, seed: int):
+def attach(est: Estimator, e: Estimate, nulls: list[float], null_permutations: int, seed: int) -> Estimate:
     """``e`` with the null of the values ``nulls`` (one per permutation): null_mean, null_std,
     p_value and the settings in ``extra``, as :func:`with_null` returns it."""
     import dataclasses

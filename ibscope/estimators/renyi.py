@@ -23,7 +23,8 @@ import torch
 from ibscope.estimators import _mi
 from ibscope.estimators._knn import pairwise
 from ibscope.estimators._linalg import nonzero
-from ibscope.estimators.base import Estimate, Estimator, is_discrete
+from ibscope.estimators.base import Estimate, PairEstimator, is_discrete
+from ibscope.estimators.params import Integer, Real, param
 from ibscope.estimators.registry import register
 
 
@@ -41,7 +42,7 @@ def renyi_entropy(a: torch.Tensor, alpha: float) -> float:
 
 @register
 @dataclass(frozen=True)
-class Renyi(Estimator):
+class Renyi(PairEstimator):
     """Matrix-based Renyi alpha-entropy MI (Giraldo et al. 2015); not Shannon MI for alpha != 1.
 
     ``alpha`` > 0 (1.01 as in Wickstroem et al.; 1 = von Neumann limit; 2 = fast Frobenius
@@ -49,11 +50,11 @@ class Renyi(Estimator):
     ``max_samples`` above which a seeded subset (``seed``) is used. Cap: log n.
     """
 
-    alpha: float = 1.01
-    sigma_x: float | None = None
-    sigma_y: float | None = None
-    max_samples: int = 2000
-    seed: int = 0
+    alpha: float = param(1.01, Real(gt=0))
+    sigma_x: float | None = param(None, Real(gt=0), optional=True)
+    sigma_y: float | None = param(None, Real(gt=0), optional=True)
+    max_samples: int = param(2000, Integer(ge=2))
+    seed: int = param(0, Integer())
 
     name: ClassVar[str] = "renyi"
     reference: ClassVar[str] = "Sanchez Giraldo, Rao & Principe 2015, IEEE Trans. Inf. Theory 61(1):535"
@@ -62,14 +63,6 @@ class Renyi(Estimator):
     def scale_invariant(self, arg: str) -> str | None:
         # the default width is the median pairwise distance, so K depends on d / sigma only
         return "global" if (self.sigma_x if arg == "x" else self.sigma_y) is None else None
-
-    def validate(self) -> None:
-        self._require(isinstance(self.alpha, (int, float)) and self.alpha > 0, "alpha", "a number > 0", self.alpha)
-        for p in ("sigma_x", "sigma_y"):
-            v = getattr(self, p)
-            self._require(v is None or (isinstance(v, (int, float)) and v > 0), p, "a number > 0 (or None)", v)
-        self._require(isinstance(self.max_samples, int) and self.max_samples >= 2, "max_samples", "an integer >= 2",
-                      self.max_samples)
 
     def _gram(self, t: torch.Tensor, sigma, name: str) -> tuple[torch.Tensor, float | None]:
         if is_discrete(t):

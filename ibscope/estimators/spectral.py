@@ -22,19 +22,19 @@ from typing import ClassVar
 
 from ibscope.errors import DataError
 from ibscope.estimators._linalg import Spectrum, rank_tolerance, renyi_entropy, spectrum
-from ibscope.estimators.base import Estimate, Estimator, as_tensor
+from ibscope.estimators.base import Estimate, SingleEstimator, SingleMixinBase, as_tensor
+from ibscope.estimators.params import Boolean, Integer, OneOf, Real, param
 from ibscope.estimators.registry import register
 
 DIMENSIONS = "dimensions"
 EXPONENT = "exponent"
 
 
-class _SpectralMixin:
+class _SpectralMixin(SingleMixinBase):
     """Shared input handling: validate, compute the spectrum, handle the all-zero case.
 
     Every spectral measure describes one representation, in dimensions unless it says otherwise."""
 
-    kind: ClassVar[str] = "single"
     unit: ClassVar[str] = DIMENSIONS
 
     def scale_invariant(self, arg: str) -> str | None:
@@ -85,7 +85,7 @@ def _erank(lam, eps: float, sp: Spectrum) -> float:
 
 @register
 @dataclass(frozen=True)
-class EffectiveRank(_SpectralMixin, Estimator):
+class EffectiveRank(_SpectralMixin, SingleEstimator):
     """Effective rank: exp of the Shannon entropy of the normalised spectrum (RankMe).
 
     Definition: erank(Z) = exp(-sum_k p_k log p_k), p_k = s_k / sum_j s_j.
@@ -103,17 +103,13 @@ class EffectiveRank(_SpectralMixin, Estimator):
     Unit: dimensions; 1 <= erank <= min(n - 1, d) ("cov") or min(n, d) ("sv").
     """
 
-    convention: str = "cov"
-    eps: float = 0.0
+    convention: str = param("cov", OneOf("cov", "sv"))
+    eps: float = param(0.0, Real(ge=0, lt=1))
 
     name: ClassVar[str] = "effective-rank"
     quantity: ClassVar[str] = "effective_rank"
     reference: ClassVar[str] = ("Roy & Vetterli 2007, EUSIPCO; Garrido et al. 2023, RankMe, ICML (arXiv:2210.02885); "
                                 "Agrawal et al. 2022 (reptrix)")
-
-    def validate(self) -> None:
-        self._require(self.convention in ("cov", "sv"), "convention", "'cov' or 'sv'", self.convention)
-        self._require(0.0 <= self.eps < 1.0, "eps", "in [0, 1)", self.eps)
 
     def estimate(self, x) -> Estimate:
         center = self.convention == "cov"
@@ -126,7 +122,7 @@ class EffectiveRank(_SpectralMixin, Estimator):
 
 @register
 @dataclass(frozen=True)
-class ParticipationRatio(_SpectralMixin, Estimator):
+class ParticipationRatio(_SpectralMixin, SingleEstimator):
     """Participation ratio: (sum lambda)^2 / sum lambda^2 of the covariance spectrum.
 
     Definition: PR = (tr C)^2 / ||C||_F^2 = exp(H_2(p)), the order-2 Renyi effective rank,
@@ -136,7 +132,7 @@ class ParticipationRatio(_SpectralMixin, Estimator):
     Reference: Gao et al. 2017 (bioRxiv 214262); skdim lPCA(ver='participation_ratio').
     """
 
-    center: bool = True
+    center: bool = param(True, Boolean())
 
     name: ClassVar[str] = "participation-ratio"
     quantity: ClassVar[str] = "participation_ratio"
@@ -151,7 +147,7 @@ class ParticipationRatio(_SpectralMixin, Estimator):
 
 @register
 @dataclass(frozen=True)
-class StableRank(_SpectralMixin, Estimator):
+class StableRank(_SpectralMixin, SingleEstimator):
     """Stable rank: ||Z||_F^2 / ||Z||_2^2 = sum lambda / lambda_max.
 
     Definition: srank = sum_k sigma_k^2 / sigma_1^2 = exp(H_inf(p)), the order-infinity
@@ -161,7 +157,7 @@ class StableRank(_SpectralMixin, Estimator):
     Reference: Rudelson & Vershynin 2007, J. ACM 54(4).
     """
 
-    center: bool = True
+    center: bool = param(True, Boolean())
 
     name: ClassVar[str] = "stable-rank"
     quantity: ClassVar[str] = "stable_rank"
@@ -176,7 +172,7 @@ class StableRank(_SpectralMixin, Estimator):
 
 @register
 @dataclass(frozen=True)
-class NumericalRank(_SpectralMixin, Estimator):
+class NumericalRank(_SpectralMixin, SingleEstimator):
     """Numerical rank: the number of singular values above max(atol, rtol * sigma_max).
 
     Definition: rank = #{k : sigma_k > max(atol, rtol * sigma_1)}, sigma = singular values
@@ -191,17 +187,15 @@ class NumericalRank(_SpectralMixin, Estimator):
     Unit: dimensions, 0 <= rank <= min(n - 1, d).
     """
 
-    rtol: float = 1e-4
-    atol: float = 0.0
-    center: bool = True
+    rtol: float = param(1e-4, Real(ge=0, lt=1))
+    atol: float = param(0.0, Real(ge=0))
+    center: bool = param(True, Boolean())
 
     name: ClassVar[str] = "numerical-rank"
     quantity: ClassVar[str] = "numerical_rank"
     reference: ClassVar[str] = "Golub & Van Loan, Matrix Computations, 4th ed., sec. 5.4.1 (numerical rank)"
 
     def validate(self) -> None:
-        self._require(0.0 <= self.rtol < 1.0, "rtol", "in [0, 1)", self.rtol)
-        self._require(self.atol >= 0.0, "atol", ">= 0", self.atol)
         self._require(self.rtol > 0.0 or self.atol > 0.0, "rtol", "> 0 when atol is 0 (no tolerance at all)", self.rtol)
 
     def estimate(self, x) -> Estimate:
@@ -215,7 +209,7 @@ class NumericalRank(_SpectralMixin, Estimator):
 
 @register
 @dataclass(frozen=True)
-class PCADimension(_SpectralMixin, Estimator):
+class PCADimension(_SpectralMixin, SingleEstimator):
     """PCA dimension: the fewest principal components explaining a fraction of the variance.
 
     Definition: k_f = min{k : sum_{i<=k} lambda_i / sum lambda >= f}, lambda = covariance
@@ -225,15 +219,12 @@ class PCADimension(_SpectralMixin, Estimator):
     Reference: Jolliffe, Principal Component Analysis, 2nd ed. 2002, sec. 6.1.1.
     """
 
-    fraction: float = 0.9
-    center: bool = True
+    fraction: float = param(0.9, Real(gt=0, le=1))
+    center: bool = param(True, Boolean())
 
     name: ClassVar[str] = "pca-dim"
     quantity: ClassVar[str] = "pca_dimension"
     reference: ClassVar[str] = "Jolliffe 2002, Principal Component Analysis (2nd ed.), sec. 6.1.1"
-
-    def validate(self) -> None:
-        self._require(0.0 < self.fraction <= 1.0, "fraction", "in (0, 1]", self.fraction)
 
     def estimate(self, x) -> Estimate:
         import torch
@@ -253,7 +244,7 @@ class PCADimension(_SpectralMixin, Estimator):
 
 @register
 @dataclass(frozen=True)
-class AlphaReQ(_SpectralMixin, Estimator):
+class AlphaReQ(_SpectralMixin, SingleEstimator):
     """alpha-ReQ: the power-law decay exponent of the covariance eigenspectrum.
 
     Definition: fit lambda_k ~ c * k^(-alpha) to the normalised covariance eigenvalues
@@ -266,9 +257,9 @@ class AlphaReQ(_SpectralMixin, Estimator):
     Unit: exponent (dimensionless). Needs min(n - 1, d) >= fit_end non-zero eigenvalues.
     """
 
-    fit_start: int = 12
-    fit_end: int = 100
-    center: bool = True
+    fit_start: int = param(12, Integer(ge=1))
+    fit_end: int = param(100, Integer(ge=3))
+    center: bool = param(True, Boolean())
 
     name: ClassVar[str] = "alpha-req"
     quantity: ClassVar[str] = "alpha_req"
@@ -280,7 +271,6 @@ class AlphaReQ(_SpectralMixin, Estimator):
         return "undefined" if self.center else None  # no spectrum to fit a decay to
 
     def validate(self) -> None:
-        self._require(self.fit_start >= 1, "fit_start", ">= 1", self.fit_start)
         self._require(self.fit_end >= self.fit_start + 2, "fit_end", f">= fit_start + 2 = {self.fit_start + 2}",
                       self.fit_end)
 
@@ -314,7 +304,7 @@ class AlphaReQ(_SpectralMixin, Estimator):
 
 @register
 @dataclass(frozen=True)
-class EffectiveEncodingDimension(_SpectralMixin, Estimator):
+class EffectiveEncodingDimension(_SpectralMixin, SingleEstimator):
     """Effective encoding dimension (EED): exp entropy of the spectrum of H^T H / N.
 
     Definition: EED = exp(-sum p_k log p_k), p_k = lambda_k / sum lambda, lambda =
@@ -325,7 +315,7 @@ class EffectiveEncodingDimension(_SpectralMixin, Estimator):
     Reference: Awadhiya 2025, The Inductive Bottleneck (arXiv:2512.07331).
     """
 
-    center: bool = False
+    center: bool = param(False, Boolean())
 
     name: ClassVar[str] = "effective-encoding-dim"
     quantity: ClassVar[str] = "effective_encoding_dimension"

@@ -24,9 +24,19 @@ from __future__ import annotations
 
 from ibscope.ood.detectors import DETECTORS, KNNDetector, MahalanobisDetector, ledoit_wolf, make_detector
 from ibscope.ood.features import FeaturePipeline, parse_reduction
-from ibscope.ood.metrics import (METRICS, aupr_in, aupr_out, auroc, bootstrap_ci, compute_metrics,
-                                 detection_accuracy, flagged_fraction, fpr_at_tpr_id_positive,
-                                 fpr_at_tpr_openood, threshold_from_validation)
+from ibscope.ood.metrics import (
+    METRICS,
+    aupr_in,
+    aupr_out,
+    auroc,
+    bootstrap_ci,
+    compute_metrics,
+    detection_accuracy,
+    flagged_fraction,
+    fpr_at_tpr_id_positive,
+    fpr_at_tpr_openood,
+    threshold_from_validation,
+)
 from ibscope.ood.runner import JSON_NAME, SCORES_NAME, read_scores, run_ood
 
 __all__ = [

@@ -134,15 +134,16 @@ class MahalanobisDetector:
     def check_memory(self, d: int) -> None:
         """Refuse before allocating a covariance that would not fit in ``memory_limit``."""
         need = 3 * d * d * 8
-        if need > self.memory_limit:
+        limit = int(self.memory_limit)  # bytes: parsed in __post_init__
+        if need > limit:
             raise UsageError(
                 f"Mahalanobis on {d} features needs about {need / 2**30:.1f} GiB for the {d} x {d} covariance "
-                f"(float64, with its Cholesky factor and workspace); the memory limit is {self.memory_limit / 2**30:.1f} GiB.",
+                f"(float64, with its Cholesky factor and workspace); the memory limit is {limit / 2**30:.1f} GiB.",
                 hint="Reduce the features first (e.g. --reduce pca:64, --reduce avgpool for conv maps), use the knn "
                      "detector, or raise --memory-limit if the machine really has the memory.",
             )
 
-    def fit(self, x, y=None) -> "MahalanobisDetector":
+    def fit(self, x, y=None) -> MahalanobisDetector:
         import torch
 
         dev = resolve_device(self.device) if self.device is not None else None
@@ -320,7 +321,7 @@ class KNNDetector:
             t = t / t.norm(dim=1, keepdim=True).clamp_min(1e-12)
         return t
 
-    def fit(self, x, y=None) -> "KNNDetector":
+    def fit(self, x, y=None) -> KNNDetector:
         dev = resolve_device(self.device) if self.device is not None else None
         ref = self._prep(x, "fit features", dev)
         if self.k > ref.shape[0]:

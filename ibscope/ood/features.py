@@ -116,7 +116,7 @@ class FeaturePipeline:
         v = x.reshape(x.shape[0], shape[0], -1)
         return v.mean(2) if op == "avgpool" else v.max(2)
 
-    def fit(self, x) -> "FeaturePipeline":
+    def fit(self, x) -> FeaturePipeline:
         """Fit every step on the fit split ``x`` (n, d) only."""
         x = _as_array(x, "fit features")
         self._state = []

@@ -8,6 +8,7 @@ import logging
 import re
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -239,6 +240,6 @@ def make_figures(out: Path, results: list[dict], score_store: dict, plot_data: d
     return paths
 
 
-def _ep_step(score_store: dict, ck: int) -> tuple:
+def _ep_step(score_store: dict, ck: int) -> tuple[Any, Any]:
     e = score_store.get(f"checkpoint_{ck}", {})
     return e.get("epoch"), e.get("step")

@@ -31,9 +31,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ibscope._atomic import write_text_atomic
-from ibscope.reporting import NullReporter, Reporter, reporter_or_null
 from ibscope._version import __version__
 from ibscope.errors import DataError, UsageError
+from ibscope.reporting import NullReporter, Reporter, reporter_or_null
 
 log = logging.getLogger(__name__)
 
@@ -287,8 +287,7 @@ def run_ood(
     from ibscope._device import resolve_device
     from ibscope.ood.detectors import DETECTORS, KNNDetector, MahalanobisDetector, parse_bytes
     from ibscope.ood.features import FeaturePipeline, canonical
-    from ibscope.ood.metrics import (METRICS, bootstrap_ci, compute_metrics, flagged_fraction,
-                                     threshold_from_validation)
+    from ibscope.ood.metrics import METRICS, bootstrap_ci, compute_metrics, flagged_fraction, threshold_from_validation
 
     t_start = time.perf_counter()
     # ---- validate options before touching data ---------------------------------------------

@@ -45,11 +45,24 @@ from typing import Any, Mapping, Sequence
 from ibscope._locks import DEFAULT_LOCK_TIMEOUT, check_timeout, writer_lock
 from ibscope.errors import RegressionFound, UsageError, unknown_name
 from ibscope.pipeline import stages
-from ibscope.pipeline.config import (DEFAULT_ESTIMATORS, OPTIONAL_SECTIONS, STAGES, TASKS, EstimateSection,
-                                     RunConfig, check_safe_globals)
+from ibscope.pipeline.config import (
+    DEFAULT_ESTIMATORS,
+    OPTIONAL_SECTIONS,
+    STAGES,
+    TASKS,
+    EstimateSection,
+    RunConfig,
+    check_safe_globals,
+)
 from ibscope.pipeline.context import PipelineResult, RunContext, factory_source, resolve_path
-from ibscope.pipeline.loading import (PACKAGED_CONFIGS, deep_merge, describe_schema, load_config,
-                                      load_estimate_preset, parse_overrides)
+from ibscope.pipeline.loading import (
+    PACKAGED_CONFIGS,
+    deep_merge,
+    describe_schema,
+    load_config,
+    load_estimate_preset,
+    parse_overrides,
+)
 from ibscope.pipeline.runner import STAMP_DIR, STAMP_FORMAT, ContentHashes, Stage, StageRunner, StageStatus
 from ibscope.pipeline.stages import write_subset
 from ibscope.reporting import Reporter

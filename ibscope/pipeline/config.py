@@ -18,10 +18,9 @@ parameters of estimators that are not selected, ...) live in the one model valid
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional
 
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, model_serializer,
-                      model_validator)
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, model_serializer, model_validator
 
 from ibscope.errors import UsageError, did_you_mean
 
@@ -58,7 +57,7 @@ StrList = Annotated[list[str], BeforeValidator(_one_to_list), Kind("strlist")]
 #: a number (an integer is accepted and becomes a float)
 Number = Annotated[float, BeforeValidator(_number), Kind("float")]
 #: a path, a glob, or a list of them (kept as written)
-Paths = Annotated[Union[str, list[str]], Kind("paths")]
+Paths = Annotated[str | list[str], Kind("paths")]
 
 
 class Section(BaseModel):
@@ -180,7 +179,7 @@ class EstimateSection(Section):
     layers: Optional[StrList] = Field(None, description="only these layers (null = all)")
     device: Optional[str] = Field(None, description="device of the estimators (null = the run's / auto)")
     probes: Optional[StrList] = Field(None, description="probe sets to estimate on (default: data.probe)")
-    probes_for: Optional[dict[str, Annotated[Union[str, Annotated[list[str], Field(min_length=1)]],
+    probes_for: Optional[dict[str, Annotated[str | Annotated[list[str], Field(min_length=1)],
                                              Kind("probe set name or a list of them")]]] = Field(
         default_factory=dict, description="{estimator: [probe sets]}: run these estimators on other probe sets "
                                           "(e.g. a data.subsets subset for O(n^2) estimators)")
@@ -295,7 +294,7 @@ class RunConfig(Section):
         return data
 
     @model_validator(mode="after")
-    def _consistency(self, info: ValidationInfo) -> "RunConfig":
+    def _consistency(self, info: ValidationInfo) -> RunConfig:
         """The cross-field rules. The default name comes from ``context["stem"]`` (the file name)."""
         if self.name is None:  # from the file name, which may hold characters a path part must not
             stem = str((info.context or {}).get("stem", "run"))

@@ -32,8 +32,20 @@ from ibscope._atomic import atomic_path
 from ibscope._paths import inside, prepare_output
 from ibscope.errors import DataError, UsageError, unknown_name
 from ibscope.plot._data import (
-    METRICS, PAIR, Setting, apply_trust, load_results, pair_settings, parse_band, prepare, rows_of, select,
-    settings, side_note, slug, time_axis,
+    METRICS,
+    PAIR,
+    Setting,
+    apply_trust,
+    load_results,
+    pair_settings,
+    parse_band,
+    prepare,
+    rows_of,
+    select,
+    settings,
+    side_note,
+    slug,
+    time_axis,
 )
 
 log = logging.getLogger(__name__)
@@ -52,7 +64,7 @@ class FigureJob:
     kind: str
     name: str
     caption: str
-    make: Callable[..., Any]
+    make: Callable[..., Any] | None  # None: an animation, written from meta
     meta: dict = field(default_factory=dict)
 
 
@@ -293,8 +305,10 @@ def plot_results(results: Any, out_dir: str | os.PathLike | None = None, *, kind
             m = job.meta
             path = out / f"{job.name}.{anim_fmt}"
             animate_plane(m["rows"], path, title=m["title"], time_col=m["time_col"], metric_rows=m["metric_rows"],
-                          mode=m["mode"], band=m["band"], fmt=anim_fmt, fps=fps, dpi=min(dpi, 110))
+                          mode=m["mode"], band=m["band"], fmt=anim_fmt,  # type: ignore[arg-type]  # set for animation jobs
+                          fps=fps, dpi=min(dpi, 110))
         else:
+            assert job.make is not None  # only animations are written from meta
             fig = job.make()
             path = save_figure(fig, out / f"{job.name}.{fmt}", fmt, dpi, job.caption.split(":")[0], job.caption)
         written.append(path)

@@ -178,7 +178,7 @@ def apply_trust(res: Results, null: str = "band", validation: Any = None) -> tup
         vrows = read_validation(validation) if isinstance(validation, (str, os.PathLike)) else list(validation)
         units = {r["unit"] for r in res.rows if r["unit"] in INFO_UNITS}
         ranges = validation_tasks(vrows, next(iter(units)) if units else "nats")
-    info = {"null_rows": 0, "subtracted": 0, "without_null": 0, "saturated": 0, "validated": 0,
+    info: dict[str, Any] = {"null_rows": 0, "subtracted": 0, "without_null": 0, "saturated": 0, "validated": 0,
             "not_validated": 0, "null_mode": null}
     out = []
     for r in res.rows:
@@ -214,7 +214,7 @@ def apply_trust(res: Results, null: str = "band", validation: Any = None) -> tup
     return Results(out, res.provenance, res.path), info
 
 
-def saturated_points(cube: "Cube") -> np.ndarray:
+def saturated_points(cube: Cube) -> np.ndarray:
     """(times, layers) bool: saturated in at least half the runs that have a flag (NaN-safe)."""
     if cube.saturated is None:
         return np.zeros(cube.value.shape[1:], bool)
@@ -225,11 +225,12 @@ def saturated_points(cube: "Cube") -> np.ndarray:
     return (n > 0) & (hits >= 0.5 * np.maximum(n, 1))
 
 
-def null_interval(cube: "Cube", k: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
+def null_interval(cube: Cube, k: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
     """(times, layers) arrays of null_mean - k*null_std and null_mean + k*null_std (median over runs)."""
     if cube.null_mean is None:
         nan = np.full(cube.value.shape[1:], np.nan)
         return nan, nan
+    assert cube.null_std is not None  # set together with null_mean
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         lo = np.nanmedian(cube.null_mean - k * cube.null_std, axis=0)
@@ -237,11 +238,12 @@ def null_interval(cube: "Cube", k: float = 2.0) -> tuple[np.ndarray, np.ndarray]
     return lo, hi
 
 
-def truth_interval(cube: "Cube") -> tuple[np.ndarray, np.ndarray]:
+def truth_interval(cube: Cube) -> tuple[np.ndarray, np.ndarray]:
     """(times, layers) validation error bars (median over runs)."""
     if cube.truth_lo is None:
         nan = np.full(cube.value.shape[1:], np.nan)
         return nan, nan
+    assert cube.truth_hi is not None  # set together with truth_lo
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         return np.nanmedian(cube.truth_lo, axis=0), np.nanmedian(cube.truth_hi, axis=0)
@@ -255,7 +257,7 @@ class Setting:
     params_json: str = "{}"
 
     @classmethod
-    def of(cls, row: dict) -> "Setting":
+    def of(cls, row: dict) -> Setting:
         params = {k: v for k, v in (row.get("params") or {}).items() if k not in SIDE_KEYS}
         return cls(row["estimator"], json.dumps(params, sort_keys=True, default=str))
 

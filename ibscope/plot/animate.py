@@ -12,7 +12,7 @@ import shutil
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import matplotlib
 import numpy as np
@@ -25,6 +25,9 @@ from ibscope.plot.curves import _metric_axis, _metric_color, _metric_order, set_
 from ibscope.plot.info_plane import _limits, draw_caps, make_panels
 
 ANIMATION_FORMATS = ("auto", "gif", "mp4")
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def resolve_format(fmt: str) -> str:
@@ -44,7 +47,7 @@ def resolve_format(fmt: str) -> str:
 class Animation:
     """A figure, the artists that change between frames, and ``update(i)`` to set frame i."""
 
-    fig: object
+    fig: Figure
     moving: list
     update: Callable[[int], None]
     n_frames: int
@@ -146,7 +149,7 @@ def animate_plane(rows: Sequence[dict], out: str | os.PathLike, *, title: str, t
         else:
             fig.canvas.draw()  # settle the constrained layout once, then freeze it
             fig.set_layout_engine("none")
-            writer = FFMpegWriter(fps=fps)
+            writer = FFMpegWriter(fps=fps)  # type: ignore[arg-type]  # matplotlib's stub says int; ffmpeg takes 2.5
             # one draw per frame; no tight bbox (frames must keep one size)
             with matplotlib.rc_context({"savefig.bbox": None}), writer.saving(fig, str(tmp), dpi):
                 for i in range(anim.n_frames):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import textwrap
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -20,11 +20,20 @@ from matplotlib.patches import Patch
 
 from ibscope.plot import style
 from ibscope.plot._data import (
-    METRICS, SUBTRACTED, Setting, cap_label, cubes, layer_order, null_interval, rows_of, saturated_points, summarize,
+    METRICS,
+    SUBTRACTED,
+    Setting,
+    cap_label,
+    cubes,
+    layer_order,
+    null_interval,
+    rows_of,
+    saturated_points,
+    summarize,
     truth_interval,
 )
 
-CAP_STYLE = dict(color="0.35", linestyle=(0, (4, 3)), linewidth=1.0, zorder=1)
+CAP_STYLE: dict[str, Any] = dict(color="0.35", linestyle=(0, (4, 3)), linewidth=1.0, zorder=1)
 NULL_HATCH = "////"
 #: legend texts shared with the information plane
 NULL_LABEL = "permutation null: mean ± 2 sd (chance level)"
@@ -178,7 +187,8 @@ def curves_figure(rows: Sequence[dict], quantity: str, *, settings_: Sequence[Se
         handles: list = [Line2D([], [], color=colors[li], marker="o", markersize=3.2, label=layer)
                          for li, layer in enumerate(layers)]
         if len(splits) > 1:
-            handles += [Line2D([], [], color="0.2", linestyle=style.split_style(si), label=f"split: {sp}")
+            handles += [Line2D([], [], color="0.2", linestyle=style.split_style(si),  # type: ignore[arg-type]  # a dash pattern
+                               label=f"split: {sp}")
                         for si, sp in enumerate(splits)]
         if any_layer_caps:
             handles.append(Line2D([], [], color="0.4", linestyle=(0, (4, 3)), linewidth=0.9,
@@ -198,9 +208,9 @@ def curves_figure(rows: Sequence[dict], quantity: str, *, settings_: Sequence[Se
         fig.legend(handles=handles, loc="outside lower center", title="layers (input → output)",
                    ncols=style.legend_cols(len(handles), fig.get_figwidth(), max(1.7, 0.06 * longest)))
         agg = f" (median of {n_runs} runs)" if n_runs > 1 else ""
-        sub = ", permutation null subtracted" if subtracted else ""
-        fig.suptitle(f"{quantity} over training{agg}{sub}")
-    fig.ibscope_meta = {"quantity": quantity, "unit": unit, "layers": layers, "splits": splits, "drawn": drawn}
+        nsub = ", permutation null subtracted" if subtracted else ""
+        fig.suptitle(f"{quantity} over training{agg}{nsub}")
+    fig.ibscope_meta = {"quantity": quantity, "unit": unit, "layers": layers, "splits": splits, "drawn": drawn}  # type: ignore[attr-defined]  # ibscope's metadata on the Figure
     return fig
 
 
@@ -255,7 +265,7 @@ def metrics_figure(rows: Sequence[dict], *, time_col: str, mode: str = "median",
                 ax.set_ylim(min(0.0, ax.get_ylim()[0]), max(1.0, ax.get_ylim()[1]))
         agg = f" (median of {n_runs} runs)" if n_runs > 1 else ""
         fig.suptitle(f"Training metrics{agg}")
-    fig.ibscope_meta = {"units": units}
+    fig.ibscope_meta = {"units": units}  # type: ignore[attr-defined]  # ibscope's metadata on the Figure
     return fig
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import textwrap
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -27,12 +27,22 @@ from matplotlib.lines import Line2D
 from ibscope.errors import DataError
 from ibscope.plot import style
 from ibscope.plot._data import (
-    IXT, ITY, PAIR, SUBTRACTED, Cube, cap_label, cubes, layer_order, null_interval, saturated_points, summarize,
+    ITY,
+    IXT,
+    PAIR,
+    SUBTRACTED,
+    Cube,
+    cap_label,
+    cubes,
+    layer_order,
+    null_interval,
+    saturated_points,
+    summarize,
     truth_interval,
 )
 
 VIEWS = ("snapshot", "trajectory")
-CAP_STYLE = dict(color="0.35", linestyle=(0, (4, 3)), linewidth=1.0, zorder=1)
+CAP_STYLE: dict[str, Any] = dict(color="0.35", linestyle=(0, (4, 3)), linewidth=1.0, zorder=1)
 
 
 @dataclass
@@ -256,7 +266,7 @@ def plane_figure(panels: Sequence[tuple[str, list[dict]]], *, suptitle: str, vie
         for j in range(n, nrows * ncols):
             axes.flat[j].set_visible(False)
         style.add_time_colorbar(fig, scale, axes[:, :].ravel().tolist()[:n])
-        handles = []
+        handles: list[Any] = []  # legend artists (lines and patches)
         for li, layer in enumerate(layers):
             if view == "snapshot":
                 handles.append(Line2D([], [], linestyle="none", marker=style.layer_marker(li), color="0.5",
@@ -282,5 +292,5 @@ def plane_figure(panels: Sequence[tuple[str, list[dict]]], *, suptitle: str, vie
         fig.legend(handles=handles, loc="outside lower center", title=title,
                    ncols=style.legend_cols(len(handles), fig.get_figwidth(), max(1.5, 0.06 * longest)))
         fig.suptitle("\n".join(textwrap.wrap(suptitle, max(40, int(fig.get_figwidth() * 10.5)))))
-    fig.ibscope_meta = {"view": view, "scale": scale, "unit": unit, "panels": ps}  # for tests and captions
+    fig.ibscope_meta = {"view": view, "scale": scale, "unit": unit, "panels": ps}  # type: ignore[attr-defined]  # ibscope's metadata on the Figure, for tests and captions
     return fig

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import matplotlib
 import numpy as np
@@ -28,7 +28,7 @@ EPOCH_CMAP = "viridis"
 LAYER_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h", "p", "*")
 SPLIT_STYLES = ("-", "--", ":", "-.")
 
-RC = {
+RC: dict[Any, Any] = {  # matplotlib types the keys as a Literal of every rcParam
     "font.family": "DejaVu Sans",
     "font.size": 10,
     "axes.titlesize": 11,
@@ -106,7 +106,7 @@ def _nice_ticks(lo: float, hi: float) -> list[float]:
     return out
 
 
-def time_norm(values: Sequence[float], name: str = "epoch") -> TimeScale:
+def time_norm(values: Sequence[float] | np.ndarray, name: str = "epoch") -> TimeScale:
     """Log colour scale over the time values (epochs), shifted by one when they start at 0."""
     v = np.asarray([x for x in values if x is not None and np.isfinite(x)], float)
     if v.size == 0:

@@ -20,7 +20,7 @@ from ibscope.plot import style
 from ibscope.units import conversion_factor
 
 QUANTITY_COLORS = {"I(X;T)": "#1f77b4", "I(T;Y)": "#d62728"}
-FAMILY_MARKERS = {"gaussian": "o", "mixture": "s", "discrete-layer": "D", "embedding": "^", "layer": "*"}
+FAMILY_MARKERS: dict[str | None, str] = {"gaussian": "o", "mixture": "s", "discrete-layer": "D", "embedding": "^", "layer": "*"}
 
 
 def _setting(r: dict) -> str:
@@ -75,7 +75,7 @@ def validation_figure(rows: Sequence[dict], unit: str = "bits") -> Figure:
         fig.legend(handles=handles, loc="outside lower center",
                    ncols=style.legend_cols(len(handles), fig.get_figwidth(), 1.6))
         fig.suptitle("Validation: mean estimate against the known truth (bars: sd over seeds)")
-    fig.ibscope_meta = {"settings": settings, "unit": unit,
+    fig.ibscope_meta = {"settings": settings, "unit": unit,  # type: ignore[attr-defined]  # ibscope's metadata on the Figure
                         "points": [(json.dumps(r.get("params"), sort_keys=True), r["true_value"] * f,
                                     r["mean_estimate"] * f) for r in done]}
     return fig
