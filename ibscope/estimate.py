@@ -405,7 +405,7 @@ def _open(path, skip_bad_shards: bool):
 
 
 #: stores opened by this worker process: (path, skip_bad_shards, content hash) -> (store, probe inputs)
-_OPEN: "OrderedDict[tuple, tuple]" = OrderedDict()
+_OPEN: OrderedDict[tuple, tuple] = OrderedDict()
 _OPEN_MAX = 8
 _open_lock = threading.Lock()
 

@@ -41,7 +41,7 @@ import socket
 import threading
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
 from ibscope.errors import ClusterError, IbscopeError, UsageError
@@ -109,7 +109,7 @@ def limit_threads(n: int) -> int:
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
     try:
-        from threadpoolctl import threadpool_limits
+        from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
 
         _limits[:] = [threadpool_limits(limits=n)]
     except ImportError:  # threadpoolctl comes with scikit-learn; without it the env vars must do
@@ -168,7 +168,7 @@ def resolve_engine(jobs: int | None = 1, scheduler: str | None = None, scheduler
     to ignore ``DASK_SCHEDULER_ADDRESS``; ``scheduler_file``: a Dask scheduler file. Without
     either, ``DASK_SCHEDULER_ADDRESS`` chooses the cluster unless ``jobs`` > 1 was asked for.
     Usage errors for bad combinations; the connection itself is made by :func:`make_executor`."""
-    env = os.environ if env is None else env
+    environ: Mapping[str, str] = os.environ if env is None else env
     if jobs is None:
         jobs = 1
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
@@ -196,8 +196,8 @@ def resolve_engine(jobs: int | None = 1, scheduler: str | None = None, scheduler
         if "://" not in sched and ":" not in sched:
             raise UsageError(f"--scheduler expects an address such as tcp://HOST:PORT (or 'local'). Got {sched!r}.")
         return EngineSpec("dask", 1, scheduler=sched, source="--scheduler")
-    if jobs == 1 and (env.get(ENV_SCHEDULER) or "").strip():
-        return EngineSpec("dask", 1, scheduler=env[ENV_SCHEDULER].strip(), source=ENV_SCHEDULER)
+    if jobs == 1 and (environ.get(ENV_SCHEDULER) or "").strip():
+        return EngineSpec("dask", 1, scheduler=environ[ENV_SCHEDULER].strip(), source=ENV_SCHEDULER)
     return EngineSpec("local", jobs, source="--jobs" if jobs > 1 else "default")
 
 
@@ -359,7 +359,7 @@ class Executor:
     def close(self) -> None:
         pass
 
-    def __enter__(self) -> "Executor":
+    def __enter__(self) -> Executor:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -417,7 +417,7 @@ class LocalPool(Executor):
                 pending = set(futs)
                 while pending:
                     done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    for f in sorted(done, key=futs.get):
+                    for f in sorted(done, key=lambda f: futs[f]):
                         i = futs[f]
                         yield self._count(Outcome(i, f.result(), "", self.device), pieces[i].gpu)
             except BaseException:
@@ -447,7 +447,6 @@ class DaskExecutor(Executor):
 
         self.spec = spec
         self.device = device or "auto"
-        where = spec.scheduler_file or spec.scheduler
         self.address = None
         _probe_tcp(spec, timeout)  # a refused connection: a clear error at once, before any Client exists
         try:
@@ -457,7 +456,7 @@ class DaskExecutor(Executor):
                 self.client = Client(spec.scheduler, timeout=timeout, set_as_default=False)
         except (OSError, TimeoutError, ValueError) as exc:
             raise _unreachable(spec, timeout, exc) from None
-        self.address = self.client.scheduler.address
+        self.address = str(getattr(self.client.scheduler, "address", "") or "")
         try:
             self.client.wait_for_workers(1, timeout=timeout)
         except (TimeoutError, OSError) as exc:
@@ -550,7 +549,7 @@ def _unreachable(spec: EngineSpec, timeout: float, exc: BaseException) -> Cluste
     where = spec.scheduler_file or spec.scheduler
     return ClusterError(
         f"Could not reach the Dask scheduler {'named in ' if spec.scheduler_file else 'at '}"
-        f"'{redact_address(where)}' ({spec.source}) within {timeout:g} s: {type(exc).__name__}: {_scrub(exc)}",
+        f"'{redact_address(where)}' ({spec.source}) within {timeout:g} s: {type(exc).__name__}: {_scrub(str(exc))}",
         hint="Start it with `dask scheduler` (and workers with `dask worker ADDRESS`), check the address, "
              "or run locally without --scheduler.")
 
@@ -568,7 +567,7 @@ def _probe_tcp(spec: EngineSpec, timeout: float) -> None:
         except (OSError, ValueError, AttributeError) as exc:
             raise ClusterError(f"Could not read the Dask scheduler file '{spec.scheduler_file}': {exc}",
                                hint="Pass the JSON file written by `dask scheduler --scheduler-file FILE`.") from None
-    addr = redact_address(str(addr or ""))
+    addr = redact_address(str(addr or "")) or ""
     if addr.startswith("tcp://"):
         addr = addr[len("tcp://"):]
     elif "://" in addr:

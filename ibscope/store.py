@@ -809,14 +809,14 @@ class StoreWriter:
 
     @classmethod
     def attach(cls, path: str | os.PathLike, *, config_hash: str, n_samples: int, layer_dims: dict[str, int],
-               compression: str | None = "lzf") -> "StoreWriter":
+               compression: str | None = "lzf") -> StoreWriter:
         """A writer of shards into an existing store whose manifest another process wrote and
         whose lock that process holds: a cluster worker capturing one checkpoint of it (see
         :mod:`ibscope.executor`). Shards are written exactly as by the creating writer."""
         self = cls.__new__(cls)
         self.dir = resolve_store_dir(path)
         self.compression = None if compression in (None, "none") else compression
-        self.config, self.config_hash, self.probe_hash = None, config_hash, None
+        self.config, self.config_hash, self.probe_hash = {}, config_hash, ""
         self.n_samples = int(n_samples)
         self.layer_dims = dict(layer_dims)
         self._have, self._points = set(), set()

@@ -27,7 +27,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from ibscope.errors import IbscopeError, UsageError
 
@@ -180,7 +180,7 @@ def run_sweep(configs: Sequence[str | os.PathLike], out: str | os.PathLike, *, s
         for exp in dict.fromkeys(r.experiment for r in runs):
             mine = [r for r in runs if r.experiment == exp]
             if all(r.status == "ok" and r.results is not None and r.results.exists() for r in mine):
-                reports[exp] = combined_report(exp, [r.results for r in mine], out / f"{exp}_report.html",
+                reports[exp] = combined_report(exp, [r.results for r in mine if r.results is not None], out / f"{exp}_report.html",
                                                n_seeds=sum(r.seed is not None for r in mine))
     doc = {"out": str(out), "engine": engine, "seeds": list(seeds) if seeds is not None else None,
            "runs": [{"experiment": r.experiment, "name": r.name, "config": r.config, "seed": r.seed,

@@ -645,9 +645,9 @@ def _capture_task(p: dict, device: str) -> dict:
     checkpoint from their paths, write the checkpoint's shard (complete or absent)."""
     import torch
 
-    from ibscope.capture.hf import is_hf_spec
     from ibscope.capture.checkpoints import describe_alignment, load_checkpoint_into, resolve_safe_globals
     from ibscope.capture.factory import resolve_factory
+    from ibscope.capture.hf import is_hf_spec
     from ibscope.errors import ClusterError
     from ibscope.executor import _this_worker
     from ibscope.store import MANIFEST, StoreWriter, probe_hash
