@@ -174,9 +174,22 @@ else:
         r = np.nextafter(NearestNeighbors(metric="chebyshev", n_neighbors=k).fit(xy).kneighbors()[0][:, -1], 0)
         return (KDTree(x, metric="chebyshev").query_radius(x, r, count_only=True),
                 KDTree(y, metric="chebyshev").query_radius(y, r, count_only=True))
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-t0 = time.perf_counter(); run(); dt = time.perf_counter() - t0
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def status(key):  # kB from /proc/self/status
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith(key + ":"))
+# ru_maxrss is a high-water mark since process start: the import of torch peaks above what a
+# small call adds, which then reads as 0. Reset the peak (Linux: clear_refs 5) just before the
+# call and take the new peak minus the resident size before it.
+try:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = status("VmRSS")
+    t0 = time.perf_counter(); run(); dt = time.perf_counter() - t0
+    peak = status("VmHWM")
+except OSError:  # no /proc (not Linux): the lifetime high-water mark, a lower bound
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter(); run(); dt = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({"seconds": dt, "added_mb": (peak - base) / 1024}))
 """
 

@@ -147,3 +147,10 @@ def io_error(exc: OSError, path: str | os.PathLike[str] | None = None, action: s
     if name == "ENOSPC" and where and (wp == "checkpoints" or os.path.basename(str(where)).startswith("manifest.h5")):
         hint = (hint + " " if hint else "") + "`ibscope capture --resume` continues a capture from its last complete checkpoint."
     return IOFailure(msg, hint=hint)
+
+
+class ClusterError(IbscopeError):
+    """The work could not be run where it was sent: a Dask scheduler that cannot be reached or
+    has no worker, a worker that cannot see a store or model file (exit code 1)."""
+
+    exit_code = EXIT_ERROR

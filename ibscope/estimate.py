@@ -39,8 +39,10 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -49,8 +51,8 @@ from ibscope._device import resolve_device
 from ibscope._locks import DEFAULT_LOCK_TIMEOUT, check_timeout, writer_lock
 from ibscope._paths import check_parents
 from ibscope._version import __version__
-from ibscope.errors import DataError, IbscopeError, PluginError, ShardError, UsageError, unknown_name
-from ibscope.reporting import NullReporter, Reporter, Task, reporter_or_null
+from ibscope.errors import ClusterError, DataError, IbscopeError, PluginError, ShardError, UsageError, unknown_name
+from ibscope.reporting import NullReporter, Reporter, reporter_or_null
 from ibscope.results import KNOWN_UNITS, Results, make_row, read_results, write_results
 
 log = logging.getLogger(__name__)
@@ -394,15 +396,6 @@ def _cell_elements(st, layer: str, xs: str | None, meta: dict) -> int:
     return int(meta["n_samples"]) * (dims + other)
 
 
-_WORKER: dict = {}
-
-
-def _worker_init(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(max(1, threads))
-
-
 def _open(path, skip_bad_shards: bool):
     from ibscope.store import open_store
 
@@ -411,17 +404,66 @@ def _open(path, skip_bad_shards: bool):
     return open_store(path)
 
 
-def _worker(args) -> list[dict]:
-    store_path, ck, layer, specs, device, want, meta = args
+#: stores opened by this worker process: (path, skip_bad_shards, content hash) -> (store, probe inputs)
+_OPEN: OrderedDict[tuple, tuple] = OrderedDict()
+_OPEN_MAX = 8
+_open_lock = threading.Lock()
+
+
+def _worker_store(path: str, content_hash: str, skip_bad_shards: bool, needs_inputs: bool):
+    """The store at ``path`` as this worker sees it, opened once per worker process (and per
+    store content: a store changed since is opened again). A worker that cannot see the path,
+    or sees other content there, is a :class:`~ibscope.errors.ClusterError` naming both."""
     import numpy as np
     import torch
 
-    if store_path not in _WORKER:  # each worker opens a store (and reads its probe inputs) once
-        st = _open(store_path, meta.get("skip_bad_shards", False))
-        arr = st.inputs() if meta.get("needs_inputs") else None
-        _WORKER[store_path] = (st, None if arr is None else torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)))
-    st, inputs = _WORKER[store_path]
-    return _compute_cell(st, ck, layer, specs, device, want, dict(meta, inputs=inputs))
+    key = (path, bool(skip_bad_shards), content_hash)
+    with _open_lock:
+        got = _OPEN.get(key)
+        if got is not None:
+            _OPEN.move_to_end(key)
+            if needs_inputs and got[1] is None:
+                got = _OPEN[key] = (got[0], torch.from_numpy(np.ascontiguousarray(got[0].inputs(), dtype=np.float32)))
+            return got
+        from ibscope.store import MANIFEST
+
+        if not os.path.isfile(os.path.join(path, MANIFEST)):
+            from ibscope.executor import _this_worker
+
+            raise ClusterError(
+                f"{_this_worker()[0]} cannot see the activation store '{path}' ({MANIFEST} not found there).",
+                hint="Stores are read by the workers themselves: put them on a file system every worker mounts at "
+                     "the same path (or start the workers where they can see it).")
+        st = _open(path, skip_bad_shards)
+        if st.content_hash() != content_hash:
+            from ibscope.executor import _this_worker
+
+            raise ClusterError(
+                f"{_this_worker()[0]} sees other content in the activation store '{path}' (content hash "
+                f"{st.content_hash()[:12]}, expected {content_hash[:12]}).",
+                hint="The store changed while the run was planned, or the workers see another copy of it: re-run, "
+                     "and make sure every worker mounts the same file system.")
+        inputs = torch.from_numpy(np.ascontiguousarray(st.inputs(), dtype=np.float32)) if needs_inputs else None
+        _OPEN[key] = (st, inputs)
+        while len(_OPEN) > _OPEN_MAX:
+            _OPEN.popitem(last=False)
+        return st, inputs
+
+
+def _cell_task(payload: dict, device: str) -> list[dict]:
+    """One piece of an estimate: the rows of one (store, checkpoint, layer) cell, or of the
+    estimators of it in ``payload["specs"]``; or of several such cells (``payload["cells"]``,
+    the layers of one checkpoint sent to a cluster as one task). In this process the payload
+    carries the open store; elsewhere its path, which the worker opens itself (once per store)."""
+    if "cells" in payload:
+        return [row for cell in payload["cells"] for row in _cell_task(cell, device)]
+    meta = payload["meta"]
+    st, inputs = payload.get("st"), meta.get("inputs")
+    if st is None:
+        st, inputs = _worker_store(payload["path"], payload["content_hash"], meta.get("skip_bad_shards", False),
+                                   meta.get("needs_inputs", False))
+    return _compute_cell(st, payload["ck"], payload["layer"], payload["specs"], device, payload["want"],
+                         dict(meta, inputs=inputs))
 
 
 # ----------------------------------------------------------------------------- planning
@@ -437,6 +479,11 @@ class _Plan:
     meta: dict
     ck_by_id: dict = field(default_factory=dict)
     jac_layers: set = field(default_factory=set)
+
+    @property
+    def content_hash(self) -> str:
+        """What a worker checks that it sees the same store (:meth:`Store.content_hash`)."""
+        return self.st.content_hash()
 
 
 def _jacobian_layers(st) -> set[str]:
@@ -492,6 +539,8 @@ def run_estimate(
     lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT,
     null_permutations: int = DEFAULT_NULL_PERMUTATIONS,
     null_seed: int = 0,
+    scheduler: str | None = None,
+    scheduler_file: str | os.PathLike | None = None,
     reporter: Reporter | None = None,
 ) -> Results:
     """Estimate every checkpoint x layer of ``stores`` with ``estimators``; write ``out``.
@@ -512,6 +561,16 @@ def run_estimate(
     ``reporter``: an :class:`ibscope.reporting.Reporter` that shows the progress over cells
     (``None``: silent; ``progress=False`` turns its progress off).
 
+    Where the cells run (:mod:`ibscope.executor`): in this process (``jobs=1``), in ``jobs``
+    local worker processes of ``cores // jobs`` threads each, or on a Dask cluster
+    (``scheduler="tcp://HOST:PORT"`` or ``scheduler_file``; ``DASK_SCHEDULER_ADDRESS`` when
+    neither is given and ``jobs`` is 1; ``scheduler="local"`` ignores it). On a cluster every
+    worker opens the stores itself (they must be on a file system all workers see), cells of
+    GPU-capable estimators go to workers started with ``--resources GPU=1`` (on ``cuda`` when
+    ``device`` is "auto"), and a worker that dies costs only its cells, which run elsewhere.
+    The provenance's ``engine`` entry records the engine, the scheduler address (without
+    credentials), the worker count and the tasks each worker ran.
+
     Returns the full results table (rows kept from an existing ``out`` plus new ones). Its
     provenance holds ``noted_cells``, ``first_notes``, ``rows_dropped_stale`` and
     ``rows_dropped_missing_checkpoint`` (see :func:`summary_lines`).
@@ -526,8 +585,9 @@ def run_estimate(
         raise UsageError("No activation store given.", hint="Pass the --out directory of `ibscope capture`.")
     if x_source is not None and x_source not in X_SOURCES:
         raise UsageError(f"--x-source must be one of {list(X_SOURCES)}. Got {x_source!r}.")
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise UsageError(f"--jobs must be an integer >= 1. Got {jobs!r}.")
+    from ibscope.executor import make_executor, remote_device, resolve_engine
+
+    engine_spec = resolve_engine(jobs, scheduler, scheduler_file)
     if isinstance(null_permutations, bool) or not isinstance(null_permutations, int) or null_permutations < 0:
         raise UsageError(f"--null-permutations must be an integer >= 0 (0 turns the null off). Got "
                          f"{null_permutations!r}.")
@@ -536,7 +596,7 @@ def run_estimate(
     lock_timeout = check_timeout(lock_timeout)
     out = Path(out)
     _check_out(out)
-    dev = str(resolve_device(device))
+    dev = remote_device(device) if engine_spec.remote else str(resolve_device(device))
     if jobs > 1 and dev != "cpu":
         raise UsageError(f"--jobs {jobs} runs CPU worker processes; it cannot be combined with --device {dev}.",
                          hint="Use --jobs 1 on a GPU (the GPU parallelises each estimate), or --device cpu.")
@@ -611,7 +671,7 @@ def run_estimate(
         plans.append(plan)
     ours = {(p.run, p.split): p for p in plans}
 
-    with writer_lock(out, what="results file", timeout=lock_timeout):
+    with make_executor(engine_spec, dev) as engine, writer_lock(out, what="results file", timeout=lock_timeout):
         existing: list[dict] = []
         old_prov: dict = {}
         if out.exists() and out.stat().st_size > 0:  # an empty file (e.g. made by `touch`) is an empty table
@@ -683,7 +743,7 @@ def run_estimate(
         planned: set[tuple] = set()
         for plan in plans:
             st = plan.st
-            if plan.meta["needs_inputs"] and jobs == 1:
+            if plan.meta["needs_inputs"] and engine.in_process:
                 plan.meta["inputs"] = torch.from_numpy(np.ascontiguousarray(st.inputs(), dtype=np.float32))
             for ck in st.checkpoints:
                 for mname, mval in sorted((ck.metrics or {}).items()):  # read from the shard: cheap, no cell
@@ -717,7 +777,7 @@ def run_estimate(
         t0, c0 = time.perf_counter(), time.process_time()
         interrupted = False
         try:
-            _run_cells(cells, specs, dev, new_rows, jobs, reporter_or_null(reporter) if progress else None)
+            _run_cells(engine, cells, specs, new_rows, reporter_or_null(reporter) if progress else None)
         except KeyboardInterrupt:
             interrupted = True
         finally:
@@ -770,6 +830,7 @@ def run_estimate(
                        "jobs": jobs, "x_source": x_source, "layers": layers, "force": force, "strict": strict,
                        "skip_bad_shards": skip_bad_shards, "null_permutations": null_permutations,
                        "null_seed": null_seed},
+            "engine": engine.describe(),
             "null": {"permutations": null_permutations, "seed": null_seed,
                      "rows": "I(T;Y), and I(X;T) with X = the probe inputs (x_source 'inputs')",
                      "p_value": "(1 + #{null >= value}) / (N + 1)"},
@@ -900,28 +961,64 @@ def summary_lines(res: Results, *, strict: bool = False) -> list[str]:
     return out
 
 
-def _run_cells(cells: list, specs: list, dev: str, sink: list, jobs: int, reporter: Reporter | None) -> None:
+def _pieces(engine, cells: list, specs: list) -> list:
+    """The pieces of work of ``cells``: one per cell; on a cluster with GPU workers, a cell whose
+    estimators are partly GPU-capable becomes two pieces (its GPU-capable estimators, and the
+    rest), so that only GPU work waits for a GPU."""
+    from ibscope.executor import Piece, gpu_capable
+
+    gpu_of = {name: gpu_capable(name) for name, _, _ in specs}
+    split = engine.name == "dask" and bool(engine.gpu_workers())
+    pieces = []
+    for plan, ck, layer, want in cells:
+        base = {"meta": dict(plan.meta, inputs=None) if not engine.in_process else plan.meta, "ck": ck,
+                "layer": layer}
+        if engine.in_process:
+            base["st"] = plan.st
+        else:
+            base.update(path=os.path.abspath(plan.path), content_hash=plan.content_hash)
+        names = {n for n, _ in want}
+        groups = ([[s for s in specs if s[0] in names and gpu_of[s[0]]], [s for s in specs if s[0] in names
+                                                                            and not gpu_of[s[0]]]]
+                  if split else [[s for s in specs if s[0] in names]])
+        for group in groups:
+            if not group:
+                continue
+            gw = {(n, q) for n, q in want if n in {g[0] for g in group}}
+            label = f"{plan.run}/{plan.split} ckpt {ck.index} {layer}"
+            pieces.append(Piece(_cell_task, dict(base, specs=group, want=gw),
+                                gpu=any(gpu_of[g[0]] for g in group), label=label))
+    if engine.name == "dask":
+        pieces = _by_checkpoint(pieces)
+    return pieces
+
+
+def _by_checkpoint(pieces: list) -> list:
+    """On a cluster, the pieces of one store and checkpoint (its layers) with the same GPU need
+    become one task: fewer round trips through the scheduler (each costs milliseconds, more on a
+    busy machine), while a lost worker still costs only the checkpoints it held."""
+    from ibscope.executor import Piece
+
+    groups: dict[tuple, list] = {}
+    for p in pieces:
+        groups.setdefault((p.payload["path"], p.payload["ck"].index, p.gpu), []).append(p)
+    out = []
+    for (_, _, gpu), ps in groups.items():
+        if len(ps) == 1:
+            out.append(ps[0])
+            continue
+        label = ps[0].label.rsplit(" ", 1)[0] + f" ({len(ps)} layers)"
+        out.append(Piece(_cell_task, {"cells": [p.payload for p in ps]}, gpu=gpu, label=label))
+    return out
+
+
+def _run_cells(engine, cells: list, specs: list, sink: list, reporter: Reporter | None) -> None:
+    """Run ``cells`` on ``engine`` and add their rows to ``sink`` as they come back (a Ctrl-C
+    keeps what came back so far)."""
     if not cells:
         return
-    with (reporter or NullReporter()).task("estimate", len(cells)) as bar:
-        _run_cells_with(cells, specs, dev, sink, jobs, bar)
-
-
-def _run_cells_with(cells: list, specs: list, dev: str, sink: list, jobs: int, bar: Task) -> None:
-    if jobs == 1:
-        for plan, ck, layer, want in cells:
-            sink.extend(_compute_cell(plan.st, ck, layer, specs, dev, want, plan.meta))
-            bar.advance(note=f"ckpt {ck.index} {layer}")
-    else:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
-
-        threads = max(1, (os.cpu_count() or 1) // jobs)
-        ctx = mp.get_context("spawn")
-        light = [(str(plan.path), ck, layer, specs, dev, want, dict(plan.meta, inputs=None))
-                 for plan, ck, layer, want in cells]  # inputs are read by each worker
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init,
-                                 initargs=(threads,)) as pool:
-            for rows in pool.map(_worker, light):
-                sink.extend(rows)
-                bar.advance()
+    pieces = _pieces(engine, cells, specs)
+    with (reporter or NullReporter()).task("estimate", len(pieces)) as bar:
+        for outcome in engine.run(pieces):
+            sink.extend(outcome.value)
+            bar.advance(note=pieces[outcome.index].label)

@@ -208,3 +208,25 @@ def tiny_tanh_run(d: Path, n: int, module_name: str) -> Path:
         torch.save({"epoch": epoch, "state_dict": net.state_dict(), "accuracy": acc, "loss": loss},
                    d / "ck" / f"e{epoch}.pt")
     return d
+
+
+def synthetic_store(path: Path, n_ck=6, n=200, seed=0) -> Path:
+    """A real store written by StoreWriter (no model needed): n_ck checkpoints x 3 tanh layers of
+    ``n`` samples, with labels and inputs."""
+    from ibscope.store import StoreWriter
+
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 5)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int64)
+    dims = {"fc1": 6, "fc2": 4, "out": 2}
+    w = StoreWriter(path, config={"run": "r", "split": "probe", "model": "synthetic"}, sample_ids=np.arange(n),
+                    labels=y, layers={k: {"dims": v} for k, v in dims.items()}, inputs=x, compression="none")
+    for e in range(n_ck):
+        with w.checkpoint(epoch=e, step=None, path=f"ck{e}.pt", sha256=f"{e:064x}",
+                          metrics={"accuracy": 0.5 + e / 100}) as sh:
+            h = x
+            for k, dk in dims.items():
+                m = rng.normal(size=(h.shape[1], dk)).astype(np.float32) * (1 + e / 3)
+                h = np.tanh(h @ m).astype(np.float32)
+                sh.append(k, h)
+    return path

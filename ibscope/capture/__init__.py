@@ -245,6 +245,8 @@ def capture(
     dry_run: bool = False,
     jacobian_method: str = "exact",
     jacobian_memory: int | str | None = "auto",
+    scheduler: str | None = None,
+    scheduler_file: str | os.PathLike | None = None,
 ) -> Path | None:
     """Capture activations of ``layers`` for every checkpoint into the store at ``out``.
 
@@ -286,6 +288,14 @@ def capture(
     holder. A write the system refuses (disk full, read-only, no permission) raises
     :class:`~ibscope.errors.IOFailure` naming the path; the shard being written is deleted and
     completed checkpoints are kept, so ``resume=True`` continues once the cause is fixed.
+
+    On a Dask cluster (``scheduler="tcp://HOST:PORT"`` or ``scheduler_file``, else
+    ``DASK_SCHEDULER_ADDRESS``; see :mod:`ibscope.executor`) every checkpoint is one task: a
+    worker builds the model, reads the probe and the checkpoint from their paths (a file system
+    every worker sees), and writes that checkpoint's shard itself, complete or absent as here.
+    This process plans the layers, writes the manifest, holds the store's lock and checks the
+    shards at the end; ``resume`` works the same. Workers started with ``--resources GPU=1``
+    get the tasks (on ``cuda`` when ``device`` is "auto").
     """
     from ibscope.capture.checkpoints import resolve_safe_globals
     from ibscope.capture.factory import model_spec_id, resolve_factory
@@ -306,12 +316,17 @@ def capture(
                          hint="--resume keeps what was captured; --overwrite starts again from nothing.")
     allowed = resolve_safe_globals(safe_globals)  # a name that cannot be imported: usage error before any work
     check_timeout(lock_timeout)
+    from ibscope.executor import remote_device, resolve_engine
+
+    engine = resolve_engine(1, scheduler, scheduler_file)
     if out is None and not dry_run:
         raise UsageError("capture needs an output store: pass --out DIR (only --dry-run can go without it).")
     out = Path(out) if out is not None else None
     if out is not None:
         _check_out_dir(out, resume, overwrite)
-    dev = resolve_device(device)
+    # on a cluster this process only plans (on its CPU); the workers capture on their devices
+    dev = resolve_device("cpu") if engine.remote and not dry_run else resolve_device(device)
+    worker_device = remote_device(device) if engine.remote else None
     console = _console() if progress else None
 
     import torch.nn as nn
@@ -388,6 +403,15 @@ def capture(
         except OSError as exc:  # e.g. a read-only or full file system: the lock file cannot be created
             raise io_error(exc, lock_path_for(store_dir), "creating the lock file") from None
         _check_out_dir(out, resume, overwrite)  # again, now that no other capture can change it
+        if engine.remote:
+            task = {"model": model, "model_args": dict(model_args or {}), "probe": probe, "max_samples": max_samples,
+                    "sample_seed": sample_seed, "layers": [layers] if isinstance(layers, str) else list(layers),
+                    "reduce": reduce, "batch_size": int(batch_size), "dtype": dtype, "allow_nonfinite": allow_nonfinite,
+                    "trust_checkpoint": trust_checkpoint, "safe_globals": list(safe_globals or []),
+                    "compression": compression, "with_inputs": inputs is not None, "jplan": jplan,
+                    "dims": {n: m["dims"] for n, m in meta.items()}}
+            return _write_store_remote(engine, worker_device, out, config, pr, meta, inputs, ckpts, task, console,
+                                       resume=resume, overwrite=overwrite, compression=compression)
         return _write_store(out, config, pr, meta, inputs, ckpts, targets, reducers, net, dev, console, resume=resume,
                      overwrite=overwrite, compression=compression, batch_size=int(batch_size), dtype=dtype,
                      jplan=jplan, trust_checkpoint=trust_checkpoint, safe_globals=allowed,
@@ -502,13 +526,7 @@ def _write_store(out, config, pr, meta, inputs, ckpts, targets, reducers, net, d
             net.eval()
             with writer.checkpoint(epoch=ck.epoch, step=ck.step, path=str(ck.path), sha256=ck.sha256,
                                    metrics=ck.metrics) as shard:
-                shard.attrs.update(epoch_source=ck.epoch_source, step_source=ck.step_source, state_key=info["state_key"],
-                                   prefixes_stripped=",".join(info["stripped"] + ([info["prefix"]] if info["prefix"] else [])),
-                                   device=str(dev), batch_size=int(batch_size), torch_version=_torch_version())
-                if info.get("added"):
-                    shard.attrs["prefix_added"] = info["added"]
-                if ck.epoch_exact is not None:
-                    shard.attrs["epoch_exact"] = float(ck.epoch_exact)
+                _shard_attrs(shard, ck, info, dev, batch_size)
                 if prog is not None:
                     prog.reset(t_b, total=n_batches, description=f"batches ({ck.label})")
                 _capture_into(shard, net, pr, targets, reducers, meta, dev=dev, batch_size=int(batch_size), dtype=dtype,
@@ -533,6 +551,158 @@ def _write_store(out, config, pr, meta, inputs, ckpts, targets, reducers, net, d
         if prog is not None:
             prog.stop()
     return writer.dir
+
+
+def _shard_attrs(shard, ck, info: dict, dev, batch_size: int) -> None:
+    """The attributes a shard records about its checkpoint and how it was captured."""
+    shard.attrs.update(epoch_source=ck.epoch_source, step_source=ck.step_source, state_key=info["state_key"],
+                       prefixes_stripped=",".join(info["stripped"] + ([info["prefix"]] if info["prefix"] else [])),
+                       device=str(dev), batch_size=int(batch_size), torch_version=_torch_version())
+    if info.get("added"):
+        shard.attrs["prefix_added"] = info["added"]
+    if ck.epoch_exact is not None:
+        shard.attrs["epoch_exact"] = float(ck.epoch_exact)
+
+
+def _write_store_remote(engine, device, out, config, pr, meta, inputs, ckpts, task, console, *, resume, overwrite,
+                        compression) -> Path:
+    """The writing part of :func:`capture` on a Dask cluster: the manifest here, one task per
+    checkpoint there (each writes its own shard), then the shards checked here."""
+    from ibscope.executor import Piece, make_executor
+    from ibscope.store import StoreWriter, open_store
+
+    writer = StoreWriter(out, config=config, sample_ids=pr.ids, labels=pr.y, layers=meta, inputs=inputs,
+                         input_shape=tuple(pr.x.shape[1:]), resume=resume, overwrite=overwrite, compression=compression,
+                         replace_empty=True)
+    try:
+        if resume:
+            _check_resume_series(out, ckpts)
+        todo = [c for c in ckpts if not (resume and writer.has_checkpoint(c.sha256))]
+        if resume and len(todo) < len(ckpts):
+            log.info("Resuming: %d of %d checkpoints already captured.", len(ckpts) - len(todo), len(ckpts))
+        base = dict(task, store=os.path.abspath(writer.dir), config_hash=writer.config_hash,
+                    probe_hash=writer.probe_hash)
+        pieces = [Piece(_capture_task, dict(base, ck=ck), gpu=True, label=f"capture {ck.label}") for ck in todo]
+        prog = None
+        noted: set[str] = set()
+        with make_executor(engine, device) as ex:
+            if console is not None:
+                from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+                prog = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TimeElapsedColumn(), console=console, transient=False)
+                prog.start()
+                t_ck = prog.add_task(f"checkpoints (Dask, {len(ex.workers())} worker(s))", total=len(todo))
+            try:
+                for o in ex.run(pieces):
+                    writer.written += 1
+                    note = o.value.get("note")
+                    if note and note not in noted:
+                        noted.add(note)
+                        log.info("Note: checkpoint keys: %s ('%s' and maybe others).", note, o.value["path"])
+                    if prog is not None:
+                        prog.advance(t_ck)
+            finally:
+                if prog is not None:
+                    prog.stop()
+        have = {c.sha256 for c in open_store(out).checkpoints}
+        missing = [c for c in todo if c.sha256 not in have]
+        if missing:
+            raise DataError(f"{len(missing)} checkpoint(s) have no complete shard in '{out}' although their tasks "
+                            f"finished: {', '.join(c.label for c in missing[:5])}.",
+                            hint="The workers may see another copy of the store; check that they mount the same file "
+                                 "system, then re-run with --resume.")
+    except BaseException:
+        if writer.created and not writer.written:  # nothing captured: leave no store that blocks the retry
+            writer.remove_new_store()
+        raise
+    return writer.dir
+
+
+_PROBES: dict = {}
+
+
+def _worker_probe(spec, max_samples, sample_seed):
+    """The probe set of a capture task, read once per worker process (per file version)."""
+    from ibscope.capture.probe import load_probe
+
+    if not isinstance(spec, str):
+        return load_probe(spec, max_samples=max_samples, sample_seed=sample_seed)
+    try:
+        st = os.stat(spec)
+        version = (st.st_mtime_ns, st.st_size)
+    except OSError:
+        version = None
+    key = (spec, max_samples, sample_seed, version)
+    if key not in _PROBES:
+        _PROBES.clear()  # one probe set at a time: they can be large
+        _PROBES[key] = load_probe(spec, max_samples=max_samples, sample_seed=sample_seed)
+    return _PROBES[key]
+
+
+def _capture_task(p: dict, device: str) -> dict:
+    """One checkpoint of a capture on a cluster worker: build the model, read the probe and the
+    checkpoint from their paths, write the checkpoint's shard (complete or absent)."""
+    import torch
+
+    from ibscope.capture.checkpoints import describe_alignment, load_checkpoint_into, resolve_safe_globals
+    from ibscope.capture.factory import resolve_factory
+    from ibscope.capture.hf import is_hf_spec
+    from ibscope.errors import ClusterError
+    from ibscope.executor import _this_worker
+    from ibscope.store import MANIFEST, StoreWriter, probe_hash
+
+    who = _this_worker()[0]
+    store, ck = Path(p["store"]), p["ck"]
+    if not (store / MANIFEST).is_file():
+        raise ClusterError(f"{who} cannot see the activation store '{store}' ({MANIFEST} not found there).",
+                           hint="Workers write their checkpoints' shards themselves: put --out on a file system every "
+                                "worker mounts at the same path.")
+    if not os.path.exists(ck.path):
+        raise ClusterError(f"{who} cannot see the checkpoint '{ck.path}' ({ck.label}).",
+                           hint="Put the checkpoints on a file system every worker mounts at the same path.")
+    dev = resolve_device(device)
+    pr = _worker_probe(p["probe"], p["max_samples"], p["sample_seed"])
+    inputs = pr.x.reshape(pr.n, -1).float().numpy() if p["with_inputs"] else None
+    if probe_hash(pr.ids, pr.y, inputs) != p["probe_hash"]:
+        raise ClusterError(f"{who} read other probe data from {p['probe']!r} than the capture was planned with.",
+                           hint="The workers must see the same probe file as this machine (same path, same content).")
+    model = p["model"]
+    if isinstance(model, torch.nn.Module):  # an nn.Module given to capture(): this task's own copy
+        from ibscope.capture.factory import unwrap_model
+
+        net = copy.deepcopy(unwrap_model(model))
+    elif is_hf_spec(model):
+        from ibscope.capture import hf
+
+        net = hf.factory(model, p["model_args"])(ck.path)
+    else:
+        net = resolve_factory(model, p["model_args"])()
+    check_forward_accepts(net, pr)
+    net.to(dev).eval()
+    bs = int(p["batch_size"])
+    targets, reducers, meta, _ = plan_layers(net, pr.batch(0, min(pr.n, bs, 8), dev), p["layers"], p["reduce"])
+    dims = {n: m["dims"] for n, m in meta.items()}
+    if dims != p["dims"]:
+        raise ClusterError(f"{who} built a model whose layers differ from the plan: {dims} here, {p['dims']} planned.",
+                           hint="The workers must import the same model code as this machine.")
+    info = load_checkpoint_into(net, ck, trust_checkpoint=p["trust_checkpoint"],
+                                safe_globals=resolve_safe_globals(p["safe_globals"]))
+    net.eval()
+    writer = StoreWriter.attach(store, config_hash=p["config_hash"], n_samples=pr.n, layer_dims=p["dims"],
+                                compression=p["compression"])
+    with writer.checkpoint(epoch=ck.epoch, step=ck.step, path=str(ck.path), sha256=ck.sha256,
+                           metrics=ck.metrics) as shard:
+        _shard_attrs(shard, ck, info, dev, bs)
+        shard.attrs["worker"] = who
+        _capture_into(shard, net, pr, targets, reducers, meta, dev=dev, batch_size=bs, dtype=p["dtype"],
+                      allow_nonfinite=p["allow_nonfinite"], where=f"'{ck.path}' ({ck.label})")
+        if p["jplan"] is not None:
+            _store_jacobians(net, targets, reducers, pr, p["jplan"], dev, shard)
+    del net
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"sha256": ck.sha256, "path": str(ck.path), "shard": shard.final.name, "note": describe_alignment(info)}
 
 
 def _torch_version() -> str:

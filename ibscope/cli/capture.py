@@ -118,6 +118,16 @@ def register(app: typer.Typer) -> None:
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the checkpoint series (epoch, step and where each "
                                      "came from) and the layers to capture, then stop: nothing is written."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or tables; warnings only."),
+        scheduler: Optional[str] = typer.Option(None, "--scheduler", metavar="ADDRESS",
+                                                help="Capture on a Dask cluster, one task per checkpoint, each worker "
+                                                     "writing its checkpoint's shard: tcp://HOST:PORT of `dask "
+                                                     "scheduler` (default: $DASK_SCHEDULER_ADDRESS when set; 'local' "
+                                                     "ignores it). Model file, checkpoints, probe and --out must be "
+                                                     "at the same paths on every worker. Workers started with "
+                                                     "--resources GPU=1 get the tasks."),
+        scheduler_file: Optional[Path] = typer.Option(None, "--scheduler-file", metavar="FILE",
+                                                      help="Like --scheduler, from the file written by `dask scheduler "
+                                                           "--scheduler-file FILE`."),
     ) -> None:
         """Run a fixed probe set through every checkpoint and store the chosen layers' activations.
 
@@ -146,6 +156,7 @@ def register(app: typer.Typer) -> None:
             overwrite=overwrite, trust_checkpoint=trust_checkpoint, safe_globals=list(safe_globals or []),
             allow_nonfinite=allow_nonfinite, compression=compression, progress=not quiet, lock_timeout=lock_timeout,
             jacobian_method=jacobian_method, jacobian_memory=jacobian_memory, order=order, dry_run=dry_run,
+            scheduler=scheduler, scheduler_file=scheduler_file,
         )
         if path is None:  # --dry-run
             return

@@ -78,6 +78,15 @@ def register(app) -> None:
                                                      "gives the same null."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no 'Wrote ...' line (warnings "
                                    "about noted cells and dropped rows are still printed)."),
+        scheduler: Optional[str] = typer.Option(None, "--scheduler", metavar="ADDRESS",
+                                                help="Run the cells on a Dask cluster: tcp://HOST:PORT of `dask "
+                                                     "scheduler` (default: $DASK_SCHEDULER_ADDRESS when set; 'local' "
+                                                     "ignores it). Workers read the stores themselves: they must see "
+                                                     "them at the same path. Needs pip install \"ibscope\\[dask]\"."),
+        scheduler_file: Optional[Path] = typer.Option(None, "--scheduler-file", metavar="FILE",
+                                                      help="Like --scheduler, from the JSON file written by `dask "
+                                                           "scheduler --scheduler-file FILE` (the HPC / dask-jobqueue "
+                                                           "way)."),
     ) -> None:
         """Estimate I(X;T), I(T;Y) and registered single-layer measures for every checkpoint x layer.
 
@@ -101,6 +110,8 @@ def register(app) -> None:
         after --lock-timeout, 2 usage, 4 bad data (or noted cells with --strict), 5 plug-in failure.
 
         Example: ibscope estimate acts/ -o results.csv -e binning -e ksg --param binning.n_bins=30
+
+        On a Dask cluster: ibscope estimate acts/ -o results.csv --scheduler tcp://HOST:8786 (docs/scaling.md)
         """
         from ibscope.pipeline import EstimateSection, load_estimate_preset
 
@@ -130,11 +141,18 @@ def register(app) -> None:
                 lock_timeout=lock_timeout,
                 null_permutations=_first(null_permutations, preset.null_permutations, DEFAULT_NULL_PERMUTATIONS),
                 null_seed=_first(null_seed, preset.null_seed, 0),
+                scheduler=scheduler if scheduler is not None or scheduler_file is not None else preset.scheduler,
+                scheduler_file=scheduler_file if scheduler is not None or scheduler_file is not None
+                else preset.scheduler_file,
             )
         prov = res.provenance
         # skipped shards were named once when the store was opened (and are listed in the provenance)
         for line in summary_lines(res, strict=strict or preset.strict):
             c.print(line, markup=False, soft_wrap=True)
+        eng = prov.get("engine") or {}
+        if not quiet and eng.get("engine") == "dask":
+            c.print(f"Ran {eng.get('tasks', 0)} task(s) on {eng.get('workers_at_end', eng.get('workers'))} Dask "
+                    f"worker(s) of {eng.get('scheduler')}.", markup=False)
         if not quiet:
             c.print(f"Wrote {len(res)} rows ({prov.get('cells_computed', 0)} cell(s) computed, "
                     f"{prov.get('rows_kept_from_existing', 0)} row(s) kept) to {out_path}", markup=False)

@@ -37,9 +37,9 @@ def _root(
 
 
 def _register_all() -> None:
-    from ibscope.cli import capture, check, estimate, ood, plot, run, validate
+    from ibscope.cli import capture, check, estimate, ood, plot, run, sweep, validate
 
-    for mod in (run, capture, estimate, plot, validate, ood, check):
+    for mod in (run, sweep, capture, estimate, plot, validate, ood, check):
         mod.register(app)
     polish_app(app)  # help re-flowed, no <bool> on flags, choice errors with a did-you-mean (cli/_help.py)
 

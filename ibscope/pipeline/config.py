@@ -191,6 +191,10 @@ class EstimateSection(Section):
                                 "ibscope estimate's default (10), 0 = none")
     null_seed: Optional[int] = Field(None, description="seed of the null's permutations (null = 0)")
     out: Optional[str] = Field(None, description="results CSV of `ibscope estimate` (presets only)")
+    scheduler: Optional[str] = Field(None, description="Dask scheduler address (tcp://HOST:PORT) to run the cells "
+                                                       "on; null = local (or $DASK_SCHEDULER_ADDRESS); "
+                                                       "docs/scaling.md")
+    scheduler_file: Optional[str] = Field(None, description="Dask scheduler file (instead of scheduler)")
     description: Optional[str] = Field(None, description="free text")
     reference: Optional[str] = Field(None, description="where the preset comes from")
 

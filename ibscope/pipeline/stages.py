@@ -24,7 +24,7 @@ from ibscope.pipeline.context import RunContext
 from ibscope.pipeline.runner import Stage, StageStatus
 
 #: keys of EstimateSection that older run configs did not have: left out of the fingerprint when unset
-_NEW_ESTIMATE_KEYS = ("x_source", "layers", "device", "out", "description", "reference")
+_NEW_ESTIMATE_KEYS = ("x_source", "layers", "device", "out", "description", "reference", "scheduler", "scheduler_file")
 
 
 def _npz_xy(path: Path, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -208,7 +208,7 @@ def estimate(ctx: RunContext, stores: dict[str, Path]) -> Path:
             old.unlink(missing_ok=True)
         # estimate.strict is checked once every stage has written its outputs (see strict_check)
         extra: dict[str, Any] = {"skip_bad_shards": cfg.skip_bad_shards}
-        for k in ("null_permutations", "null_seed", "x_source", "layers"):
+        for k in ("null_permutations", "null_seed", "x_source", "layers", "scheduler", "scheduler_file"):
             if getattr(est, k) is not None:
                 extra[k] = getattr(est, k)
         kw = dict(device=est.device or ctx.device, force=True, jobs=est.jobs, progress=ctx.progress,
@@ -243,7 +243,8 @@ def estimate(ctx: RunContext, stores: dict[str, Path]) -> Path:
         return [results, provenance_path(results)]
 
     # `strict` changes no output (it is checked at the end of the run): toggling it re-runs nothing
-    stage_est = {k: v for k, v in fingerprint.items() if k != "strict"}
+    # nor does where the cells run (the results are the same locally and on a Dask cluster)
+    stage_est = {k: v for k, v in fingerprint.items() if k not in ("strict", "scheduler", "scheduler_file")}
     ctx.runner(Stage("estimate", {"estimate": stage_est, "probes": names,
                                   "groups": [[list(g), e] for g, e in groups.items()],
                                   "skip_bad_shards": cfg.skip_bad_shards},

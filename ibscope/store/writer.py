@@ -127,6 +127,22 @@ class StoreWriter:
             self._undo_create(created)
             raise
 
+    @classmethod
+    def attach(cls, path: str | os.PathLike, *, config_hash: str, n_samples: int, layer_dims: dict[str, int],
+               compression: str | None = "lzf") -> StoreWriter:
+        """A writer of shards into an existing store whose manifest another process wrote and
+        whose lock that process holds: a cluster worker capturing one checkpoint of it (see
+        :mod:`ibscope.executor`). Shards are written exactly as by the creating writer."""
+        self = cls.__new__(cls)
+        self.dir = resolve_store_dir(path)
+        self.compression = None if compression in (None, "none") else compression
+        self.config, self.config_hash, self.probe_hash = {}, config_hash, ""
+        self.n_samples = int(n_samples)
+        self.layer_dims = dict(layer_dims)
+        self._have, self._points = set(), set()
+        self.created, self.written, self._made_dir = False, 0, False
+        return self
+
     @staticmethod
     def _moved(existing: Store, config: dict, layers: dict[str, dict], diff: list[str]) -> str | None:
         """A store captured from another folder: only the model file's and the probe file's paths
