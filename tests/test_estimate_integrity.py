@@ -171,7 +171,9 @@ def test_key_covers_code_version_and_parameters(two_runs, tmp_path, monkeypatch)
     assert run_estimate(two_runs / "acts_a", out, ["binning", "effective-rank"],
                         progress=False).provenance["cells_computed"] == 0
     # another ibscope version: the same store and settings are recomputed (rows keyed on the code)
-    monkeypatch.setattr("ibscope.estimate.__version__", "99.0")
+    # (ibscope.estimate is a package: code versions are read in .cells, the provenance in .runner)
+    monkeypatch.setattr("ibscope.estimate.cells.__version__", "99.0")
+    monkeypatch.setattr("ibscope.estimate.runner.__version__", "99.0")
     again = run_estimate(two_runs / "acts_a", out, ["binning"], progress=False)
     assert again.provenance["cells_computed"] == 6 and again.provenance["rows_dropped_stale"] == 6
     assert again.filter(estimator="effective-rank").rows == []  # stale and not selected: dropped
