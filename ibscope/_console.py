@@ -1,4 +1,6 @@
-"""The one rich Console of the process: stderr (progress, tables and warnings never go to stdout),
+"""The rich Consoles of the process: stderr for progress, messages and warnings; stdout (:func:`listing`)
+only for the listing that is a command's result (``ibscope info``, ``estimators``, ``checkpoints``,
+``layers``: pipe them to grep, less or a file),
 no emoji codes, no automatic highlighting. Used by the CLI (its ``_common.console``) and by the few
 library displays that still draw their own (capture's plan and progress).
 
@@ -42,3 +44,14 @@ def console() -> Any:
     if _console is None:
         _console = _console_class()(stderr=True, highlight=False, emoji=False)
     return _console
+
+
+_listing: Any = None
+
+
+def listing() -> Any:
+    """The Console on stdout for a listing command's result (tables a user may pipe or redirect)."""
+    global _listing
+    if _listing is None:
+        _listing = _console_class()(highlight=False, emoji=False)
+    return _listing

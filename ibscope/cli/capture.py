@@ -12,6 +12,7 @@ from typing import List, Optional
 import typer
 
 from ibscope._locks import DEFAULT_LOCK_TIMEOUT
+from ibscope._console import listing
 from ibscope.cli._common import console, guard, load_mapping, setup_logging
 from ibscope.errors import UsageError
 
@@ -194,7 +195,7 @@ def register(app: typer.Typer) -> None:
         if as_json:
             typer.echo(json.dumps({"order": order, "checkpoints": series_json(ckpts)}, indent=2))
             return
-        console().print(series_table(ckpts, title=f"{len(ckpts)} checkpoint(s), in capture order"))
+        listing().print(series_table(ckpts, title=f"{len(ckpts)} checkpoint(s), in capture order"))
 
     @app.command("layers", no_args_is_help=True)
     @guard
@@ -238,7 +239,7 @@ def register(app: typer.Typer) -> None:
             it.add_column(col)
         for e in inputs:
             it.add_row(e["name"], "x".join(map(str, e["shape"])) or "scalar", e["dtype"], e["passed"], e["role"])
-        console().print(it)
+        listing().print(it)
         tab = Table(title=f"Modules of {model} (batch of {got['batch']}), in execution order", title_justify="left")
         for col in ("module", "type", "calls", "output (first call)", "params (incl. children)"):
             tab.add_column(col)
@@ -246,7 +247,7 @@ def register(app: typer.Typer) -> None:
             calls = str(r["calls"]) if r["calls"] != 1 else "1"
             style = "yellow" if r["calls"] > 1 else ("dim" if r["calls"] == 0 else None)
             tab.add_row(r["name"], r["type"], calls, r["output"], str(r["params"]), style=style)
-        console().print(tab)
+        listing().print(tab)
         if plan:
             sel = Table(title="Selected layers", title_justify="left")
             for col in ("layer", "module", "reduction", "raw shape", "stored dims"):
@@ -254,7 +255,7 @@ def register(app: typer.Typer) -> None:
             for name, m in plan.items():
                 how = m["reduction"] + (" (real tokens)" if m.get("masked") else "")
                 sel.add_row(name, m["module"] or "(model)", how, "x".join(map(str, m["raw_shape"])), str(m["dims"]))
-            console().print(sel)
+            listing().print(sel)
 
     @app.command("info", no_args_is_help=True)
     @guard
@@ -280,7 +281,7 @@ def register(app: typer.Typer) -> None:
         from rich.markup import escape
         from rich.table import Table
 
-        c = console()
+        c = listing()
         cfg = summary["config"]
         c.print(f"[bold]{summary['store']}[/]  format v{summary['format_version']}, ibscope {summary['ibscope_version']}, "
                 f"created {summary['created']}")

@@ -193,7 +193,9 @@ def register(app) -> None:
             ps = ", ".join(f"{k}={v!r}" for k, v in d["params"].items()) or "-"
             q = d["quantity"] if d["kind"] != "pair" else f"I(X;T) [X={d['x_source']}], I(T;Y)"
             table.add_row(d["name"], d["kind"], q, d["unit"], ps, d["reference"])
+        from ibscope._console import listing
+
+        listing().print(table)
         c = console()
-        c.print(table)
         for name, msg in broken.items():
             c.print(f"[yellow]Plug-in '{name}' failed to load:[/] {msg}")
