@@ -118,6 +118,13 @@ def test_cli_missing_config_and_bad_stage(tmp_path):
     assert res.exit_code == 2 and "Unknown stage 'plto'. Did you mean 'plot'?" in res.output
     res = CliRunner().invoke(app, ["run", str(p), "--set", "train.epochs"])
     assert res.exit_code == 2 and "--set expects KEY.PATH=VALUE" in res.output
+    # an unknown key given with --set is named as a --set override, not as a key of the file
+    res = CliRunner().invoke(app, ["run", str(p), "--set", "train.epoch=3", "-o", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "--set: unknown config key 'train.epoch'. Did you mean 'epochs'?" in res.output
+    # a typo inside quick: is named with its quick. path even when --quick applies it
+    q = write(tmp_path, {**MINIMAL, "quick": {"train": {"epoch": 3}}}, name="q.yaml")
+    res = CliRunner().invoke(app, ["run", str(q), "--quick", "-o", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "unknown config key 'quick.train.epoch'" in res.output
     res = CliRunner().invoke(app, ["run", str(p), "--until", "estimat"])
     assert res.exit_code == 2 and "Did you mean 'estimate'" in res.output
     res = CliRunner().invoke(app, ["run", str(p), "--device", "gpu", "-o", str(tmp_path / "o")])

@@ -129,12 +129,16 @@ def load_config(config: str | os.PathLike | Mapping, *, quick: bool = False, ove
     quick_section = raw.get("quick") or {}
     if not isinstance(quick_section, dict):
         raise UsageError(f"{source}: 'quick' must be a mapping of overrides. Got {quick_section!r}.")
+    # keys of the quick section and of --set are checked where they were written, so an unknown key
+    # is named as 'quick.train.epoch' or as a --set override, not as a key of the file's own sections
+    _known_keys(quick_section, RunConfig, "quick", source)  # quick overrides must be valid keys, even when not applied
+    if overrides:
+        _known_keys(overrides, RunConfig, "", "--set")
     if quick:
         raw = deep_merge(raw, quick_section)
     if overrides:
         raw = deep_merge(raw, overrides)
     cfg = validate(RunConfig, raw, source, context={"stem": stem})
-    _known_keys(quick_section, RunConfig, "quick", source)  # quick overrides must be valid keys, even when not applied
     return cfg, base, source
 
 
@@ -323,11 +327,15 @@ def usage_error(exc: ValidationError, model: type[BaseModel], raw: Any, source: 
 def _known_keys(raw: Mapping, model: type[BaseModel], where: str, source: str) -> None:
     """Only the keys of ``model`` (recursively; ``quick`` itself excluded), values not checked."""
     for k, v in raw.items():
+        name = f"{where}.{k}" if where else str(k)
         if k not in model.model_fields or (model is RunConfig and k == "quick"):
-            raise UsageError(f"{source}: unknown config key '{where}.{k}'.{did_you_mean(str(k), model.model_fields)}")
+            raise UsageError(f"{source}: unknown config key '{name}'.{did_you_mean(str(k), model.model_fields)}",
+                             hint="Valid keys" + (f" in {where}" if where else "") + ": "
+                                  + ", ".join(f for f in model.model_fields if not (model is RunConfig and f == "quick"))
+                                  + ". See `ibscope run --show-schema`.")
         sub = _model_of(model.model_fields[k].annotation)
         if sub is not None and isinstance(v, Mapping):
-            _known_keys(v, sub, f"{where}.{k}", source)
+            _known_keys(v, sub, name, source)
 
 
 # ----------------------------------------------------------------------------------- schema text
