@@ -11,8 +11,8 @@ from typing import List, Optional
 
 import typer
 
-from ibscope._locks import DEFAULT_LOCK_TIMEOUT
 from ibscope._console import listing
+from ibscope._locks import DEFAULT_LOCK_TIMEOUT
 from ibscope.cli._common import console, guard, load_mapping, setup_logging
 from ibscope.errors import UsageError
 
