@@ -121,6 +121,11 @@ def test_cli_missing_config_and_bad_stage(tmp_path):
     # an unknown key given with --set is named as a --set override, not as a key of the file
     res = CliRunner().invoke(app, ["run", str(p), "--set", "train.epoch=3", "-o", str(tmp_path / "o")])
     assert res.exit_code == 2 and "--set: unknown config key 'train.epoch'. Did you mean 'epochs'?" in res.output
+    # a model factory that does not exist is named as the config key, not as a --model flag
+    bad = write(tmp_path, {**MINIMAL, "model": {**MINIMAL["model"], "factory": "ibscope.demo.models:no_such"}},
+                name="bad.yaml")
+    res = CliRunner().invoke(app, ["run", str(bad), "-o", str(tmp_path / "ob"), "--quiet"])
+    assert res.exit_code == 2 and "model.factory (run config)" in res.output and "--model" not in res.output
     # a typo inside quick: is named with its quick. path even when --quick applies it
     q = write(tmp_path, {**MINIMAL, "quick": {"train": {"epoch": 3}}}, name="q.yaml")
     res = CliRunner().invoke(app, ["run", str(q), "--quick", "-o", str(tmp_path / "o")])

@@ -104,7 +104,8 @@ def unwrap_model(m):
             return m
 
 
-def resolve_factory(model: str | Callable, model_args: dict | None = None) -> Callable[[], Any]:
+def resolve_factory(model: str | Callable, model_args: dict | None = None,
+                    what: str = "--model") -> Callable[[], Any]:
     """A builder of a fresh ``nn.Module`` from a factory spec or callable, called with no
     argument. For ``"hf"`` / ``"hf:DIR"`` (Hugging Face, :mod:`ibscope.capture.hf`) it takes the
     checkpoint whose folder's config.json describes the model (ignored for ``hf:DIR``)."""
@@ -116,9 +117,9 @@ def resolve_factory(model: str | Callable, model_args: dict | None = None) -> Ca
         from ibscope.capture import hf
 
         return hf.factory(model, model_args)
-    fn = resolve_object(model, "--model") if isinstance(model, str) else model
+    fn = resolve_object(model, what) if isinstance(model, str) else model
     if not callable(fn):
-        raise UsageError(f"--model must name a callable (function or class). Got {type(fn).__name__} for {model!r}.")
+        raise UsageError(f"{what} must name a callable (function or class). Got {type(fn).__name__} for {model!r}.")
     kwargs = dict(model_args or {})
 
     def build():

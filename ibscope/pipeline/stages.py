@@ -122,7 +122,7 @@ def train(ctx: RunContext) -> list[Path]:
         assert train_p is not None  # the config's validator requires data.train or a task
         x, y = _npz_xy(train_p, "Training data")
         xt, yt = _npz_xy(test_p, "Test data") if test_p is not None else (None, None)
-        build = resolve_factory(factory, cfg.model.args)
+        build = resolve_factory(factory, cfg.model.args, what="model.factory (run config)")
         ck_dir = ctx.out / "checkpoints"
         if ck_dir.exists():
             for old in ck_dir.glob("epoch_*.pt"):
