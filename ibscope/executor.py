@@ -461,8 +461,8 @@ class DaskExecutor(Executor):
             self.client.wait_for_workers(1, timeout=timeout)
         except (TimeoutError, OSError) as exc:
             self.client.close()
-            raise ClusterError(f"The Dask scheduler at '{redact_address(self.address)}' has no worker "
-                               f"(waited {timeout:g} s): {exc}",
+            raise ClusterError(f"The Dask scheduler at '{redact_address(self.address)}' has no worker: none "
+                               f"connected within {timeout:g} s.",
                                hint="Start workers with `dask worker ADDRESS` (--resources GPU=1 on GPU machines).") \
                 from None
         self._workers_at_start = self.workers()
@@ -549,7 +549,8 @@ def _unreachable(spec: EngineSpec, timeout: float, exc: BaseException) -> Cluste
     where = spec.scheduler_file or spec.scheduler
     return ClusterError(
         f"Could not reach the Dask scheduler {'named in ' if spec.scheduler_file else 'at '}"
-        f"'{redact_address(where)}' ({spec.source}) within {timeout:g} s: {type(exc).__name__}: {_scrub(str(exc))}",
+        f"'{redact_address(where)}' ({spec.source}) (waiting up to {timeout:g} s): {type(exc).__name__}: "
+        f"{_scrub(str(exc))}",
         hint="Start it with `dask scheduler` (and workers with `dask worker ADDRESS`), check the address, "
              "or run locally without --scheduler.")
 
