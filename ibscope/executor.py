@@ -459,7 +459,7 @@ class DaskExecutor(Executor):
         self.address = str(getattr(self.client.scheduler, "address", "") or "")
         try:
             self.client.wait_for_workers(1, timeout=timeout)
-        except (TimeoutError, OSError) as exc:
+        except (TimeoutError, OSError):
             self.client.close()
             raise ClusterError(f"The Dask scheduler at '{redact_address(self.address)}' has no worker: none "
                                f"connected within {timeout:g} s.",
