@@ -95,12 +95,12 @@ def _select_checkpoints(store, checkpoint) -> list[int]:
         except ValueError:
             raise UsageError(f"--checkpoint expects an index, a comma list of indices, 'last' or 'all'. Got {checkpoint!r}.") from None
     items = [checkpoint] if isinstance(checkpoint, (int, np.integer)) else list(checkpoint)
-    out = []
-    for c in items:
-        c = int(c)
-        if not -n <= c < n:
-            raise UsageError(f"Checkpoint index {c} is out of range: the fit store holds {n} checkpoint(s) (0..{n - 1}, or -1 for the last).")
-        out.append(c % n)
+    out: list[int] = []
+    for item in items:
+        i = int(item)
+        if not -n <= i < n:
+            raise UsageError(f"Checkpoint index {i} is out of range: the fit store holds {n} checkpoint(s) (0..{n - 1}, or -1 for the last).")
+        out.append(i % n)
     return sorted(set(out))
 
 
@@ -302,8 +302,8 @@ def run_ood(
     reductions = list(dict.fromkeys(canonical(r) for r in (reductions or ("none",))))
     ks = sorted({int(k) for k in (ks or (50,))})
     if "knn" in detectors:
-        for k in ks:
-            KNNDetector(k=k, normalize=normalize, backend=backend, search=search)  # validates k, backend, search
+        for k0 in ks:
+            KNNDetector(k=k0, normalize=normalize, backend=backend, search=search)  # validates k, backend, search
     MahalanobisDetector(covariance=covariance, ridge=ridge, memory_limit=memory_limit)  # validates options
     if not ood:
         raise UsageError("No OOD set given.", hint="Pass at least one --ood NAME=STORE.")
@@ -384,15 +384,15 @@ def run_ood(
                 for role in ["val", "test", *ood_names]:
                     z[role] = pipe.transform(feats[role])
                 t_red = time.perf_counter() - t0
-                runs = []
+                runs: list[tuple[str, int | None, Any]] = []
                 if "mahalanobis" in detectors:
                     runs.append(("mahalanobis", None, MahalanobisDetector(
                         covariance=covariance, class_conditional=class_conditional, ridge=ridge, memory_limit=mem,
                         device=str(dev))))
                 if "knn" in detectors:
-                    for k in ks:
-                        runs.append(("knn", k, KNNDetector(k=k, normalize=normalize, backend=backend, search=search,
-                                                             device=str(dev))))
+                    for kk in ks:
+                        runs.append(("knn", kk, KNNDetector(k=kk, normalize=normalize, backend=backend, search=search,
+                                                              device=str(dev))))
                 for det_name, k, det in runs:
                     cid = config_id(det_name, red, k)
                     t1 = time.perf_counter()
