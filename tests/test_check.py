@@ -7,6 +7,7 @@ well inside or well outside it (never within rounding distance of the boundary).
 
 import json
 import math
+import re
 import xml.etree.ElementTree as ET
 
 import numpy as np
@@ -390,8 +391,15 @@ def test_rule_matching_several_curves_and_none():
 
 
 def test_rules_file_validation(tmp_path):
-    with pytest.raises(UsageError, match="Unknown rule type 'compresion'.*Did you mean 'compression'"):
+    with pytest.raises(UsageError, match="^rules: rule 1: Unknown rule type 'compresion'.*Did you mean 'compression'"):
         run_check(res(table()), rules=[{"type": "compresion", "from": 1, "min_decrease": 1}])
+    # from a file: the file, the rule's number and type name where it is (as for its other keys)
+    import yaml
+
+    f = tmp_path / "rules.yaml"
+    f.write_text(yaml.safe_dump({"rules": [{"type": "at_least", "quantity": "I(T;Y)", "mn": 0.1}]}))
+    with pytest.raises(UsageError, match=rf"^{re.escape(str(f))}: rule 1 \(at_least\): unknown key 'mn'"):
+        run_check(res(table()), rules=str(f))
     with pytest.raises(UsageError, match="unknown key 'min_decrese'.*min_decrease"):
         run_check(res(table()), rules=[{"type": "compression", "from": 1, "min_decrese": 1}])
     with pytest.raises(UsageError, match="needs 'min_decrease'"):

@@ -334,7 +334,8 @@ def parse_rule(spec: Any, index: int) -> Rule:
         raise UsageError(f"{where} has no 'type'.", hint=f"Rule types: {', '.join(RULE_TYPES)}.")
     typ = spec["type"]
     if typ not in RULE_TYPES:
-        raise unknown_name("rule type", str(typ), RULE_TYPES)
+        err = unknown_name("rule type", str(typ), RULE_TYPES)
+        raise UsageError(f"{where}: {err.message}", hint=err.hint)
     cls = RULE_TYPES[typ]
     where = f"rule {index + 1} ({typ}{': ' + str(spec['name']) if spec.get('name') else ''})"
     try:

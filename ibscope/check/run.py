@@ -107,7 +107,12 @@ def run_check(
             overrides.append(parse_tol_flag(t))
         else:
             overrides.append(parse_tolerance_entry(t, f"tolerances[{i}]"))
-    rule_objs = [parse_rule(r, i) for i, r in enumerate(cfg.get("rules") or [])]
+    rule_objs = []
+    for i, r in enumerate(cfg.get("rules") or []):
+        try:
+            rule_objs.append(parse_rule(r, i))
+        except UsageError as exc:  # named like the file's other errors: FILE: rule N (...): ...
+            raise UsageError(f"{src}: {exc.message}", hint=exc.hint) from None
     if update_baseline and baseline is None:
         raise UsageError("--update-baseline needs --baseline PATH (where to write it).")
     if baseline is None and not rule_objs:
