@@ -35,6 +35,7 @@ Nothing here imports torch, numpy or dask at module level.
 
 from __future__ import annotations
 
+import abc
 import os
 import pickle
 import socket
@@ -329,7 +330,7 @@ def _host_of_this_worker() -> str | None:
 
 
 # ----------------------------------------------------------------------------- executors
-class Executor:
+class Executor(abc.ABC):
     """Runs pieces; :meth:`run` yields an :class:`Outcome` per piece as each finishes."""
 
     name = "executor"
@@ -341,8 +342,9 @@ class Executor:
         self.by_worker: dict[str, int] = {}
         self.gpu_by_worker: dict[str, int] = {}
 
-    def run(self, pieces: list[Piece]) -> Iterator[Outcome]:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def run(self, pieces: list[Piece]) -> Iterator[Outcome]:
+        """Run ``pieces``, yielding one outcome per piece as it completes."""
 
     def _count(self, out: Outcome, gpu: bool) -> Outcome:
         self.tasks += 1
@@ -356,8 +358,8 @@ class Executor:
         """The provenance entry of this engine (no credentials)."""
         return {"engine": self.name, "tasks": self.tasks}
 
-    def close(self) -> None:
-        pass
+    def close(self) -> None:  # noqa: B027 - optional hook: engines without resources keep this no-op
+        """Release the engine's resources (a pool, a Dask client); nothing for the in-process one."""
 
     def __enter__(self) -> Executor:
         return self

@@ -18,6 +18,7 @@ rule's ``unit`` (default nats) and converted to the curve's unit.
 
 from __future__ import annotations
 
+import abc
 import fnmatch
 import math
 import warnings
@@ -92,9 +93,9 @@ class Rule(BaseModel):
     def _what(self) -> str:
         return f"{self.quantity} of {self.layer if self.layer is not None else 'each layer'}"
 
+    @abc.abstractmethod
     def describe(self) -> str:
         """The generated label, e.g. ``I(T;Y) of last at end >= 0.6``."""
-        raise NotImplementedError
 
     # ------------------------------------------------------------------ evaluation
     def measure(self, pts: Points, axis: str, factor: float, d: dict[str, Any], unit: str) -> tuple[bool, str]:

@@ -22,6 +22,7 @@ Like ``base.py``, this module imports nothing from ibscope but :mod:`ibscope.err
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 import numbers
@@ -37,20 +38,20 @@ METADATA_KEY = "ibscope_constraint"
 T = TypeVar("T")
 
 
-class Constraint:
+class Constraint(abc.ABC):
     """What one hyper-parameter accepts."""
 
+    @abc.abstractmethod
     def accepts(self, value: Any) -> bool:
         """True when ``value`` satisfies the constraint."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def describe(self) -> str:
         """The expected value in words, as in "must be <describe()>"."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def invalid(self) -> list[Any]:
         """Values that break the constraint (used to generate conformance tests)."""
-        raise NotImplementedError
 
     def convert(self, text: str) -> Any:
         """Read ``text`` (a CLI ``--param KEY=VALUE``) as a value of this constraint's type;
