@@ -55,29 +55,6 @@ def _kernels():
     opts = dict(cache=True, boundscheck=False, fastmath=True, nogil=True)
 
     @njit(inline="always", **opts)
-    def maxnorm_row(xT, i, out):
-        """out[j] = max_t |x[i, t] - x[j, t]| for every j (xT is (d, n))."""
-        d, n = xT.shape
-        q0 = xT[0, i]
-        for j in range(n):
-            out[j] = abs(q0 - xT[0, j])
-        t = 1
-        while t + 3 < d:  # four coordinates per pass over the row buffer
-            qa = xT[t, i]
-            qb = xT[t + 1, i]
-            qc = xT[t + 2, i]
-            qd = xT[t + 3, i]
-            for j in range(n):
-                out[j] = max(max(out[j], abs(qa - xT[t, j])),
-                             max(max(abs(qb - xT[t + 1, j]), abs(qc - xT[t + 2, j])), abs(qd - xT[t + 3, j])))
-            t += 4
-        while t < d:
-            qa = xT[t, i]
-            for j in range(n):
-                out[j] = max(out[j], abs(qa - xT[t, j]))
-            t += 1
-
-    @njit(inline="always", **opts)
     def maxnorm_row_ref(qT, i, rT, out):
         """out[j] = max_t |q[i, t] - r[j, t]| (qT (d, m), rT (d, n))."""
         d, n = rT.shape
@@ -99,6 +76,11 @@ def _kernels():
             for j in range(n):
                 out[j] = max(out[j], abs(qa - rT[t, j]))
             t += 1
+
+    @njit(inline="always", **opts)
+    def maxnorm_row(xT, i, out):
+        """out[j] = max_t |x[i, t] - x[j, t]| for every j (xT is (d, n)): the query is row i of x."""
+        maxnorm_row_ref(xT, i, xT, out)
 
     @njit(inline="always", **opts)
     def select_k(row, k, skip, vals, idx):
