@@ -49,9 +49,9 @@ def numpy_safe_globals() -> list:
     import numpy as np
 
     try:
-        mu = np._core.multiarray  # numpy >= 2 (no DeprecationWarning, unlike np.core)
-    except AttributeError:  # pragma: no cover - numpy 1.x
-        mu = np.core.multiarray
+        mu = importlib.import_module("numpy._core.multiarray")  # numpy >= 2 (no DeprecationWarning)
+    except ImportError:  # pragma: no cover - numpy 1.x
+        mu = importlib.import_module("numpy.core.multiarray")
     out: list = [np.ndarray, np.dtype]
     for prefix in ("numpy._core.multiarray", "numpy.core.multiarray"):
         out += [(mu.scalar, f"{prefix}.scalar"), (mu._reconstruct, f"{prefix}._reconstruct")]
@@ -158,9 +158,9 @@ def _describe_unpickle_failure(path: Path, exc: Exception, allowed: list) -> Che
                    "(unpickles everything). Safer still: re-save only the weights, e.g. "
                    "torch.save({'epoch': e, 'state_dict': model.state_dict()}, path).",
         )
-    reason = str(exc).strip().splitlines()
-    reason = next((ln.strip() for ln in reason if ln.strip().startswith(("WeightsUnpickler error", "Unsupported"))),
-                  reason[0].strip() if reason else type(exc).__name__)
+    lines = str(exc).strip().splitlines()
+    reason = next((ln.strip() for ln in lines if ln.strip().startswith(("WeightsUnpickler error", "Unsupported"))),
+                  lines[0].strip() if lines else type(exc).__name__)
     return CheckpointError(
         f"Checkpoint '{path}' cannot be loaded safely (torch.load weights_only=True): {reason[:300]}",
         hint="If it needs classes you trust, allow them with --safe-globals module.Class (repeatable). Last resort, "
@@ -409,7 +409,7 @@ def load_into(model, state: dict, path: str | os.PathLike = "?") -> dict:
     state, info = align_state_dict(state, set(own))
     missing = sorted(set(own) - set(state))
     tied = _tied_groups(own) if missing else {}
-    filled = []
+    filled: list[str] = []
     for k in list(missing):
         twin = next((o for o in tied.get(k, ()) if o != k and o in state), None)
         if twin is not None:

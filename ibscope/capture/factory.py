@@ -105,7 +105,7 @@ def unwrap_model(m):
 
 
 def resolve_factory(model: str | Callable, model_args: dict | None = None,
-                    what: str = "--model") -> Callable[[], Any]:
+                    what: str = "--model") -> Callable[..., Any]:
     """A builder of a fresh ``nn.Module`` from a factory spec or callable, called with no
     argument. For ``"hf"`` / ``"hf:DIR"`` (Hugging Face, :mod:`ibscope.capture.hf`) it takes the
     checkpoint whose folder's config.json describes the model (ignored for ``hf:DIR``)."""
@@ -122,7 +122,7 @@ def resolve_factory(model: str | Callable, model_args: dict | None = None,
         raise UsageError(f"{what} must name a callable (function or class). Got {type(fn).__name__} for {model!r}.")
     kwargs = dict(model_args or {})
 
-    def build():
+    def build() -> Any:
         try:
             m = fn(**kwargs)
         except TypeError as exc:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeGuard
 
 from ibscope.errors import CheckpointError, UsageError
 
@@ -32,7 +32,7 @@ INSTALL_HINT = 'pip install "ibscope[hf]"'
 _VOLATILE = ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash", "_attn_implementation_autoset")
 
 
-def is_hf_spec(model: Any) -> bool:
+def is_hf_spec(model: Any) -> TypeGuard[str]:
     return isinstance(model, str) and (model == "hf" or model.startswith("hf:"))
 
 
@@ -113,7 +113,11 @@ def factory(spec: str, overrides: dict | None = None) -> Callable[[Path | None],
         if not d.is_dir() or not (d / "config.json").is_file():
             raise UsageError(f"--model {spec}: '{d}' is not a folder with a config.json.",
                              hint="Give the folder written by save_pretrained (or a Trainer's checkpoint-N folder).")
-        return lambda _path=None: build_model(d, overrides)
+
+        def build_dir(_path: Path | None = None) -> Any:
+            return build_model(d, overrides)
+
+        return build_dir
 
     def build(path: Path | None):
         if path is None:

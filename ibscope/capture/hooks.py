@@ -40,6 +40,7 @@ from __future__ import annotations
 import math
 import re
 import zlib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,10 +108,10 @@ def layout_of(target, raw_shape: tuple, traces: dict) -> tuple[str, str]:
     full = (None,) + tuple(raw_shape)
     fallback = ("map" if nd >= 4 else "sequence"), "by its number of dims"
 
-    def named(kind: str) -> str:
+    def named(kind: str | None) -> str:
         return "map" if kind == "map" else ("sequence" if nd == 3 else "features")
 
-    def agrees(kind: str, shape) -> bool:
+    def agrees(kind: str | None, shape) -> bool:
         if shape is None:
             return True
         if kind == "map":
@@ -320,11 +321,14 @@ class Reducer:
         """The (d_in, K) Gaussian matrix; a function of (seed, layer name, d_in) only."""
         import torch
 
+        k, seed = self.k, self.seed
+        if k is None or seed is None:
+            raise ValueError(f"Reduction {self.spec!r} is not a random projection (it has no K).")
         key = (d_in, str(device), dtype)
         if key not in self._proj:
             g = torch.Generator(device="cpu")
-            g.manual_seed((self.seed * 1_000_003 + zlib.crc32(self.layer.encode())) % (2**63))
-            r = torch.randn(d_in, self.k, generator=g, dtype=torch.float32) / math.sqrt(self.k)
+            g.manual_seed((seed * 1_000_003 + zlib.crc32(self.layer.encode())) % (2**63))
+            r = torch.randn(d_in, k, generator=g, dtype=torch.float32) / math.sqrt(k)
             self._proj[key] = r.to(device=device, dtype=dtype)
         return self._proj[key]
 
@@ -449,7 +453,8 @@ class CaptureEngine:
     Hooks are removed on ``close()`` / leaving the ``with`` block.
     """
 
-    def __init__(self, model, targets: list[Target], reducers: dict[str, Reducer], *, grad: bool = False):
+    def __init__(self, model, targets: list[Target], reducers: Mapping[str, Callable[..., Any]], *,
+                 grad: bool = False):
         self.model = model
         self.targets = targets
         self.reducers = reducers

@@ -128,40 +128,35 @@ def frozen_parameters(model):
 def forward_bytes(fn: Callable, *args) -> int:
     """Bytes allocated by the operations of one call ``fn(*args)`` (each storage counted once)."""
     import torch
+    from torch.utils._python_dispatch import TorchDispatchMode  # torch >= 2.4, as pyproject asks
+
+    class _Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.bytes = 0
+            self.seen: set = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(t, torch.Tensor) and not getattr(t, "is_nested", False):
+                    try:
+                        st = t.untyped_storage()
+                        key = (st.data_ptr(), t.device)
+                        if key not in self.seen:
+                            self.seen.add(key)
+                            self.bytes += st.nbytes()
+                    except (RuntimeError, NotImplementedError):
+                        self.bytes += t.numel() * t.element_size()
+            return out
 
     try:
-        from torch.utils._python_dispatch import TorchDispatchMode
-    except ImportError:  # pragma: no cover - very old torch
-        TorchDispatchMode = None  # noqa: N806
-
-    if TorchDispatchMode is not None:
-        class _Count(TorchDispatchMode):
-            def __init__(self):
-                super().__init__()
-                self.bytes = 0
-                self.seen: set = set()
-
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                out = func(*args, **(kwargs or {}))
-                for t in (out if isinstance(out, (tuple, list)) else (out,)):
-                    if isinstance(t, torch.Tensor) and not getattr(t, "is_nested", False):
-                        try:
-                            st = t.untyped_storage()
-                            key = (st.data_ptr(), t.device)
-                            if key not in self.seen:
-                                self.seen.add(key)
-                                self.bytes += st.nbytes()
-                        except (RuntimeError, NotImplementedError):
-                            self.bytes += t.numel() * t.element_size()
-                return out
-
-        try:
-            c = _Count()
-            with c:
-                fn(*args)
-            return int(c.bytes)
-        except Exception:  # noqa: BLE001 - fall back to module outputs below
-            pass
+        c = _Count()
+        with c:
+            fn(*args)
+        return int(c.bytes)
+    except Exception:  # noqa: BLE001 - fall back to module outputs below
+        pass
     # fallback: the outputs of every module, counted twice (functional ops are not seen)
     total = [0]
     model = getattr(fn, "__self__", None)
@@ -285,7 +280,7 @@ def plan_jacobians(run: Callable, sample, layer_dims: dict[str, int], m: int, *,
     plan = JacobianPlan(m=int(m), d_in=d_in, primary=sample.primary, budget=cap, act_bytes=a, method=kind, sketch_k=k)
     short = []
     for name, d in layer_dims.items():
-        lp = _sketch_layer(name, int(d), d_in, a, cap, k) if kind == "sketch" else None
+        lp = _sketch_layer(name, int(d), d_in, a, cap, k) if kind == "sketch" and k is not None else None
         if lp is None:
             lp = _exact_layer(name, int(d), d_in, a, cap, m, max_samples_per_pass)
         plan.layers.append(lp)
@@ -348,7 +343,7 @@ def _exact_block(f: Callable, xs, kws: dict, lp: LayerPlan, d_in: int, tick: Cal
     out = []
     for i in range(xs.shape[0]):
         kwi = {k: v[i] for k, v in kws.items()}
-        _, vjp_fn = vjp(lambda v: f(v, kwi), xs[i])  # noqa: B023 - used within this iteration
+        _, vjp_fn = vjp(lambda v: f(v, kwi), xs[i])[:2]  # noqa: B023 - used within this iteration (no aux)
         jm = torch.empty(d, d_in, dtype=torch.float32, device=xs.device)
         for r0 in range(0, d, lp.rows_per_pass):
             k = min(lp.rows_per_pass, d - r0)
@@ -370,7 +365,7 @@ def _sketch_one(f: Callable, x1, kw1: dict, lp: LayerPlan, d_in: int, seed: int,
     kp = lp.rank + OVERSAMPLE
     step = lp.rows_per_pass
     fl = (lambda v: f(v, kw1))  # noqa: E731
-    out, vjp_fn = vjp(fl, x1)
+    out, vjp_fn = vjp(fl, x1)[:2]  # (no aux)
 
     def j_times(v):  # (d_in, c) -> (d, c), forward mode
         cols = []

@@ -73,10 +73,10 @@ class Snapshotter:
         self.device = device
         self.pr = load_probe(probe, max_samples=max_samples, sample_seed=sample_seed)
         if self.jacobian_samples:
-            from ibscope.capture import _check_jacobian_input
             from ibscope.capture.jacobian import parse_memory, parse_method
+            from ibscope.capture.plan import check_jacobian_input
 
-            _check_jacobian_input(self.pr, self.jacobian_samples)
+            check_jacobian_input(self.pr, self.jacobian_samples)
             parse_method(jacobian_method)
             parse_memory(jacobian_memory)
         self.inputs = None
@@ -99,7 +99,7 @@ class Snapshotter:
         if self._plan is None or self._plan["key"] != key:
             import torch
 
-            from ibscope.capture import _plan_jacobians, _probe_and_jacobian_config
+            from ibscope.capture.plan import plan_jacobian_work, probe_and_jacobian_config
             from ibscope.capture.probe import check_forward_accepts
 
             check_forward_accepts(net, self.pr)
@@ -109,9 +109,9 @@ class Snapshotter:
             pr = self.pr
             jplan = None
             if self.jacobian_samples:
-                jplan = _plan_jacobians(net, targets, reducers, meta, pr, self.jacobian_samples, dev,
+                jplan = plan_jacobian_work(net, targets, reducers, meta, pr, self.jacobian_samples, dev,
                                         self.jacobian_method, self.jacobian_memory, 16)
-            config = {
+            config: dict[str, Any] = {
                 "model": f"<module {type(net).__name__}>", "model_args": {}, "layers": self.layers,
                 "reduce": self.reduce if self.reduce is not None else "auto", "dtype": self.dtype,
                 "max_samples": self._settings["max_samples"], "sample_seed": self._settings["sample_seed"],
@@ -119,7 +119,7 @@ class Snapshotter:
                 "run": self._settings["run"], "probe": pr.source, "n_samples": pr.n,
                 "input_shape": [int(s) for s in pr.x.shape[1:]], "input_dtype": str(pr.x.dtype).replace("torch.", ""),
             }
-            config.update(_probe_and_jacobian_config(pr, jplan))
+            config.update(probe_and_jacobian_config(pr, jplan))
             self._plan = {"key": key, "targets": targets, "reducers": reducers, "meta": meta, "config": config,
                           "jplan": jplan}
         return self._plan
@@ -156,7 +156,8 @@ class Snapshotter:
     def _capture(self, net, step, epoch, metrics, hasher) -> Path | None:
         import torch
 
-        from ibscope.capture import _capture_into, _store_jacobians, resolve_device
+        from ibscope._device import resolve_device
+        from ibscope.capture.local import capture_into, store_jacobians
         from ibscope.store import StoreWriter, checkpoint_label, resolve_store_dir
 
         if self.device is not None:
@@ -192,11 +193,11 @@ class Snapshotter:
                                        torch_version=str(torch.__version__))
                     if epoch_exact is not None:
                         shard.attrs["epoch_exact"] = epoch_exact
-                    _capture_into(shard, net, pr, plan["targets"], plan["reducers"], plan["meta"], dev=dev,
+                    capture_into(shard, net, pr, plan["targets"], plan["reducers"], plan["meta"], dev=dev,
                                   batch_size=self.batch_size, dtype=self.dtype, allow_nonfinite=self.allow_nonfinite,
                                   where=f"{label} (snapshot)")
                     if plan["jplan"] is not None:
-                        _store_jacobians(net, plan["targets"], plan["reducers"], pr, plan["jplan"], dev, shard)
+                        store_jacobians(net, plan["targets"], plan["reducers"], pr, plan["jplan"], dev, shard)
                     final = shard.final
             except BaseException:
                 if writer.created and not writer.written:

@@ -413,6 +413,8 @@ def check_forward_accepts(model, probe: Probe | ModelInput) -> None:
 
     names = list(probe.inputs if isinstance(probe, Probe) else probe.tensors)
     fwd = getattr(model, "forward", None)
+    if fwd is None:
+        return
     try:
         sig = _inspect.signature(fwd)
     except (TypeError, ValueError):

@@ -289,7 +289,7 @@ class Target:
     select: tuple
     io: str
     spec: str
-    order: int = 0
+    order: float = 0  # position in the forward pass (an input sorts half a step before its output)
 
 
 def _elem_name(select: tuple) -> str:
@@ -340,6 +340,7 @@ def resolve_layers(specs: list[str] | str, traces: dict[str, ModuleTrace]) -> li
             tr = traces[mod]
             if tr.calls == 0:
                 raise UsageError(f"Module '{mod}' is never called in the forward pass, so it has no output to capture.")
+            calls: list[int | None]
             if spec.call is None:
                 if tr.calls > 1 and spec.kind in ("path", "output"):
                     raise UsageError(
@@ -351,11 +352,13 @@ def resolve_layers(specs: list[str] | str, traces: dict[str, ModuleTrace]) -> li
                 calls = list(range(tr.calls)) if tr.calls > 1 else [None]
             elif spec.call == "last":
                 calls = [tr.calls - 1] if tr.calls > 1 else [None]
-            else:
+            elif isinstance(spec.call, int):
                 if spec.call >= tr.calls:
                     raise UsageError(f"Layer selector {raw!r}: module '{mod}' runs {tr.calls} time(s) per forward, "
                                      f"so call {spec.call} does not exist (calls are numbered from 0).")
                 calls = [spec.call] if tr.calls > 1 else [None]
+            else:  # pragma: no cover - the parser admits only these
+                raise UsageError(f"Layer selector {raw!r}: unknown call {spec.call!r}.")
             for c in calls:
                 base = mod or OUTPUT
                 name = base + (f"@{c}" if c is not None else "") + _elem_name(spec.select) + (":in" if spec.io == "in" else "")

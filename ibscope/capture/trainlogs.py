@@ -31,12 +31,9 @@ LOGGED_METRIC_RE = re.compile(r"(acc|accuracy|loss|error|err|nll|f1|auroc|auc|pr
 def _scalar(v: Any) -> Any:
     """A one-element tensor or numpy value as a Python number."""
     import numpy as np
+    import torch
 
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a dependency
-        torch = None
-    if torch is not None and isinstance(v, torch.Tensor) and v.numel() == 1 and not v.dtype.is_complex:
+    if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.dtype.is_complex:
         return v.item()
     if isinstance(v, (np.generic, np.ndarray)) and np.size(v) == 1 and np.asarray(v).dtype.kind in "biuf":
         return np.asarray(v).reshape(()).item()

@@ -129,14 +129,13 @@ class BatchWriter:
         self.error: BaseException | None = None
         self._abort = False
         self._thread: threading.Thread | None = None
-        self._q: queue.Queue | None = None
+        self._q: queue.Queue[Any] = queue.Queue()
         self._sem: threading.BoundedSemaphore | None = None
         self._slots = 0
 
     # -- the forward loop's side ---------------------------------------------------------------
     def __enter__(self) -> BatchWriter:
         if self.background:
-            self._q = queue.Queue()
             self._thread = threading.Thread(target=self._run, name="ibscope-capture-writer", daemon=True)
             self._thread.start()
         return self
@@ -148,13 +147,16 @@ class BatchWriter:
         if not self.background:
             self._write(b0, outs)
             return
+        thread = self._thread
+        if thread is None:
+            raise RuntimeError("BatchWriter.put with background=True is used inside its `with` block.")
         if self._sem is None:  # size the queue from the first batch: at least one batch may wait
             nbytes = sum(int(t.numel()) * 4 for t in outs.values())
             self._slots = max(1, self.max_pending_bytes // max(1, nbytes))
             self._sem = threading.BoundedSemaphore(self._slots)
         while not self._sem.acquire(timeout=0.1):
             self.raise_error()
-            if not self._thread.is_alive():  # pragma: no cover - the thread only ends on _STOP
+            if not thread.is_alive():  # pragma: no cover - the thread only ends on _STOP
                 raise RuntimeError("ibscope's capture writer thread ended unexpectedly.")
         self._q.put((b0, outs))
 
@@ -183,9 +185,10 @@ class BatchWriter:
         # the thread must be gone before the shard is closed or deleted: a second Ctrl-C while
         # waiting is kept and raised once it has ended (it ends after at most one write)
         interrupted = False
-        while self._thread.is_alive():
+        thread = self._thread
+        while thread is not None and thread.is_alive():
             try:
-                self._thread.join()
+                thread.join()
             except KeyboardInterrupt:
                 self._abort = True
                 interrupted = True
@@ -212,7 +215,8 @@ class BatchWriter:
                 self.error = exc
             finally:
                 item = None
-                self._sem.release()
+                if self._sem is not None:  # put() made it before queueing the first batch
+                    self._sem.release()
         if self.error is None and not self._abort:
             try:
                 self._flush()

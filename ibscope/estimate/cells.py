@@ -11,10 +11,11 @@ import re
 import threading
 import warnings
 from collections import OrderedDict
-from typing import Any, Iterable
+from typing import Any, Iterable, cast
 
 from ibscope._version import __version__
 from ibscope.errors import ClusterError, DataError, IbscopeError, PluginError, ShardError, UsageError
+from ibscope.estimators.base import SidedEstimator
 from ibscope.results import make_row
 
 log = logging.getLogger("ibscope.estimate")
@@ -277,26 +278,27 @@ def _compute_cell(st, ck, layer: str, specs: list[tuple[str, dict, str | None]],
         # ``estimate_sides``) share work: the side that is the same in every cell of the store
         # (the sample ids, the labels) is prepared once per store (kept in ``meta``), the
         # layer's side once per cell for both of its rows. Same rows as ``pair``.
-        sided = callable(getattr(est, "estimate_sides", None)) and callable(getattr(est, "side", None))
+        sided = isinstance(est, SidedEstimator)
+        sest = cast(SidedEstimator, est)  # used only when sided
         skey = (name, json.dumps(params, sort_keys=True, default=str), device)
 
         def store_side(what, value, argname):
             shared = meta.setdefault("shared_sides", {})
             k = (*skey, what)
             if k not in shared:
-                shared[k] = est.side(value(), argname)
+                shared[k] = sest.side(value(), argname)
             return shared[k]
 
         def layer_side(argname):
             k = ("layer", *skey)
             if k not in cell_sides:
-                cell_sides[k] = est.side(acts(), argname)  # not kept on failure: each row says why
+                cell_sides[k] = sest.side(acts(), argname)  # not kept on failure: each row says why
             return cell_sides[k]
 
         def sides(quantity, p, a, b):
             null = null_setting(name, quantity, p, n_perm, null_seed)
             if not null:
-                return est.estimate_sides(a(), b())
+                return sest.estimate_sides(a(), b())
             # the permutations depend only on n, N and the seed: drawn once per store
             from ibscope.estimators.nulls import permutations
 
@@ -304,7 +306,7 @@ def _compute_cell(st, ck, layer: str, specs: list[tuple[str, dict, str | None]],
             shared = meta.setdefault("shared_sides", {})
             if pk not in shared:
                 shared[pk] = permutations(*pk[1:])
-            return est.estimate_sides(a(), b(), null["permutations"], null["seed"], perms=shared[pk])
+            return sest.estimate_sides(a(), b(), null["permutations"], null["seed"], perms=shared[pk])
 
         # a small problem of an estimator whose work is linear in its input runs on one torch
         # thread (waking the thread pool for each small operation costs more than it saves)
@@ -392,18 +394,18 @@ def _worker_store(path: str, content_hash: str, skip_bad_shards: bool, needs_inp
         from ibscope.store import MANIFEST
 
         if not os.path.isfile(os.path.join(path, MANIFEST)):
-            from ibscope.executor import _this_worker
+            from ibscope._dask import this_worker
 
             raise ClusterError(
-                f"{_this_worker()[0]} cannot see the activation store '{path}' ({MANIFEST} not found there).",
+                f"{this_worker()[0]} cannot see the activation store '{path}' ({MANIFEST} not found there).",
                 hint="Stores are read by the workers themselves: put them on a file system every worker mounts at "
                      "the same path (or start the workers where they can see it).")
         st = _open(path, skip_bad_shards)
         if st.content_hash() != content_hash:
-            from ibscope.executor import _this_worker
+            from ibscope._dask import this_worker
 
             raise ClusterError(
-                f"{_this_worker()[0]} sees other content in the activation store '{path}' (content hash "
+                f"{this_worker()[0]} sees other content in the activation store '{path}' (content hash "
                 f"{st.content_hash()[:12]}, expected {content_hash[:12]}).",
                 hint="The store changed while the run was planned, or the workers see another copy of it: re-run, "
                      "and make sure every worker mounts the same file system.")

@@ -285,10 +285,11 @@ def run_estimate(
         stale: list[dict] = []           # rows of our stores computed from other content or code
         missing_ck: list[dict] = []      # rows of checkpoints no longer in our stores
         for r in existing:
-            plan = ours.get((r["run"], r["split"]))
-            if plan is None:
+            own = ours.get((r["run"], r["split"]))
+            if own is None:
                 others.append(r)
                 continue
+            plan = own
             ck = plan.ck_by_id.get(_ckpt_id(r.get("epoch"), r.get("step"), r.get("checkpoint")))
             if ck is None:
                 missing_ck.append(r)
@@ -379,7 +380,9 @@ def run_estimate(
                                            "describe their store"}]
         used_units = {r["unit"] for r in rows} - set(KNOWN_UNITS)
         plugin_units: dict[str, list[str]] = {}
-        old_units = old_prov.get("plugin_units") if isinstance(old_prov.get("plugin_units"), dict) else {}
+        old_units: dict = old_prov.get("plugin_units") or {}
+        if not isinstance(old_units, dict):
+            old_units = {}
         for u in used_units:
             names = sorted({r["estimator"] for r in rows if r["unit"] == u})
             plugin_units[u] = sorted(set(names) | set(old_units.get(u) or []))
@@ -389,7 +392,8 @@ def run_estimate(
         noted_now = {(r["run"], r["split"], r["checkpoint"], r["layer"], r["estimator"])
                      for r in new_rows if r["value"] is None and r.get("note")}
         warned = [r for r in rows if (r["run"], r["split"]) in ours and r["value"] is not None and r.get("note")]
-        provenance = {
+        first_notes = list(dict.fromkeys(r["note"] for r in noted))[:SUMMARY_NOTES]
+        provenance: dict[str, Any] = {
             "ibscope_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "stores": store_prov,
@@ -420,7 +424,7 @@ def run_estimate(
                                            + (f" (epoch {r['epoch']})" if r["epoch"] is not None else "")
                                            for r in missing_ck}),
             "noted_cells": len(noted_cells), "noted_cells_computed_now": len(noted_now),
-            "first_notes": list(dict.fromkeys(r["note"] for r in noted))[:SUMMARY_NOTES],
+            "first_notes": first_notes,
             "wall_time_s": round(time.perf_counter() - t0, 3),
             # CPU seconds of this process over the cells (all its threads; --jobs workers not included)
             "cpu_time_s": round(time.process_time() - c0, 3),
@@ -435,7 +439,7 @@ def run_estimate(
     res = Results(rows, provenance, out)
     if strict and noted_cells:
         raise DataError(f"{len(noted_cells)} cell(s) could not be estimated (strict): "
-                        + "; ".join(provenance["first_notes"][:3])
+                        + "; ".join(first_notes[:3])
                         + (" ..." if len(noted) > 3 else "")
                         + f" The results were written to '{out}', these cells with an empty value and a note.",
                         hint="Fix the data (see the 'note' column), or run without --strict to accept noted cells.")

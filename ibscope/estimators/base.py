@@ -28,7 +28,7 @@ import functools
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeAlias
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, TypeAlias, runtime_checkable
 
 from ibscope.errors import DataError, UsageError
 from ibscope.estimators.params import check_params, message
@@ -313,6 +313,23 @@ class JacobianEstimator(Estimator):
     def estimate(self, singular_values: ArrayLike) -> Estimate:
         """The measure of ``singular_values`` ``(n_samples, r)`` (as stored by ``ibscope capture
         --jacobian-samples``)."""
+
+
+@runtime_checkable
+class SidedEstimator(Protocol):
+    """A pair estimator that prepares each side apart (the binning family), so that a side the
+    same in many estimates (the labels, the sample ids) is prepared once: ``side(v, name)`` gives
+    the prepared side, ``estimate_sides(a, b, ...)`` the same Estimate as ``estimate(x, y)``
+    (with its permutation null when ``null_permutations`` > 0)."""
+
+    def side(self, v: Any, name: str = "x") -> Any:
+        """``v`` as argument ``name``, prepared (converted and binned)."""
+        ...
+
+    def estimate_sides(self, a: Any, b: Any, null_permutations: int = 0, null_seed: int = 0,
+                       perms: list[Any] | None = None) -> Estimate:
+        """The estimate of the prepared sides ``a`` (x) and ``b`` (y)."""
+        ...
 
 
 _TYPED_BASES.update({PairEstimator: "pair", SingleEstimator: "single", JacobianEstimator: "jacobian"})
