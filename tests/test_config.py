@@ -197,6 +197,33 @@ def test_pipeline_modules_stay_small():
     assert max(sizes.values()) <= 600, sizes
 
 
+def test_no_module_over_600_lines_and_no_progress_bar_outside_the_cli():
+    """The house rules of issue 15: every module of the package stays under ~600 lines, and
+    progress is shown only through the Reporter (no rich progress bar built in the library)."""
+    pkg = ROOT / "ibscope"
+    big = {str(p.relative_to(pkg)): n for p in pkg.rglob("*.py") if (n := len(p.read_text().splitlines())) > 600}
+    assert big == {}
+    bars = [str(p.relative_to(pkg)) for p in pkg.rglob("*.py")
+            if p.relative_to(pkg).parts[0] != "cli" and "rich.progress" in p.read_text()]
+    assert bars == []
+
+
+def test_every_problem_of_a_config_is_named_at_once():
+    """pydantic finds every bad key; the error names each once (a misspelt key is not also
+    reported as the right key missing); one problem keeps its one-line message."""
+    cfg = {**MINIMAL, "trian": {"epochs": 3}, "plot": {"dpii": 3}, "capture": {"batch_size": 0}}
+    with pytest.raises(UsageError) as err:
+        load_config(cfg)
+    msg = str(err.value)
+    assert "3 problems:" in msg
+    assert "  - unknown config key 'trian'. Did you mean 'train'?" in msg
+    assert "  - unknown config key 'plot.dpii'." in msg
+    assert "  - 'capture.batch_size' must be >= 1. Got 0." in msg
+    with pytest.raises(UsageError) as err:
+        load_config({**MINIMAL, "capture": {"batch_size": 0}})
+    assert "problems" not in str(err.value) and "'capture.batch_size' must be >= 1. Got 0." in str(err.value)
+
+
 def test_rich_reporter_of_the_cli():
     import io
 
@@ -218,6 +245,16 @@ def test_rich_reporter_of_the_cli():
                                                "  binning: 3 cell(s) saturated"]
     with progress_callback(True, "plot") as cb:
         assert cb is None  # --quiet: no callback, no bar
+    # tasks nest (capture: checkpoints > batches > Jacobian passes) on one live display, which
+    # ends with the last open task; a second round starts a new one
+    for _ in range(2):
+        with rep.task("checkpoints", 2) as outer:
+            for i in range(2):
+                with rep.task("batches", 3) as inner:
+                    inner.advance(3)
+                outer.advance(note=f"epoch {i}")
+                assert rep._open == 1 and rep._bar is not None and len(rep._bar.tasks) == 1
+        assert rep._open == 0 and rep._bar is None
 
 
 def test_bad_estimate_device_fails_before_any_work(tmp_path):

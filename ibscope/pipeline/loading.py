@@ -272,20 +272,45 @@ _OPS = {"greater_than_equal": ("ge", ">="), "greater_than": ("gt", ">"), "less_t
 
 def usage_error(exc: ValidationError, model: type[BaseModel], raw: Any, source: str, *, prefix: str = "",
                 preset: bool = False) -> IbscopeError:
-    """The first of pydantic's errors (unknown keys first) as a UsageError for the user."""
+    """pydantic's errors as one UsageError for the user: every bad key once, unknown keys first
+    (one problem: its message as it is; several: ``SOURCE: N problems:`` and one line each, with
+    the first one's hint)."""
     # unknown keys first, then broken constraints (within a union: the member's rule that applies), then types
     errors = sorted(exc.errors(), key=lambda e: (e["type"] != "extra_forbidden",
                                                  e["type"].endswith(("_type", "_parsing"))))
-    e = errors[0]
-    cause = (e.get("ctx") or {}).get("error")
-    if isinstance(cause, IbscopeError):  # a rule of a model validator: its own message
-        return type(cause)(f"{source}: {cause.message}", hint=cause.hint)
-    loc = [p for p in e["loc"] if not _is_tag(p)]
-    names = []
-    for p in loc:  # a list item's error is reported on the list
+    by_key: dict[tuple, Any] = {}
+    for e in errors:
+        cause = (e.get("ctx") or {}).get("error")
+        if isinstance(cause, IbscopeError):  # a rule of a model validator: its own message
+            return type(cause)(f"{source}: {cause.message}", hint=cause.hint)
+        by_key.setdefault(_names(e), e)  # within a union: the first after sorting, as above
+    # a misspelt key also shows as the right key missing: the misspelling says it all
+    misspelt = {k[:-1] for k, e in by_key.items() if e["type"] == "extra_forbidden"}
+    picked = [e for k, e in by_key.items() if not (e["type"] == "missing" and k[:-1] in misspelt)]
+    found = [_one_error(e, model, raw, source, prefix=prefix, preset=preset) for e in picked]
+    if len(found) == 1:
+        return found[0]
+    lines = "\n".join("  - " + f.message.removeprefix(f"{source}: ") for f in found)
+    return UsageError(f"{source}: {len(found)} problems:\n{lines}", hint=found[0].hint)
+
+
+def _names(e: Any) -> tuple:
+    """The keys of an error's location, without union tags; a list item's error is reported on
+    the list."""
+    names: list = []
+    for p in e["loc"]:
+        if _is_tag(p):
+            continue
         if isinstance(p, int) and not isinstance(p, bool):
             break
         names.append(p)
+    return tuple(names)
+
+
+def _one_error(e: Any, model: type[BaseModel], raw: Any, source: str, *, prefix: str,
+               preset: bool) -> IbscopeError:
+    """One of pydantic's errors as a UsageError naming the key, what it must be and what it got."""
+    names = list(_names(e))
     shown = ".".join(str(n) for n in ([prefix] if prefix else []) + names)
     value = _value_at(raw, names)
     t = e["type"]
