@@ -222,7 +222,7 @@ class Store:
         return obj
 
     @staticmethod
-    def _read(ds: Any, label: str, sel: Any = (), hint: str | None = None) -> np.ndarray:
+    def _read(ds: Any, label: str, sel: tuple[slice | int, ...] | slice | int = (), hint: str | None = None) -> np.ndarray:
         """Read a dataset whose shape was checked, after checking that the file holds its bytes."""
         check_storage(ds, label)
         try:
