@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ibscope.errors import IbscopeError, UsageError
+from ibscope.reporting import NullReporter, Reporter, reporter_or_null
 
 
 @dataclass
@@ -136,9 +137,11 @@ def run_sweep(configs: Sequence[str | os.PathLike], out: str | os.PathLike, *, s
               jobs: int = 1, scheduler: str | None = None, scheduler_file: str | os.PathLike | None = None,
               device: str | None = None, quick: bool = False, overrides: dict | None = None, force: bool = False,
               until: str | None = None, lock_timeout: float | None = 10.0, progress: bool = True,
-              report: bool = True) -> SweepResult:
+              report: bool = True, reporter: Reporter | None = None) -> SweepResult:
     """Run every config (x every seed) through its pipeline on the chosen executor, then write
-    one combined report per experiment and ``OUT/sweep.json``. See the module docstring."""
+    one combined report per experiment and ``OUT/sweep.json``. See the module docstring.
+    The progress (one step per finished run) goes to ``reporter`` (:mod:`ibscope.reporting`;
+    ``None``: silent, as is ``progress=False``)."""
     from ibscope.executor import Piece, make_executor, remote_device, resolve_engine
 
     spec = resolve_engine(jobs, scheduler, scheduler_file)
@@ -151,29 +154,16 @@ def run_sweep(configs: Sequence[str | os.PathLike], out: str | os.PathLike, *, s
                                 "overrides": overrides, "force": force, "until": until, "lock_timeout": lock_timeout},
                     gpu=True, label=f"run {r.name}") for r in runs]
     out.mkdir(parents=True, exist_ok=True)
-    bar = None
-    if progress:
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        bar = Progress(TextColumn("sweep"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                       TextColumn("{task.description}"), console=Console(stderr=True, emoji=False), transient=False)
-        bar.start()
-        task = bar.add_task("", total=len(pieces))
-    with make_executor(spec, dev or "cpu") as ex:
-        try:
-            for o in ex.run(pieces):
-                r, v = runs[o.index], o.value
-                r.status, r.seconds, r.worker = v["status"], v["seconds"], o.worker
-                r.error, r.exit_code = v.get("error", ""), v.get("exit_code", 0)
-                r.results = Path(v["results"]) if v.get("results") else None
-                r.report = Path(v["report"]) if v.get("report") else None
-                r.ran = v.get("ran", [])
-                if bar:
-                    bar.update(task, advance=1, description=f"{r.name}: {r.status}")
-        finally:
-            if bar:
-                bar.stop()
+    with make_executor(spec, dev or "cpu") as ex, \
+            (reporter_or_null(reporter) if progress else NullReporter()).task("sweep", len(pieces)) as bar:
+        for o in ex.run(pieces):
+            r, v = runs[o.index], o.value
+            r.status, r.seconds, r.worker = v["status"], v["seconds"], o.worker
+            r.error, r.exit_code = v.get("error", ""), v.get("exit_code", 0)
+            r.results = Path(v["results"]) if v.get("results") else None
+            r.report = Path(v["report"]) if v.get("report") else None
+            r.ran = v.get("ran", [])
+            bar.advance(note=f"{r.name}: {r.status}")
         engine = ex.describe()
     reports: dict[str, Path] = {}
     if report:

@@ -276,8 +276,76 @@ def test_cli_options_progress_and_bad_values(tmp_path, resnet_mod):
     assert not (tmp_path / "acts").exists()
     res = CliRunner().invoke(app, base + ["--jacobian-memory", "16M"])
     assert res.exit_code == 0, res.output
-    assert "Jacobians (exact): 3 sample(s) of 'x' (768 inputs)" in res.output and "jacobian passes" in res.output
+    # the plan is printed; the progress bars are transient (see test_capture_progress_goes_to_the_reporter)
+    assert "Jacobians (exact): 3 sample(s) of 'x' (768 inputs)" in " ".join(res.output.split())
     assert open_store(tmp_path / "acts").jacobian(0, "layer2")[0].shape == (3, 16)
+
+
+class RecordingReporter:
+    """A Reporter that keeps every task's label, total and the steps it was advanced by."""
+
+    silent = False
+
+    def __init__(self):
+        self.tasks: list[dict] = []
+        self.messages: list[str] = []
+
+    def info(self, msg):
+        self.messages.append(msg)
+
+    def warning(self, msg):
+        self.messages.append(msg)
+
+    def task(self, label, total=None):
+        import contextlib
+
+        rec = {"label": label, "total": total, "done": 0, "notes": [], "open": True}
+        self.tasks.append(rec)
+
+        class T:
+            def advance(self, n=1, *, note=""):
+                rec["done"] += n
+                rec["notes"].append(note)
+
+            def update(self, *, completed, total=None, note=""):
+                rec["done"] = completed
+                rec["total"] = total if total is not None else rec["total"]
+                rec["notes"].append(note)
+
+        @contextlib.contextmanager
+        def cm():
+            try:
+                yield T()
+            finally:
+                rec["open"] = False
+
+        return cm()
+
+
+def test_capture_progress_goes_to_the_reporter(tmp_path, resnet_mod):
+    """Checkpoints, batches and Jacobian passes are tasks of the given reporter, nested, each
+    advanced to its total; none is left open; without a reporter the API shows nothing."""
+    net = resnet_mod.SmallResNet().eval()
+    for e in (0, 1):
+        torch.save({"epoch": e, "state_dict": net.state_dict()}, tmp_path / f"rn{e}.pt")
+    np.savez(tmp_path / "p.npz", x=np.random.default_rng(0).normal(size=(10, 3, 16, 16)).astype("float32"))
+    rep = RecordingReporter()
+    capture(f"{tmp_path / 'rn_small.py'}:SmallResNet", str(tmp_path / "rn*.pt"), str(tmp_path / "p.npz"), ["layer2"],
+            tmp_path / "acts", batch_size=4, jacobian_samples=2, jacobian_memory="16M", reporter=rep)
+    by = {t["label"]: t for t in rep.tasks}
+    assert [t["label"] for t in rep.tasks] == ["checkpoints", "batches", "jacobian passes"]
+    assert by["checkpoints"]["total"] == 2 and by["checkpoints"]["done"] == 2
+    assert by["checkpoints"]["notes"] == ["epoch 0", "epoch 1"]
+    assert by["batches"]["total"] == 3 and by["batches"]["done"] == 3  # ceil(10 / 4) per checkpoint, reset each
+    assert by["batches"]["notes"] == ["epoch 0", "", "", "", "epoch 1", "", "", ""]  # reset per checkpoint
+    passes = by["jacobian passes"]
+    assert passes["total"] >= 2 and passes["done"] == passes["total"]
+    assert passes["notes"][0] == "epoch 0" and passes["notes"].count("epoch 1") == 1
+    assert not any(t["open"] for t in rep.tasks)
+    quiet = RecordingReporter()
+    capture(f"{tmp_path / 'rn_small.py'}:SmallResNet", str(tmp_path / "rn*.pt"), str(tmp_path / "p.npz"), ["layer2"],
+            tmp_path / "acts2", batch_size=4, reporter=quiet, progress=False)
+    assert quiet.tasks == []
 
 
 def test_memory_and_method_parsing():

@@ -5,7 +5,7 @@ plotted points are the table's values in bits; the installed console script keep
 from __future__ import annotations
 
 import math
-import shutil
+from pathlib import Path
 import subprocess
 import sys
 
@@ -49,8 +49,9 @@ def test_plane_shows_the_estimated_values_in_bits(results):
 
 
 def test_cli_plot_and_report_on_pipeline_output(results, tmp_path):
-    exe = shutil.which("ibscope")
-    cmd = [exe] if exe else [sys.executable, "-m", "ibscope.cli.main"]
+    # the console script of the environment running the tests (not whichever `ibscope` is first on PATH)
+    exe = Path(sys.executable).parent / "ibscope"
+    cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "ibscope.cli.main"]
     out = subprocess.run([*cmd, "plot", str(results), "-o", str(tmp_path / "figs"), "--dpi", "40"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr

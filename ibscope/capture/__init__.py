@@ -42,6 +42,7 @@ from ibscope.capture.plan import (
 )
 from ibscope.capture.probe import check_forward_accepts
 from ibscope.errors import UsageError, io_error
+from ibscope.reporting import Reporter, is_silent
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,7 @@ def capture(
     trust_checkpoint: bool = False,
     safe_globals: list | None = None,
     progress: bool = True,
+    reporter: Reporter | None = None,
     sample_seed: int | None = None,
     allow_nonfinite: bool = False,
     compression: str = "none",
@@ -134,6 +136,10 @@ def capture(
     ``jacobian_memory`` (bytes, ``"2G"``, or ``"auto"``: 1 GiB or half the available memory);
     the budget is checked before any work (see :mod:`ibscope.capture.jacobian`).
     ``jacobian_chunk`` caps the samples handled in one vmap.
+
+    Progress (checkpoints, batches, Jacobian passes), the checkpoint series and the Jacobian
+    plan go to ``reporter`` (:mod:`ibscope.reporting`; the CLI passes its rich one); ``None``,
+    the default, is silent, as is ``progress=False``. A dry run always shows its tables.
 
     A capture that fails before its first checkpoint is stored removes the store it created,
     so the same command (fixed) can simply be run again.
@@ -183,7 +189,8 @@ def capture(
     # on a cluster this process only plans (on its CPU); the workers capture on their devices
     dev = resolve_device("cpu") if engine.remote and not dry_run else resolve_device(device)
     worker_device = remote_device(device) if engine.remote else None
-    console = _console() if progress else None
+    rep = reporter if progress else None
+    shown = not is_silent(rep)  # the checkpoint series and the Jacobian plan are shown with the progress
 
     import torch.nn as nn
 
@@ -219,8 +226,8 @@ def capture(
     else:
         net = build()
     check_forward_accepts(net, pr)
-    if console is not None or dry_run:
-        show_plan(ckpts, console)
+    if shown or dry_run:
+        show_plan(ckpts, _console())
     net.to(dev).eval()
     first = pr.batch(0, min(pr.n, int(batch_size), 8), dev)
     targets, reducers, meta, _ = plan_layers(net, first, layers, reduce)
@@ -228,12 +235,12 @@ def capture(
     if jacobian_samples:
         jplan = plan_jacobian_work(net, targets, reducers, meta, pr, int(jacobian_samples), dev, jacobian_method,
                                 jac_budget, int(jacobian_chunk))
-        if console is not None or dry_run:  # shown once; plain text ('[fc1 10, act 10]' is no rich markup)
-            (console or _console()).print(jplan.summary(), markup=False, highlight=False)
+        if shown or dry_run:  # shown once; plain text ('[fc1 10, act 10]' is no rich markup)
+            _console().print(jplan.summary(), markup=False, highlight=False)
         else:
             log.info("%s", jplan.summary())
     if dry_run:
-        show_layers(meta, console or _console())
+        show_layers(meta, _console())
         return None
     assert out is not None  # refused above unless dry_run
 
@@ -269,11 +276,11 @@ def capture(
                     "dims": {n: m["dims"] for n, m in meta.items()}}
             from ibscope.capture.distributed import write_store_remote
 
-            return write_store_remote(engine, worker_device, out, config, pr, meta, inputs, ckpts, task, console,
+            return write_store_remote(engine, worker_device, out, config, pr, meta, inputs, ckpts, task, rep,
                                        resume=resume, overwrite=overwrite, compression=compression)
         from ibscope.capture.local import write_store
 
-        return write_store(out, config, pr, meta, inputs, ckpts, targets, reducers, net, dev, console, resume=resume,
+        return write_store(out, config, pr, meta, inputs, ckpts, targets, reducers, net, dev, rep, resume=resume,
                      overwrite=overwrite, compression=compression, batch_size=int(batch_size), dtype=dtype,
                      jplan=jplan, trust_checkpoint=trust_checkpoint, safe_globals=allowed,
                      allow_nonfinite=allow_nonfinite, rebuild=rebuild)

@@ -21,7 +21,7 @@ from ibscope.errors import DataError
 log = logging.getLogger("ibscope.capture")
 
 
-def write_store_remote(engine, device, out, config, pr, meta, inputs, ckpts, task, console, *, resume, overwrite,
+def write_store_remote(engine, device, out, config, pr, meta, inputs, ckpts, task, reporter, *, resume, overwrite,
                         compression) -> Path:
     """The writing part of :func:`capture` on a Dask cluster: the manifest here, one task per
     checkpoint there (each writes its own shard), then the shards checked here."""
@@ -43,14 +43,14 @@ def write_store_remote(engine, device, out, config, pr, meta, inputs, ckpts, tas
         noted: set[str] = set()
         with make_executor(engine, device) as ex:
             workers = len(ex.workers()) if isinstance(ex, DaskExecutor) else 1
-            with CaptureBars(console, len(todo), title=f"checkpoints (Dask, {workers} worker(s))") as bars:
+            with CaptureBars(reporter, len(todo), title=f"checkpoints (Dask, {workers} worker(s))") as bars:
                 for o in ex.run(pieces):
                     writer.written += 1
                     note = o.value.get("note")
                     if note and note not in noted:
                         noted.add(note)
                         log.info("Note: checkpoint keys: %s ('%s' and maybe others).", note, o.value["path"])
-                    bars.checkpoint_done()
+                    bars.checkpoint_done(str(o.value.get("path", "")))
         have = {c.sha256 for c in open_store(out).checkpoints}
         missing = [c for c in todo if c.sha256 not in have]
         if missing:

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
 from ibscope.capture.jacobian import frozen_parameters, jacobian_spectra
 from ibscope.errors import DataError
+from ibscope.reporting import Reporter, Task, is_silent
 
 log = logging.getLogger("ibscope.capture")
 
@@ -74,59 +76,55 @@ def check_resume_series(out: Path, ckpts) -> None:
 
 
 class CaptureBars:
-    """The progress bars of a capture on ``console`` (rich, on stderr): checkpoints, and the
-    batches and Jacobian passes of the current one. With ``console=None`` every method does
-    nothing (and :meth:`batches` / :meth:`jacobian_passes` give no callback)."""
+    """The progress of a capture, as tasks of ``reporter`` (:mod:`ibscope.reporting`): the
+    checkpoints, and the batches and Jacobian passes of the current one. A silent reporter
+    (``None``, :class:`~ibscope.reporting.NullReporter`) shows nothing, and :meth:`batches` /
+    :meth:`jacobian_passes` then give no callback."""
 
-    def __init__(self, console: Any, n_checkpoints: int, *, title: str = "checkpoints",
+    def __init__(self, reporter: Reporter | None, n_checkpoints: int, *, title: str = "checkpoints",
                  batches: int | None = None, jacobian_passes: int | None = None):
-        self._bar: Any = None
-        self._n_batches, self._n_passes = batches, jacobian_passes
-        if console is None:
-            return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                             console=console, transient=False)
+        self._rep = None if is_silent(reporter) else reporter
         self._title, self._n = title, n_checkpoints
+        self._n_batches, self._n_passes = batches, jacobian_passes
+        self._stack = ExitStack()
+        self._ck: Task | None = None
+        self._b: Task | None = None
+        self._j: Task | None = None
 
     def __enter__(self) -> CaptureBars:
-        bar = self._bar
-        if bar is not None:
-            bar.start()
-            self._ck = bar.add_task(self._title, total=self._n)
-            if self._n_batches is not None:
-                self._b = bar.add_task("batches", total=self._n_batches)
-            if self._n_passes is not None:
-                self._j = bar.add_task("jacobian passes", total=self._n_passes, visible=False)
+        if self._rep is not None:
+            self._ck = self._stack.enter_context(self._rep.task(self._title, self._n))
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._bar is not None:
-            self._bar.stop()
+        self._stack.close()
 
     def batches(self, label: str) -> Callable[[], None] | None:
         """Start the batch bar of checkpoint ``label``: its one-batch-done callback."""
-        bar = self._bar
-        if bar is None or self._n_batches is None:
+        if self._rep is None or self._n_batches is None:
             return None
-        bar.reset(self._b, total=self._n_batches, description=f"batches ({label})")
-        return lambda: bar.advance(self._b)
+        if self._b is None:
+            self._b = self._stack.enter_context(self._rep.task("batches", self._n_batches))
+        b = self._b
+        b.update(completed=0, total=self._n_batches, note=label)
+        return lambda: b.advance()
 
     def jacobian_passes(self, label: str) -> Callable[[int], None] | None:
         """Start the Jacobian bar of checkpoint ``label``: its n-passes-done callback."""
-        bar = self._bar
-        if bar is None or self._n_passes is None:
+        if self._rep is None or self._n_passes is None:
             return None
-        bar.reset(self._j, total=self._n_passes, description=f"jacobian passes ({label})", visible=True)
-        return lambda n: bar.advance(self._j, n)
+        if self._j is None:
+            self._j = self._stack.enter_context(self._rep.task("jacobian passes", self._n_passes))
+        j = self._j
+        j.update(completed=0, total=self._n_passes, note=label)
+        return lambda n: j.advance(n)
 
-    def checkpoint_done(self) -> None:
-        if self._bar is not None:
-            self._bar.advance(self._ck)
+    def checkpoint_done(self, label: str = "") -> None:
+        if self._ck is not None:
+            self._ck.advance(note=label)
 
 
-def write_store(out, config, pr, meta, inputs, ckpts, targets, reducers, net, dev, console, *, resume, overwrite,
+def write_store(out, config, pr, meta, inputs, ckpts, targets, reducers, net, dev, reporter, *, resume, overwrite,
                  compression, batch_size, dtype, jplan, trust_checkpoint, safe_globals, allow_nonfinite,
                  rebuild=None) -> Path:
     """The writing part of :func:`capture` (run under the store's writer lock)."""
@@ -147,7 +145,7 @@ def write_store(out, config, pr, meta, inputs, ckpts, targets, reducers, net, de
     noted: set[str] = set()
     try:
         stop.__enter__()
-        with CaptureBars(console, len(todo), batches=n_batches,
+        with CaptureBars(reporter, len(todo), batches=n_batches,
                          jacobian_passes=jplan.total_passes if jplan else None) as bars:
             for ck in todo:
                 stop.check()
@@ -169,7 +167,7 @@ def write_store(out, config, pr, meta, inputs, ckpts, targets, reducers, net, de
                     if jplan is not None:
                         store_jacobians(net, targets, reducers, pr, jplan, dev, shard, bars.jacobian_passes(ck.label),
                                         stop)
-                bars.checkpoint_done()
+                bars.checkpoint_done(ck.label)
                 log.debug("Captured %s (%s).", ck.label, ck.path)
     except BaseException:
         if writer.created and not writer.written:  # nothing captured: leave no store that blocks the retry

@@ -42,6 +42,8 @@ class RichReporter:
 
     def __init__(self, con=None):
         self.console = con or console()
+        self._bar: Any = None  # the live display shared by the open tasks
+        self._open = 0
 
     def info(self, msg: str) -> None:
         from rich.text import Text
@@ -56,12 +58,28 @@ class RichReporter:
 
     @contextlib.contextmanager
     def task(self, label: str, total: int | None = None):
+        """A progress bar for ``label``, removed when the block ends. Tasks may nest (capture's
+        checkpoints, batches and Jacobian passes): they share one live display, which runs
+        while any task is open."""
         from rich.markup import escape
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        with Progress(TextColumn(escape(label)), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
-                      TimeElapsedColumn(), console=self.console, transient=True) as bar:
-            yield _RichTask(bar, bar.add_task("", total=total))
+        if self._bar is None:
+            self._bar = Progress(TextColumn("{task.fields[label]}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.description}"), TimeElapsedColumn(), console=self.console,
+                                 transient=True)
+            self._bar.start()
+        bar = self._bar
+        tid = bar.add_task("", total=total, label=escape(label))
+        self._open += 1
+        try:
+            yield _RichTask(bar, tid)
+        finally:
+            bar.remove_task(tid)
+            self._open -= 1
+            if self._open == 0:
+                bar.stop()
+                self._bar = None
 
 
 @contextlib.contextmanager

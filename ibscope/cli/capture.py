@@ -13,7 +13,7 @@ import typer
 
 from ibscope._console import listing
 from ibscope._locks import DEFAULT_LOCK_TIMEOUT
-from ibscope.cli._common import console, guard, load_mapping, setup_logging
+from ibscope.cli._common import console, guard, load_mapping, reporter, setup_logging
 from ibscope.errors import UsageError
 
 
@@ -155,7 +155,8 @@ def register(app: typer.Typer) -> None:
             max_samples=max_samples, sample_seed=sample_seed, batch_size=batch_size, device=device, dtype=dtype,
             jacobian_samples=jacobian_samples, store_inputs=store_inputs, split=split, run=run, resume=resume,
             overwrite=overwrite, trust_checkpoint=trust_checkpoint, safe_globals=list(safe_globals or []),
-            allow_nonfinite=allow_nonfinite, compression=compression, progress=not quiet, lock_timeout=lock_timeout,
+            allow_nonfinite=allow_nonfinite, compression=compression, progress=not quiet, reporter=reporter(quiet),
+            lock_timeout=lock_timeout,
             jacobian_method=jacobian_method, jacobian_memory=jacobian_memory, order=order, dry_run=dry_run,
             scheduler=scheduler, scheduler_file=scheduler_file,
         )

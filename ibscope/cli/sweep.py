@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from ibscope._locks import DEFAULT_LOCK_TIMEOUT as LOCK_TIMEOUT
-from ibscope.cli._common import console, guard, setup_logging
+from ibscope.cli._common import console, guard, reporter, setup_logging
 
 
 def register(app: typer.Typer) -> None:
@@ -59,7 +59,8 @@ def register(app: typer.Typer) -> None:
         setup_logging(quiet=True)
         res = run_sweep([str(c) for c in configs], out, seeds=parse_seeds(seeds), jobs=jobs, scheduler=scheduler,
                         scheduler_file=scheduler_file, device=device, quick=quick, overrides=parse_overrides(set_),
-                        force=force, until=until, lock_timeout=lock_timeout, progress=not quiet)
+                        force=force, until=until, lock_timeout=lock_timeout, progress=not quiet,
+                        reporter=reporter(quiet))
         c = console()
         if not quiet:
             from rich.table import Table

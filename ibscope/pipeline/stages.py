@@ -172,7 +172,8 @@ def capture(ctx: RunContext) -> dict[str, Path]:
                                      reduce=cap.reduce, max_samples=cap.max_samples, sample_seed=cap.sample_seed,
                                      batch_size=cap.batch_size, device=ctx.device, dtype=cap.dtype,
                                      jacobian_samples=cap.jacobian_samples, split=n, run=ctx.name, overwrite=True,
-                                     progress=ctx.progress, safe_globals=list(cap.safe_globals))
+                                     progress=ctx.progress, reporter=ctx.reporter,
+                                     safe_globals=list(cap.safe_globals))
             assert store is not None  # None only for a dry run
             out.append(Path(store))
         return out
