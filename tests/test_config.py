@@ -224,6 +224,43 @@ def test_every_problem_of_a_config_is_named_at_once():
     assert "problems" not in str(err.value) and "'capture.batch_size' must be >= 1. Got 0." in str(err.value)
 
 
+def test_unknown_keys_of_quick_and_set_are_listed_with_the_other_problems():
+    cfg = {**MINIMAL, "capture": {"batch_size": -3}, "quick": {"capture": {"batch_sise": 3}}}
+    with pytest.raises(UsageError) as err:
+        load_config(cfg, overrides={"plot": {"fmt": "gif"}, "trian": {"epochs": 2}})
+    msg = str(err.value)
+    assert "4 problems:" in msg
+    assert "  - unknown config key 'quick.capture.batch_sise'. Did you mean 'batch_size'?" in msg
+    assert "  - --set: unknown config key 'trian'. Did you mean 'train'?" in msg
+    assert "  - 'capture.batch_size' must be >= 1. Got -3." in msg
+    assert "  - 'plot.fmt' must be one of png, svg, pdf. Got 'gif'. (The value was set by --set plot.fmt.)" in msg
+
+
+def test_estimator_names_and_parameters_are_checked_when_the_config_is_read(tmp_path):
+    """A misspelt estimator or a bad parameter stops `ibscope run` before any stage (nothing
+    written), naming the config key, and --set when the value came from there."""
+    from typer.testing import CliRunner
+
+    from ibscope.cli.main import app
+
+    bad = {**MINIMAL, "estimate": {"estimators": ["binnning", "ksg"], "params": {"ksg": {"k": 0}}}}
+    with pytest.raises(UsageError) as err:
+        load_config(bad)
+    msg = str(err.value)
+    assert "2 problems:" in msg
+    assert "  - 'estimate.estimators': Unknown estimator 'binnning'. Did you mean" in msg
+    assert "  - 'estimate.params.ksg': The 'k' parameter of ksg must be an integer >= 1. Got 0 instead." in msg
+    with pytest.raises(UsageError) as err:
+        load_config(MINIMAL, overrides={"estimate": {"estimators": ["ksg", "twonnn"]}})
+    assert ("'estimate.estimators': Unknown estimator 'twonnn'. Did you mean 'twonn'? "
+            "(The value was set by --set estimate.estimators.)") in str(err.value)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    res = CliRunner().invoke(app, ["run", str(path), "-o", str(tmp_path / "out"), "--until", "capture"])
+    assert res.exit_code == 2 and "Unknown estimator 'binnning'" in res.output
+    assert not (tmp_path / "out").exists()
+
+
 def test_errors_of_merged_values_say_where_they_were_written():
     """A bad value from the quick: section or from --set is named where the user wrote it."""
     cfg = {**MINIMAL, "quick": {"train": {"epochs": -1}}}

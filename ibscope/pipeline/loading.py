@@ -130,10 +130,12 @@ def load_config(config: str | os.PathLike | Mapping, *, quick: bool = False, ove
     if not isinstance(quick_section, dict):
         raise UsageError(f"{source}: 'quick' must be a mapping of overrides. Got {quick_section!r}.")
     # keys of the quick section and of --set are checked where they were written, so an unknown key
-    # is named as 'quick.train.epoch' or as a --set override, not as a key of the file's own sections
-    _known_keys(quick_section, RunConfig, "quick", source)  # quick overrides must be valid keys, even when not applied
+    # is named as 'quick.train.epoch' or as a --set override, not as a key of the file's own sections;
+    # they are reported with every other problem of the config (and left out of the merge)
+    pre: list[IbscopeError] = []
+    quick_section = _without_unknown_keys(quick_section, RunConfig, "quick", source, pre)  # even when not applied
     if overrides:
-        _known_keys(overrides, RunConfig, "", "--set")
+        overrides = _without_unknown_keys(overrides, RunConfig, "", "--set", pre)
     origin: dict[tuple, str] = {}  # where a merged value was written, for its error message
     if quick:
         raw = deep_merge(raw, quick_section)
@@ -141,8 +143,45 @@ def load_config(config: str | os.PathLike | Mapping, *, quick: bool = False, ove
     if overrides:
         raw = deep_merge(raw, overrides)
         origin.update({k: "--set " + ".".join(map(str, k)) for k in _leaves(overrides)})
-    cfg = validate(RunConfig, raw, source, context={"stem": stem}, origin=origin)
+    try:
+        cfg = RunConfig.model_validate(raw, context={"stem": stem})
+    except ValidationError as exc:
+        raise combine(source, pre + config_problems(exc, RunConfig, raw, source, origin=origin)) from None
+    if pre:
+        raise combine(source, pre)
+    check_estimators(cfg.estimate, source, origin)  # names and parameters, before any stage runs
     return cfg, base, source
+
+
+def check_estimators(section: EstimateSection, source: str, origin: Mapping[tuple, str] | None = None,
+                     prefix: str = "estimate") -> None:
+    """Every estimator of ``section`` is registered and takes its ``params`` (UsageError naming
+    the config key, and where its value was written when it was merged in)."""
+    from ibscope.estimators import registry
+
+    found: list[IbscopeError] = []
+
+    def named(key: tuple, exc: IbscopeError) -> IbscopeError:
+        full = (prefix, *key) if prefix else key
+        by = _set_by(full, origin or {})
+        where = ".".join(map(str, full))
+        return type(exc)(f"{source}: '{where}': {exc.message}" + (f" (The value was set by {by}.)" if by else ""),
+                         hint=exc.hint)
+
+    for name in section.estimators:
+        try:
+            registry.get(name)
+        except IbscopeError as exc:
+            found.append(named(("estimators",), exc))
+    for name, p in section.params.items():  # (params only of selected estimators: the model's own rule)
+        if name not in section.estimators:
+            continue
+        try:
+            registry.create(name, **(p or {}))
+        except IbscopeError as exc:
+            found.append(named(("params", name), exc))
+    if found:
+        raise combine(source, found)
 
 
 def _leaves(d: Mapping, prefix: tuple = ()) -> list[tuple]:
@@ -176,7 +215,8 @@ def validate(model: type[M], raw: Any, source: str, *, context: dict | None = No
     try:
         return model.model_validate(raw, context=context)
     except ValidationError as exc:
-        raise usage_error(exc, model, raw, source, prefix=prefix, preset=preset, origin=origin) from None
+        raise combine(source, config_problems(exc, model, raw, source, prefix=prefix, preset=preset,
+                                              origin=origin)) from None
 
 
 # ----------------------------------------------------------------------------------- errors
@@ -283,10 +323,24 @@ _OPS = {"greater_than_equal": ("ge", ">="), "greater_than": ("gt", ">"), "less_t
 
 def usage_error(exc: ValidationError, model: type[BaseModel], raw: Any, source: str, *, prefix: str = "",
                 preset: bool = False, origin: Mapping[tuple, str] | None = None) -> IbscopeError:
-    """pydantic's errors as one UsageError for the user: every bad key once, unknown keys first
-    (one problem: its message as it is; several: ``SOURCE: N problems:`` and one line each, with
-    the first one's hint). ``origin``: where merged values were written (``{("train", "epochs"):
-    "'quick.train.epochs'"}``), named in the message of an error about them."""
+    """pydantic's errors as one UsageError for the user (:func:`config_problems`, :func:`combine`)."""
+    return combine(source, config_problems(exc, model, raw, source, prefix=prefix, preset=preset, origin=origin))
+
+
+def combine(source: str, found: list[IbscopeError]) -> IbscopeError:
+    """One problem: itself; several: ``SOURCE: N problems:`` and one line each, with the first
+    one's hint (and its type: a plug-in that failed to load stays exit 5)."""
+    if len(found) == 1:
+        return found[0]
+    lines = "\n".join("  - " + f.message.removeprefix(f"{source}: ") for f in found)
+    return type(found[0])(f"{source}: {len(found)} problems:\n{lines}", hint=found[0].hint)
+
+
+def config_problems(exc: ValidationError, model: type[BaseModel], raw: Any, source: str, *, prefix: str = "",
+                    preset: bool = False, origin: Mapping[tuple, str] | None = None) -> list[IbscopeError]:
+    """pydantic's errors as UsageErrors for the user: every bad key once, unknown keys first.
+    ``origin``: where merged values were written (``{("train", "epochs"): "'quick.train.epochs'"}``),
+    named in the message of an error about them."""
     # unknown keys first, then broken constraints (within a union: the member's rule that applies), then types
     errors = sorted(exc.errors(), key=lambda e: (e["type"] != "extra_forbidden",
                                                  e["type"].endswith(("_type", "_parsing"))))
@@ -294,7 +348,7 @@ def usage_error(exc: ValidationError, model: type[BaseModel], raw: Any, source: 
     for e in errors:
         cause = (e.get("ctx") or {}).get("error")
         if isinstance(cause, IbscopeError):  # a rule of a model validator: its own message
-            return type(cause)(f"{source}: {cause.message}", hint=cause.hint)
+            return [type(cause)(f"{source}: {cause.message}", hint=cause.hint)]
         by_key.setdefault(_names(e), e)  # within a union: the first after sorting, as above
     # a misspelt key also shows as the right key missing: the misspelling says it all
     misspelt = {k[:-1] for k, e in by_key.items() if e["type"] == "extra_forbidden"}
@@ -304,10 +358,7 @@ def usage_error(exc: ValidationError, model: type[BaseModel], raw: Any, source: 
         by = _set_by(_names(e), origin or {})
         if by and e["type"] != "extra_forbidden":
             f.message = f"{f.message.rstrip()} (The value was set by {by}.)"
-    if len(found) == 1:
-        return found[0]
-    lines = "\n".join("  - " + f.message.removeprefix(f"{source}: ") for f in found)
-    return UsageError(f"{source}: {len(found)} problems:\n{lines}", hint=found[0].hint)
+    return found
 
 
 def _set_by(names: tuple, origin: Mapping[tuple, str]) -> str | None:
@@ -373,18 +424,23 @@ def _one_error(e: Any, model: type[BaseModel], raw: Any, source: str, *, prefix:
     return UsageError(f"{source}: '{shown}' must be {where.word()}{null}. Got {value!r}.", hint=hint)
 
 
-def _known_keys(raw: Mapping, model: type[BaseModel], where: str, source: str) -> None:
-    """Only the keys of ``model`` (recursively; ``quick`` itself excluded), values not checked."""
+def _without_unknown_keys(raw: Mapping, model: type[BaseModel], where: str, source: str,
+                          found: list[IbscopeError]) -> dict:
+    """``raw`` without the keys that ``model`` does not have (recursively; ``quick`` itself
+    excluded), each of them reported into ``found``; values are not checked here."""
+    kept: dict = {}
     for k, v in raw.items():
         name = f"{where}.{k}" if where else str(k)
         if k not in model.model_fields or (model is RunConfig and k == "quick"):
-            raise UsageError(f"{source}: unknown config key '{name}'.{did_you_mean(str(k), model.model_fields)}",
-                             hint="Valid keys" + (f" in {where}" if where else "") + ": "
-                                  + ", ".join(f for f in model.model_fields if not (model is RunConfig and f == "quick"))
-                                  + ". See `ibscope run --show-schema`.")
+            found.append(UsageError(
+                f"{source}: unknown config key '{name}'.{did_you_mean(str(k), model.model_fields)}",
+                hint="Valid keys" + (f" in {where}" if where else "") + ": "
+                     + ", ".join(f for f in model.model_fields if not (model is RunConfig and f == "quick"))
+                     + ". See `ibscope run --show-schema`."))
+            continue
         sub = _model_of(model.model_fields[k].annotation)
-        if sub is not None and isinstance(v, Mapping):
-            _known_keys(v, sub, name, source)
+        kept[k] = _without_unknown_keys(v, sub, name, source, found) if sub is not None and isinstance(v, Mapping) else v
+    return kept
 
 
 # ----------------------------------------------------------------------------------- schema text
