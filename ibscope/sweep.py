@@ -7,7 +7,8 @@ local processes, or a Dask cluster with ``--scheduler``): the whole pipeline of 
 ``ibscope run``) into ``OUT/runs/<name>`` (``<name>-s<seed>`` with ``--seeds``). On a
 cluster, runs go to GPU workers when there are any (training and capture use the GPU).
 
-A run that fails does not stop the others: its error is listed at the end and the exit code
+Every config is read and checked before any run starts (a bad key, value or estimator name
+stops the sweep with exit 2). A run that fails does not stop the others: its error is listed at the end and the exit code
 is the worst of the failed runs' codes. When every run of an experiment has a results table,
 ``OUT/<experiment>_report.html`` shows its seeds together: every curve and information plane
 as the median over the seeds with a band (the 25th-75th percentiles), as ``ibscope plot`` and

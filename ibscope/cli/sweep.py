@@ -46,8 +46,9 @@ def register(app: typer.Typer) -> None:
 
         Each run is the whole `ibscope run` pipeline of its config (up-to-date stages are skipped),
         into OUT/runs/NAME. Runs go to --jobs local processes or to a Dask cluster (--scheduler).
-        A failed run does not stop the others; it is listed at the end and the exit code is the
-        worst of the failed runs' (1 error, 2 usage, 4 bad data). The seeds of one experiment are
+        Every config is read and checked first (a bad key or estimator stops the sweep before
+        any run, exit 2). A failed run does not stop the others; it is listed at the end and the
+        exit code is the worst of the failed runs' (1 error, 2 usage, 4 bad data). The seeds of one experiment are
         shown together in OUT/EXPERIMENT_report.html: curves and information planes as the median
         over seeds with a 25-75 % band.
 
