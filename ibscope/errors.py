@@ -145,7 +145,9 @@ def io_error(exc: OSError, path: str | os.PathLike[str] | None = None, action: s
     hint = _IO_HINTS.get(name)
     wp = os.path.basename(os.path.dirname(str(where))) if where else ""
     if name == "ENOSPC" and where and (wp == "checkpoints" or os.path.basename(str(where)).startswith("manifest.h5")):
-        hint = (hint + " " if hint else "") + "`ibscope capture --resume` continues a capture from its last complete checkpoint."
+        hint = ("Free some space (or choose another output location), then add --resume to the same `ibscope "
+                "capture` command: it continues from the last complete checkpoint (without it, the existing store "
+                "is refused).")
     return IOFailure(msg, hint=hint)
 
 

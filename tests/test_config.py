@@ -261,6 +261,34 @@ def test_estimator_names_and_parameters_are_checked_when_the_config_is_read(tmp_
     assert not (tmp_path / "out").exists()
 
 
+def test_config_file_mixups_are_named(tmp_path):
+    """A run config naming a missing factory file says the path is relative to the config's
+    folder (nothing written); `ibscope run PRESET` says it is an estimate preset; the hints list
+    the packaged configs of the right kind."""
+    from typer.testing import CliRunner
+
+    from ibscope.cli.main import app
+
+    (tmp_path / "c").mkdir()
+    cfg = tmp_path / "c" / "run.yaml"
+    cfg.write_text(yaml.safe_dump({**MINIMAL, "model": {"factory": "mynet2.py:Net"}}))
+    res = CliRunner().invoke(app, ["run", str(cfg), "-o", str(tmp_path / "out")])
+    text = " ".join(res.output.split())
+    assert res.exit_code == 2, res.output
+    assert f"'model.factory': file 'mynet2.py' not found (looked for '{tmp_path / 'c' / 'mynet2.py'}')" in text
+    assert f"relative to the config file's folder ('{tmp_path / 'c'}')" in text
+    assert not (tmp_path / "out").exists()
+    res = CliRunner().invoke(app, ["run", "saxe-kde", "-o", str(tmp_path / "out")])
+    text = " ".join(res.output.split())
+    assert res.exit_code == 2 and "'saxe-kde' is an estimate preset" in text and "ibscope estimate STORE -c saxe-kde" in text
+    res = CliRunner().invoke(app, ["run", "nope", "-o", str(tmp_path / "out")])
+    text = " ".join(res.output.split())
+    assert "Packaged run configs: demo-relu, demo-tanh, digits" in text and "saxe-kde" not in text
+    res = CliRunner().invoke(app, ["estimate", str(tmp_path), "-c", "nope", "-o", str(tmp_path / "r.csv")])
+    text = " ".join(res.output.split())
+    assert res.exit_code == 2 and "saxe-kde" in text and "demo-tanh" not in text
+
+
 def test_errors_of_merged_values_say_where_they_were_written():
     """A bad value from the quick: section or from --set is named where the user wrote it."""
     cfg = {**MINIMAL, "quick": {"train": {"epochs": -1}}}

@@ -102,7 +102,8 @@ def test_io_error_names_path_and_errno():
 
 def test_enospc_hint_names_capture_resume_only_for_a_store():
     e = io_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), "/d/acts/checkpoints/ckpt_000003.h5.tmp")
-    assert "capture --resume" in e.hint
+    # the same command again is refused (the store exists): the hint says to add --resume, nothing else
+    assert "add --resume to the same `ibscope capture` command" in e.hint and "re-run the same command" not in e.hint
     for other in ("/d/results.csv", "/d/ood/ood_scores.h5", "/d/fig.png"):
         e = io_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), other)
         assert "capture" not in e.hint and "Free some space" in e.hint

@@ -120,6 +120,7 @@ class RunContext:
         if cfg.estimate.device is not None:
             resolve_device(cfg.estimate.device)
         self.check_paths()
+        self.check_inputs()
         self.runner = StageRunner(self.out, force=force, only=only, reporter=self.reporter, base=base)
         self.result = PipelineResult(cfg.name or "run", self.out, cfg, self.runner.status)
 
@@ -136,6 +137,25 @@ class RunContext:
         q = resolve_path(self.base, p)
         assert q is not None
         return q
+
+    def check_inputs(self) -> None:
+        """Raise a UsageError (exit 2) naming the config key when a file the config names (the model
+        factory's .py file, the data.train / data.test / data.probes files) does not exist; files
+        inside the output folder are left to the stages that write them."""
+        missing = []
+        mod, _, _ = self.cfg.model.factory.rpartition(":")
+        if _is_file_spec(mod):
+            missing.append(("model.factory", mod))
+        d = self.cfg.data
+        missing += [(f"data.{k}", v) for k, v in (("train", d.train), ("test", d.test)) if v]
+        missing += [(f"data.probes.{k}", v) for k, v in (d.probes or {}).items()]
+        for key, given in missing:
+            p = self.path(given)
+            if p.exists() or p.resolve().is_relative_to(self.out):
+                continue
+            raise UsageError(f"'{key}': file '{given}' not found (looked for '{p}').",
+                             hint=f"Paths in a run config are relative to the config file's folder ('{self.base}'), "
+                                  "not to the current directory.")
 
     def check_paths(self) -> None:
         """Raise a UsageError (exit 2) unless every path this run writes lies inside the output folder."""

@@ -31,13 +31,24 @@ _WORDS = {"str": "a string", "int": "an integer", "float": "a number", "bool": "
 
 
 # ----------------------------------------------------------------------------------- files
-def packaged_configs() -> list[str]:
-    """Names of the configs installed with ibscope (``ibscope/configs/*.yaml``)."""
-    return sorted(q.stem for q in PACKAGED_CONFIGS.glob("*.yaml"))
+def packaged_configs(kind: Literal["run", "preset"] | None = None) -> list[str]:
+    """Names of the configs installed with ibscope (``ibscope/configs/*.yaml``): all of them, or
+    the run configs (``ibscope run``: those with a ``model:`` section) or the estimate presets
+    (``ibscope estimate --config``: the others)."""
+    names = []
+    for q in sorted(PACKAGED_CONFIGS.glob("*.yaml")):
+        if kind is not None:
+            is_run = any(line.startswith("model:") for line in q.read_text().splitlines())
+            if is_run != (kind == "run"):
+                continue
+        names.append(q.stem)
+    return names
 
 
-def find_config(config: str | os.PathLike, *, command: str, hint: str) -> Path:
-    """The file a config argument names: a file, else a packaged config of that bare name.
+def find_config(config: str | os.PathLike, *, command: str, hint: str,
+                kind: Literal["run", "preset"] | None = None) -> Path:
+    """The file a config argument names: a file, else a packaged config of that bare name
+    (``kind``: which packaged configs the hint lists).
 
     A packaged name wins over a folder of that name (e.g. an earlier run's output folder).
     """
@@ -50,7 +61,7 @@ def find_config(config: str | os.PathLike, *, command: str, hint: str) -> Path:
             return q
     if p.is_dir():
         raise UsageError(f"'{config}' is a folder; `{command}` expects a YAML file.")
-    avail = packaged_configs()
+    avail = packaged_configs(kind)
     raise UsageError(f"Config file not found: '{config}'.{did_you_mean(p.stem, avail)}",
                      hint=f"{hint}: {', '.join(avail)}" if avail else None)
 
@@ -122,10 +133,15 @@ def load_config(config: str | os.PathLike | Mapping, *, quick: bool = False, ove
         base = Path(base_dir or ".").resolve()
         source, stem = "config", "run"
     else:
-        p = find_config(config, command="ibscope run", hint="Packaged configs")
+        p = find_config(config, command="ibscope run", hint="Packaged run configs", kind="run")
         raw = read_mapping(p, command="ibscope run", empty="empty; a run config needs at least a 'model:' section.")
         base = Path(base_dir).resolve() if base_dir else p.resolve().parent
         source, stem = str(p), p.stem
+        if "model" not in raw and raw and set(raw) <= set(EstimateSection.model_fields):
+            raise UsageError(f"'{config}' is an estimate preset (what to estimate), not a run config: it has no "
+                             "'model:' section.",
+                             hint=f"Use it with `ibscope estimate STORE -c {config}`, or as the estimate: section "
+                                  f"of a run config. Packaged run configs: {', '.join(packaged_configs('run'))}.")
     quick_section = raw.get("quick") or {}
     if not isinstance(quick_section, dict):
         raise UsageError(f"{source}: 'quick' must be a mapping of overrides. Got {quick_section!r}.")
@@ -198,7 +214,8 @@ def load_estimate_preset(path: str | os.PathLike) -> EstimateSection:
     The ``estimate:`` section of an ``ibscope run`` config works too (its other sections are not
     read). A key set to null takes its default.
     """
-    p = find_config(path, command="ibscope estimate --config", hint="Pass a YAML file, or a preset name")
+    p = find_config(path, command="ibscope estimate --config", hint="Pass a YAML file, or a preset name",
+                    kind="preset")
     raw = read_mapping(p, command="ibscope estimate --config", empty=None)
     nested = isinstance(raw.get("estimate"), dict)
     data = raw["estimate"] if nested else raw
