@@ -34,27 +34,21 @@ from ibscope._paths import check_parents
 from ibscope.capture.jacobian import parse_memory, parse_method
 from ibscope.capture.plan import (
     check_jacobian_input,
+    layers_table,
     plan_jacobian_work,
     plan_layers,
     probe_and_jacobian_config,
-    show_layers,
-    show_plan,
 )
 from ibscope.capture.probe import check_forward_accepts
+from ibscope.capture.series import series_table
 from ibscope.errors import UsageError, io_error
-from ibscope.reporting import Reporter, is_silent
+from ibscope.reporting import Reporter, TextReporter, is_silent, show_table
 
 log = logging.getLogger(__name__)
 
 __all__ = ["capture", "snapshot", "Snapshotter", "resolve_device", "plan_layers", "DEFAULT_MAX_INPUT_BYTES"]
 
 DEFAULT_MAX_INPUT_BYTES = 256 * 1024 * 1024  # probe inputs above this are not copied into the store
-
-
-def _console():
-    from ibscope._console import console
-
-    return console()  # the process's one Console (the CLI's too)
 
 
 def _check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
@@ -189,8 +183,9 @@ def capture(
     # on a cluster this process only plans (on its CPU); the workers capture on their devices
     dev = resolve_device("cpu") if engine.remote and not dry_run else resolve_device(device)
     worker_device = remote_device(device) if engine.remote else None
-    rep = reporter if progress else None
-    shown = not is_silent(rep)  # the checkpoint series and the Jacobian plan are shown with the progress
+    rep = reporter if progress else None  # the checkpoint series and the Jacobian plan go with the progress
+    if dry_run and is_silent(rep):
+        rep = reporter if not is_silent(reporter) else TextReporter()  # a dry run always shows its plan
 
     import torch.nn as nn
 
@@ -226,8 +221,7 @@ def capture(
     else:
         net = build()
     check_forward_accepts(net, pr)
-    if shown or dry_run:
-        show_plan(ckpts, _console())
+    show_table(rep, series_table(ckpts))
     net.to(dev).eval()
     first = pr.batch(0, min(pr.n, int(batch_size), 8), dev)
     targets, reducers, meta, _ = plan_layers(net, first, layers, reduce)
@@ -235,12 +229,19 @@ def capture(
     if jacobian_samples:
         jplan = plan_jacobian_work(net, targets, reducers, meta, pr, int(jacobian_samples), dev, jacobian_method,
                                 jac_budget, int(jacobian_chunk))
-        if shown or dry_run:  # shown once; plain text ('[fc1 10, act 10]' is no rich markup)
-            _console().print(jplan.summary(), markup=False, highlight=False)
-        else:
+        if rep is None or is_silent(rep):
             log.info("%s", jplan.summary())
+        else:
+            rep.info(jplan.summary())
     if dry_run:
-        show_layers(meta, _console())
+        from ibscope.store import MANIFEST, open_store
+
+        show_table(rep, layers_table(meta, "Layers to capture (dry run: nothing written)"))
+        if out is not None and not (resume or overwrite) and (out / MANIFEST).is_file() \
+                and open_store(out, skip_bad_shards=True).checkpoints:
+            raise UsageError(f"Store '{out}' already exists: the capture would be refused (dry run: nothing "
+                             "written).", hint="Pass --resume to capture only what is missing, or --overwrite to "
+                                               "start again.")
         return None
     assert out is not None  # refused above unless dry_run
 

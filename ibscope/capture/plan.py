@@ -12,12 +12,7 @@ import numpy as np
 
 from ibscope.capture.jacobian import frozen_parameters, plan_jacobians
 from ibscope.errors import UsageError
-
-
-def _console():
-    from ibscope._console import console
-
-    return console()  # the process's one Console (the CLI's too)
+from ibscope.reporting import Table
 
 
 def reduce_for(name: str, module: str, reduce: Any) -> str:
@@ -156,26 +151,9 @@ def probe_and_jacobian_config(pr, jplan) -> dict:
     return extra
 
 
-def show_plan(ckpts, console=None) -> None:
-    """Print the resolved checkpoint series (rich table on stderr)."""
-    from ibscope.capture.series import series_table
-
-    (console or _console()).print(series_table(ckpts))
-
-
-def layers_table(meta: dict, title: str) -> Any:
-    """The planned layers (``plan_layers``' metadata) as a rich table: layer, module, reduction,
-    raw shape, stored dims."""
-    from rich.table import Table
-
-    sel = Table(title=title, title_justify="left")
-    for col in ("layer", "module", "reduction", "raw shape", "stored dims"):
-        sel.add_column(col)
-    for name, m in meta.items():
-        how = m["reduction"] + (" (real tokens)" if m.get("masked") else "")
-        sel.add_row(name, m["module"] or "(model)", how, "x".join(map(str, m["raw_shape"])), str(m["dims"]))
-    return sel
-
-
-def show_layers(meta: dict, console) -> None:
-    console.print(layers_table(meta, "Layers to capture (dry run: nothing written)"))
+def layers_table(meta: dict, title: str) -> Table:
+    """The planned layers (``plan_layers``' metadata) as a table: layer, module, reduction, raw
+    shape, stored dims."""
+    return Table(title, ["layer", "module", "reduction", "raw shape", "stored dims"],
+                 [[name, m["module"] or "(model)", m["reduction"] + (" (real tokens)" if m.get("masked") else ""),
+                   "x".join(map(str, m["raw_shape"])), str(m["dims"])] for name, m in meta.items()])

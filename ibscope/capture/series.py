@@ -51,6 +51,7 @@ from ibscope.capture.trainlogs import (  # noqa: F401 - re-exported (callbacks a
     read_trainer_state,
 )
 from ibscope.errors import CheckpointError, UsageError
+from ibscope.reporting import Table
 
 log = logging.getLogger(__name__)
 
@@ -494,20 +495,13 @@ def discover_series(paths: list[Path], *, trust_checkpoint: bool = False, safe_g
     return order_series(files, order)
 
 
-def series_table(ckpts: list[CheckpointFile], title: str = "Checkpoints, in capture order"):
-    """A rich table of the series: file, epoch, step, where each came from, metrics."""
-    from rich.table import Table
-
-    tab = Table(title=title, title_justify="left")
-    names = [str(c.path) + ("/" if c.is_folder else "") for c in ckpts]
-    for col in ("#", "checkpoint", "epoch", "step", "from", "metrics"):
-        tab.add_column(col, overflow="fold",
-                       min_width=min(32, max(map(len, names), default=10)) if col == "checkpoint" else None)
-    for i, c in enumerate(ckpts):
-        tab.add_row(str(i), names[i], _fmt_num(c.epoch_exact),
-                    "" if c.step is None else str(c.step), c.describe_sources(),
-                    ", ".join(f"{k}={v:.4g}" for k, v in c.metrics.items()))
-    return tab
+def series_table(ckpts: list[CheckpointFile], title: str = "Checkpoints, in capture order") -> Table:
+    """The series as a table (:class:`ibscope.reporting.Table`): file, epoch, step, where each
+    came from, metrics."""
+    return Table(title, ["#", "checkpoint", "epoch", "step", "from", "metrics"],
+                 [[str(i), str(c.path) + ("/" if c.is_folder else ""), _fmt_num(c.epoch_exact),
+                   "" if c.step is None else str(c.step), c.describe_sources(),
+                   ", ".join(f"{k}={v:.4g}" for k, v in c.metrics.items())] for i, c in enumerate(ckpts)])
 
 
 def series_json(ckpts: list[CheckpointFile]) -> list[dict]:

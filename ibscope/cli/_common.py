@@ -19,7 +19,7 @@ from ibscope._console import OFF_TERMINAL_WIDTH, console
 from ibscope._options import parse_kv
 from ibscope.errors import IbscopeError, UsageError
 
-__all__ = ["console", "OFF_TERMINAL_WIDTH", "RichReporter", "reporter", "progress_callback", "guard", "error_exit",
+__all__ = ["console", "OFF_TERMINAL_WIDTH", "RichReporter", "rich_table", "reporter", "progress_callback", "guard", "error_exit",
            "parse_kv", "load_mapping", "setup_logging"]
 
 
@@ -33,6 +33,20 @@ class _RichTask:
     def update(self, *, completed: int, total: int | None = None, note: str = "") -> None:
         self.bar.update(self.tid, completed=completed, **({"total": total} if total is not None else {}),
                         **({"description": note} if note else {}))
+
+
+def rich_table(table):
+    """An :class:`ibscope.reporting.Table` as a ``rich.table.Table`` (cells are text, never markup;
+    long cells fold)."""
+    from rich.table import Table
+    from rich.text import Text
+
+    t = Table(title=table.title, title_justify="left")
+    for col in table.columns:
+        t.add_column(col, overflow="fold")
+    for row in table.rows:
+        t.add_row(*(Text(str(c)) for c in row))
+    return t
 
 
 class RichReporter:
@@ -55,6 +69,10 @@ class RichReporter:
         from rich.text import Text
 
         self.console.print(Text(msg, style="yellow"), soft_wrap=True)
+
+    def table(self, table) -> None:
+        """An :class:`ibscope.reporting.Table` as a rich table."""
+        self.console.print(rich_table(table))
 
     @contextlib.contextmanager
     def task(self, label: str, total: int | None = None):

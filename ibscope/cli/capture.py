@@ -13,7 +13,7 @@ import typer
 
 from ibscope._console import listing
 from ibscope._locks import DEFAULT_LOCK_TIMEOUT
-from ibscope.cli._common import console, guard, load_mapping, reporter, setup_logging
+from ibscope.cli._common import RichReporter, console, guard, load_mapping, reporter, rich_table, setup_logging
 from ibscope.errors import UsageError
 
 
@@ -155,7 +155,8 @@ def register(app: typer.Typer) -> None:
             max_samples=max_samples, sample_seed=sample_seed, batch_size=batch_size, device=device, dtype=dtype,
             jacobian_samples=jacobian_samples, store_inputs=store_inputs, split=split, run=run, resume=resume,
             overwrite=overwrite, trust_checkpoint=trust_checkpoint, safe_globals=list(safe_globals or []),
-            allow_nonfinite=allow_nonfinite, compression=compression, progress=not quiet, reporter=reporter(quiet),
+            allow_nonfinite=allow_nonfinite, compression=compression, progress=not quiet,
+            reporter=RichReporter() if dry_run else reporter(quiet),  # a dry run shows its plan even with -q
             lock_timeout=lock_timeout,
             jacobian_method=jacobian_method, jacobian_memory=jacobian_memory, order=order, dry_run=dry_run,
             scheduler=scheduler, scheduler_file=scheduler_file,
@@ -196,7 +197,7 @@ def register(app: typer.Typer) -> None:
         if as_json:
             typer.echo(json.dumps({"order": order, "checkpoints": series_json(ckpts)}, indent=2))
             return
-        listing().print(series_table(ckpts, title=f"{len(ckpts)} checkpoint(s), in capture order"))
+        listing().print(rich_table(series_table(ckpts, title=f"{len(ckpts)} checkpoint(s), in capture order")))
 
     @app.command("layers", no_args_is_help=True)
     @guard
@@ -252,7 +253,7 @@ def register(app: typer.Typer) -> None:
         if plan:
             from ibscope.capture.plan import layers_table
 
-            listing().print(layers_table(plan, "Selected layers"))
+            listing().print(rich_table(layers_table(plan, "Selected layers")))
 
     @app.command("info", no_args_is_help=True)
     @guard
