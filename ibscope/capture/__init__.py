@@ -133,7 +133,9 @@ def capture(
 
     Progress (checkpoints, batches, Jacobian passes), the checkpoint series and the Jacobian
     plan go to ``reporter`` (:mod:`ibscope.reporting`; the CLI passes its rich one); ``None``,
-    the default, is silent, as is ``progress=False``. A dry run always shows its tables.
+    the default, is silent, as is ``progress=False``. A dry run shows its tables even without
+    one (plain text on stderr, :class:`~ibscope.reporting.TextReporter`) and, like the real run,
+    refuses an existing store without ``resume`` or ``overwrite``.
 
     A capture that fails before its first checkpoint is stored removes the store it created,
     so the same command (fixed) can simply be run again.
