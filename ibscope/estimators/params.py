@@ -195,7 +195,7 @@ class OneOf(Constraint):
 
     def invalid(self) -> list[Any]:
         if all(isinstance(c, str) for c in self.choices):
-            return ["not-a-choice", None]
+            return ["not-a-choice", 1, None]
         return [max(c for c in self.choices if _is_int(c)) + 1, True, None]
 
     def convert(self, text: str) -> Any:
