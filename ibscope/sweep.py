@@ -109,11 +109,21 @@ def plan_sweep(configs: Sequence[str | os.PathLike], out: Path, *, seeds: Sequen
     return runs
 
 
+def _stamped_since(out: Path, since: float) -> list[str]:
+    """The stages of the run folder ``out`` whose stamps were written at or after ``since`` (the
+    stages a run that then failed completed), in pipeline order."""
+    from ibscope.pipeline.config import STAGES
+    from ibscope.pipeline.runner import STAMP_DIR
+
+    d = out / STAMP_DIR
+    return [s for s in STAGES if (d / f"{s}.json").is_file() and (d / f"{s}.json").stat().st_mtime >= since - 1e-3]
+
+
 def _run_task(p: dict, device: str) -> dict:
     """One run of a sweep, wherever it runs: the pipeline of its config, with its seed and name."""
     from ibscope.pipeline import run_pipeline
 
-    t0 = time.perf_counter()
+    t0, wall0 = time.perf_counter(), time.time()
     from ibscope.pipeline import deep_merge
 
     # the sweep spreads the runs; each run's cells stay where the run is (a run on a cluster worker
@@ -128,7 +138,7 @@ def _run_task(p: dict, device: str) -> dict:
                            quiet=True, lock_timeout=p["lock_timeout"])
     except IbscopeError as exc:  # one run's failure is reported, the others go on
         return {"status": "failed", "error": str(exc), "exit_code": exc.exit_code,
-                "seconds": time.perf_counter() - t0}
+                "seconds": time.perf_counter() - t0, "ran": _stamped_since(Path(p["out"]), wall0)}
     return {"status": "ok", "results": str(res.results) if res.results else None,
             "report": str(res.report) if res.report else None, "ran": res.ran(),
             "seconds": time.perf_counter() - t0}

@@ -60,6 +60,9 @@ def test_sweep_seeds_in_parallel_and_combined_report(tmp_path):
     doc = json.loads((tmp_path / "sw" / "sweep.json").read_text())
     st = {r["name"]: r["status"] for r in doc["runs"]}
     assert st == {"tanh-s0": "ok", "tanh-s1": "ok", "broken-s0": "failed", "broken-s1": "failed"}
+    ran = {r["name"]: r["stages_ran"] for r in doc["runs"]}
+    assert ran["broken-s0"] == ["data", "train"]  # what a failed run completed before its capture failed
+    assert ran["tanh-s0"] == ["data", "train", "capture", "estimate", "plot", "report"]
     assert doc["engine"]["engine"] == "process-pool" and doc["engine"]["workers"] == 2
     assert list(doc["reports"]) == ["tanh"]  # no report for an experiment with failed runs
     r0 = read_results(tmp_path / "sw" / "runs" / "tanh-s0" / "results.csv")
