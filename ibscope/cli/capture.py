@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Literal, Optional
 
 import typer
 
@@ -80,7 +80,7 @@ def register(app: typer.Typer) -> None:
                                                   "with this seed (kept in file order)."),
         batch_size: int = typer.Option(256, "--batch-size", "-b", help="Probe samples per forward pass."),
         device: str = typer.Option("auto", "--device", help="auto (CUDA if available), cpu or cuda:N."),
-        dtype: str = typer.Option("float32", "--dtype", help="Storage dtype: float32 or float16 (layers beyond "
+        dtype: Literal["float32", "float16"] = typer.Option("float32", "--dtype", help="Storage dtype: float32 or float16 (layers beyond "
                                   "float16's range fall back to float32, with a warning)."),
         jacobian_samples: int = typer.Option(0, "--jacobian-samples", help="Also store, for the first N probe samples, "
                                              "the singular values of each layer's Jacobian w.r.t. the input (for "
@@ -106,15 +106,15 @@ def register(app: typer.Typer) -> None:
                                                          "numpy scalars, arrays and dtypes are allowed by default."),
         allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Store NaN/inf activations instead of "
                                              "stopping with exit code 4."),
-        compression: str = typer.Option("none", "--compression", help="HDF5 compression: none (default: the "
+        compression: Literal["none", "lzf", "gzip"] = typer.Option("none", "--compression", help="HDF5 compression: none (default: the "
                                         "fastest; capture keeps up with the forward pass), lzf (h5py's filter, with "
                                         "shuffle: float32 activations shrink ~20-35%, at several times the CPU of "
                                         "the forward pass on dense layers) or gzip (readable by every HDF5 tool, "
                                         "smallest, slowest). See docs/capture.md, Performance."),
-        lock_timeout: float = typer.Option(DEFAULT_LOCK_TIMEOUT, "--lock-timeout", help="Seconds to wait while another "
+        lock_timeout: float = typer.Option(DEFAULT_LOCK_TIMEOUT, "--lock-timeout", metavar="SECONDS", help="Seconds to wait while another "
                                            "capture writes the same store, then stop naming it (0: do not wait; "
                                            "-1: wait without limit)."),
-        order: str = typer.Option("auto", "--order", help="Checkpoint order: auto (by step when every checkpoint has "
+        order: Literal["auto", "step", "epoch", "name"] = typer.Option("auto", "--order", help="Checkpoint order: auto (by step when every checkpoint has "
                                   "one, else epoch, else name), step, epoch or name."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the checkpoint series (epoch, step and where each "
                                      "came from) and the layers to capture, then stop: nothing is written."),
@@ -174,7 +174,7 @@ def register(app: typer.Typer) -> None:
     @guard
     def checkpoints_cmd(
         patterns: List[str] = typer.Argument(..., help="Checkpoints: globs (quote them), directories or files."),
-        order: str = typer.Option("auto", "--order", help="auto (by step when every checkpoint has one, else epoch, "
+        order: Literal["auto", "step", "epoch", "name"] = typer.Option("auto", "--order", help="auto (by step when every checkpoint has one, else epoch, "
                                   "else name), step, epoch or name."),
         trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="Allow full unpickling (only for files "
                                               "you trust)."),

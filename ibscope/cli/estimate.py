@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Literal, Optional
 
 import typer
 
@@ -52,7 +52,7 @@ def register(app) -> None:
                                            "cells (default 1)."),
         force: bool = typer.Option(False, "--force", help="Recompute the selected cells even where the results file "
                                    "already holds a row computed from the same store content."),
-        x_source: Optional[str] = typer.Option(None, "--x-source", help="What X is in I(X;T) for every pair estimator: "
+        x_source: Optional[Literal["identity", "inputs"]] = typer.Option(None, "--x-source", help="What X is in I(X;T) for every pair estimator: "
                                                "'identity' (sample ids) or 'inputs' (probe inputs). Default: each "
                                                "estimator's own (binning/KDE identity, the rest inputs)."),
         layer: Optional[List[str]] = typer.Option(None, "--layer", "-l", help="Only these layers (repeatable)."),
@@ -164,15 +164,14 @@ def register(app) -> None:
     @guard
     def estimators(
         as_json: bool = typer.Option(False, "--json", help="Print the listing as JSON on stdout."),
-        kind: Optional[str] = typer.Option(None, "--kind", help="Only 'pair', 'single' or 'jacobian' estimators."),
+        kind: Optional[Literal["pair", "single", "jacobian"]] = typer.Option(
+            None, "--kind", help="Only 'pair', 'single' or 'jacobian' estimators."),
     ) -> None:
         """List the registered estimators: name, kind, quantity, unit, parameters with defaults, reference."""
         import json
 
         from ibscope.estimators import registry
 
-        if kind is not None and kind not in ("pair", "single", "jacobian"):
-            raise UsageError(f"--kind must be 'pair', 'single' or 'jacobian'. Got {kind!r}.")
         rows = []
         for name, cls in registry.available().items():
             if kind and cls.kind != kind:

@@ -134,7 +134,8 @@ def register(app: typer.Typer) -> None:
             None, "--ood", help="ood_metrics.json (or its folder) written by `ibscope ood`: adds the OOD section."),
         unit: Literal["nats", "bits"] = typer.Option("bits", "--unit", "-u", help="Unit of information in figures and tables."),
         kind: Optional[List[str]] = typer.Option(
-            None, "--kind", "-k", help="Figure kinds to include (as in `ibscope plot`, without animation)."),
+            None, "--kind", "-k", help="Figure kinds to include, repeatable: info-plane, trajectory, estimators, curves, "
+                                       "metrics (as in `ibscope plot`; default: all the results support)."),
         runs: Literal["median", "all"] = typer.Option(
             "median", "--runs", help="Several runs: 'median' (with band) or 'all' (each faint)."),
         figures_dir: Optional[Path] = typer.Option(

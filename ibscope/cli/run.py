@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Literal, Optional
 
 import typer
 
@@ -33,7 +33,7 @@ def register(app: typer.Typer) -> None:
         quick: bool = typer.Option(False, "--quick", help="Merge the config's 'quick:' section (small settings for a fast try)."),
         set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a config key, e.g. --set train.epochs=500 (repeatable; values are YAML)."),
         only: Optional[List[str]] = typer.Option(None, "--only", help=f"Run only these stages ({STAGE_NAMES}); the others must be up to date."),
-        until: Optional[str] = typer.Option(None, "--until", help="Stop after this stage."),
+        until: Optional[Literal["data", "train", "capture", "estimate", "plot", "ood", "report", "check"]] = typer.Option(None, "--until", help="Stop after this stage."),
         force: bool = typer.Option(False, "--force", help="Re-run every stage even when its outputs are up to date."),
         device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda:N for capture/estimate/ood (default: the config's)."),
         strict: bool = typer.Option(False, "--strict", help="Exit 4 when any cell could not be estimated, after everything is written (config: estimate.strict)."),

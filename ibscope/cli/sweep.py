@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Literal, Optional
 
 import typer
 
@@ -35,7 +35,7 @@ def register(app: typer.Typer) -> None:
         quick: bool = typer.Option(False, "--quick", help="Merge each config's 'quick:' section."),
         set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a key of every config, e.g. --set "
                                                  "train.epochs=500 (repeatable; values are YAML)."),
-        until: Optional[str] = typer.Option(None, "--until", help="Stop every run after this stage (the combined "
+        until: Optional[Literal["data", "train", "capture", "estimate", "plot", "ood", "report", "check"]] = typer.Option(None, "--until", help="Stop every run after this stage (the combined "
                                             "report needs 'estimate')."),
         force: bool = typer.Option(False, "--force", help="Re-run every stage of every run."),
         lock_timeout: float = typer.Option(LOCK_TIMEOUT, "--lock-timeout", metavar="SECONDS",

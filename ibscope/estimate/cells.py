@@ -278,8 +278,8 @@ def _compute_cell(st, ck, layer: str, specs: list[tuple[str, dict, str | None]],
         # ``estimate_sides``) share work: the side that is the same in every cell of the store
         # (the sample ids, the labels) is prepared once per store (kept in ``meta``), the
         # layer's side once per cell for both of its rows. Same rows as ``pair``.
-        sided = isinstance(est, SidedEstimator)
-        sest = cast(SidedEstimator, est)  # used only when sided
+        sided = callable(getattr(est, "estimate_sides", None)) and callable(getattr(est, "side", None))
+        sest = cast(SidedEstimator, est)  # used only when sided (SidedEstimator's methods, both callable)
         skey = (name, json.dumps(params, sort_keys=True, default=str), device)
 
         def store_side(what, value, argname):
