@@ -21,8 +21,14 @@ limit set for torch (``torch.set_num_threads``, ``--jobs``) also holds here.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import numpy as np
+
+#: the kernels' inline helpers, numba dispatchers defined by ``_kernels()`` (module globals: see there)
+maxnorm_row_ref: Any
+maxnorm_row: Any
+select_k: Any
 
 #: rows handled by one parallel task (amortises the per-task row buffers)
 _ROWS_PER_TASK = 16
@@ -50,6 +56,11 @@ def _threads() -> int:
 @functools.cache
 def _kernels():
     """Compile (or load from numba's cache) the kernels once per process."""
+    # The inline helpers are module globals, not closure cells of the kernels that call them:
+    # numba's cache key hashes a kernel's closure variables, and a dispatcher pickles with a
+    # per-process id, so kernels closing over a helper missed the cache in every new process
+    # (several seconds of compilation per process, and one more cache entry each time).
+    global maxnorm_row_ref, maxnorm_row, select_k
     from numba import njit, prange
 
     opts = dict(cache=True, boundscheck=False, fastmath=True, nogil=True)
