@@ -224,6 +224,21 @@ def test_every_problem_of_a_config_is_named_at_once():
     assert "problems" not in str(err.value) and "'capture.batch_size' must be >= 1. Got 0." in str(err.value)
 
 
+def test_errors_of_merged_values_say_where_they_were_written():
+    """A bad value from the quick: section or from --set is named where the user wrote it."""
+    cfg = {**MINIMAL, "quick": {"train": {"epochs": -1}}}
+    load_config(cfg)  # not applied: the file's own epochs (5) are valid
+    with pytest.raises(UsageError) as err:
+        load_config(cfg, quick=True)
+    assert "'train.epochs' must be >= 1. Got -1. (The value was set by 'quick.train.epochs'.)" in str(err.value)
+    with pytest.raises(UsageError) as err:
+        load_config(MINIMAL, overrides={"capture": {"batch_size": 0}})
+    assert "'capture.batch_size' must be >= 1. Got 0. (The value was set by --set capture.batch_size.)" in str(err.value)
+    with pytest.raises(UsageError) as err:  # the file's own bad value: no origin named
+        load_config({**MINIMAL, "capture": {"batch_size": 0}}, overrides={"train": {"epochs": 3}})
+    assert "set by" not in str(err.value)
+
+
 def test_rich_reporter_of_the_cli():
     import io
 

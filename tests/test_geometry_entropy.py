@@ -95,6 +95,17 @@ def test_kernel_width_rules():
     assert med.value == pytest.approx(renyi_ref(x, np.median(d), 1.01), rel=1e-9)
 
 
+def test_kernel_width_median_needs_the_squared_distances():
+    from ibscope.estimators.entropy import kernel_width
+
+    x = torch.tensor(np.random.RandomState(3).randn(6, 2))
+    sq = torch.cdist(x, x) ** 2
+    # the median of the 15 pairwise distances (numpy's convention), from the squared distances given
+    assert kernel_width(x, "median", 0.8, sq) == pytest.approx(float(np.median(torch.pdist(x).numpy())), rel=1e-12)
+    with pytest.raises(ValueError, match="rule 'median' needs sqdist"):
+        kernel_width(x, "median", 0.8)
+
+
 def test_linear_kernel_is_log_effective_rank_of_normalised_rows():
     # Skean et al.'s MBE: linear kernel on centred, L2-normalised rows; for alpha = 1 it is the
     # log of the effective rank of those rows (same non-zero spectrum, computed on either side)

@@ -101,23 +101,24 @@ class CaptureBars:
 
     def batches(self, label: str) -> Callable[[], None] | None:
         """Start the batch bar of checkpoint ``label``: its one-batch-done callback."""
-        if self._rep is None or self._n_batches is None:
-            return None
-        if self._b is None:
-            self._b = self._stack.enter_context(self._rep.task("batches", self._n_batches))
-        b = self._b
-        b.update(completed=0, total=self._n_batches, note=label)
-        return lambda: b.advance()
+        b = self._restart("_b", "batches", self._n_batches, label)
+        return None if b is None else (lambda: b.advance())
 
     def jacobian_passes(self, label: str) -> Callable[[int], None] | None:
         """Start the Jacobian bar of checkpoint ``label``: its n-passes-done callback."""
-        if self._rep is None or self._n_passes is None:
+        j = self._restart("_j", "jacobian passes", self._n_passes, label)
+        return None if j is None else (lambda n: j.advance(n))
+
+    def _restart(self, attr: str, what: str, total: int | None, label: str) -> Task | None:
+        # the task (opened on first use, kept for the next checkpoints) set back to 0 of total
+        if self._rep is None or total is None:
             return None
-        if self._j is None:
-            self._j = self._stack.enter_context(self._rep.task("jacobian passes", self._n_passes))
-        j = self._j
-        j.update(completed=0, total=self._n_passes, note=label)
-        return lambda n: j.advance(n)
+        task = getattr(self, attr)
+        if task is None:
+            task = self._stack.enter_context(self._rep.task(what, total))
+            setattr(self, attr, task)
+        task.update(completed=0, total=total, note=label)
+        return task
 
     def checkpoint_done(self, label: str = "") -> None:
         if self._ck is not None:

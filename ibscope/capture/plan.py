@@ -163,13 +163,19 @@ def show_plan(ckpts, console=None) -> None:
     (console or _console()).print(series_table(ckpts))
 
 
-def show_layers(meta: dict, console) -> None:
+def layers_table(meta: dict, title: str) -> Any:
+    """The planned layers (``plan_layers``' metadata) as a rich table: layer, module, reduction,
+    raw shape, stored dims."""
     from rich.table import Table
 
-    sel = Table(title="Layers to capture (dry run: nothing written)", title_justify="left")
+    sel = Table(title=title, title_justify="left")
     for col in ("layer", "module", "reduction", "raw shape", "stored dims"):
         sel.add_column(col)
     for name, m in meta.items():
         how = m["reduction"] + (" (real tokens)" if m.get("masked") else "")
         sel.add_row(name, m["module"] or "(model)", how, "x".join(map(str, m["raw_shape"])), str(m["dims"]))
-    console.print(sel)
+    return sel
+
+
+def show_layers(meta: dict, console) -> None:
+    console.print(layers_table(meta, "Layers to capture (dry run: nothing written)"))

@@ -250,13 +250,9 @@ def register(app: typer.Typer) -> None:
             tab.add_row(r["name"], r["type"], calls, r["output"], str(r["params"]), style=style)
         listing().print(tab)
         if plan:
-            sel = Table(title="Selected layers", title_justify="left")
-            for col in ("layer", "module", "reduction", "raw shape", "stored dims"):
-                sel.add_column(col)
-            for name, m in plan.items():
-                how = m["reduction"] + (" (real tokens)" if m.get("masked") else "")
-                sel.add_row(name, m["module"] or "(model)", how, "x".join(map(str, m["raw_shape"])), str(m["dims"]))
-            listing().print(sel)
+            from ibscope.capture.plan import layers_table
+
+            listing().print(layers_table(plan, "Selected layers"))
 
     @app.command("info", no_args_is_help=True)
     @guard

@@ -21,9 +21,15 @@ limit set for torch (``torch.set_num_threads``, ``--jobs``) also holds here.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    import numpy.typing as npt
+    import torch
 
 #: the kernels' inline helpers, numba dispatchers defined by ``_kernels()`` (module globals: see there)
 maxnorm_row_ref: Any
@@ -54,19 +60,25 @@ def _threads() -> int:
 
 
 @functools.cache
-def _kernels():
-    """Compile (or load from numba's cache) the kernels once per process."""
+def _kernels() -> dict[str, Any]:
+    """Compile (or load from numba's cache) the kernels once per process. The values are numba
+    dispatchers (untyped to mypy: numba's module is skipped); arrays are float32 or float64,
+    except the int64 counts and indices."""
     # The inline helpers are module globals, not closure cells of the kernels that call them:
     # numba's cache key hashes a kernel's closure variables, and a dispatcher pickles with a
     # per-process id, so kernels closing over a helper missed the cache in every new process
     # (several seconds of compilation per process, and one more cache entry each time).
     global maxnorm_row_ref, maxnorm_row, select_k
-    from numba import njit, prange
+    import numba
+    from numba import prange
 
+    # numba is untyped to mypy (its module is skipped): a typed name for its decorator, whose
+    # result (a dispatcher compiled on first call) is Any
+    njit: Callable[..., Callable[[Callable[..., None]], Any]] = numba.njit
     opts = dict(cache=True, boundscheck=False, fastmath=True, nogil=True)
 
     @njit(inline="always", **opts)
-    def maxnorm_row_ref(qT, i, rT, out):
+    def maxnorm_row_ref(qT: np.ndarray, i: int, rT: np.ndarray, out: np.ndarray) -> None:
         """out[j] = max_t |q[i, t] - r[j, t]| (qT (d, m), rT (d, n))."""
         d, n = rT.shape
         q0 = qT[0, i]
@@ -89,12 +101,12 @@ def _kernels():
             t += 1
 
     @njit(inline="always", **opts)
-    def maxnorm_row(xT, i, out):
+    def maxnorm_row(xT: np.ndarray, i: int, out: np.ndarray) -> None:
         """out[j] = max_t |x[i, t] - x[j, t]| for every j (xT is (d, n)): the query is row i of x."""
         maxnorm_row_ref(xT, i, xT, out)
 
     @njit(inline="always", **opts)
-    def select_k(row, k, skip, vals, idx):
+    def select_k(row: np.ndarray, k: int, skip: int, vals: np.ndarray, idx: npt.NDArray[np.int64]) -> None:
         """The k smallest of row (index ``skip`` left out; -1: none), ascending, into vals/idx.
 
         Among equal values the lower index comes first; the inputs are finite."""
@@ -116,7 +128,8 @@ def _kernels():
                 worst = vals[k - 1]
 
     @njit(parallel=True, **opts)
-    def ksg(xT, yT, k, variant, nx_out, ny_out):
+    def ksg(xT: np.ndarray, yT: np.ndarray, k: int, variant: int, nx_out: npt.NDArray[np.int64],
+            ny_out: npt.NDArray[np.int64]) -> None:
         """KSG-1 (variant 1) or KSG-2 (variant 2) counts with the max-norm in each block."""
         n = xT.shape[1]
         ntask = (n + 15) // 16
@@ -157,7 +170,7 @@ def _kernels():
                     ny_out[i] = cy - 1
 
     @njit(parallel=True, **opts)
-    def kth_maxnorm(xT, k, out):
+    def kth_maxnorm(xT: np.ndarray, k: int, out: np.ndarray) -> None:
         """Distance from each point to its k-th nearest other point (max-norm)."""
         n = xT.shape[1]
         ntask = (n + 15) // 16
@@ -171,7 +184,7 @@ def _kernels():
                 out[i] = vals[k - 1]
 
     @njit(parallel=True, **opts)
-    def count_maxnorm(xT, radius, out):
+    def count_maxnorm(xT: np.ndarray, radius: np.ndarray, out: npt.NDArray[np.int64]) -> None:
         """#{j != i : max-norm(x_i, x_j) < radius[i]} (strict)."""
         n = xT.shape[1]
         ntask = (n + 15) // 16
@@ -186,7 +199,7 @@ def _kernels():
                 out[i] = c - (1 if r > 0 else 0)
 
     @njit(parallel=True, **opts)
-    def merge_k(block, col0, skip0, vals, idx):
+    def merge_k(block: np.ndarray, col0: int, skip0: int, vals: np.ndarray, idx: npt.NDArray[np.int64]) -> None:
         """Merge the columns of ``block`` (m, nb), which are columns col0.. of the full row, into the
         running k smallest (vals, idx) (m, k) ascending; row i leaves out column skip0 + i."""
         m, nb = block.shape
@@ -210,7 +223,8 @@ def _kernels():
                     worst = vi[k - 1]
 
     @njit(parallel=True, **opts)
-    def smallest_k(block, k, skip0, vals_out, idx_out):
+    def smallest_k(block: np.ndarray, k: int, skip0: int, vals_out: np.ndarray,
+                   idx_out: npt.NDArray[np.int64]) -> None:
         """Row-wise k smallest of a (m, n) block, ascending; row i leaves out column skip0 + i
         (skip0 < 0: leaves out nothing)."""
         m = block.shape[0]
@@ -219,7 +233,7 @@ def _kernels():
             select_k(block[i], k, skip, vals_out[i], idx_out[i])
 
     @njit(parallel=True, **opts)
-    def sqeuclidean_block(qT, rT, out):
+    def sqeuclidean_block(qT: np.ndarray, rT: np.ndarray, out: np.ndarray) -> None:
         """out[i, j] = sum_t (q[i, t] - r[j, t])^2 in the dtype of the inputs (difference form:
         no cancellation, relative error <= (d + 1) u)."""
         d, n = rT.shape
@@ -245,7 +259,9 @@ def _kernels():
                     out[i, j] += a * a
 
     @njit(parallel=True, **opts)
-    def scaled_sqeuclidean_block(qh, ql, rh, rl, c, out):
+    def scaled_sqeuclidean_block(qh: npt.NDArray[np.float32], ql: npt.NDArray[np.float32],
+                                 rh: npt.NDArray[np.float32], rl: npt.NDArray[np.float32], c: np.float32,
+                                 out: npt.NDArray[np.float32]) -> None:
         """out[i, j] = c * sum_t (q[i, t] - r[j, t])^2 in float32 from the two-float32 split of
         each coordinate (x = hi + lo): the difference (qh - rh) + (ql - rl) keeps the float64
         coordinates' precision, so even tiny distances between large coordinates have relative
@@ -313,7 +329,8 @@ def smallest_k(block: np.ndarray, k: int, skip0: int = -1) -> tuple[np.ndarray, 
     return vals, idx
 
 
-def knn_gemm(q, r, k: int, *, exclude_self: bool, q_chunk: int = 512, r_chunk: int = 4096):
+def knn_gemm(q: torch.Tensor, r: torch.Tensor, k: int, *, exclude_self: bool, q_chunk: int = 512,
+             r_chunk: int = 4096) -> tuple[np.ndarray, npt.NDArray[np.int64]]:
     """k smallest squared-distance *ranks* of rows of ``r`` for each row of ``q`` (torch CPU
     float tensors), GEMM form: returns (vals (m, k) = ||r_j||^2 - 2 q.r_j, ascending, float;
     idx (m, k) int64). Add ||q_i||^2 to get squared distances.

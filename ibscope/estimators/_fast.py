@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Iterator
 
 import torch
 
@@ -159,7 +160,7 @@ _saved = 0
 
 
 @contextlib.contextmanager
-def few_threads(elements: int, limit: int = SERIAL_ELEMENTS):
+def few_threads(elements: int, limit: int = SERIAL_ELEMENTS) -> Iterator[None]:
     """Run the block on one torch thread when the problem has fewer than ``limit`` elements
     (and torch uses more than one); the thread count is restored on exit, also after an error.
 

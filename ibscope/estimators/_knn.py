@@ -6,7 +6,13 @@ computed in the dtype of the inputs (pass float64 where sums of logs or ties mat
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any, Literal, overload
+
 import torch
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
 
 #: rows of the query block; chunk * n_ref distances are held at once
 DEFAULT_CHUNK = 1024
@@ -44,6 +50,20 @@ def pairwise(q: torch.Tensor, r: torch.Tensor, metric: str = "l2") -> torch.Tens
     raise ValueError(f"Unknown metric '{metric}'. Expected 'l2', 'sqeuclidean', 'l2_mm', 'sqeuclidean_mm' or 'max'.")
 
 
+@overload
+def kth_neighbor_distances(
+    x: torch.Tensor, k: int, *, ref: torch.Tensor | None = ..., metric: str = ..., exclude_self: bool = ...,
+    chunk: int | None = ..., return_all: bool = ..., return_indices: Literal[False] = ...,
+) -> torch.Tensor: ...
+
+
+@overload
+def kth_neighbor_distances(
+    x: torch.Tensor, k: int, *, ref: torch.Tensor | None = ..., metric: str = ..., exclude_self: bool = ...,
+    chunk: int | None = ..., return_all: bool = ..., return_indices: Literal[True],
+) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
 def kth_neighbor_distances(
     x: torch.Tensor,
     k: int,
@@ -54,7 +74,7 @@ def kth_neighbor_distances(
     chunk: int | None = None,
     return_all: bool = False,
     return_indices: bool = False,
-):
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
     """Distance from each row of ``x`` to its k-th nearest row of ``ref`` (default: ``x``).
 
     With ``exclude_self`` (only meaningful when ``ref`` is ``x``) the point itself is not a
@@ -162,7 +182,7 @@ KNN_TREE_MAX_DIMS = 8
 TREE_MIN_N = 1000
 
 
-def check_search(who: str, search) -> None:
+def check_search(who: str, search: object) -> None:
     """UsageError (exit 2) unless ``search`` is one of SEARCHES."""
     if search not in SEARCHES:
         from ibscope.errors import UsageError
@@ -171,7 +191,7 @@ def check_search(who: str, search) -> None:
                          hint="'auto' picks a KD-tree at small dimensions on CPU and brute force otherwise.")
 
 
-def resolve_search(who: str, search: str, *, device, n: int, dims: int, max_tree_dims: float,
+def resolve_search(who: str, search: str, *, device: torch.device | str, n: int, dims: int, max_tree_dims: float,
                    tree_ok: bool = True, why_not: str = "") -> str:
     """'tree' or 'brute' for a search over ``n`` points of ``dims`` coordinates on ``device``.
 
@@ -200,14 +220,15 @@ def _workers(n: int = 1 << 30) -> int:
     return max(1, int(torch.get_num_threads())) if n >= 20000 else 1
 
 
-def _strict(r):
+def _strict(r: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     """Radii for '<' counts with a '<=' ball query: the next float below r (0 stays 0)."""
     import numpy as np
 
     return np.nextafter(r, 0.0)
 
 
-def tree_knn(x, k: int, *, p: float = float("inf"), ref=None):
+def tree_knn(x: npt.ArrayLike, k: int, *, p: float = float("inf"),
+             ref: npt.ArrayLike | None = None) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.intp]]:
     """(distances (m, k), indices (m, k)) of the k nearest rows of ``ref`` (default: ``x``, the
     point itself left out) by scipy's cKDTree in float64 with the Minkowski p-norm, ascending.
 
@@ -232,8 +253,10 @@ def tree_knn(x, k: int, *, p: float = float("inf"), ref=None):
     return dist[keep].reshape(n, k), idx[keep].reshape(n, k)
 
 
-def tree_count(x, radius, *, p: float = float("inf"), strict: bool = True, tree=None):
-    """#{j != i : dist(x_i, x_j) < radius_i} (``<=`` when not ``strict``) by cKDTree, int64."""
+def tree_count(x: npt.ArrayLike, radius: npt.ArrayLike, *, p: float = float("inf"), strict: bool = True,
+               tree: Any = None) -> npt.NDArray[np.int64]:
+    """#{j != i : dist(x_i, x_j) < radius_i} (``<=`` when not ``strict``) by cKDTree, int64.
+    ``tree``: a cKDTree of ``x`` already built (scipy is untyped)."""
     import numpy as np
     from scipy.spatial import cKDTree
 
@@ -241,7 +264,7 @@ def tree_count(x, radius, *, p: float = float("inf"), strict: bool = True, tree=
     radius = np.asarray(radius, dtype=np.float64)
     t = tree if tree is not None else cKDTree(x)
     r = _strict(radius) if strict else radius
-    c = t.query_ball_point(x, r, p=p, return_length=True, workers=_workers(len(x))).astype(np.int64) - 1
+    c: npt.NDArray[np.int64] = t.query_ball_point(x, r, p=p, return_length=True, workers=_workers(len(x))).astype(np.int64) - 1
     if strict:
         c[radius <= 0] = 0  # nothing is strictly closer than 0 (the ball of radius 0 holds the point)
     return c

@@ -85,7 +85,7 @@ def _rows_per_block(width: int) -> int:
     return max(1, BLOCK_BYTES // (8 * max(1, width)))
 
 
-def _prepare_stats(x: torch.Tensor, center: bool, row_normalize: bool):
+def _prepare_stats(x: torch.Tensor, center: bool, row_normalize: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Column means and inverse row norms (of the centred rows) in float64, by row blocks."""
     n, d = x.shape
     mean = None
@@ -207,7 +207,8 @@ def singular_values(x: torch.Tensor, *, center: bool = True, row_normalize: bool
             if inv_norm is not None:
                 z = z * inv_norm[:, None]
             r = torch.linalg.qr(torch.cat([r, z.T], 0), mode="r").R
-    return torch.linalg.svdvals(r)
+    sv: torch.Tensor = torch.linalg.svdvals(r)  # torch.linalg's functions are untyped (Any)
+    return sv
 
 
 def spectrum(x: torch.Tensor, *, center: bool = True, row_normalize: bool = False, method: str = "eigh") -> Spectrum:

@@ -6,15 +6,16 @@ All entropies are in nats and accumulated in float64.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Collection
 
 import torch
 
 from ibscope.errors import DataError, UsageError
 from ibscope.estimators._fast import row_codes
-from ibscope.estimators.base import as_tensor, check_pair, is_discrete
+from ibscope.estimators.base import ArrayLike, Estimator, as_tensor, check_pair, is_discrete
 
 
-def pair(est, x, y):
+def pair(est: Estimator, x: ArrayLike, y: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]:
     """Validate and convert ``x``, ``y`` to 2-D tensors on ``x``'s device."""
     tx = as_tensor(x, name="x", estimator=est)
     ty = as_tensor(y, name="y", estimator=est)
@@ -86,7 +87,7 @@ class IntegerValuedWarning(RuntimeWarning):
     """A float input of a continuous estimator holds only integer values in some columns."""
 
 
-def warn_integer_valued(est, t: torch.Tensor, name: str) -> int:
+def warn_integer_valued(est: Estimator, t: torch.Tensor, name: str) -> int:
     """Warn when columns of the float tensor ``t`` that vary hold only integer values.
 
     Token ids, category codes, counts or binary pixels stored as floats are used as
@@ -110,7 +111,7 @@ def warn_integer_valued(est, t: torch.Tensor, name: str) -> int:
     return k
 
 
-def continuous(est, t: torch.Tensor, name: str, *, standardize: bool, dtype=torch.float64,
+def continuous(est: Estimator, t: torch.Tensor, name: str, *, standardize: bool, dtype: torch.dtype = torch.float64,
                drop_constant: bool = True, warn_integers: bool = True) -> tuple[torch.Tensor, list[int]]:
     """Float copy of a continuous variable with constant columns removed (optionally z-scored).
 
@@ -141,32 +142,32 @@ def continuous(est, t: torch.Tensor, name: str, *, standardize: bool, dtype=torc
     return t, dropped
 
 
-def one_hot(c: torch.Tensor, dtype=torch.float64) -> torch.Tensor:
+def one_hot(c: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Symbols -> one-hot columns without the last class (C - 1 columns, full rank)."""
     k = int(c.max()) + 1
     oh = torch.nn.functional.one_hot(c, k).to(dtype)
     return oh[:, : max(1, k - 1)]
 
 
-def require_samples(est, n: int, need: int, why: str) -> None:
+def require_samples(est: Estimator, n: int, need: int, why: str) -> None:
     if n < need:
         raise DataError(f"{est.name} needs at least {need} samples ({why}). Got {n}.")
 
 
-def check_choice(est, param: str, value, choices) -> None:
+def check_choice(est: Estimator, param: str, value: object, choices: Collection[object]) -> None:
     if value not in choices:
         raise UsageError(
             f"The '{param}' parameter of {est.name} must be one of {list(choices)}. Got {value!r} instead.")
 
 
-def both_discrete_error(est) -> UsageError:
+def both_discrete_error(est: Estimator) -> UsageError:
     return UsageError(
         f"{est.name}: both x and y are discrete (integer arrays), but this estimator needs a continuous side.",
         hint="Use the 'binning' estimator (plug-in entropy) for two discrete variables, or pass floats.",
     )
 
 
-def split_discrete(est, x, y):
+def split_discrete(est: Estimator, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool] | None:
     """Return (t, labels, swapped): ``t`` continuous, ``labels`` discrete; error otherwise."""
     dx, dy = is_discrete(x), is_discrete(y)
     if dx and dy:

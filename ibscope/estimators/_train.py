@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
 import torch
 
 
 @contextlib.contextmanager
-def training_threads(device: torch.device):
+def training_threads(device: torch.device) -> Iterator[None]:
     """Train small networks on one CPU thread (restored afterwards).
 
     The critics and autoencoders here are tiny (two hidden layers of ~100 units, batches of

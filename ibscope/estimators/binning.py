@@ -36,7 +36,16 @@ import torch
 
 from ibscope.estimators import _fast, _mi
 from ibscope.estimators import nulls as _nulls
-from ibscope.estimators.base import Estimate, PairEstimator, PairMixinBase, as_tensor, check_pair, is_discrete
+from ibscope.estimators.base import (
+    ArrayLike,
+    Estimate,
+    Estimator,
+    PairEstimator,
+    PairMixinBase,
+    as_tensor,
+    check_pair,
+    is_discrete,
+)
 from ibscope.estimators.degenerate import constant_from
 from ibscope.estimators.params import Integer, OneOf, Real, param
 from ibscope.estimators.registry import register
@@ -59,11 +68,13 @@ class Side(NamedTuple):
 #: prepared sides kept for reuse by ``estimate`` (inputs of at most SIDE_CACHE_BYTES each)
 SIDE_CACHE_ENTRIES = 8
 SIDE_CACHE_BYTES = 1 << 22  # 4 MiB: hashing costs ~0.5 ms per MiB, far less than binning it
-_SIDES: collections.OrderedDict = collections.OrderedDict()
+#: (estimator class, its parameters as (name, repr) pairs, "torch"/"numpy", dtype, shape, SHA-256 of the bytes)
+_SideKey = tuple[type[Estimator], tuple[tuple[str, str], ...], str, str, tuple[int, ...], bytes]
+_SIDES: collections.OrderedDict[_SideKey, Side] = collections.OrderedDict()
 _SIDE_LOCK = threading.Lock()
 
 
-def _side_key(est, v):
+def _side_key(est: Estimator, v: ArrayLike) -> _SideKey | None:
     """A key for the prepared side of ``v``: the estimator's class and parameters, and the
     dtype, shape and SHA-256 of the bytes of a numpy array or CPU tensor of a numeric dtype of
     at most SIDE_CACHE_BYTES; None for anything else (not cached). Equal bytes, dtype and
@@ -123,7 +134,7 @@ class _BinningMixin(PairMixinBase):
     # applies the rule for constant inputs itself (so the base class does not convert them a
     # second time); ``ibscope estimate`` prepares the side that is the same for every cell of a
     # store (the sample ids or the labels) once per store and reuses it (:meth:`estimate_sides`).
-    def side(self, v, name: str = "x") -> Side:
+    def side(self, v: ArrayLike, name: str = "x") -> Side:
         """Convert ``v`` as argument ``name`` (``as_tensor``) and bin it: all that the estimate
         needs of one side, reusable with any other side of the same length and device."""
         return self._side(as_tensor(v, name=name, estimator=self))
@@ -132,7 +143,7 @@ class _BinningMixin(PairMixinBase):
         sym, k, outside = self._symbols(t)
         return Side(t, sym, outside, _mi.entropy_codes(sym, compact=True), k)
 
-    def estimate(self, x, y) -> Estimate:
+    def estimate(self, x: ArrayLike, y: ArrayLike) -> Estimate:
         a, b = self._cached_side(x, "x"), self._cached_side(y, "y")
         tx, ty = check_pair(a.t, b.t, self.name)
         if ty is not b.t:  # y follows x's device
@@ -144,7 +155,7 @@ class _BinningMixin(PairMixinBase):
 
     estimate._ibscope_degenerate_rule = True  # type: ignore[attr-defined]  # the rule is applied above, on the converted inputs
 
-    def _cached_side(self, v, name: str) -> Side:
+    def _cached_side(self, v: ArrayLike, name: str) -> Side:
         """:meth:`side` of ``v``, reusing the side of an input with the same bytes (see
         :func:`_side_key`): a notebook that computes I(X;T) and I(T;Y) of a layer with the same
         ids and labels in every cell bins the layer once and the ids and labels once."""
@@ -167,7 +178,7 @@ class _BinningMixin(PairMixinBase):
         return side
 
     def estimate_sides(self, a: Side, b: Side, null_permutations: int = 0, null_seed: int = 0,
-                       perms: list | None = None) -> Estimate:
+                       perms: list[torch.Tensor] | None = None) -> Estimate:
         """The estimate of the prepared sides ``a`` (x) and ``b`` (y) (:meth:`side`), with its
         permutation null when ``null_permutations`` > 0: the same Estimate, warnings and null
         as ``estimate(x, y)`` and ``with_null(est, x, y, N, seed)``. ``perms``: the null's
@@ -211,20 +222,22 @@ class _BinningMixin(PairMixinBase):
             extra={"H_x": ha, "H_y": hb, "n_symbols_x": a.k, "n_symbols_y": b.k, "n_outside": ox + oy},
         )
 
-    def _prepared(self, x, y) -> tuple[Side, Side]:
+    def _prepared(self, x: ArrayLike, y: ArrayLike) -> tuple[Side, Side]:
         tx, ty = _mi.pair(self, x, y)
         return self._side(tx), self._side(ty)
 
-    def null_values(self, x, y, permutations) -> list[float]:
+    def null_values(self, x: torch.Tensor, y: torch.Tensor, permutations: list[torch.Tensor]) -> list[float]:
         a, b = self._prepared(x, y)
         return self._null(a.sym, b.sym, a.h, b.h, permutations)
 
-    def estimate_and_null(self, x, y, permutations):
+    def estimate_and_null(self, x: torch.Tensor, y: torch.Tensor,
+                          permutations: list[torch.Tensor]) -> tuple[Estimate, list[float]]:
         # the bins and both marginal entropies do not depend on the pairing: computed once for both
         a, b = self._prepared(x, y)
         return self._estimate(a, b), self._null(a.sym, b.sym, a.h, b.h, permutations)
 
-    def _null(self, sx, sy, ha, hb, permutations) -> list[float]:
+    def _null(self, sx: torch.Tensor, sy: torch.Tensor, ha: float, hb: float,
+              permutations: list[torch.Tensor]) -> list[float]:
         # the joint entropies of all permutations come from one bincount of their contingency
         # tables (symbols x symbols per permutation) when those fit in NULL_TABLE_CELLS
         ka, kb, n = int(sx.max()) + 1, int(sy.max()) + 1, int(sx.shape[0])
@@ -239,8 +252,13 @@ class _BinningMixin(PairMixinBase):
         return [max(v, 0.0) if abs(v) < 1e-12 else v for v in (ha + hb - hab).tolist()]
 
 
+#: an equally spaced grid of edges: (origin, 1 / spacing, lower edge per index, upper edge per index)
+_Grid = tuple[float, float, torch.Tensor, torch.Tensor]
+
+
 @functools.lru_cache(maxsize=64)
-def _edge_tables(lo: float, hi: float, n_bins: int, dtype: torch.dtype, device: str):
+def _edge_tables(lo: float, hi: float, n_bins: int, dtype: torch.dtype,
+                 device: str) -> tuple[torch.Tensor, _Grid | None, tuple[float, float]]:
     """What binning against IDNNs-style edges needs, computed once per setting: the edges
     ``linspace(lo, hi, n_bins + 1)`` rounded to float32 (in ``dtype``), and when they lie on an
     equally spaced grid (every edge within a quarter of the spacing of its grid point), the
@@ -253,7 +271,7 @@ def _edge_tables(lo: float, hi: float, n_bins: int, dtype: torch.dtype, device: 
     edges = torch.tensor(e, dtype=dtype, device=device)
     m = n_bins
     w = (e[-1] - e[0]) / m
-    grid = None
+    grid: _Grid | None = None
     if w > 0 and all(b > a for a, b in zip(e, e[1:])) and max(abs(v - (e[0] + k * w)) for k, v in enumerate(e)) < w / 4:
         inf = torch.tensor([math.inf], dtype=dtype, device=device)
         below = torch.cat([-inf, edges, inf])   # below[k] = edges[k - 1]: the lower edge of digitize index k
@@ -274,7 +292,7 @@ def _edge_tables(lo: float, hi: float, n_bins: int, dtype: torch.dtype, device: 
     return edges, grid, thresholds
 
 
-def _digitize(t: torch.Tensor, edges: torch.Tensor, grid) -> torch.Tensor:
+def _digitize(t: torch.Tensor, edges: torch.Tensor, grid: _Grid | None) -> torch.Tensor:
     """``torch.searchsorted(edges, t, right=True)`` (int64) for edges on an equally spaced
     ``grid`` (:func:`_edge_tables`) in O(1) per value: the index from arithmetic on the grid,
     then one comparison with the real edge on each side. The arithmetic index is off by at
@@ -336,13 +354,13 @@ class Binning(_BinningMixin, PairEstimator):
                           "'clamp' unless range_min/range_max are given and bin_width is not "
                           "(the other rules are about the edges of a fixed range)", self.outside)
 
-    def _bin_spans(self, t):
+    def _bin_spans(self, t: torch.Tensor) -> list[int] | None:
         if self.bin_width is not None:
             return None
         # n_bins clamped bins: [0, n_bins); IDNNs-style edges: digitize indices [0, n_bins + 1]
         return [self.n_bins if self.outside == "clamp" else self.n_bins + 2] * int(t.shape[1])
 
-    def _bin(self, t):
+    def _bin(self, t: torch.Tensor) -> tuple[torch.Tensor, int]:
         if self.bin_width is not None and self.range_min is None:
             # ibsgd: np.floor(d / binsize) with d float32 divides in float32. The float64 quotient
             # rounded to t's dtype is that correctly rounded division (double rounding is exact
@@ -371,7 +389,7 @@ class Binning(_BinningMixin, PairEstimator):
         b = torch.floor((t - lo) / w).clamp_(0, nb - 1)
         return b.to(torch.int64), outside
 
-    def _bin_edges(self, t):
+    def _bin_edges(self, t: torch.Tensor) -> tuple[torch.Tensor, int]:
         """'separate' / 'idnns': explicit float32 edges linspace(lo, hi, n_bins + 1), digitize semantics."""
         assert self.range_min is not None and self.range_max is not None  # validate(): outside needs the range
         lo, hi = float(self.range_min), float(self.range_max)
@@ -410,7 +428,7 @@ class AdaptiveBinning(_BinningMixin, PairEstimator):
         # equal-mass edges from the pooled sorted values
         return "global"
 
-    def _bin(self, t):
+    def _bin(self, t: torch.Tensor) -> tuple[torch.Tensor, int]:
         u = torch.unique(t.reshape(-1))  # sorted
         m = u.numel()
         idx = torch.div(torch.arange(1, self.n_bins, device=t.device) * m, self.n_bins, rounding_mode="floor")
@@ -447,7 +465,7 @@ class ChelombievBinning(_BinningMixin, PairEstimator):
     reference: ClassVar[str] = ("Chelombiev, Houghton & O'Donnell 2019, Adaptive estimators show information "
                                 "compression in deep neural networks, ICLR (code: ivansche/adaptive_estimators)")
 
-    def _bin(self, t):
+    def _bin(self, t: torch.Tensor) -> tuple[torch.Tensor, int]:
         import numpy as np
 
         t = t.to(torch.float64)

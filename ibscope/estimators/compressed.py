@@ -35,7 +35,7 @@ import math
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -43,7 +43,7 @@ from ibscope.errors import DataError
 from ibscope.estimators import _mi
 from ibscope.estimators._knn import kth_neighbor_distances
 from ibscope.estimators._train import training_threads
-from ibscope.estimators.base import Estimate, PairEstimator, is_discrete
+from ibscope.estimators.base import ArrayLike, Estimate, PairEstimator, is_discrete
 from ibscope.estimators.ksg import KSG
 from ibscope.estimators.params import Boolean, Integer, OneOf, Real, param
 from ibscope.estimators.registry import register
@@ -52,7 +52,9 @@ COMPRESSORS = ("autoencoder", "pca", "none")
 
 #: trained autoencoder codes by (input fingerprint, settings): in ``ibscope estimate`` X is the same
 #: probe set for every checkpoint x layer, so its autoencoder is trained once (as Butakov et al. do)
-_AE_CACHE: OrderedDict[tuple, tuple[torch.Tensor, float]] = OrderedDict()
+#: (fingerprint of the input, latent_dim, ae_hidden, ae_steps, ae_lr, training seed)
+_AEKey = tuple[str, int, int, int, float, int]
+_AE_CACHE: OrderedDict[_AEKey, tuple[torch.Tensor, float]] = OrderedDict()
 _AE_CACHE_SIZE = 4
 
 
@@ -70,6 +72,8 @@ def pca_project(t: torch.Tensor, dim: int) -> torch.Tensor:
     t = t.to(torch.float64)
     t = t - t.mean(dim=0)
     cov = (t.T @ t) / max(1, t.shape[0] - 1)
+    w: torch.Tensor  # torch.linalg's functions are untyped (Any)
+    v: torch.Tensor
     w, v = torch.linalg.eigh(cov)  # ascending
     keep = w > w[-1] * 1e-12
     v = v[:, keep]
@@ -136,6 +140,9 @@ def kl_weights(k: int, d: int, rcond: float = 1e-6) -> torch.Tensor:
     rhs = torch.zeros(a.shape[0], dtype=torch.float64)
     rhs[0] = 1.0 / k
     # minimum-norm least squares with a relative singular-value cut-off (numpy lstsq's rcond)
+    u: torch.Tensor  # torch.linalg's functions are untyped (Any)
+    s: torch.Tensor
+    vh: torch.Tensor
     u, s, vh = torch.linalg.svd(a, full_matrices=False)
     keep = s > rcond * s[0]
     return vh[keep].T @ ((u[:, keep].T @ rhs) / s[keep])
@@ -208,7 +215,7 @@ class Compressed(PairEstimator):
         # each side is divided by one factor (its RMS), or z-scored per column with standardize
         return "column" if self.standardize else "global"
 
-    def _reduce(self, t: torch.Tensor, name: str, how: str, salt: int, extra: dict) -> torch.Tensor:
+    def _reduce(self, t: torch.Tensor, name: str, how: str, salt: int, extra: dict[str, Any]) -> torch.Tensor:
         if is_discrete(t):
             return t
         t, _ = _mi.continuous(self, t, name, standardize=self.standardize)
@@ -221,7 +228,7 @@ class Compressed(PairEstimator):
         extra[f"compressor_{name}"] = how
         if how == "pca":
             return pca_project(t, self.latent_dim)
-        key = (_fingerprint(t), self.latent_dim, self.ae_hidden, self.ae_steps, float(self.ae_lr),
+        key: _AEKey = (_fingerprint(t), self.latent_dim, self.ae_hidden, self.ae_steps, float(self.ae_lr),
                int(self.seed) * 1000003 + salt)
         if key in _AE_CACHE:
             _AE_CACHE.move_to_end(key)
@@ -262,7 +269,8 @@ class Compressed(PairEstimator):
         return (kl_entropy(a, self.k, seed=self.seed) + kl_entropy(b, self.k, seed=self.seed + 1)
                 - kl_entropy(torch.cat([a, b], 1), self.k, seed=self.seed + 2))
 
-    def _reduced(self, x, y):
+    def _reduced(self, x: ArrayLike,
+                 y: ArrayLike) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
         """Both sides compressed (a compression does not depend on the pairing of the rows)."""
         tx, ty = _mi.pair(self, x, y)
         if is_discrete(tx) and is_discrete(ty):
@@ -270,7 +278,7 @@ class Compressed(PairEstimator):
         n = tx.shape[0]
         _mi.require_samples(self, n, max(self.k, 2 * self.latent_dim) + 2,
                             f"k={self.k} neighbours and a covariance of the compressed pair")
-        extra: dict = {}
+        extra: dict[str, Any] = {}
         a = self._reduce(tx, "x", self.compressor_x, 1, extra)
         b = self._reduce(ty, "y", self.compressor_y, 2, extra)
         extra["latent_dims"] = [int(a.shape[1]), int(b.shape[1])]
@@ -280,7 +288,8 @@ class Compressed(PairEstimator):
     def _inner(self) -> KSG:
         return KSG(k=self.k, seed=self.seed)
 
-    def _estimate(self, tx, ty, a, b, extra) -> Estimate:
+    def _estimate(self, tx: torch.Tensor, ty: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                  extra: dict[str, Any]) -> Estimate:
         if self.mi_step == "ksg":
             with warnings.catch_warnings():  # integer-valued columns were reported by _reduce already
                 warnings.simplefilter("ignore", _mi.IntegerValuedWarning)
@@ -292,25 +301,26 @@ class Compressed(PairEstimator):
                                                                                  is_discrete(ty)) else None
         return self._make(value, n=tx.shape[0], dims=(tx.shape[1], ty.shape[1]), stderr=stderr, cap=cap, extra=extra)
 
-    def _null(self, a, b, permutations) -> list[float]:
+    def _null(self, a: torch.Tensor, b: torch.Tensor, permutations: list[torch.Tensor]) -> list[float]:
         if self.mi_step == "ksg":
             return self._inner().null_values(a, b, permutations)
         return [self._kl_mi(a, b[p.to(b.device)]) for p in permutations]
 
-    def estimate(self, x, y) -> Estimate:
+    def estimate(self, x: ArrayLike, y: ArrayLike) -> Estimate:
         return self._estimate(*self._reduced(x, y))
 
-    def on_constant(self, *tensors) -> str | None:
+    def on_constant(self, *tensors: torch.Tensor) -> str | None:
         # I = 0 for a constant side; two discrete sides stay a usage error
         return "zero" if any(t.is_floating_point() for t in tensors) else None
 
-    def null_values(self, x, y, permutations) -> list[float]:
+    def null_values(self, x: torch.Tensor, y: torch.Tensor, permutations: list[torch.Tensor]) -> list[float]:
         # the compressions (PCA or autoencoder) of permuted rows are the same codes, permuted:
         # compress once, then the MI step's null (KSG's shares the distances of one side)
         _, _, a, b, _ = self._reduced(x, y)
         return self._null(a, b, permutations)
 
-    def estimate_and_null(self, x, y, permutations):
+    def estimate_and_null(self, x: torch.Tensor, y: torch.Tensor,
+                          permutations: list[torch.Tensor]) -> tuple[Estimate, list[float]]:
         tx, ty, a, b, extra = self._reduced(x, y)
         e = self._estimate(tx, ty, a, b, extra)
         with warnings.catch_warnings():

@@ -8,37 +8,43 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ibscope.errors import DataError
 from ibscope.estimators._knn import pairwise
 from ibscope.estimators._linalg import renyi_entropy, second_moment, spectrum
-from ibscope.estimators.base import NATS, Estimate, SingleEstimator, as_tensor
+from ibscope.estimators.base import NATS, ArrayLike, Estimate, SingleEstimator, as_tensor
 from ibscope.estimators.params import Boolean, Integer, OneOf, Real, param
 from ibscope.estimators.registry import register
+
+if TYPE_CHECKING:
+    import torch
 
 #: rows of the n x n kernel matrix filled per block
 _KERNEL_BLOCK = 1024
 
 
-def kernel_width(x64, rule: str, gamma: float, sqdist=None) -> float:
+def kernel_width(x64: torch.Tensor, rule: str, gamma: float, sqdist: torch.Tensor | None = None) -> float:
     """Gaussian kernel width sigma by ``rule`` for float64 data ``x64`` (n, d).
 
     * "silverman": sigma = gamma * n^(-1/(4+d)) * sqrt(tr Cov(x)); for standardised features
       (tr Cov = d) this is the rule gamma * sqrt(d) * n^(-1/(4+d)) of IPDL / Tapia & Estevez,
       and it scales with the data instead of assuming unit variance.
     * "median": sigma = median of the pairwise distances between distinct rows (the median
-      heuristic; ``gamma`` is not used).
+      heuristic; ``gamma`` is not used), from ``sqdist``, the (n, n) squared distances of the rows.
     """
     import torch
 
     n, d = x64.shape
     if rule == "silverman":
         tr = float(x64.var(dim=0, unbiased=True).sum()) if n > 1 else 0.0
-        return gamma * n ** (-1.0 / (4 + d)) * math.sqrt(tr)
+        width: float = gamma * n ** (-1.0 / (4 + d)) * math.sqrt(tr)  # typeshed: int ** float is Any
+        return width
     if rule == "median":
         if n < 2:
             return 0.0
+        if sqdist is None:
+            raise ValueError("kernel_width: rule 'median' needs sqdist, the (n, n) squared distances; got None.")
         # The off-diagonal entries of the symmetric matrix hold every pair twice, which leaves
         # the median of the pairs unchanged; the diagonal is set to +inf so it sorts last.
         # No index copy of the n(n-1)/2 pairs is made.
@@ -88,10 +94,10 @@ class MatrixEntropy(SingleEstimator):
     reference: ClassVar[str] = ("Sanchez Giraldo, Rao & Principe 2015, Measures of entropy from data using infinitely "
                                 "divisible kernels, IEEE Trans. Inf. Theory 61(1); Skean et al. 2025 (linear kernel)")
 
-    def on_constant(self, *tensors) -> str | None:
+    def on_constant(self, *tensors: torch.Tensor) -> str | None:
         return "zero"  # K is all ones (Gaussian) or 0 (linear, centred): entropy 0 for any width
 
-    def _constant_cap(self, *tensors) -> float | None:
+    def _constant_cap(self, *tensors: torch.Tensor) -> float | None:
         n, d = int(tensors[0].shape[0]), int(tensors[0].shape[1])
         return math.log(max(1, min(n, d))) if self.kernel == "linear" else math.log(n)
 
@@ -102,12 +108,12 @@ class MatrixEntropy(SingleEstimator):
         # rule-based widths (silverman, median) scale with the data; the linear kernel row-normalises
         return "global" if self.kernel == "linear" or self.sigma is None else None
 
-    def estimate(self, x) -> Estimate:
+    def estimate(self, x: ArrayLike) -> Estimate:
         import torch
 
         t = as_tensor(x, name="x", estimator=self, allow_discrete=False)
         n, d = t.shape
-        extra: dict = {"kernel": self.kernel}
+        extra: dict[str, Any] = {"kernel": self.kernel}
         if self.kernel == "linear":
             sp = spectrum(t, center=True, row_normalize=True)
             lam = sp.eigenvalues
@@ -180,7 +186,7 @@ class CodingRate(SingleEstimator):
         # rows are L2-normalised first when normalize
         return "global" if self.normalize else None
 
-    def estimate(self, x) -> Estimate:
+    def estimate(self, x: ArrayLike) -> Estimate:
         import torch
 
         t = as_tensor(x, name="x", estimator=self, allow_discrete=False)

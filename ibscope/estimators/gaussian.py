@@ -15,12 +15,12 @@ import torch
 
 from ibscope.errors import DataError
 from ibscope.estimators import _mi
-from ibscope.estimators.base import Estimate, PairEstimator, is_discrete
+from ibscope.estimators.base import ArrayLike, Estimate, Estimator, PairEstimator, is_discrete
 from ibscope.estimators.params import Real, param
 from ibscope.estimators.registry import register
 
 
-def _logdet(est, m: torch.Tensor, what: str) -> float:
+def _logdet(est: Estimator, m: torch.Tensor, what: str) -> float:
     sign, val = torch.linalg.slogdet(m)
     if float(sign) <= 0 or not bool(torch.isfinite(val)):
         raise DataError(
@@ -57,7 +57,7 @@ class Gaussian(PairEstimator):
         t, _ = _mi.continuous(self, t, name, standardize=True, warn_integers=not discrete)
         return t
 
-    def _sides(self, x, y):
+    def _sides(self, x: ArrayLike, y: ArrayLike) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         tx, ty = _mi.pair(self, x, y)
         if is_discrete(tx) and is_discrete(ty):
             raise _mi.both_discrete_error(self)
@@ -81,19 +81,19 @@ class Gaussian(PairEstimator):
             out.append(_logdet(self, r, what))
         return out[0], out[1]
 
-    def estimate(self, x, y) -> Estimate:
+    def estimate(self, x: ArrayLike, y: ArrayLike) -> Estimate:
         tx, ty, a, b = self._sides(x, y)
         lx, ly = self._marginal_logdets(a, b)
         return self._make(self._mi(a, b, lx, ly), n=tx.shape[0], dims=(tx.shape[1], ty.shape[1]))
 
-    def on_constant(self, *tensors) -> str | None:
+    def on_constant(self, *tensors: torch.Tensor) -> str | None:
         # I = 0 for a constant side; two discrete sides stay a usage error
         return "zero" if any(t.is_floating_point() for t in tensors) else None
 
-    def _constant_cap(self, *tensors) -> float | None:
+    def _constant_cap(self, *tensors: torch.Tensor) -> float | None:
         return None  # the Gaussian estimate has no cap
 
-    def null_values(self, x, y, permutations) -> list[float]:
+    def null_values(self, x: torch.Tensor, y: torch.Tensor, permutations: list[torch.Tensor]) -> list[float]:
         # the columns of each side and their correlation determinants are computed once
         _, _, a, b = self._sides(x, y)
         lx, ly = self._marginal_logdets(a, b)

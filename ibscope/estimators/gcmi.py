@@ -27,13 +27,13 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
 from ibscope.errors import DataError
 from ibscope.estimators import _mi
-from ibscope.estimators.base import Estimate, PairEstimator
+from ibscope.estimators.base import ArrayLike, Estimate, Estimator, PairEstimator
 from ibscope.estimators.params import Boolean, Integer, param
 from ibscope.estimators.registry import register
 
@@ -53,7 +53,7 @@ def _bias(n: int, d: int) -> float:
     return d * 0.5 * (math.log(2.0) - math.log(n - 1.0)) + 0.5 * float(psi)
 
 
-def _half_logdet(est, c: torch.Tensor, what: str) -> float:
+def _half_logdet(est: Estimator, c: torch.Tensor, what: str) -> float:
     """1/2 log det of a covariance matrix from its Cholesky factor (DataError if singular)."""
     if c.shape[0] == 0:
         return 0.0
@@ -89,11 +89,11 @@ class GCMI(PairEstimator):
         # ranks only
         return "column"
 
-    def on_constant(self, *tensors) -> str | None:
+    def on_constant(self, *tensors: torch.Tensor) -> str | None:
         # I = 0 for a constant side; two discrete sides stay a usage error
         return "zero" if any(t.is_floating_point() for t in tensors) else None
 
-    def _scores(self, t: torch.Tensor, name: str, salt: int) -> tuple[torch.Tensor, dict]:
+    def _scores(self, t: torch.Tensor, name: str, salt: int) -> tuple[torch.Tensor, dict[str, Any]]:
         t, dropped = _mi.continuous(self, t, name, standardize=False)
         z, tied = _mi.copula_normalize(t, seed=int(self.seed) * 1000003 + salt)
         # columns with identical ranks (increasing functions of each other) are one variable
@@ -111,7 +111,7 @@ class GCMI(PairEstimator):
         h = _half_logdet(self, c, what)
         return h - _bias(n, c.shape[0]) if self.bias_correction else h
 
-    def estimate(self, x, y) -> Estimate:
+    def estimate(self, x: ArrayLike, y: ArrayLike) -> Estimate:
         tx, ty = _mi.pair(self, x, y)
         n = tx.shape[0]
         split = _mi.split_discrete(self, tx, ty)

@@ -26,9 +26,12 @@ import numpy as np
 from ibscope.errors import DataError
 from ibscope.estimators import _knn
 from ibscope.estimators._knn import kth_neighbor_distances
-from ibscope.estimators.base import Estimate, SingleEstimator, SingleMixinBase, as_tensor
+from ibscope.estimators.base import ArrayLike, Estimate, SingleEstimator, SingleMixinBase, as_tensor
 from ibscope.estimators.params import Boolean, Integer, OneOf, Real, param
 from ibscope.estimators.registry import register
+
+if TYPE_CHECKING:
+    import torch
 
 #: extra candidates fetched by the fast (GEMM) distance pass before exact re-ranking
 CANDIDATE_MARGIN = 8
@@ -36,7 +39,7 @@ CANDIDATE_MARGIN = 8
 REFINE_BYTES = 64 * 2**20
 
 
-def deduplicate(x64, *, who: str, dedupe: bool = True):
+def deduplicate(x64: torch.Tensor, *, who: str, dedupe: bool = True) -> tuple[torch.Tensor, int]:
     """``x64`` with exact duplicate rows removed; returns (x_unique, n_removed).
 
     Warns with the count (or raises :class:`DataError` when ``dedupe`` is False).
@@ -58,7 +61,7 @@ def deduplicate(x64, *, who: str, dedupe: bool = True):
     return uniq, removed
 
 
-def _unit_roundoff(dtype) -> float:
+def _unit_roundoff(dtype: torch.dtype) -> float:
     """Unit round-off of a GEMM in ``dtype``, allowing for TF32/bf16 float32 matmuls."""
     import torch
 
@@ -68,7 +71,7 @@ def _unit_roundoff(dtype) -> float:
     return torch.finfo(dtype).eps / 2
 
 
-def knn_distances_exact(x64, k: int, *, candidate_dtype=None):
+def knn_distances_exact(x64: torch.Tensor, k: int, *, candidate_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Sorted exact distances (n, k) from each row of float64 ``x64`` to its k nearest other rows.
 
     1. Candidates: the ``k + CANDIDATE_MARGIN`` nearest rows by the chunked GEMM-form k-NN
@@ -108,7 +111,8 @@ def knn_distances_exact(x64, k: int, *, candidate_dtype=None):
     return out
 
 
-def knn_distances(x64, k: int, *, search: str = "auto", who: str = "intrinsic dimension"):
+def knn_distances(x64: torch.Tensor, k: int, *, search: str = "auto",
+                  who: str = "intrinsic dimension") -> tuple[torch.Tensor, str]:
     """(sorted exact distances (n, k) to the k nearest other rows, the search used).
 
     ``search``: "tree" (scipy's cKDTree, float64 distances from coordinate differences; CPU),
@@ -131,14 +135,14 @@ class _IDMixin(SingleMixinBase):
         search: str
         dedupe: bool
 
-    def on_constant(self, *tensors) -> str | None:
+    def on_constant(self, *tensors: torch.Tensor) -> str | None:
         return "undefined"  # one point has no dimension: a DataError, never NaN
 
     def scale_invariant(self, arg: str) -> str | None:
         # ratios of neighbour distances: unchanged by one global scale
         return "global"
 
-    def _neighbors(self, x, k: int):
+    def _neighbors(self, x: ArrayLike, k: int) -> tuple[torch.Tensor, int, int, int, int, str]:
         """Exact k-NN distances of the distinct rows; (distances, n_input, n_distinct, removed, d, search)."""
         t = as_tensor(x, name="x", estimator=self, allow_discrete=False)
         import torch
@@ -190,7 +194,7 @@ class TwoNN(_IDMixin, SingleEstimator):
     reference: ClassVar[str] = ("Facco, d'Errico, Rodriguez & Laio 2017, Estimating the intrinsic dimension of datasets "
                                 "by a minimal neighborhood information, Sci. Rep. 7:12140")
 
-    def estimate(self, x) -> Estimate:
+    def estimate(self, x: ArrayLike) -> Estimate:
         import torch
 
         t, n0, n, removed, dim, how = self._neighbors(x, 2)
@@ -251,7 +255,7 @@ class MLEIntrinsicDimension(_IDMixin, SingleEstimator):
     def validate(self) -> None:
         self._require(self.k >= 3 or not self.unbiased, "k", "an integer >= 3 with unbiased=true", self.k)
 
-    def estimate(self, x) -> Estimate:
+    def estimate(self, x: ArrayLike) -> Estimate:
         import torch
 
         t, n0, n, removed, dim, how = self._neighbors(x, self.k)

@@ -24,7 +24,7 @@ import torch
 from ibscope.errors import UsageError
 from ibscope.estimators import _mi
 from ibscope.estimators._knn import _auto_chunk, pairwise
-from ibscope.estimators.base import Estimate, PairEstimator, PairMixinBase
+from ibscope.estimators.base import ArrayLike, Estimate, PairEstimator, PairMixinBase
 from ibscope.estimators.params import Boolean, Integer, OneOf, Real, param
 from ibscope.estimators.registry import register, register_alias
 
@@ -134,7 +134,7 @@ class _KDEMixin(PairMixinBase):
     x_source: ClassVar[str] = "identity"
     bound: str = "upper"
 
-    def on_constant(self, *tensors) -> str | None:
+    def on_constant(self, *tensors: torch.Tensor) -> str | None:
         # I = 0 for a constant side (also for chelombiev-kde, whose added noise would otherwise
         # be measured); two continuous sides stay a usage error
         return "zero" if any(not t.is_floating_point() for t in tensors) else None
@@ -150,13 +150,14 @@ class _KDEMixin(PairMixinBase):
     def _bound(self) -> str:
         return self.bound
 
-    def estimate(self, x, y) -> Estimate:
+    def estimate(self, x: ArrayLike, y: ArrayLike) -> Estimate:
         return self.estimate_and_null(x, y, [])[0]
 
-    def null_values(self, x, y, permutations) -> list[float]:
+    def null_values(self, x: torch.Tensor, y: torch.Tensor, permutations: list[torch.Tensor]) -> list[float]:
         return self.estimate_and_null(x, y, permutations)[1]
 
-    def estimate_and_null(self, x, y, permutations):
+    def estimate_and_null(self, x: ArrayLike, y: ArrayLike,
+                          permutations: list[torch.Tensor]) -> tuple[Estimate, list[float]]:
         # the noise variance, every kernel block and H(T) do not depend on the labels: one pass
         # over the blocks gives the conditional entropies of the labels and of every permutation
         tx, ty = _mi.pair(self, x, y)
@@ -205,7 +206,7 @@ class KDE(_KDEMixin, PairEstimator):
     name: ClassVar[str] = "kde"
     reference: ClassVar[str] = REFERENCE
 
-    def _variance(self, t):
+    def _variance(self, t: torch.Tensor) -> float:
         return float(self.noise_variance)
 
 
@@ -236,7 +237,7 @@ class AdaptiveKDE(_KDEMixin, PairEstimator):
         # sigma^2 follows the layer's own scale (max |T| or its std)
         return "global"
 
-    def _variance(self, t):
+    def _variance(self, t: torch.Tensor) -> float:
         s = float(t.abs().max()) if self.scale == "max" else float(t.std(dim=0).mean()) if t.shape[0] > 1 else 0.0
         if s == 0.0:
             s = 1.0  # a constant layer: every distance is 0 and I = 0 for any sigma
@@ -268,14 +269,14 @@ class ChelombievKDE(_KDEMixin, PairEstimator):
     reference: ClassVar[str] = ("Chelombiev, Houghton & O'Donnell 2019, ICLR (code: ivansche/adaptive_estimators, "
                                 "calc_kde_info_for_layer); " + REFERENCE)
 
-    def _prepare(self, t):
+    def _prepare(self, t: torch.Tensor) -> torch.Tensor:
         if self.perturbation_std > 0:
             g = torch.Generator(device="cpu").manual_seed(int(self.seed))
             noise = torch.randn(tuple(t.shape), generator=g, dtype=torch.float64)
             t = t + float(self.perturbation_std) * noise.to(t.device)
         return t.abs() if self.absolute else t
 
-    def _variance(self, t):
+    def _variance(self, t: torch.Tensor) -> float:
         return float(self.noise_variance)
 
 

@@ -24,15 +24,16 @@ broken by a seeded jitter of relative size ``jitter``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
 from ibscope.errors import DataError
 from ibscope.estimators import _cpu, _knn, _mi
 from ibscope.estimators._knn import _auto_chunk, count_within, kth_neighbor_distances
-from ibscope.estimators.base import Estimate, PairEstimator
+from ibscope.estimators.base import ArrayLike, Estimate, PairEstimator
 from ibscope.estimators.params import Boolean, Integer, OneOf, Real, param
 from ibscope.estimators.registry import register
 
@@ -45,7 +46,8 @@ def _block(q: torch.Tensor, r: torch.Tensor, norm: str) -> torch.Tensor:
     return torch.cdist(q, r, p=2.0)  # matmul mode for large blocks
 
 
-def _counts_torch(x: torch.Tensor, y: torch.Tensor, k: int, algorithm: int, norm: str, chunk: int | None):
+def _counts_torch(x: torch.Tensor, y: torch.Tensor, k: int, algorithm: int, norm: str,
+                  chunk: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(n_x, n_y) per point by chunked brute force in torch (any device)."""
     n = x.shape[0]
     dev = x.device
@@ -76,7 +78,7 @@ def _counts_torch(x: torch.Tensor, y: torch.Tensor, k: int, algorithm: int, norm
     return nxs, nys
 
 
-def _counts_tree(x: torch.Tensor, y: torch.Tensor, k: int, algorithm: int):
+def _counts_tree(x: torch.Tensor, y: torch.Tensor, k: int, algorithm: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(n_x, n_y) per point with scipy's cKDTree, max-norm (NPEET's and scikit-learn's algorithm)."""
     import numpy as np
 
@@ -96,7 +98,7 @@ def _counts_tree(x: torch.Tensor, y: torch.Tensor, k: int, algorithm: int):
     return torch.from_numpy(nx), torch.from_numpy(ny)
 
 
-def _counts_cpu(x: torch.Tensor, y: torch.Tensor, k: int, algorithm: int):
+def _counts_cpu(x: torch.Tensor, y: torch.Tensor, k: int, algorithm: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(n_x, n_y) per point by the numba brute-force kernel (CPU, max-norm)."""
     nx, ny = _cpu.ksg_counts(x.detach().numpy(), y.detach().numpy(), k, algorithm)
     return torch.from_numpy(nx), torch.from_numpy(ny)
@@ -128,7 +130,7 @@ def ksg_terms(x: torch.Tensor, y: torch.Tensor, k: int, algorithm: int = 1, norm
     else:
         nx, ny = _counts_torch(x, y, k, algorithm, norm, chunk)
     nx, ny = nx.to(dev), ny.to(dev)
-    dig = torch.special.digamma
+    dig: Callable[[torch.Tensor], torch.Tensor] = torch.special.digamma  # untyped in torch (Any)
     f64 = torch.float64
     base = float(dig(torch.tensor(float(k), dtype=f64))) + float(dig(torch.tensor(float(n), dtype=f64)))
     if algorithm == 1:
@@ -167,20 +169,20 @@ def ross_terms(t: torch.Tensor, labels: torch.Tensor, k: int, norm: str = "max",
                 rad[sel] = _knn.tree_knn(tn[sel], k)[0][:, k - 1]
             else:
                 rad[sel] = _cpu.kth_maxnorm(tn[sel], k)
-        m = _knn.tree_count(tn, rad) if how == "tree" else _cpu.count_maxnorm(tn, rad)
-        m = torch.from_numpy(m).to(t.device)
+        counted = _knn.tree_count(tn, rad) if how == "tree" else _cpu.count_maxnorm(tn, rad)
+        m = torch.from_numpy(counted).to(t.device)
     else:
         for c in classes:
             mask = labels == c
             radius[mask] = kth_neighbor_distances(t[mask], k, metric=metric)
         m = count_within(t, radius, metric=metric, strict=True)
-    dig = torch.special.digamma
+    dig: Callable[[torch.Tensor], torch.Tensor] = torch.special.digamma  # untyped in torch (Any)
     f64 = torch.float64
     base = float(dig(torch.tensor(float(n), dtype=f64))) + float(dig(torch.tensor(float(k), dtype=f64)))
     return base - dig(counts[labels].to(f64)) - dig((m + 1).to(f64))
 
 
-def ksg_null_terms(x: torch.Tensor, y: torch.Tensor, k: int, permutations: list, algorithm: int = 1,
+def ksg_null_terms(x: torch.Tensor, y: torch.Tensor, k: int, permutations: list[torch.Tensor], algorithm: int = 1,
                    norm: str = "max", chunk: int | None = None) -> list[float]:
     """KSG estimates (nats) of (x, y[p]) for every permutation p, sharing the x-side distances.
 
@@ -192,7 +194,7 @@ def ksg_null_terms(x: torch.Tensor, y: torch.Tensor, k: int, permutations: list,
     n = x.shape[0]
     dev = x.device
     chunk = chunk or min(512, _auto_chunk(n, 3, x.element_size()))
-    dig = torch.special.digamma
+    dig: Callable[[torch.Tensor], torch.Tensor] = torch.special.digamma  # untyped in torch (Any)
     base = float(dig(torch.tensor(float(k), dtype=torch.float64))) + float(dig(torch.tensor(float(n), dtype=torch.float64)))
     if algorithm == 2:
         base -= 1.0 / k
@@ -239,7 +241,7 @@ def ross_null_terms(t: torch.Tensor, label_sets: list[torch.Tensor], k: int, nor
     chunk = chunk or min(512, _auto_chunk(n, t.shape[1] if metric == "max" else 1, t.element_size()))
     from ibscope.estimators._knn import pairwise
 
-    dig = torch.special.digamma
+    dig: Callable[[torch.Tensor], torch.Tensor] = torch.special.digamma  # untyped in torch (Any)
     f64 = torch.float64
     labs = [c.to(dev) for c in label_sets]
     counts = torch.bincount(labs[0])
@@ -312,12 +314,12 @@ class KSG(PairEstimator):
             t = t + float(self.jitter) * scale * noise
         return t.to(_DTYPES[self.precision]), dropped
 
-    def estimate(self, x, y) -> Estimate:
+    def estimate(self, x: ArrayLike, y: ArrayLike) -> Estimate:
         tx, ty = _mi.pair(self, x, y)
         n = tx.shape[0]
         _mi.require_samples(self, n, self.k + 1, f"k={self.k} neighbours plus the point itself")
         split = _mi.split_discrete(self, tx, ty)
-        extra: dict = {}
+        extra: dict[str, Any] = {}
         cap = None
         if split is None:
             cx, dropx = self._prep(tx, "x", 1)
@@ -339,11 +341,11 @@ class KSG(PairEstimator):
         stderr = float(terms.std() / math.sqrt(n)) if n > 1 else None
         return self._make(value, n=n, dims=(tx.shape[1], ty.shape[1]), stderr=stderr, cap=cap, extra=extra)
 
-    def on_constant(self, *tensors) -> str | None:
+    def on_constant(self, *tensors: torch.Tensor) -> str | None:
         # I = 0 for a constant side; two discrete sides stay a usage error
         return "zero" if any(t.is_floating_point() for t in tensors) else None
 
-    def null_values(self, x, y, permutations) -> list[float]:
+    def null_values(self, x: torch.Tensor, y: torch.Tensor, permutations: list[torch.Tensor]) -> list[float]:
         # the jitter, the standardisation and the distances of the side that is not permuted
         # are computed once (Ross: all of them, with the labels permuted)
         tx, ty = _mi.pair(self, x, y)

@@ -9,18 +9,25 @@ model is not needed at estimate time. :func:`jacobian_from_store` is the reader 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from ibscope.errors import DataError
-from ibscope.estimators.base import Estimate, JacobianEstimator, as_tensor
+from ibscope.estimators.base import ArrayLike, Estimate, JacobianEstimator, as_tensor
 from ibscope.estimators.params import Real, param
 from ibscope.estimators.registry import register
+
+if TYPE_CHECKING:
+    import os
+
+    import torch
+
+    from ibscope.store import CheckpointInfo, Store
 
 #: quantiles of the per-sample rank distribution reported in ``Estimate.extra``
 QUANTILES = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
 
 
-def jacobian_from_store(store, ckpt, layer: str):
+def jacobian_from_store(store: Store | str | os.PathLike[str], ckpt: CheckpointInfo | int, layer: str) -> torch.Tensor:
     """Per-sample Jacobian singular values of ``layer`` at ``ckpt`` as a float tensor (m, r).
 
     ``store`` is an open :class:`ibscope.store.Store` (or a path to one). Raises
@@ -47,7 +54,7 @@ def jacobian_from_store(store, ckpt, layer: str):
     return torch.from_numpy(sv)
 
 
-def jacobian_spectra(jacobians):
+def jacobian_spectra(jacobians: ArrayLike) -> torch.Tensor:
     """Singular values (n, min(m, d)) of a batch of Jacobians (n, m, d), float64, descending.
 
     Computed on the input's device. A helper for users who compute their own Jacobians
@@ -58,7 +65,8 @@ def jacobian_spectra(jacobians):
     j = jacobians if isinstance(jacobians, torch.Tensor) else torch.as_tensor(jacobians)
     if j.ndim != 3:
         raise DataError(f"Expected a batch of Jacobians of shape (n, m, d). Got shape {tuple(j.shape)}.")
-    return torch.linalg.svdvals(j.detach().to(torch.float64))
+    sv: torch.Tensor = torch.linalg.svdvals(j.detach().to(torch.float64))  # torch.linalg is untyped (Any)
+    return sv
 
 
 @register
@@ -98,11 +106,11 @@ class LocalRank(JacobianEstimator):
         self._require(self.rtol > 0.0 or self.atol > 0.0, "rtol", "> 0 when atol is 0 (no threshold at all)",
                       self.rtol)
 
-    def ranks(self, s):
+    def ranks(self, s: ArrayLike) -> torch.Tensor:
         """Per-sample ranks (int64 tensor (n,)) of singular values ``s`` (n, r)."""
         return self._ranks(*self._validated(s))
 
-    def _validated(self, s):
+    def _validated(self, s: ArrayLike) -> tuple[torch.Tensor, float]:
         import torch
 
         s = as_tensor(s, name="s", estimator=self, allow_discrete=False, allow_bool=False)
@@ -113,7 +121,7 @@ class LocalRank(JacobianEstimator):
                             hint="Pass singular values of the Jacobians (jacobian_spectra), not the Jacobians.")
         return s, eps
 
-    def _ranks(self, s, eps):
+    def _ranks(self, s: torch.Tensor, eps: float) -> torch.Tensor:
         import torch
 
         smax = s.max(dim=1, keepdim=True).values
@@ -122,7 +130,7 @@ class LocalRank(JacobianEstimator):
         thr = torch.maximum(torch.clamp(self.rtol * smax, min=self.atol), floor)
         return (s > thr).sum(dim=1)
 
-    def estimate(self, s) -> Estimate:
+    def estimate(self, s: ArrayLike) -> Estimate:
         import torch
 
         s, eps = self._validated(s)

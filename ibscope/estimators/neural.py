@@ -38,7 +38,7 @@ import torch
 from ibscope.errors import DataError
 from ibscope.estimators import _mi
 from ibscope.estimators._train import training_threads
-from ibscope.estimators.base import Estimate, PairEstimator, PairMixinBase, is_discrete
+from ibscope.estimators.base import ArrayLike, Estimate, PairEstimator, PairMixinBase, is_discrete
 from ibscope.estimators.params import Integer, OneOf, Real, param
 from ibscope.estimators.registry import register
 
@@ -62,11 +62,15 @@ class _Critic(torch.nn.Module):
             self.f = _mlp(dx + dy, hidden, 1)
 
     def forward(self, a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        # calling a torch.nn.Module gives Any to mypy (Module.__call__ is Callable[..., Any])
+        scores: torch.Tensor
         if self.kind == "separable":
-            return self.g(a) @ self.h(c).T
+            scores = self.g(a) @ self.h(c).T
+            return scores
         b = a.shape[0]
         pairs = torch.cat([a[:, None, :].expand(b, b, a.shape[1]), c[None, :, :].expand(b, b, c.shape[1])], dim=2)
-        return self.f(pairs.reshape(b * b, -1)).reshape(b, b)
+        scores = self.f(pairs.reshape(b * b, -1)).reshape(b, b)
+        return scores
 
 
 def infonce_bound(scores: torch.Tensor) -> torch.Tensor:
@@ -127,7 +131,7 @@ class _NeuralMixin(PairMixinBase):
 
     # what differs between the bounds -----------------------------------------------------------
     @abc.abstractmethod
-    def _loss(self, scores: torch.Tensor, state: dict) -> torch.Tensor:
+    def _loss(self, scores: torch.Tensor, state: dict[str, float]) -> torch.Tensor:
         """The training loss of one batch's score matrix (``state`` persists across steps)."""
 
     @abc.abstractmethod
@@ -138,11 +142,11 @@ class _NeuralMixin(PairMixinBase):
         return None
 
     # the degenerate-input rule and the cap's name --------------------------------------------------
-    def on_constant(self, *tensors) -> str | None:
+    def on_constant(self, *tensors: torch.Tensor) -> str | None:
         # I = 0 for a constant side; two discrete sides stay a usage error
         return "zero" if any(t.is_floating_point() for t in tensors) else None
 
-    def _constant_cap(self, *tensors) -> float | None:
+    def _constant_cap(self, *tensors: torch.Tensor) -> float | None:
         return self._cap()
 
     def cap_name(self, quantity: str) -> str:
@@ -163,7 +167,7 @@ class _NeuralMixin(PairMixinBase):
         n_val = int(round(n * self.val_fraction))
         return n - n_test - n_val, n_val, n_test
 
-    def _evaluate(self, critic, a, c, idx) -> tuple[float, list[float]]:
+    def _evaluate(self, critic: _Critic, a: torch.Tensor, c: torch.Tensor, idx: torch.Tensor) -> tuple[float, list[float]]:
         """The bound on the samples ``idx`` in batches of batch_size (the last partial batch dropped)."""
         b = self.batch_size
         diags, offs, per = [], [], []
@@ -175,7 +179,7 @@ class _NeuralMixin(PairMixinBase):
                 per.append(self._bound(sc.diagonal(), _offdiag(sc), [float(infonce_bound(sc))]))
         return self._bound(torch.cat(diags), torch.cat(offs), per), per
 
-    def estimate(self, x, y) -> Estimate:
+    def estimate(self, x: ArrayLike, y: ArrayLike) -> Estimate:
         tx, ty = _mi.pair(self, x, y)
         if is_discrete(tx) and is_discrete(ty):
             raise _mi.both_discrete_error(self)
@@ -203,7 +207,7 @@ class _NeuralMixin(PairMixinBase):
             torch.manual_seed(int(self.seed))
             critic = _Critic(self.critic, a.shape[1], c.shape[1], self.hidden, self.embed).to(dev)
             opt = torch.optim.Adam(critic.parameters(), lr=float(self.lr))
-            state: dict = {}
+            state: dict[str, float] = {}
             best, best_step, best_weights, since, step = -math.inf, 0, None, 0, 0
             history = []
             with torch.enable_grad():
@@ -291,13 +295,13 @@ class InfoNCE(_NeuralMixin, PairEstimator, _NeuralFields):
     name: ClassVar[str] = "infonce"
     reference: ClassVar[str] = "van den Oord, Li & Vinyals 2018, arXiv:1807.03748; " + NEURAL_REFERENCE_POOLE
 
-    def _loss(self, scores, state):
+    def _loss(self, scores: torch.Tensor, state: dict[str, float]) -> torch.Tensor:
         return -infonce_bound(scores)
 
-    def _bound(self, diag, off, per_batch):
+    def _bound(self, diag: torch.Tensor, off: torch.Tensor, per_batch: list[float]) -> float:
         return float(sum(per_batch) / len(per_batch))
 
-    def _cap(self):
+    def _cap(self) -> float:
         return math.log(self.batch_size)
 
 
@@ -318,7 +322,7 @@ class MINE(_NeuralMixin, PairEstimator, _NeuralFields):
     reference: ClassVar[str] = ("Belghazi, Baratin, Rajeswar, Ozair, Bengio, Courville & Hjelm 2018, Mutual "
                                 "Information Neural Estimation, ICML")
 
-    def _loss(self, scores, state):
+    def _loss(self, scores: torch.Tensor, state: dict[str, float]) -> torch.Tensor:
         off = _offdiag(scores)
         m = off.detach().max()
         mean_exp = torch.exp(off - m).mean()             # E_Q[exp f] / exp(m), stable
@@ -330,7 +334,7 @@ class MINE(_NeuralMixin, PairEstimator, _NeuralFields):
         partition = mean_exp * (math.exp(float(m)) / max(ema, 1e-30))
         return -(scores.diagonal().mean() - partition)
 
-    def _bound(self, diag, off, per_batch):
+    def _bound(self, diag: torch.Tensor, off: torch.Tensor, per_batch: list[float]) -> float:
         return float(diag.mean() - _logmeanexp(off))
 
 
@@ -350,10 +354,10 @@ class SMILE(_NeuralMixin, PairEstimator, _NeuralFields):
     reference: ClassVar[str] = ("Song & Ermon 2020, Understanding the limitations of variational mutual information "
                                 "estimators, ICLR")
 
-    def _loss(self, scores, state):
+    def _loss(self, scores: torch.Tensor, state: dict[str, float]) -> torch.Tensor:
         return -js_bound(scores)
 
-    def _bound(self, diag, off, per_batch):
+    def _bound(self, diag: torch.Tensor, off: torch.Tensor, per_batch: list[float]) -> float:
         return float(diag.mean() - _logmeanexp(off.clamp(-self.clip, self.clip)))
 
 

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
 from ibscope.estimators import _mi
 from ibscope.estimators._knn import pairwise
 from ibscope.estimators._linalg import nonzero
-from ibscope.estimators.base import Estimate, PairEstimator, is_discrete
+from ibscope.estimators.base import ArrayLike, Estimate, PairEstimator, is_discrete
 from ibscope.estimators.params import Integer, Real, param
 from ibscope.estimators.registry import register
 
@@ -64,7 +64,7 @@ class Renyi(PairEstimator):
         # the default width is the median pairwise distance, so K depends on d / sigma only
         return "global" if (self.sigma_x if arg == "x" else self.sigma_y) is None else None
 
-    def _gram(self, t: torch.Tensor, sigma, name: str) -> tuple[torch.Tensor, float | None]:
+    def _gram(self, t: torch.Tensor, sigma: float | None, name: str) -> tuple[torch.Tensor, float | None]:
         if is_discrete(t):
             c = _mi.codes(t)
             k = (c[:, None] == c[None, :]).to(torch.float64)
@@ -81,13 +81,13 @@ class Renyi(PairEstimator):
         k = torch.exp(-d2 / (2.0 * float(sigma) ** 2))
         return k / k.trace(), float(sigma)
 
-    def _constant_cap(self, *tensors) -> float | None:
+    def _constant_cap(self, *tensors: torch.Tensor) -> float | None:
         return math.log(min(int(tensors[0].shape[0]), self.max_samples))
 
     def cap_name(self, quantity: str) -> str:
         return "log n"
 
-    def null_values(self, x, y, permutations) -> list[float]:
+    def null_values(self, x: torch.Tensor, y: torch.Tensor, permutations: list[torch.Tensor]) -> list[float]:
         tx, ty = _mi.pair(self, x, y)
         if tx.shape[0] > self.max_samples or tx.shape[0] < 2:
             # a permuted y meets another random subset of x: re-estimate each permutation
@@ -105,11 +105,11 @@ class Renyi(PairEstimator):
             out.append(sa + sb - renyi_entropy(ab / ab.trace(), al))
         return out
 
-    def estimate(self, x, y) -> Estimate:
+    def estimate(self, x: ArrayLike, y: ArrayLike) -> Estimate:
         tx, ty = _mi.pair(self, x, y)
         n0 = tx.shape[0]
         _mi.require_samples(self, n0, 2, "a Gram matrix needs two samples")
-        extra: dict = {}
+        extra: dict[str, Any] = {}
         if n0 > self.max_samples:
             g = torch.Generator(device="cpu").manual_seed(int(self.seed))
             idx = torch.randperm(n0, generator=g)[: self.max_samples].to(tx.device)

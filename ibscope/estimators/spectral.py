@@ -18,13 +18,16 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from ibscope.errors import DataError
 from ibscope.estimators._linalg import Spectrum, rank_tolerance, renyi_entropy, spectrum
-from ibscope.estimators.base import Estimate, SingleEstimator, SingleMixinBase, as_tensor
+from ibscope.estimators.base import ArrayLike, Estimate, SingleEstimator, SingleMixinBase, as_tensor
 from ibscope.estimators.params import Boolean, Integer, OneOf, Real, param
 from ibscope.estimators.registry import register
+
+if TYPE_CHECKING:
+    import torch
 
 DIMENSIONS = "dimensions"
 EXPONENT = "exponent"
@@ -44,19 +47,19 @@ class _SpectralMixin(SingleMixinBase):
     def _centered(self) -> bool:
         return bool(getattr(self, "center", getattr(self, "convention", "cov") == "cov"))
 
-    def on_constant(self, *tensors) -> str | None:
+    def on_constant(self, *tensors: torch.Tensor) -> str | None:
         # a constant layer has no variation: every centred rank is 0. Uncentred measures keep
         # their own value (a constant non-zero layer has one direction, an all-zero layer none).
         return "zero" if self._centered() else None
 
-    def _constant_cap(self, *tensors) -> float | None:
+    def _constant_cap(self, *tensors: torch.Tensor) -> float | None:
         n, d = int(tensors[0].shape[0]), int(tensors[0].shape[1])
         return float(min(n - 1, d))
 
     def cap_name(self, quantity: str) -> str:
         return "the largest possible rank min(n - 1, d)" if self._centered() else "the largest possible rank min(n, d)"
 
-    def _spectrum(self, x, *, center: bool, method: str = "eigh") -> Spectrum:
+    def _spectrum(self, x: ArrayLike, *, center: bool, method: str = "eigh") -> Spectrum:
         t = as_tensor(x, name="x", estimator=self, allow_discrete=False)
         if center and t.shape[0] < 2:
             raise DataError(f"{self.name}: a centred spectrum needs at least 2 samples. Got {t.shape[0]}.")
@@ -71,7 +74,7 @@ class _SpectralMixin(SingleMixinBase):
         return True
 
 
-def _erank(lam, eps: float, sp: Spectrum) -> float:
+def _erank(lam: torch.Tensor, eps: float, sp: Spectrum) -> float:
     """exp(Shannon entropy) of p = lam / sum(lam) (+ eps, the RankMe guard, if eps > 0).
 
     Without eps, values at or below the numerical-rank tolerance (``_linalg.rank_tolerance``)
@@ -111,7 +114,7 @@ class EffectiveRank(_SpectralMixin, SingleEstimator):
     reference: ClassVar[str] = ("Roy & Vetterli 2007, EUSIPCO; Garrido et al. 2023, RankMe, ICML (arXiv:2210.02885); "
                                 "Agrawal et al. 2022 (reptrix)")
 
-    def estimate(self, x) -> Estimate:
+    def estimate(self, x: ArrayLike) -> Estimate:
         center = self.convention == "cov"
         sp = self._spectrum(x, center=center, method="eigh" if center else "svd")
         s = sp.eigenvalues if center else sp.singular_values
@@ -138,7 +141,7 @@ class ParticipationRatio(_SpectralMixin, SingleEstimator):
     quantity: ClassVar[str] = "participation_ratio"
     reference: ClassVar[str] = "Gao, Trautmann, Yu et al. 2017, A theory of multineuronal dimensionality (bioRxiv 214262)"
 
-    def estimate(self, x) -> Estimate:
+    def estimate(self, x: ArrayLike) -> Estimate:
         sp = self._spectrum(x, center=self.center)
         lam = sp.eigenvalues
         value = 0.0 if self._degenerate(sp) else float(lam.sum() ** 2 / (lam * lam).sum())
@@ -163,7 +166,7 @@ class StableRank(_SpectralMixin, SingleEstimator):
     quantity: ClassVar[str] = "stable_rank"
     reference: ClassVar[str] = "Rudelson & Vershynin 2007, Sampling from large matrices, J. ACM 54(4)"
 
-    def estimate(self, x) -> Estimate:
+    def estimate(self, x: ArrayLike) -> Estimate:
         sp = self._spectrum(x, center=self.center)
         lam = sp.eigenvalues
         value = 0.0 if self._degenerate(sp) else float(lam.sum() / lam.max())
@@ -198,7 +201,7 @@ class NumericalRank(_SpectralMixin, SingleEstimator):
     def validate(self) -> None:
         self._require(self.rtol > 0.0 or self.atol > 0.0, "rtol", "> 0 when atol is 0 (no tolerance at all)", self.rtol)
 
-    def estimate(self, x) -> Estimate:
+    def estimate(self, x: ArrayLike) -> Estimate:
         sp = self._spectrum(x, center=self.center, method="svd")
         s = sp.singular_values
         tol = max(self.atol, self.rtol * float(s.max()), rank_tolerance(float(s.max()), sp.n, sp.d))
@@ -226,7 +229,7 @@ class PCADimension(_SpectralMixin, SingleEstimator):
     quantity: ClassVar[str] = "pca_dimension"
     reference: ClassVar[str] = "Jolliffe 2002, Principal Component Analysis (2nd ed.), sec. 6.1.1"
 
-    def estimate(self, x) -> Estimate:
+    def estimate(self, x: ArrayLike) -> Estimate:
         import torch
 
         sp = self._spectrum(x, center=self.center)
@@ -267,14 +270,14 @@ class AlphaReQ(_SpectralMixin, SingleEstimator):
     reference: ClassVar[str] = ("Agrawal et al. 2022, alpha-ReQ, NeurIPS; Stringer et al. 2019, Nature 571; "
                                 "Li et al. 2025, Tracing the Representation Geometry of Language Models")
 
-    def on_constant(self, *tensors) -> str | None:
+    def on_constant(self, *tensors: torch.Tensor) -> str | None:
         return "undefined" if self.center else None  # no spectrum to fit a decay to
 
     def validate(self) -> None:
         self._require(self.fit_end >= self.fit_start + 2, "fit_end", f">= fit_start + 2 = {self.fit_start + 2}",
                       self.fit_end)
 
-    def estimate(self, x) -> Estimate:
+    def estimate(self, x: ArrayLike) -> Estimate:
         import torch
 
         sp = self._spectrum(x, center=self.center)
@@ -321,7 +324,7 @@ class EffectiveEncodingDimension(_SpectralMixin, SingleEstimator):
     quantity: ClassVar[str] = "effective_encoding_dimension"
     reference: ClassVar[str] = "Awadhiya 2025, The Inductive Bottleneck (arXiv:2512.07331)"
 
-    def estimate(self, x) -> Estimate:
+    def estimate(self, x: ArrayLike) -> Estimate:
         sp = self._spectrum(x, center=self.center)
         value = 0.0 if self._degenerate(sp) else _erank(sp.eigenvalues, 0.0, sp)
         return self._make(value, n=sp.n, dims=(sp.d,), cap=float(sp.max_rank),

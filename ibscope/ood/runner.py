@@ -18,7 +18,6 @@ killed part-way leaves no ``ood_metrics.json``, and the readers (:func:`read_sco
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -34,6 +33,7 @@ from ibscope._atomic import write_text_atomic
 from ibscope._version import __version__
 from ibscope.errors import DataError, UsageError
 from ibscope.reporting import NullReporter, Reporter, reporter_or_null
+from ibscope.store._format import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -163,14 +163,6 @@ def _check_out_dir(out: Path) -> None:
             return
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _begin_set(out: Path) -> None:
     """Remove the completion marker of a previous run (and our own leftovers) before writing."""
     (out / JSON_NAME).unlink(missing_ok=True)
@@ -184,7 +176,7 @@ def _begin_set(out: Path) -> None:
 
 def _set_record(out: Path, files: Sequence[str]) -> dict[str, Any]:
     return {"id": uuid.uuid4().hex, "complete": True,
-            "files": {f: {"bytes": (out / f).stat().st_size, "sha256": _sha256(out / f)} for f in files}}
+            "files": {f: {"bytes": (out / f).stat().st_size, "sha256": file_sha256(out / f)} for f in files}}
 
 
 def _incomplete(folder: Path, why: str) -> DataError:
@@ -210,7 +202,7 @@ def check_output_set(json_path: str | os.PathLike, doc: Mapping[str, Any]) -> No
         p = folder / rel
         if not isinstance(meta, dict) or not p.is_file():
             raise _incomplete(folder, f"{JSON_NAME} lists '{rel}', which is missing.")
-        if p.stat().st_size != meta.get("bytes") or _sha256(p) != meta.get("sha256"):
+        if p.stat().st_size != meta.get("bytes") or file_sha256(p) != meta.get("sha256"):
             raise _incomplete(folder, f"'{rel}' is not the file {JSON_NAME} was written with (size or SHA-256 "
                                       "differs): the folder mixes the outputs of two runs, or the file was changed.")
 

@@ -134,12 +134,23 @@ def load_config(config: str | os.PathLike | Mapping, *, quick: bool = False, ove
     _known_keys(quick_section, RunConfig, "quick", source)  # quick overrides must be valid keys, even when not applied
     if overrides:
         _known_keys(overrides, RunConfig, "", "--set")
+    origin: dict[tuple, str] = {}  # where a merged value was written, for its error message
     if quick:
         raw = deep_merge(raw, quick_section)
+        origin.update({k: "'quick." + ".".join(map(str, k)) + "'" for k in _leaves(quick_section)})
     if overrides:
         raw = deep_merge(raw, overrides)
-    cfg = validate(RunConfig, raw, source, context={"stem": stem})
+        origin.update({k: "--set " + ".".join(map(str, k)) for k in _leaves(overrides)})
+    cfg = validate(RunConfig, raw, source, context={"stem": stem}, origin=origin)
     return cfg, base, source
+
+
+def _leaves(d: Mapping, prefix: tuple = ()) -> list[tuple]:
+    """The key paths of the non-mapping values in ``d``."""
+    out: list[tuple] = []
+    for k, v in d.items():
+        out += _leaves(v, (*prefix, k)) if isinstance(v, Mapping) and v else [(*prefix, k)]
+    return out
 
 
 def load_estimate_preset(path: str | os.PathLike) -> EstimateSection:
@@ -160,12 +171,12 @@ M = TypeVar("M", bound=BaseModel)
 
 
 def validate(model: type[M], raw: Any, source: str, *, context: dict | None = None, prefix: str = "",
-             preset: bool = False) -> M:
-    """``model.model_validate(raw)``, its first error as a UsageError (see :func:`usage_error`)."""
+             preset: bool = False, origin: Mapping[tuple, str] | None = None) -> M:
+    """``model.model_validate(raw)``, its errors as a UsageError (see :func:`usage_error`)."""
     try:
         return model.model_validate(raw, context=context)
     except ValidationError as exc:
-        raise usage_error(exc, model, raw, source, prefix=prefix, preset=preset) from None
+        raise usage_error(exc, model, raw, source, prefix=prefix, preset=preset, origin=origin) from None
 
 
 # ----------------------------------------------------------------------------------- errors
@@ -271,10 +282,11 @@ _OPS = {"greater_than_equal": ("ge", ">="), "greater_than": ("gt", ">"), "less_t
 
 
 def usage_error(exc: ValidationError, model: type[BaseModel], raw: Any, source: str, *, prefix: str = "",
-                preset: bool = False) -> IbscopeError:
+                preset: bool = False, origin: Mapping[tuple, str] | None = None) -> IbscopeError:
     """pydantic's errors as one UsageError for the user: every bad key once, unknown keys first
     (one problem: its message as it is; several: ``SOURCE: N problems:`` and one line each, with
-    the first one's hint)."""
+    the first one's hint). ``origin``: where merged values were written (``{("train", "epochs"):
+    "'quick.train.epochs'"}``), named in the message of an error about them."""
     # unknown keys first, then broken constraints (within a union: the member's rule that applies), then types
     errors = sorted(exc.errors(), key=lambda e: (e["type"] != "extra_forbidden",
                                                  e["type"].endswith(("_type", "_parsing"))))
@@ -288,10 +300,22 @@ def usage_error(exc: ValidationError, model: type[BaseModel], raw: Any, source: 
     misspelt = {k[:-1] for k, e in by_key.items() if e["type"] == "extra_forbidden"}
     picked = [e for k, e in by_key.items() if not (e["type"] == "missing" and k[:-1] in misspelt)]
     found = [_one_error(e, model, raw, source, prefix=prefix, preset=preset) for e in picked]
+    for f, e in zip(found, picked):
+        by = _set_by(_names(e), origin or {})
+        if by and e["type"] != "extra_forbidden":
+            f.message = f"{f.message.rstrip()} (The value was set by {by}.)"
     if len(found) == 1:
         return found[0]
     lines = "\n".join("  - " + f.message.removeprefix(f"{source}: ") for f in found)
     return UsageError(f"{source}: {len(found)} problems:\n{lines}", hint=found[0].hint)
+
+
+def _set_by(names: tuple, origin: Mapping[tuple, str]) -> str | None:
+    """Where the value at ``names`` (or a value inside it) was written, if it was merged in."""
+    if names in origin:
+        return origin[names]
+    inside = [v for k, v in origin.items() if k[:len(names)] == names or names[:len(k)] == k]
+    return ", ".join(dict.fromkeys(inside)) or None
 
 
 def _names(e: Any) -> tuple:

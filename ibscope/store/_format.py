@@ -21,7 +21,7 @@ SHARD_DIR = "checkpoints"
 SYNC_BYTES = 8 * 1024 * 1024
 
 
-def _h5py():
+def _h5py() -> Any:  # the h5py module (untyped: no stubs, no py.typed)
     import h5py
 
     return h5py
@@ -38,7 +38,7 @@ def sha256_bytes(*parts: bytes) -> str:
     return h.hexdigest()
 
 
-def file_sha256(path: str | os.PathLike, bufsize: int = 1 << 20) -> str:
+def file_sha256(path: str | os.PathLike[str], bufsize: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(bufsize):
@@ -63,7 +63,7 @@ def _num(v: float) -> str:
     return str(int(v)) if float(v).is_integer() else f"{v:g}"
 
 
-def checkpoint_label(epoch: int | None, step: int | None, path: str | os.PathLike,
+def checkpoint_label(epoch: int | None, step: int | None, path: str | os.PathLike[str],
                      epoch_exact: float | None = None) -> str:
     """How a checkpoint is named to users: "epoch 12", "step 300", "epoch 3, step 120",
     "epoch 0.5, step 50", or its file name."""
@@ -87,11 +87,11 @@ class CheckpointInfo:
     path: str
     sha256: str
     shard: Path
-    metrics: dict = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
     #: stored dtype per layer ("float32" / "float16")
-    dtypes: dict = field(default_factory=dict)
+    dtypes: dict[str, str] = field(default_factory=dict)
     #: layers with Jacobian spectra in this shard
-    jacobian_layers: tuple = ()
+    jacobian_layers: tuple[str, ...] = ()
     #: where the epoch came from: "checkpoint", "lightning", "safetensors", "trainer_state",
     #: "name", "name-number", "snapshot" (older stores: "file", "name", "position"); "" unknown
     epoch_source: str = ""
@@ -105,7 +105,7 @@ class CheckpointInfo:
         return checkpoint_label(self.epoch, self.step, self.path, epoch_exact=self.epoch_exact)
 
 
-def resolve_store_dir(path: str | os.PathLike) -> Path:
+def resolve_store_dir(path: str | os.PathLike[str]) -> Path:
     p = Path(path)
     if p.name == MANIFEST:
         p = p.parent

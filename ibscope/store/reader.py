@@ -10,6 +10,7 @@ import os
 import re
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -55,14 +56,19 @@ _WARNED: set[tuple[str, str]] = set()
 # new file over it), so a file with the same device, inode, size and times is the file that was
 # checked. As git does for its index ("racy clean"), a file modified less than _RACY_NS before
 # its check is not remembered: file times are coarser than the time between two writes.
-_CHECKED: dict[str, tuple[tuple, tuple, dict]] = {}
+# (st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns) of a shard file
+_FileKey = tuple[int, int, int, int, int]
+# what a shard's check depends on in the store: config hash, n_samples, (layer, dims) pairs and
+# jacobian_samples (values from the manifest's JSON; only compared for equality)
+_StoreIdent = tuple[object, ...]
+_CHECKED: dict[str, tuple[_FileKey, _StoreIdent, dict[str, Any]]] = {}
 _CHECKED_MAX = 200_000
 _RACY_NS = 2_000_000_000
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 _MAX_LISTED = 10
 
 
-def _open_h5(path: Path, *, label: str, kind: str = "unreadable"):
+def _open_h5(path: Path, *, label: str, kind: str = "unreadable") -> Any:
     """Open an HDF5 file for reading; content errors become :class:`BadShard` (``kind``), system
     errors (permissions, I/O) an :class:`~ibscope.errors.IOFailure`."""
     h5py = _h5py()
@@ -90,13 +96,13 @@ class Store:
     none, for callers that report the skipped shards themselves).
     """
 
-    def __init__(self, path: str | os.PathLike, *, skip_bad_shards: bool = False, warn: bool = True):
+    def __init__(self, path: str | os.PathLike[str], *, skip_bad_shards: bool = False, warn: bool = True):
         self._held: tuple[Path, Any] | None = None  # (path, open h5py.File) of the shard read last; see _shard
         self._held_lock = threading.RLock()
         self.dir = resolve_store_dir(path)
         self.skip_bad_shards = bool(skip_bad_shards)
         self._warn = warn
-        self.skipped: list[dict] = []
+        self.skipped: list[dict[str, str]] = []
         man = self.dir / MANIFEST
         if not self.dir.exists():
             raise DataError(f"Activation store not found: '{path}'.", hint="Create one with `ibscope capture ... --out DIR`.")
@@ -120,7 +126,7 @@ class Store:
         self.checkpoints = self._scan()
 
     # ---------------------------------------------------------------------------------
-    def _read_manifest(self, f, at: Attrs, label: str) -> None:
+    def _read_manifest(self, f: Any, at: Attrs, label: str) -> None:
         fmt = at.str("format", None)
         if fmt != FORMAT:
             raise DataError(f"{label} is not an ibscope activation store (format attribute {fmt!r}, expected {FORMAT!r}).",
@@ -183,7 +189,7 @@ class Store:
             self.input_shape = shape
         if "layers" not in f or not isinstance(f["layers"], _h5py().Group):
             raise DataError(f"{label} has no group 'layers'.")
-        self._layer_meta = {}
+        self._layer_meta: dict[str, dict[str, Any]] = {}
         for name in f["layers"]:
             g = f["layers"][name]
             meta = Attrs(g, f"{label}, group 'layers/{name}'").json("meta")
@@ -201,7 +207,7 @@ class Store:
         self.layers = [n for n in order if n in self._layer_meta] + [n for n in self._layer_meta if n not in order]
 
     @staticmethod
-    def _dataset(f, key: str, label: str):
+    def _dataset(f: Any, key: str, label: str) -> Any:
         try:
             obj = f.get(key)
         except Exception as exc:  # noqa: BLE001
@@ -216,11 +222,12 @@ class Store:
         return obj
 
     @staticmethod
-    def _read(ds, label: str, sel=(), hint: str | None = None) -> np.ndarray:
+    def _read(ds: Any, label: str, sel: tuple[slice | int, ...] | slice | int = (), hint: str | None = None) -> np.ndarray:
         """Read a dataset whose shape was checked, after checking that the file holds its bytes."""
         check_storage(ds, label)
         try:
-            return ds[sel]
+            data: np.ndarray = ds[sel]
+            return data
         except Exception as exc:  # noqa: BLE001
             err = os_error_of(exc)
             if err is not None and is_system_error(exc):
@@ -233,7 +240,7 @@ class Store:
     def n_samples(self) -> int:
         return int(self.sample_ids.shape[0])
 
-    def layer_meta(self, name: str) -> dict:
+    def layer_meta(self, name: str) -> dict[str, Any]:
         if name not in self._layer_meta:
             from ibscope.errors import unknown_name
 
@@ -296,7 +303,7 @@ class Store:
         infos = sort_series(infos, lambda t: t["epoch_exact"], lambda t: t["step"], lambda t: t["path"])
         return [CheckpointInfo(index=i, **t) for i, t in enumerate(infos)]
 
-    def _bad_shards_error(self, bad: list[dict], n_good: int) -> DataError:
+    def _bad_shards_error(self, bad: list[dict[str, str]], n_good: int) -> DataError:
         lines = [f"  '{b['file']}': {b['reason']}." for b in bad[:_MAX_LISTED]]
         if len(bad) > _MAX_LISTED:
             lines.append(f"  ... and {len(bad) - _MAX_LISTED} more.")
@@ -316,7 +323,7 @@ class Store:
         hint = "; ".join(hints)
         return DataError(msg, hint=hint[0].upper() + hint[1:] + ".")
 
-    def _check_shard(self, p: Path) -> dict:
+    def _check_shard(self, p: Path) -> dict[str, Any]:
         """Attributes and dataset shapes of one shard (no activations are read)."""
         h5py = _h5py()
         with _open_h5(p, label="") as f:
@@ -414,7 +421,7 @@ class Store:
         except IndexError:
             raise UsageError(f"Checkpoint index {ckpt} out of range: the store holds {len(self.checkpoints)}.") from None
 
-    def _open_shard(self, c: CheckpointInfo):
+    def _open_shard(self, c: CheckpointInfo) -> Any:
         try:
             return _open_h5(c.shard, label=f"Shard '{c.shard}' is")
         except BadShard as exc:
@@ -425,7 +432,7 @@ class Store:
     # It is closed when another shard is read, on a failed read, by close() and on leaving a
     # ``with store:`` block. Shards are never modified once under their final name.
     @contextmanager
-    def _shard(self, c: CheckpointInfo):
+    def _shard(self, c: CheckpointInfo) -> Iterator[Any]:
         with self._held_lock:
             held = self._held
             if held is not None and held[0] == c.shard:
@@ -452,16 +459,16 @@ class Store:
     def __enter__(self) -> Store:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __getstate__(self) -> dict:
+    def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_held"] = None  # open files and locks do not travel
         state.pop("_held_lock", None)
         return state
 
-    def __setstate__(self, state: dict) -> None:
+    def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._held_lock = threading.RLock()
 
@@ -517,7 +524,7 @@ class Store:
         parts += [c.sha256.encode() for c in self.checkpoints]
         return sha256_bytes(*parts)
 
-    def summary(self) -> dict:
+    def summary(self) -> dict[str, Any]:
         """What the store holds, as plain JSON-able data (``ibscope info``): format, probe set,
         labels, inputs, capture config, layers with their metadata, complete checkpoints (epoch,
         step and where they came from, metrics, stored dtypes, Jacobian layers) and the shards
@@ -544,7 +551,7 @@ class Store:
 _MANIFEST_HINT = ("The store's manifest is damaged or was not written by ibscope; re-capture the store "
                   "(`ibscope capture ... --overwrite`).")
 @contextmanager
-def _as_shard_error():
+def _as_shard_error() -> Iterator[None]:
     """Data errors met while reading a shard's datasets are :class:`ShardError` (the shard is
     damaged); usage errors (unknown layer, checkpoint index) and I/O failures pass unchanged."""
     try:
@@ -574,7 +581,7 @@ def _strip(msg: str) -> str:
     return msg.rstrip(".")
 
 
-def open_store(path: str | os.PathLike, *, skip_bad_shards: bool = False) -> Store:
+def open_store(path: str | os.PathLike[str], *, skip_bad_shards: bool = False) -> Store:
     """Open an activation store for reading.
 
     A shard under its final name that cannot be read, is truncated, lacks ``complete``, is

@@ -7,6 +7,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import numpy as np
@@ -37,12 +38,12 @@ class StoreWriter:
 
     def __init__(
         self,
-        path: str | os.PathLike,
+        path: str | os.PathLike[str],
         *,
-        config: dict,
+        config: dict[str, Any],
         sample_ids: np.ndarray,
         labels: np.ndarray | None,
-        layers: dict[str, dict],
+        layers: dict[str, dict[str, Any]],
         inputs: np.ndarray | None = None,
         input_shape: tuple[int, ...] | None = None,
         resume: bool = False,
@@ -66,7 +67,7 @@ class StoreWriter:
         self.n_samples = int(len(sample_ids))
         self.layer_dims = {name: meta.get("dims") for name, meta in layers.items()}
         self._have: set[str] = set()
-        self._points: set[tuple] = set()
+        self._points: set[tuple[float | None, int | None]] = set()
         #: True when this writer made the store (new, or replacing one); shards committed since
         self.created = False
         self.written = 0
@@ -128,7 +129,7 @@ class StoreWriter:
             raise
 
     @classmethod
-    def attach(cls, path: str | os.PathLike, *, config_hash: str, n_samples: int, layer_dims: dict[str, int],
+    def attach(cls, path: str | os.PathLike[str], *, config_hash: str, n_samples: int, layer_dims: dict[str, int],
                compression: str | None = "lzf") -> StoreWriter:
         """A writer of shards into an existing store whose manifest another process wrote and
         whose lock that process holds: a cluster worker capturing one checkpoint of it (see
@@ -144,7 +145,7 @@ class StoreWriter:
         return self
 
     @staticmethod
-    def _moved(existing: Store, config: dict, layers: dict[str, dict], diff: list[str]) -> str | None:
+    def _moved(existing: Store, config: dict[str, Any], layers: dict[str, dict[str, Any]], diff: list[str]) -> str | None:
         """A store captured from another folder: only the model file's and the probe file's paths
         differ (same file names; the probe hash is already equal). Returns what moved, else None."""
         if not diff or not set(diff) <= {"model", "probe"}:
@@ -194,7 +195,7 @@ class StoreWriter:
             except OSError:
                 pass
 
-    def _resume(self, config: dict, layers: dict[str, dict]) -> None:
+    def _resume(self, config: dict[str, Any], layers: dict[str, dict[str, Any]]) -> None:
         existing = Store(self.dir, skip_bad_shards=True, warn=False)
         if existing.probe_hash != self.probe_hash:
             raise DataError(
@@ -256,7 +257,7 @@ class StoreWriter:
         return (None if epoch is None else float(epoch), step) in self._points and (epoch is not None or step is not None)
 
     def checkpoint(self, *, epoch: int | None, step: int | None, path: str, sha256: str,
-                   metrics: dict | None = None) -> ShardWriter:
+                   metrics: dict[str, float] | None = None) -> ShardWriter:
         """A shard writer for one checkpoint. ``metrics``: scalar training metrics found in
         the checkpoint (e.g. {"accuracy": 0.93, "loss": 0.2}), kept for plots."""
         return ShardWriter(self, epoch=epoch, step=step, path=path, sha256=sha256, metrics=metrics)
@@ -270,7 +271,8 @@ class ShardWriter:
     leaves no ``*.tmp`` behind.
     """
 
-    def __init__(self, store: StoreWriter, *, epoch, step, path, sha256, metrics=None):
+    def __init__(self, store: StoreWriter, *, epoch: int | None, step: int | None, path: str, sha256: str,
+                 metrics: dict[str, float] | None = None):
         self.store = store
         self.final = store.dir / SHARD_DIR / StoreWriter.shard_name(epoch, step, sha256)
         self.attrs = dict(epoch=-1 if epoch is None else int(epoch), step=-1 if step is None else int(step),
@@ -279,7 +281,7 @@ class ShardWriter:
         self._rows: dict[str, int] = {}
         self._absmax: dict[str, float] = {}
         self._nonfinite: dict[str, int] = {}
-        self._ds: dict = {}  # open dataset handles (h5py lookups are slow per batch)
+        self._ds: dict[str, Any] = {}  # open dataset handles (h5py lookups are slow per batch)
         self._width: dict[str, int] = {}
         self._unsynced = 0  # bytes appended since the last sync_data()
         self._w: AtomicH5 | None = None
@@ -351,7 +353,7 @@ class ShardWriter:
                 raw.sync_data()
         self.w.check()
 
-    def _create(self, layer: str, d: int, dtype: str):
+    def _create(self, layer: str, d: int, dtype: str) -> Any:
         n = self.store.n_samples
         # no chunk cache (1 byte: every chunk is larger): rows are written in whole chunks, so each
         # write goes (compressed) to the file at once, in the capture's writer thread, instead of
@@ -393,7 +395,8 @@ class ShardWriter:
         ds.attrs["rows"] = np.asarray(rows, dtype=np.int64)
         self.w.check()
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         if exc_type is not None:
             self._discard()
             return

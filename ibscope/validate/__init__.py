@@ -72,7 +72,6 @@ from ibscope.validate.plan import (
 from ibscope.validate.runner import (
     ValidationRun,
     _estimate,
-    _sha256,
     layer_stats,
     log,
     summary_lines,
@@ -145,7 +144,6 @@ __all__ = [
     "log",
     "layer_stats",
     "ValidationRun",
-    "_sha256",
     "_estimate",
     "validate_results",
     "summary_lines",

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -17,6 +16,7 @@ import numpy as np
 from ibscope._version import __version__
 from ibscope.errors import DataError, IbscopeError, PluginError, UsageError, unknown_name
 from ibscope.results import Results, read_results
+from ibscope.store._format import file_sha256
 from ibscope.trust import (
     SATURATION_TOLERANCE,
     VALIDATION_COLUMNS,
@@ -99,14 +99,6 @@ class ValidationRun:
     out_dir: Path
     seconds: float
     paths: list[Path]
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _estimate(est, a: np.ndarray, b: np.ndarray, device: str):
@@ -254,12 +246,12 @@ def validate_results(results: str | os.PathLike | Results, out_dir: str | os.Pat
         "format": "ibscope-validation", "format_version": 1, "ibscope_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "results": str(src) if src else None,
-        "results_sha256": _sha256(src) if src is not None and src.exists() else None,
+        "results_sha256": file_sha256(src) if src is not None and src.exists() else None,
         "settings": {"repeats": repeats, "seed": seed, "max_n": max_n, "families": fams, "device": dev,
                      "use_store": use_store, "mc_mixture": MC_MIXTURE, "mc_noisy": MC_NOISY,
                      "saturation_tolerance": SATURATION_TOLERANCE},
         "keys": len(keys), "tasks": len(rows), "notes": notes, "seconds": round(seconds, 2),
-        "files": {p.name: _sha256(p) for p in paths},
+        "files": {p.name: file_sha256(p) for p in paths},
     }
     from ibscope._atomic import write_text_atomic
 
