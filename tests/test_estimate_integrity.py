@@ -1,11 +1,13 @@
 """`ibscope estimate` results you can rely on: rows keyed on the content they were computed
 from (never stale after a re-capture), one failing cell never costs the others (a note
 instead of a value, --strict), one writer at a time (the results file's lock), and misuse
-answered with exit 2 or 4. The user-facing cases run the real `ibscope` command in a
-subprocess, on tiny models captured in the test."""
+answered with exit 2 or 4. The user-facing cases run the `ibscope` command line (in-process,
+typer's CliRunner: exit code and stderr as a user gets them), on tiny models captured in the
+test; concurrent writers are real processes."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -30,8 +32,30 @@ from ibscope.store import StoreWriter, file_sha256, open_store
 IBSCOPE = [sys.executable, "-m", "ibscope.cli.main"]
 
 
-def ib(*args, cwd=None, timeout=300):
-    return subprocess.run([*IBSCOPE, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=timeout)
+class Ran:
+    """What a command left: its exit code and stderr (named as subprocess.run's)."""
+
+    def __init__(self, returncode: int, stderr: str):
+        self.returncode, self.stderr = returncode, stderr
+
+
+def ib(*args, cwd=None):
+    """``ibscope ARGS`` in this process (CliRunner; in ``cwd`` when given). Only documented exits
+    count: an exception that escaped the command's error handling fails the test, as a traceback
+    would have in a subprocess."""
+    from typer.testing import CliRunner
+
+    from ibscope.cli.main import app
+
+    with contextlib.chdir(cwd or os.getcwd()):
+        res = CliRunner().invoke(app, [str(a) for a in args])
+    assert res.exception is None or isinstance(res.exception, SystemExit), (res.exception, res.output)
+    return Ran(res.exit_code, res.stderr)
+
+
+def ib_process(*args, timeout=300):
+    """``ibscope ARGS`` in a process of its own (for the cases about processes: a lock held by another)."""
+    return subprocess.run([*IBSCOPE, *map(str, args)], capture_output=True, text=True, timeout=timeout)
 
 
 def flat(text: str) -> str:
@@ -318,7 +342,7 @@ def test_two_concurrent_estimates_lose_no_rows(two_runs, tmp_path):
     # a held lock and --lock-timeout 0: a refusal naming the lock file and the holder; the table untouched
     text = out.read_text()
     with writer_lock(out, what="results file"):
-        r = ib("estimate", acts, "-o", out, "-e", "gaussian", "-q", "--lock-timeout", "0")
+        r = ib_process("estimate", acts, "-o", out, "-e", "gaussian", "-q", "--lock-timeout", "0")
     assert r.returncode == 1, r.stderr
     err = flat(r.stderr)
     assert str(lock_path_for(out)) in err and f"process {os.getpid()}" in err and "--lock-timeout" in err

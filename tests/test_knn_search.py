@@ -207,3 +207,21 @@ def test_kde_float32_kernel_within_1e6_relative():
     v = KDE(noise_variance=1e-2).estimate(ids, x).value
     exact = float(kde_terms(x, 1e-2, precision="float64").mean())
     assert v == pytest.approx(exact, rel=1e-6)
+
+
+def test_numba_kernels_are_cacheable_across_processes():
+    """numba's on-disk cache key hashes a kernel's closure variables, and a dispatcher pickles
+    with a per-process id: a kernel that closed over its inline helpers missed the cache in every
+    new process (seconds of compilation for each `ibscope estimate`). The kernels must reach their
+    helpers as module globals: no dispatcher among a kernel's closure variables (``prange``, a
+    class, pickles by name: the same key in every process)."""
+    if not _cpu.available():
+        pytest.skip("numba is not installed")
+    kernels = _cpu._kernels()
+    for name in ("ksg", "kth_maxnorm", "count_maxnorm", "smallest_k", "merge_k", "sqeuclidean_block",
+                 "scaled_sqeuclidean_block"):
+        disp = kernels[name]
+        cells = [c.cell_contents for c in disp.py_func.__closure__ or ()]
+        assert not [c for c in cells if hasattr(c, "py_func")], (name, cells)
+        assert disp._cache.__class__.__name__ == "FunctionCache", name  # cache=True: saved to disk
+    assert {"maxnorm_row", "select_k"} <= set(kernels["ksg"].py_func.__code__.co_names)  # globals, not cells

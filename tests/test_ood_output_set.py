@@ -1,6 +1,6 @@
 """`ibscope ood` writes its outputs as one set: a run killed between them leaves nothing that
 looks complete, readers refuse a half set (exit 4), a re-run works, and `-o FILE` is a usage
-error."""
+error. The killed runs are real processes (SIGKILL); the other commands run in-process."""
 
 from __future__ import annotations
 
@@ -58,8 +58,25 @@ def _ood_cmd(s, out, *extra):
             "-q", "-o", str(out), *extra]
 
 
+class Ran:
+    """What a command left: its exit code and stderr (named as subprocess.run's)."""
+
+    def __init__(self, returncode: int, stderr: str):
+        self.returncode, self.stderr = returncode, stderr
+
+
 def _run(args):
-    return subprocess.run(args, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=300)
+    """A command that is not killed, in this process (typer's CliRunner: its exit code and
+    stderr as a user gets them; the same environment as the killed runs). An exception that
+    escaped the command's error handling fails the test, as a traceback would."""
+    from typer.testing import CliRunner
+
+    from ibscope.cli.main import app
+
+    assert args[:3] == [sys.executable, "-m", "ibscope.cli.main"], args
+    res = CliRunner().invoke(app, [str(a) for a in args[3:]], env={"FORCE_COLOR": None, "IBSCOPE_DEBUG": None})
+    assert res.exception is None or isinstance(res.exception, SystemExit), (res.exception, res.output)
+    return Ran(res.exit_code, res.stderr)
 
 
 def _kill_when(cmd, ready, timeout=180.0):

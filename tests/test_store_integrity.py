@@ -87,6 +87,15 @@ def cli(*args, limit_as: int | None = None, prelude: str | None = None, env: dic
     return res
 
 
+def cli_here(*args) -> subprocess.CompletedProcess:
+    """``ibscope ARGS`` in this process (typer's CliRunner), for the cases that are not about the
+    interpreter surviving a failed write: the exit code and stderr as ``cli`` returns them. An
+    exception that escaped the command's error handling fails the test, as a traceback does there."""
+    res = CliRunner().invoke(app, [str(a) for a in args])
+    assert res.exception is None or isinstance(res.exception, SystemExit), (res.exception, res.output)
+    return subprocess.CompletedProcess(["ibscope", *map(str, args)], res.exit_code, res.stdout, res.stderr)
+
+
 def one_line(text: str) -> str:
     return " ".join(text.split())
 
@@ -441,13 +450,13 @@ def test_resume_refuses_to_mix_a_retrained_run_into_the_store(run, tmp_path):
     shutil.copy(run / "probe.npz", d / "probe.npz")
     write_models(d)
     store = d / "acts"
-    assert cli(*capture_args(d, store)).returncode == 0
+    assert cli_here(*capture_args(d, store)).returncode == 0
     before = sorted(p.name for p in shards(store))
     mods = load_models(d)
     x, y = mlp_data(n=N)
     torch.manual_seed(123)  # the retrained run
     train_checkpoints(mods.MLP(), x, y, d / "ck", epochs=(0, 1, 2), steps=3)
-    r = cli(*capture_args(d, store, "--resume"))
+    r = cli_here(*capture_args(d, store, "--resume"))
     assert r.returncode == 4, r.stderr
     text = one_line(r.stderr)
     assert "the file changed since it was captured" in text and "mix two training runs" in text and "--overwrite" in text
@@ -457,10 +466,10 @@ def test_resume_refuses_to_mix_a_retrained_run_into_the_store(run, tmp_path):
         p.rename(p.with_name("new_" + p.name))
     args = capture_args(d, store, "--resume")
     args[args.index("-c") + 1] = str(d / "ck" / "new_*.pt")
-    r = cli(*args)
+    r = cli_here(*args)
     assert r.returncode == 4 and "is already captured from another file" in one_line(r.stderr), r.stderr
     assert sorted(p.name for p in shards(store)) == before
-    r = cli(*[a for a in args if a != "--resume"], "--overwrite")
+    r = cli_here(*[a for a in args if a != "--resume"], "--overwrite")
     assert r.returncode == 0 and len(shards(store)) == 3
 
 

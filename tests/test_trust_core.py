@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,12 +40,28 @@ from ibscope.estimators.nulls import permutations, summarize, with_null
 from ibscope.results import read_results
 from ibscope.store import StoreWriter, open_store
 
-IBSCOPE = [sys.executable, "-m", "ibscope.cli.main"]
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def ib(*args, timeout=300):
-    return subprocess.run([*IBSCOPE, *map(str, args)], capture_output=True, text=True, timeout=timeout)
+@dataclass
+class Ran:
+    """What a command left: exit code, stdout and stderr (named as subprocess.run's)."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def ib(*args):
+    """``ibscope ARGS`` in this process (typer's CliRunner): the exit code and the streams a user
+    gets. An exception that escaped the command's error handling fails the test."""
+    from typer.testing import CliRunner
+
+    from ibscope.cli.main import app
+
+    res = CliRunner().invoke(app, [str(a) for a in args])
+    assert res.exception is None or isinstance(res.exception, SystemExit), (res.exception, res.output)
+    return Ran(res.exit_code, res.stdout, res.stderr)
 
 
 def flat(text: str) -> str:

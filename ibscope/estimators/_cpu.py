@@ -31,6 +31,11 @@ if TYPE_CHECKING:
     import numpy.typing as npt
     import torch
 
+#: the kernels' inline helpers, numba dispatchers defined by ``_kernels()`` (module globals: see there)
+maxnorm_row_ref: Any
+maxnorm_row: Any
+select_k: Any
+
 #: rows handled by one parallel task (amortises the per-task row buffers)
 _ROWS_PER_TASK = 16
 
@@ -59,6 +64,11 @@ def _kernels() -> dict[str, Any]:
     """Compile (or load from numba's cache) the kernels once per process. The values are numba
     dispatchers (untyped to mypy: numba's module is skipped); arrays are float32 or float64,
     except the int64 counts and indices."""
+    # The inline helpers are module globals, not closure cells of the kernels that call them:
+    # numba's cache key hashes a kernel's closure variables, and a dispatcher pickles with a
+    # per-process id, so kernels closing over a helper missed the cache in every new process
+    # (several seconds of compilation per process, and one more cache entry each time).
+    global maxnorm_row_ref, maxnorm_row, select_k
     import numba
     from numba import prange
 
