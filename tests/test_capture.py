@@ -481,3 +481,25 @@ def test_wrapped_models_are_unwrapped(tmp_path, mlp_run):
                                 progress=False))
         assert st.layers == ["fc1"]
         np.testing.assert_array_equal(st.activations(0, "fc1"), ref.activations(0, "fc1"))
+
+
+def test_a_model_file_edited_in_the_same_session_is_imported_again(tmp_path):
+    """A notebook that edits its model file and captures again gets the new code (the module
+    is cached per content, not per path); an edit that breaks the file is a UsageError and the
+    earlier version stays importable."""
+    from ibscope.capture.factory import resolve_factory
+
+    f = tmp_path / "net.py"
+    f.write_text("import torch.nn as nn\n\ndef build():\n    return nn.Sequential(nn.Linear(3, 4))\n")
+    first = resolve_factory(f"{f}:build")()
+    assert first[0].out_features == 4
+    assert resolve_factory(f"{f}:build")()[0].out_features == 4  # unchanged: same module
+    f.write_text("import torch.nn as nn\n\ndef build():\n    return nn.Sequential(nn.Linear(3, 7))\n")
+    assert resolve_factory(f"{f}:build")()[0].out_features == 7
+    f.write_text("import torch.nn as nn\n\ndef build(:\n")
+    with pytest.raises(UsageError, match="Importing .* failed: SyntaxError"):
+        resolve_factory(f"{f}:build")
+    import sys
+
+    name = next(k for k in sys.modules if k.startswith("ibscope_user_") and k.endswith("net_py"))
+    assert sys.modules[name].build()[0].out_features == 7

@@ -26,13 +26,23 @@ __all__ = ["resolve_factory", "resolve_object", "model_spec_id", "unwrap_model"]
 
 
 def _import_file(path: Path):
+    """The module of the Python file ``path``, imported once per content: a file edited since it
+    was imported (a notebook re-running a pipeline after changing its model) is imported again."""
+    import hashlib
+
     name = "ibscope_user_" + re.sub(r"\W", "_", str(path.resolve()))
-    if name in sys.modules:
-        return sys.modules[name]
+    try:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as exc:
+        raise UsageError(f"Cannot read '{path}': {exc.strerror or exc}.") from None
+    cached = sys.modules.get(name)
+    if cached is not None and getattr(cached, "__ibscope_sha256__", None) == digest:
+        return cached
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise UsageError(f"Cannot import '{path}' as a Python file.")
     mod = importlib.util.module_from_spec(spec)
+    mod.__ibscope_sha256__ = digest  # type: ignore[attr-defined]  # the content this module was made from
     sys.modules[name] = mod
     parent = str(path.resolve().parent)
     added = parent not in sys.path
@@ -41,7 +51,10 @@ def _import_file(path: Path):
     try:
         spec.loader.exec_module(mod)
     except Exception as exc:
-        del sys.modules[name]
+        if cached is not None:
+            sys.modules[name] = cached  # the earlier version stays importable (pickled models refer to it)
+        else:
+            del sys.modules[name]
         raise UsageError(f"Importing '{path}' failed: {type(exc).__name__}: {exc}",
                          hint="Fix the error in that file; it must import without side effects that fail.") from None
     finally:
