@@ -44,6 +44,7 @@ def test_there_are_commands():
 def test_help_has_no_bool_metavar_and_wraps_at_the_width(cmd):
     text = _help(*cmd)
     assert "<bool>" not in text and "<list[" not in text and "{" not in text.split("\n", 3)[1]
+    assert "......" not in text  # a repeatable argument is NAME..., once
     assert max(len(ln) for ln in text.splitlines()) <= WIDTH
     # greedy wrapping: a line of a paragraph ends only where the next word would not have fit
     for para in _description(text):
@@ -71,6 +72,11 @@ def test_flags_show_no_type_and_lists_show_their_element():
 def test_closed_sets_are_listed_and_checked():
     text = " ".join(_help("check", width=200).replace("│", " ").split())
     assert "[one of: fail, warn, ignore]" in text and "[one of: auto, epoch, step, checkpoint]" in text
+    for cmd, listed in (("capture", "[one of: none, lzf, gzip]"), ("capture", "[one of: auto, step, epoch, name]"),
+                        ("checkpoints", "[one of: auto, step, epoch, name]"), ("estimators", "[one of: pair, single, jacobian]"),
+                        ("run", "[one of: data, train, capture, estimate, plot, ood, report, check]"),
+                        ("estimate", "[one of: identity, inputs]")):
+        assert listed in " ".join(_help(cmd, width=200).replace("│", " ").split()), (cmd, listed)
     assert "--missing <choice>" in text
     def flat(out):  # the error box wraps at the terminal width
         return " ".join(out.replace("│", " ").split())

@@ -173,7 +173,7 @@ def register(app: typer.Typer) -> None:
     @app.command("checkpoints", no_args_is_help=True)
     @guard
     def checkpoints_cmd(
-        patterns: List[str] = typer.Argument(..., help="Checkpoints: globs (quote them), directories or files."),
+        patterns: List[str] = typer.Argument(..., metavar="PATTERN...", help="Checkpoints: globs (quote them), directories or files."),
         order: Literal["auto", "step", "epoch", "name"] = typer.Option("auto", "--order", help="auto (by step when every checkpoint has one, else epoch, "
                                   "else name), step, epoch or name."),
         trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="Allow full unpickling (only for files "
