@@ -105,3 +105,15 @@ def test_dry_run_into_an_existing_store_is_refused_like_the_real_run(tmp_path):
     assert res.exit_code == 0, res.output
     with pytest.raises(UsageError, match="already exists: the capture would be refused"):
         capture(model, ckpts, probe, ["0"], tmp_path / "acts", dry_run=True, reporter=NullReporter())
+
+
+def test_info_names_checkpoint_files_of_the_same_name_with_their_folder(tmp_path):
+    model, _, probe = _toy(tmp_path)
+    net = torch.nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2))
+    for e in (0, 1):
+        (tmp_path / f"run_e{e}").mkdir()
+        torch.save({"epoch": e, "state_dict": net.state_dict()}, tmp_path / f"run_e{e}" / "model.pt")
+    capture(model, [str(tmp_path / "run_e0" / "model.pt"), str(tmp_path / "run_e1" / "model.pt")], probe, ["0"],
+            tmp_path / "acts")
+    res = CliRunner().invoke(app, ["info", str(tmp_path / "acts")])
+    assert res.exit_code == 0 and "run_e0/model.pt" in res.output and "run_e1/model.pt" in res.output, res.output

@@ -295,14 +295,17 @@ def register(app: typer.Typer) -> None:
             lt.add_row(str(i), n, str(m.get("type", "")), str(m.get("reduction", "")),
                        "x".join(map(str, m.get("raw_shape") or [])), str(m.get("dims", "")))
         c.print(lt)
+        names = [Path(r["path"]).name for r in ckpts]
+        if len(set(names)) < len(names):  # e.g. Hugging Face folders: checkpoint-N/model.safetensors
+            names = [str(Path(Path(r["path"]).parent.name) / Path(r["path"]).name) for r in ckpts]
         ct = Table(title=f"Checkpoints ({len(ckpts)} complete)", title_justify="left")
         for col in ("#", "epoch", "step", "file", "sha256", "dtype", "jacobian", "metrics"):
-            ct.add_column(col)
-        for r in ckpts:
+            ct.add_column(col, min_width=min(40, max(map(len, names), default=4)) if col == "file" else None)
+        for r, file_name in zip(ckpts, names):
             ep = r["epoch_exact"] if r["epoch_exact"] is not None else r["epoch"]
             ct.add_row(str(r["index"]), "" if ep is None else (str(int(ep)) if float(ep).is_integer() else f"{ep:g}"),
                        "" if r["step"] is None else str(r["step"]),
-                       Path(r["path"]).name, r["sha256"], ",".join(r["dtypes"]), str(r["jacobian_layers"] or ""),
+                       file_name, r["sha256"], ",".join(r["dtypes"]), str(r["jacobian_layers"] or ""),
                        ", ".join(f"{k}={v:.4g}" for k, v in r["metrics"].items()))
         c.print(ct)
         if skipped:
