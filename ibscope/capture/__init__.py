@@ -91,7 +91,7 @@ def capture(
     allow_nonfinite: bool = False,
     compression: str = "none",
     max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES,
-    jacobian_chunk: int = 16,
+    jacobian_chunk: int | None = None,
     lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT,
     order: str = "auto",
     dry_run: bool = False,
@@ -129,7 +129,7 @@ def capture(
     (primary, floating) input, by ``jacobian_method`` (``"exact"`` or ``"sketch:K"``) within
     ``jacobian_memory`` (bytes, ``"2G"``, or ``"auto"``: 1 GiB or half the available memory);
     the budget is checked before any work (see :mod:`ibscope.capture.jacobian`).
-    ``jacobian_chunk`` caps the samples handled in one vmap.
+    ``jacobian_chunk`` caps the samples handled in one vmap (default: as many as the budget holds).
 
     Progress (checkpoints, batches, Jacobian passes), the checkpoint series and the Jacobian
     plan go to ``reporter`` (:mod:`ibscope.reporting`; the CLI passes its rich one); ``None``,
@@ -211,7 +211,7 @@ def capture(
         model_id = model_spec_id(model)
     parse_method(jacobian_method)  # bad values: usage errors before any work
     jac_budget = parse_memory(jacobian_memory, dev) if jacobian_samples else None
-    if int(jacobian_chunk) < 1:
+    if jacobian_chunk is not None and int(jacobian_chunk) < 1:
         raise UsageError(f"jacobian_chunk must be >= 1. Got {jacobian_chunk}.")
     pr = load_probe(probe, max_samples=max_samples, sample_seed=sample_seed)
     check_jacobian_input(pr, jacobian_samples)
@@ -230,7 +230,7 @@ def capture(
     jplan = None
     if jacobian_samples:
         jplan = plan_jacobian_work(net, targets, reducers, meta, pr, int(jacobian_samples), dev, jacobian_method,
-                                jac_budget, int(jacobian_chunk))
+                                jac_budget, None if jacobian_chunk is None else int(jacobian_chunk))
         if rep is None or is_silent(rep):
             log.info("%s", jplan.summary())
         else:

@@ -11,8 +11,11 @@ Two methods (``--jacobian-method``):
     pass (``vmap`` over ``K`` one-hot cotangents), one layer at a time, so at most one layer's
     ``(d_out, d_in)`` matrix and the ``K`` backward passes live at once; then
     ``torch.linalg.svdvals``. Same values as building the whole Jacobian at once (float32
-    tolerance). When a layer's rows fit the budget several times over, several samples are
-    done in one ``vmap``.
+    tolerance). When whole Jacobians fit the budget, the layers whose whole Jacobians fit together
+    share one ``vmap(jacrev)`` (one forward and one batched backward for all of them, as
+    :func:`jacobian_singular_values` does), and as many samples as the budget holds go into each
+    ``vmap``: small models need a handful of ``vmap`` calls per checkpoint, not one per layer and
+    few samples.
 ``sketch:K``
     A randomized SVD (Halko, Martinsson & Tropp 2011, Alg. 4.4 + 5.1) that never forms the
     Jacobian: ``Y = J Omega`` with ``K + 10`` Gaussian directions (forward mode,
@@ -26,8 +29,10 @@ Two methods (``--jacobian-method``):
 Memory (``--jacobian-memory``): before any work, one forward pass of one sample measures the
 bytes its operations allocate (``A``); one vjp/jvp pass is counted as ``2 A``, the graph kept for
 reverse mode as ``A``, and the Jacobian plus its SVD workspace as ``2 x 4 d_out d_in`` bytes
-(exact). Rows per pass are chosen so that the estimate stays within the budget; a layer that
-cannot fit even one row is an error before any work, naming what it would need.
+(exact). Rows per pass, and samples per ``vmap``, are chosen so that the estimate stays within
+the budget (a group of layers sharing a ``vmap`` counts the graph once and every layer's rows,
+Jacobians and SVD workspace); a layer that cannot fit even one row is an error before any work,
+naming what it would need.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ AUTO_MEMORY_CAP = 1 << 30  # "auto": 1 GiB, or half the available memory if that
 ROW_FACTOR = 2.0  # bytes of one vjp/jvp pass, in units of one forward's allocations
 OVERSAMPLE = 10  # sketch: extra random directions
 POWER_ITERS = 1  # sketch: power iterations
-MAX_SAMPLES_PER_PASS = 64
+MAX_SAMPLES_PER_PASS = None  # samples per vmap: as many as the budget holds (an int caps them)
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.I)
 
@@ -185,7 +190,8 @@ class LayerPlan:
     rows_per_pass: int  # exact: Jacobian rows per vmap'd vjp; sketch: directions per pass
     samples_per_pass: int
     passes: int  # vjp/jvp passes per sample
-    est_bytes: int
+    est_bytes: int  # of this layer's vmap (its group's, when it shares one)
+    group: int = -1  # layers with the same group >= 0 share one vmap(jacrev) (whole Jacobians, exact)
 
 
 @dataclass
@@ -209,11 +215,37 @@ class JacobianPlan:
     def total_passes(self) -> int:
         return self.m * sum(lp.passes for lp in self.layers)
 
+    def units(self) -> list[list[LayerPlan]]:
+        """The layers in the order they are computed: one list per ``vmap`` unit (a group of
+        whole-Jacobian layers sharing ``vmap(jacrev)``, or one layer alone)."""
+        out: list[list[LayerPlan]] = []
+        by_group: dict[int, list[LayerPlan]] = {}
+        for lp in self.layers:
+            if lp.group < 0:
+                out.append([lp])
+            elif lp.group in by_group:
+                by_group[lp.group].append(lp)
+            else:
+                by_group[lp.group] = [lp]
+                out.append(by_group[lp.group])
+        return out
+
+    @property
+    def per_vmap(self) -> int:
+        """The most backward/forward passes batched in one ``vmap``."""
+        per = 0
+        for unit in self.units():
+            lp = unit[0]
+            rows = sum(u.d_out for u in unit) if lp.rows_per_pass >= lp.d_out and lp.method == "exact" \
+                else lp.rows_per_pass
+            per = max(per, rows * lp.samples_per_pass)
+        return per
+
     def summary(self) -> str:
         kind = "exact" if self.method == "exact" else f"sketch:{self.sketch_k}"
         rows = ", ".join(f"{lp.name} {lp.d_out}" + ("" if lp.method == self.method else f" ({lp.method})")
                          for lp in self.layers)
-        per = max((lp.rows_per_pass * lp.samples_per_pass for lp in self.layers), default=0)
+        per = self.per_vmap
         return (f"Jacobians ({kind}): {self.m} sample(s) of '{self.primary}' ({self.d_in} inputs) x layers "
                 f"[{rows}]: {self.total_passes} vjp/jvp passes, up to {per} per vmap; estimated peak "
                 f"{fmt_bytes(self.est_peak)} of the {fmt_bytes(self.budget)} budget (--jacobian-memory).")
@@ -224,19 +256,56 @@ def _mib_up(n: float) -> str:
     return f"{math.ceil(n * 1.1 / (1 << 20))}M"
 
 
-def _exact_layer(name: str, d: int, d_in: int, a: int, budget: int, m: int, max_samples: int) -> LayerPlan:
+def _whole_bytes(d: int, d_in: int, a: int) -> int:
+    """Bytes one sample adds to a ``vmap(jacrev)`` for a layer of ``d`` dims besides the graph
+    (``a``): its ``d`` backward passes, its Jacobian and its SVD workspace."""
+    j = 4 * d * d_in
+    return j + (j + 8 * min(d, d_in) ** 2) + d * int(ROW_FACTOR * a)
+
+
+def _samples(per_sample: int, budget: int, m: int, max_samples: int | None) -> int:
+    return max(1, min(m, budget // per_sample, m if max_samples is None else max_samples))
+
+
+def _exact_layer(name: str, d: int, d_in: int, a: int, budget: int, m: int, max_samples: int | None) -> LayerPlan:
     j = 4 * d * d_in
     svd = j + 8 * min(d, d_in) ** 2
     row = int(ROW_FACTOR * a)
-    per_sample_full = a + j + svd + d * row
+    per_sample_full = a + _whole_bytes(d, d_in, a)
     if per_sample_full <= budget:
-        s = max(1, min(m, max_samples, budget // per_sample_full))
+        s = _samples(per_sample_full, budget, m, max_samples)
         return LayerPlan(name, d, "exact", min(d, d_in), d, s, d, s * per_sample_full)
     fixed = a + j + svd
     k = (budget - fixed) // row if budget > fixed else 0
     if k < 1:
         return LayerPlan(name, d, "exact", min(d, d_in), 0, 1, d, fixed + row)
     return LayerPlan(name, d, "exact", min(d, d_in), int(k), 1, d, fixed + int(k) * row)
+
+
+def _group_whole(layers: list[LayerPlan], d_in: int, a: int, budget: int, m: int, max_samples: int | None) -> None:
+    """Put the exact whole-Jacobian layers into groups that share one ``vmap(jacrev)``, in order,
+    each as large as the budget holds for one sample; then size each group's samples per vmap.
+
+    A group of layers costs, per sample, the graph once (``a``) plus every layer's rows,
+    Jacobian and SVD workspace: never more than the layers one by one, and one forward pass
+    instead of one per layer."""
+    groups: list[list[LayerPlan]] = []
+    cost = 0
+    for lp in layers:
+        if lp.method != "exact" or lp.rows_per_pass < lp.d_out:
+            continue
+        c = _whole_bytes(lp.d_out, d_in, a)
+        if groups and a + cost + c <= budget:
+            groups[-1].append(lp)
+            cost += c
+        else:
+            groups.append([lp])
+            cost = c
+    for g, members in enumerate(groups):
+        per_sample = a + sum(_whole_bytes(lp.d_out, d_in, a) for lp in members)
+        s = _samples(per_sample, budget, m, max_samples)
+        for lp in members:
+            lp.samples_per_pass, lp.est_bytes, lp.group = s, s * per_sample, g
 
 
 def _sketch_layer(name: str, d: int, d_in: int, a: int, budget: int, k: int) -> LayerPlan | None:
@@ -255,13 +324,14 @@ def _sketch_layer(name: str, d: int, d_in: int, a: int, budget: int, k: int) -> 
 
 def plan_jacobians(run: Callable, sample, layer_dims: dict[str, int], m: int, *, method: str = "exact",
                    budget: int | str | None = None, device: Any = None,
-                   max_samples_per_pass: int = MAX_SAMPLES_PER_PASS) -> JacobianPlan:
+                   max_samples_per_pass: int | None = MAX_SAMPLES_PER_PASS) -> JacobianPlan:
     """Size the Jacobian computation to ``budget`` before any work (see the module docstring).
 
     ``run`` maps a :class:`~ibscope.capture.probe.ModelInput` to ``{layer: (b, d)}`` with autograd
     (``CaptureEngine(grad=True).run``), ``sample`` is a one-row ModelInput (floating primary
     input), ``layer_dims`` the stored dims per layer. Raises :class:`UsageError` naming the layer,
     what it needs and what to change when the budget cannot hold even one pass.
+    ``max_samples_per_pass`` caps the samples in one ``vmap`` (default: as many as the budget holds).
     """
     import torch
 
@@ -286,6 +356,8 @@ def plan_jacobians(run: Callable, sample, layer_dims: dict[str, int], m: int, *,
         plan.layers.append(lp)
         if lp.rows_per_pass < 1:
             short.append(lp)
+    if not short:
+        _group_whole(plan.layers, d_in, a, cap, int(m), max_samples_per_pass)
     if short:
         worst = max(short, key=lambda lp: lp.est_bytes)
         need = fmt_bytes(worst.est_bytes)
@@ -316,8 +388,9 @@ def _one_hot(k: int, start: int, d: int, like):
     return e
 
 
-def _layer_fn(run: Callable, name: str, template, primary: str):
-    """``f(v, kw) -> (d,)``: layer ``name`` of one sample whose primary input is ``v`` (1, ...)."""
+def _layer_fn(run: Callable, names: list[str], template, primary: str):
+    """``f(v, kw) -> {name: (d,)}``: the layers ``names`` of one sample whose primary input is
+    ``v`` (1, ...)."""
 
     from ibscope.capture.probe import ModelInput
 
@@ -325,21 +398,37 @@ def _layer_fn(run: Callable, name: str, template, primary: str):
 
     def f(v, kw):
         both = {**kw, primary: v}
-        return run(ModelInput({k: both[k] for k in order}, primary))[name].reshape(-1)
+        out = run(ModelInput({k: both[k] for k in order}, primary))
+        return {n: out[n].reshape(-1) for n in names}
 
     return f
 
 
-def _exact_block(f: Callable, xs, kws: dict, lp: LayerPlan, d_in: int, tick: Callable):
-    """Singular values (S, r) of the layer's Jacobian at the S samples ``xs`` (S, 1, ...)."""
+def _one_layer(f: Callable, name: str) -> Callable:
+    return lambda v, kw: f(v, kw)[name]
+
+
+def _exact_whole(f: Callable, xs, kws: dict, unit: list[LayerPlan], d_in: int, tick: Callable) -> dict:
+    """Singular values {layer: (S, r)} of the whole Jacobians of the layers ``unit`` at the S
+    samples ``xs`` (S, 1, ...): one ``vmap(jacrev)`` for all of them."""
     import torch
-    from torch.func import jacrev, vjp, vmap
+    from torch.func import jacrev, vmap
+
+    jac = vmap(lambda xi, kwi: jacrev(lambda v: f(v, kwi))(xi))(xs, kws)
+    tick(xs.shape[0] * sum(lp.d_out for lp in unit))
+    out = {}
+    for lp in unit:
+        out[lp.name] = torch.linalg.svdvals(jac.pop(lp.name).reshape(xs.shape[0], lp.d_out, d_in).detach().float())
+    return out
+
+
+def _exact_rows(f: Callable, xs, kws: dict, lp: LayerPlan, d_in: int, tick: Callable):
+    """Singular values (S, r) of the layer's Jacobian at the S samples ``xs`` (S, 1, ...), built
+    ``lp.rows_per_pass`` rows per vmap'd vjp, one sample at a time (``f`` gives this layer only)."""
+    import torch
+    from torch.func import vjp, vmap
 
     d = lp.d_out
-    if lp.rows_per_pass >= d:  # whole Jacobians, several samples per vmap
-        jac = vmap(lambda xi, kwi: jacrev(lambda v: f(v, kwi))(xi))(xs, kws)
-        tick(xs.shape[0] * d)
-        return torch.linalg.svdvals(jac.reshape(xs.shape[0], d, d_in).detach().float())
     out = []
     for i in range(xs.shape[0]):
         kwi = {k: v[i] for k, v in kws.items()}
@@ -424,22 +513,29 @@ def jacobian_spectra(run: Callable, inputs, plan: JacobianPlan, progress: Callab
     with torch.enable_grad(), warnings.catch_warnings():
         # torch notes ops without a vmap batching rule (e.g. CPU flash attention): slower, not wrong
         warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented")
-        for lp in plan.layers:
-            f = _layer_fn(run, lp.name, inputs, prim)
-            parts = []
+        for unit in plan.units():
+            lp = unit[0]
+            whole = lp.method == "exact" and lp.rows_per_pass >= lp.d_out
+            f = _layer_fn(run, [u.name for u in unit], inputs, prim)
+            parts: dict[str, list] = {u.name: [] for u in unit}
             for s0 in range(0, plan.m, lp.samples_per_pass):
                 s1 = min(plan.m, s0 + lp.samples_per_pass)
                 xs = xs_all[s0:s1].unsqueeze(1)  # (S, 1, ...): each sample as its own batch of one
                 kws = {k: v[s0:s1].unsqueeze(1) for k, v in kw_all.items()}
-                if lp.method == "exact":
-                    parts.append(_exact_block(f, xs, kws, lp, plan.d_in, tick))
+                if whole:
+                    for name, sv in _exact_whole(f, xs, kws, unit, plan.d_in, tick).items():
+                        parts[name].append(sv)
+                elif lp.method == "exact":
+                    parts[lp.name].append(_exact_rows(_one_layer(f, lp.name), xs, kws, lp, plan.d_in, tick))
                 else:
                     for i in range(s1 - s0):
                         seed = (zlib.crc32(lp.name.encode()) * 1_000_003 + ids[s0 + i]) % (2 ** 63)
                         kw1 = {k: v[i] for k, v in kws.items()}
-                        parts.append(_sketch_one(f, xs[i], kw1, lp, plan.d_in, seed, tick).unsqueeze(0))
-            res[lp.name] = torch.cat(parts).float()
-    return res
+                        parts[lp.name].append(_sketch_one(_one_layer(f, lp.name), xs[i], kw1, lp, plan.d_in, seed,
+                                                          tick).unsqueeze(0))
+            for name, p in parts.items():
+                res[name] = torch.cat(p).float()
+    return {lp.name: res[lp.name] for lp in plan.layers}
 
 
 def jacobian_singular_values(fn: Callable, x, chunk: int = 16):

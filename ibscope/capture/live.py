@@ -110,7 +110,7 @@ class Snapshotter:
             jplan = None
             if self.jacobian_samples:
                 jplan = plan_jacobian_work(net, targets, reducers, meta, pr, self.jacobian_samples, dev,
-                                        self.jacobian_method, self.jacobian_memory, 16)
+                                        self.jacobian_method, self.jacobian_memory)
             config: dict[str, Any] = {
                 "model": f"<module {type(net).__name__}>", "model_args": {}, "layers": self.layers,
                 "reduce": self.reduce if self.reduce is not None else "auto", "dtype": self.dtype,

@@ -126,14 +126,15 @@ def check_jacobian_input(pr, jacobian_samples: int) -> None:
                               "without --jacobian-samples.")
 
 
-def plan_jacobian_work(net, targets, reducers, meta, pr, m, dev, method, budget, chunk):
-    """Size the Jacobian computation to the budget before any work (UsageError if it cannot fit)."""
+def plan_jacobian_work(net, targets, reducers, meta, pr, m, dev, method, budget, chunk=None):
+    """Size the Jacobian computation to the budget before any work (UsageError if it cannot fit);
+    ``chunk``: at most that many samples per ``vmap`` (None: as many as the budget holds)."""
     from ibscope.capture.hooks import CaptureEngine
 
     with frozen_parameters(net), CaptureEngine(net, targets, reducers, grad=True) as eng:
         return plan_jacobians(eng.run, pr.batch(0, 1, dev), {t.name: meta[t.name]["dims"] for t in targets},
                               min(int(m), pr.n), method=method, budget=budget, device=dev,
-                              max_samples_per_pass=int(chunk))
+                              max_samples_per_pass=None if chunk is None else int(chunk))
 
 
 def probe_and_jacobian_config(pr, jplan) -> dict:
