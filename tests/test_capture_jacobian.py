@@ -136,6 +136,55 @@ def test_capture_stores_the_same_spectra_as_the_whole_jacobian(tmp_path, resnet_
         np.testing.assert_allclose(sv, ref[k].numpy(), rtol=1e-5, atol=1e-6 * float(ref[k].max()))
 
 
+def test_layers_whose_whole_jacobians_fit_share_one_vmap(resnet_mod, monkeypatch):
+    """Whole-Jacobian layers that fit the budget together are computed in one vmap(jacrev) with as
+    many samples as the budget holds (one progress tick per vmap); one byte less than that group
+    needs for one sample splits it; the values are those of the whole Jacobian either way."""
+    torch.manual_seed(2)
+    net = resnet_mod.SmallResNet().eval()
+    x = torch.randn(5, 3, 16, 16)
+    layers = ["layer1", "layer2", "fc"]
+    targets, reducers, meta, _ = plan_layers(net, x[:2], layers)
+    dims = {t.name: meta[t.name]["dims"] for t in targets}
+    total = sum(dims.values())  # 16 + 16 + 10
+    with torch.enable_grad(), CaptureEngine(net, targets, reducers, grad=True) as eng:
+        ref = jacobian_singular_values(eng.run, x, chunk=5)
+
+    def run(budget, cap=None):
+        ticks = []
+        with frozen_parameters(net), CaptureEngine(net, targets, reducers, grad=True) as eng:
+            plan = plan_jacobians(eng.run, ModelInput.of(x[:1]), dims, 5, budget=budget, max_samples_per_pass=cap)
+            got = jacobian_spectra(eng.run, ModelInput.of(x), plan, ticks.append)
+        for k in layers:
+            np.testing.assert_allclose(got[k].numpy(), ref[k].numpy(), rtol=1e-5, atol=1e-6 * float(ref[k].max()),
+                                       err_msg=f"{k} at {budget}, cap {cap}")
+        assert list(got) == layers and sum(ticks) == plan.total_passes == 5 * total
+        assert plan.est_peak <= parse_memory(budget)
+        return plan, ticks
+
+    plan, ticks = run("256M")
+    # the forward's bytes, as measured once, for every plan below (a second measurement can differ
+    # by a few storages the allocator reused), so that the budgets at the boundary are exact
+    monkeypatch.setattr("ibscope.capture.jacobian.forward_bytes", lambda fn, *args, _a=plan.act_bytes: _a)
+    assert {lp.group for lp in plan.layers} == {0} and {lp.samples_per_pass for lp in plan.layers} == {5}
+    assert ticks == [5 * total] and plan.per_vmap == 5 * total  # one vmap for all layers and samples
+    assert f"up to {5 * total} per vmap" in plan.summary()
+    plan, ticks = run("256M", cap=2)  # an explicit cap on the samples per vmap
+    assert ticks == [2 * total, 2 * total, total]
+    joint = plan.layers[0].est_bytes // 2  # the group's bytes per sample
+    assert all(lp.est_bytes == 2 * joint for lp in plan.layers)
+    # the module docstring's estimate: the graph (A) once, then per layer its d_out passes (2A
+    # each), its Jacobian and the SVD's copy (2 x 4 d_out d_in) and workspace (8 min(d_out, d_in)^2)
+    a, d_in = plan.act_bytes, plan.d_in
+    assert joint == a + sum(2 * 4 * d * d_in + 8 * min(d, d_in) ** 2 + d * int(2 * a) for d in dims.values())
+    plan, ticks = run(joint)  # exactly one sample of the whole group fits
+    assert {lp.group for lp in plan.layers} == {0} and {lp.samples_per_pass for lp in plan.layers} == {1}
+    assert ticks == [total] * 5
+    plan, ticks = run(joint - 1)  # not even one: the group splits, each part alone or in fewer layers
+    assert len(plan.units()) >= 2 and all(lp.rows_per_pass == lp.d_out for lp in plan.layers)
+    assert len(ticks) > 5 and sorted({lp.name for u in plan.units() for lp in u}) == sorted(layers)
+
+
 MEMORY_SCRIPT = textwrap.dedent('''
     import sys
     import torch
@@ -182,7 +231,7 @@ MEMORY_SCRIPT = textwrap.dedent('''
         peak[0] = max(peak[0], anon())
         done.set()
         t.join()
-    print((peak[0] - base) / 2**20, plan.est_peak / 2**20)
+    print((peak[0] - base) / 2**20, plan.est_peak / 2**20, len(plan.units()))
 ''')
 
 
@@ -190,21 +239,23 @@ MEMORY_SCRIPT = textwrap.dedent('''
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_peak_memory_stays_within_the_budget(tmp_path, resnet_mod):
     """Peak resident anonymous memory above the warmed-up process (sampled every 2 ms), in a fresh
-    interpreter: the chunked path within its 32 MiB budget, the whole-Jacobian path (8 samples at
-    once) far above it."""
+    interpreter: the chunked path within its 32 MiB budget, and within 128 MiB where all three
+    layers share one vmap; the whole-Jacobian path (8 samples at once) far above 32 MiB."""
     (tmp_path / "mem.py").write_text(MEMORY_SCRIPT)
 
-    def peak(mode):
-        out = subprocess.run([sys.executable, str(tmp_path / "mem.py"), mode, "32M", str(tmp_path)],
+    def peak(mode, budget="32M"):
+        out = subprocess.run([sys.executable, str(tmp_path / "mem.py"), mode, budget, str(tmp_path)],
                              capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr
         return [float(v) for v in out.stdout.split()]
 
-    chunked, est = peak("chunked")
-    whole, _ = peak("whole")
+    chunked, est, _ = peak("chunked")
+    whole, _, _ = peak("whole")
     assert est <= 32
     assert chunked <= 32, (chunked, est)
     assert whole > 4 * max(chunked, 8), (whole, chunked)
+    joint, est, units = peak("chunked", "128M")
+    assert units == 1 and est <= 128 and joint <= 128, (joint, est, units)
 
 
 def test_sketch_against_the_exact_values(resnet_mod):
