@@ -16,6 +16,21 @@ computation (what ``capture`` did before the memory budget: all rows of 16 sampl
     python benchmarks/bench_jacobian.py --memory 512M --method sketch:64 --samples 16
     python benchmarks/bench_jacobian.py --reference --reference-samples 2
     python benchmarks/bench_jacobian.py --device cuda        # on a GPU: peak = torch.cuda.max_memory_allocated
+
+``--compare`` times, in this process and side by side (alternating, ``--repeats`` times), the
+Jacobian spectra of one checkpoint as computed three ways: before the memory budget (56199b2^:
+``jacobian_singular_values``, one ``vmap(jacrev)`` over all layers, 16 samples per vmap); one
+``vmap(jacrev)`` per layer and 16 samples (the planned path from 56199b2 until whole-Jacobian
+layers were grouped); and ``ibscope capture``'s planned path now (``plan_jacobians`` once, then
+``jacobian_spectra`` per checkpoint, as ``store_jacobians`` runs it). It prints the medians, their
+ratios and the largest relative difference of the values. The default model is the demo's
+12-10-7-5-4-3-2 tanh network (layers hidden1-hidden5 and output, as ``ibscope demo`` captures
+them) at 128 samples; ``--compare-model resnet18`` uses the ResNet-18 above (slow: about 8 s CPU
+per sample and way).
+
+    python benchmarks/bench_jacobian.py --compare                              # demo net, 128 samples, 7 repeats
+    python benchmarks/bench_jacobian.py --compare --compare-model resnet18 --samples 2 --repeats 3
+    python benchmarks/bench_jacobian.py --compare --threads 1 --repeats 15  # steadier on a busy machine
 """
 
 from __future__ import annotations
@@ -128,15 +143,104 @@ def run_capture(d: Path, out: str, samples: int, method: str, memory: str, devic
             float("nan"), "cmd": " ".join(cmd)}
 
 
+def compare(model: str, samples: int, repeats: int, memory: str) -> None:
+    """Old single vmap(jacrev) vs per-layer vmaps vs the planned path, in this process (see the docstring)."""
+    import statistics
+
+    import numpy as np
+    import torch
+
+    from ibscope.capture import plan_layers
+    from ibscope.capture.hooks import CaptureEngine
+    from ibscope.capture.jacobian import frozen_parameters, jacobian_singular_values, jacobian_spectra, plan_jacobians
+    from ibscope.capture.probe import ModelInput
+
+    torch.manual_seed(0)
+    if model == "demo":
+        from ibscope.demo.models import ib_net
+
+        net, x, layers = ib_net("tanh").eval(), torch.rand(samples, 12).round(), ["hidden*", "output"]
+    else:
+        tmp = tempfile.mkdtemp(prefix="bench_jac_")
+        (Path(tmp) / "resnet18.py").write_text(RESNET18)
+        sys.path.insert(0, tmp)
+        from resnet18 import ResNet18
+
+        net, x, layers = ResNet18().eval(), torch.randn(samples, 3, 32, 32), LAYERS
+    targets, reducers, meta, _ = plan_layers(net, x[:2], layers)
+    dims = {t.name: meta[t.name]["dims"] for t in targets}
+
+    def old():  # ibscope capture before 56199b2 (its _store_jacobians)
+        with torch.enable_grad(), CaptureEngine(net, targets, reducers, grad=True) as eng:
+            return jacobian_singular_values(eng.run, x, chunk=16)
+
+    def layerwise():  # one vmap(jacrev) per layer and 16 samples
+        out = {}
+        with frozen_parameters(net), torch.enable_grad(), CaptureEngine(net, targets, reducers, grad=True) as eng:
+            for p in per_layer:
+                out.update(jacobian_spectra(eng.run, ModelInput.of(x), p))
+        return out
+
+    def planned():  # ibscope capture now (store_jacobians)
+        with frozen_parameters(net), torch.enable_grad(), CaptureEngine(net, targets, reducers, grad=True) as eng:
+            return jacobian_spectra(eng.run, ModelInput.of(x), plan)
+
+    ref = {k: v.numpy() for k, v in old().items()}  # warm-up (torch's lazy imports), and the reference values
+    with frozen_parameters(net), CaptureEngine(net, targets, reducers, grad=True) as eng:
+        t = time.perf_counter()
+        plan = plan_jacobians(eng.run, ModelInput.of(x[:1]), dims, samples, budget=memory)
+        t_plan = time.perf_counter() - t
+        per_layer = [plan_jacobians(eng.run, ModelInput.of(x[:1]), {k: d}, samples, budget=memory,
+                                    max_samples_per_pass=16) for k, d in dims.items()]
+    ways = {"before 56199b2: one vmap(jacrev), all layers, 16 samples per vmap": old,
+            "per layer, 16 samples per vmap (56199b2 .. this change)": layerwise,
+            "planned (ibscope capture now)": planned}
+    print(f"{model}: {samples} samples, layers {', '.join(dims)} ({sum(dims.values())} dims), d_in "
+          f"{plan.d_in}, {torch.get_num_threads()} torch thread(s), {repeats} repeats, alternating")
+    print(plan.summary())
+    print(f"planning (once per capture, not per checkpoint): {t_plan * 1000:.0f} ms")
+    worst = {}
+    for name, fn in ways.items():
+        got = fn()
+        worst[name] = max(float(np.abs(got[k].numpy() - ref[k]).max() / np.abs(ref[k]).max()) for k in dims)
+    times: dict[str, list[float]] = {k: [] for k in ways}
+    for r in range(repeats):
+        order = list(ways.items())
+        for name, fn in (order if r % 2 == 0 else order[::-1]):
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    base = statistics.median(times[next(iter(ways))])
+    print(f"{'way':<68} {'median':>9} {'ratio':>6}  max rel. diff  all (ms)")
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        print(f"{name:<68} {med * 1000:7.1f} ms {med / base:6.2f}  {worst[name]:.1e}        "
+              f"{' '.join(f'{v * 1000:.0f}' for v in ts)}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--samples", type=int, default=16)
+    ap.add_argument("--samples", type=int, default=None, help="Jacobian samples (default: 16; --compare: 128)")
     ap.add_argument("--method", default="exact")
     ap.add_argument("--memory", default="auto")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--reference", action="store_true", help="also run the unbounded whole-Jacobian computation")
     ap.add_argument("--reference-samples", type=int, default=2)
+    ap.add_argument("--compare", action="store_true", help="in-process timing: the old single vmap(jacrev), one "
+                    "vmap per layer, and the planned path, side by side")
+    ap.add_argument("--compare-model", choices=("demo", "resnet18"), default="demo")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=None, help="--compare: torch threads (default: torch's; 1 is "
+                    "steadier on a shared machine)")
     args = ap.parse_args()
+    if args.compare:
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        compare(args.compare_model, args.samples or 128, args.repeats, args.memory)
+        return
+    args.samples = args.samples or 16
     import numpy as np
 
     with tempfile.TemporaryDirectory(prefix="bench_jac_") as tmp:
