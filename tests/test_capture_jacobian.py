@@ -137,9 +137,10 @@ def test_capture_stores_the_same_spectra_as_the_whole_jacobian(tmp_path, resnet_
 
 
 def test_layers_whose_whole_jacobians_fit_share_one_vmap(resnet_mod, monkeypatch):
-    """Whole-Jacobian layers that fit the budget together are computed in one vmap(jacrev) with as
-    many samples as the budget holds (one progress tick per vmap); one byte less than that group
-    needs for one sample splits it; the values are those of the whole Jacobian either way."""
+    """Whole-Jacobian layers whose Jacobians of all the samples fit the budget together are
+    computed in one vmap(jacrev) (one progress tick per vmap); one byte less than that splits the
+    group, each layer then with as many samples per vmap as the budget holds; the values are
+    those of the whole Jacobian either way."""
     torch.manual_seed(2)
     net = resnet_mod.SmallResNet().eval()
     x = torch.randn(5, 3, 16, 16)
@@ -177,12 +178,17 @@ def test_layers_whose_whole_jacobians_fit_share_one_vmap(resnet_mod, monkeypatch
     # each), its Jacobian and the SVD's copy (2 x 4 d_out d_in) and workspace (8 min(d_out, d_in)^2)
     a, d_in = plan.act_bytes, plan.d_in
     assert joint == a + sum(2 * 4 * d * d_in + 8 * min(d, d_in) ** 2 + d * int(2 * a) for d in dims.values())
-    plan, ticks = run(joint)  # exactly one sample of the whole group fits
-    assert {lp.group for lp in plan.layers} == {0} and {lp.samples_per_pass for lp in plan.layers} == {1}
-    assert ticks == [total] * 5
-    plan, ticks = run(joint - 1)  # not even one: the group splits, each part alone or in fewer layers
+    plan, ticks = run(5 * joint)  # exactly all five samples of the whole group fit
+    assert {lp.group for lp in plan.layers} == {0} and {lp.samples_per_pass for lp in plan.layers} == {5}
+    assert ticks == [5 * total]
+    plan, ticks = run(5 * joint - 1)  # not all five: no group of all layers; each alone takes all it can
     assert len(plan.units()) >= 2 and all(lp.rows_per_pass == lp.d_out for lp in plan.layers)
-    assert len(ticks) > 5 and sorted({lp.name for u in plan.units() for lp in u}) == sorted(layers)
+    assert len(ticks) == sum(-(-5 // unit[0].samples_per_pass) for unit in plan.units())  # one tick per vmap
+    alone = [u[0] for u in plan.units() if len(u) == 1]
+    assert alone and all(lp.samples_per_pass * (a + 2 * 4 * lp.d_out * d_in + 8 * min(lp.d_out, d_in) ** 2
+                                                + lp.d_out * int(2 * a)) == lp.est_bytes for lp in alone)
+    plan, ticks = run(2 * joint, cap=2)  # with a cap of 2 samples per vmap, 2 samples of the group fit
+    assert {lp.group for lp in plan.layers} == {0} and ticks == [2 * total, 2 * total, total]
 
 
 MEMORY_SCRIPT = textwrap.dedent('''
@@ -210,7 +216,7 @@ MEMORY_SCRIPT = textwrap.dedent('''
             time.sleep(0.002)
 
     torch.set_num_threads(1)
-    mode, budget, m = sys.argv[1], sys.argv[2], 8
+    mode, budget, m = sys.argv[1], sys.argv[2], int(sys.argv[4]) if len(sys.argv) > 4 else 8
     torch.manual_seed(0)
     net = SmallResNet(widths=(16, 32)).eval()
     x = torch.randn(m, 3, 32, 32)
@@ -239,12 +245,13 @@ MEMORY_SCRIPT = textwrap.dedent('''
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_peak_memory_stays_within_the_budget(tmp_path, resnet_mod):
     """Peak resident anonymous memory above the warmed-up process (sampled every 2 ms), in a fresh
-    interpreter: the chunked path within its 32 MiB budget, and within 128 MiB where all three
-    layers share one vmap; the whole-Jacobian path (8 samples at once) far above 32 MiB."""
+    interpreter: the chunked path within its 32 MiB budget, and within 256 MiB where the three
+    layers of 2 samples share one vmap; the whole-Jacobian path (8 samples at once) far above
+    32 MiB."""
     (tmp_path / "mem.py").write_text(MEMORY_SCRIPT)
 
-    def peak(mode, budget="32M"):
-        out = subprocess.run([sys.executable, str(tmp_path / "mem.py"), mode, budget, str(tmp_path)],
+    def peak(mode, budget="32M", m=8):
+        out = subprocess.run([sys.executable, str(tmp_path / "mem.py"), mode, budget, str(tmp_path), str(m)],
                              capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr
         return [float(v) for v in out.stdout.split()]
@@ -254,8 +261,8 @@ def test_peak_memory_stays_within_the_budget(tmp_path, resnet_mod):
     assert est <= 32
     assert chunked <= 32, (chunked, est)
     assert whole > 4 * max(chunked, 8), (whole, chunked)
-    joint, est, units = peak("chunked", "128M")
-    assert units == 1 and est <= 128 and joint <= 128, (joint, est, units)
+    joint, est, units = peak("chunked", "256M", m=2)
+    assert units == 1 and est <= 256 and joint <= 256, (joint, est, units)
 
 
 def test_sketch_against_the_exact_values(resnet_mod):
