@@ -4,6 +4,7 @@ clean usage lines, and tables that are not cut at 80 columns when the output is 
 
 import re
 
+import numpy as np
 import pytest
 import typer
 from typer.testing import CliRunner
@@ -52,6 +53,26 @@ def test_help_has_no_bool_metavar_and_wraps_at_the_width(cmd):
             nxt_word = nxt.split()[0]
             assert len(line) + 1 + len(nxt_word) > WIDTH - 2, (
                 f"`ibscope {' '.join(cmd)} --help`: line broken early (hard-wrapped source?):\n{line}\n{nxt}")
+
+
+@pytest.mark.parametrize("cmd", [[c] for c in COMMANDS])
+def test_help_at_80_columns_cuts_nothing(cmd):
+    """On a standard 80-column terminal no option name or word is cut off with an ellipsis."""
+    text = _help(*cmd, width=80)
+    assert "…" not in text, "\n".join(ln for ln in text.splitlines() if "…" in ln)
+
+
+def test_default_flags_spelt_out_still_work_and_exclude_their_opposites(tmp_path):
+    from capture_support import save_probe, write_models
+
+    save_probe(tmp_path / "p.npz", np.random.default_rng(0).normal(size=(8, 4)).astype("float32"))
+    model = f"{write_models(tmp_path)}:MLP"
+    base = ["capture", "-m", model, "-c", str(tmp_path / "none*.pt"), "-p", str(tmp_path / "p.npz"), "-l", "fc1"]
+    r = CliRunner().invoke(app, [*base, "-o", str(tmp_path / "a"), "--store-inputs", "--no-store-inputs"])
+    assert r.exit_code == 2 and "--store-inputs and --no-store-inputs exclude each other." in r.output
+    r = CliRunner().invoke(app, ["ood", "--fit", "a", "--test", "b", "--ood", "c", "--layer", "l",
+                                 "--class-conditional", "--single-gaussian", "-o", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "--class-conditional and --single-gaussian exclude each other." in r.output
 
 
 def test_usage_line_and_argument_names():

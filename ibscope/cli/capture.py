@@ -17,6 +17,13 @@ from ibscope.cli._common import RichReporter, console, guard, load_mapping, repo
 from ibscope.errors import UsageError
 
 
+def _store_inputs(store: bool, no_store: bool) -> bool:
+    """--no-store-inputs, or the (hidden: it is the default) --store-inputs; both is a usage error."""
+    if store and no_store:
+        raise UsageError("--store-inputs and --no-store-inputs exclude each other.")
+    return not no_store
+
+
 def _parse_reduce(items: list[str] | None):
     """``OP`` sets the default; ``LAYER=OP`` overrides one layer (or a glob of layers)."""
     if not items:
@@ -92,8 +99,10 @@ def register(app: typer.Typer) -> None:
         jacobian_memory: str = typer.Option("auto", "--jacobian-memory", help="Memory budget of the Jacobian "
                                             "computation, e.g. 512M, 2G; auto = 1 GiB or half the available memory. "
                                             "Checked before any work: a request that cannot fit is an error."),
-        store_inputs: bool = typer.Option(True, "--store-inputs/--no-store-inputs", help="Copy the probe inputs "
-                                          "(flattened float32) into the store; skipped with a warning above 256 MiB."),
+        no_store_inputs: bool = typer.Option(False, "--no-store-inputs", help="Do not copy the probe inputs into the "
+                                             "store (by default they are, flattened float32, unless above 256 MiB, "
+                                             "with a warning)."),
+        store_inputs: bool = typer.Option(False, "--store-inputs", hidden=True),  # the default, spelt out
         split: str = typer.Option("probe", "--split", help="Name of this probe set (train, test, ...), kept in results."),
         run: str = typer.Option("run", "--run", help="Name of the training run (or seed), kept in results."),
         resume: bool = typer.Option(False, "--resume", help="Capture only checkpoints missing from an existing store "
@@ -153,7 +162,7 @@ def register(app: typer.Typer) -> None:
         path = capture(
             model, checkpoints, probe, list(layers), out, model_args=_model_args(model_args), reduce=_parse_reduce(reduce),
             max_samples=max_samples, sample_seed=sample_seed, batch_size=batch_size, device=device, dtype=dtype,
-            jacobian_samples=jacobian_samples, store_inputs=store_inputs, split=split, run=run, resume=resume,
+            jacobian_samples=jacobian_samples, store_inputs=_store_inputs(store_inputs, no_store_inputs), split=split, run=run, resume=resume,
             overwrite=overwrite, trust_checkpoint=trust_checkpoint, safe_globals=list(safe_globals or []),
             allow_nonfinite=allow_nonfinite, compression=compression, progress=not quiet,
             reporter=RichReporter() if dry_run else reporter(quiet),  # a dry run shows its plan even with -q

@@ -41,9 +41,9 @@ def register(app: typer.Typer) -> None:
             None, "--sigma", help="Also allow sigma standard deviations of the difference, from the tables' stderr "
                                   "column or from the spread of several seeds (runs) in the baseline."),
         tol: Optional[List[str]] = typer.Option(
-            None, "--tol", help="Per-curve tolerance: SELECTOR:key=value[,key=value]; SELECTOR is a quantity or "
-                                "estimator name (glob ok) or FIELD=PATTERN; keys rtol, atol, sigma, fail_on "
-                                "(both|decrease|increase). E.g. --tol 'I(T;Y):rtol=0.05,fail_on=decrease'. Repeatable."),
+            None, "--tol", help="Per-curve tolerance: SELECTOR:KEY=VALUE,... where SELECTOR is a quantity or "
+                                "estimator name (glob ok) or FIELD=PATTERN and the keys are rtol, atol, sigma, "
+                                "fail_on (both, decrease or increase). E.g. --tol 'I(T;Y):rtol=0.05'. Repeatable."),
         unit: Optional[Literal["nats", "bits"]] = typer.Option(
             None, "--unit", help="Unit in which information is compared (default nats)."),
         missing: Optional[Literal["fail", "warn", "ignore"]] = typer.Option(

@@ -47,7 +47,8 @@ def ood(
     val_frac: float = typer.Option(0.2, "--val-frac", help="Share of --fit held out (not fitted) to set the threshold when no --val is given."),
     checkpoint: str = typer.Option("-1", "--checkpoint", "-c", help="Checkpoint index in the fit store (-1 = last), a comma list, or 'all'."),
     covariance: Literal["auto", "empirical", "ledoit-wolf"] = typer.Option("auto", "--covariance", help="Mahalanobis covariance: empirical (MLE), ledoit-wolf (shrinkage), or auto (ledoit-wolf when n_fit < 10 x dims)."),
-    class_conditional: bool = typer.Option(False, "--class-conditional/--single-gaussian", help="Mahalanobis with one mean per class and a shared covariance (Lee et al.; needs labels) or one Gaussian (Woodland et al.)."),
+    class_conditional: bool = typer.Option(False, "--class-conditional", help="Mahalanobis with one mean per class and a shared covariance (Lee et al.; needs labels); by default one Gaussian (Woodland et al.; --single-gaussian)."),
+    single_gaussian: bool = typer.Option(False, "--single-gaussian", hidden=True),  # the default, spelt out
     ridge: float = typer.Option(0.0, "--ridge", help="Explicit ridge for the covariance: eps x mean variance added to the diagonal (0 = none)."),
     normalize: bool = typer.Option(True, "--normalize/--no-normalize", help="L2-normalise features for k-NN (Sun et al.)."),
     backend: Literal["auto", "torch", "faiss"] = typer.Option("auto", "--backend", help="k-NN search: torch (exact, chunked, CPU or GPU), faiss (exact, CPU, if installed), auto (= torch)."),
@@ -80,6 +81,8 @@ def ood(
         shape = _parse_ints(_split_list([raw_shape]), "--raw-shape")
     ks = _parse_ints(_split_list(k), "--k") if k else [50]
     chk: str | list[int] = checkpoint
+    if class_conditional and single_gaussian:
+        raise UsageError("--class-conditional and --single-gaussian exclude each other.")
     doc = run_ood(
         str(fit), str(test), _parse_ood(ood_sets), layer,
         detectors=_split_list(detector) or ["mahalanobis", "knn"], reductions=list(reduce or []) or ["none"], ks=ks,
