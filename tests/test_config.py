@@ -249,7 +249,7 @@ def test_estimator_names_and_parameters_are_checked_when_the_config_is_read(tmp_
     msg = str(err.value)
     assert "2 problems:" in msg
     assert "  - 'estimate.estimators': Unknown estimator 'binnning'. Did you mean" in msg
-    assert "  - 'estimate.params.ksg': The 'k' parameter of ksg must be an integer >= 1. Got 0 instead." in msg
+    assert "  - 'estimate.params.ksg.k': The 'k' parameter of ksg must be an integer >= 1. Got 0 instead." in msg
     with pytest.raises(UsageError) as err:
         load_config(MINIMAL, overrides={"estimate": {"estimators": ["ksg", "twonnn"]}})
     assert ("'estimate.estimators': Unknown estimator 'twonnn'. Did you mean 'twonn'? "
@@ -287,6 +287,24 @@ def test_config_file_mixups_are_named(tmp_path):
     res = CliRunner().invoke(app, ["estimate", str(tmp_path), "-c", "nope", "-o", str(tmp_path / "r.csv")])
     text = " ".join(res.output.split())
     assert res.exit_code == 2 and "saxe-kde" in text and "demo-tanh" not in text
+
+
+def test_one_message_names_schema_estimator_and_parameter_mistakes_each_from_its_source():
+    """Estimator names and every bad parameter are listed with the schema's problems (not in a
+    second round); a value of the file is not blamed on a quick: section that only held a bad key."""
+    cfg = {**MINIMAL, "train": {"epochs": 5, "lr": -0.01}, "quick": {"train": {"epochz": 3}},
+           "estimate": {"estimators": ["binning", "kde-uper"], "params": {"binning": {"bin_widht": 3, "n_bins": 0}}}}
+    with pytest.raises(UsageError) as err:
+        load_config(cfg, quick=True, overrides={"estimate": {"params": {"binning": {"bin_width": -1}}}})
+    msg = str(err.value)
+    assert "6 problems:" in msg
+    assert "  - unknown config key 'quick.train.epochz'. Did you mean 'epochs'?" in msg
+    assert "  - 'train.lr' must be > 0. Got -0.01.\n" in msg  # the file's own value: no "set by"
+    assert "  - 'estimate.estimators': Unknown estimator 'kde-uper'." in msg
+    assert "  - 'estimate.params.binning.bin_widht': Estimator 'binning' has no parameter 'bin_widht'." in msg
+    assert "  - 'estimate.params.binning.n_bins': The 'n_bins' parameter of binning must be an integer >= 1." in msg
+    assert ("  - 'estimate.params.binning.bin_width': The 'bin_width' parameter of binning must be a finite number "
+            "> 0 or None. Got -1 instead. (The value was set by --set estimate.params.binning.bin_width.)") in msg
 
 
 def test_errors_of_merged_values_say_where_they_were_written():

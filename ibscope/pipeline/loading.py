@@ -21,7 +21,7 @@ from typing import Any, Literal, Mapping, Sequence, TypeVar, Union
 from pydantic import BaseModel, ValidationError
 
 from ibscope.errors import IbscopeError, UsageError, did_you_mean
-from ibscope.pipeline.config import EstimateSection, Kind, RunConfig
+from ibscope.pipeline.config import EstimateSection, Kind, RunConfig, _estimator_entries
 
 PACKAGED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -162,19 +162,44 @@ def load_config(config: str | os.PathLike | Mapping, *, quick: bool = False, ove
     try:
         cfg = RunConfig.model_validate(raw, context={"stem": stem})
     except ValidationError as exc:
-        raise combine(source, pre + config_problems(exc, RunConfig, raw, source, origin=origin)) from None
+        est = raw.get("estimate")
+        est = est if isinstance(est, Mapping) else {}
+        raise combine(source, pre + config_problems(exc, RunConfig, raw, source, origin=origin)
+                      + estimator_problems(est, source, origin)) from None
     if pre:
-        raise combine(source, pre)
+        raise combine(source, pre + estimator_problems(cfg.estimate, source, origin))
     check_estimators(cfg.estimate, source, origin)  # names and parameters, before any stage runs
     return cfg, base, source
 
 
-def check_estimators(section: EstimateSection, source: str, origin: Mapping[tuple, str] | None = None,
+def check_estimators(section: EstimateSection | Mapping, source: str, origin: Mapping[tuple, str] | None = None,
                      prefix: str = "estimate") -> None:
     """Every estimator of ``section`` is registered and takes its ``params`` (UsageError naming
-    the config key, and where its value was written when it was merged in)."""
+    the config key, and where its value was written when it was merged in); see
+    :func:`estimator_problems`."""
+    found = estimator_problems(section, source, origin, prefix)
+    if found:
+        raise combine(source, found)
+
+
+def estimator_problems(section: EstimateSection | Mapping, source: str, origin: Mapping[tuple, str] | None = None,
+                       prefix: str = "estimate") -> list[IbscopeError]:
+    """The unknown estimator names and bad parameters of an estimate section (the typed model, or
+    the raw mapping of a config that has other errors too: then what can be read is checked, so
+    that one message names every mistake). Each parameter is tried on its own (every bad one is
+    named), then all of an estimator's together (rules between parameters)."""
     from ibscope.estimators import registry
 
+    if isinstance(section, EstimateSection):
+        names, params = list(section.estimators), dict(section.params)
+    else:
+        try:
+            raw = _estimator_entries(dict(section))
+        except IbscopeError:
+            return []  # a malformed entry: the schema's own error names it
+        names = [n for n in (raw.get("estimators") or []) if isinstance(n, str)] \
+            if isinstance(raw.get("estimators"), list) else []
+        params = raw.get("params") if isinstance(raw.get("params"), dict) else {}
     found: list[IbscopeError] = []
 
     def named(key: tuple, exc: IbscopeError) -> IbscopeError:
@@ -184,27 +209,39 @@ def check_estimators(section: EstimateSection, source: str, origin: Mapping[tupl
         return type(exc)(f"{source}: '{where}': {exc.message}" + (f" (The value was set by {by}.)" if by else ""),
                          hint=exc.hint)
 
-    for name in section.estimators:
+    known = []
+    for name in names:
         try:
             registry.get(name)
+            known.append(name)
         except IbscopeError as exc:
             found.append(named(("estimators",), exc))
-    for name, p in section.params.items():  # (params only of selected estimators: the model's own rule)
-        if name not in section.estimators:
+    for name, p in params.items():  # (params only of selected estimators: the model's own rule)
+        if name not in known or not isinstance(p, dict):
             continue
-        try:
-            registry.create(name, **(p or {}))
-        except IbscopeError as exc:
-            found.append(named(("params", name), exc))
-    if found:
-        raise combine(source, found)
+        bad = False
+        for key, value in p.items():
+            try:
+                registry.create(name, **{key: value})
+            except IbscopeError as exc:
+                found.append(named(("params", name, key), exc))
+                bad = True
+        if not bad:
+            try:
+                registry.create(name, **p)
+            except IbscopeError as exc:
+                found.append(named(("params", name), exc))
+    return found
 
 
 def _leaves(d: Mapping, prefix: tuple = ()) -> list[tuple]:
     """The key paths of the non-mapping values in ``d``."""
     out: list[tuple] = []
     for k, v in d.items():
-        out += _leaves(v, (*prefix, k)) if isinstance(v, Mapping) and v else [(*prefix, k)]
+        if isinstance(v, Mapping):
+            out += _leaves(v, (*prefix, k))  # an empty mapping sets nothing
+        else:
+            out.append((*prefix, k))
     return out
 
 
