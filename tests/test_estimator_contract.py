@@ -128,6 +128,35 @@ def test_check_parameters_catches_an_estimator_that_skips_its_checks():
         check_parameters(Vague)
 
 
+def test_a_measure_that_keeps_the_mi_quantity_fails_conformance():
+    """A SingleEstimator that does not set its quantity would label its rows
+    'mutual_information' in nats: check_estimator says so; setting it passes."""
+    import torch
+
+    from ibscope.estimators.base import as_tensor
+
+    @dataclass(frozen=True)
+    class Spread(SingleEstimator):
+        scale: float = param(1.0, Real(gt=0))
+        name: ClassVar[str] = "spread-test"
+
+        def estimate(self, x):
+            t = as_tensor(x, name="x", estimator=self, allow_discrete=False)
+            return self._make(float(self.scale * torch.linalg.vector_norm(t - t.mean(0)) / max(1, t.shape[0])),
+                              n=t.shape[0], dims=(t.shape[1],))
+
+    with pytest.raises(ConformanceError, match="quantity of a measure: a single-representation or Jacobian measure"):
+        check_estimator(Spread)
+
+    @dataclass(frozen=True)
+    class SpreadNamed(Spread):
+        name: ClassVar[str] = "spread-named-test"
+        quantity: ClassVar[str] = "spread"
+        unit: ClassVar[str] = "dimensionless"
+
+    assert "quantity of a measure" in check_estimator(SpreadNamed)
+
+
 def test_constraints_describe_and_refuse():
     assert Real(ge=0, lt=1).describe() == "a finite number in [0, 1)"
     assert Integer(gt=0, le=10).describe() == "an integer in (0, 10]"

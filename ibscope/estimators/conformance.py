@@ -147,6 +147,10 @@ def check_estimator(est: Any, *, n: int = 300, rtol: float = 1e-6, seed: int = 0
     check("name", isinstance(cls.name, str) and bool(cls.name), "set the class attribute name = '...'")
     check("kind", cls.kind in KINDS, f"kind must be one of {KINDS}, got {cls.kind!r}")
     check("quantity", isinstance(cls.quantity, str) and bool(cls.quantity), "set quantity")
+    if cls.kind in ("single", "jacobian"):  # the base's default names mutual information, in nats
+        check("quantity of a measure", cls.quantity != "mutual_information",
+              "a single-representation or Jacobian measure must set its own quantity (and unit): the base's "
+              "default is 'mutual_information' in nats, which would mislabel its rows")
     check("unit", isinstance(cls.unit, str) and bool(cls.unit), "set unit (e.g. 'nats')")
     check("x_source", cls.x_source in ("identity", "inputs"), f"x_source must be 'identity' or 'inputs', got {cls.x_source!r}")
     check("reference", isinstance(cls.reference, str), "reference must be a string")
