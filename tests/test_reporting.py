@@ -100,7 +100,7 @@ def test_dry_run_into_an_existing_store_is_refused_like_the_real_run(tmp_path):
     res = CliRunner().invoke(app, base)
     text = " ".join(res.output.split())
     assert res.exit_code == 2 and "already exists: the capture would be refused (dry run: nothing written)" in text
-    assert "Layers to capture" in text  # the plan was still shown
+    assert "Layers to capture" in res.stdout  # the plan is the dry run's result: on stdout, still shown
     res = CliRunner().invoke(app, [*base, "--resume"])
     assert res.exit_code == 0, res.output
     with pytest.raises(UsageError, match="already exists: the capture would be refused"):

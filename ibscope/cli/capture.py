@@ -165,7 +165,8 @@ def register(app: typer.Typer) -> None:
             jacobian_samples=jacobian_samples, store_inputs=_store_inputs(store_inputs, no_store_inputs), split=split, run=run, resume=resume,
             overwrite=overwrite, trust_checkpoint=trust_checkpoint, safe_globals=list(safe_globals or []),
             allow_nonfinite=allow_nonfinite, compression=compression, progress=not quiet,
-            reporter=RichReporter() if dry_run else reporter(quiet),  # a dry run shows its plan even with -q
+            # a dry run's plan is its result: on stdout (like `ibscope checkpoints`), even with -q
+            reporter=RichReporter(listing()) if dry_run else reporter(quiet),
             lock_timeout=lock_timeout,
             jacobian_method=jacobian_method, jacobian_memory=jacobian_memory, order=order, dry_run=dry_run,
             scheduler=scheduler, scheduler_file=scheduler_file,
