@@ -98,10 +98,10 @@ class Rule(BaseModel):
         """The generated label, e.g. ``I(T;Y) of last at end >= 0.6``."""
 
     # ------------------------------------------------------------------ evaluation
+    @abc.abstractmethod
     def measure(self, pts: Points, axis: str, factor: float, d: dict[str, Any], unit: str) -> tuple[bool, str]:
         """Evaluate on one curve (thresholds times ``factor`` are in its unit); add the numbers used to ``d``;
         return (holds, message). Raise :class:`RuleFailure` when it cannot be evaluated."""
-        raise NotImplementedError
 
     def check_axis(self, axis: str) -> None:
         """Warn when the rule reads the results on another axis than it assumes."""

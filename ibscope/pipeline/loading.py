@@ -166,20 +166,10 @@ def load_config(config: str | os.PathLike | Mapping, *, quick: bool = False, ove
         est = est if isinstance(est, Mapping) else {}
         raise combine(source, pre + config_problems(exc, RunConfig, raw, source, origin=origin)
                       + estimator_problems(est, source, origin)) from None
-    if pre:
-        raise combine(source, pre + estimator_problems(cfg.estimate, source, origin))
-    check_estimators(cfg.estimate, source, origin)  # names and parameters, before any stage runs
-    return cfg, base, source
-
-
-def check_estimators(section: EstimateSection | Mapping, source: str, origin: Mapping[tuple, str] | None = None,
-                     prefix: str = "estimate") -> None:
-    """Every estimator of ``section`` is registered and takes its ``params`` (UsageError naming
-    the config key, and where its value was written when it was merged in); see
-    :func:`estimator_problems`."""
-    found = estimator_problems(section, source, origin, prefix)
+    found = pre + estimator_problems(cfg.estimate, source, origin)  # names and parameters, before any stage runs
     if found:
         raise combine(source, found)
+    return cfg, base, source
 
 
 def estimator_problems(section: EstimateSection | Mapping, source: str, origin: Mapping[tuple, str] | None = None,
@@ -265,7 +255,7 @@ M = TypeVar("M", bound=BaseModel)
 
 def validate(model: type[M], raw: Any, source: str, *, context: dict | None = None, prefix: str = "",
              preset: bool = False, origin: Mapping[tuple, str] | None = None) -> M:
-    """``model.model_validate(raw)``, its errors as a UsageError (see :func:`usage_error`)."""
+    """``model.model_validate(raw)``, its errors as a UsageError (see :func:`config_problems`, :func:`combine`)."""
     try:
         return model.model_validate(raw, context=context)
     except ValidationError as exc:
@@ -373,12 +363,6 @@ def _value_at(raw: Any, names: Sequence[Any]) -> Any:
 
 _OPS = {"greater_than_equal": ("ge", ">="), "greater_than": ("gt", ">"), "less_than_equal": ("le", "<="),
         "less_than": ("lt", "<")}
-
-
-def usage_error(exc: ValidationError, model: type[BaseModel], raw: Any, source: str, *, prefix: str = "",
-                preset: bool = False, origin: Mapping[tuple, str] | None = None) -> IbscopeError:
-    """pydantic's errors as one UsageError for the user (:func:`config_problems`, :func:`combine`)."""
-    return combine(source, config_problems(exc, model, raw, source, prefix=prefix, preset=preset, origin=origin))
 
 
 def combine(source: str, found: list[IbscopeError]) -> IbscopeError:

@@ -111,11 +111,7 @@ class Store:
                 f"'{path}' is not an ibscope activation store: expected a directory with {MANIFEST}, found none.",
                 hint="Pass the --out directory of `ibscope capture`.",
             )
-        label = f"'{man}'"
-        try:
-            f = _open_h5(man, label=f"{label} is")
-        except BadShard as exc:
-            raise DataError(f"{exc.message}.", hint=_MANIFEST_HINT) from None
+        f, label = self._open_manifest()
         with f:
             try:
                 self._read_manifest(f, Attrs(f, label), label)
@@ -247,15 +243,18 @@ class Store:
             raise unknown_name("layer", name, self._layer_meta)
         return self._layer_meta[name]
 
+    def _open_manifest(self) -> tuple[Any, str]:
+        """The opened manifest (h5py File) and how messages name it; a damaged file is a DataError."""
+        label = f"'{self.dir / MANIFEST}'"
+        try:
+            return _open_h5(self.dir / MANIFEST, label=f"{label} is"), label
+        except BadShard as exc:
+            raise DataError(f"{exc.message}.", hint=_MANIFEST_HINT) from None
+
     def inputs(self) -> np.ndarray | None:
         if not self.has_inputs:
             return None
-        man = self.dir / MANIFEST
-        label = f"'{man}'"
-        try:
-            f = _open_h5(man, label=f"{label} is")
-        except BadShard as exc:
-            raise DataError(f"{exc.message}.", hint=_MANIFEST_HINT) from None
+        f, label = self._open_manifest()
         with f:
             ds = self._dataset(f, "probe/inputs", label)
             width = math.prod(self.input_shape or ())  # has_inputs: the manifest gives the shape
